@@ -1,0 +1,24 @@
+# One command to run, one to test. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/progress-service dev
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench run all
+
+clean:
+	rm -rf $(VENV) progress.db progress.db-* .pytest_cache
