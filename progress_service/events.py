@@ -1,0 +1,350 @@
+"""Job event and wire message types, defined once.
+
+The worker builds :class:`JobEvent` payloads and appends them to a job's
+Redis stream; the gateway and the HTTP API read them back and wrap them in
+the server messages of ``docs/protocol.md``. Client messages form one tagged
+union decoded by a single module-level decoder (see ``gateway``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+# --------------------------------------------------------------------------
+# Vocabulary
+# --------------------------------------------------------------------------
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+Phase = Literal["queued", "starting", "planning", "editing", "testing", "reviewing", "finishing"]
+PHASES: tuple[str, ...] = ("queued", "starting", "planning", "editing", "testing", "reviewing", "finishing")
+
+EventKind = Literal["status", "phase", "step", "message", "todo", "usage", "log", "result", "worker"]
+
+Role = Literal["viewer", "reviewer", "submitter", "admin"]
+ROLE_RANK: dict[str, int] = {"viewer": 0, "reviewer": 1, "submitter": 2, "admin": 3}
+
+#: Bounds on what one event may carry, so a chatty agent cannot flood rooms.
+MESSAGE_MAX_CHARS = 2000
+LOG_LINE_MAX_CHARS = 2000
+TITLE_MAX_CHARS = 200
+SUMMARY_MAX_CHARS = 4000
+
+
+def now_ms() -> int:
+    """Wall-clock time in epoch milliseconds (the ``at`` of every event)."""
+    return int(time.time() * 1000)
+
+
+def clip(text: str, limit: int) -> str:
+    """Shorten ``text`` to ``limit`` characters, marking the cut with an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------
+# Job event payloads (``event.data`` per ``event.kind``)
+# --------------------------------------------------------------------------
+
+
+class StatusData(Struct, kw_only=True, omit_defaults=True):
+    status: JobStatus
+    phase: Phase
+    reason: str | None = None
+
+
+class PhaseData(Struct, kw_only=True):
+    phase: Phase
+    since: int  # epoch ms
+
+
+class StepData(Struct, kw_only=True, omit_defaults=True):
+    stepId: str
+    tool: str
+    title: str
+    state: Literal["started", "ok", "error"]
+    durationMs: int | None = None
+
+
+class MessageData(Struct, kw_only=True):
+    text: str
+
+
+class TodoItem(Struct, kw_only=True):
+    text: str
+    state: Literal["pending", "in_progress", "completed"]
+
+
+class TodoData(Struct, kw_only=True):
+    items: list[TodoItem]
+    done: int
+    total: int
+
+
+class UsageData(Struct, kw_only=True, omit_defaults=True):
+    inputTokens: int
+    outputTokens: int
+    costUsd: float | None = None
+
+
+class LogData(Struct, kw_only=True):
+    stream: str
+    line: str
+
+
+class ResultData(Struct, kw_only=True, omit_defaults=True):
+    ok: bool
+    turns: int
+    durationMs: int
+    costUsd: float
+    summary: str
+    error: str | None = None
+
+
+class WorkerData(Struct, kw_only=True):
+    state: Literal["alive", "lost"]
+    workerId: str
+
+
+EventData = (
+    StatusData | PhaseData | StepData | MessageData | TodoData | UsageData | LogData | ResultData | WorkerData
+)
+
+DATA_TYPES: dict[str, type[Struct]] = {
+    "status": StatusData,
+    "phase": PhaseData,
+    "step": StepData,
+    "message": MessageData,
+    "todo": TodoData,
+    "usage": UsageData,
+    "log": LogData,
+    "result": ResultData,
+    "worker": WorkerData,
+}
+
+
+class StoredEvent(Struct, kw_only=True, omit_defaults=True):
+    """The body of one job-stream entry (field ``b``), without id and room.
+
+    ``attempt`` tells which run of the job produced it: a job whose worker
+    died is started again, and its events are then seen twice.
+    """
+
+    kind: str
+    at: int
+    data: dict[str, Any]
+    attempt: int = 1
+
+
+class StoredChat(Struct, kw_only=True):
+    """The body of a comment entry in a job stream (field ``b``)."""
+
+    requestId: str
+    userId: str
+    userName: str
+    text: str
+    sentAt: int
+
+
+# --------------------------------------------------------------------------
+# Snapshot: the job's state as of its latest event
+# --------------------------------------------------------------------------
+
+
+class Progress(Struct, kw_only=True):
+    done: int = 0
+    total: int = 0
+
+
+class CurrentStep(Struct, kw_only=True, omit_defaults=True):
+    stepId: str
+    tool: str
+    title: str
+    state: str
+    startedAt: int | None = None
+
+
+class Usage(Struct, kw_only=True):
+    inputTokens: int = 0
+    outputTokens: int = 0
+
+
+class JobSnapshot(Struct, kw_only=True):
+    """What ``joined.snapshot`` and ``GET /api/jobs/{id}`` show."""
+
+    id: str
+    roomId: str
+    status: JobStatus = "queued"
+    phase: Phase = "queued"
+    progress: Progress = msgspec.field(default_factory=Progress)
+    step: CurrentStep | None = None
+    usage: Usage = msgspec.field(default_factory=Usage)
+    costUsd: float | None = None
+    result: ResultData | None = None
+    reason: str | None = None
+    attempt: int = 1
+    demo: bool = False
+    prompt: str = ""
+    model: str | None = None
+    workdir: str = ""
+    createdAt: int = 0
+    startedAt: int | None = None
+    finishedAt: int | None = None
+    submittedBy: str | None = None
+    lastEventId: str | None = None
+
+
+# --------------------------------------------------------------------------
+# Client -> server messages (protocol v1). One tagged union, strict.
+# --------------------------------------------------------------------------
+
+RoomId = Annotated[str, Meta(pattern=r"^job:[A-Za-z0-9_-]{1,64}$")]
+EventId = Annotated[str, Meta(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$", max_length=41)]
+RequestId = Annotated[str, Meta(min_length=1, max_length=100)]
+Secret = Annotated[str, Meta(min_length=1, max_length=512)]
+ClientName = Annotated[str, Meta(max_length=100)]
+
+
+class ClientAuth(Struct, tag="auth", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    token: Secret
+    batch: bool = False
+    client: ClientName | None = None
+
+
+class ClientJoin(Struct, tag="join", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    roomId: RoomId
+    since: EventId | None = None
+
+
+class ClientLeave(Struct, tag="leave", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    roomId: RoomId
+
+
+class ClientChat(Struct, tag="chat", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    roomId: RoomId
+    requestId: RequestId
+    # The character limit after trimming is a setting; this bound only keeps
+    # the decoder from building huge strings.
+    text: Annotated[str, Meta(max_length=8192)]
+
+
+class ClientPing(Struct, tag="ping", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+ClientMessage = ClientAuth | ClientJoin | ClientLeave | ClientChat | ClientPing
+
+# --------------------------------------------------------------------------
+# Server -> client messages
+# --------------------------------------------------------------------------
+
+
+class AuthOk(Struct, tag="auth_ok", tag_field="type", kw_only=True):
+    connectionId: str
+    userId: str
+    heartbeatMs: int
+    expiresAt: int
+
+
+class PresenceMember(Struct, kw_only=True):
+    userId: str
+    userName: str
+
+
+class Joined(Struct, tag="joined", tag_field="type", kw_only=True):
+    roomId: str
+    role: str
+    snapshot: JobSnapshot
+    head: str | None
+    presence: list[PresenceMember]
+
+
+class Gap(Struct, tag="gap", tag_field="type", kw_only=True):
+    roomId: str
+    since: str
+    oldest: str | None
+
+
+class EventMsg(Struct, tag="event", tag_field="type", kw_only=True, omit_defaults=True):
+    roomId: str
+    id: str
+    kind: str
+    at: int
+    data: dict[str, Any]
+    attempt: int = 1
+
+
+class ChatMsg(Struct, tag="chat", tag_field="type", kw_only=True):
+    roomId: str
+    id: str
+    requestId: str
+    userId: str
+    userName: str
+    text: str
+    sentAt: int
+
+
+class Ack(Struct, tag="ack", tag_field="type", kw_only=True):
+    requestId: str
+    id: str
+
+
+class PresenceMsg(Struct, tag="presence", tag_field="type", kw_only=True):
+    roomId: str
+    joined: list[PresenceMember]
+    left: list[PresenceMember]
+
+
+class LeftMsg(Struct, tag="left", tag_field="type", kw_only=True):
+    roomId: str
+
+
+class Heartbeat(Struct, tag="heartbeat", tag_field="type", kw_only=True):
+    at: int
+
+
+class Pong(Struct, tag="pong", tag_field="type", kw_only=True):
+    sentAt: int
+
+
+ErrorCode = Literal["not_found", "forbidden", "limit", "rate_limited", "unavailable", "invalid", "not_joined"]
+
+
+class ErrorMsg(Struct, tag="error", tag_field="type", kw_only=True, omit_defaults=True):
+    code: str
+    message: str
+    roomId: str | None = None
+    requestId: str | None = None
+
+
+ServerMessage = (
+    AuthOk | Joined | Gap | EventMsg | ChatMsg | Ack | PresenceMsg | LeftMsg | Heartbeat | Pong | ErrorMsg
+)
+
+#: Decoder for anything a server sends (clients, tests, benchmarks).
+server_message_decoder = msgspec.json.Decoder(ServerMessage)
+
+
+# --------------------------------------------------------------------------
+# Job submission (HTTP API body, read by the worker)
+# --------------------------------------------------------------------------
+
+PermissionMode = Literal["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk"]
+ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_*:().,/ -]{1,100}$")]
+
+
+class JobSpec(Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """What a client submits with ``POST /api/jobs``."""
+
+    prompt: Annotated[str, Meta(min_length=1, max_length=100_000)]
+    #: Relative to the workspace root; must stay inside it.
+    workdir: Annotated[str, Meta(max_length=1024)] | None = None
+    model: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:\[\]-]{1,100}$")] | None = None
+    maxTurns: Annotated[int, Meta(ge=1, le=1000)] | None = None
+    permissionMode: PermissionMode | None = None
+    allowedTools: Annotated[list[ToolName], Meta(max_length=100)] | None = None
+    timeoutSeconds: Annotated[int, Meta(ge=1)] | None = None

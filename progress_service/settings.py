@@ -1,0 +1,127 @@
+"""One typed settings object, read from ``PS_*`` environment variables.
+
+Every tunable of the service lives here so operators find them in one place
+(the README's configuration table mirrors this class). Field ``foo_bar`` is
+read from ``PS_FOO_BAR``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+PREFIX = "PS_"
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    """Runtime configuration of the app, the gateway and the worker."""
+
+    # --- where things are -------------------------------------------------
+    #: Redis URL. Unset: ``progress-service dev`` starts an embedded Redis.
+    redis_url: str | None = None
+    #: SQLAlchemy async URL of the SQL store.
+    database_url: str = "sqlite+aiosqlite:///progress.db"
+    #: Claude Code binary. Unset: ``claude`` on PATH, else the replay program.
+    claude_bin: str | None = None
+    #: Jobs may only run in directories inside this one.
+    workspace_root: str = "workspace"
+    #: Public base URL of the service, used in printed links.
+    public_url: str | None = None
+    #: Extra allowed browser origins for /ws and CORS (comma separated).
+    allowed_origins: tuple[str, ...] = ()
+
+    # --- HTTP -------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    #: Requests per minute per client on the HTTP API.
+    http_rate_limit: int = 600
+    #: Max page size of list endpoints.
+    page_max: int = 200
+    #: Lifetime of a single-use WebSocket ticket (seconds).
+    ticket_ttl: int = 60
+
+    # --- jobs and worker --------------------------------------------------
+    #: Default and maximum per-job timeout (seconds).
+    job_timeout: int = 1800
+    job_timeout_max: int = 4 * 3600
+    #: Jobs one worker process runs at once.
+    worker_concurrency: int = 4
+    #: How many times a job whose worker died is started again.
+    job_max_tries: int = 2
+    #: Seconds between SIGINT and SIGTERM, and between SIGTERM and SIGKILL.
+    cancel_grace: float = 5.0
+    #: Retained events per job stream (XADD MAXLEN ~).
+    events_maxlen: int = 10_000
+    #: Seconds a finished job's stream and snapshot are kept in Redis.
+    events_ttl: int = 7 * 24 * 3600
+    #: Max prompt length accepted by the API (characters).
+    prompt_max_chars: int = 100_000
+    #: Replay program: speed factor and forced transcript name.
+    replay_speed: float = 1.0
+    replay_transcript: str | None = None
+
+    # --- WebSocket gateway ------------------------------------------------
+    ws_max_frame_bytes: int = 8192
+    ws_max_text_chars: int = 1000
+    ws_auth_timeout: float = 5.0
+    ws_max_rooms: int = 32
+    ws_chat_rate: float = 5.0
+    ws_chat_burst: int = 10
+    ws_error_budget: int = 20
+    ws_max_connections_per_user: int = 50
+    ws_outbox_bytes: int = 1 << 20
+    ws_heartbeat: float = 25.0
+    ws_ping_interval: float = 25.0
+    ws_ping_timeout: float = 20.0
+    ws_send_timeout: float = 10.0
+    ws_per_message_deflate: bool = False
+    #: A connection must re-send ``auth`` within this many seconds.
+    ws_credential_ttl: int = 3600
+    presence_grace: float = 10.0
+    #: Seconds the store may take to durably write a comment before the
+    #: client is told ``unavailable``.
+    store_timeout: float = 5.0
+
+    @property
+    def workspace_path(self) -> Path:
+        """The workspace root as an absolute, resolved path."""
+        return Path(self.workspace_root).expanduser().resolve()
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True when the SQL store is an SQLite file."""
+        return self.database_url.startswith("sqlite")
+
+
+_FIELDS = Settings.__struct_fields__
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build :class:`Settings` from ``PS_*`` variables, then apply overrides.
+
+    Raises :class:`ValueError` naming the variable when one does not parse.
+    """
+    source = os.environ if env is None else env
+    raw: dict[str, object] = {}
+    for field in _FIELDS:
+        value = source.get(PREFIX + field.upper())
+        if value is None or value == "":
+            continue
+        if field == "allowed_origins":
+            raw[field] = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+        else:
+            raw[field] = value
+    raw.update(overrides)
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        # "Expected `int`, got `str` - at `$.port`" -> name the variable.
+        msg = str(exc)
+        if "`$." in msg:
+            field = msg.rsplit("`$.", 1)[1].rstrip("`")
+            msg = f"{PREFIX}{field.upper()}: {msg.split(' - at ')[0]}"
+        raise ValueError(msg) from None

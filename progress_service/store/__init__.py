@@ -1,0 +1,1 @@
+"""The SQL store: what must last (users, tokens, jobs, comments, audit log)."""
