@@ -1,0 +1,47 @@
+"""Liveness, readiness and Prometheus metrics for operators."""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+import sqlalchemy as sa
+from litestar import MediaType, Response, get
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from progress_service import metrics
+from progress_service.services import Services
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: str
+    checks: dict[str, str] = {}
+
+
+@get("/healthz", tags=["ops"], summary="The process is up")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@get("/readyz", tags=["ops"], summary="Redis and the SQL store answer")
+async def readyz(services: Services) -> Response[Health]:
+    checks: dict[str, str] = {}
+    try:
+        with anyio.fail_after(2):
+            await services.redis.ping()
+        checks["redis"] = "ok"
+    except Exception as exc:  # any failure means not ready; say which
+        checks["redis"] = f"error: {type(exc).__name__}"
+    try:
+        with anyio.fail_after(2):
+            async with services.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        checks["store"] = "ok"
+    except Exception as exc:
+        checks["store"] = f"error: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return Response(Health(status="ok" if ok else "unavailable", checks=checks), status_code=200 if ok else 503)
+
+
+@get("/metrics", tags=["ops"], media_type=MediaType.TEXT, summary="Prometheus metrics")
+async def metrics_endpoint() -> Response[bytes]:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

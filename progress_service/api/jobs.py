@@ -1,0 +1,197 @@
+"""``/api/jobs``: submit, list, inspect, read events of and cancel jobs."""
+
+from __future__ import annotations
+
+import base64
+import re
+import uuid
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, get, post
+from litestar.exceptions import NotFoundException, ValidationException
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED
+
+from progress_service import metrics, queue, streams
+from progress_service.api.deps import require_role
+from progress_service.events import JobSnapshot, JobSpec, StatusData, StoredEvent, now_ms
+from progress_service.services import Services
+from progress_service.store import jobs as job_store
+from progress_service.store.identity import Principal
+from progress_service.workspace import WorkdirError, resolve_workdir
+
+EVENT_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+class JobPage(msgspec.Struct, kw_only=True):
+    items: list[JobSnapshot]
+    nextCursor: str | None
+
+
+class EventPage(msgspec.Struct, kw_only=True):
+    items: list[dict[str, Any]]
+    #: Pass as ``since`` to read on; None when the page was empty.
+    next: str | None
+    #: True when ``since`` is older than the retained log.
+    gap: bool = False
+    oldest: str | None = None
+
+
+def _cursor_encode(created_at: int, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at}:{job_id}".encode()).decode().rstrip("=")
+
+
+def _cursor_decode(cursor: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, job_id = raw.split(":", 1)
+        if not JOB_ID_RE.match(job_id):
+            raise ValueError
+        return int(created), job_id
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationException("cursor: not a cursor returned by this API") from None
+
+
+async def load_snapshot(services: Services, job_id: str, team_id: str) -> JobSnapshot:
+    """The job's live snapshot (Redis), else its stored one; 404 for other teams.
+
+    A job of another team answers exactly like a missing one, so ids cannot
+    be probed.
+    """
+    if not JOB_ID_RE.match(job_id):
+        raise NotFoundException("no such job")
+    record = await job_store.get_job(services.engine, job_id, team_id)
+    if record is None:
+        raise NotFoundException("no such job")
+    snapshot, _head = await streams.read_state(services.redis, job_id)
+    return snapshot if snapshot is not None else record.to_snapshot()
+
+
+class JobsController(Controller):
+    path = "/api/jobs"
+    tags = ["jobs"]
+
+    @post("/", status_code=HTTP_201_CREATED, summary="Submit a Claude Code job")
+    async def submit(self, data: JobSpec, principal: Principal, services: Services) -> JobSnapshot:
+        """Queue a job for the caller's team. Role ``submitter`` or above."""
+        require_role(principal, "submitter")
+        settings = services.settings
+        if len(data.prompt.strip()) == 0:
+            raise ValidationException("prompt: must not be blank")
+        if len(data.prompt) > settings.prompt_max_chars:
+            raise ValidationException(f"prompt: longer than {settings.prompt_max_chars} characters")
+        if data.timeoutSeconds is not None and data.timeoutSeconds > settings.job_timeout_max:
+            raise ValidationException(f"timeoutSeconds: at most {settings.job_timeout_max}")
+        try:
+            root = settings.workspace_path
+            root.mkdir(parents=True, exist_ok=True)
+            workdir = resolve_workdir(root, data.workdir)
+        except WorkdirError as exc:
+            raise ValidationException(str(exc)) from None
+        job_id = uuid.uuid4().hex
+        created = now_ms()
+        await job_store.create_job(
+            services.engine,
+            job_id=job_id,
+            team_id=principal.team_id,
+            user_id=principal.user_id,
+            spec=data,
+            created_at=created,
+            demo=services.demo,
+        )
+        snapshot = JobSnapshot(
+            id=job_id,
+            roomId=streams.room_id(job_id),
+            demo=services.demo,
+            prompt=data.prompt,
+            model=data.model,
+            workdir=str(workdir.relative_to(settings.workspace_path)),
+            createdAt=created,
+            submittedBy=principal.user_name,
+        )
+        event = StoredEvent(kind="status", at=created, data=msgspec.to_builtins(StatusData(status="queued", phase="queued")))
+        snapshot.lastEventId = await streams.append_event(
+            services.redis, job_id, event, maxlen=settings.events_maxlen, snapshot=snapshot
+        )
+        await queue.enqueue_job(services.arq, job_id)
+        metrics.jobs_submitted.inc()
+        await _audit(services, principal, "job.submit", job_id, {"demo": services.demo})
+        return snapshot
+
+    @get("/", summary="List the team's jobs, newest first")
+    async def list_jobs(
+        self,
+        principal: Principal,
+        services: Services,
+        status: Annotated[str | None, Parameter(description="queued|running|succeeded|failed|cancelled")] = None,
+        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
+        cursor: str | None = None,
+    ) -> JobPage:
+        if status is not None and status not in STATUSES:
+            raise ValidationException(f"status: one of {', '.join(STATUSES)}")
+        before = _cursor_decode(cursor) if cursor else None
+        records = await job_store.list_jobs(
+            services.engine, principal.team_id, status=status, limit=limit, before=before
+        )
+        # Live state comes from Redis; the row is the fallback once it expired.
+        async with services.redis.pipeline(transaction=False) as pipe:
+            for r in records:
+                pipe.hget(streams.snapshot_key(r.id), "s")
+            raws = await pipe.execute()
+        items = [
+            streams.decode_snapshot(raw) if raw else r.to_snapshot() for r, raw in zip(records, raws, strict=True)
+        ]
+        next_cursor = _cursor_encode(records[-1].created_at, records[-1].id) if len(records) == limit else None
+        return JobPage(items=items, nextCursor=next_cursor)
+
+    @get("/{job_id:str}", summary="A job's current state")
+    async def get_job(self, job_id: str, principal: Principal, services: Services) -> JobSnapshot:
+        return await load_snapshot(services, job_id, principal.team_id)
+
+    @get("/{job_id:str}/events", summary="The job's retained events, in order")
+    async def events(
+        self,
+        job_id: str,
+        principal: Principal,
+        services: Services,
+        since: str | None = None,
+        limit: Annotated[int, Parameter(ge=1, le=1000)] = 500,
+    ) -> EventPage:
+        await load_snapshot(services, job_id, principal.team_id)
+        if since is not None and not EVENT_ID_RE.match(since):
+            raise ValidationException("since: an event id like '1700000000000-0'")
+        gap, oldest = (False, None)
+        if since is not None:
+            gap, oldest = await streams.gap_oldest(services.redis, job_id, since)
+        room = streams.room_id(job_id)
+        entries = await streams.replay(services.redis, job_id, since, count=limit)
+        items = [streams.entry_dict(room, eid, fields) for eid, fields in entries]
+        return EventPage(items=items, next=items[-1]["id"] if items else since, gap=gap, oldest=oldest)
+
+    @post("/{job_id:str}/cancel", status_code=HTTP_202_ACCEPTED, summary="Cancel a queued or running job")
+    async def cancel(self, job_id: str, principal: Principal, services: Services) -> JobSnapshot:
+        """Ask the job to stop. Its submitter, or anyone with role submitter or above."""
+        record = await job_store.get_job(services.engine, job_id, principal.team_id) if JOB_ID_RE.match(job_id) else None
+        if record is None:
+            raise NotFoundException("no such job")
+        if record.user_id != principal.user_id:
+            require_role(principal, "submitter")
+        snapshot = await queue.cancel_job(services.redis, services.engine, services.settings, job_id)
+        await _audit(services, principal, "job.cancel", job_id, {})
+        return snapshot
+
+
+async def _audit(services: Services, principal: Principal, action: str, job_id: str, detail: dict[str, Any]) -> None:
+    """Record a security-relevant action when the audit log is installed."""
+    audit = services.extras.get("audit")
+    if audit is not None:
+        await audit.record(
+            action=action,
+            team_id=principal.team_id,
+            actor=principal.user_name,
+            room_id=streams.room_id(job_id),
+            detail=detail,
+        )

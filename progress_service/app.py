@@ -1,0 +1,161 @@
+"""``create_app``: the Litestar application — HTTP API, WebSocket gateway, web page."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+from arq import create_pool
+from litestar import Litestar, Request, Response
+from litestar.config.cors import CORSConfig
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.middleware.rate_limit import RateLimitConfig
+from litestar.openapi import OpenAPIConfig
+from litestar.static_files import create_static_files_router
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from progress_service import metrics, queue
+from progress_service.api.deps import provide_principal, provide_services
+from progress_service.api.health import healthz, metrics_endpoint, readyz
+from progress_service.api.jobs import JobsController
+from progress_service.api.tickets import create_ticket
+from progress_service.services import Services
+from progress_service.settings import Settings
+from progress_service.store.db import create_engine
+from progress_service.store.migrations import migrate
+
+log = logging.getLogger("progress_service")
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+def make_redis(url: str) -> Redis:
+    """A Redis client that retries dropped connections instead of failing the request."""
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+    )
+
+
+def claude_is_available(settings: Settings) -> bool:
+    """True when a real Claude Code binary will run jobs (else: the replay program)."""
+    if settings.claude_bin:
+        return True
+    return shutil.which("claude") is not None
+
+
+def _log_request(request: Request, response: Response) -> Response:
+    # The query string is never logged: a misbehaving client may put secrets there.
+    log.info("%s %s -> %s", request.method, request.url.path, response.status_code)
+    if 400 <= response.status_code < 500:
+        metrics.http_errors.labels(str(response.status_code)).inc()
+    return response
+
+
+def _client_error_handler(request: Request, exc: HTTPException) -> Response:
+    body: dict[str, object] = {"status_code": exc.status_code, "detail": exc.detail}
+    extra = getattr(exc, "extra", None)
+    if extra:
+        body["extra"] = extra
+    return Response(body, status_code=exc.status_code, headers=getattr(exc, "headers", None) or None)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    redis_url: str,
+    run_worker: bool = False,
+) -> Litestar:
+    """The application. ``run_worker`` also runs an arq worker in this process (dev mode)."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        from progress_service.gateway import Gateway  # noqa: PLC0415 - gateway imports services
+
+        redis = make_redis(redis_url)
+        engine = create_engine(settings.database_url)
+        await migrate(engine)
+        arq_pool = await create_pool(queue.arq_redis_settings(redis_url))
+        services = Services(
+            settings=settings,
+            redis_url=redis_url,
+            redis=redis,
+            engine=engine,
+            arq=arq_pool,
+            demo=not claude_is_available(settings),
+        )
+        services.gateway = Gateway(services)
+        _install_extensions(services)
+        app.state.services = services
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(services.gateway.run)
+                if run_worker:
+                    tg.start_soon(_run_worker, services)
+                try:
+                    yield
+                finally:
+                    await services.gateway.close_all()
+                    tg.cancel_scope.cancel()
+        finally:
+            await arq_pool.aclose()
+            await redis.aclose()
+            await engine.dispose()
+
+    from progress_service.gateway import route_handlers as gateway_handlers  # noqa: PLC0415
+
+    handlers: list = [JobsController, create_ticket, healthz, readyz, metrics_endpoint, *gateway_handlers]
+    handlers.extend(_extension_handlers())
+    if WEB_DIR.is_dir():
+        handlers.append(create_static_files_router(path="/", directories=[WEB_DIR], html_mode=True, name="web"))
+
+    cors = CORSConfig(allow_origins=list(settings.allowed_origins)) if settings.allowed_origins else None
+    rate_limit = RateLimitConfig(
+        rate_limit=("minute", settings.http_rate_limit),
+        exclude=["/healthz", "/readyz", "/metrics", "/ws", "/schema"],
+    )
+    return Litestar(
+        route_handlers=handlers,
+        lifespan=[lifespan],
+        dependencies={"services": Provide(provide_services), "principal": Provide(provide_principal)},
+        middleware=[rate_limit.middleware],
+        cors_config=cors,
+        after_request=_log_request,
+        exception_handlers={HTTPException: _client_error_handler},
+        openapi_config=OpenAPIConfig(title="progress-service", version="1", path="/schema"),
+        debug=False,
+    )
+
+
+async def _run_worker(services: Services) -> None:
+    """The in-process arq worker of ``dev`` mode, closed when the app stops."""
+    from worker.settings import build_worker  # noqa: PLC0415 - worker is optional in serve mode
+
+    worker = build_worker(services.settings, redis_url=services.redis_url, engine=services.engine)
+    try:
+        await worker.async_run()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await worker.close()
+
+
+def _install_extensions(services: Services) -> None:
+    """Hooks filled by optional modules (comments, audit) when they are present."""
+
+
+def _extension_handlers() -> list:
+    """Route handlers of optional modules (comments, audit)."""
+    return []

@@ -1,0 +1,215 @@
+"""The ``progress-service`` command.
+
+``dev`` runs everything in one process for a developer; ``serve`` and
+``worker`` are the two halves of the scaled setup; ``token`` and ``migrate``
+administer the store. Other modules add subcommands through ``register``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Iterator
+
+from progress_service.settings import Settings, load_settings
+
+#: Modules that add subcommands: each has ``register(subparsers)``.
+PLUGIN_MODULES: tuple[str, ...] = ()
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ValueError as exc:
+        print(f"progress-service: bad configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@contextlib.contextmanager
+def _redis_url(settings: Settings, *, allow_embedded: bool) -> Iterator[str]:
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    if not allow_embedded:
+        print("progress-service: set PS_REDIS_URL (only `dev` starts an embedded Redis)", file=sys.stderr)
+        raise SystemExit(2)
+    from progress_service.embedded_redis import embedded_redis  # noqa: PLC0415
+
+    with embedded_redis() as url:
+        print(f"progress-service: embedded Redis at {url} (set PS_REDIS_URL to use your own)", flush=True)
+        yield url
+
+
+async def _serve(settings: Settings, host: str, port: int, redis_url: str, *, run_worker: bool) -> None:
+    from progress_service.app import create_app  # noqa: PLC0415 - keep `token` fast
+    from progress_service.server import Server, make_config  # noqa: PLC0415
+
+    app = create_app(settings, redis_url=redis_url, run_worker=run_worker)
+    await Server(make_config(app, settings, host=host, port=port)).serve()
+
+
+async def _dev_token(settings: Settings) -> str:
+    from progress_service.store.db import create_engine  # noqa: PLC0415
+    from progress_service.store.identity import create_token  # noqa: PLC0415
+    from progress_service.store.migrations import migrate  # noqa: PLC0415
+
+    engine = create_engine(settings.database_url)
+    try:
+        await migrate(engine)
+        token, _ = await create_token(engine, user="dev", team="dev", role="admin", label="dev session")
+        return token
+    finally:
+        await engine.dispose()
+
+
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    """App, gateway and an in-process worker; embedded Redis when none is configured."""
+    from progress_service.app import claude_is_available  # noqa: PLC0415
+
+    settings = load_settings(host=args.host, port=args.port)
+    _setup_logging(settings.log_level)
+    settings.workspace_path.mkdir(parents=True, exist_ok=True)
+    token = asyncio.run(_dev_token(settings))
+    with _redis_url(settings, allow_embedded=True) as url:
+        base = settings.public_url or f"http://{args.host}:{args.port}"
+        if not claude_is_available(settings):
+            print(
+                "progress-service: no Claude Code binary found (PS_CLAUDE_BIN or `claude` on PATH): "
+                "jobs run the REPLAY program and are marked demo",
+                flush=True,
+            )
+        print(f"progress-service: store {settings.database_url}; workspace {settings.workspace_path}", flush=True)
+        print("progress-service: open this link (the token is in the fragment, never sent to a server):", flush=True)
+        print(f"\n    {base}/#token={token}\n", flush=True)
+        print(f"progress-service: API token for curl: export PS_TOKEN={token}", flush=True)
+        asyncio.run(_serve(settings, args.host, args.port, url, run_worker=True))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """The app and gateway only (scaled setup; needs PS_REDIS_URL)."""
+    _setup_logging(settings.log_level)
+    with _redis_url(settings, allow_embedded=False) as url:
+        asyncio.run(_serve(settings, args.host or settings.host, args.port or settings.port, url, run_worker=False))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """An arq worker only (scaled setup; needs PS_REDIS_URL)."""
+    _setup_logging(settings.log_level)
+    from worker.settings import build_worker  # noqa: PLC0415
+
+    with _redis_url(settings, allow_embedded=False) as url:
+        worker = build_worker(settings, redis_url=url)
+        worker.run()
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Bring the SQL store's schema up to date."""
+    from progress_service.store.db import create_engine  # noqa: PLC0415
+    from progress_service.store.migrations import migrate  # noqa: PLC0415
+
+    async def run() -> list[str]:
+        engine = create_engine(settings.database_url)
+        try:
+            return await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    applied = asyncio.run(run())
+    print("\n".join(f"applied {a}" for a in applied) if applied else "schema is up to date")
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
+    """Print a new API token, and nothing else, on stdout."""
+    from progress_service.store.db import create_engine  # noqa: PLC0415
+    from progress_service.store.identity import create_token  # noqa: PLC0415
+    from progress_service.store.migrations import migrate  # noqa: PLC0415
+
+    async def run() -> str:
+        engine = create_engine(settings.database_url)
+        try:
+            await migrate(engine)
+            token, token_id = await create_token(
+                engine, user=args.user, team=args.team, role=args.role, label=args.label, expires_in=args.expires_in
+            )
+            await _audit_token(engine, "token.create", args.team, args.user, token_id)
+            return token
+        finally:
+            await engine.dispose()
+
+    print(asyncio.run(run()))
+    return 0
+
+
+async def _audit_token(engine: object, action: str, team: str, user: str, token_id: str) -> None:
+    """Record token administration in the audit log when it is installed."""
+    try:
+        audit_mod = importlib.import_module("progress_service.store.audit")
+    except ImportError:
+        return
+    await audit_mod.record_for_team_name(engine, action=action, team_name=team, actor=user, detail={"tokenId": token_id})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="progress-service", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("dev", help="run app + worker locally (embedded Redis when PS_REDIS_URL is unset)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("serve", help="run the app and gateway (needs PS_REDIS_URL)")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run an arq worker (needs PS_REDIS_URL)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("migrate", help="apply pending SQL store migrations")
+    p.set_defaults(func=cmd_migrate)
+
+    token = sub.add_parser("token", help="manage API tokens")
+    tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    p = tsub.add_parser("create", help="create a token; prints only the token")
+    p.add_argument("--user", required=True)
+    p.add_argument("--team", required=True)
+    p.add_argument("--role", required=True, choices=["viewer", "reviewer", "submitter", "admin"])
+    p.add_argument("--label", default="")
+    p.add_argument("--expires-in", type=int, default=None, metavar="SECONDS")
+    p.set_defaults(func=cmd_token_create)
+
+    for name in PLUGIN_MODULES:
+        importlib.import_module(name).register(sub, token_subparsers=tsub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``progress-service`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args, _settings()) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

