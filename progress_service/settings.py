@@ -54,6 +54,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     job_max_tries: int = 2
     #: Seconds between SIGINT and SIGTERM, and between SIGTERM and SIGKILL.
     cancel_grace: float = 5.0
+    #: Seconds a running job's lease lives without a refresh; a worker that
+    #: stops refreshing it (killed, frozen) is declared lost by the sweeper.
+    lease_ttl: float = 15.0
     #: Retained events per job stream (XADD MAXLEN ~).
     events_maxlen: int = 10_000
     #: Seconds a finished job's stream and snapshot are kept in Redis.

@@ -1,0 +1,249 @@
+"""The job queue and run-state contract between the HTTP API and the worker.
+
+The API enqueues and cancels; the worker claims, keeps a lease on and
+finishes runs. Who may run or cancel a job is decided in Redis by small Lua
+scripts on the job's run-state hash ``ps:{job:<id>}:run`` (fields ``state``:
+queued | running | done | cancelled, ``attempt``, ``worker``), so a worker
+and a canceller can never both win, and a superseded attempt (arq's own retry
+of a job the sweeper already re-enqueued) is refused. Every key carries the
+job's hash tag, so the scripts also run on Redis Cluster.
+
+A missing run hash means "queued, attempt 1": enqueueing writes nothing but
+the arq job.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from arq.connections import ArqRedis, RedisSettings
+from arq.constants import abort_jobs_ss
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from progress_service.events import TERMINAL_STATUSES, JobSnapshot, StatusData, StoredEvent, now_ms
+from progress_service.settings import Settings
+from progress_service.store.jobs import get_job, update_job
+from progress_service.streams import append_event, cancel_key, expire_job, read_state, room_id
+
+#: The arq queue the API fills and the workers drain.
+QUEUE_NAME = "ps:queue"
+#: The arq function name of a job run.
+RUN_FUNCTION = "run_job"
+
+RunState = Literal["queued", "running", "done", "cancelled"]
+
+
+def run_key(job_id: str) -> str:
+    """The job's run-state hash (state, attempt, worker)."""
+    return f"ps:{{job:{job_id}}}:run"
+
+
+def lease_key(job_id: str) -> str:
+    """The running attempt's lease; it expires when its worker stops refreshing it."""
+    return f"ps:{{job:{job_id}}}:lease"
+
+
+def arq_job_id(job_id: str, attempt: int) -> str:
+    """The arq job id of one attempt: unique per attempt so a retry is not a duplicate."""
+    return job_id if attempt <= 1 else f"{job_id}:{attempt}"
+
+
+def arq_redis_settings(redis_url: str) -> RedisSettings:
+    """arq connection settings for ``redis_url``, with connection retries.
+
+    arq's defaults give up quickly on a Redis that is still starting; a
+    worker supervised next to Redis (compose, dev) should wait for it.
+    """
+    rs = RedisSettings.from_dsn(redis_url)
+    rs.conn_retries = 10
+    rs.conn_retry_delay = 1
+    rs.conn_timeout = 5
+    rs.retry_on_timeout = True
+    return rs
+
+
+async def enqueue_job(arq_pool: ArqRedis, job_id: str, *, attempt: int = 1) -> None:
+    """Put one attempt of a job on the queue.
+
+    The arq ``_job_id`` is derived from the job id and attempt, so submitting
+    the same attempt twice enqueues it once (arq refuses a duplicate while
+    the job or its kept result exists).
+    """
+    await arq_pool.enqueue_job(
+        RUN_FUNCTION,
+        job_id,
+        attempt,
+        _job_id=arq_job_id(job_id, attempt),
+        _queue_name=QUEUE_NAME,
+    )
+
+
+# --------------------------------------------------------------------------
+# Run-state scripts (KEYS share the {job:<id>} hash tag)
+# --------------------------------------------------------------------------
+
+# KEYS: run, lease. ARGV: attempt, worker id, lease ms.
+# -> {verdict, current attempt}; verdict ok | terminal | busy | superseded
+_CLAIM = """
+local st = redis.call('HGET', KEYS[1], 'state')
+local att = tonumber(redis.call('HGET', KEYS[1], 'attempt') or ARGV[1])
+local a = tonumber(ARGV[1])
+if st == 'done' or st == 'cancelled' then return {'terminal', att} end
+if st == 'running' then return {'busy', att} end
+if st and a ~= att then return {'superseded', att} end
+redis.call('HSET', KEYS[1], 'state', 'running', 'attempt', a, 'worker', ARGV[2])
+redis.call('PERSIST', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return {'ok', a}
+"""
+
+# KEYS: run, lease. ARGV: attempt, worker id, lease ms. -> 1 still ours, 0 lost it
+_REFRESH = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running'
+   or tonumber(redis.call('HGET', KEYS[1], 'attempt')) ~= tonumber(ARGV[1])
+   or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS: run, lease. ARGV: attempt, worker id, final state, ttl s. -> 1 ours, 0 not
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running'
+   or tonumber(redis.call('HGET', KEYS[1], 'attempt')) ~= tonumber(ARGV[1])
+   or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+# KEYS: run, cancel. ARGV: who, ttl s.
+# -> {verdict, attempt}; verdict cancelled (never started) | running | terminal
+_CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'state')
+local att = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '1')
+if st == 'done' or st == 'cancelled' then return {'terminal', att} end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+if st == 'running' then return {'running', att} end
+redis.call('HSET', KEYS[1], 'state', 'cancelled', 'attempt', att)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {'cancelled', att}
+"""
+
+# KEYS: run, lease. ARGV: attempt (the job row's), next attempt (0 = give up).
+# -> alive | ended | stale | requeue | failed
+_REAP = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'alive' end
+local st = redis.call('HGET', KEYS[1], 'state')
+if st == 'done' or st == 'cancelled' then return 'ended' end
+if st == 'queued' then return 'stale' end
+if st and tonumber(redis.call('HGET', KEYS[1], 'attempt')) ~= tonumber(ARGV[1]) then return 'stale' end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'worker')
+  return 'requeue'
+end
+redis.call('HSET', KEYS[1], 'state', 'done', 'attempt', ARGV[1])
+return 'failed'
+"""
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+async def claim_run(redis: Redis, job_id: str, attempt: int, worker_id: str, lease_s: float) -> tuple[str, int]:
+    """Atomically take attempt ``attempt`` of a job for ``worker_id``.
+
+    Returns ``(verdict, current attempt)``; only verdict ``ok`` may run.
+    ``terminal`` (done or cancelled), ``busy`` (another worker runs it) and
+    ``superseded`` (a newer attempt was enqueued) must not.
+    """
+    verdict, att = await redis.eval(
+        _CLAIM, 2, run_key(job_id), lease_key(job_id), attempt, worker_id, int(lease_s * 1000)
+    )
+    return _s(verdict), int(att)
+
+
+async def refresh_lease(redis: Redis, job_id: str, attempt: int, worker_id: str, lease_s: float) -> bool:
+    """Extend the lease; False when this worker no longer owns the run."""
+    res = await redis.eval(
+        _REFRESH, 2, run_key(job_id), lease_key(job_id), attempt, worker_id, int(lease_s * 1000)
+    )
+    return bool(res)
+
+
+async def finish_run(
+    redis: Redis, job_id: str, attempt: int, worker_id: str, state: RunState, ttl: int
+) -> bool:
+    """Mark the run ended and drop its lease; False when it was not ours any more."""
+    res = await redis.eval(_FINISH, 2, run_key(job_id), lease_key(job_id), attempt, worker_id, state, ttl)
+    return bool(res)
+
+
+async def reap_run(redis: Redis, job_id: str, attempt: int, next_attempt: int) -> str:
+    """Decide the fate of a job whose row says running (see ``_REAP``)."""
+    return _s(await redis.eval(_REAP, 2, run_key(job_id), lease_key(job_id), attempt, next_attempt))
+
+
+async def cancel_requested(redis: Redis, job_id: str) -> str | None:
+    """Who asked to cancel the job, or None."""
+    raw = await redis.get(cancel_key(job_id))
+    return _s(raw) if raw is not None else None
+
+
+_enc = msgspec.json.Encoder()
+
+
+async def cancel_job(
+    redis: Redis, engine: AsyncEngine, settings: Settings, job_id: str, *, by: str | None = None
+) -> JobSnapshot:
+    """Request cancellation of a job and return its snapshot.
+
+    - never started (queued, or re-queued after a lost worker): the job is
+      cancelled here (status event, snapshot and job row) and the claim of
+      any worker that picks it up later is refused;
+    - running: the cancel flag is set (the worker polls it and stops the
+      process) and arq is asked to abort the task; the returned snapshot is
+      still ``running``, the worker publishes ``cancelled``;
+    - already finished: the snapshot is returned unchanged.
+
+    Raises :class:`LookupError` for an unknown job.
+    """
+    record = await get_job(engine, job_id)
+    if record is None:
+        raise LookupError(job_id)
+    snapshot, _ = await read_state(redis, job_id)
+    if snapshot is None:
+        snapshot = record.to_snapshot()
+    if record.status in TERMINAL_STATUSES:
+        return record.to_snapshot()
+    who = by or "user"
+    verdict, attempt = await redis.eval(_CANCEL, 2, run_key(job_id), cancel_key(job_id), who, settings.events_ttl)
+    verdict = _s(verdict)
+    if verdict == "terminal":
+        latest, _ = await read_state(redis, job_id)
+        return latest or record.to_snapshot()
+    if verdict == "running":
+        # arq's abort is a best-effort second channel; the flag is the contract.
+        await redis.zadd(abort_jobs_ss, {arq_job_id(job_id, int(attempt)): now_ms()})
+        return snapshot
+    at = now_ms()
+    reason = f"cancelled by {who} before it started"
+    snapshot = msgspec.structs.replace(
+        snapshot, status="cancelled", reason=reason, finishedAt=at, step=None, roomId=room_id(job_id)
+    )
+    data = StatusData(status="cancelled", phase=snapshot.phase, reason=reason)
+    event = StoredEvent(kind="status", at=at, data=msgspec.to_builtins(data), attempt=int(attempt))
+    snapshot.lastEventId = await append_event(
+        redis, job_id, event, maxlen=settings.events_maxlen, snapshot=snapshot
+    )
+    await update_job(engine, job_id, snapshot=snapshot)
+    await expire_job(redis, job_id, settings.events_ttl)
+    return snapshot
