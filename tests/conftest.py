@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import shutil
 import signal
@@ -41,14 +40,6 @@ def missing_service(reason: str) -> None:
     if STRICT:
         pytest.fail(f"{reason} (PS_TEST_STRICT=1: a missing service is a failure)", pytrace=False)
     pytest.skip(reason)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Every coroutine test runs under anyio's asyncio backend.
-    for item in items:
-        fn = getattr(item, "function", None)
-        if fn is not None and inspect.iscoroutinefunction(fn):
-            item.add_marker(pytest.mark.anyio)
 
 
 @pytest.fixture
