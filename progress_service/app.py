@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio
 from arq import create_pool
 from litestar import Litestar, Request, Response
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
@@ -57,12 +58,32 @@ def claude_is_available(settings: Settings) -> bool:
     return shutil.which("claude") is not None
 
 
-def _log_request(request: Request, response: Response) -> Response:
-    # The query string is never logged: a misbehaving client may put secrets there.
-    log.info("%s %s -> %s", request.method, request.url.path, response.status_code)
-    if 400 <= response.status_code < 500:
-        metrics.http_errors.labels(str(response.status_code)).inc()
-    return response
+def access_log(app: ASGIApp) -> ASGIApp:
+    """Log each HTTP request's method, path and status.
+
+    The query string is never logged: a misbehaving client may put secrets there.
+    """
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_wrapper)
+        finally:
+            log.info("%s %s -> %s", scope["method"], scope["path"], status)
+            if 400 <= status < 500:
+                metrics.http_errors.labels(str(status)).inc()
+
+    return middleware
 
 
 def _client_error_handler(request: Request, exc: HTTPException) -> Response:
@@ -131,9 +152,8 @@ def create_app(
         route_handlers=handlers,
         lifespan=[lifespan],
         dependencies={"services": Provide(provide_services), "principal": Provide(provide_principal)},
-        middleware=[rate_limit.middleware],
+        middleware=[access_log, rate_limit.middleware],
         cors_config=cors,
-        after_request=_log_request,
         exception_handlers={HTTPException: _client_error_handler},
         openapi_config=OpenAPIConfig(title="progress-service", version="1", path="/schema"),
         debug=False,
