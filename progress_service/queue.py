@@ -20,6 +20,10 @@ import msgspec
 from arq.connections import ArqRedis, RedisSettings
 from arq.constants import abort_jobs_ss
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service.events import TERMINAL_STATUSES, JobSnapshot, StatusData, StoredEvent, now_ms
@@ -61,6 +65,10 @@ def arq_redis_settings(redis_url: str) -> RedisSettings:
     rs.conn_retry_delay = 1
     rs.conn_timeout = 5
     rs.retry_on_timeout = True
+    # A dropped connection mid-command is retried instead of killing the
+    # worker loop (arq's main loop dies on an unhandled ConnectionError).
+    rs.retry_on_error = [RedisConnectionError, RedisTimeoutError]
+    rs.retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), 8)
     return rs
 
 

@@ -197,6 +197,12 @@ class ClaudeProcess:
             await self._stopped.wait()
             return
         self._stopping = True
+        # Shielded: a caller cancelled half-way must not leave the group
+        # half-signalled; the escalation is bounded (2 x grace + 5 s).
+        with anyio.CancelScope(shield=True):
+            await self._escalate()
+
+    async def _escalate(self) -> None:
         try:
             for sig, wait in ((signal.SIGINT, self.grace), (signal.SIGTERM, self.grace), (signal.SIGKILL, 5.0)):
                 if self.process.returncode is not None and not group_members(self.pgid):

@@ -36,6 +36,7 @@ import msgspec
 from msgspec import Struct
 
 from progress_service.events import (
+    TERMINAL_STATUSES,
     LOG_LINE_MAX_CHARS,
     MESSAGE_MAX_CHARS,
     SUMMARY_MAX_CHARS,
@@ -248,10 +249,12 @@ class Mapper:
             self._emit(out, "status", StatusData(status="running", phase=self.snapshot.phase), status="running", **changes)
             self._phase(out, "starting")
             return out
-        changes.setdefault("finishedAt", self.clock())
+        if status in TERMINAL_STATUSES:
+            changes.setdefault("finishedAt", self.clock())
         changes["step"] = None
+        self.snapshot = msgspec.structs.replace(self.snapshot, status=status, reason=reason, **changes)
         data = StatusData(status=status, phase=self.snapshot.phase, reason=reason)  # type: ignore[arg-type]
-        self._emit(out, "status", data, status=status, reason=reason, **changes)
+        self._emit(out, "status", data)
         return out
 
     def worker(self, state: str, worker_id: str) -> list[Mapped]:

@@ -1,0 +1,112 @@
+"""arq worker configuration: ``WorkerSettings`` for ``arq worker.settings.WorkerSettings``
+and :func:`build_worker` for running a worker inside another program.
+
+Both give the job function a context with ``settings``, ``engine`` (the SQL
+store, migrated), ``redis`` (arq's pool) and ``worker_id``, and run the
+lost-worker sweeper for as long as the worker runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from arq import func
+from arq.worker import Worker
+
+from progress_service.queue import QUEUE_NAME, RUN_FUNCTION, arq_redis_settings
+from progress_service.settings import Settings, load_settings
+from progress_service.store.db import create_engine
+from progress_service.store.migrations import migrate
+from worker.jobs import new_worker_id, run_job, run_sweeper
+
+DEFAULT_REDIS_URL = "redis://localhost:6379"
+
+
+def _arq_job_timeout(settings: Settings) -> float:
+    # Above the longest job plus the SIGINT/SIGTERM/SIGKILL escalation, so
+    # our own timeout (a clean "timed out" ending) always fires first.
+    return settings.job_timeout_max + 2 * settings.cancel_grace + 60
+
+
+def _function(settings: Settings) -> Any:
+    # arq retries a job cancelled by a shutdown; those retries are refused by
+    # the claim (run_job re-enqueues a new attempt itself), so a few tries
+    # are enough to let arq give up on its own.
+    return func(run_job, name=RUN_FUNCTION, max_tries=settings.job_max_tries + 2, timeout=_arq_job_timeout(settings))
+
+
+async def on_startup(ctx: dict[str, Any]) -> None:
+    """Fill the job context and start the sweeper."""
+    settings: Settings = ctx.setdefault("settings", load_settings())
+    if ctx.get("engine") is None:
+        ctx["engine"] = create_engine(settings.database_url)
+        ctx["own_engine"] = True
+    await migrate(ctx["engine"])
+    ctx.setdefault("worker_id", new_worker_id())
+    # Lives exactly as long as the worker: cancelled and awaited in on_shutdown.
+    ctx["sweeper"] = asyncio.create_task(run_sweeper(ctx["redis"], ctx["engine"], settings), name="ps-sweeper")
+
+
+async def on_shutdown(ctx: dict[str, Any]) -> None:
+    """Stop the sweeper and release what on_startup created."""
+    sweeper: asyncio.Task[None] | None = ctx.pop("sweeper", None)
+    if sweeper is not None:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+    if ctx.pop("own_engine", False):
+        await ctx.pop("engine").dispose()
+
+
+def worker_options(settings: Settings) -> dict[str, Any]:
+    """The arq ``Worker`` keyword arguments both entry points share."""
+    return {
+        "functions": [_function(settings)],
+        "queue_name": QUEUE_NAME,
+        "on_startup": on_startup,
+        "on_shutdown": on_shutdown,
+        "allow_abort_jobs": True,
+        "max_jobs": settings.worker_concurrency,
+        "job_timeout": _arq_job_timeout(settings),
+        "poll_delay": 0.2,
+        # A kept result also blocks a duplicate enqueue of the same _job_id.
+        "keep_result": 3600,
+    }
+
+
+_settings = load_settings()
+_options = worker_options(_settings)
+
+
+class WorkerSettings:
+    """For ``arq worker.settings.WorkerSettings`` (settings from ``PS_*`` variables)."""
+
+    redis_settings = arq_redis_settings(_settings.redis_url or DEFAULT_REDIS_URL)
+    ctx = {"settings": _settings}
+    functions = _options["functions"]
+    queue_name = _options["queue_name"]
+    on_startup = _options["on_startup"]
+    on_shutdown = _options["on_shutdown"]
+    allow_abort_jobs = _options["allow_abort_jobs"]
+    max_jobs = _options["max_jobs"]
+    job_timeout = _options["job_timeout"]
+    poll_delay = _options["poll_delay"]
+    keep_result = _options["keep_result"]
+
+
+def build_worker(settings: Settings, *, redis_url: str, engine: Any = None) -> Worker:
+    """An arq worker to run inside another program (``progress-service worker``/``dev``).
+
+    Run it with ``await worker.async_run()`` and stop it with ``await
+    worker.close()``: signals are the host program's business
+    (``handle_signals=False``). ``engine``, when given, is shared and not
+    disposed by the worker.
+    """
+    return Worker(
+        redis_settings=arq_redis_settings(redis_url),
+        handle_signals=False,
+        ctx={"settings": settings, "engine": engine},
+        **worker_options(settings),
+    )
