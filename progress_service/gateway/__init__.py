@@ -1,0 +1,93 @@
+"""The realtime gateway: ``/ws`` (protocol v1) and the SSE stream of a job.
+
+Laid out like centrifuge: ``endpoint`` (transport, handshake guard),
+``session`` (one connection's protocol state), ``hub`` (this process's rooms
+and the one stream reader), ``outbox`` (bounded queue and sender),
+``presence`` (room members in Redis), ``limits`` and ``closes`` (one table
+of close codes).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import anyio
+
+from progress_service.api.stream import job_stream
+from progress_service.gateway import closes
+from progress_service.gateway.closes import Close
+from progress_service.gateway.endpoint import install_log_redaction, ws_endpoint
+from progress_service.gateway.hub import Hub
+from progress_service.gateway.presence import Presence
+
+if TYPE_CHECKING:
+    from progress_service.gateway.session import Session
+    from progress_service.services import Services
+    from progress_service.store.identity import Principal
+
+
+class Gateway:
+    """The gateway of one process: its sessions, hub and presence."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.node_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.hub = Hub(services, self.node_id)
+        self.presence = Presence(services.redis, self.node_id, grace=self.settings.presence_grace)
+        self.sessions: dict[str, Session] = {}
+        self._per_user: Counter[str] = Counter()
+        self.closing = False
+        self.route_handlers = route_handlers
+        if services.gateway is None:
+            services.gateway = self
+        install_log_redaction()
+
+    async def run(self) -> None:
+        """Run the hub and the presence task until cancelled."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.hub.run)
+            tg.start_soon(self.presence.run)
+
+    def admit(self, session: Session, principal: Principal) -> bool:
+        """Count an authenticated connection against its user's cap."""
+        if self._per_user[principal.user_id] >= self.settings.ws_max_connections_per_user:
+            return False
+        self._per_user[principal.user_id] += 1
+        self.sessions[session.id] = session
+        return True
+
+    def unregister(self, session: Session) -> None:
+        """Forget a finished connection."""
+        if self.sessions.pop(session.id, None) is not None and session.principal is not None:
+            uid = session.principal.user_id
+            self._per_user[uid] -= 1
+            if self._per_user[uid] <= 0:
+                del self._per_user[uid]
+
+    async def _close(self, targets: list[Session], close: Close) -> None:
+        for s in targets:
+            s.request_close(close)
+        with anyio.move_on_after(self.settings.ws_send_timeout + 1):
+            for s in targets:
+                await s.done.wait()
+
+    async def close_all(self, code: int = closes.RESTARTING.code, reason: str = closes.RESTARTING.reason) -> None:
+        """Close every connection (1001 ``server restarting`` by default) and refuse new ones."""
+        self.closing = True
+        await self._close(list(self.sessions.values()), Close(code, closes.clip_reason(reason)))
+
+    async def close_token(self, token_id: str, code: int = closes.TOKEN_EXPIRED.code, reason: str = closes.TOKEN_EXPIRED.reason) -> None:
+        """Close the connections authenticated with ``token_id`` (revocation)."""
+        targets = [s for s in self.sessions.values() if s.principal is not None and s.principal.token_id == token_id]
+        await self._close(targets, Close(code, closes.clip_reason(reason)))
+
+
+#: The /ws handler and the SSE handler, for ``Litestar(route_handlers=[...])``.
+route_handlers: list = [ws_endpoint, job_stream]
+
+__all__ = ["Gateway", "route_handlers"]

@@ -1,0 +1,83 @@
+"""``GET /ws``: the raw WebSocket handler and the handshake guard.
+
+The guard runs before accept, so a refusal is an HTTP 403 to the handshake:
+a browser ``Origin`` that is neither this host nor allow-listed (cross-site
+WebSocket hijacking), or credentials in the query string (which proxies and
+access logs would keep). The token arrives in the first message instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import parse_qsl, urlsplit
+
+from litestar import WebSocket, websocket
+from litestar.connection import ASGIConnection
+from litestar.exceptions import PermissionDeniedException
+from litestar.handlers.base import BaseRouteHandler
+
+from progress_service.gateway import closes
+from progress_service.gateway.session import Session
+
+#: Query parameters that look like credentials; their presence refuses the handshake.
+SECRET_PARAMS = frozenset({"token", "ticket", "access_token", "auth"})
+
+
+def handshake_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Refuse (403 before accept) a foreign Origin or a secret in the URL."""
+    query = connection.scope.get("query_string", b"")
+    if query:
+        names = {name.lower() for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True)}
+        if names & SECRET_PARAMS:
+            # The detail never repeats the query string.
+            raise PermissionDeniedException("credentials are not accepted in the URL; send them in the auth message")
+    origin = connection.headers.get("origin")
+    if origin is not None and not origin_allowed(origin, connection.headers.get("host"), connection.app.state.services.settings.allowed_origins):
+        raise PermissionDeniedException("origin not allowed")
+
+
+def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Same origin (the Origin's host:port equals the Host header) or allow-listed."""
+    normalized = origin.strip().rstrip("/").lower()
+    if normalized in {o.rstrip("/").lower() for o in allowed}:
+        return True
+    parts = urlsplit(normalized)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False  # includes the opaque origin "null"
+    return host is not None and parts.netloc == host.strip().lower()
+
+
+@websocket("/ws", guards=[handshake_guard], name="ws")
+async def ws_endpoint(socket: WebSocket) -> None:
+    """The realtime gateway (protocol v1, docs/protocol.md)."""
+    gateway = socket.app.state.services.gateway
+    await socket.accept()
+    if gateway.closing:
+        await socket.close(code=closes.RESTARTING.code, reason=closes.RESTARTING.reason)
+        return
+    await Session(gateway, socket).run()
+
+
+class RedactQueryString(logging.Filter):
+    """Drops the query string from uvicorn's WebSocket and access log lines.
+
+    uvicorn logs ``"WebSocket /ws?…" 403`` with the full query string; a
+    misbehaving client may have put its token there.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(a, str) and "?" in a for a in args):
+            record.args = tuple(a.split("?", 1)[0] + "?…" if isinstance(a, str) and a.startswith("/") and "?" in a else a for a in args)
+        return True
+
+
+_redactor = RedactQueryString()
+
+
+def install_log_redaction() -> None:
+    """Attach the redaction filter to uvicorn's loggers (idempotent)."""
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if _redactor not in logger.filters:
+            logger.addFilter(_redactor)

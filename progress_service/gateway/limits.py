@@ -1,0 +1,54 @@
+"""Per-connection limits: a token bucket for chat and sliding-window budgets.
+
+Both are plain counters read on the connection's own receive path, so they
+need no locks and no tasks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up."""
+
+    def __init__(self, rate: float, burst: int, *, clock=time.monotonic) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._clock = clock
+        self._at = clock()
+
+    def take(self) -> bool:
+        """Spend one token; False when the bucket is empty (the request is refused)."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class WindowBudget:
+    """At most ``limit`` hits within any ``window`` seconds.
+
+    Used for the error budget (refused requests per minute) and for
+    "persistent" chat abuse (refusals for rate limiting within a few seconds).
+    """
+
+    def __init__(self, limit: int, window: float, *, clock=time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._hits: deque[float] = deque()
+
+    def hit(self) -> bool:
+        """Record one hit; False once the budget is exhausted."""
+        now = self._clock()
+        cutoff = now - self.window
+        while self._hits and self._hits[0] <= cutoff:
+            self._hits.popleft()
+        self._hits.append(now)
+        return len(self._hits) <= self.limit
