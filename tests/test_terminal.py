@@ -1,0 +1,350 @@
+"""The terminal follower (``progress-service submit`` / ``watch``) against a real service.
+
+The multi-process tests start ``progress-service serve`` and ``progress-service
+worker`` as subprocesses on the test's Redis and SQLite store (jobs run the
+replay program), and run the real console entry as a subprocess with its
+output piped, so it prints one plain line per event.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from progress_service.events import EventMsg
+from progress_service.terminal.backoff import Backoff
+from progress_service.terminal.client import Outcome, ws_url
+from progress_service.terminal.render import format_event, one_line
+
+ROOT = Path(__file__).resolve().parent.parent
+CONSOLE = shutil.which("progress-service", path=str(Path(sys.executable).parent)) or "progress-service"
+
+
+# --------------------------------------------------------------------------
+# A CLI subprocess whose output is read as it comes
+# --------------------------------------------------------------------------
+
+
+class Cli:
+    """``progress-service ARGS`` with stdout/stderr piped and collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [CONSOLE, *args],
+            env=env,
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+        )
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._cond = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, stream: Any, into: list[str]) -> None:
+        for line in stream:
+            with self._cond:
+                into.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[], bool], timeout: float = 30.0) -> None:
+        """Block until ``pred()`` holds (checked on every new output line)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not pred():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not any(t.is_alive() for t in self._readers)):
+                    if pred():
+                        return
+                    raise AssertionError(f"condition not met; stdout={self.out[-20:]} stderr={self.err[-20:]}")
+                self._cond.wait(min(remaining, 0.5))
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"CLI did not exit; stdout={self.out[-20:]} stderr={self.err[-20:]}") from None
+        for t in self._readers:
+            t.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def job_id(self) -> str:
+        for line in self.err:
+            if line.startswith("progress-service: submitted job "):
+                return line.split()[3]
+        raise AssertionError(f"no job id in stderr: {self.err}")
+
+
+def cli_env(url: str, token: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
+    env["PS_URL"] = url
+    if token is not None:
+        env["PS_TOKEN"] = token
+    return env
+
+
+@pytest.fixture
+def run_cli() -> Any:
+    started: list[Cli] = []
+
+    def start(args: list[str], env: dict[str, str]) -> Cli:
+        cli = Cli(args, env)
+        started.append(cli)
+        return cli
+
+    yield start
+    for cli in started:
+        cli.kill()
+
+
+def job_events(url: str, token: str, job_id: str) -> list[dict[str, Any]]:
+    """Every retained item of the job's room, from the HTTP API."""
+    items: list[dict[str, Any]] = []
+    since: str | None = None
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as client:
+        while True:
+            params: dict[str, Any] = {"limit": 1000}
+            if since:
+                params["since"] = since
+            page = client.get(f"/api/jobs/{job_id}/events", params=params).raise_for_status().json()
+            items += page["items"]
+            if not page["items"]:
+                return items
+            since = page["next"]
+
+
+def job_status(url: str, token: str, job_id: str) -> str:
+    r = httpx.get(f"{url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"})
+    return r.raise_for_status().json()["status"]
+
+
+def submit_job(url: str, token: str, prompt: str) -> str:
+    r = httpx.post(f"{url}/api/jobs", json={"prompt": prompt}, headers={"Authorization": f"Bearer {token}"})
+    return r.raise_for_status().json()["id"]
+
+
+def assert_lines_match_events(lines: list[str], items: list[dict[str, Any]]) -> None:
+    """One plain line per event or comment, in the room's order, nothing else."""
+    kinds = [line.split()[1] for line in lines]
+    expected = [item["kind"] if item["type"] == "event" else "comment" for item in items]
+    assert kinds == expected, f"\nlines:  {kinds}\nevents: {expected}"
+    step_lines = [line for line in lines if line.split()[1] == "step"]
+    assert len(step_lines) == len(set(step_lines)), "a step was printed twice"
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+async def service(make_settings: Any, make_token: Any, server_process: Any) -> Any:
+    """A real serve + worker pair and a submitter token: ``(settings, serve, token)``."""
+
+    async def start(**overrides: Any) -> tuple[Any, Any, str]:
+        settings = make_settings(**overrides)
+        token = await make_token(role="submitter")
+        serve = server_process(settings, "serve")
+        server_process(settings, "worker")
+        return settings, serve, token
+
+    return start
+
+
+# --------------------------------------------------------------------------
+# Pure parts: no processes
+# --------------------------------------------------------------------------
+
+
+def test_backoff_is_full_jitter_capped_and_resets_only_after_a_stable_connection() -> None:
+    b = Backoff(rng=random.Random(7))
+    ceilings = []
+    for _ in range(10):
+        ceilings.append(b.ceiling())
+        assert 0 <= b.next_delay() <= ceilings[-1]
+    assert ceilings[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert max(ceilings) == 20.0
+    # A connection that drops after 3 s does not reset the counter ...
+    b.connected(now=100.0)
+    b.disconnected(now=103.0)
+    assert b.ceiling() == 20.0
+    # ... one that stayed up for 10 s does.
+    b.connected(now=200.0)
+    b.disconnected(now=210.0)
+    assert b.ceiling() == 0.5
+    assert 10.0 <= b.long_delay() <= 20.0
+    # No overflow after very many attempts.
+    b.attempt = 100_000
+    assert b.ceiling() == 20.0
+
+
+def test_ws_url_keeps_host_and_prefix_and_drops_query() -> None:
+    assert ws_url("http://127.0.0.1:8000") == "ws://127.0.0.1:8000/ws"
+    assert ws_url("https://ps.example.com/prefix/?token=x#frag") == "wss://ps.example.com/prefix/ws"
+    with pytest.raises(ValueError):
+        ws_url("ftp://x")
+
+
+def test_plain_lines_stay_on_one_line() -> None:
+    msg = EventMsg(roomId="job:a", id="1-0", kind="message", at=0, data={"text": "two\nlines\r\n\x1b[2Jand an escape"})
+    line = format_event(msg)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert line.split()[1] == "message"
+    assert len(one_line("x" * 5000)) == 300
+    unknown = format_event(EventMsg(roomId="job:a", id="1-1", kind="newkind", at=0, data={"a": [1]}))
+    assert unknown.split()[1] == "newkind" and '{"a":[1]}' in unknown
+
+
+def test_outcome_exit_codes() -> None:
+    assert Outcome(status="succeeded").exit_code == 0
+    assert Outcome(status="failed").exit_code == 1
+    assert Outcome(status="cancelled").exit_code == 1
+
+
+def test_missing_token_and_bad_url_are_usage_errors(run_cli: Any) -> None:
+    cli = run_cli(["watch", "abc"], cli_env("http://127.0.0.1:9", None))
+    assert cli.wait() == 2
+    assert any("no API token" in line for line in cli.err)
+    cli = run_cli(["watch", "abc", "--url", "ftp://x", "--token", "t"], cli_env("http://127.0.0.1:9", None))
+    assert cli.wait() == 2
+    cli = run_cli(["watch", "abc", "--token", "t"], cli_env("http://127.0.0.1:9", None))
+    assert cli.wait() == 2
+    assert any("cannot reach http://127.0.0.1:9" in line for line in cli.err)
+    assert not any("Traceback" in line for line in cli.err)
+
+
+# --------------------------------------------------------------------------
+# Against a real service
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_submit_follow_prints_one_line_per_event_and_exits_0(service: Any, run_cli: Any) -> None:
+    settings, serve, token = await service()
+    cli = run_cli(["submit", "add a health check", "--follow"], cli_env(serve.url, token))
+    assert cli.wait() == 0, cli.err
+    items = job_events(serve.url, token, cli.job_id)
+    assert_lines_match_events(cli.out, items)
+    assert cli.out[-1].split()[1:3] == ["status", "succeeded"]
+    assert any(line.split()[1] == "result" for line in cli.out)
+    assert not any(token in line for line in cli.out + cli.err)
+
+    # Watching a finished job replays its retained events, then ends.
+    again = run_cli(["watch", cli.job_id], cli_env(serve.url, token))
+    assert again.wait() == 0, again.err
+    assert again.out == cli.out
+
+
+@pytest.mark.slow
+async def test_submit_follow_exits_1_on_the_failure_transcript(service: Any, run_cli: Any) -> None:
+    settings, serve, token = await service()
+    cli = run_cli(["submit", "[fail] break the build", "--follow"], cli_env(serve.url, token))
+    assert cli.wait() == 1, cli.err
+    assert_lines_match_events(cli.out, job_events(serve.url, token, cli.job_id))
+    assert cli.out[-1].split()[1:3] == ["status", "failed"]
+
+
+@pytest.mark.slow
+async def test_submit_without_follow_prints_the_job_id(service: Any, run_cli: Any) -> None:
+    settings, serve, token = await service()
+    cli = run_cli(["submit", "quick one", "--max-turns", "3"], cli_env(serve.url, token))
+    assert cli.wait() == 0, cli.err
+    assert len(cli.out) == 1 and len(cli.out[0]) >= 8
+    assert job_status(serve.url, token, cli.out[0]) in ("queued", "running", "succeeded")
+    assert any(f"job:{cli.out[0]}" in line for line in cli.err)
+
+
+@pytest.mark.slow
+async def test_http_errors_exit_2_with_a_message(service: Any, run_cli: Any) -> None:
+    settings, serve, token = await service()
+    bogus = "pst_not-a-real-token-0123456789"
+    for args in (["watch", "0123abcd", "--token", bogus], ["submit", "x", "--follow", "--token", bogus]):
+        cli = run_cli(args, cli_env(serve.url, token))
+        assert cli.wait() == 2
+        err = "\n".join(cli.err)
+        assert "HTTP 401" in err and "token" in err
+        assert "Traceback" not in err and bogus not in err + "\n".join(cli.out)
+
+    cli = run_cli(["watch", "nosuchjob"], cli_env(serve.url, token))
+    assert cli.wait() == 2
+    assert any("HTTP 404" in line for line in cli.err), cli.err
+
+    cli = run_cli(["submit", "x", "--workdir", "../../etc"], cli_env(serve.url, token))
+    assert cli.wait() == 2
+    assert any("HTTP 400" in line and "workdir" in line.lower() for line in cli.err), cli.err
+    assert not any("Traceback" in line for line in cli.err)
+
+
+@pytest.mark.slow
+async def test_watch_resumes_after_the_server_restarts(service: Any, run_cli: Any, server_process: Any) -> None:
+    # The long transcript lasts ~40 s at 1x; at 4x the job runs ~10 s.
+    settings, serve, token = await service(replay_speed=4.0)
+    job_id = submit_job(serve.url, token, "[long] refactor the parser")
+    cli = run_cli(["watch", job_id], cli_env(serve.url, token))
+    cli.wait_for(lambda: sum(1 for line in cli.out if line.split()[1] == "step") >= 3)
+    assert job_status(serve.url, token, job_id) == "running"
+
+    serve.stop()  # graceful: 1001 server restarting
+    server_process(settings, "serve", port=serve.port)
+
+    assert cli.wait(timeout=90) == 0, cli.err
+    err = "\n".join(cli.err)
+    assert "connection lost" in err and "reconnected" in err
+    assert_lines_match_events(cli.out, job_events(serve.url, token, job_id))
+    assert cli.out[-1].split()[1:3] == ["status", "succeeded"]
+
+
+@pytest.mark.slow
+async def test_ctrl_c_exits_130_and_the_job_keeps_running(service: Any, run_cli: Any) -> None:
+    settings, serve, token = await service(replay_speed=8.0)
+    job_id = submit_job(serve.url, token, "[long] keep going")
+    cli = run_cli(["watch", job_id], cli_env(serve.url, token))
+    cli.wait_for(lambda: any(line.split()[1] == "step" for line in cli.out))
+    cli.proc.send_signal(signal.SIGINT)
+    assert cli.wait(timeout=20) == 130
+    err = "\n".join(cli.err)
+    assert "keeps running" in err and "Traceback" not in err
+    wait_until(lambda: job_status(serve.url, token, job_id) != "running", timeout=60, what="the job to end")
+    assert job_status(serve.url, token, job_id) == "succeeded"
+
+
+@pytest.mark.slow
+async def test_ctrl_c_with_cancel_on_exit_cancels_the_job(service: Any, run_cli: Any) -> None:
+    settings, serve, token = await service(replay_speed=2.0)
+    cli = run_cli(["submit", "[long] stop me", "--follow", "--cancel-on-exit"], cli_env(serve.url, token))
+    cli.wait_for(lambda: any(line.split()[1] == "step" for line in cli.out))
+    cli.proc.send_signal(signal.SIGINT)
+    assert cli.wait(timeout=20) == 130
+    assert any("cancel requested" in line for line in cli.err), cli.err
+    wait_until(lambda: job_status(serve.url, token, cli.job_id) == "cancelled", timeout=30, what="the cancel")
