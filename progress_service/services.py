@@ -7,7 +7,7 @@ dependency injection (``services``), so nothing reaches for globals.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
@@ -15,8 +15,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service.settings import Settings
 
-if TYPE_CHECKING:
-    from progress_service.gateway import Gateway
 
 
 @dataclass
@@ -29,5 +27,8 @@ class Services:
     arq: ArqRedis
     #: True when jobs run on the replay program rather than Claude Code.
     demo: bool = False
-    gateway: Gateway | None = None
+    # Typed loosely on purpose: Litestar/msgspec evaluate this dataclass's
+    # annotations at runtime (DI of `services`), where the TYPE_CHECKING-only
+    # name `Gateway` does not exist. It holds a progress_service.gateway.Gateway.
+    gateway: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
