@@ -1,0 +1,1 @@
+"""Benchmark harness: `python -m bench run SCENARIO|all [--quick]` (see docs/performance.md)."""

@@ -1,0 +1,130 @@
+"""The publisher process: appends job events to Redis the way the worker does.
+
+It uses :func:`progress_service.streams.append_event` (XADD + counter in one
+MULTI), stamping each event's data with ``ts`` (``time.time_ns()``) and a
+per-job ``seq`` (1, 2, …) so subscribers can time it and detect loss.
+
+Two modes:
+
+- closed loop (hot room): at most ``window`` events in flight, where an event
+  is in flight until the slowest subscriber has seen it (``Control.progress``);
+- open loop (many rooms, storms): every job publishes ``rate`` events per
+  second on a fixed schedule whether or not anyone keeps up; ``ts`` is the
+  scheduled time, so a publisher that falls behind shows up as latency
+  (no coordinated omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from bench.control import MEASURE, STOP, WARMUP, Control
+from bench.tuning import run
+from progress_service.events import StoredEvent, now_ms
+from progress_service.streams import append_event
+
+#: A log line of realistic size (the web page shows stderr lines like this).
+LINE = "PASSED tests/test_gateway.py::test_resume_after_restart_keeps_order[sqlite] in 0.42s"
+
+
+@dataclass
+class PublisherConfig:
+    redis_url: str
+    jobs: list[str]
+    mode: str  # "closed" | "open"
+    window: int = 64
+    rate: float = 10.0
+    maxlen: int = 10_000
+    #: Concurrent publishing tasks in open loop (each owns a slice of the jobs; order per job holds).
+    lanes: int = 8
+
+
+def _event(seq: int, ts: int) -> StoredEvent:
+    return StoredEvent(kind="log", at=now_ms(), data={"stream": "stderr", "line": LINE, "seq": seq, "ts": ts})
+
+
+async def _closed(cfg: PublisherConfig, ctl: Control, redis: Redis, workers: int) -> dict:
+    job = cfg.jobs[0]
+    seq = 0
+    published = 0
+    while ctl.phase.value < WARMUP:
+        await asyncio.sleep(0.01)
+    while ctl.phase.value < STOP and not ctl.pub_stop.value:
+        floor = min(ctl.progress[i] for i in range(workers))
+        if seq - floor >= cfg.window:
+            await asyncio.sleep(0.0005)
+            continue
+        seq += 1
+        await append_event(redis, job, _event(seq, time.time_ns()), maxlen=cfg.maxlen)
+        published += 1
+    ctl.target[0] = seq
+    return {"published": published, "last_seq": seq}
+
+
+async def _open(cfg: PublisherConfig, ctl: Control, redis: Redis) -> dict:
+    period = 1.0 / cfg.rate
+    n = len(cfg.jobs)
+    seqs = [0] * n
+    behind = [0.0]
+    published = [0]
+    measured = [0]
+
+    while ctl.phase.value < WARMUP:
+        await asyncio.sleep(0.01)
+    start = time.time()
+
+    async def lane(k: int) -> None:
+        mine = list(range(k, n, cfg.lanes))
+        # Spread jobs evenly over the period so load is smooth, not a burst every 100 ms.
+        offsets = {j: period * j / n for j in mine}
+        while ctl.phase.value < STOP and not ctl.pub_stop.value:
+            now = time.time()
+            next_due = now + period
+            for j in mine:
+                due = start + offsets[j] + seqs[j] * period
+                if due <= now:
+                    seqs[j] += 1
+                    await append_event(redis, cfg.jobs[j], _event(seqs[j], int(due * 1e9)), maxlen=cfg.maxlen)
+                    published[0] += 1
+                    if ctl.phase.value == MEASURE:
+                        measured[0] += 1
+                    behind[0] = max(behind[0], time.time() - due)
+                    due += period
+                next_due = min(next_due, due)
+            await asyncio.sleep(max(0.0, next_due - time.time()))
+
+    async with asyncio.TaskGroup() as tg:
+        for k in range(min(cfg.lanes, n)):
+            tg.create_task(lane(k))
+    for j in range(n):
+        ctl.target[j] = seqs[j]
+    return {
+        "published": published[0],
+        "published_measured": measured[0],
+        "max_behind_ms": round(behind[0] * 1000, 1),
+        "last_seq_total": sum(seqs),
+    }
+
+
+async def _main(cfg: PublisherConfig, ctl: Control, workers: int) -> dict:
+    redis = Redis.from_url(cfg.redis_url, max_connections=64)
+    try:
+        if cfg.mode == "closed":
+            return await _closed(cfg, ctl, redis, workers)
+        return await _open(cfg, ctl, redis)
+    finally:
+        await redis.aclose()
+
+
+def publisher_main(cfg: PublisherConfig, ctl: Control, workers: int) -> None:
+    """Entry point of the publisher process."""
+    try:
+        result = run(_main(cfg, ctl, workers))
+    except BaseException as exc:
+        result = {"crash": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+    ctl.results.put(("publisher", result))

@@ -1,0 +1,52 @@
+"""Run the app under uvicorn with a chosen WebSocket implementation.
+
+``progress-service serve`` does not expose uvicorn's ``--ws`` switch, so the
+harness starts the same app the same way (``create_app`` + the project's
+``Server``/``make_config``, PS_* settings from the environment) and only adds
+``ws=...`` (and optionally uvloop).
+Usage: ``python -m bench.serve --port N --ws websockets-sansio [--loop uvloop]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from bench.tuning import raise_nofile
+from progress_service.settings import load_settings
+
+
+async def _serve(host: str, port: int, ws: str) -> None:
+    """The same app and Server as ``progress-service serve``, with ``ws`` passed to uvicorn."""
+    from progress_service.app import create_app  # noqa: PLC0415
+    from progress_service.server import Server, make_config  # noqa: PLC0415
+
+    settings = load_settings()
+    assert settings.redis_url, "PS_REDIS_URL must be set"
+    app = create_app(settings, redis_url=settings.redis_url, run_worker=False)
+    await Server(make_config(app, settings, host=host, port=port, ws=ws)).serve()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.serve")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ws", default="auto", choices=["auto", "websockets", "websockets-sansio", "wsproto"])
+    # `progress-service serve` runs `asyncio.run(Server.serve())`, which bypasses uvicorn's
+    # loop factory: stock asyncio. `--loop uvloop` measures what uvloop would change.
+    parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"])
+    args = parser.parse_args()
+    raise_nofile()
+    import logging  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.loop == "uvloop":
+        import uvloop  # noqa: PLC0415
+
+        uvloop.run(_serve(args.host, args.port, args.ws))
+    else:
+        asyncio.run(_serve(args.host, args.port, args.ws))
+
+
+if __name__ == "__main__":
+    main()

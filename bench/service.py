@@ -1,0 +1,247 @@
+"""The system under test: a private Redis, a fresh store, the app as a subprocess.
+
+Nothing touches the shared Redis or the developers' databases: Redis is an
+embedded ``redis-server`` on a free port, SQLite lives in a temp dir, and a
+PostgreSQL run gets a throwaway database that is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from bench import stats
+from progress_service.embedded_redis import embedded_redis, free_port, redis_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def pg_answers(url: str) -> bool:
+    """True when a PostgreSQL server answers at ``url`` (libpq form)."""
+    import asyncpg  # noqa: PLC0415
+
+    async def probe() -> bool:
+        try:
+            conn = await asyncpg.connect(url, timeout=3)
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+            return False
+        await conn.close()
+        return True
+
+    return asyncio.run(probe())
+
+
+@contextlib.contextmanager
+def throwaway_pg(admin_url: str):
+    """A fresh PostgreSQL database (SQLAlchemy asyncpg URL), dropped on exit."""
+    import asyncpg  # noqa: PLC0415
+
+    name = f"ps_bench_{uuid.uuid4().hex[:10]}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    base = admin_url.rsplit("/", 1)[0]
+    try:
+        yield f"postgresql+asyncpg://{base.split('://', 1)[1]}/{name}"
+    finally:
+        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+class Service:
+    """Redis + store + app server for one scenario. Use as a context manager."""
+
+    def __init__(self, *, env: dict[str, str] | None = None, pg_admin: str | None = None,
+                 ws_impl: str | None = None, loop: str = "asyncio") -> None:
+        self.extra_env = env or {}
+        self.pg_admin = pg_admin
+        self.ws_impl = ws_impl
+        self.loop = loop
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self._stack = contextlib.ExitStack()
+        self.tmp = Path(tempfile.mkdtemp(prefix="ps-bench-"))
+        self.redis_url = ""
+        self.database_url = ""
+        self.log_path = self.tmp / "server.log"
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def __enter__(self) -> Service:
+        self._stack.callback(shutil.rmtree, self.tmp, True)
+        self.redis_url = self._stack.enter_context(embedded_redis())
+        if self.pg_admin:
+            self.database_url = self._stack.enter_context(throwaway_pg(self.pg_admin))
+        else:
+            self.database_url = f"sqlite+aiosqlite:///{self.tmp / 'store.db'}"
+        (self.tmp / "workspace").mkdir()
+        asyncio.run(self._migrate())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop()
+        finally:
+            self._stack.close()
+
+    async def _migrate(self) -> None:
+        from progress_service.store.db import create_engine  # noqa: PLC0415
+        from progress_service.store.migrations import migrate  # noqa: PLC0415
+
+        engine = create_engine(self.database_url)
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    @property
+    def store_kind(self) -> str:
+        return "postgresql" if self.database_url.startswith("postgresql") else "sqlite"
+
+    def server_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
+        env.update(
+            PS_REDIS_URL=self.redis_url,
+            PS_DATABASE_URL=self.database_url,
+            PS_WORKSPACE_ROOT=str(self.tmp / "workspace"),
+            PS_LOG_LEVEL="warning",
+            PS_HTTP_RATE_LIMIT="1000000",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def command(self) -> list[str]:
+        """The server's command line: the real CLI unless a ws implementation or loop is chosen."""
+        if self.ws_impl is None and self.loop == "asyncio":
+            return [sys.executable, "-m", "progress_service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        return [sys.executable, "-m", "bench.serve", "--port", str(self.port),
+                "--ws", self.ws_impl or "auto", "--loop", self.loop]
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the server (same port on a restart) and wait for /readyz."""
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.command(), env=self.server_env(), cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.port}/readyz"
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not ready after {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no close frames) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the server (graceful), SIGKILL if it lingers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    # -- measurements ------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def cpu(self) -> float:
+        return stats.cpu_seconds(self.pid)
+
+    def rss(self) -> int:
+        return stats.rss_bytes(self.pid)
+
+    @staticmethod
+    def redis_server_binary() -> str:
+        return redis_binary()
+
+    # -- fixtures: tokens and jobs ----------------------------------------
+
+    def tokens(self, count: int, *, role: str, team: str = "bench", prefix: str | None = None) -> list[str]:
+        """``count`` API tokens, one user each (``<prefix>-<i>``), in ``team``."""
+        return asyncio.run(self._tokens(count, role, team, prefix or role))
+
+    async def _tokens(self, count: int, role: str, team: str, prefix: str) -> list[str]:
+        from progress_service.store.db import create_engine  # noqa: PLC0415
+        from progress_service.store.identity import create_token  # noqa: PLC0415
+
+        engine = create_engine(self.database_url)
+        try:
+            out = []
+            for i in range(count):
+                token, _ = await create_token(engine, user=f"{prefix}-{i}", team=team, role=role, label="bench")
+                out.append(token)
+            return out
+        finally:
+            await engine.dispose()
+
+    def jobs(self, count: int, *, team: str = "bench") -> list[str]:
+        """``count`` running jobs of ``team`` (SQL rows + live snapshots in Redis)."""
+        return asyncio.run(self._jobs(count, team))
+
+    async def _jobs(self, count: int, team: str) -> list[str]:
+        from redis.asyncio import Redis  # noqa: PLC0415
+
+        from progress_service.events import JobSnapshot, JobSpec, now_ms  # noqa: PLC0415
+        from progress_service.store.db import create_engine  # noqa: PLC0415
+        from progress_service.store.identity import ensure_team, ensure_user  # noqa: PLC0415
+        from progress_service.store.jobs import create_job  # noqa: PLC0415
+        from progress_service.streams import put_snapshot, room_id  # noqa: PLC0415
+
+        engine = create_engine(self.database_url)
+        redis = Redis.from_url(self.redis_url)
+        try:
+            team_id = await ensure_team(engine, team)
+            user_id = await ensure_user(engine, "bench-submitter")
+            ids = []
+            for _ in range(count):
+                job_id = uuid.uuid4().hex[:16]
+                await create_job(engine, job_id=job_id, team_id=team_id, user_id=user_id,
+                                 spec=JobSpec(prompt="benchmark job"), created_at=now_ms(), demo=True)
+                await put_snapshot(redis, job_id, JobSnapshot(id=job_id, roomId=room_id(job_id), status="running",
+                                                              phase="testing", prompt="benchmark job", demo=True))
+                ids.append(job_id)
+            return ids
+        finally:
+            await redis.aclose()
+            await engine.dispose()
