@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
-from progress_service.events import EventMsg
+from progress_service.events import ChatMsg, EventMsg
 from progress_service.terminal.backoff import Backoff
 from progress_service.terminal.client import Outcome, ws_url
-from progress_service.terminal.render import format_event, one_line
+from progress_service.terminal.render import format_chat, format_event, one_line
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE = shutil.which("progress-service", path=str(Path(sys.executable).parent)) or "progress-service"
@@ -156,8 +157,15 @@ def assert_lines_match_events(lines: list[str], items: list[dict[str, Any]]) -> 
     kinds = [line.split()[1] for line in lines]
     expected = [item["kind"] if item["type"] == "event" else "comment" for item in items]
     assert kinds == expected, f"\nlines:  {kinds}\nevents: {expected}"
-    step_lines = [line for line in lines if line.split()[1] == "step"]
-    assert len(step_lines) == len(set(step_lines)), "a step was printed twice"
+    # Line by line, exactly what the renderer makes of each retained item.
+    formatted = [
+        format_event(msgspec.convert(item, EventMsg)) if item["type"] == "event" else format_chat(msgspec.convert(item, ChatMsg))
+        for item in items
+    ]
+    assert lines == formatted
+    # Every step transition exactly once (the retained log itself has no duplicates).
+    steps = [(i["data"]["stepId"], i["data"]["state"], i.get("attempt", 1)) for i in items if i.get("kind") == "step"]
+    assert steps and len(steps) == len(set(steps))
 
 
 def wait_until(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
