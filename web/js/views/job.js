@@ -1,0 +1,508 @@
+// The job page: progress, phases, steps, to-dos, usage, result, comments.
+
+import { ApiError } from "../api.js";
+import { announce, frameScheduler, h, renderKeyed, replaceChildren, setText } from "../dom.js";
+import { formatCost, formatDateTime, formatDuration, formatRelative, formatTokens, PHASE_LABEL, promptTitle, STATUS_LABEL } from "../format.js";
+import { applyEvent, applySnapshot, createJobState, phaseTimeline, progressOf, TERMINAL } from "../jobstate.js";
+import { compareIds, SignedOutError } from "../socket.js";
+import { createCommentsPanel } from "./comments.js";
+
+const ROLE_RANK = { viewer: 0, reviewer: 1, submitter: 2, admin: 3 };
+const STEP_ICON = { started: "", ok: "✓", error: "✕" };
+const TODO_ICON = { pending: "○", in_progress: "◐", completed: "●" };
+
+/**
+ * @param {HTMLElement} main
+ * @param {string} jobId
+ * @param {{api: object, client: import("../socket.js").RealtimeClient}} ctx
+ */
+export function mountJob(main, jobId, { api, client }) {
+  const roomId = `job:${jobId}`;
+  let state = null;
+  let role = null;
+  let disposed = false;
+  let eventsApplied = 0;
+  let replayUntil = null; // the room's head at join: events up to it are history
+  let lastSeen = null; // id of the last room item shown
+  let notFound = false;
+  let loadError = null;
+  let gapNotice = false;
+  let cancelState = "idle"; // idle | confirm | sending | error
+  let cancelError = "";
+  let stickSteps = true;
+
+  const comments = createCommentsPanel({ client, roomId });
+  const title = h("h1", { class: "job-title", id: "job-title", tabindex: "-1" }, "Loading job…");
+  const els = {
+    status: h("span", { class: "badge status-badge", id: "job-status" }),
+    demo: h("span", { class: "badge badge-demo", hidden: true }, "Replay"),
+    meta: h("p", { class: "job-meta" }),
+    promptText: h("pre", { class: "prompt-text" }),
+    cancelArea: h("div", { class: "cancel-area" }),
+    demoBanner: h(
+      "p",
+      { class: "banner banner-demo", hidden: true },
+      h("strong", {}, "Demo run. "),
+      "No Claude Code binary is configured, so this job replays a recorded transcript. Everything else (events, comments, reconnects) is real.",
+    ),
+    gapBanner: h("p", { class: "banner banner-warn", hidden: true, role: "status" }),
+    workerBanner: h("p", { class: "banner banner-warn", hidden: true, role: "status" }, "The worker running this job stopped answering. It will be restarted or marked failed shortly."),
+    errorBanner: h("div", { class: "banner banner-error", hidden: true, role: "alert" }),
+    percent: h("span", { class: "progress-percent" }),
+    progressLabel: h("span", { class: "progress-label", id: "progress-label" }),
+    bar: h("div", {
+      class: "progress-bar",
+      id: "job-progress",
+      role: "progressbar",
+      "aria-valuemin": "0",
+      "aria-valuemax": "100",
+      "aria-labelledby": "progress-title",
+      "aria-describedby": "progress-label",
+    }),
+    fill: h("div", { class: "progress-fill" }),
+    now: h("p", { class: "now" }),
+    message: h("blockquote", { class: "agent-message", hidden: true }),
+    phases: h("ol", { class: "phases", "aria-label": "Phases" }),
+    result: h("section", { class: "card result-card", "aria-labelledby": "result-title", hidden: true }),
+    todos: h("ol", { class: "todos", id: "todos" }),
+    todosEmpty: h("p", { class: "empty" }, "No to-do list yet."),
+    todoCount: h("span", { class: "count" }),
+    steps: h("ol", { class: "steps", id: "steps" }),
+    stepsEmpty: h("p", { class: "empty" }, "No steps yet."),
+    stepCount: h("span", { class: "count" }),
+    stepsBox: h("div", { class: "steps-box" }),
+    logs: h("details", { class: "card logs-card", hidden: true }),
+    stats: h("dl", { class: "stats" }),
+  };
+  els.bar.append(els.fill);
+  els.stepsBox.append(els.steps, els.stepsEmpty);
+  els.stepsBox.addEventListener("scroll", () => {
+    const box = els.stepsBox;
+    stickSteps = box.scrollTop + box.clientHeight >= box.scrollHeight - 24;
+  });
+
+  main.replaceChildren(
+    h(
+      "article",
+      { class: "job-page", "aria-labelledby": "job-title", dataset: { jobId } },
+      h("nav", { class: "crumbs", "aria-label": "Breadcrumb" }, h("a", { href: "#/" }, "← All jobs")),
+      h(
+        "header",
+        { class: "job-head" },
+        h("div", { class: "job-head-text" }, h("div", { class: "job-badges" }, els.status, els.demo), title, els.meta),
+        els.cancelArea,
+      ),
+      h("details", { class: "prompt" }, h("summary", {}, "Prompt"), els.promptText),
+      els.errorBanner,
+      els.demoBanner,
+      els.gapBanner,
+      els.workerBanner,
+      h(
+        "div",
+        { class: "job-layout" },
+        h(
+          "div",
+          { class: "job-main" },
+          h(
+            "section",
+            { class: "card progress-card", "aria-labelledby": "progress-title" },
+            h("div", { class: "progress-head" }, h("h2", { id: "progress-title" }, "Progress"), els.percent),
+            els.bar,
+            els.progressLabel,
+            els.phases,
+            els.now,
+            els.message,
+          ),
+          els.result,
+          h(
+            "section",
+            { class: "card", "aria-labelledby": "todos-title" },
+            h("h2", { id: "todos-title" }, "To-dos ", els.todoCount),
+            els.todos,
+            els.todosEmpty,
+          ),
+          h(
+            "section",
+            { class: "card", "aria-labelledby": "steps-title" },
+            h("h2", { id: "steps-title" }, "Steps ", els.stepCount),
+            els.stepsBox,
+          ),
+          els.logs,
+        ),
+        h(
+          "aside",
+          { class: "job-side" },
+          h("section", { class: "card", "aria-labelledby": "stats-title" }, h("h2", { id: "stats-title" }, "Usage"), els.stats),
+          comments.el,
+        ),
+      ),
+    ),
+  );
+  title.focus({ preventScroll: true });
+
+  const render = frameScheduler(renderNow);
+
+  function renderNow() {
+    if (disposed) return;
+    els.errorBanner.hidden = !(notFound || loadError);
+    if (notFound) {
+      setText(title, "Job not found");
+      replaceChildren(els.errorBanner, h("p", {}, "There is no such job, or it belongs to another team."), h("a", { href: "#/" }, "Back to all jobs"));
+      return;
+    }
+    if (loadError) replaceChildren(els.errorBanner, h("p", {}, loadError));
+    if (!state) return;
+    const s = state.snapshot;
+    const t = promptTitle(s.prompt);
+    setText(title, t);
+    document.title = `${STATUS_LABEL[s.status] ?? s.status} · ${t} · progress-service`;
+    setText(els.status, STATUS_LABEL[s.status] ?? s.status);
+    els.status.dataset.status = s.status;
+    els.demo.hidden = !s.demo;
+    els.demoBanner.hidden = !s.demo;
+    els.workerBanner.hidden = !state.workerLost || TERMINAL.has(s.status);
+    els.gapBanner.hidden = !gapNotice;
+    setText(els.gapBanner, "Some earlier events of this job are no longer kept, so the steps list may be incomplete. The status, progress and totals are current.");
+    setText(els.promptText, s.prompt);
+    renderMeta(s);
+    renderCancel(s);
+    renderProgress(s);
+    renderResult(s);
+    renderTodos();
+    renderSteps();
+    renderLogs();
+    renderStats(s);
+    comments.refresh();
+  }
+
+  function renderMeta(s) {
+    const parts = [];
+    if (s.model) parts.push(h("span", {}, "Model ", h("code", {}, s.model)));
+    parts.push(h("span", {}, "in ", s.workdir && s.workdir !== "." ? h("code", {}, s.workdir) : "the workspace root"));
+    if (s.submittedBy) parts.push(h("span", {}, `by ${s.submittedBy}`));
+    if (s.createdAt) parts.push(h("time", { datetime: new Date(s.createdAt).toISOString(), title: formatDateTime(s.createdAt) }, formatRelative(s.createdAt)));
+    if (s.attempt > 1) parts.push(h("span", {}, `attempt ${s.attempt}`));
+    const key = parts.map((p) => p.textContent).join("|");
+    if (els.meta.dataset.key !== key) {
+      els.meta.dataset.key = key;
+      replaceChildren(els.meta, ...parts.flatMap((p, i) => (i ? [h("span", { class: "sep", "aria-hidden": "true" }, "·"), p] : [p])));
+    }
+  }
+
+  function renderCancel(s) {
+    const allowed = role !== null && (ROLE_RANK[role] ?? 0) >= ROLE_RANK.submitter;
+    const active = !TERMINAL.has(s.status);
+    const key = `${allowed}|${active}|${cancelState}|${cancelError}`;
+    if (els.cancelArea.dataset.key === key) return;
+    els.cancelArea.dataset.key = key;
+    if (!allowed || !active) {
+      els.cancelArea.replaceChildren();
+      return;
+    }
+    if (cancelState === "confirm") {
+      const yes = h("button", { type: "button", class: "btn btn-danger", id: "cancel-confirm" }, "Yes, cancel it");
+      const no = h("button", { type: "button", class: "btn btn-quiet" }, "Keep running");
+      yes.addEventListener("click", doCancel);
+      no.addEventListener("click", () => {
+        cancelState = "idle";
+        render();
+      });
+      replaceChildren(els.cancelArea, h("p", { class: "cancel-question", id: "cancel-question" }, "Stop this job?"), h("div", { class: "cancel-buttons", role: "group", "aria-labelledby": "cancel-question" }, yes, no));
+      queueMicrotask(() => yes.focus());
+      return;
+    }
+    const button = h("button", { type: "button", class: "btn btn-danger-quiet", id: "cancel-job", disabled: cancelState === "sending" }, cancelState === "sending" ? "Cancelling…" : "Cancel job");
+    button.addEventListener("click", () => {
+      cancelState = "confirm";
+      render();
+    });
+    replaceChildren(els.cancelArea, button, cancelError ? h("p", { class: "field-error", role: "alert" }, cancelError) : null);
+  }
+
+  async function doCancel() {
+    cancelState = "sending";
+    cancelError = "";
+    render();
+    try {
+      const snap = await api.cancelJob(jobId);
+      if (disposed) return;
+      announce("Cancel requested.");
+      if (state && snap && compareIds(snap.lastEventId || "0-0", state.snapshot.lastEventId || "0-0") > 0) applySnapshot(state, snap);
+      cancelState = "idle";
+    } catch (err) {
+      if (disposed || err instanceof SignedOutError) return;
+      cancelState = "idle";
+      cancelError = err instanceof ApiError ? err.detail : "The server cannot be reached; the job was not cancelled.";
+    }
+    render();
+  }
+
+  function renderProgress(s) {
+    const p = progressOf(s);
+    setText(els.percent, `${p.percent}%`);
+    setText(els.progressLabel, TERMINAL.has(s.status) && s.status !== "succeeded" ? `${STATUS_LABEL[s.status]} · ${p.label}` : p.label);
+    els.bar.setAttribute("aria-valuenow", String(p.percent));
+    els.bar.setAttribute("aria-valuetext", `${p.percent}%: ${p.label}`);
+    els.bar.dataset.percent = String(p.percent);
+    els.bar.dataset.status = s.status;
+    els.bar.classList.toggle("indeterminate", s.status === "running" && !p.byTodos && p.percent === 0);
+    els.fill.style.width = `${p.percent}%`;
+
+    const timeline = phaseTimeline(state);
+    renderKeyed(
+      els.phases,
+      timeline,
+      (ph) => ph.phase,
+      () => h("li", { class: "phase" }, h("span", { class: "phase-dot", "aria-hidden": "true" }), h("span", { class: "phase-name" }), h("span", { class: "phase-time" })),
+      (li, ph) => {
+        li.dataset.phase = ph.phase;
+        li.dataset.state = ph.current ? "current" : ph.visited ? "done" : "upcoming";
+        if (ph.current) li.setAttribute("aria-current", "step");
+        else li.removeAttribute("aria-current");
+        setText(li.querySelector(".phase-name"), PHASE_LABEL[ph.phase] ?? ph.phase);
+        setText(li.querySelector(".phase-time"), ph.ms !== null && ph.visited && ph.phase !== "queued" ? formatDuration(ph.ms) : ph.phase === "queued" && ph.ms ? formatDuration(ph.ms) : "");
+      },
+    );
+
+    const step = s.step;
+    if (TERMINAL.has(s.status)) setText(els.now, s.reason ? `${STATUS_LABEL[s.status]}: ${s.reason}` : "");
+    else if (step && step.state === "started") setText(els.now, `Now: ${step.tool} ${step.title}`.trim());
+    else setText(els.now, s.status === "queued" ? "Waiting for a worker…" : `${PHASE_LABEL[s.phase] ?? s.phase}…`);
+    const last = state.messages.at(-1);
+    els.message.hidden = !last || TERMINAL.has(s.status);
+    if (last) setText(els.message, last.text);
+  }
+
+  function renderResult(s) {
+    const r = s.result;
+    const terminal = TERMINAL.has(s.status);
+    els.result.hidden = !r && !terminal;
+    if (els.result.hidden) return;
+    const ok = r ? r.ok : s.status === "succeeded";
+    const key = JSON.stringify([s.status, r, s.reason]);
+    if (els.result.dataset.key === key) return;
+    els.result.dataset.key = key;
+    els.result.dataset.ok = String(ok);
+    const heading = s.status === "cancelled" ? "Cancelled" : ok ? "Finished" : "Failed";
+    replaceChildren(
+      els.result,
+      h("h2", { id: "result-title" }, h("span", { class: "result-icon", "aria-hidden": "true" }, ok ? "✓" : "✕"), heading),
+      r?.error ? h("p", { class: "result-error" }, r.error) : null,
+      !r && s.reason ? h("p", { class: "result-error" }, s.reason) : null,
+      r?.summary ? h("div", { class: "result-summary" }, r.summary) : null,
+      r
+        ? h(
+            "p",
+            { class: "result-stats" },
+            `${r.turns} turn${r.turns === 1 ? "" : "s"} · ${formatDuration(r.durationMs)} · ${formatCost(r.costUsd)}`,
+          )
+        : null,
+    );
+  }
+
+  function renderTodos() {
+    const items = state.todos.map((t, i) => ({ ...t, i }));
+    renderKeyed(
+      els.todos,
+      items,
+      (t) => `${t.i}:${t.text}`,
+      () => h("li", { class: "todo" }, h("span", { class: "todo-icon", "aria-hidden": "true" }), h("span", { class: "todo-text" }), h("span", { class: "visually-hidden todo-state" })),
+      (li, t) => {
+        li.dataset.state = t.state;
+        setText(li.querySelector(".todo-icon"), TODO_ICON[t.state] ?? "○");
+        setText(li.querySelector(".todo-text"), t.text);
+        setText(li.querySelector(".todo-state"), ` (${t.state.replace("_", " ")})`);
+      },
+    );
+    els.todosEmpty.hidden = items.length > 0;
+    const { done = 0, total = 0 } = state.snapshot.progress || {};
+    setText(els.todoCount, total ? `${done}/${total}` : "");
+  }
+
+  function renderSteps() {
+    const steps = [...state.steps.values()];
+    const box = els.stepsBox;
+    renderKeyed(
+      els.steps,
+      steps,
+      (st) => st.key,
+      () =>
+        h(
+          "li",
+          { class: "step" },
+          h("span", { class: "step-icon", "aria-hidden": "true" }),
+          h("span", { class: "step-tool" }),
+          h("span", { class: "step-title" }),
+          h("span", { class: "step-duration" }),
+          h("span", { class: "visually-hidden step-state" }),
+        ),
+      (li, st) => {
+        li.dataset.stepId = st.stepId;
+        li.dataset.state = st.state;
+        setText(li.querySelector(".step-icon"), STEP_ICON[st.state] ?? "");
+        setText(li.querySelector(".step-tool"), st.tool);
+        const titleEl = li.querySelector(".step-title");
+        setText(titleEl, st.title);
+        titleEl.title = st.title;
+        setText(li.querySelector(".step-duration"), st.state === "started" ? "running" : st.durationMs !== null ? formatDuration(st.durationMs) : "");
+        setText(li.querySelector(".step-state"), st.state === "started" ? ", running" : st.state === "ok" ? ", done" : ", failed");
+      },
+    );
+    els.stepsEmpty.hidden = steps.length > 0;
+    setText(els.stepCount, steps.length ? `(${steps.length})` : "");
+    if (stickSteps) box.scrollTop = box.scrollHeight;
+  }
+
+  function renderLogs() {
+    els.logs.hidden = state.logs.length === 0;
+    if (els.logs.hidden) return;
+    const key = state.logs.at(-1).id;
+    if (els.logs.dataset.key === key) return;
+    els.logs.dataset.key = key;
+    const open = els.logs.open;
+    replaceChildren(
+      els.logs,
+      h("summary", {}, `Standard error (${state.logs.length} line${state.logs.length === 1 ? "" : "s"})`),
+      h("pre", { class: "log-lines" }, state.logs.map((l) => l.line).join("\n")),
+    );
+    els.logs.open = open;
+  }
+
+  function renderStats(s) {
+    const end = TERMINAL.has(s.status) ? s.finishedAt : Date.now();
+    const duration = s.result?.durationMs ?? (s.startedAt && end ? end - s.startedAt : null);
+    const rows = [
+      ["Input tokens", formatTokens(s.usage?.inputTokens ?? 0)],
+      ["Output tokens", formatTokens(s.usage?.outputTokens ?? 0)],
+      ["Cost", formatCost(s.costUsd ?? s.result?.costUsd ?? null)],
+      ["Duration", duration !== null ? formatDuration(duration) : "—"],
+      ["Turns", s.result ? String(s.result.turns) : "—"],
+    ];
+    renderKeyed(
+      els.stats,
+      rows,
+      (r) => r[0],
+      () => h("div", { class: "stat" }, h("dt", {}), h("dd", {})),
+      (div, [label, value]) => {
+        setText(div.querySelector("dt"), label);
+        setText(div.querySelector("dd"), value);
+      },
+    );
+  }
+
+  // ------------------------------------------------------------ data flow
+
+  function onRoomMessage(msg) {
+    switch (msg.type) {
+      case "joined": {
+        role = msg.role ?? role;
+        const before = state?.snapshot.status;
+        if (!state || eventsApplied === 0) state = createJobState(msg.snapshot);
+        else applySnapshot(state, msg.snapshot);
+        // Items up to the head are history (a replay): shown, not announced.
+        replayUntil = msg.head && (!lastSeen || compareIds(msg.head, lastSeen) > 0) ? msg.head : null;
+        if (before && before !== state.snapshot.status) announceStatus(state.snapshot);
+        comments.onJoined(msg, { replayingUntil: replayUntil });
+        if (!replayUntil) comments.liveNow();
+        break;
+      }
+      case "event": {
+        if (!state) return;
+        eventsApplied += 1;
+        lastSeen = msg.id;
+        const change = applyEvent(state, msg);
+        const history = replayUntil && compareIds(msg.id, replayUntil) <= 0;
+        if (change && !history) {
+          if (change.status) announceStatus(state.snapshot);
+          if (change.workerLost) announce("The job's worker stopped answering.");
+        }
+        endOfReplay(msg.id);
+        break;
+      }
+      case "chat":
+        lastSeen = msg.id;
+        comments.onChat(msg);
+        endOfReplay(msg.id);
+        break;
+      case "presence":
+        comments.onPresence(msg);
+        break;
+      case "gap":
+        gapNotice = true;
+        refetchAfterGap();
+        break;
+      case "error":
+        if (msg.requestId) comments.onChatError(msg);
+        else if (msg.code === "not_found" || msg.code === "forbidden") notFound = true;
+        else if (msg.code === "limit") loadError = "Too many live views on this connection; close some tabs or reload.";
+        break;
+      default:
+        break;
+    }
+    render();
+  }
+
+  function endOfReplay(id) {
+    if (replayUntil && compareIds(id, replayUntil) >= 0) {
+      replayUntil = null;
+      comments.liveNow();
+    }
+  }
+
+  function announceStatus(s) {
+    const label = STATUS_LABEL[s.status] ?? s.status;
+    announce(s.reason && s.status !== "succeeded" ? `Job ${label.toLowerCase()}: ${s.reason}` : `Job ${label.toLowerCase()}.`);
+  }
+
+  async function refetchAfterGap() {
+    try {
+      const snap = await api.getJob(jobId);
+      if (disposed || !state) return;
+      if (!state.snapshot.lastEventId || compareIds(snap.lastEventId || "0-0", state.snapshot.lastEventId) >= 0) applySnapshot(state, snap);
+      render();
+    } catch {
+      // the joined snapshot is current enough; the next gap retries
+    }
+    try {
+      const page = await api.jobComments(jobId);
+      if (!disposed && page && Array.isArray(page.items)) comments.addStored(page.items);
+    } catch {
+      // older comments stay unavailable; the live ones still arrive
+    }
+  }
+
+  async function load() {
+    try {
+      const snap = await api.getJob(jobId);
+      if (disposed) return;
+      if (!state) state = createJobState(snap); // the room's `joined` replaces it
+    } catch (err) {
+      if (disposed || err instanceof SignedOutError) return;
+      if (err instanceof ApiError && err.status === 404) notFound = true;
+      else loadError = err instanceof ApiError ? `Could not load the job: ${err.detail}` : "The server cannot be reached. The page will update when it is back.";
+    }
+    render();
+  }
+
+  const unsubscribe = client.subscribe(roomId, onRoomMessage);
+  const onState = () => {
+    if (client.state.status === "live" && loadError && !notFound) {
+      loadError = null;
+      if (!state) load();
+    }
+    render();
+  };
+  client.addEventListener("state", onState);
+  // Durations and "running for" keep counting between events.
+  const ticker = window.setInterval(() => {
+    if (state && !TERMINAL.has(state.snapshot.status)) render();
+  }, 1000);
+  load();
+
+  return () => {
+    disposed = true;
+    unsubscribe();
+    client.removeEventListener("state", onState);
+    window.clearInterval(ticker);
+  };
+}
