@@ -124,6 +124,7 @@ def create_app(
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(services.gateway.run)
+                tg.start_soon(_run_extensions, services)  # extensions: audit writer, revocation watcher
                 if run_worker:
                     tg.start_soon(_run_worker, services)
                 try:
@@ -174,8 +175,20 @@ async def _run_worker(services: Services) -> None:
 
 def _install_extensions(services: Services) -> None:
     """Hooks filled by optional modules (comments, audit) when they are present."""
+    from progress_service import extensions  # noqa: PLC0415
+
+    extensions.install(services)
 
 
 def _extension_handlers() -> list:
     """Route handlers of optional modules (comments, audit)."""
-    return []
+    from progress_service import extensions  # noqa: PLC0415
+
+    return extensions.handlers()
+
+
+async def _run_extensions(services: Services) -> None:
+    """Background tasks of optional modules: the audit writer and the revocation watcher."""
+    from progress_service import extensions  # noqa: PLC0415
+
+    await extensions.run(services)

@@ -23,8 +23,15 @@ async def _v1_initial(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: schema.metadata.create_all(sync, tables=tables))
 
 
+async def _v2_audit_heads(conn: AsyncConnection) -> None:
+    # v1 creates every table of the current metadata, so on a fresh database
+    # this table exists already; on one made before v2 it does not.
+    await conn.run_sync(lambda sync: schema.audit_heads.create(sync, checkfirst=True))
+
+
 MIGRATIONS: list[tuple[int, str, Step]] = [
     (1, "initial schema", _v1_initial),
+    (2, "audit chain heads", _v2_audit_heads),
 ]
 
 

@@ -103,6 +103,19 @@ audit_log = sa.Table(
     sa.Index("ix_audit_team", "team_id", "id"),
 )
 
+#: One row per audit chain (a team's id, or "system" for records without a
+#: team): the lock that serializes appends to the chain and the anchor that
+#: lets ``audit verify`` notice a deleted tail (count and hash of the last record).
+audit_heads = sa.Table(
+    "audit_heads",
+    metadata,
+    sa.Column("chain", sa.String(36), primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("last_id", sa.BigInteger, nullable=True),
+    sa.Column("last_hash", sa.String(64), nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+)
+
 schema_version = sa.Table(
     "schema_version",
     metadata,

@@ -1,0 +1,119 @@
+"""``/api/jobs/{id}/comments``: read a job's comments and comment over HTTP.
+
+Reading needs what joining the room needs (the job belongs to the caller's
+team; another team's job answers 404 like a missing one). Posting needs the
+role ``reviewer`` and goes the same way as a WebSocket ``chat``: durable
+first (comment and audit record in one transaction), then into the job's
+stream, so every live member on every node sees it in order with the job's
+events. ``Idempotency-Key`` plays the role of ``requestId``: the first
+request answers 201, a retry with the same key 200 with the same body.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, Response, get, post
+from litestar.exceptions import (
+    NotFoundException,
+    PermissionDeniedException,
+    ServiceUnavailableException,
+    ValidationException,
+)
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
+
+from progress_service import streams
+from progress_service.api.jobs import JOB_ID_RE
+from progress_service.comments import CommentForbidden, Comments, CommentsUnavailable, InvalidComment
+from progress_service.store import comments as comment_store
+from progress_service.store.comments import Comment
+from progress_service.store.jobs import get_job
+from progress_service.services import Services
+from progress_service.store.identity import Principal
+
+
+#: Seconds a client should wait before retrying a 503.
+RETRY_AFTER = "2"
+
+
+class CommentPage(msgspec.Struct, kw_only=True):
+    items: list[Comment]
+    #: Pass as ``cursor`` for the next page; None on the last page.
+    nextCursor: str | None
+
+
+class NewComment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    text: Annotated[str, msgspec.Meta(max_length=8192)]
+
+
+async def _job_of_team(services: Services, job_id: str, principal: Principal) -> None:
+    if not JOB_ID_RE.match(job_id) or await get_job(services.engine, job_id, principal.team_id) is None:
+        raise NotFoundException("no such job")
+
+
+def _comments(services: Services) -> Comments:
+    hook = services.extras.get("comments")
+    if not isinstance(hook, Comments):
+        hook = Comments.from_services(services)
+        services.extras["comments"] = hook
+    return hook
+
+
+class CommentsController(Controller):
+    path = "/api/jobs/{job_id:str}/comments"
+    tags = ["comments"]
+
+    @get("/", summary="The job's comments, oldest first")
+    async def list_comments(
+        self,
+        job_id: str,
+        principal: Principal,
+        services: Services,
+        limit: Annotated[int, Parameter(ge=1, le=1000)] = 50,
+        cursor: Annotated[str | None, Parameter(description="nextCursor of the previous page")] = None,
+    ) -> CommentPage:
+        await _job_of_team(services, job_id, principal)
+        limit = min(limit, services.settings.page_max)
+        after = None
+        if cursor is not None:
+            if not cursor.isdigit() or len(cursor) > 19:
+                raise ValidationException("cursor: not a cursor returned by this API")
+            after = int(cursor)
+        items = await comment_store.list_comments(services.engine, streams.room_id(job_id), after=after, limit=limit)
+        next_cursor = str(items[-1].commentId) if len(items) == limit else None
+        return CommentPage(items=items, nextCursor=next_cursor)
+
+    @post("/", summary="Comment on a job (role reviewer or above)")
+    async def create_comment(
+        self,
+        job_id: str,
+        data: NewComment,
+        principal: Principal,
+        services: Services,
+        idempotency_key: Annotated[
+            str,
+            Parameter(
+                header="Idempotency-Key",
+                min_length=1,
+                max_length=100,
+                description="The request id: a retry with the same key is stored and broadcast once",
+            ),
+        ],
+    ) -> Response[Comment]:
+        await _job_of_team(services, job_id, principal)
+        try:
+            comment, created = await _comments(services).submit(principal, job_id, idempotency_key, data.text)
+        except CommentForbidden:
+            raise PermissionDeniedException(
+                f"commenting needs the role 'reviewer' or above; you are '{principal.role}'"
+            ) from None
+        except InvalidComment as exc:
+            raise ValidationException(str(exc)) from None
+        except CommentsUnavailable:
+            raise ServiceUnavailableException(
+                "the comment was not stored; retry with the same Idempotency-Key",
+                headers={"Retry-After": RETRY_AFTER},
+            ) from None
+        return Response(comment, status_code=HTTP_201_CREATED if created else HTTP_200_OK)

@@ -1,0 +1,192 @@
+"""``progress-service audit verify|export`` and ``progress-service token revoke|list``.
+
+``audit verify [--team T]`` walks the hash chain(s) and exits 0 after
+printing how many records it verified, or 1 after naming the first record
+that does not match. ``audit export --since … --format jsonl`` writes the
+records created since then, oldest first, one JSON object a line.
+``token revoke TOKEN_ID`` revokes a token, records it in the audit log and
+tells the gateways (through Redis when ``PS_REDIS_URL`` is set; they also
+poll the store) to close its live connections with 4401.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sys
+from typing import Any
+
+from progress_service.settings import Settings
+
+
+def _actor(args: argparse.Namespace) -> str:
+    if getattr(args, "actor", None):
+        return args.actor
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in this environment
+        return "cli"
+
+
+def _engine(settings: Settings) -> Any:
+    from progress_service.store.db import create_engine  # noqa: PLC0415
+
+    return create_engine(settings.database_url)
+
+
+def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit 0 when every record matches, 1 naming the first that does not."""
+    from progress_service.store import audit  # noqa: PLC0415
+    from progress_service.store.migrations import migrate  # noqa: PLC0415
+
+    async def run() -> tuple[audit.VerifyResult, bool]:
+        engine = _engine(settings)
+        try:
+            await migrate(engine)
+            known = True
+            if args.team and args.team != audit.SYSTEM_CHAIN:
+                known = await audit.team_id_for(engine, args.team) is not None
+            return await audit.verify(engine, args.team), known
+        finally:
+            await engine.dispose()
+
+    result, known = asyncio.run(run())
+    if not known:
+        print(f"audit verify: no team {args.team!r}", file=sys.stderr)
+        return 2
+    if result.mismatch is not None:
+        print(
+            f"audit verify: FAILED after {result.verified} verified record(s): {result.mismatch.describe()}",
+            file=sys.stderr,
+        )
+        return 1
+    scope = f"team {args.team}" if args.team else f"{result.chains} chain(s)"
+    print(f"audit verify: OK, {result.verified} record(s) verified in {scope}")
+    return 0
+
+
+def cmd_audit_export(args: argparse.Namespace, settings: Settings) -> int:
+    """Records since a time as JSON lines, to stdout or ``--output``."""
+    from progress_service.store import audit  # noqa: PLC0415
+    from progress_service.store.migrations import migrate  # noqa: PLC0415
+
+    try:
+        since = audit.parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"audit export: --since: {exc}", file=sys.stderr)
+        return 2
+
+    async def run(out: Any) -> int:
+        engine = _engine(settings)
+        count = 0
+        try:
+            await migrate(engine)
+            batch: list[audit.AuditRecord] = []
+            async for rec in audit.export(engine, since=since, team=args.team):
+                batch.append(rec)
+                if len(batch) >= 500:
+                    out.write(audit.encode_jsonl(batch))
+                    count += len(batch)
+                    batch.clear()
+            out.write(audit.encode_jsonl(batch))
+            count += len(batch)
+            out.flush()
+        finally:
+            await engine.dispose()
+        return count
+
+    if args.output and args.output != "-":
+        with open(args.output, "wb") as fh:
+            count = asyncio.run(run(fh))
+        print(f"audit export: {count} record(s) written to {args.output}", file=sys.stderr)
+    else:
+        asyncio.run(run(sys.stdout.buffer))
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    """Revoke a token by id; its live connections are closed with 4401."""
+    from progress_service.revocation import revoke, token_info  # noqa: PLC0415
+    from progress_service.store.migrations import migrate  # noqa: PLC0415
+
+    async def run() -> tuple[bool, Any]:
+        engine = _engine(settings)
+        redis = None
+        try:
+            await migrate(engine)
+            before = await token_info(engine, args.token_id)
+            if before is None:
+                return False, None
+            if settings.redis_url:
+                from redis.asyncio import Redis  # noqa: PLC0415
+
+                redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
+            info = await revoke(engine, args.token_id, actor=_actor(args), via="cli", redis=redis)
+            return before.revokedAt is None, info
+        finally:
+            if redis is not None:
+                await redis.aclose()
+            await engine.dispose()
+
+    if len(args.token_id) > 36:
+        print("token revoke: not a token id (use the id, not the token itself)", file=sys.stderr)
+        return 2
+    newly, info = asyncio.run(run())
+    if info is None:
+        print(f"token revoke: no token with id {args.token_id}", file=sys.stderr)
+        return 1
+    print(f"revoked token {info.id} of {info.userName}" if newly else f"token {info.id} was already revoked")
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace, settings: Settings) -> int:
+    """The tokens of a team (ids, users, labels, state; never secrets)."""
+    from progress_service.revocation import list_tokens  # noqa: PLC0415
+    from progress_service.store import audit  # noqa: PLC0415
+    from progress_service.store.migrations import migrate  # noqa: PLC0415
+
+    async def run() -> list[Any] | None:
+        engine = _engine(settings)
+        try:
+            await migrate(engine)
+            team_id = await audit.team_id_for(engine, args.team)
+            return None if team_id is None else await list_tokens(engine, team_id)
+        finally:
+            await engine.dispose()
+
+    tokens = asyncio.run(run())
+    if tokens is None:
+        print(f"token list: no team {args.team!r}", file=sys.stderr)
+        return 1
+    for t in tokens:
+        state = "revoked" if t.revokedAt else "live"
+        print(f"{t.id}\t{t.userName}\t{state}\t{t.label}")
+    return 0
+
+
+def register(subparsers: Any, token_subparsers: Any = None) -> None:
+    """Add ``audit`` (and, given the token parser, ``token revoke|list``)."""
+    audit = subparsers.add_parser("audit", help="verify and export the tamper-evident audit log")
+    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+
+    p = asub.add_parser("verify", help="walk the hash chain(s); exit 1 naming the first record that does not match")
+    p.add_argument("--team", default=None, help="only this team's chain (name or id; 'system' for team-less records)")
+    p.set_defaults(func=cmd_audit_verify)
+
+    p = asub.add_parser("export", help="records since a time, oldest first")
+    p.add_argument("--since", default=None, help="ISO 8601 time, epoch seconds/ms, or an age like 24h (default: all)")
+    p.add_argument("--format", default="jsonl", choices=["jsonl"])
+    p.add_argument("--team", default=None, help="only this team's chain")
+    p.add_argument("--output", "-o", default=None, help="file to write (default: stdout)")
+    p.set_defaults(func=cmd_audit_export)
+
+    if token_subparsers is not None:
+        p = token_subparsers.add_parser("revoke", help="revoke a token by id and close its live connections (4401)")
+        p.add_argument("token_id", metavar="TOKEN_ID")
+        p.add_argument("--actor", default=None, help="who revokes it, for the audit log (default: cli:<user>)")
+        p.set_defaults(func=cmd_token_revoke)
+
+        p = token_subparsers.add_parser("list", help="a team's tokens (ids and state, never secrets)")
+        p.add_argument("--team", required=True)
+        p.set_defaults(func=cmd_token_list)
