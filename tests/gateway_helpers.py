@@ -137,3 +137,55 @@ async def collect_events(ws: ClientConnection, count: int, timeout: float = 10.0
                 if m.get("type") in ("event", "chat"):
                     out.append(m)
     return out
+
+
+@contextlib.asynccontextmanager
+async def serve(settings: Any, *, port: int | None = None) -> AsyncIterator[tuple[str, Any]]:
+    """The real app on uvicorn (like conftest's ``live_server``), yielding ``(base_url, app)``.
+
+    The app is exposed so a test can install hooks in ``app.state.services``.
+    """
+    from progress_service.app import create_app  # noqa: PLC0415
+    from progress_service.embedded_redis import free_port  # noqa: PLC0415
+    from progress_service.server import Server, make_config  # noqa: PLC0415
+
+    port = port or free_port()
+    app = create_app(settings, redis_url=settings.redis_url, run_worker=False)
+    server = Server(make_config(app, settings, host="127.0.0.1", port=port))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(20):
+            while not server.started:
+                if server.should_exit:
+                    raise RuntimeError("server failed to start")
+                await anyio.sleep(0.02)
+        try:
+            yield f"http://127.0.0.1:{port}", app
+        finally:
+            server.should_exit = True
+
+
+class FakeComments:
+    """A stand-in for the comments module: appends the chat to the job stream.
+
+    (The real module also stores it durably first; the gateway's part is the
+    hand-off, the ack and the broadcast through the hub.)
+    """
+
+    def __init__(self, redis: Any, *, fail: bool = False) -> None:
+        self.redis = redis
+        self.fail = fail
+        self.seen: dict[tuple[str, str, str], str] = {}
+
+    async def post(self, principal: Any, room_id: str, job_id: str, request_id: str, text: str) -> str:
+        from progress_service.events import StoredChat  # noqa: PLC0415
+        from progress_service.gateway.session import CommentsUnavailable  # noqa: PLC0415
+
+        if self.fail:
+            raise CommentsUnavailable
+        key = (room_id, principal.user_id, request_id)
+        if key not in self.seen:
+            chat = StoredChat(requestId=request_id, userId=principal.user_id, userName=principal.user_name, text=text, sentAt=now_ms())
+            self.seen[key] = await streams.append_chat(self.redis, job_id, chat, maxlen=10_000)
+        return self.seen[key]

@@ -110,6 +110,7 @@ class Session:
         self.close_with: Close | None = None
         self.peer_gone = False
         self._closing = anyio.Event()
+        self._authenticated = anyio.Event()
         self.done = anyio.Event()
 
     # ----------------------------------------------------------- lifetime
@@ -186,22 +187,21 @@ class Session:
             self.request_close(None)
 
     async def _timer_loop(self) -> None:
+        # Timers start with authentication (before it, only the auth timeout runs).
+        await self._authenticated.wait()
         heartbeat = self.settings.ws_heartbeat
         while True:
             now = anyio.current_time()
-            wait = heartbeat
-            if self.principal is not None:
-                left = (self.expires_at - now_ms()) / 1000
-                if left <= 0:
-                    self.request_close(closes.TOKEN_EXPIRED)
-                    return
-                idle = now - self.outbox.last_sent
-                if idle >= heartbeat and not len(self.outbox):
-                    self.put(Heartbeat(at=now_ms()))
-                    self.outbox.last_sent = now
-                    idle = 0
-                wait = min(heartbeat - idle, left)
-            await anyio.sleep(max(0.01, wait))
+            left = (self.expires_at - now_ms()) / 1000
+            if left <= 0:
+                self.request_close(closes.TOKEN_EXPIRED)
+                return
+            idle = now - self.outbox.last_sent
+            if idle >= heartbeat and not len(self.outbox):
+                self.put(Heartbeat(at=now_ms()))
+                self.outbox.last_sent = now
+                idle = 0
+            await anyio.sleep(max(0.01, min(heartbeat - idle, left)))
 
     # ----------------------------------------------------------- receiving
 
@@ -301,6 +301,7 @@ class Session:
             self.request_close(closes.AUTH_FAILED)
             return False
         self.principal = principal
+        self._authenticated.set()
         ceiling = now_ms() + self.settings.ws_credential_ttl * 1000
         self.expires_at = min(principal.expires_at or ceiling, ceiling)
         self.put(
