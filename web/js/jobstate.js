@@ -38,7 +38,9 @@ function seedFromSnapshot(state) {
   if (s.step && s.step.stepId) {
     const key = `${s.attempt || 1}:${s.step.stepId}`;
     if (!state.steps.has(key)) {
-      state.steps.set(key, { key, stepId: s.step.stepId, tool: s.step.tool, title: s.step.title, state: s.step.state, durationMs: null, startedAt: s.step.startedAt ?? null, attempt: s.attempt || 1 });
+      // Provisional: when its own event arrives (a replay after a rejoin) it
+      // moves to its place in event order.
+      state.steps.set(key, { key, stepId: s.step.stepId, tool: s.step.tool, title: s.step.title, state: s.step.state, durationMs: null, startedAt: s.step.startedAt ?? null, attempt: s.attempt || 1, provisional: true });
     }
   }
   if (TERMINAL.has(s.status)) {
@@ -81,13 +83,15 @@ export function applyEvent(state, msg) {
       const step = {
         key,
         stepId: d.stepId,
+        provisional: false,
         tool: d.tool ?? prev?.tool ?? "",
         title: d.title ?? prev?.title ?? "",
         state: d.state,
         durationMs: d.durationMs ?? prev?.durationMs ?? null,
-        startedAt: prev?.startedAt ?? msg.at,
+        startedAt: prev && !prev.provisional ? prev.startedAt : msg.at,
         attempt,
       };
+      if (prev?.provisional) state.steps.delete(key);
       state.steps.set(key, step);
       s.step = d.state === "started" ? { stepId: d.stepId, tool: step.tool, title: step.title, state: d.state, startedAt: step.startedAt } : s.step?.stepId === d.stepId ? null : s.step;
       return null;

@@ -152,7 +152,8 @@ export function createCommentsPanel({ client, roomId }) {
 
   function updateItem(li, it) {
     const mine = it.kind === "pending" || it.c.userId === client.userId;
-    const name = it.kind === "pending" ? "You" : it.c.userName;
+    const myName = presence.get(client.userId) ?? "You";
+    const name = it.kind === "pending" ? myName : it.c.userName;
     const userId = it.kind === "pending" ? client.userId ?? "me" : it.c.userId;
     const at = it.kind === "pending" ? it.p.sentAt : it.c.sentAt;
     li.classList.toggle("mine", mine);
@@ -162,9 +163,9 @@ export function createCommentsPanel({ client, roomId }) {
       li.dataset.requestId = it.c.requestId;
     } else li.dataset.requestId = it.p.requestId;
     const avatar = li.querySelector(".avatar");
-    setText(avatar, initials(name === "You" ? "Me" : name));
+    setText(avatar, initials(name));
     avatar.style.setProperty("--hue", String(hue(userId)));
-    setText(li.querySelector(".comment-author"), mine && it.kind === "stored" ? `${name} (you)` : name);
+    setText(li.querySelector(".comment-author"), mine && name !== "You" ? `${name} (you)` : name);
     const time = li.querySelector(".comment-time");
     setText(time, formatClock(at));
     time.title = formatDateTime(at);

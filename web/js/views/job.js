@@ -464,8 +464,14 @@ export function mountJob(main, jobId, { api, client }) {
       // the joined snapshot is current enough; the next gap retries
     }
     try {
-      const page = await api.jobComments(jobId);
-      if (!disposed && page && Array.isArray(page.items)) comments.addStored(page.items);
+      // The stream no longer holds the oldest comments; the store has them all.
+      let cursor;
+      for (let pages = 0; pages < 20 && !disposed; pages += 1) {
+        const page = await api.jobComments(jobId, cursor ? { cursor } : {});
+        comments.addStored(page.items ?? []);
+        cursor = page.nextCursor;
+        if (!cursor) break;
+      }
     } catch {
       // older comments stay unavailable; the live ones still arrive
     }
