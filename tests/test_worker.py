@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -107,6 +108,19 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
             if value:
                 return value
             await anyio.sleep(0.02)
+
+
+async def run_worker(worker: Any) -> None:
+    """Run an in-process arq worker until ``worker.close()``.
+
+    ``close()`` cancels arq's main task natively; that CancelledError is the
+    worker's normal end, not a cancellation of the surrounding task group
+    (letting it through would cancel ``close()`` itself half-way).
+    """
+    try:
+        await worker.async_run()
+    except asyncio.CancelledError:
+        pass
 
 
 def fake_cli(path: Path, body: str) -> str:
@@ -338,7 +352,7 @@ async def test_two_enqueues_run_the_job_once(
     await enqueue_job(arq_pool, job_id)
     worker = build_worker(settings, redis_url=settings.redis_url or "", engine=engine)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.async_run)
+        tg.start_soon(run_worker, worker)
 
         async def finished() -> bool:
             record = await get_job(engine, job_id)
@@ -430,7 +444,7 @@ async def test_worker_killed_mid_job_is_retried(
     # A surviving worker (in-process here) sweeps the lost job and re-runs it.
     rescuer = build_worker(settings, redis_url=settings.redis_url or "", engine=engine)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(rescuer.async_run)
+        tg.start_soon(run_worker, rescuer)
 
         async def ended() -> Any:
             record = await get_job(engine, job_id)
@@ -451,3 +465,32 @@ async def test_worker_killed_mid_job_is_retried(
 
 async def _no_replays_in(root: str) -> bool:
     return not [p for p in _replay_processes() if _cwd(p).startswith(root)]
+
+
+async def test_worker_shutdown_mid_job_gives_the_job_back(
+    engine: Any, redis: Any, arq_pool: Any, make_settings: Any
+) -> None:
+    """Closing a worker mid-job stops the CLI and re-queues the job at once."""
+    settings = make_settings(replay_speed=1.0, replay_transcript="long", job_max_tries=2, cancel_grace=0.5)
+    job_id = await new_job(engine, redis, settings)
+    await enqueue_job(arq_pool, job_id)
+    worker = build_worker(settings, redis_url=settings.redis_url or "", engine=engine)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_worker, worker)
+
+        async def stepping() -> bool:
+            return any(e["kind"] == "step" for e in await events(redis, job_id))
+
+        await wait_for(stepping)
+        await worker.close()
+        tg.cancel_scope.cancel()
+    record = await get_job(engine, job_id)
+    assert record is not None and record.status == "queued" and record.attempt == 2
+    assert record.reason == "worker stopped; retrying as attempt 2 of 2"
+    assert await arq_pool.exists(f"arq:job:{job_id}:2")
+    assert await _no_replays_in(settings.workspace_root)
+    # The interrupted attempt's arq retry is refused; the new attempt runs.
+    ctx = {"settings": settings, "engine": engine, "redis": arq_pool, "worker_id": "w2"}
+    assert await run_job(ctx, job_id, 1) == "refused: superseded"
+    await arq_pool.delete(f"arq:job:{job_id}:2")
+    await arq_pool.zrem("ps:queue", f"{job_id}:2")

@@ -10,15 +10,16 @@ over-long stdout line becomes an :class:`Oversize` item, never an exception.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 import msgspec
@@ -27,6 +28,8 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from progress_service.events import JobSpec
 from progress_service.settings import Settings
+
+T = TypeVar("T")
 
 #: Longest stdout line decoded as stream-json (a bigger one is reported, not parsed).
 MAX_LINE_BYTES = 1 << 20
@@ -276,6 +279,33 @@ async def start_claude(
     try:
         yield proc
     finally:
-        with anyio.CancelScope(shield=True):
-            await proc.stop()
-            await process.aclose()
+        await run_to_completion(_close(proc))
+
+
+async def _close(proc: ClaudeProcess) -> None:
+    await proc.stop()
+    await proc.process.aclose()
+
+
+async def run_to_completion(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` to its end even if the caller is cancelled, then re-raise the cancel.
+
+    An anyio shield does not stop *native* asyncio cancellation, and arq
+    delivers those (abort, shutdown, and ``asyncio.wait_for`` cancelling again
+    when its own task is cancelled twice). Cleanup that must finish - killing
+    a process group, publishing a final status - runs in its own task here
+    and is waited for through every cancel. It must be bounded on its own.
+    """
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result

@@ -154,11 +154,16 @@ class JobRun:
                     await self._read(proc)
                     tg.cancel_scope.cancel()
                 returncode = proc.returncode
-        except anyio.get_cancelled_exc_class():
+        except BaseException as exc:
+            log.warning("DEBUG interrupted by %r", exc)
             # arq abort, arq's own timeout or worker shutdown: the process is
             # already stopped by start_claude's shielded exit.
             with anyio.CancelScope(shield=True):
-                await self._interrupted()
+                try:
+                    await self._interrupted()
+                except BaseException as e2:
+                    log.exception("DEBUG %r", e2)
+                    raise
             raise
         except OSError as exc:
             # The binary could not be started (missing, not executable).
