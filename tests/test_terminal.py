@@ -24,6 +24,7 @@ import httpx
 import msgspec
 import pytest
 
+from progress_service.embedded_redis import embedded_redis
 from progress_service.events import ChatMsg, EventMsg
 from progress_service.terminal.backoff import Backoff
 from progress_service.terminal.client import Outcome, ws_url
@@ -176,12 +177,24 @@ def wait_until(pred: Callable[[], bool], timeout: float = 30.0, what: str = "con
         time.sleep(0.05)
 
 
+@pytest.fixture(scope="module")
+def private_redis_url() -> Any:
+    """A real redis-server of this module's own.
+
+    The arq queue name is fixed, so on the shared Redis a worker started by
+    another test run (another engineer's, or a parallel one) can take this
+    test's jobs and leave them queued forever here.
+    """
+    with embedded_redis() as url:
+        yield url
+
+
 @pytest.fixture
-async def service(make_settings: Any, make_token: Any, server_process: Any) -> Any:
+async def service(make_settings: Any, make_token: Any, server_process: Any, private_redis_url: str) -> Any:
     """A real serve + worker pair and a submitter token: ``(settings, serve, token)``."""
 
     async def start(**overrides: Any) -> tuple[Any, Any, str]:
-        settings = make_settings(**overrides)
+        settings = make_settings(redis_url=private_redis_url, **overrides)
         token = await make_token(role="submitter")
         serve = server_process(settings, "serve")
         server_process(settings, "worker")
@@ -356,3 +369,93 @@ async def test_ctrl_c_with_cancel_on_exit_cancels_the_job(service: Any, run_cli:
     assert cli.wait(timeout=20) == 130
     assert any("cancel requested" in line for line in cli.err), cli.err
     wait_until(lambda: job_status(serve.url, token, cli.job_id) == "cancelled", timeout=30, what="the cancel")
+
+
+@pytest.mark.slow
+async def test_on_a_terminal_it_draws_a_live_panel(service: Any) -> None:
+    import pty  # noqa: PLC0415 - POSIX only, like the rest of these tests
+
+    settings, serve, token = await service()
+    master, slave = pty.openpty()
+    env = cli_env(serve.url, token) | {"TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"}
+    proc = subprocess.Popen(
+        [CONSOLE, "submit", "draw it", "--follow"], env=env, cwd=str(ROOT), stdout=slave, stderr=subprocess.PIPE
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: _drain(master, chunks), daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(5)
+    os.close(master)
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert rc == 0, proc.stderr.read() if proc.stderr else ""
+    assert "\x1b[" in screen  # redrawn in place, with colours
+    for text in ("to-dos", "phase", "cost", "✓", "succeeded"):
+        assert text in screen, text
+    assert "Traceback" not in screen
+
+
+def _drain(fd: int, into: list[bytes]) -> None:
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO once the child closed the terminal
+            return
+        if not data:
+            return
+        into.append(data)
+
+
+@pytest.mark.slow
+async def test_a_silent_server_trips_the_heartbeat_watchdog(service: Any, run_cli: Any, server_process: Any) -> None:
+    # heartbeatMs = 1000: a connection silent for 2 s is dead to the client.
+    settings, serve, token = await service(replay_speed=4.0, ws_heartbeat=1.0)
+    job_id = submit_job(serve.url, token, "[long] freeze the server")
+    cli = run_cli(["watch", job_id], cli_env(serve.url, token))
+    cli.wait_for(lambda: sum(1 for line in cli.out if line.split()[1] == "step") >= 3)
+
+    # A frozen server keeps its TCP connections open but says nothing:
+    # only the client's watchdog can notice.
+    os.killpg(serve.proc.pid, signal.SIGSTOP)
+    try:
+        cli.wait_for(lambda: any("heartbeat missed" in line for line in cli.err), timeout=15)
+    finally:
+        os.killpg(serve.proc.pid, signal.SIGKILL)
+    serve.stop()
+    server_process(settings, "serve", port=serve.port)
+
+    assert cli.wait(timeout=90) == 0, cli.err
+    assert_lines_match_events(cli.out, job_events(serve.url, token, job_id))
+
+
+@pytest.mark.slow
+async def test_a_gap_re_reads_the_snapshot_and_the_follow_ends(service: Any, run_cli: Any, server_process: Any) -> None:
+    # Retain only a few events, so those published while the client is away
+    # are trimmed before it comes back: the rejoin gets a `gap`.
+    settings, serve, token = await service(replay_speed=4.0, events_maxlen=5)
+    job_id = submit_job(serve.url, token, "[long] outrun the client")
+    cli = run_cli(["watch", job_id], cli_env(serve.url, token))
+    cli.wait_for(lambda: sum(1 for line in cli.out if line.split()[1] == "step") >= 2)
+    serve.stop()
+    # Wait until every entry the client can have seen was trimmed away.
+    from redis import Redis  # noqa: PLC0415
+
+    from progress_service.streams import events_key, id_lt  # noqa: PLC0415
+
+    r = Redis.from_url(settings.redis_url, decode_responses=True)
+    key = events_key(job_id)
+    try:
+        seen_up_to = r.xinfo_stream(key)["last-generated-id"]
+        wait_until(lambda: id_lt(seen_up_to, r.xrange(key, count=1)[0][0]), timeout=30, what="the trim")
+    finally:
+        r.close()
+    server_process(settings, "serve", port=serve.port)
+
+    assert cli.wait(timeout=90) == 0, cli.err
+    assert any("missed events" in line for line in cli.err), cli.err
+    assert cli.out[-1].split()[1:3] == ["status", "succeeded"]

@@ -233,6 +233,7 @@ class RichRenderer:
         self.console = console or Console()
         self._live = Live(console=self.console, refresh_per_second=8, transient=False, get_renderable=self._panel)
         self._was_live = False
+        self._prompt_shown = False
 
     def __enter__(self) -> RichRenderer:
         self._live.__enter__()
@@ -286,8 +287,11 @@ class RichRenderer:
 
     def snapshot(self, snapshot: JobSnapshot, *, reason: Literal["joined", "gap"]) -> None:
         self.view.apply_snapshot(snapshot)
-        if reason == "joined" and not self._was_live and snapshot.prompt:
+        if not self._prompt_shown and snapshot.prompt:
+            self._prompt_shown = True
             self._print(("prompt: ", "dim"), one_line(snapshot.prompt, 200))
+        if reason == "gap":
+            self._print(("state re-read after missed events: ", "yellow"), f"{snapshot.status}, phase {snapshot.phase}")
         self._live.refresh()
 
     def event(self, msg: EventMsg) -> None:
