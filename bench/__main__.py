@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
 
 from bench import stats
 from bench.orchestra import BenchError
-from bench.report import markdown_table
+from bench.report import markdown_table, profile_top
 from bench.scenarios import SCENARIOS, Options, comments, hot_room, idle, many_rooms, reconnect_storm
 from bench.service import DEFAULT_PG, Service, pg_answers
 from bench.tuning import raise_nofile
@@ -52,7 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         candidate = args.pg or DEFAULT_PG
         if pg_answers(candidate):
             pg_admin = candidate
-    opts = Options(quick=args.quick, ws_impl=args.ws, loop=args.loop, pg_admin=pg_admin, procs=args.procs)
+    opts = Options(quick=args.quick, ws_impl=args.ws, loop=args.loop, pg_admin=pg_admin, procs=args.procs,
+                   profile_dir=args.profile)
     common = {"machine": stats.machine(), "versions": stats.versions(Service.redis_server_binary())}
     results: list[dict] = []
     failed = False
@@ -60,6 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         for name in names:
             started = time.monotonic()
+            load_before = round(os.getloadavg()[0], 2)
             try:
                 lines = _run_one(name, opts, pg_admin is not None)
             except (BenchError, RuntimeError, TimeoutError, OSError) as exc:
@@ -69,6 +72,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             for line in lines:
                 line.setdefault("status", "ok")
                 line["elapsed_s"] = round(time.monotonic() - started, 1)
+                # Other work on the machine skews throughput and latency (not CPU per delivery): record it.
+                line["loadavg_1m"] = [load_before, round(os.getloadavg()[0], 2)]
                 line["at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 line.update(common)
                 results.append(line)
@@ -92,6 +97,12 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    with open(args.file) as f:
+        print(profile_top(f.read(), args.limit))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,10 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pg", metavar="URL", help=f"PostgreSQL admin URL for the comments scenario (default {DEFAULT_PG} if it answers)")
     p.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL comments run")
     p.add_argument("--procs", type=int, default=2, help="load-generator processes (default 2)")
+    p.add_argument("--profile", metavar="DIR", help="py-spy the server during each measured phase (needs py-spy)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("table", help="markdown table from a --json-out file")
     p.add_argument("file")
     p.set_defaults(func=cmd_table)
+    p = sub.add_parser("top", help="top functions of a py-spy raw profile (--profile DIR/*.txt)")
+    p.add_argument("file")
+    p.add_argument("--limit", type=int, default=25)
+    p.set_defaults(func=cmd_top)
     args = parser.parse_args(argv)
     return args.func(args)
 

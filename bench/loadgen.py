@@ -165,6 +165,7 @@ class Worker:
         t = self.t
         return {
             "worker": self.index,
+            "cpu_s": time.process_time(),
             "delivered": t.delivered,
             "delivered_all": t.delivered_all,
             "chats_delivered": t.chats_delivered,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import sys
 import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
@@ -11,6 +12,14 @@ from bench.control import STOP, Control, spawn_context
 from bench.loadgen import ClientSpec, WorkerConfig, worker_main
 from bench.publisher import PublisherConfig, publisher_main
 from bench.stats import Histogram
+
+
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr (stdout carries only results)."""
+    print(f"[bench {time.monotonic() - _T0:7.2f}s] {msg}", file=sys.stderr, flush=True)
 
 
 class BenchError(RuntimeError):
@@ -41,9 +50,11 @@ class Orchestra:
             p.start()
             self.procs.append(p)
         self.wait(lambda: all(self.ctl.ready[i] for i in range(len(self.procs))), 60, "load generators to start")
+        log(f"{len(self.procs)} load generators ready for {self.total_clients} clients")
         return self
 
     def __exit__(self, *exc: object) -> None:
+        log("stopping load generators")
         self.ctl.phase.value = STOP
         self.ctl.pub_stop.value = 1
         for p in [*self.procs, *([self.pub_proc] if self.pub_proc else [])]:
@@ -51,6 +62,7 @@ class Orchestra:
             if p.is_alive():
                 p.kill()  # by pid: only our own children
                 p.join(timeout=5)
+        log("load generators stopped")
 
     # -- pacing -------------------------------------------------------------
 
@@ -104,10 +116,17 @@ class Orchestra:
     def wait_joined(self, timeout: float) -> float:
         def no_failures() -> None:
             if self.failed():
-                self._drain_partial()
-                raise BenchError(f"clients failed to join: {self.status()}")
+                status = self.status()
+                try:
+                    merged = self.stop_and_collect(timeout=20)
+                    why = f"; e.g. {merged['failures'][:3]}, closes {merged['closes']}"
+                except BenchError as exc:
+                    why = f"; {exc}"
+                raise BenchError(f"clients failed to join: {status}{why}")
 
-        return self.wait(lambda: self.joined() >= self.total_clients, timeout, "all clients to join", no_failures)
+        took = self.wait(lambda: self.joined() >= self.total_clients, timeout, "all clients to join", no_failures)
+        log(f"{self.total_clients} clients joined in {took:.2f}s")
+        return took
 
     # -- results ------------------------------------------------------------
 
@@ -128,6 +147,7 @@ class Orchestra:
                 pub = res
             else:
                 workers.append(res)
+        log("results collected")
         crashes = [w["crash"] + "\n" + w.get("trace", "") for w in workers if "crash" in w]
         if pub and "crash" in pub:
             crashes.append("publisher: " + pub["crash"] + "\n" + pub.get("trace", ""))
@@ -143,9 +163,6 @@ class Orchestra:
         except queue.Empty:
             pass
 
-    def _drain_partial(self) -> None:
-        self._drain()
-
     def _crash(self) -> str:
         return "; ".join(str(r.get("crash", "")) + str(r.get("trace", "")) for r in self.results.values())  # type: ignore[union-attr]
 
@@ -155,13 +172,14 @@ def merge(workers: list[dict], pub: dict | None) -> dict:
     lat, ack, chat = Histogram(), Histogram(), Histogram()
     out: dict = {
         "delivered": 0, "delivered_all": 0, "chats_delivered": 0, "frames": 0, "lost": 0, "dup": 0,
-        "gaps": 0, "acks": 0, "failed": 0, "unavailable": False,
+        "gaps": 0, "acks": 0, "failed": 0, "unavailable": False, "loadgen_cpu_s": 0.0,
         "errors": {}, "closes": {}, "chat_errors": {}, "failures": [], "first_joined_at": [], "rejoin_at": [],
     }
     for w in workers:
         for k in ("delivered", "delivered_all", "chats_delivered", "frames", "lost", "dup", "gaps", "acks", "failed"):
             out[k] += w[k]
         out["unavailable"] = out["unavailable"] or w["unavailable"]
+        out["loadgen_cpu_s"] += w["cpu_s"]
         for k in ("errors", "closes", "chat_errors"):
             for code, n in w[k].items():
                 out[k][code] = out[k].get(code, 0) + n

@@ -60,3 +60,27 @@ def markdown_table(results: list[dict]) -> str:
                 f"Python {v.get('python')}, litestar {v.get('litestar')}, uvicorn {v.get('uvicorn')}, "
                 f"websockets {v.get('websockets')}, redis-server {v.get('redis_server')}.")
     return head + "\n" + "\n".join(rows) + note
+
+
+def profile_top(collapsed: str, limit: int = 25) -> str:
+    """Top functions by self and by inclusive samples from py-spy's ``--format raw`` output."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    if not total:
+        return "no samples"
+    lines = [f"{total} samples", "", "self %  function"]
+    lines += [f"{100 * n / total:6.1f}  {f}" for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:limit]]
+    lines += ["", "incl %  function"]
+    lines += [f"{100 * n / total:6.1f}  {f}" for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:limit]]
+    return "\n".join(lines)

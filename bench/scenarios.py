@@ -7,14 +7,19 @@ processes and returns one flat result dict (one JSON line).
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench import stats
 from bench.control import MEASURE, WARMUP
 from bench.loadgen import ClientSpec, WorkerConfig
-from bench.orchestra import BenchError, Orchestra, split
+from bench.orchestra import BenchError, Orchestra, log, split
 from bench.publisher import PublisherConfig
 from bench.service import Service
 
@@ -33,6 +38,8 @@ class Options:
     #: Load-generator processes (the server has the machine's other core; 2 keeps both busy).
     procs: int = 2
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Directory for py-spy profiles of the server during the measured phase (None: no profiling).
+    profile_dir: str | None = None
 
 
 def _tokens(svc: Service, n_clients: int, role: str, prefix: str) -> list[str]:
@@ -72,8 +79,13 @@ def _finish(out: dict, svc: Service, merged: dict, *, cpu: float, seconds: float
         dup=merged["dup"],
         closes=merged["closes"],
         errors=merged["errors"],
+        loadgen_cpu_s=round(merged["loadgen_cpu_s"], 1),
     )
     return out
+
+
+def _profile_path(opts: Options, name: str) -> str | None:
+    return str(Path(opts.profile_dir) / name) if opts.profile_dir else None
 
 
 def _workers(svc: Service, clients: list[ClientSpec], rooms: list[str], opts: Options, **kw: object) -> list[WorkerConfig]:
@@ -82,15 +94,45 @@ def _workers(svc: Service, clients: list[ClientSpec], rooms: list[str], opts: Op
             for part in split(clients, opts.procs)]
 
 
-def _measure(orc: Orchestra, svc: Service, warmup: float, measure: float) -> tuple[float, float]:
-    """WARMUP for ``warmup`` s, then MEASURE for ``measure`` s; returns (server CPU s, seconds)."""
+def _measure(orc: Orchestra, svc: Service, warmup: float, measure: float, profile: str | None = None) -> tuple[float, float]:
+    """WARMUP for ``warmup`` s, then MEASURE for ``measure`` s; returns (server CPU s, seconds).
+
+    With ``profile`` (a path without suffix), py-spy samples the server during
+    the measured phase: a flame graph (``.svg``) and collapsed stacks (``.txt``).
+    """
     orc.phase(WARMUP)
     time.sleep(warmup)
     cpu0, t0 = svc.cpu(), time.monotonic()
     orc.phase(MEASURE)
-    time.sleep(measure)
+    with profiler(svc.pid, profile, measure):
+        time.sleep(measure)
     cpu1, t1 = svc.cpu(), time.monotonic()
     return cpu1 - cpu0, t1 - t0
+
+
+@contextlib.contextmanager
+def profiler(pid: int, path: str | None, seconds: float):
+    """Run py-spy on ``pid`` for ``seconds`` (flame graph + collapsed stacks) when ``path`` is set."""
+    if not path:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    procs = [
+        subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--nonblocking",
+                          "--format", fmt, "-o", f"{path}.{ext}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for fmt, ext in (("flamegraph", "svg"), ("raw", "txt"))
+    ]
+    try:
+        yield
+    finally:
+        for p in procs:
+            try:
+                p.wait(timeout=seconds + 30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        log(f"profile written to {path}.svg / {path}.txt")
 
 
 # ---------------------------------------------------------------------------
@@ -100,7 +142,7 @@ def _measure(orc: Orchestra, svc: Service, warmup: float, measure: float) -> tup
 
 def hot_room(opts: Options) -> dict:
     """N subscribers in one room with batching; closed-loop publisher with a window."""
-    n, window, warmup, measure = (100, 32, 1.0, 3.0) if opts.quick else (1000, 64, 3.0, 15.0)
+    n, window, warmup, measure = (100, 32, 0.5, 2.0) if opts.quick else (1000, 64, 3.0, 15.0)
     with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
         svc.start()
         tokens = _tokens(svc, n, "viewer", "hot")
@@ -115,7 +157,7 @@ def hot_room(opts: Options) -> dict:
             orc.go()
             orc.wait_joined(120)
             orc.start_publisher()
-            cpu, secs = _measure(orc, svc, warmup, measure)
+            cpu, secs = _measure(orc, svc, warmup, measure, _profile_path(opts, "hot_room"))
             merged = orc.stop_and_collect()
         _finish(out, svc, merged, cpu=cpu, seconds=secs, deliveries=merged["delivered"])
         out["messages_per_frame"] = round(merged["delivered_all"] / merged["frames"], 1) if merged["frames"] else None
@@ -130,7 +172,7 @@ def hot_room(opts: Options) -> dict:
 
 def many_rooms(opts: Options) -> dict:
     """J jobs x 4 watchers, each job publishing R events/s on a schedule (open loop)."""
-    jobs_n, watchers, rate, warmup, measure = (50, 4, 10.0, 1.0, 3.0) if opts.quick else (500, 4, 10.0, 3.0, 15.0)
+    jobs_n, watchers, rate, warmup, measure = (50, 4, 10.0, 0.5, 2.0) if opts.quick else (500, 4, 10.0, 3.0, 15.0)
     with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
         svc.start()
         n = jobs_n * watchers
@@ -147,7 +189,7 @@ def many_rooms(opts: Options) -> dict:
             orc.go()
             orc.wait_joined(120)
             orc.start_publisher()
-            cpu, secs = _measure(orc, svc, warmup, measure)
+            cpu, secs = _measure(orc, svc, warmup, measure, _profile_path(opts, "many_rooms"))
             merged = orc.stop_and_collect()
         _finish(out, svc, merged, cpu=cpu, seconds=secs, deliveries=merged["delivered"])
         out["publisher_max_behind_ms"] = merged["publisher"]["max_behind_ms"]
@@ -162,7 +204,7 @@ def many_rooms(opts: Options) -> dict:
 
 def idle(opts: Options) -> dict:
     """N authenticated, joined, idle connections: connect time and RSS per connection."""
-    n, jobs_n, hold = (500, 10, 2.0) if opts.quick else (5000, 100, 10.0)
+    n, jobs_n, hold = (300, 10, 1.0) if opts.quick else (5000, 100, 10.0)
     with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
         svc.start()
         tokens = _tokens(svc, n, "viewer", "idle")
@@ -211,7 +253,7 @@ def idle(opts: Options) -> dict:
 
 def reconnect_storm(opts: Options) -> dict:
     """N clients lose the server (SIGKILL + restart on the same port) and resume with ``since``."""
-    n, jobs_n, rate, before = (200, 20, 2.0, 1.0) if opts.quick else (2000, 100, 2.0, 3.0)
+    n, jobs_n, rate, before = (100, 10, 2.0, 0.5) if opts.quick else (2000, 100, 2.0, 3.0)
     with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
         svc.start()
         tokens = _tokens(svc, n, "viewer", "storm")
@@ -270,7 +312,7 @@ def reconnect_storm(opts: Options) -> dict:
 
 def comments(opts: Options, *, store: str) -> dict:
     """Reviewers post back to back (next after ack) in one room watched by many."""
-    reviewers, watchers, warmup, measure = (5, 20, 1.0, 3.0) if opts.quick else (20, 200, 2.0, 10.0)
+    reviewers, watchers, warmup, measure = (5, 20, 0.5, 2.0) if opts.quick else (20, 200, 2.0, 10.0)
     env = {"PS_WS_CHAT_RATE": "1000000", "PS_WS_CHAT_BURST": "1000000", **opts.extra_env}
     pg = opts.pg_admin if store == "postgresql" else None
     if store == "postgresql" and not pg:
@@ -290,7 +332,7 @@ def comments(opts: Options, *, store: str) -> dict:
         with Orchestra(workers, None, rooms=1) as orc:
             orc.go()
             orc.wait_joined(120)
-            cpu, secs = _measure(orc, svc, warmup, measure)
+            cpu, secs = _measure(orc, svc, warmup, measure, _profile_path(opts, f"comments_{store}"))
             merged = orc.stop_and_collect()
         if merged["unavailable"] and merged["acks"] == 0:
             out.update(status="not available yet", deliveries_per_s=None, p50_ms=None, p99_ms=None, max_ms=None,

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from bench import stats
+from bench.orchestra import log
 from progress_service.embedded_redis import embedded_redis, free_port, redis_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,12 +137,12 @@ class Service:
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the server (same port on a restart) and wait for /readyz."""
-        log = self.log_path.open("ab")
+        log_file = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            self.command(), env=self.server_env(), cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT,
+            self.command(), env=self.server_env(), cwd=str(ROOT), stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        log.close()
+        log_file.close()
         deadline = time.monotonic() + timeout
         url = f"http://127.0.0.1:{self.port}/readyz"
         while True:
@@ -149,6 +150,7 @@ class Service:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 if httpx.get(url, timeout=2).status_code == 200:
+                    log(f"server pid {self.proc.pid} ready on port {self.port} ({self.store_kind})")
                     return
             except httpx.HTTPError:
                 pass
