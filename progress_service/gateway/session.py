@@ -156,6 +156,7 @@ class Session:
         self.gateway.unregister(self)
         close = self.close_with
         if close is not None and not self.peer_gone:
+            metrics.ws_closes.labels(str(close.code)).inc()
             timeout = self.settings.ws_send_timeout
             if close.code not in _NO_FLUSH:
                 await self.outbox.flush(self._send_text, min(timeout, 2.0))
@@ -165,7 +166,6 @@ class Session:
                     await self.socket.close(code=close.code, reason=close.reason)
                 except (OSError, WebSocketDisconnect, RuntimeError):
                     pass
-            metrics.ws_closes.labels(str(close.code)).inc()
         self.outbox.close()
 
     def _forget_room(self, job_id: str, member: Member) -> None:
