@@ -459,3 +459,30 @@ async def test_a_gap_re_reads_the_snapshot_and_the_follow_ends(service: Any, run
     assert cli.wait(timeout=90) == 0, cli.err
     assert any("missed events" in line for line in cli.err), cli.err
     assert cli.out[-1].split()[1:3] == ["status", "succeeded"]
+
+
+@pytest.mark.slow
+async def test_comments_are_printed_as_they_arrive(service: Any, run_cli: Any, make_token: Any) -> None:
+    import json  # noqa: PLC0415
+
+    import websockets  # noqa: PLC0415
+
+    settings, serve, token = await service(replay_speed=8.0)
+    reviewer = await make_token(role="reviewer", user="rita")
+    job_id = submit_job(serve.url, token, "[long] review me")
+    cli = run_cli(["watch", job_id], cli_env(serve.url, token))
+    cli.wait_for(lambda: any(line.split()[1] == "step" for line in cli.out))
+
+    async with websockets.connect(ws_url(serve.url)) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": reviewer}))
+        assert json.loads(await ws.recv())["type"] == "auth_ok"
+        await ws.send(json.dumps({"type": "join", "roomId": f"job:{job_id}"}))
+        await ws.send(json.dumps({"type": "chat", "roomId": f"job:{job_id}", "requestId": "r1", "text": "line one\nline two"}))
+        while (msg := json.loads(await ws.recv()))["type"] != "ack":
+            pass
+
+    cli.wait_for(lambda: any(line.split()[1] == "comment" for line in cli.out))
+    assert cli.wait(timeout=60) == 0, cli.err
+    comment = next(line for line in cli.out if line.split()[1] == "comment")
+    assert comment.endswith("rita: line one line two")
+    assert_lines_match_events(cli.out, job_events(serve.url, token, job_id))
