@@ -12,7 +12,9 @@ Screenshots of the job page go to ``test-artifacts/`` (not committed).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -67,6 +69,16 @@ def service(make_settings: Any, make_token: Any, server_process: Any, private_re
         serve = server_process(settings, "serve")
         server_process(settings, "worker")
         return settings, serve
+
+    return start
+
+
+@pytest.fixture
+def service_serve_only(make_settings: Any, server_process: Any, private_redis: str) -> Any:
+    """``service_serve_only()`` → the serve process alone (jobs stay queued)."""
+
+    def start(**overrides: Any) -> Any:
+        return server_process(make_settings(redis_url=private_redis, **overrides), "serve")
 
     return start
 
@@ -215,7 +227,10 @@ def test_comments_presence_and_viewer(service: Any, make_token: Any, browser: An
     expect(page_c.locator("#cancel-job")).to_have_count(0)  # viewers cannot cancel either
     expect(page_a.locator(".presence-list li")).to_have_count(3)
 
-    expect(page_a.locator("#job-progress")).to_have_attribute("data-percent", "100", timeout=60_000)
+    expect(page_a.locator("#job-status")).to_have_text("Succeeded", timeout=60_000)
+    expect(page_a.locator("#job-progress")).to_have_attribute("data-percent", "100")
+    page_a.locator("#job-title").focus()  # no focus ring in the picture
+    # docs/job-page.png (the README's picture) is a copy of this one.
     screenshot(page_a, "job-page-with-comments.png")
     screenshot(page_c, "job-page-viewer.png")
     for console in (console_a, console_b, console_c):
@@ -267,5 +282,184 @@ def test_server_restart_mid_job_reconnects_and_loses_nothing(
     assert len(chats) == 1
     expect(page.locator("li.comment", has_text="while the server was away")).to_have_count(1)
     screenshot(page, "job-page-after-restart.png")
+    console.assert_clean()
+    context.close()
+
+
+# --------------------------------------------------------------------------
+# The socket client's policy, against a scripted /ws (Playwright's
+# route_web_socket) while tickets and snapshots come from the real server.
+# --------------------------------------------------------------------------
+
+
+class ScriptedGateway:
+    """Stands in for /ws. ``script(conn_index, conn, msg)`` answers each client message."""
+
+    def __init__(self, page: Any, script: Any) -> None:
+        self.page = page
+        self.script = script
+        self.conns: list[dict[str, Any]] = []
+        page.route_web_socket(re.compile(r"/ws$"), self._accept)
+
+    def _accept(self, ws: Any) -> None:
+        conn: dict[str, Any] = {"ws": ws, "received": [], "closed": None}
+        index = len(self.conns)
+        self.conns.append(conn)
+        ws.on_close(lambda code, reason: conn.__setitem__("closed", (code, reason)))
+
+        def on_message(raw: str | bytes) -> None:
+            msg = json.loads(raw)
+            conn["received"].append(msg)
+            self.script(index, conn, msg)
+
+        ws.on_message(on_message)
+
+    def wait(self, pred: Any, timeout: float = 10.0, what: str = "condition") -> None:
+        """Poll with Playwright's own wait, so the page's socket events keep flowing."""
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; connections: {[c['received'] for c in self.conns]}")
+            self.page.wait_for_timeout(50)
+
+
+def send(conn: dict[str, Any], **msg: Any) -> None:
+    conn["ws"].send(json.dumps(msg))
+
+
+def auth_ok(conn: dict[str, Any], *, heartbeat_ms: int = 25_000, expires_in_ms: int = 3_600_000) -> None:
+    send(conn, type="auth_ok", connectionId="c", userId="u-sam", heartbeatMs=heartbeat_ms, expiresAt=int(time.time() * 1000) + expires_in_ms)
+
+
+def step_event(room: str, eid: str, step: str) -> dict[str, Any]:
+    data = {"stepId": step, "tool": "Read", "title": f"src/{step}.py", "state": "ok", "durationMs": 5}
+    return {"type": "event", "roomId": room, "id": eid, "kind": "step", "at": int(time.time() * 1000), "data": data}
+
+
+def test_socket_client_policy(service_serve_only: Any, make_token: Any, browser: Any) -> None:
+    serve = service_serve_only()
+    submitter = token(make_token, "submitter", "sam")
+    job = submit_job(serve.url, submitter, "a job nobody runs")  # no worker: stays queued
+    room = job["roomId"]
+
+    # 1. Resume: rejoin with the last id seen, a fresh ticket per connect,
+    #    duplicates and stale ids dropped; the page shows each step once.
+    def resume(i: int, conn: dict[str, Any], msg: dict[str, Any]) -> None:
+        if msg["type"] == "auth":
+            auth_ok(conn)
+        elif msg["type"] == "join" and i == 0:
+            send(conn, type="joined", roomId=room, role="submitter", snapshot=job, head="102-0", presence=[])
+            for eid, step in (("100-0", "a"), ("101-0", "b"), ("100-0", "a"), ("99-0", "z")):
+                conn["ws"].send(json.dumps(step_event(room, eid, step)))
+            conn["ws"].close(code=1001, reason="server restarting")
+        elif msg["type"] == "join":
+            send(conn, type="joined", roomId=room, role="submitter", snapshot=job, head="103-0", presence=[])
+            # a batch frame (the client asked for batch): a repeat, then new ones
+            conn["ws"].send(json.dumps([step_event(room, "101-0", "b"), step_event(room, "102-0", "c")]))
+            conn["ws"].send(json.dumps(step_event(room, "103-0", "d")))
+
+    context, page, console = new_page(browser)
+    gw = ScriptedGateway(page, resume)
+    # A deep link: the route and the token in one fragment (the list's rooms stay out of the script).
+    page.goto(f"{serve.url}/#/jobs/{job['id']}&token={submitter}")
+    expect(page.locator(".job-page")).to_be_visible()
+    assert "token" not in page.url and page.url.endswith(f"#/jobs/{job['id']}")
+    gw.wait(lambda: len(gw.conns) >= 2 and any(m["type"] == "join" for m in gw.conns[1]["received"]), what="a rejoin")
+    expect(page.locator("#steps li.step")).to_have_count(4)
+    assert dom_step_ids(page) == ["a", "b", "c", "d"]
+    first, second = (c["received"] for c in gw.conns[:2])
+    assert [m["type"] for m in first[:2]] == ["auth", "join"] and "since" not in first[1]
+    assert second[1] == {"type": "join", "roomId": room, "since": "101-0"}
+    assert first[0]["token"].startswith("pst_") and first[0]["token"] != second[0]["token"], "a ticket is used once"
+    assert first[0]["token"] != submitter and first[0]["batch"] is True
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    console.assert_clean()
+    context.close()
+
+    # 2. Heartbeat watchdog: silence for 2 x heartbeatMs closes and reconnects;
+    #    credentials are refreshed with a fresh ticket before they expire.
+    def silent(i: int, conn: dict[str, Any], msg: dict[str, Any]) -> None:
+        if msg["type"] == "auth" and not any(m["type"] == "auth" for m in conn["received"][:-1]):
+            auth_ok(conn, heartbeat_ms=400 if i == 0 else 25_000, expires_in_ms=25_000 if i == 0 else 3_000)
+        elif msg["type"] == "auth":
+            auth_ok(conn, expires_in_ms=3_600_000)  # the refresh
+
+    context, page, console = new_page(browser)
+    gw = ScriptedGateway(page, silent)
+    sign_in_via_fragment(page, serve.url, submitter)
+    gw.wait(lambda: len(gw.conns) >= 2, what="a reconnect after 2 x heartbeatMs of silence")
+    gw.wait(lambda: gw.conns[0]["closed"] is not None, what="the silent connection closed")
+    assert gw.conns[0]["closed"][0] == 4000
+    gw.wait(lambda: sum(m["type"] == "auth" for m in gw.conns[1]["received"]) >= 2, what="a credential refresh")
+    refresh = [m for m in gw.conns[1]["received"] if m["type"] == "auth"]
+    assert refresh[1]["token"].startswith("pst_") and refresh[1]["token"] != refresh[0]["token"]
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    console.assert_clean()
+    context.close()
+
+    # 3. 4401 (credentials expired): a fresh ticket and a new connection.
+    #    1009 (our message too large): stop, say so, offer a manual retry.
+    def expire_then_refuse(i: int, conn: dict[str, Any], msg: dict[str, Any]) -> None:
+        if msg["type"] != "auth":
+            return
+        if i == 0:
+            conn["ws"].close(code=4401, reason="token expired")
+        else:
+            conn["ws"].close(code=1009, reason="message too large")
+
+    context, page, console = new_page(browser)
+    gw = ScriptedGateway(page, expire_then_refuse)
+    sign_in_via_fragment(page, serve.url, submitter)
+    indicator = page.locator("#connection")
+    expect(indicator).to_have_attribute("data-state", "offline", timeout=10_000)
+    assert len(gw.conns) == 2
+    assert gw.conns[0]["received"][0]["token"] != gw.conns[1]["received"][0]["token"]
+    expect(indicator).to_contain_text("Offline")
+    assert "too large" in (indicator.get_attribute("title") or "")
+    expect(indicator.get_by_role("button", name="Retry")).to_be_visible()
+    page.wait_for_timeout(1500)
+    assert len(gw.conns) == 2, "no automatic retry after 1009"
+    console.assert_clean()
+    context.close()
+
+    # 4. 4403 (auth failed): stop and ask the user to sign in again.
+    def refuse(i: int, conn: dict[str, Any], msg: dict[str, Any]) -> None:
+        if msg["type"] == "auth":
+            conn["ws"].close(code=4403, reason="auth failed")
+
+    context, page, console = new_page(browser)
+    gw = ScriptedGateway(page, refuse)
+    page.goto(f"{serve.url}/#token={submitter}")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible(timeout=10_000)
+    expect(page.locator(".signin-card .notice")).to_contain_text("Sign in again")
+    assert page.evaluate("() => sessionStorage.getItem('progress-service.token')") is None
+    page.wait_for_timeout(1500)
+    assert len(gw.conns) == 1, "no retry after 4403"
+    console.assert_clean()
+    context.close()
+
+
+def test_backoff_and_id_order_in_the_page(service_serve_only: Any, browser: Any) -> None:
+    """The module's pure parts, imported by the page itself (same CSP as the app)."""
+    serve = service_serve_only()
+    context, page, console = new_page(browser)
+    page.goto(serve.url + "/")
+    result = page.evaluate(
+        """async () => {
+            const m = await import('/js/socket.js');
+            const top = Array.from({length: 8}, (_, a) => m.backoffDelay(a, () => 1));
+            const low = Array.from({length: 8}, (_, a) => m.backoffDelay(a, () => 0));
+            return {
+              top, low,
+              ids: [m.compareIds('9-0', '10-0') < 0, m.compareIds('10-1', '10-0') > 0,
+                    m.compareIds('1700000000000-5', '1700000000000-5') === 0,
+                    m.compareIds('1700000000000-10', '1700000000000-9') > 0,
+                    m.compareIds('18446744073709551615-0', '18446744073709551614-0') > 0],
+            };
+        }"""
+    )
+    assert result["top"] == [500, 1000, 2000, 4000, 8000, 16000, 20000, 20000]
+    assert result["low"] == [0] * 8
+    assert all(result["ids"])
     console.assert_clean()
     context.close()

@@ -142,7 +142,8 @@ export function progressOf(snapshot) {
     return { percent: 100, label: total > 0 ? `Done · ${done} of ${total} to-dos` : "Done", byTodos: total > 0 };
   }
   if (total > 0) {
-    const percent = Math.round((100 * Math.min(done, total)) / total);
+    // All to-dos done is not the end: only the result is. Stay below 100 until then.
+    const percent = Math.min(99, Math.round((100 * Math.min(done, total)) / total));
     return { percent, label: `${done} of ${total} to-dos done`, byTodos: true };
   }
   const index = Math.max(0, PHASES.indexOf(snapshot.phase));
