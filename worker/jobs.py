@@ -44,7 +44,7 @@ from progress_service.queue import (
 from progress_service.settings import Settings
 from progress_service.store.jobs import JobRecord, get_job, jobs_in_status, update_job
 from progress_service.streams import append_event, expire_job, read_state, room_id
-from worker.claude import ClaudeProcess, Line, build_command, child_env, start_claude
+from worker.claude import ClaudeProcess, Line, build_command, child_env, run_to_completion, start_claude
 from worker.mapping import Mapped, Mapper
 
 log = logging.getLogger("progress_service.worker")
@@ -154,16 +154,10 @@ class JobRun:
                     await self._read(proc)
                     tg.cancel_scope.cancel()
                 returncode = proc.returncode
-        except BaseException as exc:
-            log.warning("DEBUG interrupted by %r", exc)
+        except anyio.get_cancelled_exc_class():
             # arq abort, arq's own timeout or worker shutdown: the process is
-            # already stopped by start_claude's shielded exit.
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._interrupted()
-                except BaseException as e2:
-                    log.exception("DEBUG %r", e2)
-                    raise
+            # already stopped by start_claude's exit; say how the job ended.
+            await run_to_completion(self._interrupted())
             raise
         except OSError as exc:
             # The binary could not be started (missing, not executable).
