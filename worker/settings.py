@@ -96,17 +96,18 @@ class WorkerSettings:
     keep_result = _options["keep_result"]
 
 
-def build_worker(settings: Settings, *, redis_url: str, engine: Any = None) -> Worker:
+def build_worker(settings: Settings, *, redis_url: str, engine: Any = None, handle_signals: bool = False) -> Worker:
     """An arq worker to run inside another program (``progress-service worker``/``dev``).
 
     Run it with ``await worker.async_run()`` and stop it with ``await
     worker.close()``: signals are the host program's business
-    (``handle_signals=False``). ``engine``, when given, is shared and not
-    disposed by the worker.
+    (``handle_signals=False``; pass True for a standalone ``worker.run()``,
+    so SIGTERM drains jobs instead of killing the process outright).
+    ``engine``, when given, is shared and not disposed by the worker.
     """
     return Worker(
         redis_settings=arq_redis_settings(redis_url),
-        handle_signals=False,
+        handle_signals=handle_signals,
         ctx={"settings": settings, "engine": engine},
         **worker_options(settings),
     )
