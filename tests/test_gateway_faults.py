@@ -166,7 +166,7 @@ async def test_two_processes_same_events_presence_and_order(make_settings: Calla
         await join(a, job)
         await join(b, job)
         await recv_type(a, "presence")  # ben joined (through node two)
-        async with connect(two.url) as c:
+        async with connect(two.url, max_queue=None) as c:  # reads everything, so its close is quick
             await auth(c, await store.token(user="cid"))
             await join(c, job)
             ids: list[str] = []
