@@ -486,3 +486,14 @@ async def test_comments_are_printed_as_they_arrive(service: Any, run_cli: Any, m
     comment = next(line for line in cli.out if line.split()[1] == "comment")
     assert comment.endswith("rita: line one line two")
     assert_lines_match_events(cli.out, job_events(serve.url, token, job_id))
+
+
+@pytest.mark.slow
+async def test_credentials_are_refreshed_before_they_expire(service: Any, run_cli: Any) -> None:
+    # Connections must re-send auth every 3 s, or the server closes them 4401.
+    settings, serve, token = await service(replay_speed=5.0, ws_credential_ttl=3)
+    job_id = submit_job(serve.url, token, "[long] take your time")
+    cli = run_cli(["watch", job_id], cli_env(serve.url, token))
+    assert cli.wait(timeout=60) == 0, cli.err
+    assert not any("connection lost" in line for line in cli.err), cli.err
+    assert_lines_match_events(cli.out, job_events(serve.url, token, job_id))
