@@ -43,6 +43,8 @@ class Orchestra:
         self.pub_proc: BaseProcess | None = None
         self.results: dict[str, object] = {}
         self.total_clients = sum(len(w.clients) for w in workers)
+        #: CPU seconds of redis-server during the measured phase (set by the scenario).
+        self.redis_cpu: float | None = None
 
     def __enter__(self) -> Orchestra:
         for i, cfg in enumerate(self.worker_cfgs):
@@ -172,11 +174,11 @@ def merge(workers: list[dict], pub: dict | None) -> dict:
     lat, ack, chat = Histogram(), Histogram(), Histogram()
     out: dict = {
         "delivered": 0, "delivered_all": 0, "chats_delivered": 0, "frames": 0, "lost": 0, "dup": 0,
-        "gaps": 0, "acks": 0, "failed": 0, "unavailable": False, "loadgen_cpu_s": 0.0,
+        "gaps": 0, "acks": 0, "failed": 0, "retries": 0, "unavailable": False, "loadgen_cpu_s": 0.0,
         "errors": {}, "closes": {}, "chat_errors": {}, "failures": [], "first_joined_at": [], "rejoin_at": [],
     }
     for w in workers:
-        for k in ("delivered", "delivered_all", "chats_delivered", "frames", "lost", "dup", "gaps", "acks", "failed"):
+        for k in ("delivered", "delivered_all", "chats_delivered", "frames", "lost", "dup", "gaps", "acks", "failed", "retries"):
             out[k] += w[k]
         out["unavailable"] = out["unavailable"] or w["unavailable"]
         out["loadgen_cpu_s"] += w["cpu_s"]

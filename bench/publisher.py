@@ -115,8 +115,11 @@ async def _main(cfg: PublisherConfig, ctl: Control, workers: int) -> dict:
     redis = Redis.from_url(cfg.redis_url, max_connections=64)
     try:
         if cfg.mode == "closed":
-            return await _closed(cfg, ctl, redis, workers)
-        return await _open(cfg, ctl, redis)
+            out = await _closed(cfg, ctl, redis, workers)
+        else:
+            out = await _open(cfg, ctl, redis)
+        out["cpu_s"] = round(time.process_time(), 2)
+        return out
     finally:
         await redis.aclose()
 

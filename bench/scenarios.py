@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench import stats
 from bench.control import MEASURE, WARMUP
-from bench.loadgen import ClientSpec, WorkerConfig
+from bench.loadgen import BACKOFF_BASE, BACKOFF_CAP, ClientSpec, WorkerConfig
 from bench.orchestra import BenchError, Orchestra, log, split
 from bench.publisher import PublisherConfig
 from bench.service import Service
@@ -62,7 +62,8 @@ def _base(name: str, svc: Service, opts: Options, settings: dict) -> dict:
     }
 
 
-def _finish(out: dict, svc: Service, merged: dict, *, cpu: float, seconds: float, deliveries: int) -> dict:
+def _finish(out: dict, svc: Service, merged: dict, *, cpu: float, seconds: float, deliveries: int,
+            redis_cpu: float | None = None) -> dict:
     lat = merged["latency"].summary()
     out.update(
         deliveries_per_s=round(deliveries / seconds, 1) if seconds > 0 else None,
@@ -80,6 +81,9 @@ def _finish(out: dict, svc: Service, merged: dict, *, cpu: float, seconds: float
         closes=merged["closes"],
         errors=merged["errors"],
         loadgen_cpu_s=round(merged["loadgen_cpu_s"], 1),
+        publisher_cpu_s=(merged["publisher"] or {}).get("cpu_s"),
+        redis_cpu_s=round(redis_cpu, 2) if redis_cpu is not None else None,
+        connect_retries=merged["retries"],
     )
     return out
 
@@ -102,11 +106,12 @@ def _measure(orc: Orchestra, svc: Service, warmup: float, measure: float, profil
     """
     orc.phase(WARMUP)
     time.sleep(warmup)
-    cpu0, t0 = svc.cpu(), time.monotonic()
+    cpu0, rcpu0, t0 = svc.cpu(), svc.redis_cpu(), time.monotonic()
     orc.phase(MEASURE)
     with profiler(svc.pid, profile, measure):
         time.sleep(measure)
-    cpu1, t1 = svc.cpu(), time.monotonic()
+    cpu1, rcpu1, t1 = svc.cpu(), svc.redis_cpu(), time.monotonic()
+    orc.redis_cpu = rcpu1 - rcpu0
     return cpu1 - cpu0, t1 - t0
 
 
@@ -159,7 +164,8 @@ def hot_room(opts: Options) -> dict:
             orc.start_publisher()
             cpu, secs = _measure(orc, svc, warmup, measure, _profile_path(opts, "hot_room"))
             merged = orc.stop_and_collect()
-        _finish(out, svc, merged, cpu=cpu, seconds=secs, deliveries=merged["delivered"])
+        _finish(out, svc, merged, cpu=cpu, seconds=secs, deliveries=merged["delivered"],
+                redis_cpu=orc.redis_cpu)
         out["messages_per_frame"] = round(merged["delivered_all"] / merged["frames"], 1) if merged["frames"] else None
         out["events_published"] = merged["publisher"]["published"]
         return out
@@ -191,7 +197,8 @@ def many_rooms(opts: Options) -> dict:
             orc.start_publisher()
             cpu, secs = _measure(orc, svc, warmup, measure, _profile_path(opts, "many_rooms"))
             merged = orc.stop_and_collect()
-        _finish(out, svc, merged, cpu=cpu, seconds=secs, deliveries=merged["delivered"])
+        _finish(out, svc, merged, cpu=cpu, seconds=secs, deliveries=merged["delivered"],
+                redis_cpu=orc.redis_cpu)
         out["publisher_max_behind_ms"] = merged["publisher"]["max_behind_ms"]
         out["events_published"] = merged["publisher"]["published"]
         return out
@@ -240,6 +247,7 @@ def idle(opts: Options) -> dict:
             rss_per_conn_kb=round((rss1 - rss0) / n / 1024, 2),
             rss_per_conn_after_hold_kb=round((rss2 - rss0) / n / 1024, 2),
             idle_cpu_pct=round(cpu_idle / hold * 100, 2),
+            connect_retries=merged["retries"],
             closes=merged["closes"],
             errors=merged["errors"],
         )
@@ -254,17 +262,19 @@ def idle(opts: Options) -> dict:
 def reconnect_storm(opts: Options) -> dict:
     """N clients lose the server (SIGKILL + restart on the same port) and resume with ``since``."""
     n, jobs_n, rate, before = (100, 10, 2.0, 0.5) if opts.quick else (2000, 100, 2.0, 3.0)
+    # Quick runs check the mechanics (resume, no loss), not the policy's timing: a 2 s cap keeps them short.
+    cap = 2.0 if opts.quick else BACKOFF_CAP
     with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
         svc.start()
         tokens = _tokens(svc, n, "viewer", "storm")
         jobs = svc.jobs(jobs_n)
         rooms = [f"job:{j}" for j in jobs]
         clients = [ClientSpec(token=_assign(tokens, i), rooms=[rooms[i % jobs_n]]) for i in range(n)]
-        workers = _workers(svc, clients, rooms, opts, report_interval=0.05, reconnect=True)
+        workers = _workers(svc, clients, rooms, opts, report_interval=0.05, reconnect=True, backoff_cap=cap)
         pub = PublisherConfig(redis_url=svc.redis_url, jobs=jobs, mode="open", rate=rate)
         out = _base("reconnect_storm", svc, opts, {
             "clients": n, "jobs": jobs_n, "events_per_s_per_job": rate, "restart": "SIGKILL + start, same port",
-            "backoff": "full jitter, base 0.5 s, cap 20 s"})
+            "backoff": f"full jitter, base {BACKOFF_BASE} s, cap {cap} s"})
         with Orchestra(workers, pub, rooms=len(rooms)) as orc:
             orc.go()
             orc.wait_joined(180)
@@ -296,6 +306,7 @@ def reconnect_storm(opts: Options) -> dict:
             lost=merged["lost"],
             dup_dropped=merged["dup"],
             gaps=merged["gaps"],
+            connect_retries=merged["retries"],
             events_published=merged["publisher"]["published"],
             events_received=merged["delivered_all"],
             closes=merged["closes"],
@@ -350,6 +361,7 @@ def comments(opts: Options, *, store: str) -> dict:
             deliveries_per_s=round(deliveries / secs, 1),
             cpu_s_per_100k=round(cpu / deliveries * 100_000, 3) if deliveries else None,
             server_cpu_s=round(cpu, 2),
+            redis_cpu_s=round(orc.redis_cpu or 0, 2),
             server_rss_mb=round(svc.rss() / 2**20, 1),
             measured_s=round(secs, 2),
             chat_errors=merged["chat_errors"],

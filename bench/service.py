@@ -96,10 +96,16 @@ class Service:
         asyncio.run(self._migrate())
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         try:
             self.stop()
         finally:
+            if exc_type is not None:
+                # The temp dir goes away; keep the server's log for the post-mortem.
+                kept = Path(tempfile.gettempdir()) / "ps-bench-last-server.log"
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(self.log_path, kept)
+                    log(f"server log kept at {kept}")
             self._stack.close()
 
     async def _migrate(self) -> None:
@@ -192,6 +198,17 @@ class Service:
 
     def rss(self) -> int:
         return stats.rss_bytes(self.pid)
+
+    def redis_cpu(self) -> float:
+        """CPU seconds the private redis-server has used (INFO cpu): Redis work is part of the cost."""
+        from redis import Redis  # noqa: PLC0415
+
+        client = Redis.from_url(self.redis_url)
+        try:
+            info = client.info("cpu")
+        finally:
+            client.close()
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     @staticmethod
     def redis_server_binary() -> str:

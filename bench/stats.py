@@ -7,10 +7,12 @@ import platform
 import subprocess
 from importlib import metadata
 
-#: Histogram resolution: 0.1 ms buckets up to 10 s; anything slower lands in the last bucket
-#: (the exact maximum is tracked separately).
+#: Histogram resolution: 0.1 ms buckets up to 10 s, then 10 ms buckets up to ~1000 s; anything
+#: slower lands in the last bucket (the exact maximum is tracked separately).
 BUCKET_NS = 100_000
-BUCKETS = 100_000
+FINE = 100_000
+COARSE_NS = 10_000_000
+BUCKETS = FINE + 100_000
 
 
 class Histogram:
@@ -28,7 +30,9 @@ class Histogram:
         if ns < 0:
             ns = 0
         i = ns // BUCKET_NS
-        self.counts[i if i < BUCKETS else BUCKETS - 1] += 1
+        if i >= FINE:
+            i = min(FINE + (ns - FINE * BUCKET_NS) // COARSE_NS, BUCKETS - 1)
+        self.counts[i] += 1
         self.n += 1
         if ns > self.max_ns:
             self.max_ns = ns
@@ -53,7 +57,8 @@ class Histogram:
         for i, c in enumerate(self.counts):
             seen += c
             if seen >= target:
-                return round(min((i + 1) * BUCKET_NS, self.max_ns) / 1e6, 2)
+                edge = (i + 1) * BUCKET_NS if i < FINE else FINE * BUCKET_NS + (i - FINE + 1) * COARSE_NS
+                return round(min(edge, self.max_ns) / 1e6, 2)
         return round(self.max_ns / 1e6, 2)
 
     def summary(self) -> dict:
