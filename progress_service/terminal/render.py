@@ -192,7 +192,7 @@ class PlainRenderer:
     def snapshot(self, snapshot: JobSnapshot, *, reason: Literal["joined", "gap"]) -> None:
         self.view.apply_snapshot(snapshot)
         if reason == "gap":
-            c, t, label = self.view.progress()
+            _, _, label = self.view.progress()
             self._line(self.err, f"progress-service: job state now {snapshot.status}, phase {snapshot.phase}, {label}")
 
     def event(self, msg: EventMsg) -> None:
@@ -351,4 +351,12 @@ def make_renderer(job_id: str, *, plain: bool | None = None) -> Renderer:
     """Rich when stdout is a terminal (unless ``plain``), else plain lines."""
     if plain is None:
         plain = not sys.stdout.isatty()
-    return PlainRenderer(job_id) if plain else RichRenderer(job_id)
+    if plain:
+        # A pipe in a non-UTF-8 locale must not turn one odd character in an
+        # agent's message into a crash of the follower.
+        for stream in (sys.stdout, sys.stderr):
+            reconfigure = getattr(stream, "reconfigure", None)
+            if reconfigure is not None:
+                reconfigure(errors="replace")
+        return PlainRenderer(job_id)
+    return RichRenderer(job_id)
