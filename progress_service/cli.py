@@ -113,7 +113,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from worker.settings import build_worker  # noqa: PLC0415
 
     with _redis_url(settings, allow_embedded=False) as url:
-        worker = build_worker(settings, redis_url=url)
+        # arq's own signal handling lets SIGTERM finish or hand back running jobs.
+        worker = build_worker(settings, redis_url=url, handle_signals=True)
         worker.run()
     return 0
 

@@ -31,7 +31,7 @@ from progress_service.settings import Settings
 from progress_service.store.jobs import get_job, update_job
 from progress_service.streams import append_event, cancel_key, expire_job, read_state, room_id
 
-#: The arq queue the API fills and the workers drain.
+#: The default arq queue (``Settings.queue_name`` chooses the one in use).
 QUEUE_NAME = "ps:queue"
 #: The arq function name of a job run.
 RUN_FUNCTION = "run_job"
@@ -72,7 +72,7 @@ def arq_redis_settings(redis_url: str) -> RedisSettings:
     return rs
 
 
-async def enqueue_job(arq_pool: ArqRedis, job_id: str, *, attempt: int = 1) -> None:
+async def enqueue_job(arq_pool: ArqRedis, job_id: str, *, attempt: int = 1, queue_name: str = QUEUE_NAME) -> None:
     """Put one attempt of a job on the queue.
 
     The arq ``_job_id`` is derived from the job id and attempt, so submitting
@@ -84,7 +84,7 @@ async def enqueue_job(arq_pool: ArqRedis, job_id: str, *, attempt: int = 1) -> N
         job_id,
         attempt,
         _job_id=arq_job_id(job_id, attempt),
-        _queue_name=QUEUE_NAME,
+        _queue_name=queue_name,
     )
 
 

@@ -48,6 +48,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Default and maximum per-job timeout (seconds).
     job_timeout: int = 1800
     job_timeout_max: int = 4 * 3600
+    #: The arq queue the API fills and the workers drain (one per deployment).
+    queue_name: str = "ps:queue"
     #: Jobs one worker process runs at once.
     worker_concurrency: int = 4
     #: How many times a job whose worker died is started again.

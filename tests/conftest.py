@@ -194,6 +194,8 @@ def make_settings(redis_url: str, store_url: str, workspace: Path) -> Callable[.
             "replay_speed": 50.0,
             "cancel_grace": 1.0,
             "log_level": "warning",
+            # A queue of its own: no other test's (or session's) worker takes its jobs.
+            "queue_name": f"ps:queue:test-{uuid.uuid4().hex[:10]}",
         }
         base.update(overrides)
         return load_settings(env={}, **base)

@@ -348,8 +348,8 @@ async def test_two_enqueues_run_the_job_once(
 ) -> None:
     settings = make_settings(database_url=db_url)
     job_id = await new_job(engine, redis, settings)
-    await enqueue_job(arq_pool, job_id)
-    await enqueue_job(arq_pool, job_id)
+    await enqueue_job(arq_pool, job_id, queue_name=settings.queue_name)
+    await enqueue_job(arq_pool, job_id, queue_name=settings.queue_name)
     worker = build_worker(settings, redis_url=settings.redis_url or "", engine=engine)
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_worker, worker)
@@ -417,7 +417,7 @@ async def test_worker_killed_mid_job_is_retried(
         replay_speed=20.0, replay_transcript="long", lease_ttl=1.0, job_max_tries=2, database_url=db_url
     )
     job_id = await new_job(engine, redis, settings)
-    await enqueue_job(arq_pool, job_id)
+    await enqueue_job(arq_pool, job_id, queue_name=settings.queue_name)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
     for name in Settings.__struct_fields__:
         value = getattr(settings, name)
@@ -473,7 +473,7 @@ async def test_worker_shutdown_mid_job_gives_the_job_back(
     """Closing a worker mid-job stops the CLI and re-queues the job at once."""
     settings = make_settings(replay_speed=1.0, replay_transcript="long", job_max_tries=2, cancel_grace=0.5)
     job_id = await new_job(engine, redis, settings)
-    await enqueue_job(arq_pool, job_id)
+    await enqueue_job(arq_pool, job_id, queue_name=settings.queue_name)
     worker = build_worker(settings, redis_url=settings.redis_url or "", engine=engine)
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_worker, worker)

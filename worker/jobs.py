@@ -337,7 +337,7 @@ async def recover_job(redis: Redis, engine: AsyncEngine, settings: Settings, rec
         reason = f"{why}; retrying as attempt {next_attempt} of {settings.job_max_tries}"
         await pub(mapper.status, "queued", reason=reason, phase="queued", attempt=next_attempt, startedAt=None)
         await update_job(engine, job_id, snapshot=mapper.snapshot)
-        await enqueue_job(redis, job_id, attempt=next_attempt)  # type: ignore[arg-type]
+        await enqueue_job(redis, job_id, attempt=next_attempt, queue_name=settings.queue_name)  # type: ignore[arg-type]
         log.warning("job %s: %s, re-enqueued as attempt %d", job_id, why, next_attempt)
         return "requeue"
     # "failed", or "ended" (run state says over but nobody published it).

@@ -15,7 +15,7 @@ from typing import Any
 from arq import func
 from arq.worker import Worker
 
-from progress_service.queue import QUEUE_NAME, RUN_FUNCTION, arq_redis_settings
+from progress_service.queue import RUN_FUNCTION, arq_redis_settings
 from progress_service.settings import Settings, load_settings
 from progress_service.store.db import create_engine
 from progress_service.store.migrations import migrate
@@ -64,7 +64,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     """The arq ``Worker`` keyword arguments both entry points share."""
     return {
         "functions": [_function(settings)],
-        "queue_name": QUEUE_NAME,
+        "queue_name": settings.queue_name,
         "on_startup": on_startup,
         "on_shutdown": on_shutdown,
         "allow_abort_jobs": True,

@@ -116,7 +116,7 @@ class JobsController(Controller):
         snapshot.lastEventId = await streams.append_event(
             services.redis, job_id, event, maxlen=settings.events_maxlen, snapshot=snapshot
         )
-        await queue.enqueue_job(services.arq, job_id)
+        await queue.enqueue_job(services.arq, job_id, queue_name=settings.queue_name)
         metrics.jobs_submitted.inc()
         await _audit(services, principal, "job.submit", job_id, {"demo": services.demo})
         return snapshot
@@ -179,7 +179,9 @@ class JobsController(Controller):
             raise NotFoundException("no such job")
         if record.user_id != principal.user_id:
             require_role(principal, "submitter")
-        snapshot = await queue.cancel_job(services.redis, services.engine, services.settings, job_id)
+        snapshot = await queue.cancel_job(
+            services.redis, services.engine, services.settings, job_id, by=principal.user_name
+        )
         await _audit(services, principal, "job.cancel", job_id, {})
         return snapshot
 
