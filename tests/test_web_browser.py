@@ -247,6 +247,11 @@ def test_server_restart_mid_job_reconnects_and_loses_nothing(
     submitter = token(make_token, "submitter", "sam")
     job = submit_job(serve.url, submitter, "[long] refactor the parser")
     context, page, console = new_page(browser)
+    # A second tab, phone-sized, on the jobs list: its row follows the job live.
+    list_ctx, list_page, list_console = new_page(browser, viewport=PHONE)
+    sign_in_via_fragment(list_page, serve.url, submitter)
+    row = list_page.locator(f"li.job-row[data-job-id='{job['id']}']")
+    expect(row).to_have_attribute("data-status", "running", timeout=20_000)
     sign_in_via_fragment(page, serve.url, submitter, f"#/jobs/{job['id']}")
     indicator = page.locator("#connection")
     expect(indicator).to_have_attribute("data-state", "live")
@@ -255,6 +260,7 @@ def test_server_restart_mid_job_reconnects_and_loses_nothing(
 
     # Stop the server (graceful: 1001), comment while it is away, start a new one.
     console.allow(*OUTAGE)
+    list_console.allow(*OUTAGE)
     serve.stop()
     expect(indicator).to_have_attribute("data-state", "reconnecting", timeout=10_000)
     expect(indicator).to_contain_text(re.compile(r"Reconnecting"))
@@ -282,6 +288,32 @@ def test_server_restart_mid_job_reconnects_and_loses_nothing(
     assert len(chats) == 1
     expect(page.locator("li.comment", has_text="while the server was away")).to_have_count(1)
     screenshot(page, "job-page-after-restart.png")
+    expect(row).to_have_attribute("data-status", "succeeded", timeout=20_000)
+    expect(row.locator(".job-todos")).to_have_text("10/10 to-dos")
+    assert list_page.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"]
+    screenshot(list_page, "jobs-list-phone.png")
+    console.assert_clean()
+    list_console.assert_clean()
+    context.close()
+    list_ctx.close()
+
+
+def test_cancel_from_the_job_page(service: Any, make_token: Any, browser: Any) -> None:
+    _, serve = service(replay_speed=1.0)
+    submitter = token(make_token, "submitter", "sam")
+    job = submit_job(serve.url, submitter, "[long] a job to stop")
+    context, page, console = new_page(browser)
+    sign_in_via_fragment(page, serve.url, submitter, f"#/jobs/{job['id']}")
+    expect(page.locator("#job-status")).to_have_text("Running", timeout=20_000)
+    page.get_by_role("button", name="Cancel job").click()
+    # A second, explicit confirmation: one stray tap must not stop a job.
+    expect(page.get_by_role("button", name="Yes, cancel it")).to_be_focused()
+    page.get_by_role("button", name="Yes, cancel it").click()
+    expect(page.locator("#job-status")).to_have_text("Cancelled", timeout=30_000)
+    expect(page.get_by_role("button", name="Cancel job")).to_have_count(0)
+    expect(page.locator(".result-card")).to_contain_text("Cancelled")
+    assert page.locator("#steps li.step[data-state='started']").count() == 0
+    screenshot(page, "job-page-cancelled.png")
     console.assert_clean()
     context.close()
 
@@ -422,7 +454,28 @@ def test_socket_client_policy(service_serve_only: Any, make_token: Any, browser:
     console.assert_clean()
     context.close()
 
-    # 4. 4403 (auth failed): stop and ask the user to sign in again.
+    # 4. A gap (since older than what is retained) is never silent: the page
+    #    says so and re-reads the snapshot and the comments over HTTP.
+    def gap(i: int, conn: dict[str, Any], msg: dict[str, Any]) -> None:
+        if msg["type"] == "auth":
+            auth_ok(conn)
+        elif msg["type"] == "join":
+            send(conn, type="joined", roomId=room, role="viewer", snapshot=job, head="500-0", presence=[])
+            send(conn, type="gap", roomId=room, since="1-0", oldest="400-0")
+
+    context, page, console = new_page(browser)
+    gw = ScriptedGateway(page, gap)
+    reads: list[str] = []
+    page.on("request", lambda r: reads.append(r.url.split("?")[0]) if r.method == "GET" else None)
+    page.goto(f"{serve.url}/#/jobs/{job['id']}&token={submitter}")
+    expect(page.locator(".banner-warn", has_text="no longer kept")).to_be_visible()
+    gw.wait(lambda: reads.count(f"{serve.url}/api/jobs/{job['id']}") >= 2, what="the snapshot re-read")
+    gw.wait(lambda: f"{serve.url}/api/jobs/{job['id']}/comments" in reads, what="the comments re-read")
+    expect(page.locator("#comment-reason")).to_contain_text("viewer")
+    console.assert_clean()
+    context.close()
+
+    # 5. 4403 (auth failed): stop and ask the user to sign in again.
     def refuse(i: int, conn: dict[str, Any], msg: dict[str, Any]) -> None:
         if msg["type"] == "auth":
             conn["ws"].close(code=4403, reason="auth failed")

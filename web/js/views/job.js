@@ -265,7 +265,7 @@ export function mountJob(main, jobId, { api, client }) {
     );
 
     const step = s.step;
-    if (TERMINAL.has(s.status)) setText(els.now, s.reason ? `${STATUS_LABEL[s.status]}: ${s.reason}` : "");
+    if (TERMINAL.has(s.status)) setText(els.now, ""); // the result card says how it ended
     else if (step && step.state === "started") setText(els.now, `Now: ${step.tool} ${step.title}`.trim());
     else setText(els.now, s.status === "queued" ? "Waiting for a worker…" : `${PHASE_LABEL[s.phase] ?? s.phase}…`);
     const last = state.messages.at(-1);
@@ -282,13 +282,13 @@ export function mountJob(main, jobId, { api, client }) {
     const key = JSON.stringify([s.status, r, s.reason]);
     if (els.result.dataset.key === key) return;
     els.result.dataset.key = key;
-    els.result.dataset.ok = String(ok);
+    els.result.dataset.ok = s.status === "cancelled" ? "cancelled" : String(ok);
     const heading = s.status === "cancelled" ? "Cancelled" : ok ? "Finished" : "Failed";
     replaceChildren(
       els.result,
-      h("h2", { id: "result-title" }, h("span", { class: "result-icon", "aria-hidden": "true" }, ok ? "✓" : "✕"), heading),
+      h("h2", { id: "result-title" }, h("span", { class: "result-icon", "aria-hidden": "true" }, s.status === "cancelled" ? "■" : ok ? "✓" : "✕"), heading),
       r?.error ? h("p", { class: "result-error" }, r.error) : null,
-      !r && s.reason ? h("p", { class: "result-error" }, s.reason) : null,
+      !r && s.reason ? h("p", { class: s.status === "cancelled" ? "result-reason" : "result-error" }, s.reason) : null,
       r?.summary ? h("div", { class: "result-summary" }, r.summary) : null,
       r
         ? h(
@@ -315,6 +315,7 @@ export function mountJob(main, jobId, { api, client }) {
       },
     );
     els.todosEmpty.hidden = items.length > 0;
+    setText(els.todosEmpty, TERMINAL.has(state.snapshot.status) ? "This job kept no to-do list." : "No to-do list yet.");
     const { done = 0, total = 0 } = state.snapshot.progress || {};
     setText(els.todoCount, total ? `${done}/${total}` : "");
   }
@@ -349,6 +350,7 @@ export function mountJob(main, jobId, { api, client }) {
       },
     );
     els.stepsEmpty.hidden = steps.length > 0;
+    setText(els.stepsEmpty, TERMINAL.has(state.snapshot.status) ? "No steps were run." : "No steps yet.");
     setText(els.stepCount, steps.length ? `(${steps.length})` : "");
     if (stickSteps) box.scrollTop = box.scrollHeight;
   }
