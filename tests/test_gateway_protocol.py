@@ -584,3 +584,39 @@ async def test_sse_stream_resume_and_end(settings, store, redis) -> None:
                 )
             got = [m["id"] for m in result if m.get("event") == "event"]
             assert got == ids[1:] + more + [end]
+
+
+async def test_store_down_during_auth_closes_1011(settings, store, redis) -> None:
+    from progress_service.store.db import create_engine
+
+    async with serve(settings()) as (base, app):
+        services = app.state.services
+        token, job = await store.token(), await store.job()
+        async with connect(base) as neighbour, connect(base) as ws:
+            await auth(neighbour, token)
+            await join(neighbour, job)
+            real, services.engine = services.engine, create_engine(f"postgresql+asyncpg://nobody@127.0.0.1:{_closed_port()}/none")
+            try:
+                await send(ws, type="auth", token=token)
+                assert await closed_with(ws) == (1011, "internal error")
+            finally:
+                await services.engine.dispose()
+                services.engine = real
+            await _neighbour_still_receives(neighbour, redis, job)
+
+
+async def test_join_twice_is_invalid(settings, store) -> None:
+    async with serve(settings()) as (base, _app):
+        token, job = await store.token(), await store.job()
+        async with connect(base) as ws:
+            await auth(ws, token)
+            await join(ws, job)
+            await send(ws, type="join", roomId=f"job:{job}")
+            err = await recv_type(ws, "error")
+            assert (err["code"], err["message"]) == ("invalid", "already joined")
+
+
+def _closed_port() -> int:
+    from progress_service.embedded_redis import free_port
+
+    return free_port()
