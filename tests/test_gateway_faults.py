@@ -261,3 +261,10 @@ async def test_redis_restart_nothing_skipped(make_settings: Callable[..., Any], 
                 await recv_type(ws, "pong")
     finally:
         await pub.aclose()
+
+
+async def test_shutdown_closes_unauthenticated_connections_too(make_settings: Callable[..., Any]) -> None:
+    async with serve(make_settings(ws_auth_timeout=30)) as (base, _app):
+        ws = await websockets.connect(base.replace("http", "ws") + "/ws")
+        await anyio.sleep(0.1)
+    assert await closed_with(ws) == (1001, "server restarting")

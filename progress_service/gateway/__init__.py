@@ -53,18 +53,24 @@ class Gateway:
             tg.start_soon(self.hub.run)
             tg.start_soon(self.presence.run)
 
+    def register(self, session: Session) -> None:
+        """Track an accepted connection (authenticated or not) for close_all."""
+        self.sessions[session.id] = session
+
     def admit(self, session: Session, principal: Principal) -> bool:
         """Count an authenticated connection against its user's cap."""
         if self._per_user[principal.user_id] >= self.settings.ws_max_connections_per_user:
             return False
         self._per_user[principal.user_id] += 1
-        self.sessions[session.id] = session
+        session.counted_for = principal.user_id
         return True
 
     def unregister(self, session: Session) -> None:
         """Forget a finished connection."""
-        if self.sessions.pop(session.id, None) is not None and session.principal is not None:
-            uid = session.principal.user_id
+        self.sessions.pop(session.id, None)
+        uid = session.counted_for
+        if uid is not None:
+            session.counted_for = None
             self._per_user[uid] -= 1
             if self._per_user[uid] <= 0:
                 del self._per_user[uid]

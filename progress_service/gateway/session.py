@@ -101,6 +101,8 @@ class Session:
         self.socket = socket
         self.id = uuid.uuid4().hex[:16]
         self.principal: Principal | None = None
+        #: The user this connection is counted for in the per-user cap.
+        self.counted_for: str | None = None
         self.expires_at = 0  # epoch ms
         self.rooms: dict[str, Member] = {}
         self.outbox = Outbox(self.settings.ws_outbox_bytes, on_overflow=self._overflowed)
@@ -130,6 +132,7 @@ class Session:
     async def run(self) -> None:
         """Serve the connection until it closes, then clean up."""
         metrics.ws_connections.inc()
+        self.gateway.register(self)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._guarded, self._receive_loop)
