@@ -10,7 +10,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,7 +17,7 @@ import pytest
 import websockets
 from redis.asyncio import Redis
 
-from gateway_helpers import Store, auth, closed_with, collect_events, connect, join, publish, recv, recv_type, send, serve
+from gateway_helpers import Store, auth, closed_with, collect_events, connect, join, publish, recv_type, send, serve
 from progress_service import metrics, streams
 from progress_service.embedded_redis import free_port, redis_binary, wait_for_port
 from progress_service.events import StoredChat, now_ms
