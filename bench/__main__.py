@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if pg_answers(candidate):
             pg_admin = candidate
     opts = Options(quick=args.quick, ws_impl=args.ws, loop=args.loop, pg_admin=pg_admin, procs=args.procs,
-                   profile_dir=args.profile)
+                   profile_dir=args.profile, patches=args.patch)
     common = {"machine": stats.machine(), "versions": stats.versions(Service.redis_server_binary())}
     results: list[dict] = []
     failed = False
@@ -117,11 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pg", metavar="URL", help=f"PostgreSQL admin URL for the comments scenario (default {DEFAULT_PG} if it answers)")
     p.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL comments run")
     p.add_argument("--procs", type=int, default=2, help="load-generator processes (default 2)")
+    p.add_argument("--patch", action="append", default=[], choices=["no-outbox-gauge", "no-ws-metrics"],
+                   help="what-if experiment inside the server process (repeatable; see bench/serve.py)")
     p.add_argument("--profile", metavar="DIR", help="py-spy the server during each measured phase (needs py-spy)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("table", help="markdown table from a --json-out file")
     p.add_argument("file")
     p.set_defaults(func=cmd_table)
+    p = sub.add_parser("micro", help="in-process micro-benchmarks of the per-delivery hot path")
+    p.set_defaults(func=lambda _a: __import__("bench.micro", fromlist=["main"]).main())
     p = sub.add_parser("top", help="top functions of a py-spy raw profile (--profile DIR/*.txt)")
     p.add_argument("file")
     p.add_argument("--limit", type=int, default=25)

@@ -16,6 +16,33 @@ from bench.tuning import raise_nofile
 from progress_service.settings import load_settings
 
 
+class _Noop:
+    """Stands in for a Prometheus metric: every method does nothing."""
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *a, **k: self
+
+
+def apply_patches(names: list[str]) -> None:
+    """What-if experiments on the running server only (the repository is not changed).
+
+    - ``no-outbox-gauge``: the per-message ``ps_ws_outbox_bytes`` gauge updates become no-ops,
+      to measure what a per-frame or callback gauge would save.
+    - ``no-ws-metrics``: also the per-frame message/frame counters.
+    """
+    from progress_service import metrics  # noqa: PLC0415
+
+    for name in names:
+        if name == "no-outbox-gauge":
+            metrics.ws_outbox_bytes = _Noop()  # type: ignore[assignment]
+        elif name == "no-ws-metrics":
+            metrics.ws_outbox_bytes = _Noop()  # type: ignore[assignment]
+            metrics.ws_messages_out = _Noop()  # type: ignore[assignment]
+            metrics.ws_frames_out = _Noop()  # type: ignore[assignment]
+        else:
+            raise SystemExit(f"unknown patch {name!r}")
+
+
 async def _serve(host: str, port: int, ws: str) -> None:
     """The same app and Server as ``progress-service serve``, with ``ws`` passed to uvicorn."""
     from progress_service.app import create_app  # noqa: PLC0415
@@ -35,7 +62,9 @@ def main() -> None:
     # `progress-service serve` runs `asyncio.run(Server.serve())`, which bypasses uvicorn's
     # loop factory: stock asyncio. `--loop uvloop` measures what uvloop would change.
     parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"])
+    parser.add_argument("--patch", action="append", default=[], help="what-if experiment (see apply_patches)")
     args = parser.parse_args()
+    apply_patches(args.patch)
     raise_nofile()
     import logging  # noqa: PLC0415
 
