@@ -54,7 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if pg_answers(candidate):
             pg_admin = candidate
     opts = Options(quick=args.quick, ws_impl=args.ws, loop=args.loop, pg_admin=pg_admin, procs=args.procs,
-                   profile_dir=args.profile, patches=args.patch)
+                   profile_dir=args.profile, patches=args.patch,
+                   overrides=dict(kv.split("=", 1) for kv in args.set))
     common = {"machine": stats.machine(), "versions": stats.versions(Service.redis_server_binary())}
     results: list[dict] = []
     failed = False
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=2, help="load-generator processes (default 2)")
     p.add_argument("--patch", action="append", default=[], choices=["no-outbox-gauge", "no-ws-metrics"],
                    help="what-if experiment inside the server process (repeatable; see bench/serve.py)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a scenario size, e.g. --set jobs=200 --set window=16 (recorded in settings)")
     p.add_argument("--profile", metavar="DIR", help="py-spy the server during each measured phase (needs py-spy)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("table", help="markdown table from a --json-out file")

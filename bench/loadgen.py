@@ -36,6 +36,10 @@ BACKOFF_RESET_AFTER = 10.0
 NO_RETRY = {4403, 1003, 1009}
 
 
+class Unavailable(Exception):
+    """The server answered ``error unavailable`` to a join: retry later."""
+
+
 class _Data(msgspec.Struct):
     ts: int = 0
     seq: int = 0
@@ -268,7 +272,9 @@ class Client:
             w.t.errors[code] = w.t.errors.get(code, 0) + 1
             fut = self._joins.get(m.roomId or "")
             if fut is not None and not fut.done():
-                fut.set_exception(RuntimeError(f"join refused: {code} {m.message}"))
+                # `unavailable` (store slow under a burst) invites a retry; anything else is a bug here.
+                exc_type = Unavailable if code == "unavailable" else RuntimeError
+                fut.set_exception(exc_type(f"join refused: {code} {m.message}"))
 
     # -- session: connect, auth, join, (chat), reconnect -----------------
 
@@ -310,8 +316,8 @@ class Client:
         while not self.stopping:
             try:
                 ws = await self._open()
-            except (OSError, HandshakeError, TimeoutError, Closed, RuntimeError) as exc:
-                code = exc.code if isinstance(exc, Closed) else None
+            except (OSError, HandshakeError, TimeoutError, Closed, RuntimeError, Unavailable) as exc:
+                code = exc.code if isinstance(exc, Closed) else ("unavailable" if isinstance(exc, Unavailable) else None)
                 if self.ws is not None:
                     self.ws.abort()
                 # A refused connect (1011 under a burst, 4429, a restart) is retried as the

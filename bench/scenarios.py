@@ -40,8 +40,19 @@ class Options:
     extra_env: dict[str, str] = field(default_factory=dict)
     #: Directory for py-spy profiles of the server during the measured phase (None: no profiling).
     profile_dir: str | None = None
+    #: ``--set name=value`` overrides of scenario sizes (e.g. jobs=200, window=16).
+    overrides: dict[str, str] = field(default_factory=dict)
     #: What-if patches applied inside the server process (bench/serve.py); empty: the real server.
     patches: list[str] = field(default_factory=list)
+
+
+def _params(opts: Options, names: tuple[str, ...], quick: tuple, full: tuple) -> tuple:
+    """The scenario's sizes: quick or full, then any ``--set name=value`` overrides."""
+    values = dict(zip(names, quick if opts.quick else full, strict=True))
+    for name, raw in opts.overrides.items():
+        if name in values:
+            values[name] = type(values[name])(float(raw)) if isinstance(values[name], int) else type(values[name])(raw)
+    return tuple(values[n] for n in names)
 
 
 def _tokens(svc: Service, n_clients: int, role: str, prefix: str) -> list[str]:
@@ -60,7 +71,7 @@ def _base(name: str, svc: Service, opts: Options, settings: dict) -> dict:
         "scenario": name,
         "settings": {**settings, "store": svc.store_kind, "uvicorn_ws": opts.ws_impl or "auto (cli)",
                      "server_loop": opts.loop, "loadgen_procs": opts.procs, "server_env": env,
-                     "patches": opts.patches,
+                     "patches": opts.patches, "overrides": opts.overrides,
                      "quick": opts.quick},
     }
 
@@ -150,7 +161,8 @@ def profiler(pid: int, path: str | None, seconds: float):
 
 def hot_room(opts: Options) -> dict:
     """N subscribers in one room with batching; closed-loop publisher with a window."""
-    n, window, warmup, measure = (100, 32, 0.5, 2.0) if opts.quick else (1000, 64, 3.0, 15.0)
+    n, window, warmup, measure = _params(opts, ("subscribers", "window", "warmup", "measure"),
+                                         (100, 32, 0.5, 2.0), (1000, 64, 3.0, 15.0))
     with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop, patches=opts.patches) as svc:
         svc.start()
         tokens = _tokens(svc, n, "viewer", "hot")
@@ -181,7 +193,8 @@ def hot_room(opts: Options) -> dict:
 
 def many_rooms(opts: Options) -> dict:
     """J jobs x 4 watchers, each job publishing R events/s on a schedule (open loop)."""
-    jobs_n, watchers, rate, warmup, measure = (50, 4, 10.0, 0.5, 2.0) if opts.quick else (500, 4, 10.0, 3.0, 15.0)
+    jobs_n, watchers, rate, warmup, measure = _params(opts, ("jobs", "watchers", "rate", "warmup", "measure"),
+                                                      (50, 4, 10.0, 0.5, 2.0), (500, 4, 10.0, 3.0, 15.0))
     with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop, patches=opts.patches) as svc:
         svc.start()
         n = jobs_n * watchers
@@ -214,7 +227,7 @@ def many_rooms(opts: Options) -> dict:
 
 def idle(opts: Options) -> dict:
     """N authenticated, joined, idle connections: connect time and RSS per connection."""
-    n, jobs_n, hold = (300, 10, 1.0) if opts.quick else (5000, 100, 10.0)
+    n, jobs_n, hold = _params(opts, ("connections", "jobs", "hold"), (300, 10, 1.0), (5000, 100, 10.0))
     with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop, patches=opts.patches) as svc:
         svc.start()
         tokens = _tokens(svc, n, "viewer", "idle")
@@ -264,7 +277,8 @@ def idle(opts: Options) -> dict:
 
 def reconnect_storm(opts: Options) -> dict:
     """N clients lose the server (SIGKILL + restart on the same port) and resume with ``since``."""
-    n, jobs_n, rate, before = (100, 10, 2.0, 0.5) if opts.quick else (2000, 100, 2.0, 3.0)
+    n, jobs_n, rate, before = _params(opts, ("clients", "jobs", "rate", "before"),
+                                      (100, 10, 2.0, 0.5), (2000, 100, 2.0, 3.0))
     # Quick runs check the mechanics (resume, no loss), not the policy's timing: a 2 s cap keeps them short.
     cap = 2.0 if opts.quick else BACKOFF_CAP
     with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop, patches=opts.patches) as svc:
@@ -326,7 +340,8 @@ def reconnect_storm(opts: Options) -> dict:
 
 def comments(opts: Options, *, store: str) -> dict:
     """Reviewers post back to back (next after ack) in one room watched by many."""
-    reviewers, watchers, warmup, measure = (5, 20, 0.5, 2.0) if opts.quick else (20, 200, 2.0, 10.0)
+    reviewers, watchers, warmup, measure = _params(opts, ("reviewers", "watchers", "warmup", "measure"),
+                                                   (5, 20, 0.5, 2.0), (20, 200, 2.0, 10.0))
     env = {"PS_WS_CHAT_RATE": "1000000", "PS_WS_CHAT_BURST": "1000000", **opts.extra_env}
     pg = opts.pg_admin if store == "postgresql" else None
     if store == "postgresql" and not pg:
