@@ -305,3 +305,55 @@ def test_parse_since() -> None:
     assert audit.parse_since("2h", now=10_000_000) == 10_000_000 - 7_200_000
     with pytest.raises(ValueError):
         audit.parse_since("soon")
+
+
+async def test_a_row_added_behind_the_logs_back_is_named(engine: Any) -> None:
+    tid = await ensure_team(engine, "alpha")
+    recs = await _fill(engine, tid, 3)
+    last = recs[-1]
+    forged_detail = '{"i":7}'
+    forged = audit.compute_hash(
+        prev_hash=last.hash, team_id=tid, actor="mallory", action="test.event", room_id=None, detail=forged_detail, created_at=last.createdAt + 1
+    )
+    async with engine.begin() as conn:
+        rid = await conn.scalar(
+            sa.insert(audit_log)
+            .values(team_id=tid, actor="mallory", action="test.event", room_id=None, detail=forged_detail, created_at=last.createdAt + 1, prev_hash=last.hash, hash=forged)
+            .returning(audit_log.c.id)
+        )
+    result = await audit.verify(engine)
+    assert not result.ok and result.mismatch.id == rid and "not part of the chain" in result.mismatch.reason
+
+
+async def test_verify_pages_through_long_chains_and_tolerates_live_appends(engine: Any) -> None:
+    tid = await ensure_team(engine, "alpha")
+    async with engine.begin() as conn:
+        await audit.append(conn, [audit.Entry(action="bulk", team_id=tid, detail={"i": i}) for i in range(120)])
+    async with engine.connect() as conn:
+        n, mismatch = await audit._verify_chain(conn, tid, page=7)
+    assert (n, mismatch) == (120, None)
+
+    async def appender() -> None:
+        for i in range(30):
+            await audit.record(engine, action="live", team_id=tid, detail={"i": i})
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(appender)
+        for _ in range(10):
+            result = await audit.verify(engine, "alpha")
+            assert result.ok, result.mismatch
+            await anyio.sleep(0.01)
+
+
+async def test_audit_writer_survives_odd_records(engine: Any) -> None:
+    tid = await ensure_team(engine, "alpha")
+    writer = audit.Audit(engine)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer.run)
+        writer.record_nowait(action="x" * 80, team_id=tid, actor="a" * 300, room_id="job:" + "r" * 100, detail={"o": object()})
+        writer.record_nowait(action="auth.failed", team_id=tid, detail={"reason": "fine"})
+        assert await writer.flush(10)
+        tg.cancel_scope.cancel()
+    recs = await audit.list_records(engine, team_id=tid)
+    assert [len(r.action) for r in recs] == [50, 11] and len(recs[0].actor) == 100 and "repr" in recs[0].detail
+    assert (await audit.verify(engine)).ok

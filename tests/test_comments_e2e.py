@@ -206,6 +206,9 @@ async def test_comments_reach_every_member_on_two_nodes_once_in_order(db_url: st
             def dup_acks(c: Client) -> list[str]:
                 return [m["id"] for m in c.messages if m.get("type") == "ack" and m["requestId"] == "dup"]
 
+            with anyio.fail_after(10):  # each of the three sends gets its own ack
+                while len(dup_acks(ana1)) < 2:
+                    await anyio.sleep(0.05)
             assert dup_acks(ana1) == [acks[0]["id"]] * 2 and dup_acks(ana2) == [acks[0]["id"]]
             entries = await redis.xrange(f"ps:{{job:{job}}}:events")
             assert sum(1 for _, f in entries if f[b"t"] == b"chat" and b'"dup"' in f[b"b"]) == 1

@@ -259,6 +259,20 @@ async def _lock_chain(conn: AsyncConnection, chain: str) -> tuple[int, str]:
     return int(row.count), row.last_hash
 
 
+def _fit(e: Entry) -> Entry:
+    """The entry with its short fields clipped to their column sizes."""
+    if len(e.action) <= 50 and len(e.actor or "") <= 100 and len(e.room_id or "") <= 80:
+        return e
+    return Entry(
+        action=e.action[:50],
+        team_id=e.team_id,
+        actor=e.actor[:100] if e.actor else e.actor,
+        room_id=e.room_id[:80] if e.room_id else e.room_id,
+        detail=e.detail,
+        created_at=e.created_at,
+    )
+
+
 async def append(conn: AsyncConnection, entries: Sequence[Entry]) -> list[AuditRecord]:
     """Append ``entries`` inside the caller's transaction (commit is theirs).
 
@@ -273,7 +287,7 @@ async def append(conn: AsyncConnection, entries: Sequence[Entry]) -> list[AuditR
         count, prev = await _lock_chain(conn, chain)
         last_id: int | None = None
         for i in by_chain[chain]:
-            e = entries[i]
+            e = _fit(entries[i])
             detail = canonical_json(scrub(e.detail))
             digest = compute_hash(
                 prev_hash=prev,
@@ -357,6 +371,10 @@ async def record_for_team_name(
 # --------------------------------------------------------------------------
 
 
+#: Errors that retrying the same batch cannot cure.
+_PERMANENT = (sa.exc.DataError, sa.exc.IntegrityError, sa.exc.ProgrammingError, TypeError, ValueError)
+
+
 class Audit:
     """Security events, recorded without making the caller wait for the store.
 
@@ -398,7 +416,12 @@ class Audit:
         detail: dict[str, Any] | None = None,
     ) -> bool:
         """Queue a record from sync or async code; False when it was dropped."""
-        entry = Entry(action=action, team_id=team_id, actor=actor, room_id=room_id, detail=scrub(detail))
+        clean = scrub(detail)
+        try:
+            canonical_json(clean)
+        except (TypeError, ValueError):  # not JSON: keep what it said, never fail the caller
+            clean = {"repr": repr(clean)[:1000]}
+        entry = Entry(action=action, team_id=team_id, actor=actor, room_id=room_id, detail=clean)
         try:
             self._send.send_nowait(entry)
         except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -446,6 +469,11 @@ class Audit:
                 async with self.engine.begin() as conn:
                     await append(conn, batch)
                 break
+            except _PERMANENT:
+                # Something in the batch can never be written: write the rest
+                # one by one, and count what is refused as dropped.
+                await self._write_each(batch)
+                break
             except Exception:  # the store is down or busy: keep the batch, retry
                 if not retry:
                     log.exception("audit: could not write %d records at shutdown", len(batch))
@@ -460,6 +488,16 @@ class Audit:
             self._pending = 0
             if self._idle is not None:
                 self._idle.set()
+
+    async def _write_each(self, batch: list[Entry]) -> None:
+        for entry in batch:
+            try:
+                async with self.engine.begin() as conn:
+                    await append(conn, [entry])
+            except Exception:
+                self.dropped += 1
+                audit_dropped.inc()
+                log.exception("audit: dropped a %s record the store refused", entry.action)
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is written; False on timeout."""
@@ -510,67 +548,100 @@ def _chain_filter(chain: str) -> Any:
     return audit_log.c.team_id.is_(None) if chain == SYSTEM_CHAIN else audit_log.c.team_id == chain
 
 
-async def _verify_chain(conn: AsyncConnection, chain: str) -> tuple[int, Mismatch | None]:
-    head = (await conn.execute(sa.select(audit_heads).where(audit_heads.c.chain == chain))).first()
-    rows = (
-        await conn.execute(
-            sa.select(audit_log).where(_chain_filter(chain)).order_by(audit_log.c.id)
-        )
-    ).all()
-    position_of_hash = {r.hash: (i + 1, r.id) for i, r in enumerate(rows)}
-    prev, prev_id = GENESIS, None
-    for i, row in enumerate(rows):
-        pos = i + 1
-        if row.prev_hash != prev:
-            before = f"record id={prev_id}" if prev_id is not None else "the start of the chain"
-            if row.prev_hash in position_of_hash and position_of_hash[row.prev_hash][0] > pos:
-                reason = (
-                    f"out of order: it follows record id={position_of_hash[row.prev_hash][1]}, "
-                    f"which comes after it (rows were reordered)"
-                )
-            elif row.prev_hash in position_of_hash:
-                reason = f"its predecessor is record id={position_of_hash[row.prev_hash][1]}, not {before} (rows were reordered)"
-            elif row.prev_hash == GENESIS:
-                reason = f"claims to start the chain but follows {before} (rows were reordered or inserted)"
-            else:
-                reason = (
-                    f"prev_hash does not match {before}: the record that preceded it is missing "
-                    f"(deleted) or {before} was altered"
-                )
-            return i, Mismatch(chain=chain, id=row.id, position=pos, reason=reason)
-        if _row_hash(row) != row.hash:
-            return i, Mismatch(
-                chain=chain, id=row.id, position=pos, reason="contents do not match its hash (the record was altered)"
+async def _head(conn: AsyncConnection, chain: str) -> Any:
+    return (await conn.execute(sa.select(audit_heads).where(audit_heads.c.chain == chain))).first()
+
+
+async def _broken_link(conn: AsyncConnection, chain: str, row: Any, prev_id: int | None) -> str:
+    """Why ``row.prev_hash`` is not the hash of the record walked before it."""
+    before = f"record id={prev_id}" if prev_id is not None else "the start of the chain"
+    if row.prev_hash == GENESIS:
+        return f"claims to start the chain but follows {before} (rows were reordered or inserted)"
+    # Only on failure: find the record whose hash it names (a scan is fine here).
+    named = await conn.scalar(
+        sa.select(audit_log.c.id).where(_chain_filter(chain), audit_log.c.hash == row.prev_hash).limit(1)
+    )
+    if named is not None and named > row.id:
+        return f"out of order: it follows record id={named}, which comes after it (rows were reordered)"
+    if named is not None:
+        return f"its predecessor is record id={named}, not {before} (rows were reordered)"
+    return f"prev_hash does not match {before}: the record that preceded it is missing (deleted) or {before} was altered"
+
+
+async def _verify_chain(conn: AsyncConnection, chain: str, *, page: int = 2000) -> tuple[int, Mismatch | None]:
+    """Walk one chain in pages; returns (records verified, first mismatch).
+
+    Records appended while the walk runs are fine: the walk goes up to the
+    head it read, then re-reads the head when it finds rows beyond it.
+    """
+    head = await _head(conn, chain)
+    prev, prev_id, n = GENESIS, None, 0
+    while True:
+        # 1. walk the rows after the last one checked, up to the head's last id
+        while True:
+            query = sa.select(audit_log).where(_chain_filter(chain))
+            if prev_id is not None:
+                query = query.where(audit_log.c.id > prev_id)
+            if head is not None:
+                query = query.where(audit_log.c.id <= (head.last_id if head.last_id is not None else prev_id or 0))
+            rows = (await conn.execute(query.order_by(audit_log.c.id).limit(page))).all()
+            for row in rows:
+                if row.prev_hash != prev:
+                    reason = await _broken_link(conn, chain, row, prev_id)
+                    return n, Mismatch(chain=chain, id=row.id, position=n + 1, reason=reason)
+                if _row_hash(row) != row.hash:
+                    return n, Mismatch(
+                        chain=chain, id=row.id, position=n + 1, reason="contents do not match its hash (the record was altered)"
+                    )
+                prev, prev_id, n = row.hash, row.id, n + 1
+            if len(rows) < page:
+                break
+        if head is None:
+            if n == 0:
+                return 0, None
+            head = await _head(conn, chain)
+            if head is None:
+                return n, Mismatch(chain=chain, id=None, position=n, reason="the chain's head row is missing")
+            continue
+        # 2. the chain must end where its head says it does
+        if head.count > n or (head.last_id is not None and (prev_id is None or head.last_id > prev_id)):
+            return n, Mismatch(
+                chain=chain,
+                id=head.last_id,
+                position=head.count,
+                reason=(
+                    f"missing: the head says the chain has {head.count} records ending at id={head.last_id}, "
+                    f"but it ends at {f'id={prev_id}' if prev_id is not None else 'nothing'} after {n} "
+                    f"({head.count - n} newest record(s) deleted)"
+                ),
             )
-        prev, prev_id = row.hash, row.id
-    n = len(rows)
-    if head is None:
-        if n:
-            return n, Mismatch(chain=chain, id=None, position=n, reason="the chain's head row is missing")
-        return 0, None
-    if head.count > n or (head.last_id is not None and prev_id is not None and head.last_id > prev_id):
-        missing = head.count - n
+        if head.count != n or head.last_hash != prev or head.last_id != prev_id:
+            return n, Mismatch(
+                chain=chain,
+                id=prev_id,
+                position=n,
+                reason=(
+                    f"does not match the chain's head (head: {head.count} records, last id={head.last_id}; "
+                    f"found: {n} records, last id={prev_id}): the head was altered"
+                ),
+            )
+        # 3. rows after the head: appended during the walk, or added outside the log
+        beyond = sa.select(sa.func.min(audit_log.c.id)).where(_chain_filter(chain))
+        if prev_id is not None:
+            beyond = beyond.where(audit_log.c.id > prev_id)
+        extra = await conn.scalar(beyond)
+        if extra is None:
+            return n, None
+        newer = await _head(conn, chain)
+        if newer is not None and newer.count > head.count:
+            head = newer
+            continue
         return n, Mismatch(
             chain=chain,
-            id=head.last_id,
-            position=head.count,
-            reason=(
-                f"missing: the head says the chain has {head.count} records ending at id={head.last_id}, "
-                f"but it ends at {f'id={prev_id}' if prev_id is not None else 'nothing'} after {n} "
-                f"({missing} newest record(s) deleted)"
-            ),
+            id=extra,
+            position=n + 1,
+            reason="not part of the chain: it comes after the chain's head (added without going through the log)",
         )
-    if head.count != n or head.last_hash != prev or head.last_id != prev_id:
-        return n, Mismatch(
-            chain=chain,
-            id=prev_id,
-            position=n,
-            reason=(
-                f"does not match the chain's head (head: {head.count} records, last id={head.last_id}; "
-                f"found: {n} records, last id={prev_id}): records were added outside the log or the head was altered"
-            ),
-        )
-    return n, None
 
 
 async def verify(engine: AsyncEngine, team: str | None = None) -> VerifyResult:
