@@ -34,6 +34,9 @@ AUTH_FAILED = Close(4403, "auth failed")
 RATE_LIMITED = Close(4429, "rate limited")
 TOO_MANY_CONNECTIONS = Close(4429, "too many connections")
 
+#: Closes caused by a misbehaving client; each one goes to the audit log.
+ABUSE_CODES: frozenset[int] = frozenset({1008, 1009, 4429})
+
 ALL: tuple[Close, ...] = (
     BYE,
     RESTARTING,

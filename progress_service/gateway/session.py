@@ -42,7 +42,7 @@ from progress_service.events import (
     now_ms,
 )
 from progress_service.gateway import closes
-from progress_service.gateway.closes import Close
+from progress_service.gateway.closes import ABUSE_CODES, Close
 from progress_service.gateway.hub import Member
 from progress_service.gateway.limits import TokenBucket, WindowBudget
 from progress_service.gateway.outbox import Outbox, SendTimeout
@@ -123,8 +123,25 @@ class Session:
             return
         if close is None:
             self.peer_gone = True
+        elif close.code in ABUSE_CODES:
+            self.audit("ws.closed", code=close.code, reason=close.reason)
         self.close_with = close
         self._closing.set()
+
+    def audit(self, action: str, *, room_id: str | None = None, **detail: object) -> None:
+        """Queue a security record (never blocks; never carries a credential)."""
+        audit = self.gateway.services.extras.get("audit")
+        if audit is None:
+            return
+        principal = self.principal
+        client = self.socket.scope.get("client")
+        audit.record_nowait(
+            action=action,
+            team_id=principal.team_id if principal else None,
+            actor=principal.user_name if principal else None,
+            room_id=room_id,
+            detail={"connectionId": self.id, "peer": client[0] if client else None, **detail},
+        )
 
     def _overflowed(self) -> None:
         self.request_close(closes.SLOW_CONSUMER)
@@ -252,6 +269,7 @@ class Session:
             self.request_close(closes.AUTH_REQUIRED)
             return
         if not isinstance(first, ClientAuth):
+            self.audit("auth.failed", reason="first message not auth")
             self.request_close(closes.AUTH_FAILED)
             return
         if not await self._auth(first):
@@ -292,6 +310,7 @@ class Session:
             self.request_close(closes.INTERNAL)
             return False
         if principal is None:
+            self.audit("auth.failed", reason="invalid, expired, revoked or reused credential")
             self.request_close(closes.AUTH_FAILED)
             return False
         if self.principal is None:
@@ -301,6 +320,7 @@ class Session:
             self.outbox.batch = message.batch
         elif (principal.user_id, principal.team_id) != (self.principal.user_id, self.principal.team_id):
             # a refresh may renew credentials, not switch identity
+            self.audit("auth.failed", reason="refresh with another identity")
             self.request_close(closes.AUTH_FAILED)
             return False
         self.principal = principal
@@ -336,6 +356,7 @@ class Session:
                 job = await get_job(services.engine, job_id, team_id=self.principal.team_id)
                 if job is None:
                     # Unknown and other-team jobs get the same answer: rooms cannot be probed.
+                    self.audit("join.refused", room_id=room_id)
                     self.refuse("not_found", "no such room", room_id=room_id)
                     return
                 snapshot, head = await streams.read_state(services.redis, job_id)
