@@ -6,7 +6,7 @@ import anyio
 import httpx
 import msgspec
 
-from tests.gateway_helpers import auth, closed_with, connect, recv_type, send
+from gateway_helpers import auth, closed_with, connect, recv_type, send
 
 
 async def audit_actions(base: str, admin: str, want: set[str], timeout: float = 10) -> list[dict]:

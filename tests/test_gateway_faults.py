@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import subprocess
 import tempfile
 import time
@@ -15,10 +16,10 @@ from typing import Any
 import anyio
 import pytest
 import websockets
-from redis.asyncio import Redis
 
 from gateway_helpers import Store, auth, closed_with, collect_events, connect, join, publish, recv_type, send, serve
 from progress_service import metrics, streams
+from progress_service.app import make_redis
 from progress_service.embedded_redis import free_port, redis_binary, wait_for_port
 from progress_service.events import StoredChat, now_ms
 
@@ -215,12 +216,27 @@ class OwnedRedis:
         args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port("127.0.0.1", self.port)
+        # Accepting connections is not ready: while it replays the AOF, Redis
+        # answers -LOADING. Wait for a real PONG.
+        deadline = time.monotonic() + 10
+        while not _pong(self.port):
+            assert time.monotonic() < deadline, "redis-server did not finish loading"
+            time.sleep(0.02)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
         self.proc = None
+
+
+def _pong(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -235,7 +251,8 @@ def owned_redis() -> Iterator[OwnedRedis]:
 
 async def test_redis_restart_nothing_skipped(make_settings: Callable[..., Any], store: Store, owned_redis: OwnedRedis) -> None:
     settings = make_settings(redis_url=owned_redis.url)
-    pub = Redis.from_url(owned_redis.url)
+    # The publisher retries like the service's own clients do.
+    pub = make_redis(owned_redis.url)
     try:
         async with serve(settings) as (base, app):
             token, job = await store.token(), await store.job()
