@@ -21,7 +21,7 @@ from litestar.exceptions import (
     ServiceUnavailableException,
     ValidationException,
 )
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from progress_service import streams
@@ -94,8 +94,8 @@ class CommentsController(Controller):
         services: Services,
         idempotency_key: Annotated[
             str,
-            Parameter(
-                header="Idempotency-Key",
+            HeaderParameter(
+                name="Idempotency-Key",
                 min_length=1,
                 max_length=100,
                 description="The request id: a retry with the same key is stored and broadcast once",
