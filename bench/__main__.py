@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pg", metavar="URL", help=f"PostgreSQL admin URL for the comments scenario (default {DEFAULT_PG} if it answers)")
     p.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL comments run")
     p.add_argument("--procs", type=int, default=2, help="load-generator processes (default 2)")
-    p.add_argument("--patch", action="append", default=[], choices=["no-outbox-gauge", "no-ws-metrics"],
-                   help="what-if experiment inside the server process (repeatable; see bench/serve.py)")
+    p.add_argument("--patch", action="append", default=[], metavar="PATCH",
+                   help="what-if experiment inside the server process (repeatable): no-outbox-gauge, no-ws-metrics, "
+                        "hub-coalesce-<N>ms (see bench/serve.py)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a scenario size, e.g. --set jobs=200 --set window=16 (recorded in settings)")
     p.add_argument("--profile", metavar="DIR", help="py-spy the server during each measured phase (needs py-spy)")

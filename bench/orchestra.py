@@ -45,6 +45,8 @@ class Orchestra:
         self.total_clients = sum(len(w.clients) for w in workers)
         #: CPU seconds of redis-server during the measured phase (set by the scenario).
         self.redis_cpu: float | None = None
+        #: The server's counters per second during the measured phase (set by the scenario).
+        self.server_rates: dict[str, float] = {}
 
     def __enter__(self) -> Orchestra:
         for i, cfg in enumerate(self.worker_cfgs):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def _base(name: str, svc: Service, opts: Options, settings: dict) -> dict:
 
 
 def _finish(out: dict, svc: Service, merged: dict, *, cpu: float, seconds: float, deliveries: int,
-            redis_cpu: float | None = None) -> dict:
+            redis_cpu: float | None = None, server_rates: dict | None = None) -> dict:
     lat = merged["latency"].summary()
     out.update(
         deliveries_per_s=round(deliveries / seconds, 1) if seconds > 0 else None,
@@ -97,6 +98,7 @@ def _finish(out: dict, svc: Service, merged: dict, *, cpu: float, seconds: float
         loadgen_cpu_s=round(merged["loadgen_cpu_s"], 1),
         publisher_cpu_s=(merged["publisher"] or {}).get("cpu_s"),
         redis_cpu_s=round(redis_cpu, 2) if redis_cpu is not None else None,
+        server_rates=server_rates,
         connect_retries=merged["retries"],
     )
     return out
@@ -120,25 +122,33 @@ def _measure(orc: Orchestra, svc: Service, warmup: float, measure: float, profil
     """
     orc.phase(WARMUP)
     time.sleep(warmup)
+    c0 = svc.server_counters()
     cpu0, rcpu0, t0 = svc.cpu(), svc.redis_cpu(), time.monotonic()
     orc.phase(MEASURE)
     with profiler(svc.pid, profile, measure):
         time.sleep(measure)
     cpu1, rcpu1, t1 = svc.cpu(), svc.redis_cpu(), time.monotonic()
+    c1 = svc.server_counters()
     orc.redis_cpu = rcpu1 - rcpu0
+    # The server's own view: XREAD calls/s and messages per frame (batching), per second of measurement.
+    orc.server_rates = {k.removeprefix("ps_").removesuffix("_total") + "_per_s": round((c1[k] - c0.get(k, 0)) / (t1 - t0), 1)
+                        for k in c1}
     return cpu1 - cpu0, t1 - t0
 
 
 @contextlib.contextmanager
-def profiler(pid: int, path: str | None, seconds: float):
-    """Run py-spy on ``pid`` for ``seconds`` (flame graph + collapsed stacks) when ``path`` is set."""
+def profiler(pid: int, path: str | None, seconds: float, *, stop_early: bool = False):
+    """Run py-spy on ``pid`` for ``seconds`` (flame graph + collapsed stacks) when ``path`` is set.
+
+    ``stop_early``: the block decides the length; py-spy is interrupted when it ends.
+    """
     if not path:
         yield
         return
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     procs = [
-        subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--nonblocking",
+        subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--gil",
                           "--format", fmt, "-o", f"{path}.{ext}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for fmt, ext in (("flamegraph", "svg"), ("raw", "txt"))
     ]
@@ -146,6 +156,8 @@ def profiler(pid: int, path: str | None, seconds: float):
         yield
     finally:
         for p in procs:
+            if stop_early and p.poll() is None:
+                p.send_signal(signal.SIGINT)  # py-spy writes what it has and exits
             try:
                 p.wait(timeout=seconds + 30)
             except subprocess.TimeoutExpired:
@@ -180,7 +192,7 @@ def hot_room(opts: Options) -> dict:
             cpu, secs = _measure(orc, svc, warmup, measure, _profile_path(opts, "hot_room"))
             merged = orc.stop_and_collect()
         _finish(out, svc, merged, cpu=cpu, seconds=secs, deliveries=merged["delivered"],
-                redis_cpu=orc.redis_cpu)
+                redis_cpu=orc.redis_cpu, server_rates=orc.server_rates)
         out["messages_per_frame"] = round(merged["delivered_all"] / merged["frames"], 1) if merged["frames"] else None
         out["events_published"] = merged["publisher"]["published"]
         return out
@@ -214,7 +226,7 @@ def many_rooms(opts: Options) -> dict:
             cpu, secs = _measure(orc, svc, warmup, measure, _profile_path(opts, "many_rooms"))
             merged = orc.stop_and_collect()
         _finish(out, svc, merged, cpu=cpu, seconds=secs, deliveries=merged["delivered"],
-                redis_cpu=orc.redis_cpu)
+                redis_cpu=orc.redis_cpu, server_rates=orc.server_rates)
         out["publisher_max_behind_ms"] = merged["publisher"]["max_behind_ms"]
         out["events_published"] = merged["publisher"]["published"]
         return out
@@ -241,8 +253,9 @@ def idle(opts: Options) -> dict:
             time.sleep(0.5)
             rss0 = svc.rss()
             cpu0 = svc.cpu()
-            t_go = orc.go()
-            orc.wait_joined(300)
+            with profiler(svc.pid, _profile_path(opts, "idle_connect"), 300, stop_early=True):
+                t_go = orc.go()
+                orc.wait_joined(300)
             cpu_connect = svc.cpu() - cpu0
             time.sleep(1.0)  # let allocator and GC settle before reading RSS
             rss1 = svc.rss()
@@ -380,6 +393,7 @@ def comments(opts: Options, *, store: str) -> dict:
             cpu_s_per_100k=round(cpu / deliveries * 100_000, 3) if deliveries else None,
             server_cpu_s=round(cpu, 2),
             redis_cpu_s=round(orc.redis_cpu or 0, 2),
+            server_rates=orc.server_rates,
             server_rss_mb=round(svc.rss() / 2**20, 1),
             measured_s=round(secs, 2),
             chat_errors=merged["chat_errors"],

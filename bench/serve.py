@@ -29,6 +29,8 @@ def apply_patches(names: list[str]) -> None:
     - ``no-outbox-gauge``: the per-message ``ps_ws_outbox_bytes`` gauge updates become no-ops,
       to measure what a per-frame or callback gauge would save.
     - ``no-ws-metrics``: also the per-frame message/frame counters.
+    - ``hub-coalesce-<N>ms``: the hub waits N ms before each XREAD, so a read
+      returns many entries instead of one (fewer reads of every room's key).
     """
     from progress_service import metrics  # noqa: PLC0415
 
@@ -39,8 +41,29 @@ def apply_patches(names: list[str]) -> None:
             metrics.ws_outbox_bytes = _Noop()  # type: ignore[assignment]
             metrics.ws_messages_out = _Noop()  # type: ignore[assignment]
             metrics.ws_frames_out = _Noop()  # type: ignore[assignment]
+        elif name.startswith("hub-coalesce-"):
+            _coalesce_hub_reads(float(name.removeprefix("hub-coalesce-").removesuffix("ms")) / 1000)
         else:
             raise SystemExit(f"unknown patch {name!r}")
+
+
+def _coalesce_hub_reads(delay: float) -> None:
+    """Wait ``delay`` before each hub XREAD so one read carries many entries (fewer, bigger reads)."""
+    from progress_service.gateway import hub  # noqa: PLC0415
+
+    original_init = hub.Hub.__init__
+
+    def init(self: hub.Hub, *args: object, **kwargs: object) -> None:
+        original_init(self, *args, **kwargs)
+        real = self._reader.xread
+
+        async def xread(streams: dict, count: int | None = None, block: int | None = None) -> object:
+            await asyncio.sleep(delay)
+            return await real(streams, count=count, block=block)
+
+        self._reader.xread = xread  # type: ignore[method-assign]
+
+    hub.Hub.__init__ = init  # type: ignore[method-assign]
 
 
 async def _serve(host: str, port: int, ws: str) -> None:

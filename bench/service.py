@@ -200,6 +200,20 @@ class Service:
     def rss(self) -> int:
         return stats.rss_bytes(self.pid)
 
+    def server_counters(self) -> dict[str, float]:
+        """The server's own Prometheus counters (hub reads, frames and messages out), {} if unreadable."""
+        wanted = ("ps_hub_reads_total", "ps_ws_frames_out_total", "ps_ws_messages_out_total")
+        try:
+            text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in wanted:
+                out[name] = float(value)
+        return out
+
     def redis_cpu(self) -> float:
         """CPU seconds the private redis-server has used (INFO cpu): Redis work is part of the cost."""
         from redis import Redis  # noqa: PLC0415
