@@ -153,7 +153,8 @@ def test_dev_runs_a_job_end_to_end_with_nothing_else_running(tmp_path: Path) -> 
         assert page.status_code == 200 and "<html" in page.text.lower()
         assert (tmp_path / "progress.db").exists()
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        # SIGTERM is what service managers send; the embedded Redis must go too.
+        os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

@@ -149,6 +149,7 @@ async def test_success_end_to_end(
 ) -> None:
     settings = make_settings(database_url=db_url)
     assert settings.redis_url == redis_url  # the module's own Redis database
+    (settings.workspace_path / "proj").mkdir()
     job_id = await new_job(engine, redis, settings, "add a feature", workdir="proj", model="claude-x")
     assert await run_job(worker_ctx(settings), job_id) == "succeeded"
 

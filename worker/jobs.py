@@ -21,7 +21,6 @@ import logging
 import os
 import socket
 import uuid
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -42,6 +41,7 @@ from progress_service.queue import (
     run_key,
 )
 from progress_service.settings import Settings
+from progress_service.workspace import WorkdirError, resolve_workdir
 from progress_service.store.jobs import JobRecord, get_job, jobs_in_status, update_job
 from progress_service.streams import append_event, expire_job, read_state, room_id
 from worker.claude import ClaudeProcess, Line, build_command, child_env, run_to_completion, start_claude
@@ -55,34 +55,11 @@ CANCEL_POLL = 0.25
 ALIVE_EVERY = 30.0
 
 
-class WorkdirError(ValueError):
-    """The job's working directory is not inside the workspace root."""
 
 
 def new_worker_id() -> str:
     """A worker id that names the host and process (shown in ``worker`` events)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-def resolve_workdir(root: Path, workdir: str | None) -> Path:
-    """The job's directory, resolved, created, and proven to be inside ``root``.
-
-    Relative paths are taken from ``root``; an absolute path must lie inside
-    it. Symlinks are resolved before the check, so a link out is refused.
-    The root is created when missing.
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    root = root.resolve()
-    if not workdir:
-        return root
-    target = (root / workdir).resolve()
-    if not target.is_relative_to(root):
-        raise WorkdirError(f"workdir {workdir!r} is outside the workspace root")
-    target.mkdir(parents=True, exist_ok=True)
-    # Re-check after creating: a symlink could have appeared in between.
-    if not target.resolve().is_relative_to(root):
-        raise WorkdirError(f"workdir {workdir!r} is outside the workspace root")
-    return target
 
 
 class Publisher:
@@ -135,7 +112,9 @@ class JobRun:
     async def execute(self) -> str:
         """Run the attempt to its end; returns the final status (for arq's log)."""
         try:
-            workdir = resolve_workdir(self.settings.workspace_path, self.record.spec.workdir)
+            root = self.settings.workspace_path
+            root.mkdir(parents=True, exist_ok=True)
+            workdir = resolve_workdir(root, self.record.spec.workdir)
         except (WorkdirError, OSError) as exc:
             return await self._end("failed", str(exc))
         command = build_command(self.settings, self.record.spec, str(uuid.uuid4()))

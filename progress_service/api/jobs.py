@@ -88,7 +88,7 @@ class JobsController(Controller):
         try:
             root = settings.workspace_path
             root.mkdir(parents=True, exist_ok=True)
-            workdir = resolve_workdir(root, data.workdir)
+            resolve_workdir(root, data.workdir)
         except WorkdirError as exc:
             raise ValidationException(str(exc)) from None
         job_id = uuid.uuid4().hex
@@ -108,7 +108,7 @@ class JobsController(Controller):
             demo=services.demo,
             prompt=data.prompt,
             model=data.model,
-            workdir=str(workdir.relative_to(settings.workspace_path)),
+            workdir=data.workdir or "",
             createdAt=created,
             submittedBy=principal.user_name,
         )
