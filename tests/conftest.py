@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 
@@ -229,27 +228,10 @@ def live_server() -> Callable[..., Any]:
 
     @contextlib.asynccontextmanager
     async def run(settings: Settings, *, run_worker: bool = True, port: int | None = None) -> AsyncIterator[str]:
-        from progress_service.app import create_app  # noqa: PLC0415
-        from progress_service.server import Server, make_config  # noqa: PLC0415
+        from servers import run_app  # noqa: PLC0415
 
-        port = port or free_port()
-        assert settings.redis_url, "live_server needs settings.redis_url"
-        app = create_app(settings, redis_url=settings.redis_url, run_worker=run_worker)
-        server = Server(make_config(app, settings, host="127.0.0.1", port=port))
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        base = f"http://127.0.0.1:{port}"
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve)
-            with anyio.fail_after(20):
-                while not server.started:
-                    if server.should_exit:
-                        raise RuntimeError("server failed to start")
-                    await anyio.sleep(0.02)
-            try:
-                yield base
-            finally:
-                server.should_exit = True
-        # the task group waited for serve() to finish its shutdown
+        async with run_app(settings, run_worker=run_worker, port=port) as (base, _app):
+            yield base
 
     return run
 

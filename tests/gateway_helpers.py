@@ -22,6 +22,7 @@ from progress_service.store.db import create_engine
 from progress_service.store.identity import create_token, ensure_team, ensure_user
 from progress_service.store.jobs import create_job
 from progress_service.store.migrations import migrate
+from servers import run_app
 
 
 class Store:
@@ -139,31 +140,9 @@ async def collect_events(ws: ClientConnection, count: int, timeout: float = 10.0
     return out
 
 
-@contextlib.asynccontextmanager
-async def serve(settings: Any, *, port: int | None = None) -> AsyncIterator[tuple[str, Any]]:
-    """The real app on uvicorn (like conftest's ``live_server``), yielding ``(base_url, app)``.
-
-    The app is exposed so a test can install hooks in ``app.state.services``.
-    """
-    from progress_service.app import create_app  # noqa: PLC0415
-    from progress_service.embedded_redis import free_port  # noqa: PLC0415
-    from progress_service.server import Server, make_config  # noqa: PLC0415
-
-    port = port or free_port()
-    app = create_app(settings, redis_url=settings.redis_url, run_worker=False)
-    server = Server(make_config(app, settings, host="127.0.0.1", port=port))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(20):
-            while not server.started:
-                if server.should_exit:
-                    raise RuntimeError("server failed to start")
-                await anyio.sleep(0.02)
-        try:
-            yield f"http://127.0.0.1:{port}", app
-        finally:
-            server.should_exit = True
+def serve(settings: Any, *, port: int | None = None) -> contextlib.AbstractAsyncContextManager[tuple[str, Any]]:
+    """The real app on uvicorn without a worker, yielding ``(base_url, app)``."""
+    return run_app(settings, run_worker=False, port=port)
 
 
 class FakeComments:

@@ -478,7 +478,7 @@ async def test_comments_are_printed_as_they_arrive(service: Any, run_cli: Any, m
         assert json.loads(await ws.recv())["type"] == "auth_ok"
         await ws.send(json.dumps({"type": "join", "roomId": f"job:{job_id}"}))
         await ws.send(json.dumps({"type": "chat", "roomId": f"job:{job_id}", "requestId": "r1", "text": "line one\nline two"}))
-        while (msg := json.loads(await ws.recv()))["type"] != "ack":
+        while json.loads(await ws.recv())["type"] != "ack":
             pass
 
     cli.wait_for(lambda: any(line.split()[1] == "comment" for line in cli.out))
