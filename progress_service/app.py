@@ -28,6 +28,7 @@ from progress_service import metrics, queue
 from progress_service.api.deps import provide_principal, provide_services
 from progress_service.api.health import healthz, metrics_endpoint, readyz
 from progress_service.api.jobs import JobsController
+from progress_service.api.me import whoami
 from progress_service.api.tickets import create_ticket
 from progress_service.services import Services
 from progress_service.settings import Settings
@@ -139,7 +140,7 @@ def create_app(
 
     from progress_service.gateway import route_handlers as gateway_handlers  # noqa: PLC0415
 
-    handlers: list = [JobsController, create_ticket, healthz, readyz, metrics_endpoint, *gateway_handlers]
+    handlers: list = [JobsController, create_ticket, whoami, healthz, readyz, metrics_endpoint, *gateway_handlers]
     handlers.extend(_extension_handlers())
     if WEB_DIR.is_dir():
         handlers.append(create_static_files_router(path="/", directories=[WEB_DIR], html_mode=True, name="web"))

@@ -97,6 +97,9 @@ async def test_authentication_and_roles(make_settings, make_token, live_server) 
         ticket = await client.post("/api/ws-tickets", headers=bearer(viewer))
         assert ticket.status_code == 201
         assert ticket.json()["expiresIn"] == 60 and ticket.json()["ticket"].startswith("pst_")
+        me = (await client.get("/api/me", headers=bearer(viewer))).json()
+        assert me["role"] == "viewer" and me["teamName"] == "t1" and me["userName"].startswith("viewer-")
+        assert (await client.get("/api/me")).status_code == 401
         # A ticket is for the WebSocket only, never an HTTP credential.
         resp = await client.get("/api/jobs", headers=bearer(ticket.json()["ticket"]))
         assert resp.status_code == 401

@@ -225,6 +225,8 @@ def test_comments_presence_and_viewer(service: Any, make_token: Any, browser: An
     expect(page_c.locator("#comment-reason")).to_be_visible()
     expect(page_c.locator("#comment-reason")).to_contain_text("viewer")
     expect(page_c.locator("#cancel-job")).to_have_count(0)  # viewers cannot cancel either
+    expect(page_c.locator("#whoami")).to_contain_text("carol")
+    expect(page_c.locator("#whoami")).to_contain_text("(viewer)")
     expect(page_a.locator(".presence-list li")).to_have_count(3)
 
     expect(page_a.locator("#job-status")).to_have_text("Succeeded", timeout=60_000)
@@ -233,6 +235,10 @@ def test_comments_presence_and_viewer(service: Any, make_token: Any, browser: An
     # docs/job-page.png (the README's picture) is a copy of this one.
     screenshot(page_a, "job-page-with-comments.png")
     screenshot(page_c, "job-page-viewer.png")
+    # On the list, a viewer is told why there is no submit form.
+    page_c.locator("a.brand").click()
+    expect(page_c.locator("#submit-disabled")).to_contain_text("viewer")
+    expect(page_c.locator("#job-prompt")).to_have_count(0)
     for console in (console_a, console_b, console_c):
         console.assert_clean()
     for ctx in (ctx_a, ctx_b, ctx_c):

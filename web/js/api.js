@@ -87,5 +87,7 @@ export function createApi({ getToken, onUnauthorized }) {
     jobComments: (id, params = {}) => request("GET", `/api/jobs/${enc(id)}/comments${q(params)}`),
     /** A fresh single-use WebSocket ticket. */
     wsTicket: async () => (await request("POST", "/api/ws-tickets")).ticket,
+    /** {userId, userName, teamId, teamName, role, expiresAt} of the signed-in token. */
+    me: () => request("GET", "/api/me"),
   };
 }

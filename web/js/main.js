@@ -14,6 +14,7 @@ import { mountSignIn } from "./views/signin.js";
 
 const main = document.getElementById("main");
 const signOutButton = document.getElementById("sign-out");
+const whoami = document.getElementById("whoami");
 const indicator = document.getElementById("connection");
 
 let unmount = () => {};
@@ -54,6 +55,7 @@ function route() {
   unmount = () => {};
   const token = currentToken();
   signOutButton.hidden = !token;
+  whoami.hidden = !token;
   if (!token) {
     client.stop();
     document.title = "Sign in · progress-service";
@@ -72,6 +74,7 @@ function route() {
     return;
   }
   client.start();
+  showIdentity();
   const hash = window.location.hash.replace(/^#/, "");
   const job = /^\/jobs\/([A-Za-z0-9_-]{1,64})\/?$/.exec(hash);
   if (job) {
@@ -83,6 +86,22 @@ function route() {
   }
   document.title = "Jobs · progress-service";
   unmount = mountJobs(main, { api, client, navigate });
+}
+
+let identityFor = null;
+/** Show who is signed in (once per token): "name · team (role)". */
+function showIdentity() {
+  const token = currentToken();
+  if (identityFor === token) return;
+  identityFor = token;
+  api.me().then(
+    (me) => {
+      whoami.textContent = `${me.userName} · ${me.teamName} (${me.role})`;
+    },
+    () => {
+      identityFor = null; // retried on the next route
+    },
+  );
 }
 
 window.addEventListener("hashchange", route);

@@ -55,16 +55,30 @@ export function mountJobs(main, { api, client, navigate }) {
   });
   more.addEventListener("click", () => load({ append: true }));
 
+  // Only submitters and admins may submit: others see why instead of a form
+  // that would answer 403.
+  const submitCard = h(
+    "section",
+    { class: "card submit-card", "aria-labelledby": "submit-title" },
+    h("h2", { id: "submit-title" }, "New job"),
+    form.el,
+  );
+  api.me().then(
+    (me) => {
+      if (disposed || me.role === "submitter" || me.role === "admin") return;
+      submitCard.replaceChildren(
+        h("h2", { id: "submit-title" }, "New job"),
+        h("p", { class: "hint", id: "submit-disabled" }, `Your role (${me.role}) can watch and comment but not submit jobs; ask an admin for the submitter role.`),
+      );
+    },
+    () => {}, // the form stays; the server still refuses with a clear message
+  );
+
   main.replaceChildren(
     h(
       "div",
       { class: "jobs-layout" },
-      h(
-        "section",
-        { class: "card submit-card", "aria-labelledby": "submit-title" },
-        h("h2", { id: "submit-title" }, "New job"),
-        form.el,
-      ),
+      submitCard,
       h(
         "section",
         { class: "jobs-section", "aria-labelledby": "jobs-title" },
