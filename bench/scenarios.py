@@ -260,7 +260,8 @@ def idle(opts: Options) -> dict:
             time.sleep(1.0)  # let allocator and GC settle before reading RSS
             rss1 = svc.rss()
             cpu1 = svc.cpu()
-            time.sleep(hold)
+            with profiler(svc.pid, _profile_path(opts, "idle_hold"), hold):
+                time.sleep(hold)
             cpu_idle = svc.cpu() - cpu1
             rss2 = svc.rss()
             merged = orc.stop_and_collect()
