@@ -25,13 +25,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from progress_service import metrics, queue
+from progress_service.api.audit import AuditController, TokensController
+from progress_service.api.comments import CommentsController
 from progress_service.api.deps import provide_principal, provide_services
 from progress_service.api.health import healthz, metrics_endpoint, readyz
 from progress_service.api.jobs import JobsController
 from progress_service.api.me import whoami
 from progress_service.api.tickets import create_ticket
+from progress_service.comments import Comments
+from progress_service.revocation import RevocationWatcher
 from progress_service.services import Services
 from progress_service.settings import Settings
+from progress_service.store.audit import Audit
 from progress_service.store.db import create_engine
 from progress_service.store.migrations import migrate
 
@@ -120,12 +125,17 @@ def create_app(
             demo=not claude_is_available(settings),
         )
         services.gateway = Gateway(services)
-        _install_extensions(services)
+        # The hooks the gateway and the API call: durable comments, the
+        # non-blocking audit writer, and revocation closing live connections.
+        audit = services.extras["audit"] = Audit(engine)
+        services.extras["comments"] = Comments.from_services(services)
+        revocations = services.extras["revocations"] = RevocationWatcher(services)
         app.state.services = services
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(services.gateway.run)
-                tg.start_soon(_run_extensions, services)  # extensions: audit writer, revocation watcher
+                tg.start_soon(audit.run)  # flushes what is queued on the way out
+                tg.start_soon(revocations.run)
                 if run_worker:
                     tg.start_soon(_run_worker, services)
                 try:
@@ -140,8 +150,18 @@ def create_app(
 
     from progress_service.gateway import route_handlers as gateway_handlers  # noqa: PLC0415
 
-    handlers: list = [JobsController, create_ticket, whoami, healthz, readyz, metrics_endpoint, *gateway_handlers]
-    handlers.extend(_extension_handlers())
+    handlers: list = [
+        JobsController,
+        CommentsController,
+        AuditController,
+        TokensController,
+        create_ticket,
+        whoami,
+        healthz,
+        readyz,
+        metrics_endpoint,
+        *gateway_handlers,
+    ]
     if WEB_DIR.is_dir():
         handlers.append(create_static_files_router(path="/", directories=[WEB_DIR], html_mode=True, name="web"))
 
@@ -172,24 +192,3 @@ async def _run_worker(services: Services) -> None:
     finally:
         with anyio.CancelScope(shield=True):
             await worker.close()
-
-
-def _install_extensions(services: Services) -> None:
-    """Hooks filled by optional modules (comments, audit) when they are present."""
-    from progress_service import extensions  # noqa: PLC0415
-
-    extensions.install(services)
-
-
-def _extension_handlers() -> list:
-    """Route handlers of optional modules (comments, audit)."""
-    from progress_service import extensions  # noqa: PLC0415
-
-    return extensions.handlers()
-
-
-async def _run_extensions(services: Services) -> None:
-    """Background tasks of optional modules: the audit writer and the revocation watcher."""
-    from progress_service import extensions  # noqa: PLC0415
-
-    await extensions.run(services)
