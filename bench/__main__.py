@@ -17,7 +17,15 @@ import traceback
 from bench import stats
 from bench.orchestra import BenchError
 from bench.report import markdown_table, profile_top
-from bench.scenarios import SCENARIOS, Options, comments, hot_room, idle, many_rooms, reconnect_storm
+from bench.scenarios import (
+    SCENARIOS,
+    Options,
+    comments,
+    hot_room,
+    idle,
+    many_rooms,
+    reconnect_storm,
+)
 from bench.service import DEFAULT_PG, Service, pg_answers
 from bench.tuning import raise_nofile
 
@@ -98,6 +106,12 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_micro(args: argparse.Namespace) -> int:
+    from bench import micro  # noqa: PLC0415 - only this command needs the gateway imported
+
+    return micro.main()
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     with open(args.file) as f:
         print(profile_top(f.read(), args.limit))
@@ -129,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file")
     p.set_defaults(func=cmd_table)
     p = sub.add_parser("micro", help="in-process micro-benchmarks of the per-delivery hot path")
-    p.set_defaults(func=lambda _a: __import__("bench.micro", fromlist=["main"]).main())
+    p.set_defaults(func=cmd_micro)
     p = sub.add_parser("top", help="top functions of a py-spy raw profile (--profile DIR/*.txt)")
     p.add_argument("file")
     p.add_argument("--limit", type=int, default=25)

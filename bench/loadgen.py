@@ -400,6 +400,6 @@ def worker_main(index: int, cfg: WorkerConfig, ctl: Control) -> None:
     raise_nofile()
     try:
         result = run(Worker(index, cfg, ctl).main())
-    except BaseException as exc:  # report instead of dying silently
+    except BaseException as exc:  # noqa: BLE001 - reported to the orchestrator instead of dying silently
         result = {"worker": index, "crash": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
     ctl.results.put(("worker", result))

@@ -34,7 +34,7 @@ class _Noop:
 
 def _lean_outbox() -> type:
     """The proposed ``Outbox.put``: no gauge per message, wake the sender only on empty -> non-empty."""
-    from progress_service.gateway.outbox import Outbox  # noqa: PLC0415
+    from progress_service.gateway.outbox import Outbox
 
     class LeanOutbox(Outbox):
         def put(self, text: str, size: int) -> bool:
@@ -57,11 +57,11 @@ def _lean_outbox() -> type:
 
 def _fanout(metrics_off: bool, lean: bool = False) -> tuple[float, float, float]:
     """ns per ``Outbox.put`` (one delivery) for MEMBERS outboxes x EVENTS events."""
-    from progress_service import metrics  # noqa: PLC0415
-    from progress_service.gateway.outbox import Outbox  # noqa: PLC0415
+    from progress_service import metrics
+    from progress_service.gateway.outbox import Outbox
 
     if lean:
-        Outbox = _lean_outbox()  # noqa: N806
+        Outbox = _lean_outbox()
 
     saved = metrics.ws_outbox_bytes
     if metrics_off:
@@ -80,7 +80,7 @@ def _fanout(metrics_off: bool, lean: bool = False) -> tuple[float, float, float]
         frames = 0
         for ob in outboxes:
             while len(ob):
-                ob._take()  # noqa: SLF001 - measuring the internal step on purpose
+                ob._take()
                 frames += 1
         take_took = time.perf_counter_ns() - take_start
         return took / (MEMBERS * EVENTS), take_took / max(frames, 1), EVENTS * MEMBERS / max(frames, 1)
@@ -89,7 +89,7 @@ def _fanout(metrics_off: bool, lean: bool = False) -> tuple[float, float, float]
 
 
 def _wire_bytes() -> float:
-    from progress_service.streams import wire_bytes  # noqa: PLC0415
+    from progress_service.streams import wire_bytes
 
     fields = {b"t": b"event", b"b": b'{"kind":"log","at":1,"data":{"line":"' + b"x" * 120 + b'"}}'}
     n = 100_000

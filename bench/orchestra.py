@@ -13,7 +13,6 @@ from bench.loadgen import ClientSpec, WorkerConfig, worker_main
 from bench.publisher import PublisherConfig, publisher_main
 from bench.stats import Histogram
 
-
 _T0 = time.monotonic()
 
 

@@ -129,6 +129,6 @@ def publisher_main(cfg: PublisherConfig, ctl: Control, workers: int) -> None:
     """Entry point of the publisher process."""
     try:
         result = run(_main(cfg, ctl, workers))
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - reported to the orchestrator instead of dying silently
         result = {"crash": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
     ctl.results.put(("publisher", result))

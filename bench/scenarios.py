@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import stats
 from bench.control import MEASURE, WARMUP
 from bench.loadgen import BACKOFF_BASE, BACKOFF_CAP, ClientSpec, WorkerConfig
 from bench.orchestra import BenchError, Orchestra, log, split

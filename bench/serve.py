@@ -32,7 +32,7 @@ def apply_patches(names: list[str]) -> None:
     - ``hub-coalesce-<N>ms``: the hub waits N ms before each XREAD, so a read
       returns many entries instead of one (fewer reads of every room's key).
     """
-    from progress_service import metrics  # noqa: PLC0415
+    from progress_service import metrics
 
     for name in names:
         if name == "no-outbox-gauge":
@@ -49,7 +49,7 @@ def apply_patches(names: list[str]) -> None:
 
 def _coalesce_hub_reads(delay: float) -> None:
     """Wait ``delay`` before each hub XREAD so one read carries many entries (fewer, bigger reads)."""
-    from progress_service.gateway import hub  # noqa: PLC0415
+    from progress_service.gateway import hub
 
     original_init = hub.Hub.__init__
 
@@ -68,8 +68,8 @@ def _coalesce_hub_reads(delay: float) -> None:
 
 async def _serve(host: str, port: int, ws: str) -> None:
     """The same app and Server as ``progress-service serve``, with ``ws`` passed to uvicorn."""
-    from progress_service.app import create_app  # noqa: PLC0415
-    from progress_service.server import Server, make_config  # noqa: PLC0415
+    from progress_service.app import create_app
+    from progress_service.server import Server, make_config
 
     settings = load_settings()
     assert settings.redis_url, "PS_REDIS_URL must be set"
@@ -89,11 +89,11 @@ def main() -> None:
     args = parser.parse_args()
     apply_patches(args.patch)
     raise_nofile()
-    import logging  # noqa: PLC0415
+    import logging
 
     logging.basicConfig(level=logging.WARNING)
     if args.loop == "uvloop":
-        import uvloop  # noqa: PLC0415
+        import uvloop
 
         uvloop.run(_serve(args.host, args.port, args.ws))
     else:

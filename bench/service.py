@@ -31,12 +31,12 @@ DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 def pg_answers(url: str) -> bool:
     """True when a PostgreSQL server answers at ``url`` (libpq form)."""
-    import asyncpg  # noqa: PLC0415
+    import asyncpg
 
     async def probe() -> bool:
         try:
             conn = await asyncpg.connect(url, timeout=3)
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, asyncpg.PostgresError):
             return False
         await conn.close()
         return True
@@ -47,7 +47,7 @@ def pg_answers(url: str) -> bool:
 @contextlib.contextmanager
 def throwaway_pg(admin_url: str):
     """A fresh PostgreSQL database (SQLAlchemy asyncpg URL), dropped on exit."""
-    import asyncpg  # noqa: PLC0415
+    import asyncpg
 
     name = f"ps_bench_{uuid.uuid4().hex[:10]}"
 
@@ -110,8 +110,8 @@ class Service:
             self._stack.close()
 
     async def _migrate(self) -> None:
-        from progress_service.store.db import create_engine  # noqa: PLC0415
-        from progress_service.store.migrations import migrate  # noqa: PLC0415
+        from progress_service.store.db import create_engine
+        from progress_service.store.migrations import migrate
 
         engine = create_engine(self.database_url)
         try:
@@ -216,7 +216,7 @@ class Service:
 
     def redis_cpu(self) -> float:
         """CPU seconds the private redis-server has used (INFO cpu): Redis work is part of the cost."""
-        from redis import Redis  # noqa: PLC0415
+        from redis import Redis
 
         client = Redis.from_url(self.redis_url)
         try:
@@ -236,8 +236,8 @@ class Service:
         return asyncio.run(self._tokens(count, role, team, prefix or role))
 
     async def _tokens(self, count: int, role: str, team: str, prefix: str) -> list[str]:
-        from progress_service.store.db import create_engine  # noqa: PLC0415
-        from progress_service.store.identity import create_token  # noqa: PLC0415
+        from progress_service.store.db import create_engine
+        from progress_service.store.identity import create_token
 
         engine = create_engine(self.database_url)
         try:
@@ -254,13 +254,13 @@ class Service:
         return asyncio.run(self._jobs(count, team))
 
     async def _jobs(self, count: int, team: str) -> list[str]:
-        from redis.asyncio import Redis  # noqa: PLC0415
+        from redis.asyncio import Redis
 
-        from progress_service.events import JobSnapshot, JobSpec, now_ms  # noqa: PLC0415
-        from progress_service.store.db import create_engine  # noqa: PLC0415
-        from progress_service.store.identity import ensure_team, ensure_user  # noqa: PLC0415
-        from progress_service.store.jobs import create_job  # noqa: PLC0415
-        from progress_service.streams import put_snapshot, room_id  # noqa: PLC0415
+        from progress_service.events import JobSnapshot, JobSpec, now_ms
+        from progress_service.store.db import create_engine
+        from progress_service.store.identity import ensure_team, ensure_user
+        from progress_service.store.jobs import create_job
+        from progress_service.streams import put_snapshot, room_id
 
         engine = create_engine(self.database_url)
         redis = Redis.from_url(self.redis_url)

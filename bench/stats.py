@@ -18,7 +18,7 @@ BUCKETS = FINE + 100_000
 class Histogram:
     """Latency counts in fixed 0.1 ms buckets: O(1) to record, trivial to merge across processes."""
 
-    __slots__ = ("counts", "n", "max_ns")
+    __slots__ = ("counts", "max_ns", "n")
 
     def __init__(self) -> None:
         self.counts = [0] * BUCKETS
@@ -27,15 +27,13 @@ class Histogram:
 
     def record(self, ns: int) -> None:
         """Count one latency in nanoseconds (negative clock skew counts as 0)."""
-        if ns < 0:
-            ns = 0
+        ns = max(ns, 0)
         i = ns // BUCKET_NS
         if i >= FINE:
             i = min(FINE + (ns - FINE * BUCKET_NS) // COARSE_NS, BUCKETS - 1)
         self.counts[i] += 1
         self.n += 1
-        if ns > self.max_ns:
-            self.max_ns = ns
+        self.max_ns = max(self.max_ns, ns)
 
     def merge(self, other: dict) -> None:
         """Add a histogram exported with :meth:`export` (from another process)."""
@@ -52,7 +50,7 @@ class Histogram:
         """The upper edge of the bucket holding the p-th percentile, in ms."""
         if self.n == 0:
             return None
-        target = max(1, int(round(self.n * p / 100.0)))
+        target = max(1, round(self.n * p / 100.0))
         seen = 0
         for i, c in enumerate(self.counts):
             seen += c
@@ -130,7 +128,7 @@ def versions(redis_server: str | None = None) -> dict:
             out[dist] = None
     if redis_server:
         try:
-            line = subprocess.run([redis_server, "--version"], capture_output=True, text=True, timeout=5).stdout
+            line = subprocess.run([redis_server, "--version"], capture_output=True, text=True, timeout=5, check=False).stdout
             out["redis_server"] = line.split("v=", 1)[1].split()[0]
         except (OSError, IndexError, subprocess.SubprocessError):
             out["redis_server"] = None

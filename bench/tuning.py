@@ -21,7 +21,7 @@ def raise_nofile() -> int:
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` on uvloop when installed (as the server does), else asyncio's loop."""
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)
