@@ -18,6 +18,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[test,bench]"
 	$(BIN)/python -m bench run all
 
 clean:
