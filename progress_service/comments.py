@@ -32,6 +32,7 @@ a second. A retry after Redis failed between commit and XADD does the XADD.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from progress_service import streams
-from progress_service.events import ROLE_RANK
+from progress_service.events import ROLE_RANK, now_ms
 from progress_service.gateway.session import CommentForbidden, CommentsUnavailable
 from progress_service.store import comments as comment_store
 
@@ -66,17 +67,30 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _BUDGET = 0.9
 
 _enc = msgspec.json.Encoder()
+#: Most comments one transaction takes (the rest wait for the next one).
+MAX_BATCH = 500
 
+# Appends a batch of one job's comments, each at most once.
 # KEYS: events stream, snapshot hash, comment-id -> entry-id hash
-# ARGV: comment id, entry body, maxlen, ttl of the map
+# ARGV: maxlen, ttl of the map, then (comment id, entry body) pairs
+# Returns the entry id of each comment, in ARGV order.
 _APPEND_ONCE = """
-local done = redis.call('HGET', KEYS[3], ARGV[1])
-if done then return done end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 't', 'chat', 'b', ARGV[2])
-redis.call('HINCRBY', KEYS[2], 'n', 1)
-redis.call('HSET', KEYS[3], ARGV[1], id)
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-return id
+local ids = {}
+local added = 0
+for i = 3, #ARGV, 2 do
+  local id = redis.call('HGET', KEYS[3], ARGV[i])
+  if not id then
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 't', 'chat', 'b', ARGV[i + 1])
+    redis.call('HSET', KEYS[3], ARGV[i], id)
+    added = added + 1
+  end
+  ids[#ids + 1] = id
+end
+if added > 0 then
+  redis.call('HINCRBY', KEYS[2], 'n', added)
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+end
+return ids
 """
 
 
@@ -101,21 +115,58 @@ def normalize_text(text: str, max_chars: int) -> str:
     return text
 
 
-def _consume(task: asyncio.Task[Any]) -> None:
-    # An abandoned write's outcome is not awaited by anyone: read it so
-    # asyncio does not log "exception was never retrieved".
-    if not task.cancelled() and task.exception() is not None:
-        log.info("comments: abandoned write ended with %r", task.exception())
+class _Waiter:
+    """One ``submit`` waiting for the writer: the request and how far it got."""
+
+    __slots__ = ("comment", "created", "deadline", "event_id", "future", "item")
+
+    def __init__(self, item: comment_store.NewComment, future: asyncio.Future[tuple[comment_store.Comment, bool]], deadline: float) -> None:
+        self.item = item
+        #: Resolved by the writer; cancelled by the waiter when it gives up.
+        self.future = future
+        self.deadline = deadline
+        #: Set once committed (``comment.id`` is None until published).
+        self.comment: comment_store.Comment | None = None
+        self.created = False
+        #: Set once appended to the job's stream.
+        self.event_id: str | None = None
+
+    @property
+    def gone(self) -> bool:
+        """The waiter got its answer or gave up (its future is cancelled)."""
+        return self.future.done()
+
+    def resolve(self) -> None:
+        if not self.future.done() and self.comment is not None:
+            comment = self.comment if self.event_id is None else msgspec.structs.replace(self.comment, id=self.event_id)
+            self.future.set_result((comment, self.created))
+
+    def fail(self, reason: str) -> None:
+        if not self.future.done():
+            self.future.set_exception(CommentsUnavailable(reason))
 
 
 class Comments:
-    """``services.extras["comments"]``: store, publish and ack comments."""
+    """``services.extras["comments"]``: store, publish and ack comments.
+
+    Group commit: ``submit`` queues its comment and waits; one writer task per
+    instance takes every queued comment, stores them with their audit records
+    in one transaction, appends them to their jobs' streams in one Redis round
+    trip, and records their event ids in its next transaction, which also
+    stores the comments that queued meanwhile. A comment is answered once its
+    event id is committed. The writer is started by the first comment of a
+    burst and ends when nothing is queued or in flight, so its lifetime is the
+    burst's (nothing to start or stop with the app); :meth:`aclose` ends it
+    early.
+    """
 
     def __init__(self, engine: AsyncEngine, redis: Redis, settings: Settings) -> None:
         self.engine = engine
         self.redis = redis
         self.settings = settings
         self._append_once = redis.register_script(_APPEND_ONCE)
+        self._queue: list[_Waiter] = []
+        self._writer: asyncio.Task[None] | None = None
 
     @classmethod
     def from_services(cls, services: Services) -> Comments:
@@ -144,82 +195,144 @@ class Comments:
         text = normalize_text(text, self.settings.ws_max_text_chars)
         room_id = room_id or streams.room_id(job_id)
         deadline = anyio.current_time() + self.settings.store_timeout * _BUDGET
+        item = comment_store.NewComment(
+            job_id=job_id,
+            room_id=room_id,
+            team_id=principal.team_id,
+            user_id=principal.user_id,
+            user_name=principal.user_name,
+            request_id=request_id,
+            text=text,
+            created_at=now_ms(),
+        )
+        waiter = _Waiter(item, asyncio.get_running_loop().create_future(), deadline)
+        self._queue.append(waiter)
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write())
+        try:
+            # Cancelling this wait (timeout, or the caller's cancellation)
+            # cancels the future: the writer then leaves the comment out of its
+            # transaction, or rolls the transaction back if it is under way.
+            with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                return await waiter.future
+        except TimeoutError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                return waiter.future.result()  # answered as the timeout fired
+            if waiter.event_id is not None and waiter.comment is not None:
+                # Broadcast already; only recording its id on the row was slow.
+                # The Redis map keeps the id: a retry still gets the same ack.
+                log.warning("comments: recording event id %s is slow; acked anyway", waiter.event_id)
+                return msgspec.structs.replace(waiter.comment, id=waiter.event_id), waiter.created
+            log.warning("comments: store slower than %.1fs; answered unavailable", self.settings.store_timeout)
+            if waiter.comment is None:
+                raise CommentsUnavailable("the comment store did not answer in time") from None
+            raise CommentsUnavailable("the event stream is unavailable") from None
 
-        comment, created = await self._store(principal, job_id, room_id, request_id, text, deadline)
-        if comment.id is not None:
-            return comment, created  # published before: same id, no second broadcast
+    async def aclose(self) -> None:
+        """Stop the writer (the comments it has not answered get ``unavailable``)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
 
+    # ----------------------------------------------------------- the writer
+
+    async def _write(self) -> None:
+        """Write until nothing is queued or waiting for its event id."""
+        carry: list[_Waiter] = []  # published; their event ids go into the next transaction
+        batch: list[_Waiter] = []
+        try:
+            while self._queue or carry:
+                batch = [w for w in self._queue[:MAX_BATCH] if not w.gone]
+                del self._queue[:MAX_BATCH]
+                committed = await self._commit(batch, carry)
+                for waiter in carry:  # their event ids are committed (or the store failed: see submit)
+                    waiter.resolve()
+                carry = []
+                if committed:
+                    carry = await self._publish(committed)
+                batch = []
+        except BaseException:
+            for waiter in (*self._queue, *batch, *carry):
+                waiter.fail("the comment writer stopped")
+            self._queue.clear()
+            raise
+        finally:
+            if self._writer is asyncio.current_task():
+                self._writer = None
+
+    async def _commit(self, batch: list[_Waiter], carry: list[_Waiter]) -> list[_Waiter]:
+        """One transaction: ``batch``'s comments and audit records, ``carry``'s event ids.
+
+        Returns the waiters whose comment must be appended to its stream.
+        """
+        event_ids = list({w.comment.commentId: w.event_id for w in carry if w.comment and w.event_id}.items())
+        while batch or event_ids:
+            try:
+                results = await comment_store.store_batch(
+                    self.engine,
+                    [w.item for w in batch],
+                    event_ids=event_ids,
+                    abandoned=lambda batch=batch: any(w.gone for w in batch),  # type: ignore[misc]
+                )
+            except comment_store.Abandoned:
+                # Somebody gave up while the transaction ran: nothing was
+                # written; write the others (and the event ids) again.
+                batch = [w for w in batch if not w.gone]
+                continue
+            except Exception as exc:  # any failure to store durably is "unavailable"
+                log.warning("comments: store failed: %r", exc)
+                for waiter in batch:
+                    waiter.fail("the comment store is unavailable")
+                return []
+            publish: list[_Waiter] = []
+            for waiter, (comment, created) in zip(batch, results, strict=True):
+                waiter.comment, waiter.created = comment, created
+                if comment.id is not None:
+                    waiter.resolve()  # published before: same id, no second broadcast
+                elif not waiter.gone:  # (gave up during the commit: a retry publishes it)
+                    publish.append(waiter)
+            return publish
+        return []
+
+    async def _publish(self, waiters: list[_Waiter]) -> list[_Waiter]:
+        """Append the comments to their jobs' streams: one script call per job, one round trip.
+
+        Returns the waiters that got an event id. Within a job, comments are
+        appended in comment-id order.
+        """
+        by_job: dict[str, list[_Waiter]] = {}
+        for waiter in sorted((w for w in waiters if not w.gone), key=lambda w: w.comment.commentId):  # type: ignore[union-attr]
+            by_job.setdefault(waiter.item.job_id, []).append(waiter)
+        if not by_job:
+            return []
+        deadline = min(w.deadline for group in by_job.values() for w in group)
         try:
             with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
-                event_id = await self._publish(comment)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for job_id, group in by_job.items():
+                        args: list[Any] = [self.settings.events_maxlen, self.settings.events_ttl]
+                        for waiter in group:
+                            assert waiter.comment is not None
+                            args += (str(waiter.comment.commentId), _enc.encode(waiter.comment.stored_chat()))
+                        await self._append_once(
+                            keys=[streams.events_key(job_id), streams.snapshot_key(job_id), published_key(job_id)],
+                            args=args,
+                            client=pipe,
+                        )
+                    replies = await pipe.execute()
         except (TimeoutError, RedisError, OSError) as exc:
             # Stored but not broadcast: the client retries with the same
             # request id and that retry does the XADD.
-            log.warning("comments: stream append failed for %s: %r", room_id, exc)
-            raise CommentsUnavailable("the event stream is unavailable") from None
-        comment = msgspec.structs.replace(comment, id=event_id)
-        await self._remember(comment.commentId, event_id, deadline)
-        return comment, created
-
-    async def _store(
-        self, principal: Principal, job_id: str, room_id: str, request_id: str, text: str, deadline: float
-    ) -> tuple[comment_store.Comment, bool]:
-        abandoned = False
-
-        def is_abandoned() -> bool:
-            return abandoned
-
-        task = asyncio.ensure_future(
-            comment_store.store_comment(
-                self.engine,
-                job_id=job_id,
-                room_id=room_id,
-                team_id=principal.team_id,
-                user_id=principal.user_id,
-                user_name=principal.user_name,
-                request_id=request_id,
-                text=text,
-                abandoned=is_abandoned,
-            )
-        )
-        try:
-            with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
-                return await asyncio.shield(task)
-        except TimeoutError:
-            abandoned = True
-            task.add_done_callback(_consume)
-            log.warning("comments: store slower than %.1fs; answered unavailable", self.settings.store_timeout)
-            raise CommentsUnavailable("the comment store did not answer in time") from None
-        except Exception as exc:  # any failure to store durably is "unavailable"
-            log.warning("comments: store failed: %r", exc)
-            raise CommentsUnavailable("the comment store is unavailable") from None
-        except BaseException:
-            # The caller was cancelled (gateway timeout, disconnect): the
-            # write rolls back unless it is already committing.
-            abandoned = True
-            task.add_done_callback(_consume)
-            raise
-
-    async def _publish(self, comment: comment_store.Comment) -> str:
-        job_id = comment.jobId
-        raw = await self._append_once(
-            keys=[streams.events_key(job_id), streams.snapshot_key(job_id), published_key(job_id)],
-            args=[
-                str(comment.commentId),
-                _enc.encode(comment.stored_chat()),
-                self.settings.events_maxlen,
-                self.settings.events_ttl,
-            ],
-        )
-        return raw.decode() if isinstance(raw, bytes) else str(raw)
-
-    async def _remember(self, comment_id: int, event_id: str, deadline: float) -> None:
-        """Store the event id on the row; the broadcast is out, so a slow store only delays this."""
-        task = asyncio.ensure_future(comment_store.set_event_id(self.engine, comment_id, event_id))
-        task.add_done_callback(_consume)
-        with anyio.move_on_after(max(0.05, deadline - anyio.current_time())):
-            try:
-                await asyncio.shield(task)
-            except Exception as exc:
-                # The Redis map keeps the id: a retry still gets the same ack.
-                log.warning("comments: could not record event id %s: %r", event_id, exc)
+            log.warning("comments: stream append failed: %r", exc)
+            for group in by_job.values():
+                for waiter in group:
+                    waiter.fail("the event stream is unavailable")
+            return []
+        published: list[_Waiter] = []
+        for group, ids in zip(by_job.values(), replies, strict=True):
+            for waiter, raw in zip(group, ids, strict=True):
+                waiter.event_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+                published.append(waiter)
+        return published

@@ -25,9 +25,12 @@ and exporting chains (``audit export``) to storage outside the database is
 how an operator guards against an attacker who rewrites a whole chain.
 
 **Serializing appends.** The chain's row in ``audit_heads`` is its lock: an
-append first writes to it (``INSERT … ON CONFLICT DO NOTHING`` creates it),
-then reads it ``FOR UPDATE``. On PostgreSQL that row lock orders concurrent
-appenders of one chain, across processes; on SQLite the first write takes
+append first writes to it with an upsert that creates it on first use and
+otherwise changes nothing (``INSERT … ON CONFLICT (chain) DO UPDATE …
+RETURNING count, last_hash``), which locks the row and reads the chain's
+state in one statement. On PostgreSQL that row lock (the one ``SELECT … FOR
+UPDATE`` would take) orders concurrent appenders of one chain, across
+processes; on SQLite the first write takes
 the database's single write lock (busy_timeout waits for it), which orders
 every writer. Batches that touch several chains lock them in sorted order so
 two nodes cannot deadlock.
@@ -241,19 +244,47 @@ def _dialect_insert(conn: AsyncConnection, table: sa.Table) -> Any:
     return insert(table)
 
 
+# Statements are built once and executed with bound parameters: building
+# ``insert().values(**kw)`` per call costs more CPU than the SQL itself
+# (statement construction plus a cache key over the literal values).
+
+#: Per dialect: the chain lock (see the module docstring).
+_LOCK_CHAIN: dict[str, Any] = {}
+_INSERT_RECORDS = sa.insert(audit_log).returning(audit_log.c.id, audit_log.c.hash)
+_UPDATE_HEAD = (
+    sa.update(audit_heads)
+    .where(audit_heads.c.chain == sa.bindparam("b_chain"))
+    .values(
+        count=sa.bindparam("b_count"),
+        last_id=sa.bindparam("b_last_id"),
+        last_hash=sa.bindparam("b_last_hash"),
+        updated_at=sa.bindparam("b_updated_at"),
+    )
+)
+
+
+def _lock_statement(conn: AsyncConnection) -> Any:
+    name = conn.dialect.name
+    stmt = _LOCK_CHAIN.get(name)
+    if stmt is None:
+        insert = _dialect_insert(conn, audit_heads)
+        # An upsert that changes nothing: it creates the head on first use and
+        # otherwise locks the existing row (PostgreSQL: ON CONFLICT DO UPDATE
+        # takes the row lock, as SELECT … FOR UPDATE does; SQLite: it is a
+        # write, so it takes the database's write lock), and returns the
+        # chain's count and last hash in the same round trip.
+        stmt = _LOCK_CHAIN[name] = insert.on_conflict_do_update(
+            index_elements=["chain"], set_={"chain": insert.excluded.chain}
+        ).returning(audit_heads.c.count, audit_heads.c.last_hash)
+    return stmt
+
+
 async def _lock_chain(conn: AsyncConnection, chain: str) -> tuple[int, str]:
     """Take the chain's lock for this transaction; returns (count, last hash)."""
-    create = (
-        _dialect_insert(conn, audit_heads)
-        .values(chain=chain, count=0, last_id=None, last_hash=GENESIS, updated_at=now_ms())
-        .on_conflict_do_nothing(index_elements=["chain"])
-    )
-    await conn.execute(create)
     row = (
         await conn.execute(
-            sa.select(audit_heads.c.count, audit_heads.c.last_hash)
-            .where(audit_heads.c.chain == chain)
-            .with_for_update()
+            _lock_statement(conn),
+            {"chain": chain, "count": 0, "last_id": None, "last_hash": GENESIS, "updated_at": now_ms()},
         )
     ).one()
     return int(row.count), row.last_hash
@@ -278,17 +309,27 @@ async def append(conn: AsyncConnection, entries: Sequence[Entry]) -> list[AuditR
 
     Records of one chain keep their given order; chains are locked in sorted
     order. Returns the records written, in the order of ``entries``.
+
+    A chain's records are inserted with one multi-row statement; the ids it
+    returns must ascend in chain order (``verify`` walks a chain by id). Both
+    backends number the rows of one ``INSERT … VALUES`` in order, and the
+    returned hashes are checked against that: a store that numbered them
+    otherwise fails the append (the transaction rolls back) instead of
+    writing a chain that does not verify.
     """
     by_chain: dict[str, list[int]] = {}
     for i, entry in enumerate(entries):
         by_chain.setdefault(entry.chain, []).append(i)
     written: dict[int, AuditRecord] = {}
+    actions: dict[str, int] = {}
     for chain in sorted(by_chain):
         count, prev = await _lock_chain(conn, chain)
-        last_id: int | None = None
+        rows: list[dict[str, Any]] = []
+        records: list[tuple[int, AuditRecord]] = []
         for i in by_chain[chain]:
             e = _fit(entries[i])
-            detail = canonical_json(scrub(e.detail))
+            clean = scrub(e.detail)
+            detail = canonical_json(clean)
             digest = compute_hash(
                 prev_hash=prev,
                 team_id=e.team_id,
@@ -298,38 +339,54 @@ async def append(conn: AsyncConnection, entries: Sequence[Entry]) -> list[AuditR
                 detail=detail,
                 created_at=e.created_at,
             )
-            values = {
-                "team_id": e.team_id,
-                "actor": e.actor,
-                "action": e.action,
-                "room_id": e.room_id,
-                "detail": detail,
-                "created_at": e.created_at,
-                "prev_hash": prev,
-                "hash": digest,
-            }
-            last_id = int(await conn.scalar(sa.insert(audit_log).values(**values).returning(audit_log.c.id)))
-            written[i] = AuditRecord(
-                id=last_id,
-                chain=chain,
-                teamId=e.team_id,
-                actor=e.actor,
-                action=e.action,
-                roomId=e.room_id,
-                detail=msgspec.json.decode(detail),
-                createdAt=e.created_at,
-                prevHash=prev,
-                hash=digest,
+            rows.append(
+                {
+                    "team_id": e.team_id,
+                    "actor": e.actor,
+                    "action": e.action,
+                    "room_id": e.room_id,
+                    "detail": detail,
+                    "created_at": e.created_at,
+                    "prev_hash": prev,
+                    "hash": digest,
+                }
             )
+            records.append(
+                (
+                    i,
+                    AuditRecord(
+                        id=0,
+                        chain=chain,
+                        teamId=e.team_id,
+                        actor=e.actor,
+                        action=e.action,
+                        roomId=e.room_id,
+                        detail=msgspec.json.decode(detail),
+                        createdAt=e.created_at,
+                        prevHash=prev,
+                        hash=digest,
+                    ),
+                )
+            )
+            actions[e.action] = actions.get(e.action, 0) + 1
             prev = digest
             count += 1
+        if len(rows) == 1:
+            returned = [(await conn.execute(_INSERT_RECORDS, rows[0])).one()]
+        else:
+            returned = (await conn.execute(_INSERT_RECORDS, rows)).all()
+        ids = sorted((int(r.id), r.hash) for r in returned)
+        if [h for _, h in ids] != [row["hash"] for row in rows]:
+            raise RuntimeError(f"audit: the store numbered the records of chain {chain} out of order")
+        for (i, rec), (row_id, _) in zip(records, ids, strict=True):
+            rec.id = row_id
+            written[i] = rec
         await conn.execute(
-            sa.update(audit_heads)
-            .where(audit_heads.c.chain == chain)
-            .values(count=count, last_id=last_id, last_hash=prev, updated_at=now_ms())
+            _UPDATE_HEAD,
+            {"b_chain": chain, "b_count": count, "b_last_id": ids[-1][0], "b_last_hash": prev, "b_updated_at": now_ms()},
         )
-    for i in written:
-        audit_records.labels(entries[i].action).inc()
+    for action, n in actions.items():
+        audit_records.labels(action).inc(n)
     return [written[i] for i in range(len(entries))]
 
 
