@@ -592,12 +592,15 @@ async def test_store_down_during_auth_closes_1011(settings, store, redis) -> Non
     async with serve(settings()) as (base, app):
         services = app.state.services
         token, job = await store.token(), await store.job()
+        # A credential this process has not seen yet: a cached one (the
+        # neighbour's) would not need the store for up to PRINCIPAL_TTL.
+        fresh = await store.token()
         async with connect(base) as neighbour, connect(base) as ws:
             await auth(neighbour, token)
             await join(neighbour, job)
             real, services.engine = services.engine, create_engine(f"postgresql+asyncpg://nobody@127.0.0.1:{_closed_port()}/none")
             try:
-                await send(ws, type="auth", token=token)
+                await send(ws, type="auth", token=fresh)
                 assert await closed_with(ws) == (1011, "internal error")
             finally:
                 await services.engine.dispose()

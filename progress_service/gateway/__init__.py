@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from progress_service.api.stream import job_stream
+from progress_service.auth import PrincipalCache
 from progress_service.gateway import closes
 from progress_service.gateway.closes import Close
 from progress_service.gateway.endpoint import install_log_redaction, ws_endpoint
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
     from progress_service.store.identity import Principal
 
 
+#: Jobs whose team a gateway remembers at most.
+JOB_TEAMS_MAX = 100_000
+
+
 class Gateway:
     """The gateway of one process: its sessions, hub and presence."""
 
@@ -40,6 +45,10 @@ class Gateway:
         self.hub = Hub(services, self.node_id)
         self.presence = Presence(services.redis, self.node_id, grace=self.settings.presence_grace)
         self.sessions: dict[str, Session] = {}
+        #: API-token principals trusted for a short while (evicted by close_token).
+        self.principals = PrincipalCache()
+        #: job id -> team id: a job never changes team, so a join checks it once per process.
+        self.job_teams: dict[str, str] = {}
         self._per_user: Counter[str] = Counter()
         self.closing = False
         self.route_handlers = route_handlers
@@ -75,12 +84,20 @@ class Gateway:
             if self._per_user[uid] <= 0:
                 del self._per_user[uid]
 
+    def remember_job_team(self, job_id: str, team_id: str) -> None:
+        """Cache a job's team (bounded: past the limit the oldest half is dropped)."""
+        teams = self.job_teams
+        if len(teams) >= JOB_TEAMS_MAX:
+            for key in list(teams)[: len(teams) // 2]:
+                del teams[key]
+        teams[job_id] = team_id
+
     async def _close(self, targets: list[Session], close: Close) -> None:
         for s in targets:
             s.request_close(close)
         with anyio.move_on_after(self.settings.ws_send_timeout + 1):
             for s in targets:
-                await s.done.wait()
+                await s.wait_done()
 
     async def close_all(self, code: int = closes.RESTARTING.code, reason: str = closes.RESTARTING.reason) -> None:
         """Close every connection (1001 ``server restarting`` by default) and refuse new ones."""
@@ -88,7 +105,12 @@ class Gateway:
         await self._close(list(self.sessions.values()), Close(code, closes.clip_reason(reason)))
 
     async def close_token(self, token_id: str, code: int = closes.TOKEN_EXPIRED.code, reason: str = closes.TOKEN_EXPIRED.reason) -> None:
-        """Close the connections authenticated with ``token_id`` (revocation)."""
+        """Close the connections authenticated with ``token_id`` (revocation).
+
+        The token's cached principal is evicted first, so no new connection
+        is admitted with it from this process's cache.
+        """
+        self.principals.revoke(token_id)
         targets = [s for s in self.sessions.values() if s.principal is not None and s.principal.token_id == token_id]
         await self._close(targets, Close(code, closes.clip_reason(reason)))
 

@@ -20,6 +20,11 @@ deleting it: a user who reconnects within the grace still counts as present,
 so no ``joined``/``left`` pair flaps. A sweep (an atomic script) removes
 expired entries and announces ``left`` for users with no entry left; joining
 (another script) announces ``joined`` only for a user not already present.
+
+Redis round trips are per node, not per connection: a join's script rides in
+the session's one join MULTI (:meth:`Presence.queue_join`), and the presence
+task writes all pending leaves in one pipeline and refreshes every local
+entry with one script call per room, all rooms in one pipeline.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ import time
 import anyio
 import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from progress_service.events import PresenceMember
 from progress_service.gateway.hub import presence_stream_key
-from progress_service.streams import presence_key
 from progress_service.store.identity import Principal
+from progress_service.streams import presence_key
 
 log = logging.getLogger("progress_service.gateway.presence")
 
@@ -49,6 +55,8 @@ LOG_MAXLEN = 200
 KEY_TTL = 24 * 3600
 
 _enc = msgspec.json.Encoder()
+#: Commands per pipeline at most (bounds one round trip's size).
+PIPELINE_MAX = 1000
 
 _JOIN = """
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+inf')
@@ -100,6 +108,36 @@ return n
 """
 
 
+_REFRESH = """
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')
+local present = {}
+for _, m in ipairs(live) do
+  local sep = string.find(m, '\\31', 1, true)
+  if sep then present[string.sub(m, 1, sep)] = true end
+end
+local n = 0
+for i = 5, #ARGV do
+  local m = ARGV[i]
+  local sep = string.find(m, '\\31', 1, true)
+  if sep then
+    local uid = string.sub(m, 1, sep)
+    if not present[uid] then
+      present[uid] = true
+      local rest = string.sub(m, sep + 1)
+      local sep2 = string.find(rest, '\\31', 1, true) or (#rest + 1)
+      local body = cjson.encode({userId = string.sub(uid, 1, #uid - 1), userName = string.sub(rest, 1, sep2 - 1)})
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'j', body)
+      redis.call('EXPIRE', KEYS[2], ARGV[4])
+      n = n + 1
+    end
+    redis.call('ZADD', KEYS[1], ARGV[2], m)
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return n
+"""
+
+
 def _entry(principal: Principal, node_id: str, conn_id: str) -> str:
     name = principal.user_name.replace(SEP, " ")
     return f"{principal.user_id}{SEP}{name}{SEP}{node_id}:{conn_id}"
@@ -128,6 +166,7 @@ class Presence:
         self.grace = grace
         self._join = redis.register_script(_JOIN)
         self._sweep = redis.register_script(_SWEEP)
+        self._refresh_script = redis.register_script(_REFRESH)
         #: job id -> entries of live local connections (refreshed)
         self._live: dict[str, set[str]] = {}
         #: entries that left and still need their grace expiry written
@@ -147,6 +186,33 @@ class Presence:
         )
         self._live.setdefault(job_id, set()).add(entry)
         return last_id.decode() if isinstance(last_id, bytes) else last_id, members_of(entries)
+
+    def queue_join(self, pipe: Pipeline, job_id: str, conn_id: str, principal: Principal) -> str:
+        """Add the join script to ``pipe`` (the session's join MULTI); returns the entry.
+
+        Pass the script's reply to :meth:`joined` once the pipeline ran. On
+        ``NoScriptError`` (Redis restarted or flushed its scripts) call
+        :meth:`load_scripts` and run the pipeline again.
+        """
+        entry = _entry(principal, self.node_id, conn_id)
+        body = _enc.encode(PresenceMember(userId=principal.user_id, userName=principal.user_name))
+        now = _ms()
+        pipe.evalsha(
+            self._join.sha, 2, presence_key(job_id), presence_stream_key(job_id),
+            entry, principal.user_id + SEP, now + int(TTL * 1000), now, LOG_MAXLEN, body, KEY_TTL,
+        )
+        return entry
+
+    def joined(self, job_id: str, entry: str, reply: list) -> tuple[str, list[PresenceMember]]:
+        """Record a join queued with :meth:`queue_join`; the presence-log id and the members."""
+        last_id, entries = reply
+        self._live.setdefault(job_id, set()).add(entry)
+        return last_id.decode() if isinstance(last_id, bytes) else last_id, members_of(entries)
+
+    async def load_scripts(self) -> None:
+        """Load the scripts into Redis (after a NOSCRIPT answer)."""
+        for script in (_JOIN, _SWEEP, _REFRESH):
+            await self.redis.script_load(script)
 
     def leave(self, job_id: str, conn_id: str, principal: Principal) -> None:
         """Leave the room; others hear of it after the grace unless the user comes back.
@@ -176,8 +242,8 @@ class Presence:
                 due: set[str] = set()
                 while self._due and self._due[0][0] <= now:
                     due.add(heapq.heappop(self._due)[1])
-                for job_id in due:
-                    await self._sweep_room(job_id)
+                if due:
+                    await self._sweep_rooms(due)
             except (RedisError, OSError) as exc:
                 log.warning("presence: Redis error (%s); retrying", exc)
                 await anyio.sleep(1.0)
@@ -192,25 +258,40 @@ class Presence:
                 await self._wakeup.wait()
 
     async def _write_leaves(self) -> None:
+        """Write every pending leave's grace expiry in one pipeline."""
         while self._leaving:
-            job_id, entry = self._leaving[0]
-            await self.redis.zadd(presence_key(job_id), {entry: _ms() + int(self.grace * 1000)}, xx=True)
-            self._leaving.pop(0)
-            heapq.heappush(self._due, (anyio.current_time() + self.grace + 0.05, job_id))
+            batch = self._leaving[:PIPELINE_MAX]
+            until = _ms() + int(self.grace * 1000)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, entry in batch:
+                    pipe.zadd(presence_key(job_id), {entry: until}, xx=True)
+                await pipe.execute()
+            del self._leaving[: len(batch)]
+            due = anyio.current_time() + self.grace + 0.05
+            for job_id in {job_id for job_id, _ in batch}:
+                heapq.heappush(self._due, (due, job_id))
 
     async def _refresh(self) -> None:
-        """Extend live entries (re-announcing a user whose entry was swept meanwhile)."""
-        now = _ms()
-        for job_id, entries in list(self._live.items()):
-            for entry in list(entries):
-                user_id, name, _ = entry.split(SEP, 2)
-                body = _enc.encode(PresenceMember(userId=user_id, userName=name))
-                await self._join(
-                    keys=[presence_key(job_id), presence_stream_key(job_id)],
-                    args=[entry, user_id + SEP, now + int(TTL * 1000), now, LOG_MAXLEN, body, KEY_TTL],
-                )
-            # entries of crashed nodes expire: announce them to the room
-            await self._sweep_room(job_id)
+        """Extend live entries (re-announcing a user whose entry was swept meanwhile).
 
-    async def _sweep_room(self, job_id: str) -> None:
-        await self._sweep(keys=[presence_key(job_id), presence_stream_key(job_id)], args=[_ms(), LOG_MAXLEN])
+        One script call per room (all of the room's local entries) and all
+        rooms in one pipeline: a refresh costs a round trip per node.
+        """
+        rooms = [(job_id, list(entries)) for job_id, entries in self._live.items() if entries]
+        for i in range(0, len(rooms), PIPELINE_MAX // 2):
+            now = _ms()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, entries in rooms[i : i + PIPELINE_MAX // 2]:
+                    keys = [presence_key(job_id), presence_stream_key(job_id)]
+                    await self._refresh_script(keys=keys, args=[now, now + int(TTL * 1000), LOG_MAXLEN, KEY_TTL, *entries], client=pipe)
+                    # entries of crashed nodes expire: announce them to the room
+                    await self._sweep(keys=keys, args=[now, LOG_MAXLEN], client=pipe)
+                await pipe.execute()
+
+    async def _sweep_rooms(self, job_ids: set[str]) -> None:
+        """Sweep expired entries of these rooms (one pipeline)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            now = _ms()
+            for job_id in job_ids:
+                await self._sweep(keys=[presence_key(job_id), presence_stream_key(job_id)], args=[now, LOG_MAXLEN], client=pipe)
+            await pipe.execute()

@@ -1,15 +1,23 @@
 """One WebSocket connection's protocol state machine.
 
-Three tasks in one task group live as long as the connection: the receiver
-(decodes and handles client messages one at a time, in order), the sender
-(drains the outbox) and the timer (application heartbeat, credential
-expiry). Whatever decides that the connection must end calls
-:meth:`Session.request_close`; ``run`` then cancels the tasks, leaves the
-rooms and sends the close frame, with a timeout, exactly once.
+A connection costs as little as possible while it is idle (thousands are):
+
+- the ASGI task itself runs the receiver (decodes and handles client
+  messages one at a time, in order) inside a cancel scope;
+- one sender task drains the outbox;
+- no timer task: the auth timeout, the application heartbeat and the
+  credential expiry are one ``loop.call_at`` handle at a time, re-armed by
+  its own callback (the event loop's heap is the process-wide timer wheel).
+
+Whatever decides that the connection must end calls
+:meth:`Session.request_close`; it cancels the receiver's scope, and ``run``
+stops the sender, leaves the rooms and sends the close frame, with a
+timeout, exactly once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -19,11 +27,11 @@ import anyio
 import msgspec
 from litestar import WebSocket
 from litestar.exceptions import WebSocketDisconnect
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from progress_service import metrics, streams
-from progress_service.auth import authenticate
+from progress_service.auth import authenticate, cached_principal
 from progress_service.events import (
     Ack,
     AuthOk,
@@ -36,9 +44,11 @@ from progress_service.events import (
     ErrorMsg,
     Gap,
     Heartbeat,
+    JobSnapshot,
     Joined,
     LeftMsg,
     Pong,
+    PresenceMember,
     now_ms,
 )
 from progress_service.gateway import closes
@@ -47,10 +57,11 @@ from progress_service.gateway.hub import Member
 from progress_service.gateway.limits import TokenBucket, WindowBudget
 from progress_service.gateway.outbox import Outbox, SendTimeout
 from progress_service.store.identity import Principal
-from progress_service.store.jobs import get_job
+from progress_service.store.jobs import JobRecord, get_job
 
 if TYPE_CHECKING:
     from progress_service.gateway import Gateway
+    from progress_service.settings import Settings
 
 log = logging.getLogger("progress_service.gateway.session")
 
@@ -86,6 +97,10 @@ class CommentsHook(Protocol):
     async def post(self, principal: Principal, room_id: str, job_id: str, request_id: str, text: str) -> str: ...
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def encode(message: Any) -> tuple[str, int]:
     """A server message as text plus its encoded size in bytes."""
     raw = _enc.encode(message)
@@ -95,9 +110,31 @@ def encode(message: Any) -> tuple[str, int]:
 class Session:
     """The state of one authenticated (or authenticating) connection."""
 
+    __slots__ = (
+        "_chat_abuse",
+        "_chat_bucket",
+        "_done",
+        "_errors",
+        "_greeted",
+        "_scope",
+        "_sender",
+        "_timer",
+        "close_with",
+        "closing",
+        "counted_for",
+        "expires_at",
+        "finished",
+        "gateway",
+        "id",
+        "outbox",
+        "peer_gone",
+        "principal",
+        "rooms",
+        "socket",
+    )
+
     def __init__(self, gateway: Gateway, socket: WebSocket) -> None:
         self.gateway = gateway
-        self.settings = gateway.settings
         self.socket = socket
         self.id = uuid.uuid4().hex[:16]
         self.principal: Principal | None = None
@@ -105,28 +142,51 @@ class Session:
         self.counted_for: str | None = None
         self.expires_at = 0  # epoch ms
         self.rooms: dict[str, Member] = {}
-        self.outbox = Outbox(self.settings.ws_outbox_bytes, on_overflow=self._overflowed)
-        self.chat_bucket = TokenBucket(self.settings.ws_chat_rate, self.settings.ws_chat_burst)
-        self.chat_abuse = WindowBudget(self.settings.ws_chat_burst, ABUSE_WINDOW)
-        self.errors = WindowBudget(self.settings.ws_error_budget, 60.0)
+        self.outbox = Outbox(gateway.settings.ws_outbox_bytes, on_overflow=self._overflowed)
+        # Limits are made on first use: most connections never chat nor err.
+        self._chat_bucket: TokenBucket | None = None
+        self._chat_abuse: WindowBudget | None = None
+        self._errors: WindowBudget | None = None
         self.close_with: Close | None = None
         self.peer_gone = False
-        self._closing = anyio.Event()
-        self._authenticated = anyio.Event()
-        self.done = anyio.Event()
+        #: Set once by the first :meth:`request_close`.
+        self.closing = False
+        #: Set when ``run`` has cleaned up.
+        self.finished = False
+        #: The first client message arrived (the auth timeout no longer applies).
+        self._greeted = False
+        self._scope: anyio.CancelScope | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._done: anyio.Event | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """The service settings (kept on the gateway, not per connection)."""
+        return self.gateway.settings
 
     # ----------------------------------------------------------- lifetime
 
     def request_close(self, close: Close | None) -> None:
         """End the connection with ``close`` (None: the peer is gone). First caller wins."""
-        if self._closing.is_set():
+        if self.closing:
             return
         if close is None:
             self.peer_gone = True
         elif close.code in ABUSE_CODES:
             self.audit("ws.closed", code=close.code, reason=close.reason)
         self.close_with = close
-        self._closing.set()
+        self.closing = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def wait_done(self) -> None:
+        """Wait until ``run`` has cleaned up (rooms left, close frame sent)."""
+        if self.finished:
+            return
+        if self._done is None:
+            self._done = anyio.Event()
+        await self._done.wait()
 
     def audit(self, action: str, *, room_id: str | None = None, **detail: object) -> None:
         """Queue a security record (never blocks; never carries a credential)."""
@@ -150,18 +210,22 @@ class Session:
         """Serve the connection until it closes, then clean up."""
         metrics.ws_connections.inc()
         self.gateway.register(self)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + self.settings.ws_auth_timeout, self._on_timer)
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._guarded, self._receive_loop)
-                tg.start_soon(self._guarded, self._send_loop)
-                tg.start_soon(self._guarded, self._timer_loop)
-                await self._closing.wait()
-                tg.cancel_scope.cancel()
+            self._sender = asyncio.create_task(self._guarded(self._send_loop))
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                if not self.closing:
+                    await self._guarded(self._receive_loop)
         finally:
+            self._scope = None
             with anyio.CancelScope(shield=True):
                 await self._teardown()
             metrics.ws_connections.dec()
-            self.done.set()
+            self.finished = True
+            if self._done is not None:
+                self._done.set()
 
     async def _guarded(self, fn: Any) -> None:
         try:
@@ -171,6 +235,15 @@ class Session:
             self.request_close(closes.INTERNAL)
 
     async def _teardown(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.cancel()
+            await asyncio.wait((sender,))
+        if not self.closing:  # the receiver ended without a decision (cancelled from outside)
+            self.request_close(None)
         for job_id, member in list(self.rooms.items()):
             self._forget_room(job_id, member)
         self.gateway.unregister(self)
@@ -206,22 +279,47 @@ class Session:
             # uvicorn's ClientDisconnected is an OSError: the peer vanished
             self.request_close(None)
 
-    async def _timer_loop(self) -> None:
-        # Timers start with authentication (before it, only the auth timeout runs).
-        await self._authenticated.wait()
+    # ----------------------------------------------------------- timers
+
+    def _arm(self, due: float | None = None) -> None:
+        """(Re)schedule the one timer of an authenticated connection: heartbeat or expiry."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        if self.closing:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if due is None:
+            due = self.outbox.last_sent + self.settings.ws_heartbeat
+        expiry = now + (self.expires_at - now_ms()) / 1000
+        self._timer = loop.call_at(max(now, min(due, expiry)), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closing:
+            return
+        if self.principal is None:
+            # Before authentication only the auth timeout runs; an auth under
+            # way is bounded by the store timeout and arms the timer itself.
+            if not self._greeted:
+                self.request_close(closes.AUTH_REQUIRED)
+            return
+        if self.expires_at <= now_ms():
+            self.request_close(closes.TOKEN_EXPIRED)
+            return
         heartbeat = self.settings.ws_heartbeat
-        while True:
-            now = anyio.current_time()
-            left = (self.expires_at - now_ms()) / 1000
-            if left <= 0:
-                self.request_close(closes.TOKEN_EXPIRED)
-                return
-            idle = now - self.outbox.last_sent
-            if idle >= heartbeat and not len(self.outbox):
+        outbox = self.outbox
+        now = asyncio.get_running_loop().time()
+        due = None
+        if now - outbox.last_sent >= heartbeat:
+            if len(outbox):
+                # Frames are queued, so the sender will move last_sent; look again shortly.
+                due = now + min(heartbeat, 1.0)
+            else:
                 self.put(Heartbeat(at=now_ms()))
-                self.outbox.last_sent = now
-                idle = 0
-            await anyio.sleep(max(0.01, min(heartbeat - idle, left)))
+                outbox.last_sent = now
+        self._arm(due)
 
     # ----------------------------------------------------------- receiving
 
@@ -260,21 +358,18 @@ class Session:
         return message
 
     async def _receive_loop(self) -> None:
-        first: ClientMessage | None = None
-        with anyio.move_on_after(self.settings.ws_auth_timeout):
-            first = await self._next()
-            if first is None:
-                return
+        # The auth timeout is the timer armed in `run`: it cancels this wait.
+        first = await self._next()
         if first is None:
-            self.request_close(closes.AUTH_REQUIRED)
             return
+        self._greeted = True
         if not isinstance(first, ClientAuth):
             self.audit("auth.failed", reason="first message not auth")
             self.request_close(closes.AUTH_FAILED)
             return
         if not await self._auth(first):
             return
-        while not self._closing.is_set():
+        while not self.closing:
             message = await self._next()
             if message is None:
                 return
@@ -295,20 +390,29 @@ class Session:
     def refuse(self, code: str, message: str, *, room_id: str | None = None, request_id: str | None = None, counts: bool = True) -> None:
         """Answer ``error``; refusals the client caused spend its error budget."""
         self.put(ErrorMsg(code=code, message=message, roomId=room_id, requestId=request_id))
-        if counts and not self.errors.hit():
+        if not counts:
+            return
+        if self._errors is None:
+            self._errors = WindowBudget(self.settings.ws_error_budget, 60.0)
+        if not self._errors.hit():
             self.request_close(closes.TOO_MANY_ERRORS)
 
     # ----------------------------------------------------------- auth
 
     async def _auth(self, message: ClientAuth) -> bool:
         """First auth or a refresh; False (and a close) when refused."""
-        try:
-            with anyio.fail_after(self.settings.store_timeout):
-                principal = await authenticate(self.gateway.services.engine, self.gateway.services.redis, message.token)
-        except _STORE_ERRORS:
-            log.warning("gateway: credential store unavailable during auth")
-            self.request_close(closes.INTERNAL)
-            return False
+        cache = self.gateway.principals
+        principal = cached_principal(cache, message.token)
+        if principal is None:
+            try:
+                with anyio.fail_after(self.settings.store_timeout):
+                    principal = await authenticate(self.gateway.services.engine, self.gateway.services.redis, message.token, cache=cache)
+            except _STORE_ERRORS:
+                log.warning("gateway: credential store unavailable during auth")
+                self.request_close(closes.INTERNAL)
+                return False
+            if self.closing:
+                return False
         if principal is None:
             self.audit("auth.failed", reason="invalid, expired, revoked or reused credential")
             self.request_close(closes.AUTH_FAILED)
@@ -324,9 +428,9 @@ class Session:
             self.request_close(closes.AUTH_FAILED)
             return False
         self.principal = principal
-        self._authenticated.set()
         ceiling = now_ms() + self.settings.ws_credential_ttl * 1000
         self.expires_at = min(principal.expires_at or ceiling, ceiling)
+        self._arm()
         self.put(
             AuthOk(
                 connectionId=self.id,
@@ -349,19 +453,32 @@ class Session:
         if len(self.rooms) >= self.settings.ws_max_rooms:
             self.refuse("limit", f"at most {self.settings.ws_max_rooms} rooms per connection", room_id=room_id)
             return
-        services = self.gateway.services
+        gateway = self.gateway
+        principal = self.principal
         since = message.since
         try:
             with anyio.fail_after(self.settings.store_timeout):
-                job = await get_job(services.engine, job_id, team_id=self.principal.team_id)
-                if job is None:
+                job: JobRecord | None = None
+                team_id = gateway.job_teams.get(job_id)
+                if team_id is None:
+                    job = await get_job(gateway.services.engine, job_id)
+                    if job is not None:
+                        team_id = job.team_id
+                        gateway.remember_job_team(job_id, team_id)
+                if team_id != principal.team_id:
                     # Unknown and other-team jobs get the same answer: rooms cannot be probed.
                     self.audit("join.refused", room_id=room_id)
                     self.refuse("not_found", "no such room", room_id=room_id)
                     return
-                snapshot, head = await streams.read_state(services.redis, job_id)
-                gap, oldest = await streams.gap_oldest(services.redis, job_id, since) if since else (False, None)
-                presence_head, members = await self.gateway.presence.join(job_id, self.id, self.principal)
+                snapshot, head, gap, oldest, presence_head, members = await self._read_room(job_id, since)
+                if snapshot is None:
+                    # No live snapshot in Redis (expired): the stored one.
+                    if job is None:
+                        job = await get_job(gateway.services.engine, job_id, team_id=principal.team_id)
+                    if job is None:
+                        self.refuse("not_found", "no such room", room_id=room_id)
+                        return
+                    snapshot = job.to_snapshot()
         except _STORE_ERRORS:
             self.refuse("unavailable", "try again later", room_id=room_id, counts=False)
             return
@@ -371,7 +488,7 @@ class Session:
             Joined(
                 roomId=room_id,
                 role=self.principal.role,
-                snapshot=snapshot or job.to_snapshot(),
+                snapshot=snapshot,
                 head=head,
                 presence=members,
             )
@@ -384,6 +501,52 @@ class Session:
             # The join is undone: the client sees `error` for the room it was told it joined.
             self._forget_room(job_id, member)
             self.refuse("unavailable", "replay failed; join again", room_id=room_id, counts=False)
+
+    async def _read_room(
+        self, job_id: str, since: str | None
+    ) -> tuple[JobSnapshot | None, str | None, bool, str | None, str, list[PresenceMember]]:
+        """Everything a join reads from Redis, in one MULTI (one round trip).
+
+        The same reads as ``streams.read_state`` and ``streams.gap_oldest``
+        (snapshot and head; with ``since``, whether it fell out of retention)
+        plus the presence join script. Returns ``(snapshot, head, gap,
+        oldest, presence_head, members)``.
+        """
+        assert self.principal is not None
+        redis = self.gateway.services.redis
+        presence = self.gateway.presence
+        events, snap = streams.events_key(job_id), streams.snapshot_key(job_id)
+        for attempt in (1, 2):
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.hget(snap, "s")
+                pipe.xrevrange(events, count=1)
+                if since:
+                    pipe.xrange(events, count=1)
+                    pipe.xlen(events)
+                    pipe.hget(snap, "n")
+                entry = presence.queue_join(pipe, job_id, self.id, self.principal)
+                try:
+                    replies = await pipe.execute()
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    await presence.load_scripts()
+                    continue
+            break
+        raw, last = replies[0], replies[1]
+        head = _text(last[0][0]) if last else None
+        snapshot = streams.decode_snapshot(raw) if raw else None
+        if snapshot is not None:
+            snapshot.lastEventId = head
+        gap, oldest = False, None
+        if since:
+            first, length, added = replies[2], replies[3], replies[4]
+            oldest = _text(first[0][0]) if first else None
+            # trimmed: entries were ever added beyond what the stream holds (see streams.gap_oldest)
+            if int(added or 0) > int(length):
+                gap = True if oldest is None else streams.id_lt(since, oldest)
+        presence_head, members = presence.joined(job_id, entry, replies[-1])
+        return snapshot, head, gap, oldest, presence_head, members
 
     def _leave(self, message: ClientLeave) -> None:
         job_id = streams.job_id_of(message.roomId)
@@ -413,8 +576,12 @@ class Session:
         if not self.principal.at_least("reviewer"):
             self.refuse("forbidden", "your role may not comment", room_id=room_id, request_id=request_id)
             return
-        if not self.chat_bucket.take():
-            if not self.chat_abuse.hit():
+        if self._chat_bucket is None:
+            self._chat_bucket = TokenBucket(self.settings.ws_chat_rate, self.settings.ws_chat_burst)
+            self._chat_abuse = WindowBudget(self.settings.ws_chat_burst, ABUSE_WINDOW)
+        if not self._chat_bucket.take():
+            assert self._chat_abuse is not None
+            if not self._chat_abuse.hit():
                 self.request_close(closes.RATE_LIMITED)
                 return
             self.refuse("rate_limited", "too many comments; slow down", room_id=room_id, request_id=request_id, counts=False)

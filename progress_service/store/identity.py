@@ -157,8 +157,12 @@ async def principal_for_token(engine: AsyncEngine, token: str) -> Principal | No
     )
 
 
-async def token_is_live(engine: AsyncEngine, token_id: str) -> bool:
-    """False once a token is revoked, expired or deleted."""
+async def token_expiry(engine: AsyncEngine, token_id: str) -> tuple[bool, int | None]:
+    """``(usable, expires_at)``: usable is False once a token is revoked or deleted.
+
+    ``expires_at`` (epoch ms or None) lets a caller that caches the answer
+    still honour the expiry.
+    """
     async with engine.connect() as conn:
         row = (
             await conn.execute(
@@ -166,8 +170,14 @@ async def token_is_live(engine: AsyncEngine, token_id: str) -> bool:
             )
         ).first()
     if row is None or row.revoked_at is not None:
-        return False
-    return row.expires_at is None or row.expires_at > _now()
+        return False, None
+    return True, row.expires_at
+
+
+async def token_is_live(engine: AsyncEngine, token_id: str) -> bool:
+    """False once a token is revoked, expired or deleted."""
+    usable, expires_at = await token_expiry(engine, token_id)
+    return usable and (expires_at is None or expires_at > _now())
 
 
 async def revoke_token(engine: AsyncEngine, token_id: str) -> bool:
