@@ -37,9 +37,8 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import msgspec
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from progress_service import streams
 from progress_service.events import ROLE_RANK, now_ms
@@ -194,7 +193,8 @@ class Comments:
             raise CommentForbidden(f"role '{principal.role}' may not comment")
         text = normalize_text(text, self.settings.ws_max_text_chars)
         room_id = room_id or streams.room_id(job_id)
-        deadline = anyio.current_time() + self.settings.store_timeout * _BUDGET
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.store_timeout * _BUDGET
         item = comment_store.NewComment(
             job_id=job_id,
             room_id=room_id,
@@ -205,7 +205,7 @@ class Comments:
             text=text,
             created_at=now_ms(),
         )
-        waiter = _Waiter(item, asyncio.get_running_loop().create_future(), deadline)
+        waiter = _Waiter(item, loop.create_future(), deadline)
         self._queue.append(waiter)
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._write())
@@ -213,7 +213,8 @@ class Comments:
             # Cancelling this wait (timeout, or the caller's cancellation)
             # cancels the future: the writer then leaves the comment out of its
             # transaction, or rolls the transaction back if it is under way.
-            with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+            # (asyncio's own timeout: anyio's costs a backend lookup per call.)
+            async with asyncio.timeout_at(deadline):
                 return await waiter.future
         except TimeoutError:
             if waiter.future.done() and not waiter.future.cancelled():
@@ -309,19 +310,8 @@ class Comments:
             return []
         deadline = min(w.deadline for group in by_job.values() for w in group)
         try:
-            with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for job_id, group in by_job.items():
-                        args: list[Any] = [self.settings.events_maxlen, self.settings.events_ttl]
-                        for waiter in group:
-                            assert waiter.comment is not None
-                            args += (str(waiter.comment.commentId), _enc.encode(waiter.comment.stored_chat()))
-                        await self._append_once(
-                            keys=[streams.events_key(job_id), streams.snapshot_key(job_id), published_key(job_id)],
-                            args=args,
-                            client=pipe,
-                        )
-                    replies = await pipe.execute()
+            async with asyncio.timeout_at(deadline):
+                replies = await self._append(by_job)
         except (TimeoutError, RedisError, OSError) as exc:
             # Stored but not broadcast: the client retries with the same
             # request id and that retry does the XADD.
@@ -336,3 +326,32 @@ class Comments:
                 waiter.event_id = raw.decode() if isinstance(raw, bytes) else str(raw)
                 published.append(waiter)
         return published
+
+    async def _append(self, by_job: dict[str, list[_Waiter]]) -> list[list[Any]]:
+        """Run the append script once per job; the replies in ``by_job``'s order."""
+        calls = []
+        for job_id, group in by_job.items():
+            args: list[Any] = [self.settings.events_maxlen, self.settings.events_ttl]
+            for waiter in group:
+                assert waiter.comment is not None
+                args += (str(waiter.comment.commentId), _enc.encode(waiter.comment.stored_chat()))
+            calls.append(([streams.events_key(job_id), streams.snapshot_key(job_id), published_key(job_id)], args))
+        if len(calls) == 1:  # the usual case: one room; EVALSHA (loads the script if Redis lost it)
+            keys, args = calls[0]
+            return [await self._append_once(keys=keys, args=args)]
+        # Several jobs: one round trip. EVALSHA directly rather than through
+        # the pipeline's script support, which costs a SCRIPT EXISTS round
+        # trip every time; a job whose call finds no script (Redis restarted)
+        # did not run and is run again on its own, which loads the script.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(self._append_once.sha, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        out: list[list[Any]] = []
+        for (keys, args), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, NoScriptError):
+                reply = await self._append_once(keys=keys, args=args)
+            elif isinstance(reply, Exception):
+                raise reply
+            out.append(reply)
+        return out
