@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import sqlalchemy as sa
+from test_comments import count, make_job, principal, settings, stream_chats
 
 from progress_service.comments import Comments
 from progress_service.store import audit
@@ -22,7 +23,6 @@ from progress_service.store import comments as comment_store
 from progress_service.store.db import create_engine
 from progress_service.store.migrations import migrate
 from progress_service.store.schema import audit_log, comments
-from test_comments import count, make_job, principal, settings, stream_chats
 
 
 async def test_a_group_spanning_jobs_and_teams_keeps_order_and_chains(engine: Any, redis: Any) -> None:
