@@ -254,11 +254,16 @@ class Comments:
                 if committed:
                     carry = await self._publish(committed)
                 batch = []
-        except BaseException:
+        except BaseException as exc:
+            # Cancelled (aclose) or a bug: nobody is left waiting forever. A
+            # bug is logged here (nobody awaits this task); the next comment
+            # starts a new writer.
             for waiter in (*self._queue, *batch, *carry):
                 waiter.fail("the comment writer stopped")
             self._queue.clear()
-            raise
+            if not isinstance(exc, Exception):
+                raise
+            log.exception("comments: the writer failed")
         finally:
             if self._writer is asyncio.current_task():
                 self._writer = None
