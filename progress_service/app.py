@@ -128,7 +128,7 @@ def create_app(
         # The hooks the gateway and the API call: durable comments, the
         # non-blocking audit writer, and revocation closing live connections.
         audit = services.extras["audit"] = Audit(engine)
-        services.extras["comments"] = Comments.from_services(services)
+        comments = services.extras["comments"] = Comments.from_services(services)
         revocations = services.extras["revocations"] = RevocationWatcher(services)
         app.state.services = services
         try:
@@ -142,6 +142,8 @@ def create_app(
                     yield
                 finally:
                     await services.gateway.close_all()
+                    # The comment writer task is Comments' own; end it here.
+                    await comments.aclose()
                     tg.cancel_scope.cancel()
         finally:
             await arq_pool.aclose()
