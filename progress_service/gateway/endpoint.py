@@ -15,6 +15,7 @@ from litestar import WebSocket, websocket
 from litestar.connection import ASGIConnection
 from litestar.exceptions import PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from progress_service.gateway import closes
 from progress_service.gateway.session import Session
@@ -51,7 +52,29 @@ def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...]) -> b
     return host is not None and parts.netloc == host.strip().lower()
 
 
-@websocket("/ws", guards=[handshake_guard], name="ws")
+#: Scope key under which :func:`keep_asgi_send` leaves the server's ``send``.
+ASGI_SEND = "ps.asgi_send"
+
+
+def keep_asgi_send(app: ASGIApp) -> ASGIApp:
+    """Route middleware: remember the ``send`` this route was called with.
+
+    Litestar wraps ``send`` twice more below this point (its route-level
+    exception middleware and ``WebSocket``'s disconnected-state check), two
+    coroutine calls per frame on the fan-out hot path. The session sends
+    frames through this one instead; a vanished peer still surfaces as
+    uvicorn's ``ClientDisconnected`` (an ``OSError``), which the session
+    handles.
+    """
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[ASGI_SEND] = send  # type: ignore[literal-required]
+        await app(scope, receive, send)
+
+    return middleware
+
+
+@websocket("/ws", guards=[handshake_guard], name="ws", middleware=[keep_asgi_send])
 async def ws_endpoint(socket: WebSocket) -> None:
     """The realtime gateway (protocol v1, docs/protocol.md)."""
     gateway = socket.app.state.services.gateway
@@ -59,6 +82,9 @@ async def ws_endpoint(socket: WebSocket) -> None:
     if gateway.closing:
         await socket.close(code=closes.RESTARTING.code, reason=closes.RESTARTING.reason)
         return
+    asgi_send = socket.scope.get(ASGI_SEND)
+    if asgi_send is not None:
+        socket.send = asgi_send
     await Session(gateway, socket).run()
 
 
