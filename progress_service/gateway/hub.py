@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 
 from progress_service import metrics, streams
@@ -46,6 +46,15 @@ _member_dec = msgspec.json.Decoder(PresenceMember)
 READ_COUNT = 500
 #: How long one XREAD blocks (ms). The reader's socket timeout is longer.
 BLOCK_MS = 5000
+#: With at least COALESCE_ROOMS rooms, an answer with fewer entries than
+#: COALESCE_BELOW is followed by a pause of COALESCE_S before the next read, so
+#: entries of many rooms share one read (a read names two keys per room, and
+#: costs Redis and this process time per key). Not with few rooms: a read is
+#: cheap there, and the pause would only make bursts bigger (a small outbox
+#: could overflow on a burst its fast reader would have kept up with).
+COALESCE_ROOMS = 64
+COALESCE_BELOW = 64
+COALESCE_S = 0.002
 #: A member that wants no presence messages (SSE watchers).
 NEVER = (1 << 64, 0)
 
@@ -53,7 +62,7 @@ NEVER = (1 << 64, 0)
 class Member:
     """One subscriber of a room on this process: a connection's outbox and cursors."""
 
-    __slots__ = ("outbox", "after", "presence_after", "live", "owner")
+    __slots__ = ("after", "live", "outbox", "owner", "presence_after")
 
     def __init__(self, outbox: Outbox, *, presence_after: tuple[int, int] = NEVER, owner: object = None) -> None:
         self.outbox = outbox
@@ -68,7 +77,7 @@ class Member:
 class Room:
     """A job's room as seen by this process: its cursors and local members."""
 
-    __slots__ = ("job_id", "room_id", "events_key", "presence_key", "cursor", "presence_cursor", "members")
+    __slots__ = ("cursor", "events_key", "job_id", "members", "presence_cursor", "presence_key", "room_id", "slot")
 
     def __init__(self, job_id: str, cursor: str, presence_cursor: str) -> None:
         self.job_id = job_id
@@ -79,6 +88,13 @@ class Room:
         self.cursor = cursor
         self.presence_cursor = presence_cursor
         self.members: dict[int, Member] = {}
+        #: Index of the event stream's id in the hub's packed XREAD ids (presence: slot + 1).
+        self.slot = 0
+
+
+def _pack(arg: bytes) -> bytes:
+    """One RESP bulk string (a command argument)."""
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
 
 
 def presence_stream_key(job_id: str) -> str:
@@ -99,13 +115,19 @@ class Hub:
         self._wake_cursor = "0-0"
         # A dedicated connection: XREAD BLOCK holds it for up to block_ms, and
         # its socket timeout must be longer than that or redis-py times out.
-        self._reader = Redis.from_url(
+        # It connects on first use and again after an error.
+        self._reader = ConnectionPool.from_url(
             services.redis_url,
             socket_timeout=block_ms / 1000 + 5,
             socket_connect_timeout=2,
-            single_connection_client=True,
-        )
+        ).make_connection()
         self.reconnects = 0
+        # The XREAD command, packed once per change of the room set (the
+        # key list) plus one packed id per stream, replaced when that
+        # stream's cursor moves: a read costs one join, not a redis-py
+        # argument encoding per key (1,000 keys at 500 rooms).
+        self._head = b""
+        self._ids: list[bytes] = []
 
     # ------------------------------------------------------------------ rooms
 
@@ -133,10 +155,19 @@ class Hub:
 
     def _reindex(self) -> None:
         by_key: dict[bytes, tuple[Room, bool]] = {}
+        keys = [self._wake_key.encode()]
+        ids = [_pack(self._wake_cursor.encode())]
         for room in self.rooms.values():
-            by_key[room.events_key.encode()] = (room, False)
-            by_key[room.presence_key.encode()] = (room, True)
+            room.slot = len(ids)
+            events_key, presence_key = room.events_key.encode(), room.presence_key.encode()
+            by_key[events_key] = (room, False)
+            by_key[presence_key] = (room, True)
+            keys += (events_key, presence_key)
+            ids += (_pack(room.cursor.encode()), _pack(room.presence_cursor.encode()))
         self._by_key = by_key
+        args = [b"XREAD", b"COUNT", str(READ_COUNT).encode(), b"BLOCK", str(self.block_ms).encode(), b"STREAMS", *keys]
+        self._head = b"*%d\r\n" % (len(args) + len(ids)) + b"".join(_pack(a) for a in args)
+        self._ids = ids
         metrics.ws_rooms.set(len(self.rooms))
         self._changed.set()
 
@@ -214,17 +245,20 @@ class Hub:
         backoff = 0.1
         try:
             await self._reset_wake()
+            conn = self._reader
             while True:
                 if not self.rooms:
                     self._changed = anyio.Event()
                     await self._changed.wait()
                     continue
-                keys: dict[str, str] = {self._wake_key: self._wake_cursor}
-                for room in self.rooms.values():
-                    keys[room.events_key] = room.cursor
-                    keys[room.presence_key] = room.presence_cursor
                 try:
-                    answer = await self._reader.xread(keys, count=READ_COUNT, block=self.block_ms)
+                    # The connection's own API: the command is packed already,
+                    # and the reply stays raw (no per-entry dict building by
+                    # redis-py's XREAD callback). On any error, cancellation
+                    # included, redis-py drops the connection; the next send
+                    # reconnects.
+                    await conn.send_packed_command(self._head + b"".join(self._ids))
+                    answer = await conn.read_response()
                 except (RedisError, OSError) as exc:
                     self.reconnects += 1
                     delay = backoff * (0.5 + random.random())
@@ -234,11 +268,15 @@ class Hub:
                     continue
                 backoff = 0.1
                 metrics.hub_reads.inc()
-                if answer:
-                    self._dispatch(answer)
+                if answer and self._dispatch(answer) < COALESCE_BELOW and len(self.rooms) >= COALESCE_ROOMS:
+                    # A small answer: let a few ms of entries from other
+                    # rooms gather, so they share the next read (each read
+                    # names every room's streams) and each member's sender
+                    # wakes once for all of them. Bounded by COALESCE_S.
+                    await anyio.sleep(COALESCE_S)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._reader.aclose()
+                await self._reader.disconnect()
 
     async def _reset_wake(self) -> None:
         try:
@@ -246,43 +284,63 @@ class Hub:
         except (RedisError, OSError):
             pass
 
-    def _dispatch(self, answer: list) -> None:
+    def _dispatch(self, answer: list) -> int:
+        """Fan one XREAD answer out; the number of entries it held."""
         now = now_ms()
+        total = 0
         for key, entries in answer:
             if not entries:
                 continue
+            total += len(entries)
             found = self._by_key.get(key)
             if found is None:
                 # the wake stream, or a room that closed while we were reading
                 if key == self._wake_key.encode():
                     self._wake_cursor = entries[-1][0].decode()
+                    if self._ids:
+                        self._ids[0] = _pack(entries[-1][0])
                 continue
             room, presence = found
             if presence:
                 self._fan_out_presence(room, entries)
             else:
                 self._fan_out_events(room, entries, now)
+        return total
 
     def _fan_out_events(self, room: Room, entries: list, now: int) -> None:
-        members = list(room.members.values())
-        for eid, fields in entries:
-            eid_s = eid.decode()
-            room.cursor = eid_s
-            key = id_tuple(eid_s)
+        # Encode each entry once; then each member gets all the entries it
+        # has not had in one put, so its sender wakes once per answer.
+        batch: list[tuple[tuple[int, int], str, int]] = []
+        for eid, flat in entries:
+            key = id_tuple(eid.decode())
             metrics.hub_lag.observe(max(0, now - key[0]) / 1000)
+            fields = dict(zip(flat[::2], flat[1::2]))
             raw = wire_bytes(room.room_id, eid, fields)
-            text, size = raw.decode(), len(raw)  # encoded once for every member
-            for m in members:
-                if m.live and key > m.after:
-                    m.after = key
-                    m.outbox.put(text, size)
+            batch.append((key, raw.decode(), len(raw)))  # encoded once for every member
+        last_eid = entries[-1][0]
+        room.cursor = last_eid.decode()
+        self._ids[room.slot] = _pack(last_eid)
+        first, last = batch[0][0], batch[-1][0]
+        items = [(text, size) for _, text, size in batch]
+        total = sum(size for _, _, size in batch)
+        for m in list(room.members.values()):
+            if not m.live:
+                continue
+            after = m.after
+            if after >= last:
+                continue
+            m.after = last
+            if after < first:
+                m.outbox.put_many(items, total)
+            else:
+                rest = [(text, size) for key, text, size in batch if key > after]
+                m.outbox.put_many(rest, sum(size for _, size in rest))
 
     def _fan_out_presence(self, room: Room, entries: list) -> None:
         members = list(room.members.values())
-        for eid, fields in entries:
-            eid_s = eid.decode()
-            room.presence_cursor = eid_s
-            key = id_tuple(eid_s)
+        for eid, flat in entries:
+            key = id_tuple(eid.decode())
+            fields = dict(zip(flat[::2], flat[1::2]))
             joined = [_member_dec.decode(fields[b"j"])] if b"j" in fields else []
             left = [_member_dec.decode(fields[b"l"])] if b"l" in fields else []
             raw = _enc.encode(PresenceMsg(roomId=room.room_id, joined=joined, left=left))
@@ -291,3 +349,6 @@ class Hub:
                 if key > m.presence_after:
                     m.presence_after = key
                     m.outbox.put(text, size)
+        last_eid = entries[-1][0]
+        room.presence_cursor = last_eid.decode()
+        self._ids[room.slot + 1] = _pack(last_eid)
