@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if pg_answers(candidate):
             pg_admin = candidate
     opts = Options(quick=args.quick, ws_impl=args.ws, loop=args.loop, pg_admin=pg_admin, procs=args.procs,
-                   profile_dir=args.profile, patches=args.patch,
+                   profile_dir=args.profile,
                    overrides=dict(kv.split("=", 1) for kv in args.set))
     common = {"machine": stats.machine(), "versions": stats.versions(Service.redis_server_binary())}
     results: list[dict] = []
@@ -132,9 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pg", metavar="URL", help=f"PostgreSQL admin URL for the comments scenario (default {DEFAULT_PG} if it answers)")
     p.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL comments run")
     p.add_argument("--procs", type=int, default=2, help="load-generator processes (default 2)")
-    p.add_argument("--patch", action="append", default=[], metavar="PATCH",
-                   help="what-if experiment inside the server process (repeatable): no-outbox-gauge, no-ws-metrics, "
-                        "hub-coalesce-<N>ms (see bench/serve.py)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a scenario size, e.g. --set jobs=200 --set window=16 (recorded in settings)")
     p.add_argument("--profile", metavar="DIR", help="py-spy the server during each measured phase (needs py-spy)")

@@ -2,11 +2,9 @@
 
 End-to-end runs on a shared 2-core machine are noisy (±10 %), and batching
 makes CPU per delivery depend on speed. These loops isolate one cost each,
-so an optimization proposal can say what it saves per delivery:
+so a change to the hot path can say what it saves per delivery:
 
-- ``outbox_put``: the hub's fan-out step, ``Outbox.put`` per member per event:
-  ``as-is``; ``no-gauge`` (the Prometheus gauge updates removed); ``lean``
-  (no gauge, and the sender's event set only when the queue becomes non-empty);
+- ``outbox_put``: the hub's fan-out step, ``Outbox.put`` per member per event;
 - ``outbox_take``: building one batch frame (``Outbox._take``) per connection;
 - ``wire_bytes``: encoding one stream entry (done once per event, not per member).
 
@@ -22,70 +20,32 @@ import anyio
 
 MEMBERS = 1000
 EVENTS = 200
+ROUNDS = 3
 
 
-class _Noop:
-    def inc(self, *_a: object) -> None:
-        pass
-
-    def dec(self, *_a: object) -> None:
-        pass
-
-
-def _lean_outbox() -> type:
-    """The proposed ``Outbox.put``: no gauge per message, wake the sender only on empty -> non-empty."""
+def _fanout() -> tuple[float, float, float]:
+    """ns per ``Outbox.put`` (one delivery) and per batch frame, for MEMBERS outboxes x EVENTS events."""
     from progress_service.gateway.outbox import Outbox
 
-    class LeanOutbox(Outbox):
-        def put(self, text: str, size: int) -> bool:
-            if self.closed or self.overflowed:
-                return False
-            if self._size + size > self.limit:
-                self.overflowed = True
-                if self._on_overflow is not None:
-                    self._on_overflow()
-                return False
-            items = self._items
-            items.append((text, size))
-            self._size += size
-            if len(items) == 1:
-                self._ready.set()
-            return True
-
-    return LeanOutbox
-
-
-def _fanout(metrics_off: bool, lean: bool = False) -> tuple[float, float, float]:
-    """ns per ``Outbox.put`` (one delivery) for MEMBERS outboxes x EVENTS events."""
-    from progress_service import metrics
-    from progress_service.gateway.outbox import Outbox
-
-    if lean:
-        Outbox = _lean_outbox()
-
-    saved = metrics.ws_outbox_bytes
-    if metrics_off:
-        metrics.ws_outbox_bytes = _Noop()  # type: ignore[assignment]
-    try:
-        outboxes = [Outbox(1 << 30, batch=True) for _ in range(MEMBERS)]
-        text = '{"type":"event","roomId":"job:x","id":"1-1","kind":"log","at":1,"data":{"line":"' + "x" * 120 + '"}}'
-        size = len(text)
-        start = time.perf_counter_ns()
-        for _ in range(EVENTS):
-            for ob in outboxes:
-                ob.put(text, size)
-        took = time.perf_counter_ns() - start
-        # drain, so the take benchmark below has realistic batches
-        take_start = time.perf_counter_ns()
-        frames = 0
+    outboxes = [Outbox(1 << 30, batch=True) for _ in range(MEMBERS)]
+    text = '{"type":"event","roomId":"job:x","id":"1-1","kind":"log","at":1,"data":{"line":"' + "x" * 120 + '"}}'
+    size = len(text)
+    start = time.perf_counter_ns()
+    for _ in range(EVENTS):
         for ob in outboxes:
-            while len(ob):
-                ob._take()
-                frames += 1
-        take_took = time.perf_counter_ns() - take_start
-        return took / (MEMBERS * EVENTS), take_took / max(frames, 1), EVENTS * MEMBERS / max(frames, 1)
-    finally:
-        metrics.ws_outbox_bytes = saved
+            ob.put(text, size)
+    took = time.perf_counter_ns() - start
+    # drain, so the take benchmark has realistic batches
+    take_start = time.perf_counter_ns()
+    frames = 0
+    for ob in outboxes:
+        while len(ob):
+            ob._take()
+            frames += 1
+    take_took = time.perf_counter_ns() - take_start
+    for ob in outboxes:
+        ob.close()
+    return took / (MEMBERS * EVENTS), take_took / max(frames, 1), EVENTS * MEMBERS / max(frames, 1)
 
 
 def _wire_bytes() -> float:
@@ -102,9 +62,9 @@ def _wire_bytes() -> float:
 
 async def _main() -> list[dict]:
     out = []
-    for variant in ("as-is", "no-gauge", "lean", "as-is", "no-gauge", "lean"):
-        put_ns, take_ns, per_frame = _fanout(variant != "as-is", lean=variant == "lean")
-        out.append({"micro": "outbox_put", "variant": variant, "ns_per_delivery": round(put_ns, 1),
+    for round_ in range(ROUNDS):
+        put_ns, take_ns, per_frame = _fanout()
+        out.append({"micro": "outbox_put", "round": round_ + 1, "ns_per_delivery": round(put_ns, 1),
                     "take_ns_per_frame": round(take_ns, 1), "messages_per_frame": round(per_frame, 1)})
     out.append({"micro": "wire_bytes", "ns_per_event": round(_wire_bytes(), 1)})
     return out

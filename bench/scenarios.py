@@ -42,8 +42,6 @@ class Options:
     profile_dir: str | None = None
     #: ``--set name=value`` overrides of scenario sizes (e.g. jobs=200, window=16).
     overrides: dict[str, str] = field(default_factory=dict)
-    #: What-if patches applied inside the server process (bench/serve.py); empty: the real server.
-    patches: list[str] = field(default_factory=list)
 
 
 def _params(opts: Options, names: tuple[str, ...], quick: tuple, full: tuple) -> tuple:
@@ -71,7 +69,7 @@ def _base(name: str, svc: Service, opts: Options, settings: dict) -> dict:
         "scenario": name,
         "settings": {**settings, "store": svc.store_kind, "uvicorn_ws": opts.ws_impl or "auto (cli)",
                      "server_loop": opts.loop, "loadgen_procs": opts.procs, "server_env": env,
-                     "patches": opts.patches, "overrides": opts.overrides,
+                     "overrides": opts.overrides,
                      "quick": opts.quick},
     }
 
@@ -174,7 +172,7 @@ def hot_room(opts: Options) -> dict:
     """N subscribers in one room with batching; closed-loop publisher with a window."""
     n, window, warmup, measure = _params(opts, ("subscribers", "window", "warmup", "measure"),
                                          (100, 32, 0.5, 2.0), (1000, 64, 3.0, 15.0))
-    with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop, patches=opts.patches) as svc:
+    with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
         svc.start()
         tokens = _tokens(svc, n, "viewer", "hot")
         (job,) = svc.jobs(1)
@@ -206,7 +204,7 @@ def many_rooms(opts: Options) -> dict:
     """J jobs x 4 watchers, each job publishing R events/s on a schedule (open loop)."""
     jobs_n, watchers, rate, warmup, measure = _params(opts, ("jobs", "watchers", "rate", "warmup", "measure"),
                                                       (50, 4, 10.0, 0.5, 2.0), (500, 4, 10.0, 3.0, 15.0))
-    with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop, patches=opts.patches) as svc:
+    with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
         svc.start()
         n = jobs_n * watchers
         tokens = _tokens(svc, n, "viewer", "many")
@@ -239,7 +237,7 @@ def many_rooms(opts: Options) -> dict:
 def idle(opts: Options) -> dict:
     """N authenticated, joined, idle connections: connect time and RSS per connection."""
     n, jobs_n, hold = _params(opts, ("connections", "jobs", "hold"), (300, 10, 1.0), (5000, 100, 10.0))
-    with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop, patches=opts.patches) as svc:
+    with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
         svc.start()
         tokens = _tokens(svc, n, "viewer", "idle")
         jobs = svc.jobs(jobs_n)
@@ -294,7 +292,7 @@ def reconnect_storm(opts: Options) -> dict:
                                       (100, 10, 2.0, 0.5), (2000, 100, 2.0, 3.0))
     # Quick runs check the mechanics (resume, no loss), not the policy's timing: a 2 s cap keeps them short.
     cap = 2.0 if opts.quick else BACKOFF_CAP
-    with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop, patches=opts.patches) as svc:
+    with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
         svc.start()
         tokens = _tokens(svc, n, "viewer", "storm")
         jobs = svc.jobs(jobs_n)
@@ -359,7 +357,7 @@ def comments(opts: Options, *, store: str) -> dict:
     pg = opts.pg_admin if store == "postgresql" else None
     if store == "postgresql" and not pg:
         raise BenchError("no PostgreSQL (pass --pg URL)")
-    with Service(env=env, pg_admin=pg, ws_impl=opts.ws_impl, loop=opts.loop, patches=opts.patches) as svc:
+    with Service(env=env, pg_admin=pg, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
         svc.start()
         rev_tokens = svc.tokens(reviewers, role="reviewer", prefix="reviewer")
         watch_tokens = _tokens(svc, watchers, "viewer", "watcher")

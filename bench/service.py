@@ -70,12 +70,11 @@ class Service:
     """Redis + store + app server for one scenario. Use as a context manager."""
 
     def __init__(self, *, env: dict[str, str] | None = None, pg_admin: str | None = None,
-                 ws_impl: str | None = None, loop: str = "asyncio", patches: list[str] | None = None) -> None:
+                 ws_impl: str | None = None, loop: str = "asyncio") -> None:
         self.extra_env = env or {}
         self.pg_admin = pg_admin
         self.ws_impl = ws_impl
         self.loop = loop
-        self.patches = patches or []
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self._stack = contextlib.ExitStack()
@@ -137,10 +136,10 @@ class Service:
 
     def command(self) -> list[str]:
         """The server's command line: the real CLI unless a ws implementation or loop is chosen."""
-        if self.ws_impl is None and self.loop == "asyncio" and not self.patches:
+        if self.ws_impl is None and self.loop == "asyncio":
             return [sys.executable, "-m", "progress_service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         return [sys.executable, "-m", "bench.serve", "--port", str(self.port),
-                "--ws", self.ws_impl or "auto", "--loop", self.loop, *(f"--patch={p}" for p in self.patches)]
+                "--ws", self.ws_impl or "auto", "--loop", self.loop]
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the server (same port on a restart) and wait for /readyz."""
