@@ -12,10 +12,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 run: $(BIN)/.installed
-	$(BIN)/progress-service dev
+	$(BIN)/progress-service dev $(ARGS)
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(ARGS)
 
 bench: $(BIN)/.installed
 	$(BIN)/pip install -q -e ".[test,bench]"
