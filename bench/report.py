@@ -32,7 +32,9 @@ def _key_figure(r: dict) -> str:
     if s.startswith("comments"):
         if r.get("acked_per_s") is None:
             return ""
-        return f"{_fmt(r.get('acked_per_s'))} acked comments/s (p99 ack {_fmt(r.get('ack_p99_ms'))} ms)"
+        watchers = "batching" if r.get("settings", {}).get("watcher_batch") else "unbatched"
+        return (f"{_fmt(r.get('acked_per_s'))} acked comments/s (p99 ack {_fmt(r.get('ack_p99_ms'))} ms), "
+                f"{_fmt(r.get('settings', {}).get('watchers'))} {watchers} watchers")
     return ""
 
 

@@ -350,9 +350,18 @@ def reconnect_storm(opts: Options) -> dict:
 
 
 def comments(opts: Options, *, store: str) -> dict:
-    """Reviewers post back to back (next after ack) in one room watched by many."""
-    reviewers, watchers, warmup, measure = _params(opts, ("reviewers", "watchers", "warmup", "measure"),
-                                                   (5, 20, 0.5, 2.0), (20, 200, 2.0, 10.0))
+    """Reviewers post back to back (next after ack) in one room watched by many.
+
+    ``--set watcher_batch=1`` makes the watchers authenticate with ``batch:
+    true``, as the web page (web/js/socket.js) does; the default (0) keeps
+    them unbatched. The batched run is reported as its own, labelled row
+    (scenario ``comments_<store>_batched``), not in place of the default.
+    """
+    reviewers, watchers, watcher_batch, warmup, measure = _params(
+        opts, ("reviewers", "watchers", "watcher_batch", "warmup", "measure"),
+        (5, 20, 0, 0.5, 2.0), (20, 200, 0, 2.0, 10.0))
+    batched = bool(watcher_batch)
+    name = f"comments_{store}_batched" if batched else f"comments_{store}"
     env = {"PS_WS_CHAT_RATE": "1000000", "PS_WS_CHAT_BURST": "1000000", **opts.extra_env}
     pg = opts.pg_admin if store == "postgresql" else None
     if store == "postgresql" and not pg:
@@ -364,15 +373,15 @@ def comments(opts: Options, *, store: str) -> dict:
         (job,) = svc.jobs(1)
         room = f"job:{job}"
         clients = [ClientSpec(token=t, rooms=[room], role="reviewer") for t in rev_tokens]
-        clients += [ClientSpec(token=_assign(watch_tokens, i), rooms=[room]) for i in range(watchers)]
+        clients += [ClientSpec(token=_assign(watch_tokens, i), rooms=[room], batch=batched) for i in range(watchers)]
         workers = _workers(svc, clients, [room], opts, report_interval=0.05)
-        out = _base(f"comments_{store}", svc, opts, {"reviewers": reviewers, "watchers": watchers,
+        out = _base(name, svc, opts, {"reviewers": reviewers, "watchers": watchers, "watcher_batch": batched,
                                                      "warmup_s": warmup, "measure_s": measure,
                                                      "chat_rate_limit": "raised to 1e6/s"})
         with Orchestra(workers, None, rooms=1) as orc:
             orc.go()
             orc.wait_joined(120)
-            cpu, secs = _measure(orc, svc, warmup, measure, _profile_path(opts, f"comments_{store}"))
+            cpu, secs = _measure(orc, svc, warmup, measure, _profile_path(opts, name))
             merged = orc.stop_and_collect()
         if merged["unavailable"] and merged["acks"] == 0:
             out.update(status="not available yet", deliveries_per_s=None, p50_ms=None, p99_ms=None, max_ms=None,
