@@ -92,12 +92,41 @@ def access_log(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
+#: Largest request body accepted (413 above it). A prompt of
+#: ``PS_PROMPT_MAX_CHARS`` fits even fully ``\uXXXX``-escaped; nothing else
+#: the API takes comes close.
+MAX_BODY_BYTES = 2 << 20
+
+
 def _client_error_handler(request: Request, exc: HTTPException) -> Response:
-    body: dict[str, object] = {"status_code": exc.status_code, "detail": exc.detail}
+    detail = exc.detail
+    if exc.status_code == 413:
+        detail = f"request body larger than {MAX_BODY_BYTES} bytes"
+    body: dict[str, object] = {"status_code": exc.status_code, "detail": detail}
     extra = getattr(exc, "extra", None)
     if extra:
         body["extra"] = extra
     return Response(body, status_code=exc.status_code, headers=getattr(exc, "headers", None) or None)
+
+
+def _bad_body_handler(request: Request, exc: Exception) -> Response:
+    """Bodies the JSON decoder cannot even read: a 400 that says why, not a 500.
+
+    msgspec raises ``UnicodeDecodeError`` for invalid UTF-8 and
+    ``RecursionError`` for absurdly deep nesting, outside Litestar's own
+    ``DecodeError`` → 400 mapping.
+    """
+    if isinstance(exc, UnicodeDecodeError):
+        detail = f"request is not valid UTF-8 (byte {exc.start})"
+    else:
+        detail = "request body: JSON nested too deeply"
+    return Response({"status_code": 400, "detail": detail}, status_code=400)
+
+
+def _server_error_handler(request: Request, exc: Exception) -> Response:
+    """Log a bug with its traceback (path only: the query string may hold secrets)."""
+    log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    return Response({"status_code": 500, "detail": "Internal Server Error"}, status_code=500)
 
 
 def create_app(
@@ -178,7 +207,13 @@ def create_app(
         dependencies={"services": Provide(provide_services), "principal": Provide(provide_principal)},
         middleware=[access_log, rate_limit.middleware],
         cors_config=cors,
-        exception_handlers={HTTPException: _client_error_handler},
+        exception_handlers={
+            HTTPException: _client_error_handler,
+            UnicodeDecodeError: _bad_body_handler,
+            RecursionError: _bad_body_handler,
+            Exception: _server_error_handler,
+        },
+        request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(title="progress-service", version="1", path="/schema"),
         debug=False,
     )

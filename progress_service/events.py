@@ -203,8 +203,12 @@ class JobSnapshot(Struct, kw_only=True):
 # --------------------------------------------------------------------------
 
 RoomId = Annotated[str, Meta(pattern=r"^job:[A-Za-z0-9_-]{1,64}$")]
-EventId = Annotated[str, Meta(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$", max_length=41)]
-RequestId = Annotated[str, Meta(min_length=1, max_length=100)]
+# 19 digits a part: every such number fits the 64 bits of a Redis stream id
+# part (20 would let 99999999999999999999 through, which Redis rejects).
+EventId = Annotated[str, Meta(pattern=r"^[0-9]{1,19}-[0-9]{1,19}$", max_length=39)]
+# No control characters: a NUL is refused by PostgreSQL, and one bad row
+# would fail the whole group commit of other users' comments with it.
+RequestId = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Secret = Annotated[str, Meta(min_length=1, max_length=512)]
 ClientName = Annotated[str, Meta(max_length=100)]
 

@@ -18,7 +18,7 @@ from litestar.exceptions import NotFoundException, ValidationException
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK
 
-from progress_service.api.deps import require_role
+from progress_service.api.deps import check_int64, int64_cursor, require_role
 from progress_service.revocation import TokenInfo, list_tokens, revoke
 from progress_service.store import audit as audit_store
 from progress_service.store.audit import AuditRecord, parse_since
@@ -38,11 +38,7 @@ class TokenList(msgspec.Struct, kw_only=True):
 
 
 def _cursor(cursor: str | None) -> int | None:
-    if cursor is None:
-        return None
-    if not cursor.isdigit() or len(cursor) > 19:
-        raise ValidationException("cursor: not a cursor returned by this API")
-    return int(cursor)
+    return int64_cursor(cursor)
 
 
 class AuditController(Controller):
@@ -69,8 +65,10 @@ class AuditController(Controller):
         require_role(principal, "admin")
         try:
             since_ms = parse_since(since) if since else None
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:
             raise ValidationException(f"since: {exc}") from None
+        if since_ms is not None:
+            check_int64(since_ms, "since")
         limit = min(limit, services.settings.page_max)
         position = _cursor(cursor)
         items = await audit_store.list_records(

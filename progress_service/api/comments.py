@@ -25,6 +25,7 @@ from litestar.params import HeaderParameter, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from progress_service import streams
+from progress_service.api.deps import int64_cursor
 from progress_service.api.jobs import JOB_ID_RE
 from progress_service.comments import CommentForbidden, Comments, CommentsUnavailable, InvalidComment
 from progress_service.store import comments as comment_store
@@ -76,11 +77,7 @@ class CommentsController(Controller):
     ) -> CommentPage:
         await _job_of_team(services, job_id, principal)
         limit = min(limit, services.settings.page_max)
-        after = None
-        if cursor is not None:
-            if not cursor.isdigit() or len(cursor) > 19:
-                raise ValidationException("cursor: not a cursor returned by this API")
-            after = int(cursor)
+        after = int64_cursor(cursor)
         items = await comment_store.list_comments(services.engine, streams.room_id(job_id), after=after, limit=limit)
         next_cursor = str(items[-1].commentId) if len(items) == limit else None
         return CommentPage(items=items, nextCursor=next_cursor)
@@ -99,6 +96,7 @@ class CommentsController(Controller):
                 min_length=1,
                 max_length=100,
                 description="The request id: a retry with the same key is stored and broadcast once",
+                pattern=r"^[^\x00-\x1f\x7f]+$",
             ),
         ],
     ) -> Response[Comment]:

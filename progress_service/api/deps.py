@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from litestar import Request
 from litestar.datastructures import State
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, ValidationException
 
 from progress_service.auth import bearer_token
 from progress_service.services import Services
@@ -37,3 +37,41 @@ def require_role(principal: Principal, role: str) -> None:
     """Refuse with 403 unless the caller's role ranks at or above ``role``."""
     if not principal.at_least(role):
         raise PermissionDeniedException(f"this needs the role '{role}' or above; you are '{principal.role}'")
+
+
+#: Bounds of what the store (SQL BIGINT) and Redis stream ids can hold; a
+#: number outside them is a client mistake (400), not a driver overflow (500).
+INT64_MAX = (1 << 63) - 1
+UINT64_MAX = (1 << 64) - 1
+
+
+def int64_cursor(cursor: str | None, field: str = "cursor") -> int | None:
+    """A numeric page cursor as an int, or a 400 naming ``field``."""
+    if cursor is None:
+        return None
+    if not cursor.isascii() or not cursor.isdigit() or len(cursor) > 19 or int(cursor) > INT64_MAX:
+        raise ValidationException(f"{field}: not a cursor returned by this API")
+    return int(cursor)
+
+
+def check_int64(value: int, field: str) -> int:
+    """``value`` if a SQL BIGINT holds it, else a 400 naming ``field``."""
+    if not -INT64_MAX <= value <= INT64_MAX:
+        raise ValidationException(f"{field}: out of range")
+    return value
+
+
+def is_event_id(value: str) -> bool:
+    """True for a Redis stream id ``<ms>-<seq>`` whose parts fit in 64 bits."""
+    ms, sep, seq = value.partition("-")
+    return (
+        sep == "-"
+        and 1 <= len(ms) <= 20
+        and 1 <= len(seq) <= 20
+        and ms.isascii()
+        and seq.isascii()
+        and ms.isdigit()
+        and seq.isdigit()
+        and int(ms) <= UINT64_MAX
+        and int(seq) <= UINT64_MAX
+    )

@@ -14,7 +14,7 @@ from litestar.params import Parameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED
 
 from progress_service import metrics, queue, streams
-from progress_service.api.deps import require_role
+from progress_service.api.deps import INT64_MAX, is_event_id, require_role
 from progress_service.events import JobSnapshot, JobSpec, StatusData, StoredEvent, now_ms
 from progress_service.services import Services
 from progress_service.store import jobs as job_store
@@ -48,7 +48,9 @@ def _cursor_decode(cursor: str) -> tuple[int, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, job_id = raw.split(":", 1)
-        if not JOB_ID_RE.match(job_id):
+        if not JOB_ID_RE.match(job_id) or not created.isascii() or not created.isdigit():
+            raise ValueError
+        if int(created) > INT64_MAX:
             raise ValueError
         return int(created), job_id
     except (ValueError, UnicodeDecodeError):
@@ -81,6 +83,9 @@ class JobsController(Controller):
         settings = services.settings
         if len(data.prompt.strip()) == 0:
             raise ValidationException("prompt: must not be blank")
+        if "\x00" in data.prompt:
+            # PostgreSQL refuses NUL in text: a 400 here, not a 500 at the INSERT.
+            raise ValidationException("prompt: must not contain NUL characters")
         if len(data.prompt) > settings.prompt_max_chars:
             raise ValidationException(f"prompt: longer than {settings.prompt_max_chars} characters")
         if data.timeoutSeconds is not None and data.timeoutSeconds > settings.job_timeout_max:
@@ -161,7 +166,7 @@ class JobsController(Controller):
         limit: Annotated[int, Parameter(ge=1, le=1000)] = 500,
     ) -> EventPage:
         await load_snapshot(services, job_id, principal.team_id)
-        if since is not None and not EVENT_ID_RE.match(since):
+        if since is not None and not is_event_id(since):
             raise ValidationException("since: an event id like '1700000000000-0'")
         gap, oldest = (False, None)
         if since is not None:

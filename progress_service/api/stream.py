@@ -30,6 +30,7 @@ from litestar.exceptions import NotFoundException, ValidationException
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from progress_service import streams
+from progress_service.api.deps import is_event_id
 from progress_service.events import TERMINAL_STATUSES, Gap, Joined
 from progress_service.services import Services
 from progress_service.store.identity import Principal
@@ -60,7 +61,7 @@ async def job_stream(request: Request, job_id: str, principal: Principal, servic
     if not JOB_ID_RE.match(job_id):
         raise NotFoundException("no such job")
     since = request.headers.get("last-event-id") or None
-    if since is not None and not EVENT_ID_RE.match(since):
+    if since is not None and not is_event_id(since):
         raise ValidationException("Last-Event-ID: not an event id")
     job = await get_job(services.engine, job_id, team_id=principal.team_id)
     if job is None:
