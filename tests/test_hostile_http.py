@@ -52,6 +52,7 @@ async def test_hostile_requests_get_precise_4xx(make_settings: Callable[..., Any
         ("POST", "/api/jobs", {"json": {"prompt": "x\u0000y"}}, 400, "NUL"),
         ("POST", "/api/jobs", {"json": {"prompt": "x", "workdir": "../.."}}, 400, "workdir"),
         ("POST", "/api/jobs", {"json": {"prompt": "x", "maxTurns": big}}, 400, "maxTurns"),
+        ("POST", "/api/jobs", {"json": {"prompt": "x", "workdir": "0" * 1000}}, 400, "workdir"),  # ENAMETOOLONG
         ("POST", "/api/jobs", {"json": [1]}, 400, "object"),
         (
             "POST",

@@ -96,6 +96,9 @@ class JobsController(Controller):
             resolve_workdir(root, data.workdir)
         except WorkdirError as exc:
             raise ValidationException(str(exc)) from None
+        except OSError as exc:
+            # e.g. ENAMETOOLONG: a path component over the filesystem's limit.
+            raise ValidationException(f"workdir: not a usable path ({exc.strerror})") from None
         job_id = uuid.uuid4().hex
         created = now_ms()
         await job_store.create_job(
