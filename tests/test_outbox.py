@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 from progress_service import metrics
-from progress_service.gateway.outbox import Outbox, SendTimeout, queued_bytes
+from progress_service.gateway.outbox import BATCH_FRAME_BYTES, Chunk, Outbox, SendTimeout, queued_bytes
 
 
 async def test_pump_times_out_a_send_that_never_returns() -> None:
@@ -100,3 +100,58 @@ async def test_put_wait_waits_for_room() -> None:
         with anyio.fail_after(2):
             await done.wait()
     assert await outbox.get() == "b" * 8
+
+
+async def test_shared_chunk_becomes_one_array_frame_per_batching_outbox() -> None:
+    chunk = Chunk.of(['{"a":1}', '{"b":2}', '{"c":3}'], [7, 7, 7])
+    first, second = Outbox(1 << 20, batch=True), Outbox(1 << 20, batch=True)
+    assert first.put_chunk(chunk) and second.put_chunk(chunk)
+    assert first.put('{"d":4}', 7)
+    assert len(first) == 4 and first.size == 28
+    assert first._take() == ('[{"a":1},{"b":2},{"c":3},{"d":4}]', 4)
+    assert second._take() == ('[{"a":1},{"b":2},{"c":3}]', 3)
+    assert len(first) == 0 and first.size == 0 and len(second) == 0
+
+
+async def test_chunk_to_an_unbatched_outbox_is_one_frame_per_message_in_order() -> None:
+    outbox = Outbox(1 << 20)
+    outbox.put("x", 1)
+    outbox.put_chunk(Chunk.of(["a", "b", "c"], [1, 1, 1]))
+    outbox.put("y", 1)
+    assert [outbox._take() for _ in range(5)] == [("x", 1), ("a", 1), ("b", 1), ("c", 1), ("y", 1)]
+    assert len(outbox) == 0 and outbox.size == 0
+
+
+async def test_a_chunk_larger_than_a_frame_spans_frames_without_loss_or_reorder() -> None:
+    big = "x" * (BATCH_FRAME_BYTES // 3 + 1)  # three of them do not fit one frame
+    texts = [f'"{i}{big}"' for i in range(7)]
+    sizes = [len(t) for t in texts]
+    outbox = Outbox(1 << 30, batch=True)
+    outbox.put("0", 1)
+    outbox.put_chunk(Chunk.of(texts, sizes))
+    outbox.put("1", 1)
+    got: list[str] = []
+    while len(outbox):
+        frame, count = outbox._take()
+        parts = [p for p in frame[1:-1].split(",")] if frame.startswith("[") else [frame]
+        assert len(parts) == count
+        assert count == 1 or sum(len(p) for p in parts) <= BATCH_FRAME_BYTES
+        got += parts
+    assert got == ["0", *texts, "1"]
+    assert outbox.size == 0
+
+
+async def test_a_single_message_larger_than_a_frame_is_sent_alone() -> None:
+    huge = "y" * (BATCH_FRAME_BYTES + 10)
+    outbox = Outbox(1 << 30, batch=True)
+    outbox.put_chunk(Chunk.of([huge, "z"], [len(huge), 1]))
+    assert outbox._take() == (f"[{huge}]", 1)
+    assert outbox._take() == ("z", 1)
+
+
+async def test_put_chunk_overflow_queues_what_fits_and_reports_once() -> None:
+    overflows: list[int] = []
+    outbox = Outbox(10, batch=True, on_overflow=lambda: overflows.append(1))
+    assert not outbox.put_chunk(Chunk.of(["aaaa", "bbbb", "cccc"], [4, 4, 4]))
+    assert len(outbox) == 2 and outbox.size == 8 and overflows == [1]
+    assert outbox._take() == ("[aaaa,bbbb]", 2)

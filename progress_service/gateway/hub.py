@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 
 from progress_service import metrics, streams
 from progress_service.events import PresenceMember, PresenceMsg, now_ms
-from progress_service.gateway.outbox import Outbox
+from progress_service.gateway.outbox import Chunk, Outbox
 from progress_service.streams import id_lt, id_tuple, wire_bytes
 
 if TYPE_CHECKING:
@@ -308,21 +308,26 @@ class Hub:
         return total
 
     def _fan_out_events(self, room: Room, entries: list, now: int) -> None:
-        # Encode each entry once; then each member gets all the entries it
-        # has not had in one put, so its sender wakes once per answer.
-        batch: list[tuple[tuple[int, int], str, int]] = []
+        # Encode each entry once, into one chunk shared by every member that
+        # gets all of them: one put (one append, one wake-up) per member per
+        # answer, and the entries are comma-joined once for all batching
+        # senders.
+        keys: list[tuple[int, int]] = []
+        texts: list[str] = []
+        sizes: list[int] = []
         for eid, flat in entries:
             key = id_tuple(eid.decode())
             metrics.hub_lag.observe(max(0, now - key[0]) / 1000)
             fields = dict(zip(flat[::2], flat[1::2]))
             raw = wire_bytes(room.room_id, eid, fields)
-            batch.append((key, raw.decode(), len(raw)))  # encoded once for every member
+            keys.append(key)
+            texts.append(raw.decode())  # encoded once for every member
+            sizes.append(len(raw))
         last_eid = entries[-1][0]
         room.cursor = last_eid.decode()
         self._ids[room.slot] = _pack(last_eid)
-        first, last = batch[0][0], batch[-1][0]
-        items = [(text, size) for _, text, size in batch]
-        total = sum(size for _, _, size in batch)
+        first, last = keys[0], keys[-1]
+        chunk = Chunk.of(texts, sizes)
         for m in list(room.members.values()):
             if not m.live:
                 continue
@@ -331,10 +336,10 @@ class Hub:
                 continue
             m.after = last
             if after < first:
-                m.outbox.put_many(items, total)
+                m.outbox.put_chunk(chunk)
             else:
-                rest = [(text, size) for key, text, size in batch if key > after]
-                m.outbox.put_many(rest, sum(size for _, size in rest))
+                i = next(i for i, key in enumerate(keys) if key > after)
+                m.outbox.put_chunk(Chunk.of(texts[i:], sizes[i:]))
 
     def _fan_out_presence(self, room: Room, entries: list) -> None:
         members = list(room.members.values())

@@ -15,13 +15,20 @@ after it started waiting; the send timeout is a watchdog timer armed at most
 once per timeout period while frames are being sent (uvicorn's ``send``
 returns at once unless the socket is full, so a per-frame timeout would only
 cost time).
+
+Queued messages are held in *chunks*: the hub encodes the entries of one
+XREAD answer once, and every member that gets all of them queues the same
+chunk (one append, not one per entry), with the entries already joined by
+commas, so a batching connection's array frame is built from a few joined
+chunks instead of one string per message.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NamedTuple
 
 import anyio
 
@@ -51,12 +58,38 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
+class Chunk(NamedTuple):
+    """Encoded messages queued together, shared by every outbox that queues them.
+
+    ``joined`` is ``",".join(texts)``, made once for all the outboxes, so a
+    batching sender that takes the whole chunk adds one string to its frame.
+    A queue holds chunks and single messages (``(text, size)`` pairs, told
+    apart by their length: a pair is not tracked by the garbage collector and
+    costs nothing to make).
+    """
+
+    joined: str
+    #: Encoded bytes of all the messages.
+    size: int
+    texts: Sequence[str]
+    sizes: Sequence[int]
+    #: The messages as ``(text, size)`` pairs, for the outboxes that send one per frame.
+    pairs: Sequence[tuple[str, int]]
+
+    @classmethod
+    def of(cls, texts: Sequence[str], sizes: Sequence[int]) -> Chunk:
+        """A chunk of these messages (joined here, once)."""
+        return cls(",".join(texts), sum(sizes), texts, sizes, list(zip(texts, sizes, strict=True)))
+
+
 class Outbox:
     """Encoded messages waiting for one connection, oldest first."""
 
     __slots__ = (
         "_items",
+        "_count",
         "_on_overflow",
+        "_pos",
         "_pump_scope",
         "_sending_since",
         "_size",
@@ -76,7 +109,11 @@ class Outbox:
         self.limit = limit
         self.batch = batch
         self._on_overflow = on_overflow
-        self._items: deque[tuple[str, int]] = deque()
+        self._items: deque[Chunk | tuple[str, int]] = deque()
+        #: Messages of ``_items[0]`` (a chunk) already taken: a chunk can span frames.
+        self._pos = 0
+        #: Messages queued.
+        self._count = 0
         self._size = 0
         #: The sender's (or ``get``'s) wait for a message; None while it is not waiting.
         self._waiter: asyncio.Future[None] | None = None
@@ -99,7 +136,7 @@ class Outbox:
         return self._size
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._count
 
     def put(self, text: str, size: int) -> bool:
         """Queue one encoded message without waiting.
@@ -116,6 +153,29 @@ class Outbox:
             self._overflow()
             return False
         self._items.append((text, size))
+        self._count += 1
+        self._size += size
+        _queued_bytes += size
+        if self._waiter is not None:
+            _wake(self._waiter)
+            self._waiter = None
+        return True
+
+    def put_chunk(self, chunk: Chunk) -> bool:
+        """Queue a (shared) chunk of encoded messages; the contract of :meth:`put_many`."""
+        global _queued_bytes
+        if self.closed or self.overflowed:
+            return False
+        size = chunk.size
+        if self._size + size > self.limit:
+            return all(self.put(text, n) for text, n in chunk.pairs)
+        if self.batch:
+            self._items.append(chunk)
+        else:
+            # one frame per message anyway: queue them one by one, so the
+            # sender's take is a popleft
+            self._items.extend(chunk.pairs)
+        self._count += len(chunk.texts)
         self._size += size
         _queued_bytes += size
         if self._waiter is not None:
@@ -130,18 +190,10 @@ class Outbox:
         overflow the messages that fit are queued, the rest refused, and the
         overflow is reported. The sender is woken once.
         """
-        global _queued_bytes
-        if self.closed or self.overflowed:
-            return False
-        if self._size + size > self.limit:
-            return all(self.put(text, n) for text, n in items)
-        self._items.extend(items)
-        self._size += size
-        _queued_bytes += size
-        if self._waiter is not None:
-            _wake(self._waiter)
-            self._waiter = None
-        return True
+        if not items:
+            return not (self.closed or self.overflowed)
+        texts = [t for t, _ in items]
+        return self.put_chunk(Chunk(",".join(texts), size, texts, [n for _, n in items], items))
 
     def _overflow(self) -> None:
         self.overflowed = True
@@ -164,25 +216,70 @@ class Outbox:
         self.closed = True
         _queued_bytes -= self._size
         self._items.clear()
+        self._pos = 0
+        self._count = 0
         self._size = 0
         _wake(self._waiter)
         _wake(self._space_waiter)
 
+    def _pop_one(self) -> tuple[str, int]:
+        """The oldest message and its size (not yet released)."""
+        items = self._items
+        entry = items.popleft()
+        if len(entry) == 2:
+            return entry  # type: ignore[return-value]
+        # a chunk (queued while batching was on, or partly taken): its rest as pairs
+        pairs = entry.pairs[self._pos :]  # type: ignore[union-attr]
+        self._pos = 0
+        items.extendleft(reversed(pairs[1:]))
+        return pairs[0]
+
     def _take(self) -> tuple[str, int]:
         """The next frame's text and how many messages it carries."""
-        items = self._items
-        if not self.batch or len(items) == 1:
-            text, size = items.popleft()
+        if not self.batch or self._count == 1:
+            text, size = self._pop_one()
+            self._count -= 1
             self._release(size)
             return text, 1
+        items = self._items
         parts: list[str] = []
         total = 0
-        while items and (not parts or total + items[0][1] <= BATCH_FRAME_BYTES):
-            text, size = items.popleft()
-            parts.append(text)
-            total += size
+        count = 0
+        while items:
+            entry = items[0]
+            if len(entry) == 2:
+                text, size = entry  # type: ignore[misc]
+                if parts and total + size > BATCH_FRAME_BYTES:
+                    break
+                items.popleft()
+                parts.append(text)
+                total += size
+                count += 1
+                continue
+            chunk: Chunk = entry  # type: ignore[assignment]
+            if self._pos == 0 and total + chunk.size <= BATCH_FRAME_BYTES:
+                # the whole chunk fits: its messages are joined already
+                items.popleft()
+                parts.append(chunk.joined)
+                total += chunk.size
+                count += len(chunk.texts)
+                continue
+            # a chunk that does not fit (or is partly sent): message by message
+            texts, sizes, pos, n = chunk.texts, chunk.sizes, self._pos, len(chunk.texts)
+            start = pos
+            while pos < n and (not parts or total + sizes[pos] <= BATCH_FRAME_BYTES):
+                parts.append(texts[pos])
+                total += sizes[pos]
+                pos += 1
+            count += pos - start
+            if pos < n:
+                self._pos = pos
+                break
+            items.popleft()
+            self._pos = 0
+        self._count -= count
         self._release(total)
-        return "[" + ",".join(parts) + "]", len(parts)
+        return "[" + ",".join(parts) + "]", count
 
     def _release(self, size: int) -> None:
         global _queued_bytes
@@ -198,7 +295,8 @@ class Outbox:
                 return None
             waiter = self._waiter = asyncio.get_running_loop().create_future()
             await waiter
-        text, size = self._items.popleft()
+        text, size = self._pop_one()
+        self._count -= 1
         self._release(size)
         return text
 
@@ -211,11 +309,18 @@ class Outbox:
         loop = asyncio.get_running_loop()
         items = self._items
         self._stalled = False
+        # The Prometheus counters take a lock per call: count locally and add
+        # once per busy period (when the queue runs empty, and at the end).
+        frames = messages = 0
         with anyio.CancelScope() as scope:
             self._pump_scope = scope
             try:
                 while True:
                     if not items:
+                        if frames:
+                            metrics.ws_messages_out.inc(messages)
+                            metrics.ws_frames_out.inc(frames)
+                            frames = messages = 0
                         if self.closed:
                             return
                         waiter = self._waiter = loop.create_future()
@@ -229,9 +334,12 @@ class Outbox:
                     self._sending_since = None
                     self.last_sent = loop.time()
                     self.messages_sent += count
-                    metrics.ws_messages_out.inc(count)
-                    metrics.ws_frames_out.inc()
+                    messages += count
+                    frames += 1
             finally:
+                if frames:
+                    metrics.ws_messages_out.inc(messages)
+                    metrics.ws_frames_out.inc(frames)
                 self._sending_since = None
                 self._pump_scope = None
                 if self._watchdog is not None:
