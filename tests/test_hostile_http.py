@@ -25,7 +25,9 @@ def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-async def test_hostile_requests_get_precise_4xx(make_settings: Callable[..., Any], store: Store) -> None:
+async def test_hostile_requests_get_precise_4xx(
+    make_settings: Callable[..., Any], store: Store
+) -> None:
     token = await store.token(role="admin", team="t1")
     job = await store.job(team="t1")
     big = 99999999999999999999
@@ -38,21 +40,81 @@ async def test_hostile_requests_get_precise_4xx(make_settings: Callable[..., Any
         ("GET", "/api/audit?cursor=9999999999999999999", {}, 400, "cursor"),
         ("GET", f"/api/audit?since={big}999", {}, 400, "since"),
         ("GET", "/api/audit?since=" + "9" * 38 + "d", {}, 400, "since"),
-        ("GET", f"/api/jobs/{job}/comments?cursor=9999999999999999999", {}, 400, "cursor"),
+        (
+            "GET",
+            f"/api/jobs/{job}/comments?cursor=9999999999999999999",
+            {},
+            400,
+            "cursor",
+        ),
         ("GET", f"/api/jobs/{job}/events?since={big}-{big}", {}, 400, "since"),
-        ("GET", f"/api/jobs/{job}/events?since=18446744073709551616-0", {}, 400, "since"),
-        ("GET", f"/api/jobs/{job}/stream", {"headers": {"Last-Event-ID": f"{big}-0"}}, 400, "Last-Event-ID"),
-        ("GET", f"/api/jobs/{job}/stream", {"headers": {"Last-Event-ID": "bogus"}}, 400, "Last-Event-ID"),
+        (
+            "GET",
+            f"/api/jobs/{job}/events?since=18446744073709551616-0",
+            {},
+            400,
+            "since",
+        ),
+        (
+            "GET",
+            f"/api/jobs/{job}/stream",
+            {"headers": {"Last-Event-ID": f"{big}-0"}},
+            400,
+            "Last-Event-ID",
+        ),
+        (
+            "GET",
+            f"/api/jobs/{job}/stream",
+            {"headers": {"Last-Event-ID": "bogus"}},
+            400,
+            "Last-Event-ID",
+        ),
         ("GET", "/api/jobs/%E2%98%83", {}, 404, "no such job"),
         ("GET", "/api/jobs/..%2F..%2Fetc", {}, 404, ""),
         ("POST", "/api/jobs", {"content": b'{"prompt":"\xff\xfe"}'}, 400, "UTF-8"),
-        ("POST", "/api/jobs", {"content": b"[" * 100_000 + b"]" * 100_000}, 400, "nested"),
-        ("POST", "/api/jobs", {"content": b'{"prompt":' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001}, 400, "nested"),
-        ("POST", "/api/jobs", {"content": b'{"prompt":"' + b"a" * (3 << 20) + b'"}'}, 413, "larger than"),
+        (
+            "POST",
+            "/api/jobs",
+            {"content": b"[" * 100_000 + b"]" * 100_000},
+            400,
+            "nested",
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            {"content": b'{"prompt":' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001},
+            400,
+            "nested",
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            {"content": b'{"prompt":"' + b"a" * (3 << 20) + b'"}'},
+            413,
+            "larger than",
+        ),
         ("POST", "/api/jobs", {"json": {"prompt": "x\u0000y"}}, 400, "NUL"),
-        ("POST", "/api/jobs", {"json": {"prompt": "x", "workdir": "../.."}}, 400, "workdir"),
-        ("POST", "/api/jobs", {"json": {"prompt": "x", "maxTurns": big}}, 400, "maxTurns"),
-        ("POST", "/api/jobs", {"json": {"prompt": "x", "workdir": "0" * 1000}}, 400, "workdir"),  # ENAMETOOLONG
+        (
+            "POST",
+            "/api/jobs",
+            {"json": {"prompt": "x", "workdir": "../.."}},
+            400,
+            "workdir",
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            {"json": {"prompt": "x", "maxTurns": big}},
+            400,
+            "maxTurns",
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            {"json": {"prompt": "x", "workdir": "0" * 1000}},
+            400,
+            "workdir",
+        ),  # ENAMETOOLONG
         ("POST", "/api/jobs", {"json": [1]}, 400, "object"),
         (
             "POST",
@@ -77,14 +139,31 @@ async def test_hostile_requests_get_precise_4xx(make_settings: Callable[..., Any
         ),
     ]
     async with serve(make_settings()) as (base, _app):
-        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10) as client:
+        async with httpx.AsyncClient(
+            base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10
+        ) as client:
             failures = []
             for method, path, kw, status, text in cases:
                 if "content" in kw:
-                    kw = {**kw, "headers": {"Content-Type": "application/json", **kw.get("headers", {})}}
+                    kw = {
+                        **kw,
+                        "headers": {
+                            "Content-Type": "application/json",
+                            **kw.get("headers", {}),
+                        },
+                    }
                 resp = await client.request(method, path, **kw)
                 if resp.status_code != status or text not in resp.text:
-                    failures.append((method, path[:80], resp.status_code, resp.text[:200]))
+                    failures.append(
+                        (method, path[:80], resp.status_code, resp.text[:200])
+                    )
             assert failures == []
+            # Idempotency-Key reuse: the same text is a retry (200), another text a conflict (409).
+            path = f"/api/jobs/{job}/comments"
+            first = await client.post(path, json={"text": "once"}, headers={"Idempotency-Key": "dup"})
+            again = await client.post(path, json={"text": " once "}, headers={"Idempotency-Key": "dup"})
+            other = await client.post(path, json={"text": "twice"}, headers={"Idempotency-Key": "dup"})
+            assert (first.status_code, again.status_code, other.status_code) == (201, 200, 409)
+            assert again.json()["id"] == first.json()["id"] and "Idempotency-Key" in other.json()["detail"]
             # The server is still healthy after all that.
             assert (await client.get("/api/me")).status_code == 200

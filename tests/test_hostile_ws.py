@@ -63,7 +63,9 @@ def _frame(op: int, payload: bytes, *, fin: bool = True) -> bytes:
 class Raw:
     """A hand-rolled WebSocket client speaking bytes on a TCP stream."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.reader, self.writer = reader, writer
 
     @classmethod
@@ -117,35 +119,121 @@ def _hostile_cases(room: str) -> list[tuple[str, bool, Any, int, str]]:
         ("truncated JSON", False, '{"type":"auth"', 1008, "invalid JSON"),
         ("array", False, "[1,2]", 1008, "object"),
         ("deep nesting", False, '{"a":' * 1500 + "1" + "}" * 1500, 1009, ""),
-        ("huge number", False, json.dumps({"type": "join", "roomId": room})[:-1] + ',"since":1e999999}', 1008, "$.since"),
-        ("since over 64 bits", False, json.dumps({"type": "join", "roomId": room, "since": "99999999999999999999-0"}), 1008, "$.since"),
-        ("since wrong type", False, json.dumps({"type": "join", "roomId": room, "since": 5}), 1008, "$.since"),
-        ("roomId wrong type", False, json.dumps({"type": "join", "roomId": 5}), 1008, ROOM_RE_HINT),
-        ("roomId traversal", False, json.dumps({"type": "join", "roomId": "job:../../x"}), 1008, ROOM_RE_HINT),
-        ("roomId unicode", False, json.dumps({"type": "join", "roomId": "job:\u2603"}), 1008, ROOM_RE_HINT),
+        (
+            "huge number",
+            False,
+            json.dumps({"type": "join", "roomId": room})[:-1] + ',"since":1e999999}',
+            1008,
+            "$.since",
+        ),
+        (
+            "since over 64 bits",
+            False,
+            json.dumps(
+                {"type": "join", "roomId": room, "since": "99999999999999999999-0"}
+            ),
+            1008,
+            "$.since",
+        ),
+        (
+            "since wrong type",
+            False,
+            json.dumps({"type": "join", "roomId": room, "since": 5}),
+            1008,
+            "$.since",
+        ),
+        (
+            "roomId wrong type",
+            False,
+            json.dumps({"type": "join", "roomId": 5}),
+            1008,
+            ROOM_RE_HINT,
+        ),
+        (
+            "roomId traversal",
+            False,
+            json.dumps({"type": "join", "roomId": "job:../../x"}),
+            1008,
+            ROOM_RE_HINT,
+        ),
+        (
+            "roomId unicode",
+            False,
+            json.dumps({"type": "join", "roomId": "job:\u2603"}),
+            1008,
+            ROOM_RE_HINT,
+        ),
         ("unknown field", False, '{"type":"ping","zzz":1}', 1008, "zzz"),
         ("unknown type", False, '{"type":"zzz"}', 1008, "$.type"),
         ("no type", False, "{}", 1008, "type"),
         ("binary frame", False, b"\x00\x01", 1003, "text frames only"),
-        ("oversized frame", False, '{"type":"ping","x":"' + "a" * 9000 + '"}', 1009, "message too large"),
+        (
+            "oversized frame",
+            False,
+            '{"type":"ping","x":"' + "a" * 9000 + '"}',
+            1009,
+            "message too large",
+        ),
         ("giant frame", False, "x" * 200_000, 1009, ""),
-        ("chat before join", False, json.dumps({"type": "chat", "roomId": room, "requestId": "r", "text": "hi"}), 1008, "join"),
-        ("chat control chars", True, json.dumps({"type": "chat", "roomId": room, "requestId": "r", "text": "a\u0007b"}), 1008, "control"),
-        ("chat NUL requestId", True, json.dumps({"type": "chat", "roomId": room, "requestId": "\u0000", "text": "hi"}), 1008, "$.requestId"),
-        ("chat lone surrogate", True, '{"type":"chat","roomId":"' + room + '","requestId":"r","text":"a\\ud800"}', 1008, ""),
+        (
+            "chat before join",
+            False,
+            json.dumps(
+                {"type": "chat", "roomId": room, "requestId": "r", "text": "hi"}
+            ),
+            1008,
+            "join",
+        ),
+        (
+            "chat control chars",
+            True,
+            json.dumps(
+                {"type": "chat", "roomId": room, "requestId": "r", "text": "a\u0007b"}
+            ),
+            1008,
+            "control",
+        ),
+        (
+            "chat NUL requestId",
+            True,
+            json.dumps(
+                {"type": "chat", "roomId": room, "requestId": "\u0000", "text": "hi"}
+            ),
+            1008,
+            "$.requestId",
+        ),
+        (
+            "chat lone surrogate",
+            True,
+            '{"type":"chat","roomId":"' + room + '","requestId":"r","text":"a\\ud800"}',
+            1008,
+            "",
+        ),
         ("bad re-auth", False, '{"type":"auth","token":"nope"}', 4403, "auth failed"),
-        ("auth token wrong type", False, '{"type":"auth","token":123}', 1008, "$.token"),
+        (
+            "auth token wrong type",
+            False,
+            '{"type":"auth","token":123}',
+            1008,
+            "$.token",
+        ),
     ]
 
 
 async def test_hostile_messages_close_precisely_and_neighbours_keep_receiving(
-    make_settings: Callable[..., Any], store: Store, redis: Any, caplog: pytest.LogCaptureFixture
+    make_settings: Callable[..., Any],
+    store: Store,
+    redis: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
     token = await store.token(role="admin", team="t1")
     job = await store.job(team="t1")
     room = f"job:{job}"
-    async with serve(make_settings(**FAST)) as (base, _app), connect(base, max_queue=None) as neighbour:
+    async with (
+        serve(make_settings(**FAST)) as (base, _app),
+        connect(base, max_queue=None) as neighbour,
+    ):
         await auth(neighbour, token)
         await join(neighbour, job)
         sent = await publish(redis, job, 3)
@@ -172,7 +260,11 @@ async def test_hostile_messages_close_precisely_and_neighbours_keep_receiving(
         raw.writer.close()
         raw = await Raw.open(base, token)
         chunk = b"a" * 6000
-        await raw.send(_frame(1, b'{"type":"ping","a":"' + chunk, fin=False) + _frame(0, chunk, fin=False) + _frame(0, chunk + b'"}'))
+        await raw.send(
+            _frame(1, b'{"type":"ping","a":"' + chunk, fin=False)
+            + _frame(0, chunk, fin=False)
+            + _frame(0, chunk + b'"}')
+        )
         if (c := await raw.close_code()) != 1009:
             failures.append(("fragmented oversize", c, ""))
         for name, data in [
@@ -186,7 +278,10 @@ async def test_hostile_messages_close_precisely_and_neighbours_keep_receiving(
             if (c := await raw.close_code()) != 1002:
                 failures.append((name, c, ""))
         # TCP resets in the middle of a frame.
-        for cut in (_frame(1, b"x" * 100_000)[:5000], _frame(1, b'{"type":"ping"}')[:10]):
+        for cut in (
+            _frame(1, b"x" * 100_000)[:5000],
+            _frame(1, b'{"type":"ping"}')[:10],
+        ):
             raw = await Raw.open(base, token)
             await raw.send(cut)
             raw.writer.transport.abort()
@@ -197,18 +292,28 @@ async def test_hostile_messages_close_precisely_and_neighbours_keep_receiving(
         assert got == sent
         await send(neighbour, type="ping")
     assert token not in caplog.text
-    ours = [r for r in caplog.records if r.exc_info and r.name.startswith("progress_service")]
+    ours = [
+        r
+        for r in caplog.records
+        if r.exc_info and r.name.startswith("progress_service")
+    ]
     assert ours == []
 
 
 async def test_floods_and_replay_end_with_the_protocol_codes(
-    make_settings: Callable[..., Any], store: Store, redis: Any, caplog: pytest.LogCaptureFixture
+    make_settings: Callable[..., Any],
+    store: Store,
+    redis: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
     token = await store.token(role="admin", team="t1")
     job = await store.job(team="t1")
     room = f"job:{job}"
-    async with serve(make_settings(**FAST)) as (base, _app), connect(base, max_queue=None) as neighbour:
+    async with (
+        serve(make_settings(**FAST)) as (base, _app),
+        connect(base, max_queue=None) as neighbour,
+    ):
         await auth(neighbour, token)
         await join(neighbour, job)
         # Join of 1000 rooms that do not exist: the error budget closes it.
@@ -226,13 +331,17 @@ async def test_floods_and_replay_end_with_the_protocol_codes(
             await join(ws, job)
             for i in range(200):
                 try:
-                    await send(ws, type="chat", roomId=room, requestId=f"f{i}", text="x")
+                    await send(
+                        ws, type="chat", roomId=room, requestId=f"f{i}", text="x"
+                    )
                 except Exception:  # noqa: BLE001
                     break
             assert await closed_with(ws) == (4429, "rate limited")
         # A used ticket is refused.
         async with httpx.AsyncClient(base_url=base) as client:
-            resp = await client.post("/api/ws-tickets", headers={"Authorization": f"Bearer {token}"})
+            resp = await client.post(
+                "/api/ws-tickets", headers={"Authorization": f"Bearer {token}"}
+            )
             ticket = resp.json()["ticket"]
         async with connect(base) as first, connect(base) as replay:
             await auth(first, ticket)
@@ -250,6 +359,10 @@ async def test_floods_and_replay_end_with_the_protocol_codes(
         sent = await publish(redis, job, 3)
         got: list[str] = []  # the flood's accepted chats come first
         while sent[-1] not in got:
-            got += [e["id"] for e in await collect_events(neighbour, 1) if e["type"] == "event"]
+            got += [
+                e["id"]
+                for e in await collect_events(neighbour, 1)
+                if e["type"] == "event"
+            ]
         assert got[-3:] == sent
     assert token not in caplog.text and ticket not in caplog.text

@@ -18,7 +18,7 @@ from litestar.exceptions import NotFoundException, ValidationException
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK
 
-from progress_service.api.deps import check_int64, int64_cursor, require_role
+from progress_service.api.deps import check_int64, error_responses, int64_cursor, require_role
 from progress_service.revocation import TokenInfo, list_tokens, revoke
 from progress_service.store import audit as audit_store
 from progress_service.store.audit import AuditRecord, parse_since
@@ -45,7 +45,7 @@ class AuditController(Controller):
     path = "/api/audit"
     tags = ["audit"]
 
-    @get("/", summary="The team's audit log (admin)")
+    @get("/", summary="The team's audit log (admin)", responses=error_responses(401, 403))
     async def list_audit(
         self,
         principal: Principal,
@@ -89,12 +89,17 @@ class TokensController(Controller):
     path = "/api/tokens"
     tags = ["auth"]
 
-    @get("/", summary="The team's API tokens, without secrets (admin)")
+    @get("/", summary="The team's API tokens, without secrets (admin)", responses=error_responses(401, 403))
     async def list_team_tokens(self, principal: Principal, services: Services) -> TokenList:
         require_role(principal, "admin")
         return TokenList(items=await list_tokens(services.engine, principal.team_id))
 
-    @delete_route("/{token_id:str}", status_code=HTTP_200_OK, summary="Revoke a token (admin)")
+    @delete_route(
+        "/{token_id:str}",
+        status_code=HTTP_200_OK,
+        summary="Revoke a token (admin)",
+        responses=error_responses(401, 403, 404),
+    )
     async def revoke_token(self, token_id: str, principal: Principal, services: Services) -> TokenInfo:
         """Revoke one of the team's tokens; its live connections are closed with 4401."""
         require_role(principal, "admin")

@@ -16,24 +16,30 @@ from typing import Annotated
 import msgspec
 from litestar import Controller, Response, get, post
 from litestar.exceptions import (
+    ClientException,
     NotFoundException,
     PermissionDeniedException,
     ServiceUnavailableException,
     ValidationException,
 )
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, Parameter
-from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_409_CONFLICT
 
 from progress_service import streams
-from progress_service.api.deps import int64_cursor
+from progress_service.api.deps import error_responses, int64_cursor
 from progress_service.api.jobs import JOB_ID_RE
-from progress_service.comments import CommentForbidden, Comments, CommentsUnavailable, InvalidComment
+from progress_service.comments import (
+    CommentForbidden,
+    Comments,
+    CommentsUnavailable,
+    InvalidComment,
+)
+from progress_service.services import Services
 from progress_service.store import comments as comment_store
 from progress_service.store.comments import Comment
-from progress_service.store.jobs import get_job
-from progress_service.services import Services
 from progress_service.store.identity import Principal
-
+from progress_service.store.jobs import get_job
 
 #: Seconds a client should wait before retrying a 503.
 RETRY_AFTER = "2"
@@ -66,7 +72,7 @@ class CommentsController(Controller):
     path = "/api/jobs/{job_id:str}/comments"
     tags = ["comments"]
 
-    @get("/", summary="The job's comments, oldest first")
+    @get("/", summary="The job's comments, oldest first", responses=error_responses(401, 404))
     async def list_comments(
         self,
         job_id: str,
@@ -82,7 +88,14 @@ class CommentsController(Controller):
         next_cursor = str(items[-1].commentId) if len(items) == limit else None
         return CommentPage(items=items, nextCursor=next_cursor)
 
-    @post("/", summary="Comment on a job (role reviewer or above)")
+    @post(
+        "/",
+        summary="Comment on a job (role reviewer or above)",
+        responses={
+            200: ResponseSpec(data_container=Comment, description="A retry with the same Idempotency-Key: the stored comment"),
+            **error_responses(401, 403, 404, 409, 413, 503),
+        },
+    )
     async def create_comment(
         self,
         job_id: str,
@@ -114,4 +127,11 @@ class CommentsController(Controller):
                 "the comment was not stored; retry with the same Idempotency-Key",
                 headers={"Retry-After": RETRY_AFTER},
             ) from None
+        if not created and comment.text != data.text.strip():
+            # The key names another comment: answering it as a success would
+            # tell the client its new text was stored when it was not.
+            raise ClientException(
+                "Idempotency-Key: already used for a different comment on this job; use a new key",
+                status_code=HTTP_409_CONFLICT,
+            )
         return Response(comment, status_code=HTTP_201_CREATED if created else HTTP_200_OK)

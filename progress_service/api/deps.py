@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgspec
 from litestar import Request
 from litestar.datastructures import State
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, ValidationException
+from litestar.exceptions import (
+    NotAuthorizedException,
+    PermissionDeniedException,
+    ValidationException,
+)
+from litestar.openapi.datastructures import ResponseSpec
 
 from progress_service.auth import bearer_token
 from progress_service.services import Services
@@ -75,3 +83,31 @@ def is_event_id(value: str) -> bool:
         and int(ms) <= UINT64_MAX
         and int(seq) <= UINT64_MAX
     )
+
+
+class ErrorBody(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The body of every 4xx/5xx answer: what is wrong, and where."""
+
+    status_code: int
+    detail: str
+    #: Per-field problems of a validation error (or extra context).
+    extra: list[dict[str, Any]] | dict[str, Any] | None = None
+
+
+_ERROR_TEXT = {
+    401: "Missing, invalid, expired or revoked token",
+    403: "The caller's role is too low",
+    404: "No such job (another team's job answers the same)",
+    409: "Idempotency-Key already used for a different comment",
+    413: "Request body over the size limit",
+    503: "The store is unavailable; retry",
+}
+
+
+def error_responses(*codes: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the error statuses a handler answers, so clients
+    (and schema-driven testers) know them."""
+    return {
+        code: ResponseSpec(data_container=ErrorBody, description=_ERROR_TEXT[code], generate_examples=False)
+        for code in codes
+    }

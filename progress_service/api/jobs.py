@@ -14,7 +14,7 @@ from litestar.params import Parameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED
 
 from progress_service import metrics, queue, streams
-from progress_service.api.deps import INT64_MAX, is_event_id, require_role
+from progress_service.api.deps import INT64_MAX, error_responses, is_event_id, require_role
 from progress_service.events import JobSnapshot, JobSpec, StatusData, StoredEvent, now_ms
 from progress_service.services import Services
 from progress_service.store import jobs as job_store
@@ -76,7 +76,7 @@ class JobsController(Controller):
     path = "/api/jobs"
     tags = ["jobs"]
 
-    @post("/", status_code=HTTP_201_CREATED, summary="Submit a Claude Code job")
+    @post("/", status_code=HTTP_201_CREATED, summary="Submit a Claude Code job", responses=error_responses(401, 403, 413))
     async def submit(self, data: JobSpec, principal: Principal, services: Services) -> JobSnapshot:
         """Queue a job for the caller's team. Role ``submitter`` or above."""
         require_role(principal, "submitter")
@@ -129,7 +129,7 @@ class JobsController(Controller):
         await _audit(services, principal, "job.submit", job_id, {"demo": services.demo})
         return snapshot
 
-    @get("/", summary="List the team's jobs, newest first")
+    @get("/", summary="List the team's jobs, newest first", responses=error_responses(401))
     async def list_jobs(
         self,
         principal: Principal,
@@ -155,11 +155,11 @@ class JobsController(Controller):
         next_cursor = _cursor_encode(records[-1].created_at, records[-1].id) if len(records) == limit else None
         return JobPage(items=items, nextCursor=next_cursor)
 
-    @get("/{job_id:str}", summary="A job's current state")
+    @get("/{job_id:str}", summary="A job's current state", responses=error_responses(401, 404))
     async def get_job(self, job_id: str, principal: Principal, services: Services) -> JobSnapshot:
         return await load_snapshot(services, job_id, principal.team_id)
 
-    @get("/{job_id:str}/events", summary="The job's retained events, in order")
+    @get("/{job_id:str}/events", summary="The job's retained events, in order", responses=error_responses(401, 404))
     async def events(
         self,
         job_id: str,
@@ -179,7 +179,12 @@ class JobsController(Controller):
         items = [streams.entry_dict(room, eid, fields) for eid, fields in entries]
         return EventPage(items=items, next=items[-1]["id"] if items else since, gap=gap, oldest=oldest)
 
-    @post("/{job_id:str}/cancel", status_code=HTTP_202_ACCEPTED, summary="Cancel a queued or running job")
+    @post(
+        "/{job_id:str}/cancel",
+        status_code=HTTP_202_ACCEPTED,
+        summary="Cancel a queued or running job",
+        responses=error_responses(401, 403, 404),
+    )
     async def cancel(self, job_id: str, principal: Principal, services: Services) -> JobSnapshot:
         """Ask the job to stop. Its submitter, or anyone with role submitter or above."""
         record = await job_store.get_job(services.engine, job_id, principal.team_id) if JOB_ID_RE.match(job_id) else None

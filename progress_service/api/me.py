@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 from litestar import get
 
+from progress_service.api.deps import error_responses
 from progress_service.store.identity import Principal
 
 
@@ -18,7 +19,7 @@ class Me(msgspec.Struct, kw_only=True):
     expiresAt: int | None
 
 
-@get("/api/me", tags=["auth"], summary="The caller's user, team and role")
+@get("/api/me", tags=["auth"], summary="The caller's user, team and role", responses=error_responses(401))
 async def whoami(principal: Principal) -> Me:
     return Me(
         userId=principal.user_id,

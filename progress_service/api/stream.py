@@ -30,7 +30,7 @@ from litestar.exceptions import NotFoundException, ValidationException
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from progress_service import streams
-from progress_service.api.deps import is_event_id
+from progress_service.api.deps import error_responses, is_event_id
 from progress_service.events import TERMINAL_STATUSES, Gap, Joined
 from progress_service.services import Services
 from progress_service.store.identity import Principal
@@ -55,6 +55,7 @@ _status_dec = msgspec.json.Decoder()
     tags=["jobs"],
     summary="A job's events as Server-Sent Events",
     description="Resume with the Last-Event-ID header. Ends after the job is terminal.",
+    responses=error_responses(401, 404),
 )
 async def job_stream(request: Request, job_id: str, principal: Principal, services: Services) -> ServerSentEvent:
     """The job's snapshot, then its events after ``Last-Event-ID``, then live ones."""
