@@ -102,6 +102,10 @@ def _client_error_handler(request: Request, exc: HTTPException) -> Response:
     detail = exc.detail
     if exc.status_code == 413:
         detail = f"request body larger than {MAX_BODY_BYTES} bytes"
+    elif isinstance(detail, str) and detail.startswith("Validation failed for ") and "?" in detail:
+        # Litestar echoes the whole URL; the query string may hold a secret
+        # that would then sit in client logs and proxies. "extra" names the field.
+        detail = detail.split("?", 1)[0]
     body: dict[str, object] = {"status_code": exc.status_code, "detail": detail}
     extra = getattr(exc, "extra", None)
     if extra:

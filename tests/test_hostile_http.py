@@ -36,6 +36,7 @@ async def test_hostile_requests_get_precise_4xx(
         ("GET", f"/api/jobs?cursor={_b64(f'{big}:abc'.encode())}", {}, 400, "cursor"),
         ("GET", f"/api/jobs?cursor={_b64(b'-5:abc')}", {}, 400, "cursor"),
         ("GET", "/api/jobs?limit=-1", {}, 400, "limit"),
+        ("GET", "/api/audit?order=sideways&secret=s3cr3t", {}, 400, "order"),
         ("GET", f"/api/jobs?limit={big}", {}, 400, "limit"),
         ("GET", "/api/audit?cursor=9999999999999999999", {}, 400, "cursor"),
         ("GET", f"/api/audit?since={big}999", {}, 400, "since"),
@@ -153,7 +154,7 @@ async def test_hostile_requests_get_precise_4xx(
                         },
                     }
                 resp = await client.request(method, path, **kw)
-                if resp.status_code != status or text not in resp.text:
+                if resp.status_code != status or text not in resp.text or "s3cr3t" in resp.text:
                     failures.append(
                         (method, path[:80], resp.status_code, resp.text[:200])
                     )
