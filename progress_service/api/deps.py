@@ -100,6 +100,7 @@ _ERROR_TEXT = {
     404: "No such job (another team's job answers the same)",
     409: "Idempotency-Key already used for a different comment",
     413: "Request body over the size limit",
+    429: "Over PS_HTTP_RATE_LIMIT requests per minute; see Retry-After",
     503: "The store is unavailable; retry",
 }
 
@@ -109,5 +110,5 @@ def error_responses(*codes: int) -> dict[int, ResponseSpec]:
     (and schema-driven testers) know them."""
     return {
         code: ResponseSpec(data_container=ErrorBody, description=_ERROR_TEXT[code], generate_examples=False)
-        for code in codes
+        for code in (*codes, 429)  # the rate limit answers every API route
     }
