@@ -16,8 +16,9 @@ from gateway_helpers import Store, serve
 
 
 @pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    async with Store(store_url) as s:
+async def store(db_url: str) -> AsyncIterator[Store]:
+    """The store on SQLite and on PostgreSQL (which refuses NUL in text)."""
+    async with Store(db_url) as s:
         yield s
 
 
@@ -26,7 +27,7 @@ def _b64(raw: bytes) -> str:
 
 
 async def test_hostile_requests_get_precise_4xx(
-    make_settings: Callable[..., Any], store: Store
+    make_settings: Callable[..., Any], store: Store, db_url: str
 ) -> None:
     token = await store.token(role="admin", team="t1")
     job = await store.job(team="t1")
@@ -71,6 +72,11 @@ async def test_hostile_requests_get_precise_4xx(
             "Last-Event-ID",
         ),
         ("GET", "/api/jobs/%E2%98%83", {}, 404, "no such job"),
+        ("GET", "/api/audit?action=a%00b", {}, 400, "action"),
+        ("GET", "/api/audit?room=job:a%00b", {}, 400, "room"),
+        ("DELETE", "/api/tokens/a%00b", {}, 404, "no such token"),
+        ("DELETE", "/api/tokens/not-a-uuid", {}, 404, "no such token"),
+        ("GET", "/api/jobs?status=queued%00", {}, 400, "status"),
         ("GET", "/api/jobs/..%2F..%2Fetc", {}, 404, ""),
         ("POST", "/api/jobs", {"content": b'{"prompt":"\xff\xfe"}'}, 400, "UTF-8"),
         (
@@ -139,7 +145,7 @@ async def test_hostile_requests_get_precise_4xx(
             "control characters",
         ),
     ]
-    async with serve(make_settings()) as (base, _app):
+    async with serve(make_settings(database_url=db_url)) as (base, _app):
         async with httpx.AsyncClient(
             base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10
         ) as client:
@@ -154,17 +160,34 @@ async def test_hostile_requests_get_precise_4xx(
                         },
                     }
                 resp = await client.request(method, path, **kw)
-                if resp.status_code != status or text not in resp.text or "s3cr3t" in resp.text:
+                if (
+                    resp.status_code != status
+                    or text not in resp.text
+                    or "s3cr3t" in resp.text
+                ):
                     failures.append(
                         (method, path[:80], resp.status_code, resp.text[:200])
                     )
             assert failures == []
             # Idempotency-Key reuse: the same text is a retry (200), another text a conflict (409).
             path = f"/api/jobs/{job}/comments"
-            first = await client.post(path, json={"text": "once"}, headers={"Idempotency-Key": "dup"})
-            again = await client.post(path, json={"text": " once "}, headers={"Idempotency-Key": "dup"})
-            other = await client.post(path, json={"text": "twice"}, headers={"Idempotency-Key": "dup"})
-            assert (first.status_code, again.status_code, other.status_code) == (201, 200, 409)
-            assert again.json()["id"] == first.json()["id"] and "Idempotency-Key" in other.json()["detail"]
+            first = await client.post(
+                path, json={"text": "once"}, headers={"Idempotency-Key": "dup"}
+            )
+            again = await client.post(
+                path, json={"text": " once "}, headers={"Idempotency-Key": "dup"}
+            )
+            other = await client.post(
+                path, json={"text": "twice"}, headers={"Idempotency-Key": "dup"}
+            )
+            assert (first.status_code, again.status_code, other.status_code) == (
+                201,
+                200,
+                409,
+            )
+            assert (
+                again.json()["id"] == first.json()["id"]
+                and "Idempotency-Key" in other.json()["detail"]
+            )
             # The server is still healthy after all that.
             assert (await client.get("/api/me")).status_code == 200

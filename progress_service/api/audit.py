@@ -9,6 +9,7 @@ connections on every node with 4401 within seconds.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -18,13 +19,17 @@ from litestar.exceptions import NotFoundException, ValidationException
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK
 
-from progress_service.api.deps import check_int64, error_responses, int64_cursor, require_role
+from progress_service.api.deps import (
+    check_int64,
+    error_responses,
+    int64_cursor,
+    require_role,
+)
 from progress_service.revocation import TokenInfo, list_tokens, revoke
+from progress_service.services import Services
 from progress_service.store import audit as audit_store
 from progress_service.store.audit import AuditRecord, parse_since
-from progress_service.services import Services
 from progress_service.store.identity import Principal
-
 
 
 class AuditPage(msgspec.Struct, kw_only=True):
@@ -35,6 +40,11 @@ class AuditPage(msgspec.Struct, kw_only=True):
 
 class TokenList(msgspec.Struct, kw_only=True):
     items: list[TokenInfo]
+
+
+_ACTION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,50}$")
+_ROOM_RE = re.compile(r"^job:[A-Za-z0-9_-]{1,64}$")
+_TOKEN_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,36}$")
 
 
 def _cursor(cursor: str | None) -> int | None:
@@ -63,6 +73,12 @@ class AuditController(Controller):
     ) -> AuditPage:
         """Records of the caller's team, oldest first (``order=desc``: newest first)."""
         require_role(principal, "admin")
+        # Checked here, not left to the SQL driver: PostgreSQL refuses NUL in
+        # text with an error (500) where SQLite would just find nothing.
+        if action is not None and not _ACTION_RE.match(action):
+            raise ValidationException("action: letters, digits and . _ : - only")
+        if room is not None and not _ROOM_RE.match(room):
+            raise ValidationException("room: a room id like job:<id>")
         try:
             since_ms = parse_since(since) if since else None
         except (ValueError, OverflowError) as exc:
@@ -104,7 +120,7 @@ class TokensController(Controller):
         """Revoke one of the team's tokens; its live connections are closed with 4401."""
         require_role(principal, "admin")
         info = None
-        if len(token_id) <= 36:
+        if _TOKEN_ID_RE.match(token_id):  # anything else (a NUL would be a PostgreSQL error) is no token
             info = await revoke(
                 services.engine,
                 token_id,
