@@ -366,3 +366,27 @@ async def test_floods_and_replay_end_with_the_protocol_codes(
             ]
         assert got[-3:] == sent
     assert token not in caplog.text and ticket not in caplog.text
+
+
+async def test_since_ahead_of_head_is_a_gap_not_silence(
+    make_settings: Callable[..., Any], store: Store, redis: Any
+) -> None:
+    """A ``since`` beyond the room's head (an id from another room, a Redis
+    restored from an older snapshot) must not silence the connection: live
+    items are only sent when greater than the last id, so the server answers
+    ``gap`` and replays what is retained instead."""
+    token = await store.token(role="admin", team="t1")
+    job = await store.job(team="t1")
+    sent = await publish(redis, job, 2)
+    async with (
+        serve(make_settings(**FAST)) as (base, _app),
+        connect(base, max_queue=None) as ws,
+    ):
+        await auth(ws, token)
+        await send(ws, type="join", roomId=f"job:{job}", since="9999999999999-0")
+        with anyio.fail_after(5):
+            while (msg := json.loads(await ws.recv()))["type"] != "gap":
+                assert msg["type"] in ("joined", "presence"), msg
+        sent += await publish(redis, job, 1, start=2)
+        got = [e["id"] for e in await collect_events(ws, 3)]
+        assert got == sent

@@ -484,6 +484,12 @@ class Session:
         except _STORE_ERRORS:
             self.refuse("unavailable", "try again later", room_id=room_id, counts=False)
             return
+        replay_from = since
+        if since is not None and (head is None or streams.id_lt(head, since)):
+            # A since ahead of the head (an id from elsewhere, a Redis restored
+            # from an older snapshot) would silence the room for good, as live
+            # items go out only when greater than it: a gap, replay all retained.
+            gap, replay_from = True, None
         member = Member(self.outbox, presence_after=streams.id_tuple(presence_head), owner=self)
         self.rooms[job_id] = member
         self.put(
@@ -498,7 +504,7 @@ class Session:
         if gap:
             self.put(Gap(roomId=room_id, since=since or "", oldest=oldest))
         try:
-            await self.gateway.hub.attach(job_id, member, since, head=head, presence_head=presence_head)
+            await self.gateway.hub.attach(job_id, member, replay_from, head=head, presence_head=presence_head)
         except _STORE_ERRORS:
             # The join is undone: the client sees `error` for the room it was told it joined.
             self._forget_room(job_id, member)
