@@ -147,13 +147,36 @@ def _ms() -> int:
     return int(time.time() * 1000)
 
 
+#: Decoded presence entries, by their raw bytes (entries never change).
+#: Every join reads all of its room's entries, so a mass join decodes each
+#: one again and again (5,000 joins in rooms of 50: ~125,000 decodes, 11 %
+#: of the connect profile); the decoded member is shared instead.
+_decoded: dict[bytes, tuple[str, PresenceMember]] = {}
+#: Past this many the cache starts over (an entry is ~200 bytes).
+DECODED_MAX = 50_000
+
+
+def _decode_entry(raw: bytes) -> tuple[str, PresenceMember]:
+    user_id, name, _ = raw.decode().split(SEP, 2)
+    found = (user_id, PresenceMember(userId=user_id, userName=name))
+    if len(_decoded) >= DECODED_MAX:
+        _decoded.clear()
+    _decoded[raw] = found
+    return found
+
+
 def members_of(entries: list[bytes]) -> list[PresenceMember]:
-    """Distinct users of a list of presence entries, in first-seen order."""
+    """Distinct users of a list of presence entries, in first-seen order.
+
+    The members returned are shared between calls: treat them as read-only.
+    """
     seen: dict[str, PresenceMember] = {}
+    decoded = _decoded
     for raw in entries:
-        user_id, name, _ = raw.decode().split(SEP, 2)
+        found = decoded.get(raw)
+        user_id, member = found if found is not None else _decode_entry(raw)
         if user_id not in seen:
-            seen[user_id] = PresenceMember(userId=user_id, userName=name)
+            seen[user_id] = member
     return list(seen.values())
 
 
