@@ -6,7 +6,13 @@ import anyio
 import pytest
 
 from progress_service import metrics
-from progress_service.gateway.outbox import BATCH_FRAME_BYTES, Chunk, Outbox, SendTimeout, queued_bytes
+from progress_service.gateway.outbox import (
+    BATCH_FRAME_BYTES,
+    Chunk,
+    Outbox,
+    SendTimeout,
+    queued_bytes,
+)
 
 
 async def test_pump_times_out_a_send_that_never_returns() -> None:

@@ -86,8 +86,8 @@ class Outbox:
     """Encoded messages waiting for one connection, oldest first."""
 
     __slots__ = (
-        "_items",
         "_count",
+        "_items",
         "_on_overflow",
         "_pos",
         "_pump_scope",
