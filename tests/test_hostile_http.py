@@ -10,6 +10,7 @@ import base64
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from gateway_helpers import Store, serve
@@ -191,3 +192,40 @@ async def test_hostile_requests_get_precise_4xx(
             )
             # The server is still healthy after all that.
             assert (await client.get("/api/me")).status_code == 200
+
+
+async def test_sse_streams_per_user_are_capped(
+    make_settings: Callable[..., Any], store_url: str
+) -> None:
+    """Each SSE stream holds a hub member and a buffer: one user cannot open them without bound."""
+    async with Store(store_url) as s:
+        token = await s.token(role="viewer", team="t1")
+        job = await s.job(team="t1")
+    settings = make_settings(ws_max_connections_per_user=2)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        serve(settings) as (base, _app),
+        httpx.AsyncClient(base_url=base, headers=headers, timeout=10) as client,
+    ):
+        path = f"/api/jobs/{job}/stream"
+        async with (
+            client.stream("GET", path) as first,
+            client.stream("GET", path) as second,
+        ):
+            readers = []  # kept: an abandoned line iterator closes its connection
+            for resp in (first, second):
+                assert resp.status_code == 200
+                readers.append(resp.aiter_lines())
+                assert (await anext(readers[-1])).startswith("event: joined")
+            third = await client.get(path, timeout=3)
+            assert (
+                third.status_code == 429
+                and "too many open streams" in third.json()["detail"]
+            )
+        # Closing them frees the slots.
+        with anyio.fail_after(5):
+            while True:
+                async with client.stream("GET", path) as again:
+                    if again.status_code == 200:
+                        break
+                await anyio.sleep(0.05)

@@ -19,6 +19,7 @@ process, not per watcher.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING
@@ -26,7 +27,11 @@ from typing import TYPE_CHECKING
 import anyio
 import msgspec
 from litestar import Request, get
-from litestar.exceptions import NotFoundException, ValidationException
+from litestar.exceptions import (
+    NotFoundException,
+    TooManyRequestsException,
+    ValidationException,
+)
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from progress_service import streams
@@ -67,12 +72,28 @@ async def job_stream(request: Request, job_id: str, principal: Principal, servic
     job = await get_job(services.engine, job_id, team_id=principal.team_id)
     if job is None:
         raise NotFoundException("no such job")
+    # Like the WebSocket's connections cap: each stream holds a hub member
+    # and a buffer, so one user cannot open them without bound.
+    limit = services.settings.ws_max_connections_per_user
+    if _open_streams(services)[principal.user_id] >= limit:
+        raise TooManyRequestsException(
+            f"too many open streams for this user (at most {limit}); close one first",
+            headers={"Retry-After": "10"},
+        )
     snapshot, head = await streams.read_state(services.redis, job_id)
     gap, oldest = await streams.gap_oldest(services.redis, job_id, since) if since else (False, None)
     return ServerSentEvent(
         _messages(services, principal, job_id, since, snapshot or job.to_snapshot(), head, gap, oldest),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def _open_streams(services: Services) -> Counter[str]:
+    """Open SSE streams of this process, per user id."""
+    counter = services.extras.get("sse_streams")
+    if counter is None:
+        counter = services.extras["sse_streams"] = Counter()
+    return counter
 
 
 def _sse_fields(text: str) -> tuple[str, str | None]:
@@ -110,6 +131,8 @@ async def _messages(
     member = Member(outbox)
     finished = snapshot.status in TERMINAL_STATUSES
     joined = Joined(roomId=room, role=principal.role, snapshot=snapshot, head=head, presence=[])
+    streams_open = _open_streams(services)
+    streams_open[principal.user_id] += 1
     try:
         yield ServerSentEventMessage(event="joined", data=_enc.encode(joined).decode(), retry=RETRY_MS)
         if gap:
@@ -134,5 +157,8 @@ async def _messages(
             finished = finished or (kind == "event" and _is_terminal(text))
             yield ServerSentEventMessage(event=kind, id=eid, data=text)
     finally:
+        streams_open[principal.user_id] -= 1
+        if streams_open[principal.user_id] <= 0:
+            del streams_open[principal.user_id]
         gateway.hub.remove(job_id, member)
         outbox.close()
