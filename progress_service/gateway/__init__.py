@@ -24,6 +24,7 @@ from progress_service.gateway.closes import Close
 from progress_service.gateway.endpoint import install_log_redaction, ws_endpoint
 from progress_service.gateway.hub import Hub
 from progress_service.gateway.presence import Presence
+from progress_service.gateway.session import JoinReads
 
 if TYPE_CHECKING:
     from progress_service.gateway.session import Session
@@ -44,6 +45,7 @@ class Gateway:
         self.node_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.hub = Hub(services, self.node_id)
         self.presence = Presence(services.redis, self.node_id, grace=self.settings.presence_grace)
+        self.joins = JoinReads(services.redis, self.presence)
         self.sessions: dict[str, Session] = {}
         #: API-token principals trusted for a short while (evicted by close_token).
         self.principals = PrincipalCache()
@@ -57,10 +59,11 @@ class Gateway:
         install_log_redaction()
 
     async def run(self) -> None:
-        """Run the hub and the presence task until cancelled."""
+        """Run the hub, the presence task and the join reads until cancelled."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.hub.run)
             tg.start_soon(self.presence.run)
+            tg.start_soon(self.joins.run)
 
     def register(self, session: Session) -> None:
         """Track an accepted connection (authenticated or not) for close_all."""

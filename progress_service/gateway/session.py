@@ -107,6 +107,109 @@ def encode(message: Any) -> tuple[str, int]:
     return raw.decode(), len(raw)
 
 
+#: Joins sharing one MULTI at most (about 6 commands each).
+JOIN_BATCH_MAX = 500
+
+
+class _JoinRead:
+    __slots__ = ("conn_id", "future", "job_id", "principal", "since")
+
+    def __init__(self, job_id: str, since: str | None, conn_id: str, principal: Principal, future: asyncio.Future) -> None:
+        self.job_id = job_id
+        self.since = since
+        self.conn_id = conn_id
+        self.principal = principal
+        self.future = future
+
+
+class JoinReads:
+    """The Redis reads of every join waiting in this process, in one MULTI.
+
+    A mass connect has hundreds of joins in flight; one MULTI each took a
+    pooled Redis connection each (the pool grew to hundreds of connections,
+    each with its health check and socket) and paid redis-py's per-pipeline
+    overhead per join (about 13 % of a mass connect). Here the joins that
+    arrive while one MULTI is under way share the next: one round trip per
+    batch. A join's commands are the same as before and still atomic (the
+    whole batch is one MULTI). A reply that is an error fails only its join.
+    """
+
+    def __init__(self, redis: Any, presence: Any) -> None:
+        self.redis = redis
+        self.presence = presence
+        self._pending: list[_JoinRead] = []
+        self._wakeup = asyncio.Event()
+
+    def read(self, job_id: str, since: str | None, conn_id: str, principal: Principal) -> asyncio.Future:
+        """Queue a join's reads; the future gives ``(presence entry, replies)``.
+
+        The replies are: snapshot, last event, (with ``since``: first event,
+        stream length, entries ever added), the presence join script's reply.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_JoinRead(job_id, since, conn_id, principal, future))
+        self._wakeup.set()
+        return future
+
+    async def run(self) -> None:
+        """Run the queued joins' MULTIs, one at a time, until cancelled."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = [j for j in self._pending[:JOIN_BATCH_MAX] if not j.future.done()]
+                del self._pending[:JOIN_BATCH_MAX]
+                if not batch:
+                    continue
+                try:
+                    await self._execute(batch)
+                except Exception as exc:  # every waiter hears of it; none is left hanging
+                    if not isinstance(exc, _STORE_ERRORS):
+                        log.exception("gateway: join batch failed")
+                    for j in batch:
+                        if not j.future.done():
+                            j.future.set_exception(exc)
+
+    async def _execute(self, batch: list[_JoinRead]) -> None:
+        presence = self.presence
+        for attempt in (1, 2):
+            entries: list[str] = []
+            counts: list[int] = []
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for j in batch:
+                    events, snap = streams.events_key(j.job_id), streams.snapshot_key(j.job_id)
+                    pipe.hget(snap, "s")
+                    pipe.xrevrange(events, count=1)
+                    if j.since:
+                        pipe.xrange(events, count=1)
+                        pipe.xlen(events)
+                        pipe.hget(snap, "n")
+                    entries.append(presence.queue_join(pipe, j.job_id, j.conn_id, j.principal))
+                    counts.append(6 if j.since else 3)
+                try:
+                    replies = await pipe.execute(raise_on_error=False)
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    await presence.load_scripts()
+                    continue
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
+                await presence.load_scripts()  # Redis lost its scripts: run the batch again
+                continue
+            break
+        i = 0
+        for j, entry, n in zip(batch, entries, counts, strict=True):
+            mine = replies[i : i + n]
+            i += n
+            if j.future.done():  # its join gave up (timeout, close)
+                continue
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if error is not None:
+                j.future.set_exception(error)
+            else:
+                j.future.set_result((entry, mine))
+
+
 class Session:
     """The state of one authenticated (or authenticating) connection."""
 
@@ -513,7 +616,7 @@ class Session:
     async def _read_room(
         self, job_id: str, since: str | None
     ) -> tuple[JobSnapshot | None, str | None, bool, str | None, str, list[PresenceMember]]:
-        """Everything a join reads from Redis, in one MULTI (one round trip).
+        """Everything a join reads from Redis, in one MULTI (shared: :class:`JoinReads`).
 
         The same reads as ``streams.read_state`` and ``streams.gap_oldest``
         (snapshot and head; with ``since``, whether it fell out of retention)
@@ -521,26 +624,7 @@ class Session:
         oldest, presence_head, members)``.
         """
         assert self.principal is not None
-        redis = self.gateway.services.redis
-        presence = self.gateway.presence
-        events, snap = streams.events_key(job_id), streams.snapshot_key(job_id)
-        for attempt in (1, 2):
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.hget(snap, "s")
-                pipe.xrevrange(events, count=1)
-                if since:
-                    pipe.xrange(events, count=1)
-                    pipe.xlen(events)
-                    pipe.hget(snap, "n")
-                entry = presence.queue_join(pipe, job_id, self.id, self.principal)
-                try:
-                    replies = await pipe.execute()
-                except NoScriptError:
-                    if attempt == 2:
-                        raise
-                    await presence.load_scripts()
-                    continue
-            break
+        entry, replies = await self.gateway.joins.read(job_id, since, self.id, self.principal)
         raw, last = replies[0], replies[1]
         head = _text(last[0][0]) if last else None
         snapshot = streams.decode_snapshot(raw) if raw else None
@@ -553,7 +637,7 @@ class Session:
             # trimmed: entries were ever added beyond what the stream holds (see streams.gap_oldest)
             if int(added or 0) > int(length):
                 gap = True if oldest is None else streams.id_lt(since, oldest)
-        presence_head, members = presence.joined(job_id, entry, replies[-1])
+        presence_head, members = self.gateway.presence.joined(job_id, entry, replies[-1])
         return snapshot, head, gap, oldest, presence_head, members
 
     def _leave(self, message: ClientLeave) -> None:

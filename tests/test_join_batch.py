@@ -1,0 +1,51 @@
+"""Joins share one Redis MULTI per batch (gateway.session.JoinReads): each still gets its own answer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import pytest
+from gateway_helpers import Store, auth, connect, join, publish, serve
+
+FAST = {"ws_auth_timeout": 2.0, "presence_grace": 0.3}
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    async with Store(store_url) as s:
+        yield s
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Any]) -> Callable[..., Any]:
+    return lambda **kw: make_settings(**{**FAST, **kw})
+
+
+async def test_concurrent_joins_each_get_their_room(settings, store, redis) -> None:
+    """Many joins in flight at once (one batch): every client gets its own room, head and presence."""
+    async with serve(settings()) as (base, _app):
+        jobs = [await store.job() for _ in range(3)]
+        heads = {job: (await publish(redis, job, 2 + i))[-1] for i, job in enumerate(jobs)}
+        tokens = [await store.token(user=f"u{i}") for i in range(12)]
+        async with AsyncExitStack() as stack:
+            # room for every presence message of the others (a full queue stalls the close)
+            sockets = [await stack.enter_async_context(connect(base, max_queue=64)) for _ in tokens]
+            for ws, token in zip(sockets, tokens, strict=True):
+                await auth(ws, token)
+            answers: dict[int, dict[str, Any]] = {}
+
+            async def one(i: int) -> None:
+                answers[i] = await join(sockets[i], jobs[i % 3], since="0-0" if i % 2 else None)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(len(sockets)):
+                    tg.start_soon(one, i)
+            for i, answer in answers.items():
+                job = jobs[i % 3]
+                assert answer["roomId"] == f"job:{job}" and answer["head"] == heads[job]
+                assert answer["snapshot"]["id"] == job
+                assert f"u{i}" in {p["userName"] for p in answer["presence"]}
+
