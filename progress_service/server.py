@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 
 import uvicorn
@@ -10,12 +11,43 @@ from litestar import Litestar
 from progress_service.settings import Settings
 
 
+#: The cyclic garbage collector's thresholds while serving (see :func:`tune_gc`).
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector run far less often in a serving process.
+
+    The fan-out allocates short-lived containers at a high rate (parsed XREAD
+    replies, one future and one handle per sender wake-up, frames), while the
+    process holds hundreds of thousands of long-lived objects (a session, its
+    tasks and buffers per connection). With the default gen-0 threshold of
+    700, a many_rooms run (2,000 connections) made 829 collections, 7 of
+    them full, costing 1.27 s of the process's 8.6 s CPU (measured with
+    ``gc.callbacks`` and thread time), and the longest pause was 423 ms: a
+    full collection walks every tracked object, and its cost is charged to
+    whatever line allocated (hiredis ``gets()``, ``call_soon``: the
+    "unexplained" hot spots of the profile). With these thresholds: 7
+    collections, 0.12 s, longest 68 ms. The objects present at start
+    (modules, the app) are frozen out of the scans altogether. Reference
+    counting still frees everything without cycles at once; cyclic garbage
+    waits for the next (rarer) collection.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+
 class Server(uvicorn.Server):
     """uvicorn, but WebSocket clients get 1001 ``server restarting`` first.
 
     uvicorn's own shutdown closes WebSockets with 1012; telling clients 1001
     before that lets them reconnect elsewhere and resume with ``since``.
     """
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        tune_gc()
+        await super().startup(sockets)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         app = self.config.loaded_app

@@ -18,7 +18,6 @@ twice.
 
 from __future__ import annotations
 
-import gc
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -56,8 +55,6 @@ BLOCK_MS = 5000
 COALESCE_ROOMS = 64
 COALESCE_BELOW = 64
 COALESCE_S = 0.002
-#: The cyclic garbage collector's thresholds while the hub runs (see :func:`tune_gc`).
-GC_THRESHOLDS = (50_000, 20, 10)
 #: A member that wants no presence messages (SSE watchers).
 NEVER = (1 << 64, 0)
 
@@ -103,28 +100,6 @@ def _pack(arg: bytes) -> bytes:
 def presence_stream_key(job_id: str) -> str:
     """The stream of presence changes of a job's room (not the job's event log)."""
     return f"ps:{{job:{job_id}}}:presence-log"
-
-
-def tune_gc() -> None:
-    """Make the cyclic garbage collector run far less often in a gateway process.
-
-    The fan-out allocates short-lived containers at a high rate (parsed XREAD
-    replies, one future and one handle per sender wake-up, frames), while the
-    process holds hundreds of thousands of long-lived objects (a session, its
-    tasks and buffers per connection). With the default gen-0 threshold of
-    700, a many_rooms run (2,000 connections) made 829 collections, 7 of
-    them full, costing 1.27 s of the process's 8.6 s CPU (measured with
-    ``gc.callbacks`` and thread time), and the longest pause was 423 ms: a
-    full collection walks every tracked object, and its cost is charged to
-    whatever line allocated (hiredis ``gets()``, ``call_soon``: the
-    "unexplained" hot spots of the profile). With these thresholds: 7
-    collections, 0.12 s, longest 68 ms. The objects present at start
-    (modules, the app) are frozen out of the scans altogether. Reference
-    counting still frees everything without cycles at once; cyclic garbage
-    waits for the next (rarer) collection.
-    """
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class Hub:
@@ -268,7 +243,6 @@ class Hub:
     async def run(self) -> None:
         """Read and fan out until cancelled."""
         backoff = 0.1
-        tune_gc()
         try:
             await self._reset_wake()
             conn = self._reader
