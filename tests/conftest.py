@@ -139,6 +139,15 @@ def store_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Any]:
+    """The default store with helpers to create tokens and jobs (``gateway_helpers.Store``)."""
+    from gateway_helpers import Store  # noqa: PLC0415
+
+    async with Store(store_url) as s:
+        yield s
+
+
+@pytest.fixture
 def postgres_url(postgres_admin_url: str) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test."""
     with _fresh_pg_database(postgres_admin_url) as url:

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -24,12 +24,6 @@ from progress_service.embedded_redis import free_port, redis_binary, wait_for_po
 from progress_service.events import StoredChat, now_ms
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    async with Store(store_url) as s:
-        yield s
 
 
 async def test_resume_under_fast_publishing_is_exact(make_settings: Callable[..., Any], store: Store, redis: Any) -> None:

@@ -7,7 +7,7 @@ the same room keeps receiving events.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -17,7 +17,6 @@ import websockets
 
 from gateway_helpers import (
     FakeComments,
-    Store,
     auth,
     closed_with,
     collect_events,
@@ -31,12 +30,6 @@ from gateway_helpers import (
 )
 
 FAST = {"ws_auth_timeout": 0.5, "presence_grace": 0.3}
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    async with Store(store_url) as s:
-        yield s
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -35,12 +35,6 @@ from gateway_helpers import (
 
 FAST = {"ws_auth_timeout": 0.5, "presence_grace": 0.3}
 ROOM_RE_HINT = "$.roomId"
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    async with Store(store_url) as s:
-        yield s
 
 
 # --------------------------------------------------------------------------

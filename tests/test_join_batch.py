@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
 import pytest
-from gateway_helpers import Store, auth, connect, join, publish, serve
+from gateway_helpers import auth, connect, join, publish, serve
 
 FAST = {"ws_auth_timeout": 2.0, "presence_grace": 0.3}
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    async with Store(store_url) as s:
-        yield s
 
 
 @pytest.fixture
