@@ -212,7 +212,7 @@ async def test_audit_writer_never_blocks_and_drops_with_a_count_when_full(tmp_pa
             tg.start_soon(writer.run)
             with anyio.fail_after(0.5):  # 8 records recorded at once, store locked
                 for i in range(8):
-                    await writer.record(action="auth.failed", team_id=tid, actor=None, room_id=None, detail={"i": i})
+                    writer.record_nowait(action="auth.failed", team_id=tid, actor=None, room_id=None, detail={"i": i})
             await anyio.sleep(0.2)
             assert writer.dropped >= 1
             blocker.rollback()

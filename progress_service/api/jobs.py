@@ -126,7 +126,7 @@ class JobsController(Controller):
         )
         await queue.enqueue_job(services.arq, job_id, queue_name=settings.queue_name)
         metrics.jobs_submitted.inc()
-        await _audit(services, principal, "job.submit", job_id, {"demo": services.demo})
+        _audit(services, principal, "job.submit", job_id, {"demo": services.demo})
         return snapshot
 
     @get("/", summary="List the team's jobs, newest first", responses=error_responses(401))
@@ -195,15 +195,15 @@ class JobsController(Controller):
         snapshot = await queue.cancel_job(
             services.redis, services.engine, services.settings, job_id, by=principal.user_name
         )
-        await _audit(services, principal, "job.cancel", job_id, {})
+        _audit(services, principal, "job.cancel", job_id, {})
         return snapshot
 
 
-async def _audit(services: Services, principal: Principal, action: str, job_id: str, detail: dict[str, Any]) -> None:
-    """Record a security-relevant action when the audit log is installed."""
+def _audit(services: Services, principal: Principal, action: str, job_id: str, detail: dict[str, Any]) -> None:
+    """Queue a security-relevant record (never waits for the store)."""
     audit = services.extras.get("audit")
     if audit is not None:
-        await audit.record(
+        audit.record_nowait(
             action=action,
             team_id=principal.team_id,
             actor=principal.user_name,

@@ -451,18 +451,6 @@ class Audit:
         self._idle: anyio.Event | None = None
         self._pending = 0
 
-    async def record(
-        self,
-        *,
-        action: str,
-        team_id: str | None,
-        actor: str | None = None,
-        room_id: str | None = None,
-        detail: dict[str, Any] | None = None,
-    ) -> None:
-        """Queue a record; returns at once (never waits for the store)."""
-        self.record_nowait(action=action, team_id=team_id, actor=actor, room_id=room_id, detail=detail)
-
     def record_nowait(
         self,
         *,
