@@ -45,11 +45,14 @@ def pg_answers(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def throwaway_pg(admin_url: str):
-    """A fresh PostgreSQL database (SQLAlchemy asyncpg URL), dropped on exit."""
+def throwaway_pg(admin_url: str, prefix: str = "ps_bench"):
+    """A fresh PostgreSQL database (SQLAlchemy asyncpg URL), dropped on exit.
+
+    The tests' per-test databases use it too (``prefix="ps_test"``).
+    """
     import asyncpg
 
-    name = f"ps_bench_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
 
     async def run(sql: str) -> None:
         conn = await asyncpg.connect(admin_url)

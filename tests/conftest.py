@@ -111,25 +111,11 @@ def postgres_admin_url() -> str:
     return PG_ADMIN_URL
 
 
-@contextlib.contextmanager
-def _fresh_pg_database(admin_url: str) -> Iterator[str]:
-    import asyncpg  # noqa: PLC0415
+def _fresh_pg_database(admin_url: str) -> contextlib.AbstractContextManager[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    from bench.service import throwaway_pg  # noqa: PLC0415
 
-    name = f"ps_test_{uuid.uuid4().hex[:12]}"
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(admin_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
-    base = admin_url.rsplit("/", 1)[0]
-    try:
-        yield f"postgresql+asyncpg://{base.split('://', 1)[1]}/{name}"
-    finally:
-        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return throwaway_pg(admin_url, prefix="ps_test")
 
 
 @pytest.fixture
