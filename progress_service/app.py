@@ -248,4 +248,7 @@ async def _run_worker(services: Services) -> None:
         await worker.async_run()
     finally:
         with anyio.CancelScope(shield=True):
+            running = sum(not t.done() for t in worker.tasks.values())
+            log.info("shutdown: stopping the worker; handing back %d running job(s)", running)
             await worker.close()
+            log.info("shutdown: worker stopped")

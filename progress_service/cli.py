@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import importlib
 import logging
-import signal
 import sys
 from collections.abc import Callable, Iterator
 
@@ -76,19 +75,12 @@ async def _dev_token(settings: Settings) -> str:
         await engine.dispose()
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     """App, gateway and an in-process worker; embedded Redis when none is configured."""
     from progress_service.app import claude_is_available  # noqa: PLC0415
 
     settings = load_settings(host=args.host, port=args.port)
     _setup_logging(settings.log_level)
-    # uvicorn re-raises SIGTERM after its graceful shutdown; as an exception
-    # it unwinds the embedded Redis's context instead of killing us mid-way.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     settings.workspace_path.mkdir(parents=True, exist_ok=True)
     token = asyncio.run(_dev_token(settings))
     with _redis_url(settings, allow_embedded=True) as url:
