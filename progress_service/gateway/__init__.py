@@ -107,8 +107,8 @@ class Gateway:
         self.closing = True
         await self._close(list(self.sessions.values()), Close(code, closes.clip_reason(reason)))
 
-    async def close_token(self, token_id: str, code: int = closes.TOKEN_EXPIRED.code, reason: str = closes.TOKEN_EXPIRED.reason) -> None:
-        """Close the connections authenticated with ``token_id`` (revocation).
+    async def close_token(self, token_id: str, code: int = closes.REVOKED.code, reason: str = closes.REVOKED.reason) -> None:
+        """Close the connections authenticated with ``token_id`` (revocation: 4403 ``token revoked``).
 
         The token's cached principal is evicted first, so no new connection
         is admitted with it from this process's cache.
