@@ -25,3 +25,6 @@ http_errors = Counter("ps_http_client_errors_total", "4xx answers by status", ["
 outages = Counter(
     "ps_dependency_outages_total", "Requests refused because the store or Redis was unavailable", ["dependency"], registry=registry
 )
+ws_client_frame_errors = Counter(
+    "ps_ws_client_frame_errors_total", "Malformed client frames closed by the WebSocket layer, by kind", ["kind"], registry=registry
+)

@@ -71,6 +71,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
     # --- WebSocket gateway ------------------------------------------------
     ws_max_frame_bytes: int = 8192
+    #: Deepest nesting of arrays/objects a client frame may have (checked before decoding).
+    ws_max_json_depth: int = 16
     ws_max_text_chars: int = 1000
     ws_auth_timeout: float = 5.0
     ws_max_rooms: int = 32

@@ -54,7 +54,7 @@ from progress_service.events import (
 from progress_service.gateway import closes
 from progress_service.gateway.closes import ABUSE_CODES, Close
 from progress_service.gateway.hub import Member
-from progress_service.gateway.limits import TokenBucket, WindowBudget
+from progress_service.gateway.limits import TokenBucket, WindowBudget, json_too_deep
 from progress_service.gateway.outbox import Outbox, SendTimeout
 from progress_service.store.identity import Principal
 from progress_service.store.jobs import JobRecord, get_job
@@ -449,6 +449,10 @@ class Session:
         if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
             self.request_close(closes.TOO_LARGE)
             return None
+        depth = self.settings.ws_max_json_depth
+        if json_too_deep(text, depth):
+            self.request_close(closes.policy(f"JSON nested deeper than {depth} levels"))
+            return None
         try:
             message = client_decoder.decode(text)
         except msgspec.ValidationError as exc:
@@ -456,6 +460,9 @@ class Session:
             return None
         except msgspec.DecodeError:
             self.request_close(closes.INVALID_JSON)
+            return None
+        except RecursionError:  # (the depth check above makes this unreachable in practice)
+            self.request_close(closes.policy(f"JSON nested deeper than {depth} levels"))
             return None
         metrics.ws_messages_in.labels(type(message).__struct_config__.tag).inc()
         return message
