@@ -92,6 +92,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Seconds the store may take to durably write a comment before the
     #: client is told ``unavailable``.
     store_timeout: float = 5.0
+    #: Store reads the gateway runs at once for joins and auths (the rest queue).
+    ws_store_slots: int = 8
+    #: Seconds a join or auth waits in that queue before ``unavailable``
+    #: (a reconnect storm waits; only a store that is down refuses).
+    ws_store_wait: float = 30.0
 
     @property
     def workspace_path(self) -> Path:

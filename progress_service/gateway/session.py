@@ -30,7 +30,7 @@ from litestar.exceptions import WebSocketDisconnect
 from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from progress_service import metrics, streams
+from progress_service import metrics, outage, streams
 from progress_service.auth import authenticate, cached_principal
 from progress_service.events import (
     Ack,
@@ -515,12 +515,17 @@ class Session:
         principal = cached_principal(cache, message.token)
         if principal is None:
             try:
-                # asyncio.timeout, not anyio.fail_after: an anyio scope with a
-                # deadline costs a task lookup and a timer handle more, ~10 % of a connect.
-                async with asyncio.timeout(self.settings.store_timeout):
-                    principal = await authenticate(self.gateway.services.engine, self.gateway.services.redis, message.token, cache=cache)
-            except _STORE_ERRORS:
-                log.warning("gateway: credential store unavailable during auth")
+                # The store gate bounds the read (store_timeout) and the queue
+                # before it (ws_store_wait), so a reconnect storm waits. Its
+                # timeouts are asyncio's, not anyio.fail_after: an anyio scope
+                # with a deadline costs a task lookup and a timer handle more,
+                # ~10 % of a connect.
+                services = self.gateway.services
+                principal = await self.gateway.store_gate.call(
+                    lambda: authenticate(services.engine, services.redis, message.token, cache=cache)
+                )
+            except _STORE_ERRORS as exc:
+                outage.warn(outage.classify(exc) or "store", "WebSocket auth", exc)
                 self.request_close(closes.INTERNAL)
                 return False
             if self.closing:
@@ -569,24 +574,26 @@ class Session:
         principal = self.principal
         since = message.since
         try:
-            async with asyncio.timeout(self.settings.store_timeout):  # see _auth
-                job: JobRecord | None = None
-                team_id = gateway.job_teams.get(job_id)
-                if team_id is None:
-                    job = await get_job(gateway.services.engine, job_id)
-                    if job is not None:
-                        team_id = job.team_id
-                        gateway.remember_job_team(job_id, team_id)
-                if team_id != principal.team_id:
-                    # Unknown and other-team jobs get the same answer: rooms cannot be probed.
-                    self.audit("join.refused", room_id=room_id)
-                    self.refuse("not_found", "no such room", room_id=room_id)
-                    return
+            # Its own bounded waits: a reconnect storm queues here (see job_access).
+            allowed = await gateway.access.allowed(job_id, principal.team_id)
+        except _STORE_ERRORS:
+            self.refuse("unavailable", "try again later", room_id=room_id, counts=False)
+            return
+        if not allowed:
+            # Unknown and other-team jobs: the same answer after the same work (rooms cannot be probed).
+            self.audit("join.refused", room_id=room_id)
+            self.refuse("not_found", "no such room", room_id=room_id)
+            return
+        try:
+            # The room's reads queue behind the other joins' batches (JoinReads):
+            # in a reconnect storm that is a wait, bounded like the store gate's.
+            async with asyncio.timeout(self.settings.ws_store_wait):
                 snapshot, head, gap, oldest, presence_head, members = await self._read_room(job_id, since)
                 if snapshot is None:
                     # No live snapshot in Redis (expired): the stored one.
-                    if job is None:
-                        job = await get_job(gateway.services.engine, job_id, team_id=principal.team_id)
+                    job: JobRecord | None = await gateway.store_gate.call(
+                        lambda: get_job(gateway.services.engine, job_id, principal.team_id)
+                    )
                     if job is None:
                         self.refuse("not_found", "no such room", room_id=room_id)
                         return
