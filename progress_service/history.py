@@ -61,7 +61,10 @@ async def position(engine: AsyncEngine, job_id: str, since: str | None, cov: Cov
     elif cov.trimmed and cov.holds_from and (since is None or id_lt(since, cov.holds_from)):
         # Redis trimmed entries; the archive has them unless it never got any.
         gap = not first or not id_lt(first[0][0].decode(), cov.holds_from)
-    return Position(head=head, gap=gap, oldest=oldest if gap else None, holds_from=cov.holds_from)
+    holds_from = cov.holds_from
+    if not first or (holds_from and not id_lt(first[0][0].decode(), holds_from)):
+        holds_from = None  # the archive has nothing older than Redis: replay reads Redis alone
+    return Position(head=head, gap=gap, oldest=oldest if gap else None, holds_from=holds_from)
 
 
 async def read_page(
