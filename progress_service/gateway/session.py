@@ -590,7 +590,9 @@ class Session:
             async with asyncio.timeout(self.settings.ws_store_wait):
                 snapshot, cov, presence_head, members = await self._read_room(job_id, since)
                 # Redis while it holds the entries; the store answers for the rest.
-                pos = await history.position(gateway.services.engine, job_id, since, cov)
+                pos = await history.position(gateway.services.engine, job_id, since, cov) if cov.holds_from is None else (
+                    await gateway.store_gate.call(lambda: history.position(gateway.services.engine, job_id, since, cov))
+                )
                 head, gap, oldest = pos.head, pos.gap, pos.oldest
                 if snapshot is None:
                     # No live snapshot in Redis (expired): the stored one.
