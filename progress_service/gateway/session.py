@@ -333,8 +333,12 @@ class Session:
     async def _guarded(self, fn: Any) -> None:
         try:
             await fn()
-        except Exception:
-            log.exception("gateway: session %s failed", self.id)
+        except Exception as exc:
+            dependency = outage.classify(exc)
+            if dependency is None:
+                log.exception("gateway: session %s failed", self.id)
+            else:  # an outage no handler expected: 1011 (retry), one line, not a traceback
+                outage.warn(dependency, "a WebSocket session", exc)
             self.request_close(closes.INTERNAL)
 
     async def _teardown(self) -> None:
