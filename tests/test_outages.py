@@ -95,17 +95,24 @@ async def test_store_down_every_route_answers_503(private_pg, redis_url, tmp_pat
     settings = _settings(redis_url, private_pg.url, tmp_path)
     async with Store(private_pg.url) as store:
         token = await store.token(role="admin")
+        other = await store.token(role="viewer")  # never seen by the gateway's cache
         job_id = await store.job()
     caplog.set_level(logging.WARNING)
     async with serve(settings) as (base, _app), httpx.AsyncClient(
         base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=20
-    ) as http:
+    ) as http, connect(base) as live:
         assert (await http.get(f"/api/jobs/{job_id}")).status_code == 200
+        await auth(live, token)  # authenticated before the outage
         private_pg.stop()
         for method, path, kw in _routes(job_id):
             _assert_503(await http.request(method, path, **kw), f"{method} {path}")
+        await send(live, type="join", roomId=f"job:{job_id}")  # its team is not known here yet: the store is asked
+        with anyio.fail_after(10):
+            while (msg := json.loads(await live.recv())).get("type") != "error":
+                pass
+        assert (msg["code"], msg["roomId"]) == ("unavailable", f"job:{job_id}"), msg
         async with connect(base) as ws:  # a WebSocket auth with the store down: 1011, retry later
-            await send(ws, type="auth", token=token)
+            await send(ws, type="auth", token=other)
             with anyio.fail_after(10):
                 with contextlib.suppress(Exception):
                     while True:
