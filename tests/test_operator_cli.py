@@ -145,3 +145,12 @@ async def test_a_revoked_client_is_told_it_was_revoked(redis_url: str, tmp_path:
                 watch.wait()
     assert watch.returncode == 2, (out, err)
     assert "revoked" in err and "Traceback" not in err, err
+
+
+@pytest.mark.postgres
+def test_a_missing_postgres_database_is_named_not_created(postgres_admin_url: str, tmp_path: Path) -> None:
+    url = postgres_admin_url.rsplit("/", 1)[0] + f"/ps_missing_{os.getpid()}"
+    result = _cli("audit", "verify", cwd=tmp_path, env={"PS_DATABASE_URL": url})
+    assert result.returncode == 2, result.stderr
+    assert f"ps_missing_{os.getpid()}" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
