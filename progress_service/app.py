@@ -24,7 +24,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from progress_service import metrics, queue
+from progress_service import history, metrics, queue
 from progress_service.api.audit import AuditController, TokensController
 from progress_service.api.comments import CommentsController
 from progress_service.api.deps import provide_principal, provide_services
@@ -169,6 +169,8 @@ def create_app(
                 tg.start_soon(services.gateway.run)
                 tg.start_soon(audit.run)  # flushes what is queued on the way out
                 tg.start_soon(revocations.run)
+                # PS_HISTORY_DAYS: prunes the event archive; lives as long as the app.
+                tg.start_soon(history.run_retention, engine, settings)
                 if run_worker:
                     tg.start_soon(_run_worker, services)
                 try:

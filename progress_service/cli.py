@@ -47,10 +47,13 @@ def _redis_url(settings: Settings, *, allow_embedded: bool) -> Iterator[str]:
     if not allow_embedded:
         print("progress-service: set PS_REDIS_URL (only `dev` starts an embedded Redis)", file=sys.stderr)
         raise SystemExit(2)
-    from progress_service.embedded_redis import embedded_redis  # noqa: PLC0415
+    from progress_service.embedded_redis import dev_data_dir, embedded_redis  # noqa: PLC0415
 
-    with embedded_redis() as url:
-        print(f"progress-service: embedded Redis at {url} (set PS_REDIS_URL to use your own)", flush=True)
+    # Its data (jobs queued and running, their streams) lives beside the
+    # SQLite file, so a restart of dev picks up where it stopped.
+    data_dir = dev_data_dir(settings.database_url)
+    with embedded_redis(data_dir=data_dir) as url:
+        print(f"progress-service: embedded Redis at {url}, data in {data_dir} (set PS_REDIS_URL to use your own)", flush=True)
         yield url
 
 

@@ -46,7 +46,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service import streams
-from progress_service.events import StoredEvent
+from progress_service.events import TERMINAL_STATUSES, StoredEvent
 from progress_service.settings import Settings
 from progress_service.store import history as archive
 from worker.mapping import Mapped, Mapper
@@ -68,6 +68,11 @@ _BACKOFF_MAX = 5.0
 CALL_TIMEOUT = 10.0
 
 _ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+
+
+def _ends(ev: Mapped) -> bool:
+    """A terminal status event."""
+    return ev.kind == "status" and getattr(ev.data, "status", None) in TERMINAL_STATUSES
 
 
 class _Item:
@@ -133,7 +138,9 @@ class Publisher:
             self._wake()  # the pump delivers once Redis is back
             return
         await self._push()
-        if not self._pumping:
+        if not self._pumping or any(_ends(ev) for ev in events):
+            # The end of the job is archived before the caller goes on to
+            # mark the job's row finished: a finished row means a whole archive.
             await self._archive()
 
     async def __call__(self, make: Any, *args: Any, **kwargs: Any) -> None:
