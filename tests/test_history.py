@@ -215,3 +215,85 @@ async def _read_store_events(db: str, job_id: str) -> tuple[list[str], None]:
         return await _archived(engine, job_id), None
     finally:
         await engine.dispose()
+
+
+async def _watch(base: str, token: str, job_id: str, out: list[dict[str, Any]], joined: anyio.Event) -> None:
+    """A watcher as a real client writes it: join, read, and on a dropped socket rejoin with ``since``."""
+    import json
+
+    import websockets
+
+    from gateway_helpers import auth, connect, join
+
+    first = True
+    while True:
+        since = out[-1]["id"] if out else None
+        try:
+            async with connect(base, max_queue=64) as ws:
+                await auth(ws, token)
+                await join(ws, job_id, since)
+                if first:
+                    first = False
+                    joined.set()
+                while True:
+                    msg = json.loads(await ws.recv())
+                    for m in msg if isinstance(msg, list) else [msg]:
+                        assert m.get("type") != "gap", m
+                        if m.get("type") in ("event", "chat"):
+                            out.append(m)
+                            if is_terminal(m):
+                                return
+        except (OSError, websockets.ConnectionClosed, AssertionError) as exc:
+            if isinstance(exc, AssertionError) and "gap" in str(exc):
+                raise
+            await anyio.sleep(0.2)  # the gateway refused or dropped us during the outage: rejoin
+
+
+async def test_redis_killed_mid_job_every_watcher_sees_every_event_once(
+    tmp_path: Path, make_settings: Any, make_token: Any, server_process: Any
+) -> None:
+    """SIGKILL the (AOF) Redis mid-job and start it again: the same worker ends the job, 20 watchers miss nothing."""
+    rd = PrivateRedis(tmp_path / "redis")
+    rd.start()
+    try:
+        settings = make_settings(redis_url=rd.url, replay_speed=5.0, lease_ttl=10.0)
+        token = await make_token(role="admin")
+        app = server_process(settings, "serve")
+        worker = server_process(settings, "worker")
+        async with client(app.url, token) as http:
+            job = await submit(http, "[long] through a Redis crash")
+            await wait_status(http, job, ("running",))
+            seen: list[list[dict[str, Any]]] = [[] for _ in range(20)]
+            async with anyio.create_task_group() as tg:
+                for out in seen:
+                    joined = anyio.Event()
+                    tg.start_soon(_watch, app.url, token, job, out, joined)
+                    with anyio.fail_after(10):
+                        await joined.wait()
+                with anyio.fail_after(30):
+                    while min(len(o) for o in seen) < 100:
+                        await anyio.sleep(0.05)
+                rd.kill()
+                await anyio.sleep(0.5)  # the outage itself
+                rd.start()
+                with anyio.fail_after(90):
+                    while not all(o and is_terminal(o[-1]) for o in seen):
+                        await anyio.sleep(0.1)
+            assert worker.proc.poll() is None, worker.log.read_text()[-3000:]
+            final, gap = await http_events(http, job)
+        engine = create_engine(settings.database_url)
+        try:
+            await _row_finished(engine, job)
+            archived = await _archived(engine, job)
+        finally:
+            await engine.dispose()
+        assert not gap and ids(final) == archived
+        assert final[-1]["data"]["status"] == "succeeded"
+        # One attempt, one worker: nobody declared it lost or ran it again.
+        assert {e.get("attempt", 1) for e in final} == {1}
+        workers = {e["data"]["workerId"] for e in final if e["kind"] == "worker"}
+        assert len(workers) == 1 and not any(e["kind"] == "worker" and e["data"].get("state") == "lost" for e in final)
+        for out in seen:
+            assert ids(out) == archived  # every event, once, in order
+    finally:
+        rd.stop()
