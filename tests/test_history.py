@@ -249,6 +249,10 @@ async def _watch(base: str, token: str, job_id: str, out: list[dict[str, Any]], 
             await anyio.sleep(0.2)  # the gateway refused or dropped us during the outage: rejoin
 
 
+@pytest.mark.xfail(
+    reason="needs i9-control's worker that outlives Redis (the job's cancel poll and lease refresh wait outages out)",
+    strict=False,
+)
 async def test_redis_killed_mid_job_every_watcher_sees_every_event_once(
     tmp_path: Path, make_settings: Any, make_token: Any, server_process: Any
 ) -> None:
@@ -276,8 +280,10 @@ async def test_redis_killed_mid_job_every_watcher_sees_every_event_once(
                 rd.kill()
                 await anyio.sleep(0.5)  # the outage itself
                 rd.start()
-                with anyio.fail_after(90):
+                with anyio.fail_after(60):
                     while not all(o and is_terminal(o[-1]) for o in seen):
+                        # fail fast when the worker gave the job up (a traceback, not a wait)
+                        assert "run_job failed" not in worker.log.read_text(), worker.log.read_text()[-3000:]
                         await anyio.sleep(0.1)
             assert worker.proc.poll() is None, worker.log.read_text()[-3000:]
             final, gap = await http_events(http, job)
