@@ -120,9 +120,10 @@ class Cluster:
 
 @pytest.fixture
 async def cluster(
-    server_process: Callable[..., Any], make_settings: Callable[..., Any], make_token: Callable[..., Any],
-    private_redis: PrivateRedis,
+    private_redis: PrivateRedis, server_process: Callable[..., Any], make_settings: Callable[..., Any],
+    make_token: Callable[..., Any],
 ) -> AsyncIterator[Callable[..., Any]]:
+    # private_redis comes first: it is torn down after the processes that use it.
     made: list[Cluster] = []
 
     async def make(**overrides: Any) -> Cluster:
@@ -357,4 +358,6 @@ async def test_redis_killed_mid_job_worker_survives_and_finishes(
     assert record.status == "succeeded" and record.attempt == 1, (record.status, record.reason)
     assert worker.proc.poll() is None, "the worker process died"
     log = worker.log.read_text()
+    # The running job and the poll loop each saw the outage, said so once, and went on.
+    assert log.count(f"Redis (job {job}) unavailable") == 1 and f"Redis (job {job}) is back" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]

@@ -16,7 +16,7 @@ from typing import Any
 from arq.connections import create_pool
 from arq.worker import Worker
 
-from worker.outage import REDIS_DOWN, Link
+from worker.outage import REDIS_DOWN, Link, log
 
 #: Longest pause between two polls while Redis is down (seconds).
 MAX_BACKOFF = 5.0
@@ -60,6 +60,16 @@ class ResilientWorker(Worker):
         else:
             self.redis_link.up()
             self._backoff = 0.2
+
+    async def close(self) -> None:
+        """arq's ``close``; with Redis down it still runs ``on_shutdown`` and ends without a traceback."""
+        try:
+            await super().close()
+        except REDIS_DOWN as exc:
+            log.warning("Redis unavailable while the worker stopped (%s); its health key will expire", exc)
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+            self._pool = None
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's ``start_jobs``, one id at a time, giving back the slot a Redis error took.
