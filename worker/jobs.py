@@ -328,14 +328,19 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int = 1) -> str:
     engine: AsyncEngine = ctx["engine"]
     redis: Redis = ctx["redis"]
     worker_id: str = ctx.setdefault("worker_id", new_worker_id())
-    record = await get_job(engine, job_id)
+    # An outage at the start is waited out too: failing here would leave
+    # the job queued in the store with no arq job left to run it.
+    link = Link(f"Redis or store (job {job_id} start)")
+    record = await persist(lambda: get_job(engine, job_id), link)
     if record is None:
         return "refused: unknown job"
     if record.status in TERMINAL_STATUSES:
         return "refused: terminal"
     if record.attempt > attempt:
         return "refused: superseded"
-    verdict, current = await claim_run(redis, job_id, attempt, worker_id, settings.lease_ttl, settings.events_ttl)
+    verdict, current = await persist(
+        lambda: claim_run(redis, job_id, attempt, worker_id, settings.lease_ttl, settings.events_ttl), link
+    )
     if verdict == "cancelled":
         # Cancelled while queued (a cancel that raced a re-enqueue): say so.
         who = await cancel_requested(redis, job_id)
@@ -347,7 +352,7 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int = 1) -> str:
         return "refused: cancelled"
     if verdict != "ok":
         return f"refused: {verdict}"
-    snapshot, _ = await read_state(redis, job_id)
+    snapshot, _ = await persist(lambda: read_state(redis, job_id), link)
     if snapshot is None:
         snapshot = record.to_snapshot()
     snapshot = msgspec.structs.replace(

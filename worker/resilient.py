@@ -11,6 +11,7 @@ the outage themselves (:mod:`worker.jobs`).
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Any
 
 from arq.connections import create_pool
@@ -29,6 +30,7 @@ class ResilientWorker(Worker):
         super().__init__(*args, **kwargs)
         self.redis_link = Link("Redis (worker poll loop)")
         self._backoff = 0.2
+        self._stopping = False
 
     async def _pause(self, exc: BaseException) -> None:
         self.redis_link.down(exc)
@@ -61,8 +63,27 @@ class ResilientWorker(Worker):
             self.redis_link.up()
             self._backoff = 0.2
 
+    def handle_sig(self, signum: int) -> None:
+        """Stop (once: ``close`` after a signal must not cancel and log it all again)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        super().handle_sig(signum)
+
     async def close(self) -> None:
-        """arq's ``close``; with Redis down it still runs ``on_shutdown`` and ends without a traceback."""
+        """arq's ``close``, made safe for what can happen while stopping.
+
+        arq gathers its job tasks without ``return_exceptions``: a task that
+        the stop cancelled while it was recording its result (after our job
+        function returned) would raise ``CancelledError`` into the caller of
+        ``close``. Those tasks are awaited here first, whatever they raise.
+        With Redis down it still runs ``on_shutdown`` and ends without a
+        traceback.
+        """
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        self.tasks.clear()
         try:
             await super().close()
         except REDIS_DOWN as exc:
