@@ -295,7 +295,7 @@ async def test_worker_killed_with_no_worker_left_is_recovered_by_the_app(
     cluster: Any, client: Any, store_engine: Any
 ) -> None:
     """SIGKILL the only worker: the app's sweeper re-queues the job within the lease time plus its grace."""
-    c = await cluster(lease_ttl=2.0, lease_grace=1.0, job_max_tries=2)
+    c = await cluster(lease_ttl=2.0, lease_grace=1.0, job_max_tries=2, replay_speed=10.0)
     worker = c.worker()
     job = await c.submit()
     await wait_for(lambda: stepping(client, job), 20, "the job to run")

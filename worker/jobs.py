@@ -62,7 +62,7 @@ from progress_service.store.jobs import JobRecord, get_job, jobs_in_status, upda
 from progress_service.streams import expire_job, read_state, room_id
 from worker.claude import ClaudeProcess, Line, Output, build_command, child_env, run_to_completion, start_claude
 from worker.mapping import Mapper
-from worker.outage import REDIS_DOWN, Link, persist
+from worker.outage import DEPENDENCY_DOWN, REDIS_DOWN, Link, persist
 from worker.publisher import Publisher
 
 log = logging.getLogger("progress_service.worker")
@@ -362,8 +362,11 @@ async def requeue(redis: Redis, engine: AsyncEngine, settings: Settings, pub: Pu
     job_id = pub.job_id
     mapper = pub.mapper
     await pub(mapper.status, "queued", reason=reason, phase="queued", attempt=next_attempt, startedAt=None)
-    await update_job(engine, job_id, snapshot=mapper.snapshot)
+    # Enqueued before the row is written, and the row write waits out a
+    # store outage: the run state already says queued, so a failure here
+    # must not leave the job with no arq job to run it.
     await enqueue_job(redis, job_id, attempt=next_attempt, queue_name=settings.queue_name)  # type: ignore[arg-type]
+    await persist(lambda: update_job(engine, job_id, snapshot=mapper.snapshot), Link(f"store (job {job_id} re-queue)"))
     if await run_state(redis, job_id) == "cancelled":
         latest, _ = await read_state(redis, job_id)
         if latest is None or latest.status != "cancelled":
@@ -415,7 +418,7 @@ async def recover_job(redis: Redis, engine: AsyncEngine, settings: Settings, rec
     else:  # "failed", or "ended" (run state says over but nobody published it)
         await pub(mapper.status, "failed", reason=why)
         outcome = "failed"
-    await update_job(engine, job_id, snapshot=mapper.snapshot)
+    await persist(lambda: update_job(engine, job_id, snapshot=mapper.snapshot), Link(f"store (job {job_id} recovery)"))
     await expire_job(redis, job_id, settings.events_ttl)
     log.warning("job %s: %s, %s after %d tr%s", job_id, why, outcome, spent, "y" if spent == 1 else "ies")
     return outcome
@@ -469,7 +472,7 @@ class Sweeper:
         while True:
             try:
                 await self.sweep()
-            except REDIS_DOWN + (OSError,) as exc:
+            except DEPENDENCY_DOWN as exc:
                 self.link.down(exc)
                 self.missing.clear()
             except Exception:  # noqa: BLE001 - a bug in one pass must not end recovery for good
