@@ -172,6 +172,9 @@ def create_app(
                 tg.start_soon(revocations.run)
                 # PS_HISTORY_DAYS: prunes the event archive; lives as long as the app.
                 tg.start_soon(history.run_retention, engine, settings)
+                # Lost-worker recovery runs here too, so a job whose worker
+                # vanished is retried or failed even when no worker is alive.
+                tg.start_soon(_run_sweeper, services)
                 if run_worker:
                     tg.start_soon(_run_worker, services)
                 try:
@@ -227,11 +230,18 @@ def create_app(
     )
 
 
+async def _run_sweeper(services: Services) -> None:
+    """The lost-worker sweeper (:class:`worker.jobs.Sweeper`) for the app's lifetime."""
+    from worker.jobs import Sweeper  # noqa: PLC0415 - the worker package is optional in serve mode
+
+    await Sweeper(services.arq, services.engine, services.settings).run()
+
+
 async def _run_worker(services: Services) -> None:
     """The in-process arq worker of ``dev`` mode, closed when the app stops."""
     from worker.settings import build_worker  # noqa: PLC0415 - worker is optional in serve mode
 
-    worker = build_worker(services.settings, redis_url=services.redis_url, engine=services.engine)
+    worker = build_worker(services.settings, redis_url=services.redis_url, engine=services.engine, sweeper=False)
     try:
         await worker.async_run()
     finally:

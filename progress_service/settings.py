@@ -59,6 +59,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Seconds a running job's lease lives without a refresh; a worker that
     #: stops refreshing it (killed, frozen) is declared lost by the sweeper.
     lease_ttl: float = 15.0
+    #: Seconds a missing lease must stay missing before the sweeper believes
+    #: it: after Redis restarted (empty, or after an outage longer than the
+    #: lease) a live worker re-creates its lease within about a second.
+    lease_grace: float = 5.0
     #: Retained events per job stream (XADD MAXLEN ~).
     events_maxlen: int = 10_000
     #: Seconds a finished job's stream and snapshot are kept in Redis.
