@@ -24,7 +24,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from progress_service import history, metrics, queue
+from progress_service import history, metrics, outage, queue
 from progress_service.api.audit import AuditController, TokensController
 from progress_service.api.comments import CommentsController
 from progress_service.api.deps import provide_principal, provide_services
@@ -111,7 +111,10 @@ def _client_error_handler(request: Request, exc: HTTPException) -> Response:
     extra = getattr(exc, "extra", None)
     if extra:
         body["extra"] = extra
-    return Response(body, status_code=exc.status_code, headers=getattr(exc, "headers", None) or None)
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 503:  # every 503 tells the client when to retry
+        headers.setdefault("Retry-After", str(outage.RETRY_AFTER_SECONDS))
+    return Response(body, status_code=exc.status_code, headers=headers or None)
 
 
 def _bad_body_handler(request: Request, exc: Exception) -> Response:
@@ -129,9 +132,22 @@ def _bad_body_handler(request: Request, exc: Exception) -> Response:
 
 
 def _server_error_handler(request: Request, exc: Exception) -> Response:
-    """Log a bug with its traceback (path only: the query string may hold secrets)."""
+    """A store/Redis outage is a 503 (see :mod:`progress_service.outage`); else a
+    bug, logged with its traceback (path only: the query string may hold secrets)."""
+    dependency = outage.classify(exc)
+    if dependency is not None:
+        outage.warn(dependency, f"{request.method} {request.url.path}", exc)
+        return _unavailable(outage.describe(dependency))
     log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return Response({"status_code": 500, "detail": "Internal Server Error"}, status_code=500)
+
+
+def _unavailable(detail: str) -> Response:
+    return Response(
+        {"status_code": 503, "detail": detail},
+        status_code=503,
+        headers={"Retry-After": str(outage.RETRY_AFTER_SECONDS)},
+    )
 
 
 def create_app(
@@ -246,4 +262,7 @@ async def _run_worker(services: Services) -> None:
         await worker.async_run()
     finally:
         with anyio.CancelScope(shield=True):
+            running = sum(not t.done() for t in worker.tasks.values())
+            log.info("shutdown: stopping the worker; handing back %d running job(s)", running)
             await worker.close()
+            log.info("shutdown: worker stopped")

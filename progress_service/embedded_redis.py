@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import shutil
 import signal
 import socket
@@ -21,6 +22,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger("progress_service.embedded_redis")
 
 
 def redis_binary() -> str:
@@ -98,8 +101,15 @@ def embedded_redis(*, port: int | None = None, appendonly: bool = False, data_di
         "--dir", workdir,
         "--daemonize", "no",
     ]
+    # A session of its own: the terminal's Ctrl-C goes to the foreground
+    # process group, and the Redis must outlive the app's shutdown (running
+    # jobs are handed back through it); it is stopped below, last.
     proc = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+        start_new_session=True,
     )
     try:
         wait_for_port("127.0.0.1", port)
@@ -113,6 +123,7 @@ def embedded_redis(*, port: int | None = None, appendonly: bool = False, data_di
             proc.wait()
         if data_dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+        log.info("shutdown: embedded Redis (pid %d) stopped", proc.pid)
 
 
 def dev_data_dir(database_url: str) -> Path:

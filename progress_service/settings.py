@@ -80,6 +80,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
     # --- WebSocket gateway ------------------------------------------------
     ws_max_frame_bytes: int = 8192
+    #: Deepest nesting of arrays/objects a client frame may have (checked before decoding).
+    ws_max_json_depth: int = 16
     ws_max_text_chars: int = 1000
     ws_auth_timeout: float = 5.0
     ws_max_rooms: int = 32
@@ -99,6 +101,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Seconds the store may take to durably write a comment before the
     #: client is told ``unavailable``.
     store_timeout: float = 5.0
+    #: Store reads the gateway runs at once for joins and auths (the rest queue).
+    ws_store_slots: int = 8
+    #: Seconds a join or auth waits in that queue before ``unavailable``
+    #: (a reconnect storm waits; only a store that is down refuses).
+    ws_store_wait: float = 30.0
 
     @property
     def workspace_path(self) -> Path:
