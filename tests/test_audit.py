@@ -319,7 +319,7 @@ async def test_a_row_added_behind_the_logs_back_is_named(engine: Any) -> None:
     recs = await _fill(engine, tid, 3)
     last = recs[-1]
     forged_detail = '{"i":7}'
-    ring = audit_keys.active()
+    ring = audit_keys.for_engine(engine)
     forged = audit.compute_hash(
         prev_hash=last.hash, team_id=tid, actor="mallory", action="test.event", room_id=None, detail=forged_detail,
         created_at=last.createdAt + 1, key_id=ring.current_id, secret=ring.current_secret,

@@ -351,7 +351,7 @@ async def list_comments(
         query = query.where(comments.c.id > after)
     async with engine.connect() as conn:
         rows = (await conn.execute(query.order_by(comments.c.id).limit(limit))).all()
-        bad = await comment_check.tampered(conn, room_id, rows, audit_keys.active())
+        bad = await comment_check.tampered(conn, room_id, rows, audit_keys.for_engine(engine))
     return [_comment(r, bad.get(r.id)) for r in rows]
 
 

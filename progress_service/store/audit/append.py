@@ -104,8 +104,8 @@ async def append(
 ) -> list[AuditRecord]:
     """Append ``entries`` inside the caller's transaction (commit is theirs).
 
-    Each record is keyed with ``keys``' current key (default: the process's
-    keyring, :func:`keys.active`).
+    Each record is keyed with ``keys``' current key (default: the keyring
+    bound to the engine, see :func:`keys.for_engine`).
 
     Records of one chain keep their given order; chains are locked in sorted
     order. Returns the records written, in the order of ``entries``.
@@ -117,7 +117,7 @@ async def append(
     otherwise fails the append (the transaction rolls back) instead of
     writing a chain that does not verify.
     """
-    ring = keys or audit_keys.active()
+    ring = keys or audit_keys.for_engine(conn)
     key_id, secret = ring.current_id, ring.current_secret
     by_chain: dict[str, list[int]] = {}
     for i, entry in enumerate(entries):

@@ -29,10 +29,13 @@ import logging
 import os
 import secrets
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from progress_service.settings import Settings, load_settings
 from progress_service.store.audit.chain import now_ms
@@ -212,35 +215,47 @@ def rotate(path: Path) -> tuple[str, str | None]:
 
 
 # --------------------------------------------------------------------------
-# The process's keyring
+# Which keyring a store's records use
 # --------------------------------------------------------------------------
 
-_active: Keyring | None = None
+#: Keyrings bound to engines (the app binds its key file to its engine).
+_bound: weakref.WeakKeyDictionary[Any, Keyring] = weakref.WeakKeyDictionary()
+#: The configured key file's keyring, for engines nobody bound (the CLI, tests).
+_configured: Keyring | None = None
 
 
-def install(ring: Keyring | None) -> Keyring | None:
-    """Make ``ring`` the keyring this process appends and verifies with; returns the previous one."""
-    global _active
-    previous, _active = _active, ring
-    return previous
+def bind(engine: AsyncEngine, ring: Keyring) -> None:
+    """Records appended, served and verified through ``engine`` use ``ring``."""
+    _bound[engine.sync_engine] = ring
 
 
-def active() -> Keyring:
-    """The process's keyring: the installed one, else the configured key file (created when missing)."""
-    global _active
-    if _active is None:
-        _active = load_or_create(key_file_path(load_settings()))
-    return _active
+def bound(engine: AsyncEngine | AsyncConnection) -> Keyring | None:
+    """The keyring bound to ``engine`` (or a connection of it), if any."""
+    return _bound.get(engine.sync_engine)
 
 
-def for_verify(path: Path | None) -> tuple[Keyring, str | None]:
+def for_engine(engine: AsyncEngine | AsyncConnection) -> Keyring:
+    """The keyring to append with: the bound one, else the configured key file (created when missing)."""
+    global _configured
+    ring = bound(engine)
+    if ring is not None:
+        return ring
+    if _configured is None:
+        _configured = load_or_create(key_file_path(load_settings()))
+    return _configured
+
+
+def for_verify(path: Path | None, engine: AsyncEngine | None = None) -> tuple[Keyring, str | None]:
     """The keyring to verify with, and a note when there is none (never creates a key file).
 
-    ``path`` None: the process's installed keyring, else the configured file.
+    ``path`` None: the engine's bound keyring, else the configured key file.
     """
     if path is None:
-        if _active is not None:
-            return _active, None
+        ring = bound(engine) if engine is not None else None
+        if ring is not None:
+            return ring, None
+        if _configured is not None:
+            return _configured, None
         path = key_file_path(load_settings())
     try:
         return read_keyring(path), None

@@ -46,7 +46,8 @@ class Mismatch(msgspec.Struct, kw_only=True):
     def describe(self) -> str:
         """One line naming the record (or thing) and the reason."""
         what = self.subject or (f"record id={self.id}" if self.id is not None else "chain head")
-        return f"{what} (chain {self.chain}, #{self.position}): {self.reason}"
+        where = f"chain {self.chain}, #{self.position}" if self.position else f"chain {self.chain}"
+        return f"{what} ({where}): {self.reason}"
 
 
 class VerifyResult(msgspec.Struct, kw_only=True):
@@ -333,13 +334,13 @@ async def verify(
 ) -> VerifyResult:
     """Verify one team's chain (by name or id; ``system`` for team-less records) or every chain.
 
-    ``keys`` default to the process's keyring; ``witness`` holds the
+    ``keys`` default to the engine's keyring; ``witness`` holds the
     checkpoints to check against (None: none). Returns everything wrong, the
     first wrong record of each chain first.
     """
     from progress_service.store.audit import keys as audit_keys  # noqa: PLC0415
 
-    ring = keys if keys is not None else audit_keys.for_verify(None)[0]
+    ring = keys if keys is not None else audit_keys.for_verify(None, engine)[0]
     latest = witness.latest() if witness is not None else {}
     result = VerifyResult(verified=0, chains=0)
     async with engine.connect() as conn:
@@ -354,13 +355,16 @@ async def verify(
         for chain in chains:
             cp = latest.get(chain, (0, None))[1]
             w = _Walk(chain=chain, keys=ring, checkpoint=cp)
-            mismatch = await _verify_chain(conn, w, page=page) or short_of_checkpoint(w)
+            mismatch = await _verify_chain(conn, w, page=page)
             result.verified += w.n
             result.legacy += w.legacy
             result.checkpointed += cp is not None
             if mismatch is not None:
                 result.problems.append(mismatch)
-                continue  # the claims are partial: comments are compared on whole chains only
+                continue  # the walk stopped early: comments are compared on fully walked chains only
+            short = short_of_checkpoint(w)
+            if short is not None:
+                result.problems.append(short)
             checked, comment_problems = await check_comments(conn, w)
             result.comments += checked
             result.problems.extend(comment_problems[:MAX_COMMENT_PROBLEMS])

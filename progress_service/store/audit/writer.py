@@ -99,10 +99,21 @@ class Checkpointer:
         return len(fresh)
 
     async def run(self) -> None:
-        """Checkpoint at start and every ``interval`` seconds until cancelled."""
+        """Checkpoint at start and every ``interval`` seconds until cancelled.
+
+        It starts from the witness's latest checkpoint of each chain, so a
+        restarted node never signs a chain that got shorter meanwhile.
+        """
+        try:
+            contents = await anyio.to_thread.run_sync(self.witness.read, self.keys)
+            self._last = {chain: cp for chain, (_, cp) in contents.latest().items()}
+        except OSError:
+            log.exception("audit: could not read the witness %s", self.witness.path)
+        first = True
         while True:
             try:
-                await self.checkpoint(every=not self._last)
+                await self.checkpoint(every=first)
+                first = False
             except Exception:  # store or disk trouble: try again next round
                 log.exception("audit: checkpoint failed")
             await anyio.sleep(self.interval)
@@ -181,10 +192,10 @@ class Audit:
 
     @classmethod
     def from_settings(cls, engine: AsyncEngine, settings: Settings) -> Audit:
-        """The app's writer: the key file (created when missing, installed for
-        the whole process, so comment records use it too) and the witness."""
+        """The app's writer: the key file (created when missing, bound to the
+        engine, so comment records use it too) and the witness."""
         keys = audit_keys.load_or_create(audit_keys.key_file_path(settings))
-        audit_keys.install(keys)
+        audit_keys.bind(engine, keys)
         return cls(engine, keys=keys, checkpointer=checkpointer_for(engine, settings, keys))
 
     @property
