@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from progress_service.store import schema
+from progress_service.store import history, schema
 
 Step = Callable[[AsyncConnection], Awaitable[None]]
 
@@ -29,7 +29,13 @@ async def _v2_audit_heads(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: schema.audit_heads.create(sync, checkfirst=True))
 
 
-async def _v3_audit_keys(conn: AsyncConnection) -> None:
+async def _v3_event_archive(conn: AsyncConnection) -> None:
+    # The job event archive (store/history.py): new tables only, nothing to convert.
+    await conn.run_sync(lambda sync: history.job_events.create(sync, checkfirst=True))
+    await conn.run_sync(lambda sync: history.job_history_pruned.create(sync, checkfirst=True))
+
+
+async def _v4_audit_keys(conn: AsyncConnection) -> None:
     # Keyed audit records: the key id of each record (NULL for the SHA-256
     # records written before) and the index the comments read path uses. A
     # database made by v1 from the current metadata has both already.
@@ -46,7 +52,8 @@ async def _v3_audit_keys(conn: AsyncConnection) -> None:
 MIGRATIONS: list[tuple[int, str, Step]] = [
     (1, "initial schema", _v1_initial),
     (2, "audit chain heads", _v2_audit_heads),
-    (3, "keyed audit records", _v3_audit_keys),
+    (3, "job event archive", _v3_event_archive),
+    (4, "keyed audit records", _v4_audit_keys),
 ]
 
 
