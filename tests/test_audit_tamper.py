@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import sqlalchemy as sa
 
 from progress_service.events import JobSpec, now_ms
@@ -177,6 +178,24 @@ async def test_an_edited_comment_is_named_and_served_marked_with_its_original_te
     assert any("has no comment.create record" in d for d in described)
     served = await comment_store.list_comments(engine, room)
     assert [(c.text, c.tampered) for c in served] == [("first", False), ("second", True), ("third", True), ("", True)]
+
+
+async def test_a_replay_from_the_store_sends_an_edited_comment_with_its_audited_text(engine: Any) -> None:
+    from progress_service.store import history  # noqa: PLC0415
+
+    job_id, team_id = await make_job(engine, "alpha")
+    for i, text in enumerate(["fine", "also fine"]):
+        comment, _ = await comment_store.store_comment(
+            engine, job_id=job_id, room_id=f"job:{job_id}", team_id=team_id, user_id="u1", user_name="ana",
+            request_id=f"r{i}", text=text,
+        )
+        await comment_store.set_event_id(engine, comment.commentId, f"{1000 + i}-0")
+    async with engine.begin() as conn:
+        await conn.execute(sa.update(comments).where(comments.c.text == "fine").values(text="rewritten"))
+    entries = await history.read_entries(engine, job_id, None)
+    bodies = [msgspec.json.decode(fields[b"b"]) for _, fields in entries]
+    assert [(b["text"], b.get("tampered", False)) for b in bodies] == [("fine", True), ("also fine", False)]
+    assert "tampered" not in bodies[1]  # an untouched comment's entry is byte for byte what Redis holds
 
 
 # --------------------------------------------------------------------------
