@@ -177,14 +177,14 @@ def create_app(
         services.gateway = Gateway(services)
         # The hooks the gateway and the API call: durable comments, the
         # non-blocking audit writer, and revocation closing live connections.
-        audit = services.extras["audit"] = Audit(engine)
+        audit = services.extras["audit"] = Audit.from_settings(engine, settings)
         comments = services.extras["comments"] = Comments.from_services(services)
         revocations = services.extras["revocations"] = RevocationWatcher(services)
         app.state.services = services
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(services.gateway.run)
-                tg.start_soon(audit.run)  # flushes what is queued on the way out
+                tg.start_soon(audit.run)  # checkpoints; flushes and checkpoints on the way out
                 tg.start_soon(revocations.run)
                 # PS_HISTORY_DAYS: prunes the event archive; lives as long as the app.
                 tg.start_soon(history.run_retention, engine, settings)

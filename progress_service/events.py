@@ -169,7 +169,7 @@ class StoredEvent(Struct, kw_only=True, omit_defaults=True):
     attempt: int = 1
 
 
-class StoredChat(Struct, kw_only=True):
+class StoredChat(Struct, kw_only=True, omit_defaults=True):
     """The body of a comment entry in a job stream (field ``b``)."""
 
     requestId: str
@@ -177,6 +177,9 @@ class StoredChat(Struct, kw_only=True):
     userName: str
     text: str
     sentAt: int
+    #: Only on a comment replayed from the store whose row no longer matches
+    #: its audit record (``text`` is then the record's); never in Redis.
+    tampered: bool = False
 
 
 # --------------------------------------------------------------------------

@@ -107,6 +107,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: (a reconnect storm waits; only a store that is down refuses).
     ws_store_wait: float = 30.0
 
+    # --- audit log --------------------------------------------------------
+    #: The audit key file (secrets records and checkpoints are keyed with).
+    #: Unset: beside the SQLite file, else ``progress-audit.key`` here.
+    audit_key_file: str | None = None
+    #: Where signed checkpoints of the audit chains go: an append-only JSONL
+    #: file. Unset: beside the key file (``….witness.jsonl``); ``off``: none.
+    audit_witness: str | None = None
+    #: Seconds between checkpoints while records are appended.
+    audit_checkpoint_seconds: float = 5.0
+
     @property
     def workspace_path(self) -> Path:
         """The workspace root as an absolute, resolved path."""

@@ -35,10 +35,25 @@ async def _v3_event_archive(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: history.job_history_pruned.create(sync, checkfirst=True))
 
 
+async def _v4_audit_keys(conn: AsyncConnection) -> None:
+    # Keyed audit records: the key id of each record (NULL for the SHA-256
+    # records written before) and the index the comments read path uses. A
+    # database made by v1 from the current metadata has both already.
+    def upgrade(sync: sa.Connection) -> None:
+        inspector = sa.inspect(sync)
+        if "key_id" not in {c["name"] for c in inspector.get_columns("audit_log")}:
+            sync.execute(sa.text("ALTER TABLE audit_log ADD COLUMN key_id VARCHAR(32)"))
+        if "ix_audit_room" not in {i["name"] for i in inspector.get_indexes("audit_log")}:
+            sync.execute(sa.text("CREATE INDEX ix_audit_room ON audit_log (room_id, created_at)"))
+
+    await conn.run_sync(upgrade)
+
+
 MIGRATIONS: list[tuple[int, str, Step]] = [
     (1, "initial schema", _v1_initial),
     (2, "audit chain heads", _v2_audit_heads),
     (3, "job event archive", _v3_event_archive),
+    (4, "keyed audit records", _v4_audit_keys),
 ]
 
 
