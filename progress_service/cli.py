@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("create", help="create a token; prints only the token")
     p.add_argument("--user", required=True)
     p.add_argument("--team", required=True)
-    p.add_argument("--role", required=True, choices=["viewer", "reviewer", "submitter", "admin"])
+    p.add_argument("--role", required=True, choices=["viewer", "reviewer", "submitter", "admin", "reporter"])
     p.add_argument("--label", default="")
     p.add_argument("--expires-in", type=int, default=None, metavar="SECONDS")
     p.set_defaults(func=cmd_token_create)
