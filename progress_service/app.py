@@ -31,6 +31,7 @@ from progress_service.api.deps import provide_principal, provide_services
 from progress_service.api.health import healthz, metrics_endpoint, readyz
 from progress_service.api.hooks import PATH as HOOKS_PATH
 from progress_service.api.hooks import HookGate, claude_code_hook
+from progress_service.api.joblog import JobLogController
 from progress_service.api.jobs import JobsController
 from progress_service.api.me import whoami
 from progress_service.api.tickets import create_ticket
@@ -195,6 +196,7 @@ def create_app(
 
     handlers: list = [
         JobsController,
+        JobLogController,
         CommentsController,
         AuditController,
         TokensController,

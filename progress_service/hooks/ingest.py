@@ -6,8 +6,9 @@ app's lifespan) drains the bounded queue. Each round takes what is queued
 (up to ``BATCH``), groups it by session in arrival order, and for each
 session, under a short Redis lock (so two app processes never interleave one
 session's hooks): reads the snapshot and the mapper's state, maps every hook,
-appends the events with ``streams.append_event`` (event and snapshot in one
-MULTI, like the worker), and writes the state back. The SQL row is written
+appends the events with the worker's :class:`~worker.publisher.Publisher`
+(events and snapshot in one script call, then the SQL archive), and writes
+the state back. The SQL row is written
 when a session appears and whenever its status changes.
 """
 
@@ -22,11 +23,12 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from progress_service import streams
-from progress_service.events import JobSnapshot, JobSpec, SessionInfo, StoredEvent, clip
+from progress_service.events import JobSnapshot, JobSpec, SessionInfo, clip
 from progress_service.hooks.mapping import HookInput, HookMapper, SessionState
 from progress_service.services import Services
 from progress_service.store import jobs as job_store
 from worker.mapping import Mapped
+from worker.publisher import Publisher
 
 log = logging.getLogger("progress_service.hooks")
 
@@ -184,16 +186,22 @@ class Ingest:
         state = _state_dec.decode(raw_state) if raw_state else SessionState()
         mapper = HookMapper(snapshot, state)
         status_before = snapshot.status
+        mapped: list[Mapped] = []
         for item in items:
             if state.posts >= settings.hook_max_events_per_session:
                 if state.posts == settings.hook_max_events_per_session:
                     state.posts += 1
                     line = f"more than {settings.hook_max_events_per_session} hooks: this session's later hooks are ignored"
-                    await self._append(job_id, mapper.note(item.at, line))
+                    mapped += mapper.note(item.at, line)
                 self.dropped += 1
                 continue
-            await self._append(job_id, mapper.apply(item.hook, item.raw_hash, item.at))
+            mapped += mapper.apply(item.hook, item.raw_hash, item.at)
             self.processed += 1
+        if mapped:
+            # The worker's publisher: one append script per batch of events
+            # (event and snapshot together), then the SQL archive.
+            pub = Publisher(redis, job_id, 1, settings, mapper, engine=self.services.engine)  # type: ignore[arg-type]
+            await pub.publish(mapped)
         ttl = settings.events_ttl
         async with redis.pipeline(transaction=False) as pipe:
             pipe.set(state_key(job_id), _state_enc.encode(state), ex=ttl)
@@ -204,13 +212,6 @@ class Ingest:
             await pipe.execute()
         if created or mapper.snapshot.status != status_before:
             await job_store.update_job(self.services.engine, job_id, snapshot=mapper.snapshot)
-
-    async def _append(self, job_id: str, mapped: list[Mapped]) -> None:
-        for ev in mapped:
-            stored = StoredEvent(kind=ev.kind, at=ev.at, data=msgspec.to_builtins(ev.data))
-            ev.snapshot.lastEventId = await streams.append_event(
-                self.services.redis, job_id, stored, maxlen=self.settings.events_maxlen, snapshot=ev.snapshot
-            )
 
     async def _create(self, item: HookItem) -> JobSnapshot:
         """The job row and first snapshot of a session seen for the first time."""

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from progress_service.store import schema
+from progress_service.store import history, schema
 
 Step = Callable[[AsyncConnection], Awaitable[None]]
 
@@ -29,19 +29,25 @@ async def _v2_audit_heads(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: schema.audit_heads.create(sync, checkfirst=True))
 
 
-#: Columns added to ``jobs`` by v3 (name -> DDL type and default).
-_V3_JOB_COLUMNS = {
+async def _v3_event_archive(conn: AsyncConnection) -> None:
+    # The job event archive (store/history.py): new tables only, nothing to convert.
+    await conn.run_sync(lambda sync: history.job_events.create(sync, checkfirst=True))
+    await conn.run_sync(lambda sync: history.job_history_pruned.create(sync, checkfirst=True))
+
+
+#: Columns added to ``jobs`` by v4 (name -> DDL type and default).
+_V4_JOB_COLUMNS = {
     "kind": "VARCHAR(20) NOT NULL DEFAULT 'job'",
     "source": "VARCHAR(20)",
     "host": "VARCHAR(200)",
 }
 
 
-async def _v3_job_kind(conn: AsyncConnection) -> None:
+async def _v4_job_kind(conn: AsyncConnection) -> None:
     # Session jobs (Claude Code hooks): what a job is and where it runs. A
     # fresh database got these columns from v1 already.
     present = await conn.run_sync(lambda sync: {c["name"] for c in sa.inspect(sync).get_columns("jobs")})
-    for name, ddl in _V3_JOB_COLUMNS.items():
+    for name, ddl in _V4_JOB_COLUMNS.items():
         if name not in present:
             await conn.execute(sa.text(f"ALTER TABLE jobs ADD COLUMN {name} {ddl}"))
 
@@ -49,7 +55,8 @@ async def _v3_job_kind(conn: AsyncConnection) -> None:
 MIGRATIONS: list[tuple[int, str, Step]] = [
     (1, "initial schema", _v1_initial),
     (2, "audit chain heads", _v2_audit_heads),
-    (3, "job kind, source and host", _v3_job_kind),
+    (3, "job event archive", _v3_event_archive),
+    (4, "job kind, source and host", _v4_job_kind),
 ]
 
 
