@@ -76,6 +76,8 @@ async def test_a_session_becomes_a_watchable_job(store, make_settings) -> None:
         by_id = {e["data"]["stepId"]: e["data"] for e in seen if e["kind"] == "step" and e["data"]["state"] != "started"}
         assert by_id["t2"]["tool"] == "Bash" and by_id["t2"]["title"] == "pytest -q"
         assert by_id["t2"]["durationMs"] >= 0
+        assert by_id["t2"]["error"] == "1 failed" and by_id["t3"]["output"] == "ok"
+        assert next(e for e in seen if e["kind"] == "step")["data"]["input"]["text"]  # the TodoWrite list
         assert by_id["t4"]["parentStepId"] == "agent-a1"
         todos = [e["data"] for e in seen if e["kind"] == "todo"]
         assert todos[0]["items"] == [{"text": "Read the code", "state": "completed"}, {"text": "Fix the bug", "state": "in_progress"}]

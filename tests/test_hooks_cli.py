@@ -126,6 +126,12 @@ async def test_real_cli_session_is_watched_through_hooks(
         assert states == ["started", "error" if failed else "ok"], (tool, states)
         assert {d["tool"] for d in step_events if d["stepId"] == tool_id} == {tool}
     assert [calls[d["stepId"]][1] for d in step_events if d["state"] == "error"] == [True]
+    # Opened, a step shows what the tool was asked and what it answered.
+    echo = next(d for d in step_events if d.get("input", {}).get("command") == "echo hello-from-hooks")
+    echo_done = next(d for d in step_events if d["stepId"] == echo["stepId"] and d["state"] == "ok")
+    assert "hello-from-hooks" in echo_done["output"] and echo_done["exitCode"] == 0
+    failed = next(d for d in step_events if d["state"] == "error")
+    assert failed["exitCode"] == 3 and failed["error"]
     # The subagent nests under its Agent call, and its tool call under the subagent.
     agent_call = next(i for i, c in calls.items() if c[0] == "Agent")
     sub_call = next(i for i, c in calls.items() if c[2] == agent_call)

@@ -50,11 +50,13 @@ from progress_service.events import (
     clip,
 )
 from worker.mapping import Mapped, tool_phase, tool_title
+from worker.step_detail import step_input, step_output
 
 #: Bounded memories of a session (ids of finished tools, body hashes).
 RECENT_MAX = 256
 PROMPT_MAX_CHARS = 2000
 _TODO_STATES = frozenset({"pending", "in_progress", "completed"})
+_any_dec = msgspec.json.Decoder()
 _TASK_ID_RE = re.compile(rb'(?:#\s*|"id"\s*:\s*"?)([A-Za-z0-9_-]{1,40})')
 
 # --------------------------------------------------------------------------
@@ -150,6 +152,20 @@ def _remember(items: list[str], key: str) -> None:
     items.append(key)
     if len(items) > RECENT_MAX:
         del items[: len(items) - RECENT_MAX]
+
+
+def _response_text(raw: msgspec.Raw) -> Any:
+    """A PostToolUse ``tool_response`` as a tool result's content (Bash: its stdout and stderr)."""
+    try:
+        value = _any_dec.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return ""
+    if isinstance(value, dict) and isinstance(value.get("stdout"), str):
+        stderr = value.get("stderr")
+        return value["stdout"] + (f"\n{stderr}" if isinstance(stderr, str) and stderr else "")
+    if isinstance(value, dict) and "content" in value:
+        return value["content"]
+    return value
 
 
 def agent_step_id(agent_id: str) -> str:
@@ -318,7 +334,10 @@ class HookMapper:
         pending = ToolState(tool=tool, title=tool_title(tool, tool_input), started=at, parent=self._parent(hook))
         self.state.pending[tool_id] = pending
         step = CurrentStep(stepId=tool_id, tool=tool, title=pending.title, state="started", startedAt=at)
-        data = StepData(stepId=tool_id, tool=tool, title=pending.title, state="started", parentStepId=pending.parent)
+        data = StepData(
+            stepId=tool_id, tool=tool, title=pending.title, state="started",
+            input=step_input(tool, tool_input), parentStepId=pending.parent,
+        )
         self._emit(out, at, "step", data, step=step)
         self._tool_todos(out, tool, tool_input, at)
         return pending
@@ -340,9 +359,12 @@ class HookMapper:
             pending = self._start_tool(out, hook, tool_id, at)
             self.state.pending.pop(tool_id, None)
         _remember(self.state.done, tool_id)
+        content = (hook.error or "") if state == "error" else _response_text(hook.tool_response)
+        result = step_output(pending.tool, content, state == "error")
         data = StepData(
             stepId=tool_id, tool=pending.tool, title=pending.title, state=state,  # type: ignore[arg-type]
-            durationMs=duration, parentStepId=pending.parent,
+            durationMs=duration, output=result.output, outputChars=result.outputChars,
+            exitCode=result.exitCode, error=result.error, parentStepId=pending.parent,
         )
         step = CurrentStep(stepId=tool_id, tool=pending.tool, title=pending.title, state=state, startedAt=pending.started)
         self._emit(out, at, "step", data, step=step)
