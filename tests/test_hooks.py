@@ -64,7 +64,6 @@ async def test_a_session_becomes_a_watchable_job(store, make_settings) -> None:
             assert resp.status_code == 204, resp.text
             assert resp.content == b""
 
-        kinds = [e["kind"] for e in seen]
         turns = [e["data"] for e in seen if e["kind"] == "turn"]
         assert turns == [{"turn": 1, "prompt": "Fix the failing test"}]
         assert steps(seen) == [

@@ -35,7 +35,7 @@ from progress_service.auth import PrincipalCache, bearer_token
 from progress_service.events import now_ms
 from progress_service.gateway.limits import TokenBucket
 from progress_service.hooks.ingest import HookItem, Ingest, owner_key, session_job_id
-from progress_service.hooks.mapping import KNOWN_EVENTS, HookInput, body_hash
+from progress_service.hooks.body import KNOWN_EVENTS, HookInput, body_hash
 from progress_service.services import Services
 from progress_service.store.identity import TOKEN_PREFIX, Principal, hash_token, principal_for_token
 

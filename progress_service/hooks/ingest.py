@@ -24,7 +24,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from progress_service import streams
 from progress_service.events import JobSnapshot, JobSpec, SessionInfo, clip
-from progress_service.hooks.mapping import HookInput, HookMapper, SessionState
+from progress_service.hooks.body import HookInput
+from progress_service.hooks.mapping import HookMapper, SessionState
 from progress_service.services import Services
 from progress_service.store import jobs as job_store
 from worker.mapping import Mapped

@@ -24,9 +24,8 @@ between posts) and applies these rules:
 
 from __future__ import annotations
 
-import hashlib
 import re
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 from msgspec import Struct
@@ -49,6 +48,7 @@ from progress_service.events import (
     TurnData,
     clip,
 )
+from progress_service.hooks.body import MAPPED_EVENTS, HookInput, body_hash
 from worker.mapping import Mapped, tool_phase, tool_title
 from worker.step_detail import step_input, step_output
 
@@ -58,56 +58,6 @@ PROMPT_MAX_CHARS = 2000
 _TODO_STATES = frozenset({"pending", "in_progress", "completed"})
 _any_dec = msgspec.json.Decoder()
 _TASK_ID_RE = re.compile(rb'(?:#\s*|"id"\s*:\s*"?)([A-Za-z0-9_-]{1,40})')
-
-# --------------------------------------------------------------------------
-# The hook body: the fields we read; every other field is ignored
-# --------------------------------------------------------------------------
-
-SessionIdStr = msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")
-
-
-class HookInput(Struct, kw_only=True):
-    """One hook POST body (``hook_event_name`` picks which fields matter)."""
-
-    session_id: Annotated[str, SessionIdStr]
-    hook_event_name: str
-    cwd: str | None = None
-    transcript_path: str | None = None
-    permission_mode: str | None = None
-    agent_id: str | None = None
-    agent_type: str | None = None
-    prompt: str | None = None
-    tool_name: str | None = None
-    tool_input: dict[str, Any] | None = None
-    tool_use_id: str | None = None
-    #: Never decoded: only a TaskCreate's id is looked for in it.
-    tool_response: msgspec.Raw = msgspec.Raw(b"null")
-    error: str | None = None
-    is_interrupt: bool | None = None
-    source: str | None = None
-    model: str | None = None
-    reason: str | None = None
-    last_assistant_message: str | None = None
-    task_id: str | int | None = None
-    task_subject: str | None = None
-    message: str | None = None
-    title: str | None = None
-    trigger: str | None = None
-    git_branch: str | None = None
-
-
-#: Events that change the room; KNOWN_EVENTS are accepted at all.
-MAPPED_EVENTS = frozenset(
-    {
-        "SessionStart", "UserPromptSubmit", "PreToolUse", "PostToolUse", "PostToolUseFailure",
-        "SubagentStart", "SubagentStop", "TaskCreated", "TaskCompleted", "Stop", "StopFailure",
-        "SessionEnd", "Notification", "PermissionRequest", "PermissionDenied", "PreCompact", "PostCompact",
-    }
-)
-KNOWN_EVENTS = MAPPED_EVENTS | {
-    "Setup", "TeammateIdle", "Elicitation", "ElicitationResult", "ConfigChange",
-    "WorktreeCreate", "WorktreeRemove", "InstructionsLoaded",
-}
 
 # --------------------------------------------------------------------------
 # What a session remembers between posts
@@ -141,11 +91,6 @@ class SessionState(Struct, kw_only=True):
     todos: list[TodoEntry] = msgspec.field(default_factory=list)
     #: Hook posts applied (the per-session cap counts these).
     posts: int = 0
-
-
-def body_hash(raw: bytes) -> str:
-    """The dedupe key of a body without a natural id."""
-    return hashlib.blake2b(raw, digest_size=12).hexdigest()
 
 
 def _remember(items: list[str], key: str) -> None:
