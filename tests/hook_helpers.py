@@ -75,3 +75,11 @@ async def events(client: httpx.AsyncClient, token: str, job_id: str) -> list[dic
 def steps(items: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(stepId, state) of every step event, in order."""
     return [(e["data"]["stepId"], e["data"]["state"]) for e in items if e.get("kind") == "step"]
+
+
+async def settled(app: Any, timeout: float = 10.0) -> None:
+    """Wait until the app's ingest task has applied every hook it accepted."""
+    ingest = app.state.services.extras["hooks"].ingest
+    with anyio.fail_after(timeout):
+        while not ingest.idle:
+            await anyio.sleep(0.01)

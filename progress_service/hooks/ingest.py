@@ -95,6 +95,7 @@ class Ingest:
         self._stopped = anyio.Event()
         self.processed = 0
         self.dropped = 0
+        self._busy = False
 
     def offer(self, item: HookItem) -> bool:
         """Queue a hook without waiting; False when the queue is full (the route answers 503)."""
@@ -109,6 +110,11 @@ class Ingest:
         """Hooks waiting in the queue."""
         return self._send.statistics().current_buffer_used
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no round under way: every accepted hook has been applied."""
+        return not self._busy and self.queued == 0
+
     async def run(self) -> None:
         """Drain the queue until :meth:`aclose`; every queued hook is applied before it returns."""
         try:
@@ -118,6 +124,7 @@ class Ingest:
                         first = await self._recv.receive()
                     except anyio.EndOfStream:
                         return
+                    self._busy = True
                     batch = [first]
                     while len(batch) < BATCH:
                         try:
@@ -130,6 +137,7 @@ class Ingest:
                     async with anyio.create_task_group() as tg:
                         for items in groups.values():
                             tg.start_soon(self._apply_safely, items)
+                    self._busy = False
         finally:
             self._stopped.set()
 
