@@ -29,11 +29,14 @@ from progress_service.api.audit import AuditController, TokensController
 from progress_service.api.comments import CommentsController
 from progress_service.api.deps import provide_principal, provide_services
 from progress_service.api.health import healthz, metrics_endpoint, readyz
+from progress_service.api.hooks import PATH as HOOKS_PATH
+from progress_service.api.hooks import HookGate, claude_code_hook
 from progress_service.api.joblog import JobLogController
 from progress_service.api.jobs import JobsController
 from progress_service.api.me import whoami
 from progress_service.api.tickets import create_ticket
 from progress_service.comments import Comments
+from progress_service.hooks.ingest import Ingest
 from progress_service.revocation import RevocationWatcher
 from progress_service.services import Services
 from progress_service.settings import Settings
@@ -101,7 +104,7 @@ MAX_BODY_BYTES = 2 << 20
 
 def _client_error_handler(request: Request, exc: HTTPException) -> Response:
     detail = exc.detail
-    if exc.status_code == 413:
+    if exc.status_code == 413 and detail == "Request Entity Too Large":  # Litestar's own, not a route's
         detail = f"request body larger than {MAX_BODY_BYTES} bytes"
     elif isinstance(detail, str) and detail.startswith("Validation failed for ") and "?" in detail:
         # Litestar echoes the whole URL; the query string may hold a secret
@@ -180,6 +183,9 @@ def create_app(
         audit = services.extras["audit"] = Audit.from_settings(engine, settings)
         comments = services.extras["comments"] = Comments.from_services(services)
         revocations = services.extras["revocations"] = RevocationWatcher(services)
+        # Claude Code hooks: the route queues, this process's ingest task appends.
+        ingest = Ingest(services)
+        services.extras["hooks"] = HookGate(services, ingest, services.gateway.principals)
         app.state.services = services
         try:
             async with anyio.create_task_group() as tg:
@@ -191,12 +197,14 @@ def create_app(
                 # Lost-worker recovery runs here too, so a job whose worker
                 # vanished is retried or failed even when no worker is alive.
                 tg.start_soon(_run_sweeper, services)
+                tg.start_soon(ingest.run)
                 if run_worker:
                     tg.start_soon(_run_worker, services)
                 try:
                     yield
                 finally:
                     await services.gateway.close_all()
+                    await ingest.aclose()  # what the CLI was told is accepted gets applied
                     # The comment writer task is Comments' own; end it here.
                     await comments.aclose()
                     tg.cancel_scope.cancel()
@@ -214,6 +222,7 @@ def create_app(
         AuditController,
         TokensController,
         create_ticket,
+        claude_code_hook,
         whoami,
         healthz,
         readyz,
@@ -226,7 +235,9 @@ def create_app(
     cors = CORSConfig(allow_origins=list(settings.allowed_origins)) if settings.allowed_origins else None
     rate_limit = RateLimitConfig(
         rate_limit=("minute", settings.http_rate_limit),
-        exclude=["/healthz", "/readyz", "/metrics", "/ws", "/schema"],
+        # Hooks have their own limit per reporter token (PS_HOOK_RATE): one
+        # laptop's session must not spend the per-client budget of an office NAT.
+        exclude=["/healthz", "/readyz", "/metrics", "/ws", "/schema", HOOKS_PATH],
     )
     return Litestar(
         route_handlers=handlers,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from progress_service.settings import Settings, load_settings
 
 #: Modules that add subcommands: each has ``register(subparsers)``.
-PLUGIN_MODULES: tuple[str, ...] = ("progress_service.terminal.commands", "progress_service.audit_cli")
+PLUGIN_MODULES: tuple[str, ...] = ("progress_service.terminal.commands", "progress_service.audit_cli", "progress_service.hooks.install")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("create", help="create a token; prints only the token")
     p.add_argument("--user", required=True)
     p.add_argument("--team", required=True)
-    p.add_argument("--role", required=True, choices=["viewer", "reviewer", "submitter", "admin"])
+    p.add_argument("--role", required=True, choices=["viewer", "reviewer", "submitter", "admin", "reporter"])
     p.add_argument("--label", default="")
     p.add_argument("--expires-in", type=int, default=None, metavar="SECONDS")
     p.add_argument("--actor", default=None, help="who creates it, for the audit log (default: cli:<user>)")

@@ -24,10 +24,19 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled
 Phase = Literal["queued", "starting", "planning", "editing", "testing", "reviewing", "finishing"]
 PHASES: tuple[str, ...] = ("queued", "starting", "planning", "editing", "testing", "reviewing", "finishing")
 
-EventKind = Literal["status", "phase", "step", "message", "todo", "usage", "log", "result", "worker"]
+EventKind = Literal["status", "phase", "step", "message", "todo", "usage", "log", "result", "worker", "turn"]
 
-Role = Literal["viewer", "reviewer", "submitter", "admin"]
+Role = Literal["viewer", "reviewer", "submitter", "admin", "reporter"]
+#: The ladder of roles that read: each may do what those below it may.
 ROLE_RANK: dict[str, int] = {"viewer": 0, "reviewer": 1, "submitter": 2, "admin": 3}
+#: Outside the ladder: may only report Claude Code sessions of its own team
+#: (``POST /api/hooks/claude-code``) and read nothing.
+REPORTER_ROLE = "reporter"
+ROLES: tuple[str, ...] = (*ROLE_RANK, REPORTER_ROLE)
+
+#: What a job is: submitted here and run by a worker (``job``), or a Claude
+#: Code session running elsewhere that reports through hooks (``session``).
+JobKind = Literal["job", "session"]
 
 #: Bounds on what one event may carry, so a chatty agent cannot flood rooms.
 MESSAGE_MAX_CHARS = 2000
@@ -139,8 +148,15 @@ class WorkerData(Struct, kw_only=True):
     workerId: str
 
 
+class TurnData(Struct, kw_only=True):
+    """A prompt the user gave a session (``turn`` 1, 2, ...), bounded."""
+
+    turn: int
+    prompt: str
+
+
 EventData = (
-    StatusData | PhaseData | StepData | MessageData | TodoData | UsageData | LogData | ResultData | WorkerData
+    StatusData | PhaseData | StepData | MessageData | TodoData | UsageData | LogData | ResultData | WorkerData | TurnData
 )
 
 DATA_TYPES: dict[str, type[Struct]] = {
@@ -153,6 +169,7 @@ DATA_TYPES: dict[str, type[Struct]] = {
     "log": LogData,
     "result": ResultData,
     "worker": WorkerData,
+    "turn": TurnData,
 }
 
 
@@ -205,6 +222,21 @@ class Usage(Struct, kw_only=True):
     outputTokens: int = 0
 
 
+class SessionInfo(Struct, kw_only=True):
+    """Where a ``session`` job runs: it was started elsewhere, not by this service."""
+
+    #: How it reports: ``hook`` (Claude Code HTTP hooks).
+    source: str = "hook"
+    #: Claude Code's own session id.
+    sessionId: str
+    #: The reporter's label of the machine (``X-PS-Host``), when sent.
+    host: str | None = None
+    cwd: str | None = None
+    branch: str | None = None
+    #: Prompts seen so far.
+    turns: int = 0
+
+
 class JobSnapshot(Struct, kw_only=True):
     """What ``joined.snapshot`` and ``GET /api/jobs/{id}`` show."""
 
@@ -228,6 +260,9 @@ class JobSnapshot(Struct, kw_only=True):
     finishedAt: int | None = None
     submittedBy: str | None = None
     lastEventId: str | None = None
+    kind: JobKind = "job"
+    #: Set for ``session`` jobs only.
+    session: SessionInfo | None = None
 
 
 # --------------------------------------------------------------------------

@@ -117,6 +117,20 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Seconds between checkpoints while records are appended.
     audit_checkpoint_seconds: float = 5.0
 
+    # --- Claude Code hooks (POST /api/hooks/claude-code) --------------------
+    #: Hook posts per second per reporter token (per app process), and the burst saved up.
+    hook_rate: float = 50.0
+    hook_burst: int = 500
+    #: Largest hook body (413 above) and deepest nesting of its tool input (400 above).
+    hook_max_body_bytes: int = 1 << 20
+    hook_max_depth: int = 64
+    #: Hooks waiting for the ingest task per process (503 when full).
+    hook_queue: int = 10_000
+    #: New sessions one reporter token may start per hour (429 above).
+    hook_max_sessions_per_hour: int = 100
+    #: Hooks applied per session; later ones are ignored (one log event says so).
+    hook_max_events_per_session: int = 20_000
+
     @property
     def workspace_path(self) -> Path:
         """The workspace root as an absolute, resolved path."""

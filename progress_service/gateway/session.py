@@ -534,6 +534,11 @@ class Session:
             self.audit("auth.failed", reason="invalid, expired, revoked or reused credential")
             self.request_close(closes.AUTH_FAILED)
             return False
+        if principal.is_reporter:
+            # Reporter tokens report Claude Code sessions over HTTP; they read nothing.
+            self.audit("auth.failed", reason="a reporter token cannot watch")
+            self.request_close(closes.AUTH_FAILED)
+            return False
         if self.principal is None:
             if not self.gateway.admit(self, principal):
                 self.request_close(closes.TOO_MANY_CONNECTIONS)
