@@ -126,7 +126,7 @@ class Mapper:
         self._inited = False
         self._last_live = 0
         self._last_progress: dict[str, int] = {}
-        self._tasks: dict[str, str] = {}  # subagent task id -> its Agent step id
+        self._tasks: dict[str, tuple[str, bool]] = {}  # task id -> (its step id, is a subagent)
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         #: The last ``result`` line, once seen.
         self.result: ResultData | None = None
@@ -292,13 +292,18 @@ class Mapper:
 
     def _task(self, out: list[Mapped], line: StreamLine) -> None:
         """``task_*``: a subagent (or background shell) the CLI runs beside the main loop."""
-        step = line.tool_use_id or self._tasks.get(line.task_id or "")
+        known_step, known_agent = self._tasks.get(line.task_id or "", (None, None))
+        step = line.tool_use_id or known_step
+        # A foreground shell is a task too (local_bash): its step says it all.
+        agent = known_agent if line.task_type is None and known_agent is not None else line.task_type in (None, "local_agent")
         if line.subtype == "task_started":
             if line.task_id and step:
-                self._tasks[line.task_id] = step
+                self._tasks[line.task_id] = (step, agent)
             if step in self._pending and line.is_backgrounded:
                 self._pending[step].background = True
-            self._notice(out, "subagent", f"subagent started: {line.description or ''}".rstrip(": "), step)
+            if agent or line.is_backgrounded:
+                what = "subagent" if agent else "background task"
+                self._notice(out, "subagent", f"{what} started: {line.description or ''}".rstrip(": "), step)
         elif line.subtype == "task_progress" and step in self._pending:
             pending = self._pending[step]
             if line.description:
@@ -306,10 +311,13 @@ class Mapper:
             self._progress(out, step, pending, force=bool(line.description))
         elif line.subtype == "task_notification":
             ok = line.status in (None, "completed")
-            summary = clip((line.summary or "").strip(), MESSAGE_MAX_CHARS)
-            self._notice(out, "subagent", f"subagent {line.status or 'finished'}" + (f": {summary}" if summary else ""), step)
             pending = self._pending.get(step or "")
-            if step and pending is not None and pending.background:
+            background = pending is not None and pending.background
+            if agent or background:
+                summary = clip((line.summary or "").strip(), MESSAGE_MAX_CHARS)
+                what = "subagent" if agent else "background task"
+                self._notice(out, "subagent", f"{what} {line.status or 'finished'}" + (f": {summary}" if summary else ""), step)
+            if step and background:
                 self._end_step(out, step, error=not ok)
 
     def _progress(self, out: list[Mapped], step_id: str, pending: _Pending, *, force: bool = False) -> None:

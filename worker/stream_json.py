@@ -133,6 +133,7 @@ class StreamLine(Struct, kw_only=True):
     description: str | None = None
     summary: str | None = None
     is_backgrounded: bool | None = None
+    task_type: str | None = None
     last_tool_name: str | None = None
     # system/hook_*
     hook_name: str | None = None
