@@ -60,6 +60,7 @@ from progress_service.events import (
     clip,
     now_ms,
 )
+from worker.step_detail import step_input, step_output
 from worker.todos import TodoList
 from worker.tools import BOOKKEEPING_TOOLS, is_test_command, tool_phase, tool_title  # noqa: F401 - is_test_command re-exported
 from worker.stream_json import ApiEvent, Block, Message, StreamLine, TokenUsage, any_decoder, line_decoder, retry_text
@@ -224,7 +225,7 @@ class Mapper:
         elif line.type == "assistant" and message is not None:
             self._assistant(out, message, line.parent_tool_use_id)
         elif line.type == "user" and message is not None:
-            self._user(out, message)
+            self._user(out, message, line.parent_tool_use_id)
         elif line.type == "tool_progress":
             self._tool_progress(out, line)
         elif line.type == "rate_limit_event" and line.rate_limit_info is not None:
@@ -429,13 +430,17 @@ class Mapper:
         pending = _Pending(tool=tool, title=title, started=at, parent=parent)
         self._pending[tool_id] = pending
         step = self._current(tool_id, pending, "started")
-        self._emit(out, "step", StepData(stepId=tool_id, tool=tool, title=title, state="started", parentStepId=parent), step=step)
+        data = StepData(
+            stepId=tool_id, tool=tool, title=title, state="started",
+            input=step_input(tool, tool_input), parentStepId=parent,
+        )
+        self._emit(out, "step", data, step=step)
         changed, guessed = self._todos.apply(tool, tool_input)
         pending.task_subject = guessed
         if changed:
             self._todo_event(out)
 
-    def _user(self, out: list[Mapped], message: Message) -> None:
+    def _user(self, out: list[Mapped], message: Message, parent: str | None) -> None:
         if not isinstance(message.content, list):
             return
         for block in message.content:
@@ -446,18 +451,22 @@ class Mapper:
                 continue  # "Async agent launched": the step ends with its task
             if pending and pending.task_subject is not None:
                 self._todos.created(pending.task_subject, block.content)
-            self._end_step(out, block.tool_use_id, error=bool(block.is_error))
+            self._end_step(out, block.tool_use_id, error=bool(block.is_error), content=block.content, parent=parent)
 
-    def _end_step(self, out: list[Mapped], step_id: str, *, error: bool) -> None:
+    def _end_step(
+        self, out: list[Mapped], step_id: str, *, error: bool, content: Any = None, parent: str | None = None
+    ) -> None:
         pending = self._pending.pop(step_id, None)
         self._last_progress.pop(step_id, None)
         now = self.clock()
-        pending = pending or _Pending(tool="unknown", title="", started=now)
+        pending = pending or _Pending(tool="unknown", title="", started=now, parent=parent)
         state = "error" if error else "ok"
         duration = now - pending.started if pending.tool != "unknown" else None
+        result = step_output(pending.tool, content, error)
         data = StepData(
-            stepId=step_id, tool=pending.tool, title=pending.title, state=state,
-            durationMs=duration, parentStepId=pending.parent,
+            stepId=step_id, tool=pending.tool, title=pending.title, state=state, durationMs=duration,
+            output=result.output, outputChars=result.outputChars, exitCode=result.exitCode,
+            error=result.error, parentStepId=pending.parent,
         )
         step = self._current(step_id, pending, state)
         if pending.tool == "unknown":
