@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -62,10 +61,14 @@ def make_redis(url: str) -> Redis:
 
 
 def claude_is_available(settings: Settings) -> bool:
-    """True when a real Claude Code binary will run jobs (else: the replay program)."""
-    if settings.claude_bin:
-        return True
-    return shutil.which("claude") is not None
+    """True when a worker started here runs the real Claude Code CLI (else: the replay program).
+
+    Only ``dev`` (whose worker is in-process) asks; a job's ``demo`` flag is
+    set by the worker that runs it.
+    """
+    from worker.claude import resolve_binary  # noqa: PLC0415 - the worker's own decision
+
+    return not resolve_binary(settings)[1]
 
 
 def access_log(app: ASGIApp) -> ASGIApp:
@@ -175,7 +178,6 @@ def create_app(
             redis=redis,
             engine=engine,
             arq=arq_pool,
-            demo=not claude_is_available(settings),
         )
         services.gateway = Gateway(services)
         # The hooks the gateway and the API call: durable comments, the

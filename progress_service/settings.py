@@ -77,6 +77,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Replay program: speed factor and forced transcript name.
     replay_speed: float = 1.0
     replay_transcript: str | None = None
+    #: The worker runs in a throwaway sandbox (container, VM): jobs asking for
+    #: ``bypassPermissions`` get ``IS_SANDBOX=1``, which the CLI needs as root.
+    claude_sandbox: bool = False
+    #: Debugging: keep each attempt's raw CLI stdout as ``<dir>/<job>.<attempt>.jsonl``.
+    claude_stdout_dir: str | None = None
 
     # --- WebSocket gateway ------------------------------------------------
     ws_max_frame_bytes: int = 8192
