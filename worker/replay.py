@@ -135,23 +135,49 @@ def play(opts: Options, *, speed: float, path: Path) -> int:
     """Print the transcript; returns the exit code the CLI would use."""
     out = sys.stdout
     exit_code = 1  # a transcript without a result line is a crash
-    with path.open(encoding="utf-8") as fh:
-        for raw in fh:
-            if not raw.strip():
-                continue
-            wrapper = json.loads(raw)
-            delay = float(wrapper.get("d", 0)) / 1000.0 / speed
-            if delay > 0:
-                time.sleep(delay)
-            if "raw" in wrapper:
-                out.write(str(wrapper["raw"]) + "\n")
-            else:
-                obj = personalize(wrapper["j"], opts)
-                out.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n")
-                if obj.get("type") == "result":
-                    exit_code = 1 if obj.get("is_error") else 0
+    wrappers = [json.loads(raw) for raw in path.read_text(encoding="utf-8").splitlines() if raw.strip()]
+    final = next((w["j"] for w in wrappers if isinstance(w.get("j"), dict) and w["j"].get("type") == "result"), None)
+    started = time.monotonic()
+    for n, wrapper in enumerate(wrappers):
+        try:
+            _play_one(out, wrapper, opts, speed)
+        except KeyboardInterrupt:
+            # Like the CLI on SIGINT: a final error result with what was spent so far.
+            out.write(json.dumps(interrupted_result(final, n / len(wrappers), started), separators=(",", ":")) + "\n")
             out.flush()
+            raise
+        if isinstance(wrapper.get("j"), dict) and wrapper["j"].get("type") == "result":
+            exit_code = 1 if wrapper["j"].get("is_error") else 0
     return exit_code
+
+
+def interrupted_result(final: dict[str, Any] | None, fraction: float, started: float) -> dict[str, Any]:
+    """The ``error_during_execution`` result of an interrupted replay: the recorded totals, pro rata."""
+    final = final or {}
+    usage = final.get("usage") or {}
+    return {
+        "type": "result",
+        "subtype": "error_during_execution",
+        "is_error": True,
+        "duration_ms": int((time.monotonic() - started) * 1000),
+        "num_turns": int(int(final.get("num_turns") or 0) * fraction),
+        "total_cost_usd": round(float(final.get("total_cost_usd") or 0.0) * fraction, 6),
+        "usage": {k: int(v * fraction) for k, v in usage.items() if isinstance(v, int)},
+        "session_id": final.get("session_id"),
+    }
+
+
+def _play_one(out: Any, wrapper: dict[str, Any], opts: Options, speed: float) -> None:
+    """Wait the recorded delay, then print one transcript line."""
+    delay = float(wrapper.get("d", 0)) / 1000.0 / speed
+    if delay > 0:
+        time.sleep(delay)
+    if "raw" in wrapper:
+        out.write(str(wrapper["raw"]) + "\n")
+    else:
+        obj = personalize(wrapper["j"], opts)
+        out.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n")
+    out.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
