@@ -14,7 +14,7 @@ from msgspec import Meta
 from progress_service.api.deps import error_responses, principal_for_cookie
 from progress_service.api.me import Me, me_of
 from progress_service.services import Services
-from progress_service.store.identity import hash_token, principal_for_token
+from progress_service.store.identity import hash_token, principal_for_token, principal_for_token_hash
 from progress_service.web_session import COOKIE_NAME, create_session, delete_session, read_session
 from progress_service.events import now_ms
 
@@ -24,10 +24,10 @@ class SignIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class SessionInfo(msgspec.Struct, kw_only=True):
-    """The signed-in user and the secret to send as ``X-CSRF-Token``."""
+    """The signed-in user and the secret to send as ``X-CSRF-Token``; both None when signed out."""
 
-    me: Me
-    csrf: str
+    me: Me | None
+    csrf: str | None
 
 
 def _cookie(request: Request, value: str, max_age: int) -> Cookie:
@@ -63,16 +63,20 @@ class SessionController(Controller):
         info = SessionInfo(me=me_of(principal), csrf=record.csrf)
         return Response(info, status_code=HTTP_201_CREATED, cookies=[_cookie(request, session_id, ttl)])
 
-    @get("/", summary="The cookie session's user and CSRF secret", responses=error_responses(401))
-    async def current(self, request: Request, services: Services) -> SessionInfo:
-        """A new tab calls this to learn it is signed in (the cookie is not readable by scripts)."""
-        if not request.cookies.get(COOKIE_NAME):
-            raise NotAuthorizedException("not signed in")
-        principal = await principal_for_cookie(request, services)
-        record = await read_session(services.redis, request.cookies[COOKIE_NAME])
-        if record is None:  # ended between the two reads
-            raise NotAuthorizedException("your session has ended: sign in again")
-        return SessionInfo(me=me_of(principal), csrf=record.csrf)
+    @get("/", summary="The cookie session's user and CSRF secret", responses=error_responses())
+    async def current(self, request: Request, services: Services) -> Response[SessionInfo]:
+        """A new tab calls this to learn whether it is signed in (scripts cannot read the cookie).
+
+        Signed out is an answer, not an error: ``{"me": null, "csrf": null}``
+        (and a stale cookie is cleared).
+        """
+        session_id = request.cookies.get(COOKIE_NAME)
+        record = await read_session(services.redis, session_id) if session_id else None
+        principal = await principal_for_token_hash(services.engine, record.tokenHash) if record else None
+        if record is None or principal is None:
+            cookies = [_cookie(request, "", 0)] if session_id else []
+            return Response(SessionInfo(me=None, csrf=None), cookies=cookies)
+        return Response(SessionInfo(me=me_of(principal), csrf=record.csrf))
 
     @delete("/", status_code=HTTP_204_NO_CONTENT, summary="Sign out: end the session and clear its cookie", responses=error_responses(401, 403))
     async def sign_out(self, request: Request, services: Services) -> Response[None]:

@@ -73,6 +73,8 @@ export function createApi({ getSession, onUnauthorized }) {
   return {
     listJobs: ({ status, limit = 30, cursor } = {}) => request("GET", `/api/jobs${q({ status, limit, cursor })}`),
     getJob: (id) => request("GET", `/api/jobs/${enc(id)}`),
+    /** What the job was submitted with (to run it again). */
+    jobSpec: (id) => request("GET", `/api/jobs/${enc(id)}/spec`),
     submitJob: (spec) => request("POST", "/api/jobs", spec),
     cancelJob: (id) => request("POST", `/api/jobs/${enc(id)}/cancel`),
     jobEvents: (id, { since, limit } = {}) => request("GET", `/api/jobs/${enc(id)}/events${q({ since, limit })}`),

@@ -79,12 +79,10 @@ export async function signIn(token) {
 export async function loadSession() {
   try {
     const r = await call("GET");
-    if (r.ok) {
-      session = await r.json();
-      return "ok";
-    }
-    session = null;
-    return r.status === 401 ? "none" : "unreachable";
+    if (!r.ok) return "unreachable";
+    const found = await r.json();
+    session = found.me && found.csrf ? found : null;
+    return session ? "ok" : "none";
   } catch {
     return "unreachable";
   }
