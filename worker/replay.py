@@ -9,7 +9,9 @@ after an ``is_error`` result, 130 on SIGINT, 143 on SIGTERM.
 
 The transcript is ``PS_REPLAY_TRANSCRIPT`` (a name in ``transcripts/`` or a
 path to a ``.jsonl`` file), else picked by a tag in the prompt: ``[fail]``,
-``[max-turns]``, ``[long]``; anything else plays ``success``.
+``[max-turns]``, ``[long]``, or ``[transcript:NAME.jsonl]`` for a file of
+that name in the job's working directory (tests generate long ones there);
+anything else plays ``success``.
 
 Transcript files wrap each stream-json object with its delay
 (``{"d": ms, "j": {...}}``, or ``{"d": ms, "raw": "text"}`` for a verbatim
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -30,6 +33,8 @@ from typing import Any
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
 TAGS = (("[fail]", "fail"), ("[max-turns]", "max-turns"), ("[long]", "long"))
+#: A transcript file in the working directory: a plain name, never a path.
+_OWN_RE = re.compile(r"\[transcript:([A-Za-z0-9_.-]{1,100}\.jsonl)\]")
 
 #: Flags that take one value; everything else starting with ``-`` is a switch.
 _VALUE_FLAGS = {
@@ -102,6 +107,9 @@ def pick_transcript(prompt: str, forced: str | None) -> Path:
         if forced.endswith(".jsonl") or os.sep in forced:
             return Path(forced)
         return TRANSCRIPTS / f"{forced}.jsonl"
+    own = _OWN_RE.search(prompt)
+    if own:
+        return Path.cwd() / own.group(1)
     lowered = prompt.lower()
     for tag, name in TAGS:
         if tag in lowered:
