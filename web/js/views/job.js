@@ -37,6 +37,7 @@ export function mountJob(main, jobId, { api, client, step = null }) {
   let rerunState = "idle"; // idle | sending
   let rerunError = "";
   let modelAskedAt = 0;
+  let finalAsked = false;
 
   const comments = createCommentsPanel({ client, roomId });
   const title = h("h1", { class: "job-title", id: "job-title", tabindex: "-1" }, "Loading job…");
@@ -301,6 +302,18 @@ export function mountJob(main, jobId, { api, client, step = null }) {
     els.result.hidden = !terminal;
     if (els.result.hidden) return;
     const outcome = describeOutcome(s);
+    // Ended, but the result never reached this page (trimmed log, a race
+    // with a rejoin): the stored snapshot has it.
+    if (!r && !finalAsked) {
+      finalAsked = true;
+      api.getJob(jobId).then((snap) => {
+        if (disposed || !state || !snap.result) return;
+        state.snapshot.result = snap.result;
+        state.snapshot.usage = snap.usage;
+        if (snap.costUsd !== null && snap.costUsd !== undefined) state.snapshot.costUsd = snap.costUsd;
+        render();
+      }, () => {});
+    }
     const key = JSON.stringify([s.status, r, s.reason, s.costUsd, s.usage, s.finishedAt]);
     if (els.result.dataset.key === key) return;
     els.result.dataset.key = key;

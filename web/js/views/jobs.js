@@ -96,7 +96,9 @@ export function mountJobs(main, { api, client, navigate, me = null }) {
       ),
     ),
   );
-  title.focus({ preventScroll: true });
+  // Focus the start of the content: the next Tab lands in the job form, the
+  // first thing on this page (the list's own controls follow it).
+  main.focus({ preventScroll: true });
 
   const render = frameScheduler(() => {
     if (disposed) return;

@@ -59,7 +59,7 @@ export function createStepLog({ jobId, api }) {
     stick = box.scrollTop + box.clientHeight >= box.scrollHeight - ROW_H;
     drawWindow();
   });
-  window.addEventListener("resize", () => draw());
+  window.addEventListener("resize", () => drawWindow());
 
   function matches(step) {
     if (!query) return true;
@@ -93,9 +93,8 @@ export function createStepLog({ jobId, api }) {
     box.hidden = rows.length === 0;
     list.style.height = `${rows.length * ROW_H}px`;
     list.dataset.count = String(shown);
-    // The box is as tall as its rows, up to a bound (a phone gets less).
-    const max = Math.max(ROW_H * 6, Math.round(Math.min(520, window.innerHeight * (window.innerWidth < 700 ? 0.5 : 0.6))));
-    box.style.height = `${Math.min(rows.length * ROW_H, max) + 2}px`;
+    // The box is as tall as its rows, up to the CSS max-height (less on a phone).
+    box.style.height = `${rows.length * ROW_H + 2}px`;
     if (pendingGoTo !== null) tryGoTo();
     else if (stick) box.scrollTop = box.scrollHeight;
     drawWindow();
