@@ -15,7 +15,10 @@ from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.middleware.rate_limit import RateLimitConfig
+from litestar.config.compression import CompressionConfig
+from litestar.datastructures import CacheControlHeader
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import RapidocRenderPlugin
 from litestar.static_files import create_static_files_router
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -33,6 +36,7 @@ from progress_service.api.hooks import HookGate, claude_code_hook
 from progress_service.api.joblog import JobLogController
 from progress_service.api.jobs import JobsController
 from progress_service.api.me import whoami
+from progress_service.api.session import SessionController
 from progress_service.api.tickets import create_ticket
 from progress_service.comments import Comments
 from progress_service.hooks.ingest import Ingest
@@ -220,6 +224,7 @@ def create_app(
     handlers: list = [
         JobsController,
         JobLogController,
+        SessionController,
         CommentsController,
         AuditController,
         TokensController,
@@ -232,7 +237,27 @@ def create_app(
         *gateway_handlers,
     ]
     if WEB_DIR.is_dir():
-        handlers.append(create_static_files_router(path="/", directories=[WEB_DIR], html_mode=True, name="web"))
+        # Vendored files carry their version in the name: cache them for good.
+        # The page's own files: a short cache, so a new version shows within a minute.
+        handlers.append(
+            create_static_files_router(
+                path="/vendor",
+                directories=[WEB_DIR / "vendor"],
+                name="vendor",
+                cache_control=CacheControlHeader(public=True, max_age=31_536_000, immutable=True),
+                include_in_schema=False,
+            )
+        )
+        handlers.append(
+            create_static_files_router(
+                path="/",
+                directories=[WEB_DIR],
+                html_mode=True,
+                name="web",
+                cache_control=CacheControlHeader(max_age=60, must_revalidate=True),
+                include_in_schema=False,
+            )
+        )
 
     cors = CORSConfig(allow_origins=list(settings.allowed_origins)) if settings.allowed_origins else None
     rate_limit = RateLimitConfig(
@@ -254,7 +279,23 @@ def create_app(
             Exception: _server_error_handler,
         },
         request_max_body_size=MAX_BODY_BYTES,
-        openapi_config=OpenAPIConfig(title="progress-service", version="1", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="progress-service",
+            version="1",
+            path="/schema",
+            # The renderer is vendored: the docs work offline, no CDN.
+            render_plugins=[
+                RapidocRenderPlugin(
+                    js_url="/vendor/rapidoc-9.3.8-min.js",
+                    path=["/", "/rapidoc"],
+                    favicon='<link rel="icon" href="/favicon.svg" type="image/svg+xml">',
+                )
+            ],
+        ),
+        # Static assets only: API answers are small, and the SSE stream must not be buffered.
+        compression_config=CompressionConfig(
+            backend="brotli", brotli_gzip_fallback=True, minimum_size=1024, exclude=r"^/(api|ws|metrics|healthz|readyz)"
+        ),
         debug=False,
     )
 

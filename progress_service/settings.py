@@ -43,6 +43,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     page_max: int = 200
     #: Lifetime of a single-use WebSocket ticket (seconds).
     ticket_ttl: int = 60
+    #: Lifetime of a web page's sign-in cookie session (seconds; never past the token's expiry).
+    session_ttl: int = 7 * 86400
 
     # --- jobs and worker --------------------------------------------------
     #: Default and maximum per-job timeout (seconds).
