@@ -17,6 +17,7 @@ Two modes:
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ class PublisherConfig:
     maxlen: int = 10_000
     #: Concurrent publishing tasks in open loop (each owns a slice of the jobs; order per job holds).
     lanes: int = 8
+    #: CPUs this process is pinned to (None: wherever the scheduler puts it).
+    cpus: tuple[int, ...] | None = None
 
 
 def _event(seq: int, ts: int) -> StoredEvent:
@@ -127,6 +130,8 @@ async def _main(cfg: PublisherConfig, ctl: Control, workers: int) -> dict:
 
 def publisher_main(cfg: PublisherConfig, ctl: Control, workers: int) -> None:
     """Entry point of the publisher process."""
+    if cfg.cpus is not None:
+        os.sched_setaffinity(0, cfg.cpus)
     try:
         result = run(_main(cfg, ctl, workers))
     except BaseException as exc:  # noqa: BLE001 - reported to the orchestrator instead of dying silently

@@ -42,6 +42,8 @@ class Options:
     profile_dir: str | None = None
     #: ``--set name=value`` overrides of scenario sizes (e.g. jobs=200, window=16).
     overrides: dict[str, str] = field(default_factory=dict)
+    #: The seed's peer folder for ``seed_compare`` (None: looked for beside the checkout).
+    seed_dir: str | None = None
 
 
 def _params(opts: Options, names: tuple[str, ...], quick: tuple, full: tuple) -> tuple:

@@ -23,6 +23,7 @@ import httpx
 
 from bench import stats
 from bench.orchestra import log
+from bench.tuning import pin_tree
 from progress_service.embedded_redis import embedded_redis, free_port, redis_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,6 +227,21 @@ class Service:
         finally:
             client.close()
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def redis_pid(self) -> int:
+        """The private redis-server's pid (``INFO server``)."""
+        from redis import Redis
+
+        client = Redis.from_url(self.redis_url)
+        try:
+            return int(client.info("server")["process_id"])
+        finally:
+            client.close()
+
+    def pin(self, cpus: set[int]) -> None:
+        """Pin the server's process tree and its Redis (part of what it costs) to ``cpus``."""
+        pin_tree(self.pid, cpus)
+        pin_tree(self.redis_pid(), cpus)
 
     @staticmethod
     def redis_server_binary() -> str:
