@@ -115,6 +115,8 @@ class Totals:
     dup: int = 0
     gaps: int = 0
     frames: int = 0
+    #: Frames received during the measured phase.
+    frames_measured: int = 0
     acks: int = 0
     retries: int = 0
     chat_errors: dict[str, int] = field(default_factory=dict)
@@ -188,6 +190,7 @@ class Worker:
             "delivered_all": t.delivered_all,
             "chats_delivered": t.chats_delivered,
             "frames": t.frames,
+            "frames_measured": t.frames_measured,
             "lost": t.lost,
             "dup": t.dup,
             "gaps": t.gaps,
@@ -227,6 +230,8 @@ class Client:
         now = time.time_ns()
         w = self.w
         w.t.frames += 1
+        if w.measuring:
+            w.t.frames_measured += 1
         msg = _decode(raw)
         if type(msg) is list:
             for m in msg:

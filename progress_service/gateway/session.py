@@ -245,7 +245,7 @@ class Session:
         self.counted_for: str | None = None
         self.expires_at = 0  # epoch ms
         self.rooms: dict[str, Member] = {}
-        self.outbox = Outbox(gateway.settings.ws_outbox_bytes, on_overflow=self._overflowed)
+        self.outbox = Outbox(gateway.settings.ws_outbox_bytes, on_overflow=self._overflowed, window=gateway.write_window)
         # Limits are made on first use: most connections never chat nor err.
         self._chat_bucket: TokenBucket | None = None
         self._chat_abuse: WindowBudget | None = None
