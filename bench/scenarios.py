@@ -359,9 +359,9 @@ def comments(opts: Options, *, store: str) -> dict:
     them unbatched. The batched run is reported as its own, labelled row
     (scenario ``comments_<store>_batched``), not in place of the default.
     """
-    reviewers, watchers, watcher_batch, warmup, measure = _params(
-        opts, ("reviewers", "watchers", "watcher_batch", "warmup", "measure"),
-        (5, 20, 0, 0.5, 2.0), (20, 200, 0, 2.0, 10.0))
+    reviewers, watchers, watcher_batch, warmup, measure, in_flight = _params(
+        opts, ("reviewers", "watchers", "watcher_batch", "warmup", "measure", "in_flight"),
+        (5, 20, 0, 0.5, 2.0, 1), (20, 200, 0, 2.0, 10.0, 1))
     batched = bool(watcher_batch)
     name = f"comments_{store}_batched" if batched else f"comments_{store}"
     env = {"PS_WS_CHAT_RATE": "1000000", "PS_WS_CHAT_BURST": "1000000", **opts.extra_env}
@@ -376,8 +376,9 @@ def comments(opts: Options, *, store: str) -> dict:
         room = f"job:{job}"
         clients = [ClientSpec(token=t, rooms=[room], role="reviewer") for t in rev_tokens]
         clients += [ClientSpec(token=_assign(watch_tokens, i), rooms=[room], batch=batched) for i in range(watchers)]
-        workers = _workers(svc, clients, [room], opts, report_interval=0.05)
+        workers = _workers(svc, clients, [room], opts, report_interval=0.05, chats_in_flight=in_flight)
         out = _base(name, svc, opts, {"reviewers": reviewers, "watchers": watchers, "watcher_batch": batched,
+                                      "comments_in_flight_per_reviewer": in_flight,
                                                      "warmup_s": warmup, "measure_s": measure,
                                                      "chat_rate_limit": "raised to 1e6/s"})
         with Orchestra(workers, None, rooms=1) as orc:

@@ -18,6 +18,7 @@ timeout, exactly once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import uuid
@@ -106,6 +107,9 @@ def encode(message: Any) -> tuple[str, int]:
     raw = _enc.encode(message)
     return raw.decode(), len(raw)
 
+
+#: Comments of one connection being stored at once; the receiver waits past this.
+CHATS_IN_FLIGHT = 32
 
 #: Joins sharing one MULTI at most (about 6 commands each).
 JOIN_BATCH_MAX = 500
@@ -216,6 +220,7 @@ class Session:
     __slots__ = (
         "_chat_abuse",
         "_chat_bucket",
+        "_chats",
         "_done",
         "_errors",
         "_greeted",
@@ -249,6 +254,8 @@ class Session:
         # Limits are made on first use: most connections never chat nor err.
         self._chat_bucket: TokenBucket | None = None
         self._chat_abuse: WindowBudget | None = None
+        #: Comments being stored (``_post`` tasks), made on first use.
+        self._chats: set[asyncio.Task[None]] | None = None
         self._errors: WindowBudget | None = None
         self.close_with: Close | None = None
         self.peer_gone = False
@@ -345,6 +352,10 @@ class Session:
         if sender is not None:
             sender.cancel()
             await asyncio.wait((sender,))
+        if self._chats:
+            for task in self._chats:
+                task.cancel()
+            await asyncio.wait(self._chats)
         if not self.closing:  # the receiver ended without a decision (cancelled from outside)
             self.request_close(None)
         for job_id, member in list(self.rooms.items()):
@@ -682,6 +693,23 @@ class Session:
         if hook is None:
             self.refuse("unavailable", "comments are not available", room_id=room_id, request_id=request_id, counts=False)
             return
+        # The receiver goes on reading while the comment is stored (the seed
+        # and clients keep several in flight): the writer groups them, and a
+        # group shares one transaction, one XADD and one frame per watcher.
+        # The posts are this session's tasks, bounded, cancelled at teardown;
+        # they enter the writer's queue in the order they were received.
+        chats = self._chats
+        if chats is None:
+            chats = self._chats = set()
+        while len(chats) >= CHATS_IN_FLIGHT:
+            await asyncio.wait(chats, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.ensure_future(self._guarded(functools.partial(self._post, hook, room_id, job_id, request_id, text)))
+        chats.add(task)
+        task.add_done_callback(chats.discard)
+
+    async def _post(self, hook: CommentsHook, room_id: str, job_id: str, request_id: str, text: str) -> None:
+        """Store and publish one comment, then ack it (or answer why not)."""
+        assert self.principal is not None
         try:
             async with asyncio.timeout(self.settings.store_timeout):  # see _auth
                 event_id = await hook.post(self.principal, room_id, job_id, request_id, text)
