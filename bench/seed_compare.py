@@ -31,7 +31,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 
@@ -40,7 +40,7 @@ from bench.loadgen import ClientSpec, WorkerConfig
 from bench.orchestra import Orchestra, log, split
 from bench.peer import SEED_TOKEN, PeerUnavailable, SeedPeer, find_seed_dir, node_binary
 from bench.publisher import PublisherConfig, _event
-from bench.scenarios import CLIENTS_PER_TOKEN, Options, _assign, _base, _params, _tokens
+from bench.scenarios import CLIENTS_PER_TOKEN, Options, _assign, _base, _params, _profile_path, _tokens, profiler
 from bench.service import Service
 from progress_service.streams import wire_bytes
 
@@ -63,7 +63,8 @@ class Target:
     echo_acks: bool
     #: Other processes of this server whose CPU counts too (the project's Redis).
     extra_cpu: Callable[[], float] | None = None
-    rooms: list[str] = field(default_factory=list)
+    #: The server's Python process, for py-spy (``--profile``); None for the seed.
+    py_pid: int | None = None
 
 
 def _workers(t: Target, clients: list[ClientSpec], rooms: list[str], opts: Options, **kw: object) -> list[WorkerConfig]:
@@ -85,8 +86,10 @@ def joins(t: Target, rooms: list[str], n: int, opts: Options, *, memory: bool) -
     with Orchestra(workers, None, rooms=len(rooms)) as orc:
         time.sleep(0.5)
         rss0, cpu0 = t.rss(), t.cpu()
-        t_go = orc.go()
-        orc.wait_joined(300)
+        path = _profile_path(opts, f"seed_compare_joins_{len(rooms)}") if t.py_pid else None
+        with profiler(t.py_pid or 0, path, 300, stop_early=True):
+            t_go = orc.go()
+            orc.wait_joined(300)
         cpu = t.cpu() - cpu0
         time.sleep(1.0)  # let the allocator and the GC settle before reading RSS
         rss1 = t.rss()
@@ -101,13 +104,14 @@ def joins(t: Target, rooms: list[str], n: int, opts: Options, *, memory: bool) -
     return out
 
 
-def _measure(orc: Orchestra, t: Target, warmup: float, measure: float) -> tuple[float, float, float]:
+def _measure(orc: Orchestra, t: Target, warmup: float, measure: float, opts: Options, name: str) -> tuple[float, float, float]:
     """WARMUP, then MEASURE; (server CPU s, extra CPU s, seconds) of the measured phase."""
     orc.phase(WARMUP)
     time.sleep(warmup)
     cpu0, x0, t0 = t.cpu(), t.extra_cpu() if t.extra_cpu else 0.0, time.monotonic()
     orc.phase(MEASURE)
-    time.sleep(measure)
+    with profiler(t.py_pid or 0, _profile_path(opts, f"seed_compare_{name}") if t.py_pid else None, measure):
+        time.sleep(measure)
     cpu1, x1, t1 = t.cpu(), t.extra_cpu() if t.extra_cpu else 0.0, time.monotonic()
     return cpu1 - cpu0, x1 - x0, t1 - t0
 
@@ -129,7 +133,7 @@ def comment_fanout(t: Target, room: str, sizes: dict, opts: Options) -> dict:
     with Orchestra(workers, None, rooms=1) as orc:
         orc.go()
         orc.wait_joined(120)
-        cpu, extra, secs = _measure(orc, t, sizes["warmup"], sizes["measure"])
+        cpu, extra, secs = _measure(orc, t, sizes["warmup"], sizes["measure"], opts, "comments")
         merged = orc.stop_and_collect()
     out = _fanout_figures(merged["chats_delivered"], merged["chat_latency"], cpu, extra, secs)
     out.update(comments_per_s=round(merged["acks"] / secs, 1), frames_per_s=round(merged["frames_measured"] / secs, 1),
@@ -162,7 +166,7 @@ def event_fanout(t: Target, room: str, job: str | None, redis_url: str | None, s
         orc.wait_joined(120)
         if pub is not None:
             orc.start_publisher()
-        cpu, extra, secs = _measure(orc, t, sizes["warmup"], sizes["measure"])
+        cpu, extra, secs = _measure(orc, t, sizes["warmup"], sizes["measure"], opts, "events")
         merged = orc.stop_and_collect()
     if job is not None:
         out = _fanout_figures(merged["delivered"], merged["latency"], cpu, extra, secs)
@@ -227,7 +231,7 @@ def seed_compare(opts: Options) -> dict:
             rooms = [f"job:{j}" for j in jobs]
             project = Target("project", svc.port, svc.cpu, svc.rss, lambda i: _assign(watch_tokens, i),
                              lambda i: rev_tokens[i % len(rev_tokens)], batch=True, echo_acks=False,
-                             extra_cpu=svc.redis_cpu)
+                             extra_cpu=svc.redis_cpu, py_pid=svc.pid)
             seed = Target("seed", peer.port, peer.cpu, peer.rss, lambda i: SEED_TOKEN, lambda i: SEED_TOKEN,
                           batch=False, echo_acks=True)
             out = _base("seed_compare", svc, opts, {
@@ -235,32 +239,38 @@ def seed_compare(opts: Options) -> dict:
                 "rounds": rounds, "server_cpus": sorted(pin) if pin else None,
                 "load_cpus": list(LOAD_CPUS) if pin else None, "seed_dir": str(seed_dir),
                 "project_watchers_batch": True})
+            only = set(filter(None, opts.overrides.get("only", "").split(","))) or set(RATIOS)
             results: list[dict] = []
             for k in range(rounds):
                 r: dict = {}
                 for target in (seed, project):
                     log(f"round {k + 1}: {target.name}")
                     # Fresh rooms per workload: the project's presence grace of one phase does not reach the next.
-                    r.setdefault("joins_one_room", {})[target.name] = joins(target, rooms[:1], n_join, opts, memory=True)
-                    r.setdefault("joins_many_rooms", {})[target.name] = joins(target, rooms[1 : 1 + n_rooms], n_join,
-                                                                              opts, memory=False)
-                    r.setdefault("comment_fanout", {})[target.name] = comment_fanout(target, rooms[n_rooms + 1],
-                                                                                     sizes, opts)
-                    job = jobs[n_rooms + 2] if target is project else None
-                    r.setdefault("event_fanout", {})[target.name] = event_fanout(
-                        target, rooms[n_rooms + 2], job, svc.redis_url, sizes, opts)
+                    runs: dict[str, Callable[[], dict]] = {
+                        "joins_one_room": lambda: joins(target, rooms[:1], n_join, opts, memory=True),
+                        "joins_many_rooms": lambda: joins(target, rooms[1 : 1 + n_rooms], n_join, opts, memory=False),
+                        "comment_fanout": lambda: comment_fanout(target, rooms[n_rooms + 1], sizes, opts),
+                        "event_fanout": lambda: event_fanout(target, rooms[n_rooms + 2],
+                                                             jobs[n_rooms + 2] if target is project else None,
+                                                             svc.redis_url, sizes, opts),
+                    }
+                    for workload, run in runs.items():
+                        if workload in only:
+                            r.setdefault(workload, {})[target.name] = run()
                     if not peer.alive():
                         raise RuntimeError(f"the seed peer exited:\n{peer.log_path.read_text()[-2000:]}")
                 results.append(r)
+            svc_rss_mb = svc.rss() / 2**20
     except PeerUnavailable as exc:
         return {"scenario": "seed_compare", "status": f"skipped: {exc}"}
     summary = _summarize(results)
-    cf = results[-1]["comment_fanout"]["project"]
+    cf = results[-1].get("comment_fanout", {}).get("project", {})
+    per_cpu = cf.get("deliveries_per_cpu_s")
     out.update(
         status="ok",
-        deliveries_per_s=cf["deliveries_per_s"], p50_ms=cf["p50_ms"], p99_ms=cf["p99_ms"], max_ms=cf["max_ms"],
-        cpu_s_per_100k=round(100_000 / cf["deliveries_per_cpu_s"], 3) if cf["deliveries_per_cpu_s"] else None,
-        server_rss_mb=results[-1]["joins_one_room"]["project"]["rss_mb"],
+        deliveries_per_s=cf.get("deliveries_per_s"), p50_ms=cf.get("p50_ms"), p99_ms=cf.get("p99_ms"),
+        max_ms=cf.get("max_ms"), cpu_s_per_100k=round(100_000 / per_cpu, 3) if per_cpu else None,
+        server_rss_mb=round(svc_rss_mb, 1),
         ratios=summary, rounds=results,
     )
     return out
@@ -277,6 +287,8 @@ def side_by_side_table(r: dict) -> str:
     lines = ["| workload | figure | project | seed | ratio (median; min–max over rounds) |", "|---|---|---:|---:|---|"]
     for workload, figures in RATIOS.items():
         for fig, better in figures:
+            if workload not in last:
+                continue
             ratio = r["ratios"].get(workload, {}).get(fig)
             spread = f"{ratio['median']}× ({ratio['min']}–{ratio['max']}; {better} is better)" if ratio else "–"
             lines.append(f"| {workload} | {labels[fig]} | {last[workload]['project'].get(fig)} | "

@@ -148,7 +148,8 @@ class JoinReads:
         """Queue a join's reads; the future gives ``(presence entry, replies)``.
 
         The replies are: snapshot, last event, (with ``since``: first event,
-        stream length, entries ever added), the presence join script's reply.
+        stream length, entries ever added), then the presence-log id and the
+        room's members after the join (``Presence.observe``).
         """
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_JoinRead(job_id, since, conn_id, principal, future))
@@ -179,6 +180,7 @@ class JoinReads:
         for attempt in (1, 2):
             entries: list[str] = []
             counts: list[int] = []
+            presence.start_batch()
             async with self.redis.pipeline(transaction=True) as pipe:
                 for j in batch:
                     events, snap = streams.events_key(j.job_id), streams.snapshot_key(j.job_id)
@@ -205,8 +207,12 @@ class JoinReads:
         for j, entry, n in zip(batch, entries, counts, strict=True):
             mine = replies[i : i + n]
             i += n
+            # Every reply, in order, even of a join that gave up: each follows from the one before.
+            observed = presence.observe(j.job_id, j.principal, mine[-1])
             if j.future.done():  # its join gave up (timeout, close)
                 continue
+            if not isinstance(mine[-1], Exception):
+                mine[-1] = observed if observed is not None else RedisError("presence view lost in this batch")
             error = next((r for r in mine if isinstance(r, Exception)), None)
             if error is not None:
                 j.future.set_exception(error)
@@ -648,7 +654,8 @@ class Session:
             # trimmed: entries were ever added beyond what the stream holds (see streams.gap_oldest)
             if int(added or 0) > int(length):
                 gap = True if oldest is None else streams.id_lt(since, oldest)
-        presence_head, members = self.gateway.presence.joined(job_id, entry, replies[-1])
+        presence_head, members = replies[-1]
+        self.gateway.presence.joined(job_id, entry, self.principal)
         return snapshot, head, gap, oldest, presence_head, members
 
     def _leave(self, message: ClientLeave) -> None:
