@@ -29,6 +29,7 @@ from progress_service.api.audit import AuditController, TokensController
 from progress_service.api.comments import CommentsController
 from progress_service.api.deps import provide_principal, provide_services
 from progress_service.api.health import healthz, metrics_endpoint, readyz
+from progress_service.api.joblog import JobLogController
 from progress_service.api.jobs import JobsController
 from progress_service.api.me import whoami
 from progress_service.api.tickets import create_ticket
@@ -187,6 +188,7 @@ def create_app(
 
     handlers: list = [
         JobsController,
+        JobLogController,
         CommentsController,
         AuditController,
         TokensController,

@@ -34,6 +34,10 @@ MESSAGE_MAX_CHARS = 2000
 LOG_LINE_MAX_CHARS = 2000
 TITLE_MAX_CHARS = 200
 SUMMARY_MAX_CHARS = 4000
+#: Step detail bounds: each input field (command, diff, ...) and a tool's
+#: output are cut here in the event log; ``outputChars`` tells the full size.
+STEP_INPUT_MAX_CHARS = 8000
+STEP_OUTPUT_MAX_CHARS = 16000
 
 
 def now_ms() -> int:
@@ -62,12 +66,37 @@ class PhaseData(Struct, kw_only=True):
     since: int  # epoch ms
 
 
+class StepInput(Struct, kw_only=True, omit_defaults=True):
+    """What a tool call was asked to do, each field clipped to ``STEP_INPUT_MAX_CHARS``."""
+
+    command: str | None = None
+    path: str | None = None
+    #: Unified diff for Edit/MultiEdit/Write (a new file is all ``+`` lines).
+    diff: str | None = None
+    pattern: str | None = None
+    #: Anything else worth showing (URL, query, subagent prompt, JSON input).
+    text: str | None = None
+
+
 class StepData(Struct, kw_only=True, omit_defaults=True):
+    """A tool call: ``started`` carries its input, ``ok``/``error`` its output."""
+
     stepId: str
     tool: str
     title: str
     state: Literal["started", "ok", "error"]
     durationMs: int | None = None
+    input: StepInput | None = None
+    #: The tool result's text, clipped to ``STEP_OUTPUT_MAX_CHARS``.
+    output: str | None = None
+    #: Length of the full output when ``output`` was clipped.
+    outputChars: int | None = None
+    #: A shell command's exit status, where the result tells it.
+    exitCode: int | None = None
+    #: First line of an error result, for a one-line annotation.
+    error: str | None = None
+    #: The subagent (Task/Agent) step this step ran under.
+    parentStepId: str | None = None
 
 
 class MessageData(Struct, kw_only=True):

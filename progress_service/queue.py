@@ -29,7 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from progress_service.events import TERMINAL_STATUSES, JobSnapshot, StatusData, StoredEvent, now_ms
 from progress_service.settings import Settings
 from progress_service.store.jobs import get_job, update_job
-from progress_service.streams import append_event, cancel_key, expire_job, read_state, room_id
+from progress_service.history import append_archived
+from progress_service.streams import cancel_key, expire_job, read_state, room_id
 
 #: The default arq queue (``Settings.queue_name`` chooses the one in use).
 QUEUE_NAME = "ps:queue"
@@ -249,8 +250,8 @@ async def cancel_job(
     )
     data = StatusData(status="cancelled", phase=snapshot.phase, reason=reason)
     event = StoredEvent(kind="status", at=at, data=msgspec.to_builtins(data), attempt=int(attempt))
-    snapshot.lastEventId = await append_event(
-        redis, job_id, event, maxlen=settings.events_maxlen, snapshot=snapshot
+    snapshot.lastEventId = await append_archived(
+        redis, engine, job_id, event, maxlen=settings.events_maxlen, snapshot=snapshot
     )
     await update_job(engine, job_id, snapshot=snapshot)
     await expire_job(redis, job_id, settings.events_ttl)

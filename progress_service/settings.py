@@ -63,6 +63,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     events_maxlen: int = 10_000
     #: Seconds a finished job's stream and snapshot are kept in Redis.
     events_ttl: int = 7 * 24 * 3600
+    #: Days a finished job's events are kept in the SQL archive (0: forever).
+    history_days: int = 90
+    #: Events a job's publisher keeps while Redis (or, as many, the store)
+    #: is unavailable; past that the job's output waits.
+    publish_buffer: int = 10_000
     #: Max prompt length accepted by the API (characters).
     prompt_max_chars: int = 100_000
     #: Replay program: speed factor and forced transcript name.

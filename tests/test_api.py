@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -202,3 +203,25 @@ async def test_ops_endpoints(make_settings, live_server) -> None:
         assert "/api/jobs" in schema["paths"]
         metrics = await client.get("/metrics")
         assert "ps_ws_connections" in metrics.text
+
+
+async def test_step_detail_and_raw_log_download(make_settings, make_token, live_server) -> None:
+    settings = make_settings()
+    token = await make_token(role="submitter")
+    async with live_server(settings) as base, httpx.AsyncClient(base_url=base, headers=bearer(token)) as client:
+        job = (await client.post("/api/jobs", json={"prompt": "Add a health check"})).json()
+        await wait_status(client, job["id"], TERMINAL)
+        log = await client.get(f"/api/jobs/{job['id']}/log.jsonl")
+        assert log.status_code == 200 and log.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in log.text.splitlines()]
+        events = (await client.get(f"/api/jobs/{job['id']}/events", params={"limit": 1000})).json()["items"]
+        assert [e["id"] for e in lines] == [e["id"] for e in events]
+        finished = next(e for e in lines if e["kind"] == "step" and e["data"]["state"] != "started")
+        step_id = finished["data"]["stepId"]
+        detail = (await client.get(f"/api/jobs/{job['id']}/steps/{step_id}")).json()
+        (attempt,) = detail["attempts"]
+        assert attempt["step"]["state"] == finished["data"]["state"] and attempt["step"]["input"]
+        assert attempt["startedAt"] <= attempt["finishedAt"]
+        missing = await client.get(f"/api/jobs/{job['id']}/steps/nope")
+        assert missing.status_code == 404 and "step" in missing.json()["detail"]
+        assert (await client.get("/api/jobs/zzz/log.jsonl")).status_code == 404

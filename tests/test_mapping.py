@@ -226,3 +226,29 @@ def test_long_texts_are_clipped() -> None:
 )
 def test_is_test_command(command: str, expected: bool) -> None:
     assert is_test_command(command) is expected
+
+
+def _line(kind: str, blocks: list[dict], parent: str | None = None) -> bytes:
+    return json.dumps({"type": kind, "parent_tool_use_id": parent, "message": {"content": blocks}}).encode()
+
+
+def test_steps_carry_input_output_exit_code_and_parent() -> None:
+    mapper = new_mapper()
+    edit = {"file_path": "app.py", "old_string": "a = 1\n", "new_string": "a = 2\n"}
+    (started,) = [e for e in mapper.feed(_line("assistant", [{"type": "tool_use", "id": "e1", "name": "Edit", "input": edit}])) if e.kind == "step"]
+    assert started.data.input.path == "app.py"  # type: ignore[attr-defined]
+    assert "-a = 1\n+a = 2\n" in started.data.input.diff  # type: ignore[attr-defined]
+    bash = {"command": "pytest -q", "description": "run tests"}
+    mapper.feed(_line("assistant", [{"type": "tool_use", "id": "b1", "name": "Bash", "input": bash}], parent="task1"))
+    result = [{"type": "tool_result", "tool_use_id": "b1", "is_error": True,
+               "content": [{"type": "text", "text": "Exit code 2\nFAILED test_x.py::test_y"}]}]
+    (done,) = mapper.feed(_line("user", result, parent="task1"))
+    assert done.data.state == "error" and done.data.exitCode == 2  # type: ignore[attr-defined]
+    assert done.data.error == "Exit code 2" and "FAILED test_x.py" in done.data.output  # type: ignore[attr-defined]
+    assert done.data.parentStepId == "task1"  # type: ignore[attr-defined]
+    big = "y" * 100_000
+    mapper.feed(_line("assistant", [{"type": "tool_use", "id": "r1", "name": "Read", "input": {"file_path": "b.txt"}}]))
+    (read,) = mapper.feed(_line("user", [{"type": "tool_result", "tool_use_id": "r1", "content": big}]))
+    assert read.data.outputChars == 100_000 and len(read.data.output) < 20_000  # type: ignore[attr-defined]
+    assert read.data.exitCode is None and read.data.error is None  # type: ignore[attr-defined]
+    msgspec.convert(msgspec.to_builtins(read.data), DATA_TYPES["step"])

@@ -29,7 +29,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from progress_service.events import TERMINAL_STATUSES, JobSnapshot, StoredEvent, now_ms
+from progress_service.events import TERMINAL_STATUSES, JobSnapshot, now_ms
 from progress_service.queue import (
     cancel_requested,
     claim_run,
@@ -43,9 +43,10 @@ from progress_service.queue import (
 from progress_service.settings import Settings
 from progress_service.workspace import WorkdirError, resolve_workdir
 from progress_service.store.jobs import JobRecord, get_job, jobs_in_status, update_job
-from progress_service.streams import append_event, expire_job, read_state, room_id
+from progress_service.streams import expire_job, read_state, room_id
 from worker.claude import ClaudeProcess, Line, build_command, child_env, run_to_completion, start_claude
-from worker.mapping import Mapped, Mapper
+from worker.mapping import Mapper
+from worker.publisher import Publisher
 
 log = logging.getLogger("progress_service.worker")
 
@@ -62,33 +63,6 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-class Publisher:
-    """Appends mapped events in order; one lock so concurrent tasks never interleave."""
-
-    def __init__(self, redis: Redis, job_id: str, attempt: int, settings: Settings, mapper: Mapper) -> None:
-        self.redis = redis
-        self.job_id = job_id
-        self.attempt = attempt
-        self.settings = settings
-        self.mapper = mapper
-        self.lock = anyio.Lock()
-        self.count = 0
-
-    async def publish(self, events: list[Mapped]) -> None:
-        """Append events, each with the snapshot it leads to."""
-        for ev in events:
-            stored = StoredEvent(kind=ev.kind, at=ev.at, data=msgspec.to_builtins(ev.data), attempt=self.attempt)
-            ev.snapshot.lastEventId = await append_event(
-                self.redis, self.job_id, stored, maxlen=self.settings.events_maxlen, snapshot=ev.snapshot
-            )
-            self.count += 1
-
-    async def __call__(self, make: Any, *args: Any, **kwargs: Any) -> None:
-        """Run a mapper method and append what it returns, under the lock."""
-        async with self.lock:
-            await self.publish(make(*args, **kwargs))
-
-
 class JobRun:
     """One attempt of one job on this worker."""
 
@@ -101,7 +75,7 @@ class JobRun:
         self.job_id = record.id
         self.attempt = attempt
         self.mapper = Mapper(snapshot)
-        self.pub = Publisher(self.redis, self.job_id, attempt, self.settings, self.mapper)
+        self.pub = Publisher(self.redis, self.job_id, attempt, self.settings, self.mapper, engine=self.engine)
         self.stop_reason: str | None = None  # cancelled | timeout | superseded
         self.cancelled_by: str | None = None
         spec_timeout = record.spec.timeoutSeconds or self.settings.job_timeout
@@ -276,7 +250,15 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int = 1) -> str:
         reason=None,
         finishedAt=None,
     )
-    return await JobRun(ctx, record, attempt, snapshot).execute()
+    run = JobRun(ctx, record, attempt, snapshot)
+    async with anyio.create_task_group() as tg:
+        # The publisher's pump: delivers events kept during a Redis outage and
+        # archives to the store; closing it drains both (shielded, bounded).
+        await tg.start(run.pub.run)
+        try:
+            return await run.execute()
+        finally:
+            await run.pub.close()
 
 
 # --------------------------------------------------------------------------
@@ -309,7 +291,7 @@ async def recover_job(redis: Redis, engine: AsyncEngine, settings: Settings, rec
     if verdict in ("alive", "stale"):
         return verdict
     mapper = Mapper(snapshot)
-    pub = Publisher(redis, job_id, attempt, settings, mapper)
+    pub = Publisher(redis, job_id, attempt, settings, mapper, engine=engine)
     worker_name = lost_worker.decode() if isinstance(lost_worker, bytes) else (lost_worker or "unknown")
     await pub(mapper.worker, "lost", worker_name)
     if verdict == "requeue":

@@ -58,6 +58,7 @@ from progress_service.events import (
     clip,
     now_ms,
 )
+from worker.step_detail import step_input, step_output
 
 # --------------------------------------------------------------------------
 # Tolerant stream-json shapes (only the fields we read)
@@ -218,6 +219,8 @@ class Mapper:
         self._usage_by_message: dict[str, TokenUsage] = {}
         self._anon_messages = 0
         self._tools_used = 0
+        #: ``parent_tool_use_id`` of the line being mapped (subagent steps).
+        self._parent: str | None = None
 
     # -- helpers ------------------------------------------------------------
 
@@ -291,6 +294,7 @@ class Mapper:
         except msgspec.DecodeError:
             self._log(out, "stdout", text)
             return out
+        self._parent = line.parent_tool_use_id
         if line.type == "system":
             if line.subtype == "init":
                 self._phase(out, "starting")
@@ -344,7 +348,11 @@ class Mapper:
         pending = _Pending(tool=tool, title=title, started=at)
         self._pending[tool_id] = pending
         step = CurrentStep(stepId=tool_id, tool=tool, title=title, state="started", startedAt=at)
-        self._emit(out, "step", StepData(stepId=tool_id, tool=tool, title=title, state="started"), step=step)
+        data = StepData(
+            stepId=tool_id, tool=tool, title=title, state="started",
+            input=step_input(tool, tool_input), parentStepId=self._parent,
+        )
+        self._emit(out, "step", data, step=step)
         if tool == "TodoWrite" and isinstance(tool_input.get("todos"), list):
             self._todos = []
             for n, raw in enumerate(tool_input["todos"], 1):
@@ -393,7 +401,12 @@ class Mapper:
             duration = now - pending.started if pending else None
             if pending and pending.task_subject is not None:
                 self._fix_task_id(pending.task_subject, block.content)
-            data = StepData(stepId=block.tool_use_id, tool=tool, title=title, state=state, durationMs=duration)
+            result = step_output(tool, block.content, bool(block.is_error))
+            data = StepData(
+                stepId=block.tool_use_id, tool=tool, title=title, state=state, durationMs=duration,
+                output=result.output, outputChars=result.outputChars, exitCode=result.exitCode,
+                error=result.error, parentStepId=self._parent,
+            )
             step = CurrentStep(
                 stepId=block.tool_use_id, tool=tool, title=title, state=state,
                 startedAt=pending.started if pending else None,

@@ -13,7 +13,7 @@ from litestar.exceptions import NotFoundException, ValidationException
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED
 
-from progress_service import metrics, queue, streams
+from progress_service import history, metrics, queue, streams
 from progress_service.api.deps import INT64_MAX, error_responses, is_event_id, require_role
 from progress_service.events import JobSnapshot, JobSpec, StatusData, StoredEvent, now_ms
 from progress_service.services import Services
@@ -35,8 +35,11 @@ class EventPage(msgspec.Struct, kw_only=True):
     items: list[dict[str, Any]]
     #: Pass as ``since`` to read on; None when the page was empty.
     next: str | None
-    #: True when ``since`` is older than the retained log.
+    #: True when events after ``since`` are gone (trimmed before they were
+    #: archived, or removed by ``PS_HISTORY_DAYS``); never for events that are
+    #: only missing from Redis (those come from the archive).
     gap: bool = False
+    #: With ``gap``: the oldest event still kept.
     oldest: str | None = None
 
 
@@ -121,8 +124,8 @@ class JobsController(Controller):
             submittedBy=principal.user_name,
         )
         event = StoredEvent(kind="status", at=created, data=msgspec.to_builtins(StatusData(status="queued", phase="queued")))
-        snapshot.lastEventId = await streams.append_event(
-            services.redis, job_id, event, maxlen=settings.events_maxlen, snapshot=snapshot
+        snapshot.lastEventId = await history.append_archived(
+            services.redis, services.engine, job_id, event, maxlen=settings.events_maxlen, snapshot=snapshot
         )
         await queue.enqueue_job(services.arq, job_id, queue_name=settings.queue_name)
         metrics.jobs_submitted.inc()
@@ -171,13 +174,13 @@ class JobsController(Controller):
         await load_snapshot(services, job_id, principal.team_id)
         if since is not None and not is_event_id(since):
             raise ValidationException("since: an event id like '1700000000000-0'")
-        gap, oldest = (False, None)
-        if since is not None:
-            gap, oldest = await streams.gap_oldest(services.redis, job_id, since)
+        # Redis while it holds the entries, the archive for what it does not.
+        cov = await streams.coverage(services.redis, job_id)
+        pos = await history.position(services.engine, job_id, since, cov)
         room = streams.room_id(job_id)
-        entries = await streams.replay(services.redis, job_id, since, count=limit)
+        entries = await history.read_page(services.redis, services.engine, job_id, since, pos.holds_from, count=limit)
         items = [streams.entry_dict(room, eid, fields) for eid, fields in entries]
-        return EventPage(items=items, next=items[-1]["id"] if items else since, gap=gap, oldest=oldest)
+        return EventPage(items=items, next=items[-1]["id"] if items else since, gap=pos.gap, oldest=pos.oldest)
 
     @post(
         "/{job_id:str}/cancel",

@@ -29,7 +29,7 @@ import msgspec
 from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 
-from progress_service import metrics, streams
+from progress_service import history, metrics, streams
 from progress_service.events import PresenceMember, PresenceMsg, now_ms
 from progress_service.gateway.outbox import Chunk, Outbox
 from progress_service.streams import id_lt, id_tuple, wire_bytes
@@ -187,19 +187,37 @@ class Hub:
         except (RedisError, OSError):
             pass  # only latency is lost: the room is read after the current block
 
-    async def attach(self, job_id: str, member: Member, since: str | None, *, head: str | None, presence_head: str | None) -> None:
+    async def attach(
+        self,
+        job_id: str,
+        member: Member,
+        since: str | None,
+        *,
+        head: str | None,
+        presence_head: str | None,
+        holds_from: str | None = None,
+    ) -> None:
         """Register ``member``, replay after ``since`` into its outbox, then make it live.
 
-        Raises a Redis error when the replay fails; the caller removes the member.
+        ``holds_from``: see ``history.Position``. Raises a Redis or store error
+        when the replay fails; the caller removes the member.
         """
-        async with aclosing(self.replay_pages(job_id, member, since, head=head, presence_head=presence_head)) as pages:
+        pages = self.replay_pages(job_id, member, since, head=head, presence_head=presence_head, holds_from=holds_from)
+        async with aclosing(pages):
             async for page in pages:
                 for _eid, text, size in page:
                     if not await member.outbox.put_wait(text, size):
                         return  # the connection is going away
 
     async def replay_pages(
-        self, job_id: str, member: Member, since: str | None, *, head: str | None, presence_head: str | None
+        self,
+        job_id: str,
+        member: Member,
+        since: str | None,
+        *,
+        head: str | None,
+        presence_head: str | None,
+        holds_from: str | None = None,
     ) -> AsyncIterator[list[tuple[str, str, int]]]:
         """Register ``member`` as pending and yield the replay after ``since``, page by page.
 
@@ -211,11 +229,12 @@ class Hub:
         if self.add(job_id, member, head=head, presence_head=presence_head):
             await self.wake()
         room = self.rooms[job_id]
-        redis = self.services.redis
+        redis, engine = self.services.redis, self.services.engine
         position = since
         empty_rounds = 0
         while True:
-            entries = await streams.replay(redis, job_id, position, count=READ_COUNT)
+            # From the archive what Redis no longer holds (history.py), then Redis.
+            entries = await history.read_page(redis, engine, job_id, position, holds_from, count=READ_COUNT)
             if entries:
                 page = []
                 for eid, fields in entries:

@@ -31,7 +31,7 @@ from litestar.exceptions import WebSocketDisconnect
 from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from progress_service import metrics, streams
+from progress_service import history, metrics, streams
 from progress_service.auth import authenticate, cached_principal
 from progress_service.events import (
     Ack,
@@ -147,9 +147,9 @@ class JoinReads:
     def read(self, job_id: str, since: str | None, conn_id: str, principal: Principal) -> asyncio.Future:
         """Queue a join's reads; the future gives ``(presence entry, replies)``.
 
-        The replies are: snapshot, last event, (with ``since``: first event,
-        stream length, entries ever added), then the presence-log id and the
-        room's members after the join (``Presence.observe``).
+        The replies are: snapshot, last event, first event, stream length,
+        (entries ever added, whole-stream mark), then the presence-log id and
+        the room's members after the join (``Presence.observe``).
         """
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_JoinRead(job_id, since, conn_id, principal, future))
@@ -186,12 +186,12 @@ class JoinReads:
                     events, snap = streams.events_key(j.job_id), streams.snapshot_key(j.job_id)
                     pipe.hget(snap, "s")
                     pipe.xrevrange(events, count=1)
-                    if j.since:
-                        pipe.xrange(events, count=1)
-                        pipe.xlen(events)
-                        pipe.hget(snap, "n")
+                    # what Redis holds of the stream (streams.coverage_of)
+                    pipe.xrange(events, count=1)
+                    pipe.xlen(events)
+                    pipe.hmget(snap, "n", "k")
                     entries.append(presence.queue_join(pipe, j.job_id, j.conn_id, j.principal))
-                    counts.append(6 if j.since else 3)
+                    counts.append(6)
                 try:
                     replies = await pipe.execute(raise_on_error=False)
                 except NoScriptError:
@@ -592,7 +592,10 @@ class Session:
                     self.audit("join.refused", room_id=room_id)
                     self.refuse("not_found", "no such room", room_id=room_id)
                     return
-                snapshot, head, gap, oldest, presence_head, members = await self._read_room(job_id, since)
+                snapshot, cov, presence_head, members = await self._read_room(job_id, since)
+                # Redis while it holds the entries; the store answers for the rest.
+                pos = await history.position(gateway.services.engine, job_id, since, cov)
+                head, gap, oldest = pos.head, pos.gap, pos.oldest
                 if snapshot is None:
                     # No live snapshot in Redis (expired): the stored one.
                     if job is None:
@@ -604,6 +607,8 @@ class Session:
         except _STORE_ERRORS:
             self.refuse("unavailable", "try again later", room_id=room_id, counts=False)
             return
+        if head is not None:
+            snapshot.lastEventId = head  # the log's head, wherever it is kept
         replay_from = since
         if since is not None and (head is None or streams.id_lt(head, since)):
             # A since ahead of the head (an id from elsewhere, a Redis restored
@@ -624,7 +629,9 @@ class Session:
         if gap:
             self.put(Gap(roomId=room_id, since=since or "", oldest=oldest))
         try:
-            await self.gateway.hub.attach(job_id, member, replay_from, head=head, presence_head=presence_head)
+            await self.gateway.hub.attach(
+                job_id, member, replay_from, head=head, presence_head=presence_head, holds_from=pos.holds_from
+            )
         except _STORE_ERRORS:
             # The join is undone: the client sees `error` for the room it was told it joined.
             self._forget_room(job_id, member)
@@ -632,31 +639,23 @@ class Session:
 
     async def _read_room(
         self, job_id: str, since: str | None
-    ) -> tuple[JobSnapshot | None, str | None, bool, str | None, str, list[PresenceMember]]:
+    ) -> tuple[JobSnapshot | None, streams.Coverage, str, list[PresenceMember]]:
         """Everything a join reads from Redis, in one MULTI (shared: :class:`JoinReads`).
 
-        The same reads as ``streams.read_state`` and ``streams.gap_oldest``
-        (snapshot and head; with ``since``, whether it fell out of retention)
-        plus the presence join script. Returns ``(snapshot, head, gap,
-        oldest, presence_head, members)``.
+        The same reads as ``streams.read_state`` and ``streams.coverage``
+        plus the presence join script. Returns ``(snapshot, coverage,
+        presence_head, members)``.
         """
         assert self.principal is not None
         entry, replies = await self.gateway.joins.read(job_id, since, self.id, self.principal)
-        raw, last = replies[0], replies[1]
-        head = _text(last[0][0]) if last else None
+        raw, last, first, length, (added, whole) = replies[:5]
+        cov = streams.coverage_of(first, last, length, added, whole)
         snapshot = streams.decode_snapshot(raw) if raw else None
         if snapshot is not None:
-            snapshot.lastEventId = head
-        gap, oldest = False, None
-        if since:
-            first, length, added = replies[2], replies[3], replies[4]
-            oldest = _text(first[0][0]) if first else None
-            # trimmed: entries were ever added beyond what the stream holds (see streams.gap_oldest)
-            if int(added or 0) > int(length):
-                gap = True if oldest is None else streams.id_lt(since, oldest)
+            snapshot.lastEventId = cov.head
         presence_head, members = replies[-1]
         self.gateway.presence.joined(job_id, entry, self.principal)
-        return snapshot, head, gap, oldest, presence_head, members
+        return snapshot, cov, presence_head, members
 
     def _leave(self, message: ClientLeave) -> None:
         job_id = streams.job_id_of(message.roomId)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from progress_service.store import schema
+from progress_service.store import history, schema
 
 Step = Callable[[AsyncConnection], Awaitable[None]]
 
@@ -29,9 +29,16 @@ async def _v2_audit_heads(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: schema.audit_heads.create(sync, checkfirst=True))
 
 
+async def _v3_event_archive(conn: AsyncConnection) -> None:
+    # The job event archive (store/history.py): new tables only, nothing to convert.
+    await conn.run_sync(lambda sync: history.job_events.create(sync, checkfirst=True))
+    await conn.run_sync(lambda sync: history.job_history_pruned.create(sync, checkfirst=True))
+
+
 MIGRATIONS: list[tuple[int, str, Step]] = [
     (1, "initial schema", _v1_initial),
     (2, "audit chain heads", _v2_audit_heads),
+    (3, "job event archive", _v3_event_archive),
 ]
 
 
