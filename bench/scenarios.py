@@ -238,8 +238,9 @@ def many_rooms(opts: Options) -> dict:
 
 def idle(opts: Options) -> dict:
     """N authenticated, joined, idle connections: connect time and RSS per connection."""
-    n, jobs_n, hold = _params(opts, ("connections", "jobs", "hold"), (300, 10, 1.0), (5000, 100, 10.0))
-    with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
+    n, jobs_n, hold, trace = _params(opts, ("connections", "jobs", "hold", "tracemalloc"),
+                                     (300, 10, 1.0, 0), (5000, 100, 10.0, 0))
+    with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop, tracemalloc=bool(trace)) as svc:
         svc.start()
         tokens = _tokens(svc, n, "viewer", "idle")
         jobs = svc.jobs(jobs_n)
@@ -250,6 +251,9 @@ def idle(opts: Options) -> dict:
                                         "connect_concurrency_per_proc": 250})
         with Orchestra(workers, None, rooms=len(rooms)) as orc:
             time.sleep(0.5)
+            if trace:
+                svc.memory_baseline()
+                time.sleep(0.5)
             rss0 = svc.rss()
             cpu0 = svc.cpu()
             with profiler(svc.pid, _profile_path(opts, "idle_connect"), 300, stop_early=True):
@@ -258,6 +262,12 @@ def idle(opts: Options) -> dict:
             cpu_connect = svc.cpu() - cpu0
             time.sleep(1.0)  # let allocator and GC settle before reading RSS
             rss1 = svc.rss()
+            if trace:
+                # What each joined connection holds, by the line that allocated it (Python objects only).
+                held = svc.memory_since()
+                out["tracemalloc_bytes_per_conn"] = round(sum(b for b, _, _ in held) / n)
+                out["tracemalloc_top_per_conn"] = [[round(b / n), round(c / n, 2), w.split("site-packages/")[-1]]
+                                                   for b, c, w in held[:25]]
             cpu1 = svc.cpu()
             with profiler(svc.pid, _profile_path(opts, "idle_hold"), hold):
                 time.sleep(hold)
