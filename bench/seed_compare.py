@@ -143,19 +143,20 @@ def comment_fanout(t: Target, room: str, sizes: dict, opts: Options) -> dict:
 
 def _seed_chat_chars(room: str) -> int:
     """Chat text length that makes the seed's broadcast as long as the project's job event on the wire."""
-    event = wire_bytes(room, b"1764600000000-0", {b"t": b"event", b"b": msgspec.json.encode(_event(1, time.time_ns()))})
+    stored = msgspec.structs.replace(_event(1, time.time_ns()), attempt=1)  # as the worker's Publisher stores it
+    event = wire_bytes(room, b"1764600000000-0", {b"t": b"event", b"b": msgspec.json.encode(stored)})
     frame = {"type": "chat", "id": str(uuid.uuid4()), "requestId": uuid.uuid4().hex, "roomId": room,
              "userId": "user-12345678", "text": "", "sentAt": "2026-12-01T21:00:00.000Z"}
     return max(30, len(event) - len(json.dumps(frame, separators=(",", ":"))))
 
 
-def event_fanout(t: Target, room: str, job: str | None, redis_url: str | None, sizes: dict, opts: Options) -> dict:
+def event_fanout(t: Target, room: str, job: str | None, svc: Service, sizes: dict, opts: Options) -> dict:
     """W watchers; the project's events from its publishing path, the seed's from a publisher client."""
     watchers = [ClientSpec(token=t.watcher_token(i), rooms=[room], batch=t.batch) for i in range(sizes["watchers"])]
     if job is not None:  # the project: worker -> Redis -> hub
         workers = _workers(t, watchers, [room], opts, report_interval=0.005, progress_room=room)
-        pub = PublisherConfig(redis_url=redis_url or "", jobs=[job], mode="closed", window=sizes["window"],
-                              cpus=LOAD_CPUS if _pinning() else None)
+        pub = PublisherConfig(redis_url=svc.redis_url, jobs=[job], mode="closed", window=sizes["window"],
+                              cpus=LOAD_CPUS if _pinning() else None, worker_database_url=svc.database_url)
     else:  # the seed: one client broadcasting, ``window`` chats in flight
         publisher = ClientSpec(token=SEED_TOKEN, rooms=[room], role="reviewer")
         workers = _workers(t, [publisher, *watchers], [room], opts, report_interval=0.05,
@@ -252,7 +253,7 @@ def seed_compare(opts: Options) -> dict:
                         "comment_fanout": lambda: comment_fanout(target, rooms[n_rooms + 1], sizes, opts),
                         "event_fanout": lambda: event_fanout(target, rooms[n_rooms + 2],
                                                              jobs[n_rooms + 2] if target is project else None,
-                                                             svc.redis_url, sizes, opts),
+                                                             svc, sizes, opts),
                     }
                     for workload, run in runs.items():
                         if workload in only:
