@@ -101,6 +101,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ws_ping_interval: float = 25.0
     ws_ping_timeout: float = 20.0
     ws_send_timeout: float = 10.0
+    #: Seconds a batching connection's sender waits after its first ready
+    #: message, so everything ready within it leaves in one frame (0: no wait).
+    ws_write_window: float = 0.002
     ws_per_message_deflate: bool = False
     #: A connection must re-send ``auth`` within this many seconds.
     ws_credential_ttl: int = 3600
