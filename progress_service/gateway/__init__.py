@@ -24,6 +24,7 @@ from progress_service.gateway.closes import Close
 from progress_service.gateway.endpoint import install_log_redaction, ws_endpoint
 from progress_service.gateway.hub import Hub
 from progress_service.gateway.job_access import JobAccess, StoreGate
+from progress_service.gateway.outbox import WriteWindow
 from progress_service.gateway.presence import Presence
 from progress_service.gateway.session import JoinReads
 
@@ -43,6 +44,8 @@ class Gateway:
         self.hub = Hub(services, self.node_id)
         self.presence = Presence(services.redis, self.node_id, grace=self.settings.presence_grace)
         self.joins = JoinReads(services.redis, self.presence)
+        #: Batching connections' senders wake together at the end of a short window (outbox.py).
+        self.write_window = WriteWindow(self.settings.ws_write_window)
         self.sessions: dict[str, Session] = {}
         #: API-token principals trusted for a short while (evicted by close_token).
         self.principals = PrincipalCache()

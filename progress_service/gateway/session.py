@@ -18,6 +18,7 @@ timeout, exactly once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import uuid
@@ -107,6 +108,9 @@ def encode(message: Any) -> tuple[str, int]:
     return raw.decode(), len(raw)
 
 
+#: Comments of one connection being stored at once; the receiver waits past this.
+CHATS_IN_FLIGHT = 32
+
 #: Joins sharing one MULTI at most (about 6 commands each).
 JOIN_BATCH_MAX = 500
 
@@ -144,7 +148,8 @@ class JoinReads:
         """Queue a join's reads; the future gives ``(presence entry, replies)``.
 
         The replies are: snapshot, last event, first event, stream length,
-        (entries ever added, whole-stream mark), the presence join script's reply.
+        (entries ever added, whole-stream mark), then the presence-log id and
+        the room's members after the join (``Presence.observe``).
         """
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_JoinRead(job_id, since, conn_id, principal, future))
@@ -175,6 +180,7 @@ class JoinReads:
         for attempt in (1, 2):
             entries: list[str] = []
             counts: list[int] = []
+            presence.start_batch()
             async with self.redis.pipeline(transaction=True) as pipe:
                 for j in batch:
                     events, snap = streams.events_key(j.job_id), streams.snapshot_key(j.job_id)
@@ -201,8 +207,12 @@ class JoinReads:
         for j, entry, n in zip(batch, entries, counts, strict=True):
             mine = replies[i : i + n]
             i += n
+            # Every reply, in order, even of a join that gave up: each follows from the one before.
+            observed = presence.observe(j.job_id, j.principal, mine[-1])
             if j.future.done():  # its join gave up (timeout, close)
                 continue
+            if not isinstance(mine[-1], Exception):
+                mine[-1] = observed if observed is not None else RedisError("presence view lost in this batch")
             error = next((r for r in mine if isinstance(r, Exception)), None)
             if error is not None:
                 j.future.set_exception(error)
@@ -216,6 +226,7 @@ class Session:
     __slots__ = (
         "_chat_abuse",
         "_chat_bucket",
+        "_chats",
         "_done",
         "_errors",
         "_greeted",
@@ -245,10 +256,12 @@ class Session:
         self.counted_for: str | None = None
         self.expires_at = 0  # epoch ms
         self.rooms: dict[str, Member] = {}
-        self.outbox = Outbox(gateway.settings.ws_outbox_bytes, on_overflow=self._overflowed)
+        self.outbox = Outbox(gateway.settings.ws_outbox_bytes, on_overflow=self._overflowed, window=gateway.write_window)
         # Limits are made on first use: most connections never chat nor err.
         self._chat_bucket: TokenBucket | None = None
         self._chat_abuse: WindowBudget | None = None
+        #: Comments being stored (``_post`` tasks), made on first use.
+        self._chats: set[asyncio.Task[None]] | None = None
         self._errors: WindowBudget | None = None
         self.close_with: Close | None = None
         self.peer_gone = False
@@ -349,6 +362,10 @@ class Session:
         if sender is not None:
             sender.cancel()
             await asyncio.wait((sender,))
+        if self._chats:
+            for task in self._chats:
+                task.cancel()
+            await asyncio.wait(self._chats)
         if not self.closing:  # the receiver ended without a decision (cancelled from outside)
             self.request_close(None)
         for job_id, member in list(self.rooms.items()):
@@ -538,6 +555,11 @@ class Session:
             self.audit("auth.failed", reason="invalid, expired, revoked or reused credential")
             self.request_close(closes.AUTH_FAILED)
             return False
+        if principal.is_reporter:
+            # Reporter tokens report Claude Code sessions over HTTP; they read nothing.
+            self.audit("auth.failed", reason="a reporter token cannot watch")
+            self.request_close(closes.AUTH_FAILED)
+            return False
         if self.principal is None:
             if not self.gateway.admit(self, principal):
                 self.request_close(closes.TOO_MANY_CONNECTIONS)
@@ -656,7 +678,8 @@ class Session:
         snapshot = streams.decode_snapshot(raw) if raw else None
         if snapshot is not None:
             snapshot.lastEventId = cov.head
-        presence_head, members = self.gateway.presence.joined(job_id, entry, replies[-1])
+        presence_head, members = replies[-1]
+        self.gateway.presence.joined(job_id, entry, self.principal)
         return snapshot, cov, presence_head, members
 
     def _leave(self, message: ClientLeave) -> None:
@@ -701,6 +724,23 @@ class Session:
         if hook is None:
             self.refuse("unavailable", "comments are not available", room_id=room_id, request_id=request_id, counts=False)
             return
+        # The receiver goes on reading while the comment is stored (the seed
+        # and clients keep several in flight): the writer groups them, and a
+        # group shares one transaction, one XADD and one frame per watcher.
+        # The posts are this session's tasks, bounded, cancelled at teardown;
+        # they enter the writer's queue in the order they were received.
+        chats = self._chats
+        if chats is None:
+            chats = self._chats = set()
+        while len(chats) >= CHATS_IN_FLIGHT:
+            await asyncio.wait(chats, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.ensure_future(self._guarded(functools.partial(self._post, hook, room_id, job_id, request_id, text)))
+        chats.add(task)
+        task.add_done_callback(chats.discard)
+
+    async def _post(self, hook: CommentsHook, room_id: str, job_id: str, request_id: str, text: str) -> None:
+        """Store and publish one comment, then ack it (or answer why not)."""
+        assert self.principal is not None
         try:
             async with asyncio.timeout(self.settings.store_timeout):  # see _auth
                 event_id = await hook.post(self.principal, room_id, job_id, request_id, text)
