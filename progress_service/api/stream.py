@@ -35,7 +35,7 @@ from litestar.exceptions import (
 )
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from progress_service import history, streams
+from progress_service import history, outage, streams
 from progress_service.api.deps import error_responses, is_event_id
 from progress_service.events import TERMINAL_STATUSES, Gap, Joined
 from progress_service.services import Services
@@ -165,6 +165,13 @@ async def _messages(
             kind, eid = _sse_fields(text)
             finished = finished or (kind == "event" and _is_terminal(text))
             yield ServerSentEventMessage(event=kind, id=eid, data=text)
+    except Exception as exc:
+        dependency = outage.classify(exc)
+        if dependency is None:
+            raise
+        # The response has started, so no 503: the stream ends and the
+        # EventSource reconnects (``retry``), resuming with Last-Event-ID.
+        outage.warn(dependency, "GET /api/jobs/{id}/stream (replay)", exc)
     finally:
         sse_outboxes.discard(outbox)
         streams_open[principal.user_id] -= 1
