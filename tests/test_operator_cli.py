@@ -22,7 +22,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway_helpers import Store, auth, closed_with, connect, join, serve
+from gateway_helpers import Store, auth, closed_with, connect, join, send, serve
 from progress_service.settings import load_settings
 from progress_service.store import audit
 from progress_service.store.identity import principal_for_token
@@ -139,12 +139,19 @@ async def test_a_revoked_client_is_told_it_was_revoked(redis_url: str, tmp_path:
                     assert (await http.delete(f"/api/tokens/{viewer_id}")).status_code in (200, 204)
                 assert await closed_with(ws, timeout=10) == (4403, "token revoked")
             out, err = await anyio.to_thread.run_sync(lambda: watch.communicate(timeout=20))
+            async with connect(base) as again:  # coming back with it: told the same
+                await send(again, type="auth", token=viewer)
+                assert await closed_with(again, timeout=10) == (4403, "token revoked")
+            later = await anyio.to_thread.run_sync(
+                lambda: subprocess.run([CONSOLE, "watch", job_id], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=30)
+            )
         finally:
             if watch.poll() is None:
                 watch.kill()
                 watch.wait()
     assert watch.returncode == 2, (out, err)
     assert "revoked" in err and "Traceback" not in err, err
+    assert later.returncode == 2 and "revoked" in later.stderr, later.stderr
 
 
 @pytest.mark.postgres

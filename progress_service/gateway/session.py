@@ -57,7 +57,7 @@ from progress_service.gateway.closes import ABUSE_CODES, Close
 from progress_service.gateway.hub import Member
 from progress_service.gateway.limits import TokenBucket, WindowBudget, json_too_deep
 from progress_service.gateway.outbox import Outbox, SendTimeout
-from progress_service.store.identity import Principal
+from progress_service.store.identity import Principal, token_revoked
 from progress_service.store.jobs import JobRecord, get_job
 
 if TYPE_CHECKING:
@@ -553,7 +553,7 @@ class Session:
                 return False
         if principal is None:
             self.audit("auth.failed", reason="invalid, expired, revoked or reused credential")
-            self.request_close(closes.AUTH_FAILED)
+            self.request_close(closes.REVOKED if await self._revoked(message.token) else closes.AUTH_FAILED)
             return False
         if principal.is_reporter:
             # Reporter tokens report Claude Code sessions over HTTP; they read nothing.
@@ -583,6 +583,14 @@ class Session:
             )
         )
         return True
+
+    async def _revoked(self, secret: str) -> bool:
+        """After a refusal: was ``secret`` an API token that got revoked? (tells its holder why)."""
+        services = self.gateway.services
+        try:
+            return await self.gateway.store_gate.call(lambda: token_revoked(services.engine, secret))
+        except _STORE_ERRORS:
+            return False
 
     # ----------------------------------------------------------- rooms
 
