@@ -43,6 +43,8 @@ STORE_READERS = [
 
 def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
+    # The session's audit key (conftest) and this test's own witness: no files in the working directory.
+    clean.update(PS_AUDIT_KEY_FILE=os.environ["PS_AUDIT_KEY_FILE"], PS_AUDIT_WITNESS=str(cwd / "audit-witness.jsonl"))
     clean.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "progress_service.cli", *args], env=clean, cwd=cwd, capture_output=True, text=True, timeout=timeout
@@ -115,7 +117,8 @@ async def test_dev_keeps_one_live_sign_in_token(tmp_path: Path) -> None:
 async def test_a_revoked_client_is_told_it_was_revoked(redis_url: str, tmp_path: Path) -> None:
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'rev.db'}"
     settings = load_settings(
-        env={}, redis_url=redis_url, database_url=db_url, workspace_root=str(tmp_path), log_level="warning",
+        env={}, audit_key_file=os.environ["PS_AUDIT_KEY_FILE"], audit_witness=str(tmp_path / "audit-witness.jsonl"),
+        redis_url=redis_url, database_url=db_url, workspace_root=str(tmp_path), log_level="warning",
         queue_name=f"ps:queue:test-rev-{os.getpid()}",
     )
     async with Store(db_url) as store:

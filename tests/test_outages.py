@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
 import time
 import uuid
@@ -42,6 +43,9 @@ def _settings(redis_url: str, database_url: str, tmp_path: Path, **kw: Any) -> S
         "ws_chat_rate": 100.0,
         "ws_chat_burst": 100,
         "http_rate_limit": 100_000,
+        # the session's audit key (conftest) and a witness of this test's own, not files in the working directory
+        "audit_key_file": os.environ.get("PS_AUDIT_KEY_FILE"),
+        "audit_witness": str(tmp_path / "audit-witness.jsonl"),
     }
     base.update(kw)
     return load_settings(env={}, **base)
