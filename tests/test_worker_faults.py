@@ -300,7 +300,7 @@ async def test_worker_killed_with_no_worker_left_is_recovered_by_the_app(
     cluster: Any, client: Any, store_engine: Any
 ) -> None:
     """SIGKILL the only worker: the app's sweeper re-queues the job within the lease time plus its grace."""
-    c = await cluster(lease_ttl=2.0, lease_grace=1.0, job_max_tries=2, replay_speed=10.0)
+    c = await cluster(lease_ttl=2.0, lease_grace=1.0, job_max_tries=2, replay_speed=12.0)
     worker = c.worker()
     job = await c.submit()
     await wait_for(lambda: stepping(client, job), 20, "the job to run")
@@ -323,7 +323,7 @@ async def test_worker_killed_with_no_worker_left_is_recovered_by_the_app(
 
 async def test_rolling_restarts_spend_no_try(cluster: Any, client: Any, store_engine: Any) -> None:
     """With one try allowed, two graceful worker stops during one job still let it succeed."""
-    c = await cluster(job_max_tries=1, replay_speed=8.0)
+    c = await cluster(job_max_tries=1, replay_speed=12.0)
     job = await c.submit()
     for attempt in (1, 2):
         w = c.worker()
@@ -367,3 +367,18 @@ async def test_redis_killed_mid_job_worker_survives_and_finishes(
     # The running job and the poll loop each saw the outage, said so once, and went on.
     assert log.count(f"Redis (job {job}) unavailable") == 1 and f"Redis (job {job}) is back" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+async def test_redis_emptied_mid_job_live_worker_is_not_declared_lost(
+    cluster: Any, client: Any, store_engine: Any
+) -> None:
+    """FLUSHALL mid-job takes every lease away; the app's sweeper must not re-run the job of a live worker."""
+    c = await cluster(replay_speed=8.0, lease_ttl=2.0, lease_grace=2.0, job_max_tries=2)
+    worker = c.worker()
+    job = await c.submit()
+    await wait_for(lambda: stepping(client, job), 20, "the job to run")
+    await client.flushall()
+    record = await wait_for(lambda: record_in(store_engine, job, "succeeded", "failed", "cancelled"), 30, "the end")
+    assert record.status == "succeeded" and record.attempt == 1, (record.status, record.reason)
+    assert "re-created the lease" in worker.log.read_text()
+    assert "worker lost" not in c.app.log.read_text()
