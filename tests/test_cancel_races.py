@@ -23,7 +23,8 @@ from progress_service.store.migrations import migrate
 from progress_service.streams import cancel_key, read_state
 # Shared helpers, and the fixtures that put these runs on a Redis database of their own.
 from test_worker import arq_pool, events, new_job, redis, redis_url, wait_for, worker_ctx  # noqa: F401
-from worker.jobs import run_job, sweep_once
+from worker.jobs import run_job
+from worker.recovery import sweep_once
 
 
 @pytest.fixture

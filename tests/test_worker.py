@@ -27,7 +27,8 @@ from progress_service.store.identity import ensure_team, ensure_user
 from progress_service.store.jobs import create_job, get_job, update_job
 from progress_service.streams import append_event, events_key, read_state, room_id
 from worker.claude import group_members
-from worker.jobs import new_worker_id, run_job, sweep_once
+from worker.jobs import new_worker_id, run_job
+from worker.recovery import sweep_once
 from worker.settings import build_worker
 
 ROOT = Path(__file__).resolve().parent.parent
