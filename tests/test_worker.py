@@ -210,7 +210,8 @@ async def test_exit_without_result_garbage_and_stderr(
     job_id = await new_job(engine, redis, settings)
     assert await run_job(worker_ctx(settings), job_id) == "failed"
     record = await get_job(engine, job_id)
-    assert record is not None and record.reason == "exited with code 3 and no result"
+    # The reason carries stderr's last lines: that is where the CLI says why.
+    assert record is not None and record.reason == "exited with code 3 and no result: something went wrong"
     logs = [e["data"] for e in await events(redis, job_id) if e["kind"] == "log"]
     assert {"stream": "stdout", "line": "this is not json"} in logs
     assert {"stream": "stderr", "line": "something went wrong"} in logs

@@ -72,7 +72,8 @@ def resolve_binary(settings: Settings) -> tuple[list[str], bool]:
     """The CLI's argv prefix and whether it is the replay program.
 
     ``settings.claude_bin`` wins, then ``claude`` on PATH, else the replay
-    program shipped with the worker (``demo`` True).
+    program shipped with the worker (``demo`` True). Decided here, in the
+    worker that runs the job, never by the app that accepted it.
     """
     if settings.claude_bin:
         return [settings.claude_bin], False
@@ -86,11 +87,16 @@ def build_command(settings: Settings, spec: JobSpec, session_id: str) -> Command
     """The full command line of one job, exactly as DESIGN.md describes it.
 
     There is no ``--cwd`` flag: the working directory is the subprocess cwd.
+    ``--include-partial-messages`` makes the CLI print the API's stream
+    events, the only place live output token counts appear.
     ``--allowedTools`` takes one argument per tool and comes last because it
     is variadic.
     """
     prefix, demo = resolve_binary(settings)
-    argv = [*prefix, "-p", spec.prompt, "--output-format", "stream-json", "--verbose", "--session-id", session_id]
+    argv = [
+        *prefix, "-p", spec.prompt, "--output-format", "stream-json", "--verbose",
+        "--include-partial-messages", "--session-id", session_id,
+    ]
     if spec.model:
         argv += ["--model", spec.model]
     if spec.maxTurns:
@@ -102,13 +108,34 @@ def build_command(settings: Settings, spec: JobSpec, session_id: str) -> Command
     return Command(argv=argv, demo=demo)
 
 
-def child_env(settings: Settings) -> dict[str, str]:
-    """The subprocess environment: ours plus the replay knobs from settings."""
+def child_env(settings: Settings, spec: JobSpec | None = None) -> dict[str, str]:
+    """The subprocess environment: ours, the replay knobs, and what the CLI needs here.
+
+    Credentials (``ANTHROPIC_API_KEY``, ``CLAUDE_CODE_OAUTH_TOKEN``,
+    ``ANTHROPIC_BASE_URL``) come from the worker's own environment. The
+    CLI's auto-updater is off: the worker runs the version it was deployed
+    with. As root the CLI refuses ``bypassPermissions``; only a worker
+    declared a sandbox (``PS_CLAUDE_SANDBOX``) passes ``IS_SANDBOX=1``, and
+    only to jobs that ask for that mode, so its refusal reaches the user
+    everywhere else.
+    """
     env = dict(os.environ)
     env["PS_REPLAY_SPEED"] = str(settings.replay_speed)
     if settings.replay_transcript:
         env["PS_REPLAY_TRANSCRIPT"] = settings.replay_transcript
+    env.setdefault("DISABLE_AUTOUPDATER", "1")
+    if spec is not None and spec.permissionMode == "bypassPermissions" and settings.claude_sandbox:
+        env["IS_SANDBOX"] = "1"
     return env
+
+
+def stdout_copy_path(settings: Settings, job_id: str, attempt: int) -> Path | None:
+    """Where to keep a copy of the CLI's raw stdout (``PS_CLAUDE_STDOUT_DIR``), if anywhere."""
+    if not settings.claude_stdout_dir:
+        return None
+    folder = Path(settings.claude_stdout_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{job_id}.{attempt}.jsonl"
 
 
 # --------------------------------------------------------------------------

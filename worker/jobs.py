@@ -54,7 +54,9 @@ from progress_service.settings import Settings
 from progress_service.workspace import WorkdirError, resolve_workdir
 from progress_service.store.jobs import JobRecord, get_job, update_job
 from progress_service.streams import expire_job, read_state, room_id
-from worker.claude import ClaudeProcess, Line, Output, build_command, child_env, run_to_completion, start_claude
+from worker.claude import (
+    ClaudeProcess, Line, Output, build_command, child_env, run_to_completion, start_claude, stdout_copy_path,
+)
 from worker.mapping import Mapper
 from worker.outage import REDIS_DOWN, Link, persist
 from worker.publisher import Publisher
@@ -88,7 +90,7 @@ class JobRun:
         self.record = record
         self.job_id = record.id
         self.attempt = attempt
-        self.mapper = Mapper(snapshot)
+        self.mapper = Mapper(snapshot, stdout_copy=stdout_copy_path(self.settings, record.id, attempt))
         self.pub = Publisher(self.redis, self.job_id, attempt, self.settings, self.mapper, engine=self.engine)
         self.stop_reason: str | None = None  # cancelled | timeout | superseded | handback
         self.cancelled_by: str | None = None
@@ -126,14 +128,14 @@ class JobRun:
             return await self._end("failed", str(exc))
         command = build_command(self.settings, self.record.spec, str(uuid.uuid4()))
         started = now_ms()
-        demo = self.record.demo or command.demo
+        demo = command.demo  # decided here, where the job runs
         await self._publish(self.mapper.status, "running", startedAt=started, demo=demo, attempt=self.attempt)
         await self._publish(self.mapper.worker, "alive", self.worker_id)
         await self._store(lambda: update_job(self.engine, self.job_id, snapshot=self.mapper.snapshot, demo=demo))
         running = False
         try:
             async with start_claude(
-                command.argv, cwd=workdir, env=child_env(self.settings), grace=self.settings.cancel_grace
+                command.argv, cwd=workdir, env=child_env(self.settings, self.record.spec), grace=self.settings.cancel_grace
             ) as proc:
                 running = True
                 async with anyio.create_task_group() as tg:
@@ -243,7 +245,7 @@ class JobRun:
             if self.mapper.result_is_error:
                 return await self._end("failed", result.error or "the agent reported an error")
             return await self._end("succeeded", None)
-        return await self._end("failed", f"exited with code {returncode} and no result")
+        return await self._end("failed", self.mapper.no_result_reason(returncode))
 
     async def _hand_back(self) -> str:
         """This worker is stopping: queue the job as its next attempt, spending no try."""

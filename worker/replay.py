@@ -11,7 +11,9 @@ the cost so far), 143 on SIGTERM.
 
 The transcript is ``PS_REPLAY_TRANSCRIPT`` (a name in ``transcripts/`` or a
 path to a ``.jsonl`` file), else picked by a tag in the prompt: ``[fail]``,
-``[max-turns]``, ``[long]``; anything else plays ``success``.
+``[max-turns]``, ``[long]``, or ``[transcript:NAME.jsonl]`` for a file of
+that name in the job's working directory (tests generate long ones there);
+anything else plays ``success``.
 
 Transcript files wrap each stream-json object with its delay
 (``{"d": ms, "j": {...}}``, or ``{"d": ms, "raw": "text"}`` for a verbatim
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -32,6 +35,8 @@ from typing import Any
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
 TAGS = (("[fail]", "fail"), ("[max-turns]", "max-turns"), ("[long]", "long"))
+#: A transcript file in the working directory: a plain name, never a path.
+_OWN_RE = re.compile(r"\[transcript:([A-Za-z0-9_.-]{1,100}\.jsonl)\]")
 
 #: Flags that take one value; everything else starting with ``-`` is a switch.
 _VALUE_FLAGS = {
@@ -104,6 +109,9 @@ def pick_transcript(prompt: str, forced: str | None) -> Path:
         if forced.endswith(".jsonl") or os.sep in forced:
             return Path(forced)
         return TRANSCRIPTS / f"{forced}.jsonl"
+    own = _OWN_RE.search(prompt)
+    if own:
+        return Path.cwd() / own.group(1)
     lowered = prompt.lower()
     for tag, name in TAGS:
         if tag in lowered:
@@ -140,6 +148,7 @@ class _Progress:
         self.total = max(1, len(lines))
         final = next((w["j"] for w in reversed(lines) if w.get("j", {}).get("type") == "result"), {})
         self.final_cost = float(final.get("total_cost_usd") or 0.0)
+        self.final_usage = {k: v for k, v in (final.get("usage") or {}).items() if isinstance(v, int)}
         self.printed = 0
         self.turns: set[str] = set()
         self.open_tools: dict[str, None] = {}  # tool_use ids without a tool_result yet
@@ -171,11 +180,12 @@ class _Progress:
                 "parent_tool_use_id": None,
                 "session_id": self.session,
             })
-        cost = round(self.final_cost * self.printed / self.total, 6)
+        share = self.printed / self.total
+        cost = round(self.final_cost * share, 6)
         lines.append({
             "type": "result", "subtype": "error_during_execution", "is_error": True,
             "num_turns": len(self.turns), "session_id": self.session, "total_cost_usd": cost,
-            "usage": {"input_tokens": 0, "output_tokens": 0}, "permission_denials": [],
+            "usage": {k: int(v * share) for k, v in self.final_usage.items()}, "permission_denials": [],
         })
         return lines
 
