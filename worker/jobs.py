@@ -71,6 +71,9 @@ CANCEL_POLL = 0.25
 LEASE_REFRESH = 1.0
 #: How often a running job says its worker is alive (seconds).
 ALIVE_EVERY = 30.0
+#: How long a stopping worker waits for Redis and the store to hand a job
+#: back, after the CLI's stop escalation (seconds).
+HAND_BACK_WAIT = 15.0
 
 
 
@@ -108,16 +111,28 @@ class JobRun:
 
         The attempt runs in a task of its own. Cancelling this call (arq's
         shutdown, a rolling restart) does not cancel the attempt: it asks it
-        to stop and hand the job back, waits for that (bounded by the stop
-        escalation), then re-raises the cancellation.
+        to stop and hand the job back, waits for that, then re-raises the
+        cancellation. The wait is bounded (the stop escalation plus
+        ``HAND_BACK_WAIT``): a worker stopping while Redis or the store is
+        down gives up handing back, and the sweeper recovers the job later.
         """
         attempt = asyncio.ensure_future(self._execute())
         try:
             return await asyncio.shield(attempt)
         except asyncio.CancelledError:
             self.hand_back_requested.set()
-            await run_to_completion(attempt)
+            await run_to_completion(self._wait_handed_back(attempt))
             raise
+
+    async def _wait_handed_back(self, attempt: asyncio.Future[str]) -> None:
+        limit = 2 * self.settings.cancel_grace + 5 + HAND_BACK_WAIT
+        done, _ = await asyncio.wait({attempt}, timeout=limit)
+        if not done:
+            log.warning("job %s: could not hand the job back within %.0f s; the sweeper will recover it", self.job_id, limit)
+            attempt.cancel()  # the CLI is stopped by start_claude's shielded exit all the same
+            await asyncio.wait({attempt})
+        if not attempt.cancelled() and attempt.exception() is not None:
+            log.error("job %s: the stopping attempt failed", self.job_id, exc_info=attempt.exception())
 
     async def _execute(self) -> str:
         try:
