@@ -479,6 +479,7 @@ class Mapper:
         """A ``result`` line: a turn of the session ended (a session woken by a
         background task prints one per turn; the last one is the job's)."""
         self._phase(out, "finishing")
+        self._answered(out)  # whatever was being retried is over
         is_error = bool(line.is_error)
         cost = float(line.total_cost_usd or 0.0)  # the session's running total
         usage = self.snapshot.usage
