@@ -25,11 +25,20 @@ Phase = Literal["queued", "starting", "planning", "editing", "testing", "reviewi
 PHASES: tuple[str, ...] = ("queued", "starting", "planning", "editing", "testing", "reviewing", "finishing")
 
 EventKind = Literal[
-    "status", "phase", "step", "message", "todo", "usage", "log", "result", "worker", "retry", "notice"
+    "status", "phase", "step", "message", "todo", "usage", "log", "result", "worker", "turn", "retry", "notice"
 ]
 
-Role = Literal["viewer", "reviewer", "submitter", "admin"]
+Role = Literal["viewer", "reviewer", "submitter", "admin", "reporter"]
+#: The ladder of roles that read: each may do what those below it may.
 ROLE_RANK: dict[str, int] = {"viewer": 0, "reviewer": 1, "submitter": 2, "admin": 3}
+#: Outside the ladder: may only report Claude Code sessions of its own team
+#: (``POST /api/hooks/claude-code``) and read nothing.
+REPORTER_ROLE = "reporter"
+ROLES: tuple[str, ...] = (*ROLE_RANK, REPORTER_ROLE)
+
+#: What a job is: submitted here and run by a worker (``job``), or a Claude
+#: Code session running elsewhere that reports through hooks (``session``).
+JobKind = Literal["job", "session"]
 
 #: Bounds on what one event may carry, so a chatty agent cannot flood rooms.
 MESSAGE_MAX_CHARS = 2000
@@ -143,6 +152,13 @@ class WorkerData(Struct, kw_only=True):
     workerId: str
 
 
+class TurnData(Struct, kw_only=True):
+    """A prompt the user gave a session (``turn`` 1, 2, ...), bounded."""
+
+    turn: int
+    prompt: str
+
+
 class RetryData(Struct, kw_only=True, omit_defaults=True):
     """The CLI is retrying a failed API request (its ``system/api_retry`` line)."""
 
@@ -170,7 +186,7 @@ class NoticeData(Struct, kw_only=True, omit_defaults=True):
 
 EventData = (
     StatusData | PhaseData | StepData | MessageData | TodoData | UsageData | LogData | ResultData | WorkerData
-    | RetryData | NoticeData
+    | TurnData | RetryData | NoticeData
 )
 
 DATA_TYPES: dict[str, type[Struct]] = {
@@ -183,6 +199,7 @@ DATA_TYPES: dict[str, type[Struct]] = {
     "log": LogData,
     "result": ResultData,
     "worker": WorkerData,
+    "turn": TurnData,
     "retry": RetryData,
     "notice": NoticeData,
 }
@@ -201,7 +218,7 @@ class StoredEvent(Struct, kw_only=True, omit_defaults=True):
     attempt: int = 1
 
 
-class StoredChat(Struct, kw_only=True):
+class StoredChat(Struct, kw_only=True, omit_defaults=True):
     """The body of a comment entry in a job stream (field ``b``)."""
 
     requestId: str
@@ -209,6 +226,9 @@ class StoredChat(Struct, kw_only=True):
     userName: str
     text: str
     sentAt: int
+    #: Only on a comment replayed from the store whose row no longer matches
+    #: its audit record (``text`` is then the record's); never in Redis.
+    tampered: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -233,6 +253,21 @@ class CurrentStep(Struct, kw_only=True, omit_defaults=True):
 class Usage(Struct, kw_only=True):
     inputTokens: int = 0
     outputTokens: int = 0
+
+
+class SessionInfo(Struct, kw_only=True):
+    """Where a ``session`` job runs: it was started elsewhere, not by this service."""
+
+    #: How it reports: ``hook`` (Claude Code HTTP hooks).
+    source: str = "hook"
+    #: Claude Code's own session id.
+    sessionId: str
+    #: The reporter's label of the machine (``X-PS-Host``), when sent.
+    host: str | None = None
+    cwd: str | None = None
+    branch: str | None = None
+    #: Prompts seen so far.
+    turns: int = 0
 
 
 class JobSnapshot(Struct, kw_only=True):
@@ -260,6 +295,9 @@ class JobSnapshot(Struct, kw_only=True):
     finishedAt: int | None = None
     submittedBy: str | None = None
     lastEventId: str | None = None
+    kind: JobKind = "job"
+    #: Set for ``session`` jobs only.
+    session: SessionInfo | None = None
 
 
 # --------------------------------------------------------------------------

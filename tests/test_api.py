@@ -226,3 +226,5 @@ async def test_step_detail_and_raw_log_download(make_settings, make_token, live_
         missing = await client.get(f"/api/jobs/{job['id']}/steps/nope")
         assert missing.status_code == 404 and "step" in missing.json()["detail"]
         assert (await client.get("/api/jobs/zzz/log.jsonl")).status_code == 404
+        spec = (await client.get(f"/api/jobs/{job['id']}/spec")).json()
+        assert spec == {"prompt": "Add a health check"}

@@ -42,6 +42,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 async def test_token_create_prints_only_a_token_stored_as_a_hash(db_url: str) -> None:
+    assert run_cli("migrate", env=clean_env(PS_DATABASE_URL=db_url)).returncode == 0  # token create needs a store
     result = run_cli(
         "token", "create", "--user", "ana", "--team", "core", "--role", "reviewer", env=clean_env(PS_DATABASE_URL=db_url)
     )

@@ -488,7 +488,7 @@ async def test_worker_shutdown_mid_job_gives_the_job_back(
         tg.cancel_scope.cancel()
     record = await get_job(engine, job_id)
     assert record is not None and record.status == "queued" and record.attempt == 2
-    assert record.reason == "worker stopped; retrying as attempt 2 of 2"
+    assert record.reason == "worker stopped; handed back as attempt 2 (no try spent)"
     assert await arq_pool.exists(f"arq:job:{job_id}:2")
     assert await _no_replays_in(settings.workspace_root)
     # The interrupted attempt's arq retry is refused; the new attempt runs.

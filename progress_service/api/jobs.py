@@ -9,9 +9,9 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, get, post
-from litestar.exceptions import NotFoundException, ValidationException
+from litestar.exceptions import ClientException, NotFoundException, ValidationException
 from litestar.params import Parameter
-from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED
+from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_409_CONFLICT
 
 from progress_service import history, metrics, queue, streams
 from progress_service.api.deps import INT64_MAX, error_responses, is_event_id, require_role
@@ -192,7 +192,7 @@ class JobsController(Controller):
         "/{job_id:str}/cancel",
         status_code=HTTP_202_ACCEPTED,
         summary="Cancel a queued or running job",
-        responses=error_responses(401, 403, 404),
+        responses=error_responses(401, 403, 404, 409),
     )
     async def cancel(self, job_id: str, principal: Principal, services: Services) -> JobSnapshot:
         """Ask the job to stop. Its submitter, or anyone with role submitter or above."""
@@ -201,6 +201,12 @@ class JobsController(Controller):
             raise NotFoundException("no such job")
         if record.user_id != principal.user_id:
             require_role(principal, "submitter")
+        if record.kind == "session":
+            raise ClientException(
+                "this is a Claude Code session reported through hooks: it runs on "
+                f"{record.host or 'another machine'}, not here, so it can only be stopped there",
+                status_code=HTTP_409_CONFLICT,
+            )
         snapshot = await queue.cancel_job(
             services.redis, services.engine, services.settings, job_id, by=principal.user_name
         )
