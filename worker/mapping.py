@@ -155,7 +155,7 @@ class Mapper:
         data = self._todos.data()
         self._emit(out, "todo", data, progress=Progress(done=data.done, total=data.total))
 
-    def _answered(self, out: list[Mapped]) -> None:
+    def _answered(self) -> None:
         """The model answered: a pending retry is over."""
         if self.snapshot.retry is not None:
             self.snapshot = msgspec.structs.replace(self.snapshot, retry=None)
@@ -166,7 +166,8 @@ class Mapper:
         """A ``status`` event (running, succeeded, failed, cancelled, queued)."""
         out: list[Mapped] = []
         if status == "running":
-            self._emit(out, "status", StatusData(status="running", phase=self.snapshot.phase), status="running", **changes)
+            data = StatusData(status="running", phase=self.snapshot.phase, demo=changes.get("demo"))
+            self._emit(out, "status", data, status="running", **changes)
             self._phase(out, "starting")
             return out
         if status in TERMINAL_STATUSES:
@@ -359,7 +360,7 @@ class Mapper:
     def _stream_event(self, out: list[Mapped], event: ApiEvent) -> None:
         """The main agent's raw API events: live tokens, and the end of its turn."""
         if event.type == "message_start" and event.message is not None:
-            self._answered(out)
+            self._answered()
             key = event.message.id or f"anon-{self._anon_messages}"
             self._anon_messages += event.message.id is None
             usage = event.message.usage or TokenUsage()
@@ -390,7 +391,7 @@ class Mapper:
         if isinstance(message.content, str) and message.content:
             blocks = [_text_block(message.content)]
         if message.model != "<synthetic>":
-            self._answered(out)
+            self._answered()
         for block in blocks:
             if block.type == "tool_use" and block.id and block.name:
                 self._tool_use(out, block.id, block.name, block.input if isinstance(block.input, dict) else {}, parent)
@@ -479,7 +480,7 @@ class Mapper:
         """A ``result`` line: a turn of the session ended (a session woken by a
         background task prints one per turn; the last one is the job's)."""
         self._phase(out, "finishing")
-        self._answered(out)  # whatever was being retried is over
+        self._answered()  # whatever was being retried is over
         is_error = bool(line.is_error)
         cost = float(line.total_cost_usd or 0.0)  # the session's running total
         usage = self.snapshot.usage

@@ -159,6 +159,8 @@ class JobView:
         if kind == "status":
             self.status = d.get("status", self.status)
             self.phase = d.get("phase", self.phase)
+            if isinstance(d.get("demo"), bool):
+                self.demo = d["demo"]
         elif kind == "phase":
             self.phase = d.get("phase", self.phase)
         elif kind == "step":
