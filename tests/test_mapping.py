@@ -403,3 +403,15 @@ def test_result_totals_include_subagents_and_every_error_text() -> None:
     }) if e.kind in ("usage", "result")]
     assert (usage.data.inputTokens, usage.data.outputTokens, usage.data.costUsd) == (5100, 70, 0.02)  # type: ignore[attr-defined]
     assert result.data.error == "error_max_turns: Reached maximum number of turns (2)"  # type: ignore[attr-defined]
+
+
+def test_a_field_of_a_new_shape_is_dropped_not_the_line() -> None:
+    mapper = new_mapper()
+    events = feed_all(mapper, {
+        "type": "result", "subtype": "success", "is_error": False, "num_turns": 2, "total_cost_usd": 0.5,
+        "result": "done", "usage": {"input_tokens": 10, "output_tokens": 4},
+        "modelUsage": ["a", "list", "now"], "errors": {"not": "a list"},
+    })
+    assert kinds(events) == ["log", "phase", "usage", "result"]
+    assert "modelUsage, errors" in events[0].data.line  # type: ignore[attr-defined]
+    assert events[-1].data.ok and events[-1].data.costUsd == 0.5 and mapper.snapshot.usage.outputTokens == 4  # type: ignore[attr-defined]

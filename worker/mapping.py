@@ -63,7 +63,7 @@ from progress_service.events import (
 from worker.step_detail import step_input, step_output
 from worker.todos import TodoList
 from worker.tools import BOOKKEEPING_TOOLS, is_test_command, tool_phase, tool_title  # noqa: F401 - is_test_command re-exported
-from worker.stream_json import ApiEvent, Block, Message, StreamLine, TokenUsage, any_decoder, line_decoder, retry_text
+from worker.stream_json import ApiEvent, Block, Message, StreamLine, TokenUsage, decode_lenient, retry_text
 
 #: Live token counts and tool progress are published at most this often (ms).
 LIVE_EVERY_MS = 1000
@@ -204,19 +204,16 @@ class Mapper:
         if not text.strip():
             return out
         try:
-            line = line_decoder.decode(raw)
+            line, dropped = decode_lenient(raw)
         except msgspec.ValidationError:
-            # JSON, but not an object, or a known field of an unexpected type.
-            try:
-                value = any_decoder.decode(raw)
-            except msgspec.DecodeError:
-                value = None
-            what = f"'{value.get('type')}' line" if isinstance(value, dict) else "non-object JSON"
-            self._log(out, "stdout", f"unrecognized {what}: {text}")
+            self._log(out, "stdout", f"unrecognized non-object JSON: {text}")
             return out
         except msgspec.DecodeError:
             self._log(out, "stdout", text)
             return out
+        if dropped:
+            # A known field of an unexpected shape (a newer CLI?): say so, map the rest.
+            self._log(out, "stdout", f"unrecognized {', '.join(dropped)} in '{line.type}' line: {text}")
         message = line.message if isinstance(line.message, Message) else None
         if line.type == "system":
             self._system(out, line)
@@ -347,13 +344,17 @@ class Mapper:
         # only grows when the message's real number arrives.
         outp = sum(m.output if m.final else max(m.output, m.estimated_chars // 6) for m in self._live.values())
         usage = self.snapshot.usage
-        if (inp, outp) == (usage.inputTokens, usage.outputTokens):
+        if inp <= usage.inputTokens and outp <= usage.outputTokens:
             return
         now = self.clock()
         if not force and now - self._last_live < LIVE_EVERY_MS:
             return
         self._last_live = now
-        new = msgspec.structs.replace(usage, inputTokens=inp, outputTokens=outp)
+        # Never down while running (a turn after a result starts from the
+        # result's session totals); the next result line sets exact totals.
+        new = msgspec.structs.replace(
+            usage, inputTokens=max(inp, usage.inputTokens), outputTokens=max(outp, usage.outputTokens)
+        )
         data = UsageData(inputTokens=new.inputTokens, outputTokens=new.outputTokens, costUsd=self.snapshot.costUsd)
         self._emit(out, "usage", data, usage=new)
 
