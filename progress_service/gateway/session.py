@@ -31,7 +31,7 @@ from litestar.exceptions import WebSocketDisconnect
 from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from progress_service import history, metrics, streams
+from progress_service import history, metrics, outage, streams
 from progress_service.auth import authenticate, cached_principal
 from progress_service.events import (
     Ack,
@@ -55,7 +55,7 @@ from progress_service.events import (
 from progress_service.gateway import closes
 from progress_service.gateway.closes import ABUSE_CODES, Close
 from progress_service.gateway.hub import Member
-from progress_service.gateway.limits import TokenBucket, WindowBudget
+from progress_service.gateway.limits import TokenBucket, WindowBudget, json_too_deep
 from progress_service.gateway.outbox import Outbox, SendTimeout
 from progress_service.store.identity import Principal
 from progress_service.store.jobs import JobRecord, get_job
@@ -469,6 +469,10 @@ class Session:
         if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
             self.request_close(closes.TOO_LARGE)
             return None
+        depth = self.settings.ws_max_json_depth
+        if json_too_deep(text, depth):
+            self.request_close(closes.policy(f"JSON nested deeper than {depth} levels"))
+            return None
         try:
             message = client_decoder.decode(text)
         except msgspec.ValidationError as exc:
@@ -476,6 +480,9 @@ class Session:
             return None
         except msgspec.DecodeError:
             self.request_close(closes.INVALID_JSON)
+            return None
+        except RecursionError:  # (the depth check above makes this unreachable in practice)
+            self.request_close(closes.policy(f"JSON nested deeper than {depth} levels"))
             return None
         metrics.ws_messages_in.labels(type(message).__struct_config__.tag).inc()
         return message
@@ -528,18 +535,28 @@ class Session:
         principal = cached_principal(cache, message.token)
         if principal is None:
             try:
-                # asyncio.timeout, not anyio.fail_after: an anyio scope with a
-                # deadline costs a task lookup and a timer handle more, ~10 % of a connect.
-                async with asyncio.timeout(self.settings.store_timeout):
-                    principal = await authenticate(self.gateway.services.engine, self.gateway.services.redis, message.token, cache=cache)
-            except _STORE_ERRORS:
-                log.warning("gateway: credential store unavailable during auth")
+                # The store gate bounds the read (store_timeout) and the queue
+                # before it (ws_store_wait), so a reconnect storm waits. Its
+                # timeouts are asyncio's, not anyio.fail_after: an anyio scope
+                # with a deadline costs a task lookup and a timer handle more,
+                # ~10 % of a connect.
+                services = self.gateway.services
+                principal = await self.gateway.store_gate.call(
+                    lambda: authenticate(services.engine, services.redis, message.token, cache=cache)
+                )
+            except _STORE_ERRORS as exc:
+                outage.warn(outage.classify(exc) or "store", "WebSocket auth", exc)
                 self.request_close(closes.INTERNAL)
                 return False
             if self.closing:
                 return False
         if principal is None:
             self.audit("auth.failed", reason="invalid, expired, revoked or reused credential")
+            self.request_close(closes.AUTH_FAILED)
+            return False
+        if principal.is_reporter:
+            # Reporter tokens report Claude Code sessions over HTTP; they read nothing.
+            self.audit("auth.failed", reason="a reporter token cannot watch")
             self.request_close(closes.AUTH_FAILED)
             return False
         if self.principal is None:
@@ -582,27 +599,29 @@ class Session:
         principal = self.principal
         since = message.since
         try:
-            async with asyncio.timeout(self.settings.store_timeout):  # see _auth
-                job: JobRecord | None = None
-                team_id = gateway.job_teams.get(job_id)
-                if team_id is None:
-                    job = await get_job(gateway.services.engine, job_id)
-                    if job is not None:
-                        team_id = job.team_id
-                        gateway.remember_job_team(job_id, team_id)
-                if team_id != principal.team_id:
-                    # Unknown and other-team jobs get the same answer: rooms cannot be probed.
-                    self.audit("join.refused", room_id=room_id)
-                    self.refuse("not_found", "no such room", room_id=room_id)
-                    return
+            # Its own bounded waits: a reconnect storm queues here (see job_access).
+            allowed = await gateway.access.allowed(job_id, principal.team_id)
+        except _STORE_ERRORS:
+            self.refuse("unavailable", "try again later", room_id=room_id, counts=False)
+            return
+        if not allowed:
+            # Unknown and other-team jobs: the same answer after the same work (rooms cannot be probed).
+            self.audit("join.refused", room_id=room_id)
+            self.refuse("not_found", "no such room", room_id=room_id)
+            return
+        try:
+            # The room's reads queue behind the other joins' batches (JoinReads):
+            # in a reconnect storm that is a wait, bounded like the store gate's.
+            async with asyncio.timeout(self.settings.ws_store_wait):
                 snapshot, cov, presence_head, members = await self._read_room(job_id, since)
                 # Redis while it holds the entries; the store answers for the rest.
                 pos = await history.position(gateway.services.engine, job_id, since, cov)
                 head, gap, oldest = pos.head, pos.gap, pos.oldest
                 if snapshot is None:
                     # No live snapshot in Redis (expired): the stored one.
-                    if job is None:
-                        job = await get_job(gateway.services.engine, job_id, team_id=principal.team_id)
+                    job: JobRecord | None = await gateway.store_gate.call(
+                        lambda: get_job(gateway.services.engine, job_id, principal.team_id)
+                    )
                     if job is None:
                         self.refuse("not_found", "no such room", room_id=room_id)
                         return
