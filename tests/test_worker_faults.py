@@ -300,7 +300,7 @@ async def test_worker_killed_with_no_worker_left_is_recovered_by_the_app(
     cluster: Any, client: Any, store_engine: Any
 ) -> None:
     """SIGKILL the only worker: the app's sweeper re-queues the job within the lease time plus its grace."""
-    c = await cluster(lease_ttl=2.0, lease_grace=1.0, job_max_tries=2, replay_speed=12.0)
+    c = await cluster(lease_ttl=2.0, lease_grace=1.0, job_max_tries=2, replay_speed=16.0)
     worker = c.worker()
     job = await c.submit()
     await wait_for(lambda: stepping(client, job), 20, "the job to run")
@@ -352,7 +352,7 @@ async def test_redis_killed_or_emptied_mid_job_worker_survives_and_finishes(
     the worker re-creates its lease and the app's sweeper, waiting out
     ``lease_grace``, does not declare it lost (with a grace of 0 it does).
     """
-    c = await cluster(replay_speed=8.0, lease_ttl=2.0, lease_grace=4.0, job_max_tries=2)
+    c = await cluster(replay_speed=10.0, lease_ttl=2.0, lease_grace=4.0, job_max_tries=2)
     worker = c.worker()
     job = await c.submit()
     from redis.asyncio import Redis  # noqa: PLC0415
