@@ -71,7 +71,8 @@ MAX_BATCH = 500
 
 # Appends a batch of one job's comments, each at most once.
 # KEYS: events stream, snapshot hash, comment-id -> entry-id hash
-# ARGV: maxlen, ttl of the map, then (comment id, entry body) pairs
+# ARGV: '' (unused: the publisher trims the stream, below what the archive and
+#       the comments table hold), ttl of the map, then (comment id, entry body) pairs
 # Returns the entry id of each comment, in ARGV order.
 _APPEND_ONCE = """
 local ids = {}
@@ -79,7 +80,7 @@ local added = 0
 for i = 3, #ARGV, 2 do
   local id = redis.call('HGET', KEYS[3], ARGV[i])
   if not id then
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 't', 'chat', 'b', ARGV[i + 1])
+    id = redis.call('XADD', KEYS[1], '*', 't', 'chat', 'b', ARGV[i + 1])
     redis.call('HSET', KEYS[3], ARGV[i], id)
     added = added + 1
   end
@@ -267,7 +268,7 @@ class Comments:
 
         A comment appended before gets the id of that entry (the script's map).
         """
-        args: list[Any] = [self.settings.events_maxlen, self.settings.events_ttl]
+        args: list[Any] = ["", self.settings.events_ttl]
         for c in items:
             args += (str(c.commentId), _enc.encode(c.stored_chat()))
         keys = [streams.events_key(job_id), streams.snapshot_key(job_id), published_key(job_id)]
@@ -391,7 +392,7 @@ class Comments:
         """Run the append script once per job; the replies in ``by_job``'s order."""
         calls = []
         for job_id, group in by_job.items():
-            args: list[Any] = [self.settings.events_maxlen, self.settings.events_ttl]
+            args: list[Any] = ["", self.settings.events_ttl]
             for waiter in group:
                 assert waiter.comment is not None
                 args += (str(waiter.comment.commentId), _enc.encode(waiter.comment.stored_chat()))

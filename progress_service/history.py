@@ -49,14 +49,12 @@ class Position(msgspec.Struct, frozen=True):
     gap: bool
     #: The oldest entry still kept (for the ``gap`` message), when known.
     oldest: str | None
-    #: ``Coverage.holds_from``: pass it to :func:`read_page`.
-    holds_from: str | None
 
 
 async def position(engine: AsyncEngine, job_id: str, since: str | None, cov: Coverage) -> Position:
     """Head and gap for a replay after ``since``; reads the store only when Redis lacks entries."""
     if cov.holds_from is None:
-        return Position(head=cov.head, gap=False, oldest=None, holds_from=None)
+        return Position(head=cov.head, gap=False, oldest=None)
     archived = await store.head(engine, job_id)
     head = cov.head
     if archived is not None and (head is None or id_lt(head, archived)):
@@ -70,32 +68,38 @@ async def position(engine: AsyncEngine, job_id: str, since: str | None, cov: Cov
     elif cov.trimmed and cov.holds_from and (since is None or id_lt(since, cov.holds_from)):
         # Redis trimmed entries; the archive has them unless it never got any.
         gap = not first or not id_lt(first[0][0].decode(), cov.holds_from)
-    holds_from = cov.holds_from
-    if not first or (holds_from and not id_lt(first[0][0].decode(), holds_from)):
-        holds_from = None  # the archive has nothing older than Redis: replay reads Redis alone
-    return Position(head=head, gap=gap, oldest=oldest if gap else None, holds_from=holds_from)
+    return Position(head=head, gap=gap, oldest=oldest if gap else None)
 
 
-async def read_page(
-    redis: Redis, engine: AsyncEngine, job_id: str, after: str | None, holds_from: str | None, *, count: int
-) -> list[Entry]:
-    """The next entries after ``after`` (exclusive), oldest first, at most ``count``.
+async def read_page(redis: Redis, engine: AsyncEngine, job_id: str, after: str | None, *, count: int) -> list[Entry]:
+    """The next entries after ``after`` (exclusive), oldest first, at most ``count``; never a silent hole.
 
-    ``holds_from`` is the replay's :attr:`Position.holds_from`: entries older
-    than it come from the store, the rest from Redis.
+    Redis is read first, with what it holds at that instant
+    (``streams.replay_covered``, one MULTI). Its answer follows ``after``
+    directly when Redis holds the whole stream or an entry at or before
+    ``after``. Otherwise the entries between ``after`` and Redis's oldest were
+    trimmed before that read, and Redis trims only what the archive holds
+    (``streams.trim_archived``), so the store, read next, has them: they come
+    first, then Redis's answer (a full page either way). This also holds when Redis trimmed further while a replay was
+    under way. When Redis holds the whole stream (the hot path) a page costs
+    no store query.
     """
-    if holds_from is not None and (after is None or holds_from == "" or id_lt(after, holds_from)):
-        rows = await store.read_entries(engine, job_id, after, before=holds_from or None, limit=count)
-        if rows:
-            return rows
-    return await streams.replay(redis, job_id, after, count=count)
+    entries, cov = await streams.replay_covered(redis, job_id, after, count=count)
+    if cov.holds_from is None:
+        return entries  # Redis holds the whole stream: nothing is anywhere else
+    oldest = cov.holds_from or None  # None: Redis holds nothing of it
+    if after is not None and oldest is not None and not id_lt(after, oldest):
+        return entries  # Redis holds `after` or older: its answer is contiguous
+    rows = await store.read_entries(engine, job_id, after, before=oldest, limit=count)
+    # Fewer rows than asked: the store gave all of (after, oldest), Redis goes on from oldest.
+    return (rows + entries)[:count]
 
+async def append_archived(redis: Redis, engine: AsyncEngine, job_id: str, event: StoredEvent, *, snapshot: object = None) -> str:
+    """Append one event outside a worker's publisher (submit, cancel of a queued job) and archive it.
 
-async def append_archived(
-    redis: Redis, engine: AsyncEngine, job_id: str, event: StoredEvent, *, maxlen: int, snapshot: object = None
-) -> str:
-    """Append one event outside a worker's publisher (submit, cancel of a queued job) and archive it."""
-    entry_id = await streams.append_event(redis, job_id, event, maxlen=maxlen, snapshot=snapshot)  # type: ignore[arg-type]
+    No trim here: a publisher of the job may hold entries the archive lacks yet.
+    """
+    entry_id = await streams.append_event(redis, job_id, event, snapshot=snapshot)  # type: ignore[arg-type]
     body = streams.encode_event(event)
     await store.archive(engine, job_id, [store.ArchivedEvent(entry_id, event.kind, event.attempt, body)])
     return entry_id

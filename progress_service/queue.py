@@ -313,7 +313,7 @@ async def publish_cancelled(
     data = StatusData(status="cancelled", phase=snapshot.phase, reason=reason)
     event = StoredEvent(kind="status", at=at, data=msgspec.to_builtins(data), attempt=attempt)
     snapshot.lastEventId = await append_archived(
-        redis, engine, job_id, event, maxlen=settings.events_maxlen, snapshot=snapshot
+        redis, engine, job_id, event, snapshot=snapshot
     )
     await update_job(engine, job_id, snapshot=snapshot)
     await expire_job(redis, job_id, settings.events_ttl)

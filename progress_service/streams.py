@@ -71,17 +71,20 @@ async def append_event(
     job_id: str,
     event: StoredEvent,
     *,
-    maxlen: int,
+    maxlen: int | None = None,
     snapshot: JobSnapshot | None = None,
 ) -> str:
     """Append one job event (and the snapshot it leads to) atomically.
 
     Returns the new entry id. The snapshot and the stream change in one
     MULTI, so a reader that takes both in one MULTI never sees them disagree.
+    The service passes no ``maxlen``: a job's stream is trimmed only below
+    what the archive holds (:func:`trim_archived`). ``maxlen`` (``MAXLEN ~``)
+    is for streams without an archive (benchmarks, tests).
     """
     key = events_key(job_id)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.xadd(key, {"t": b"event", "b": encode_event(event)}, maxlen=maxlen, approximate=True)
+        pipe.xadd(key, {"t": b"event", "b": encode_event(event)}, maxlen=maxlen, approximate=maxlen is not None)
         # Count of entries ever added: with XLEN it tells whether the stream
         # was trimmed, which decides a `gap` on resume (Redis 6.2 has no
         # max-deleted-entry-id to ask).
@@ -98,7 +101,7 @@ async def append_event(
 
 # Appends a publisher's batch of events, each at most once (see worker/publisher.py).
 # KEYS: events stream, snapshot hash
-# ARGV: maxlen, publisher token, first seq, floor id ('' none), snapshot ('' none),
+# ARGV: '' (unused: the stream is trimmed by `TRIM_ARCHIVED`, never here), publisher token, first seq, floor id ('' none), snapshot ('' none),
 #       '1' when this publisher appended before ('' else),
 #       then (body, wanted id or '') per event; the events have seqs first, first+1, ...
 # Returns the id of each event (false: a wanted id that no longer fits), or
@@ -155,7 +158,8 @@ while i <= #ARGV do
       id = string.format('%d-%d', tms, tseq + 1)
     end
     if id then
-      redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, 't', 'event', 'b', body)
+      -- No MAXLEN: an entry leaves Redis only once the archive holds it (TRIM_ARCHIVED).
+      redis.call('XADD', KEYS[1], id, 't', 'event', 'b', body)
       bump(id)
       added = added + 1
     end
@@ -173,10 +177,36 @@ return out
 """
 
 
-async def append_chat(redis: Redis, job_id: str, chat: StoredChat, *, maxlen: int) -> str:
-    """Append a comment to the job's stream so every node and replay sees it in order."""
+# Trims a job's stream below what the archive holds, keeping some archived entries.
+# KEYS: events stream
+# ARGV: the newest archived id, archived entries to keep (at least 1)
+# Removes the entries older than the ARGV[2]-th newest entry at or below
+# ARGV[1]; entries above ARGV[1] (not archived yet) are never touched.
+# Returns the number of entries removed.
+TRIM_ARCHIVED = """
+local keep = math.max(1, tonumber(ARGV[2]))
+local older = redis.call('XREVRANGE', KEYS[1], ARGV[1], '-', 'COUNT', keep + 1)
+if #older <= keep then return 0 end
+return redis.call('XTRIM', KEYS[1], 'MINID', older[keep][1])
+"""
+
+
+async def trim_archived(redis: Redis, job_id: str, archived_upto: str, *, keep: int) -> int:
+    """Remove the stream's entries the archive holds, except the ``keep`` newest of them.
+
+    The only trimming of a job's stream (the publisher calls it after each
+    archive commit, with ``keep = PS_EVENTS_MAXLEN``): every entry above
+    ``archived_upto`` stays, so a reader always finds an entry in Redis or in
+    the store (see ``history.read_page``). Returns how many were removed.
+    """
+    removed = await redis.eval(TRIM_ARCHIVED, 1, events_key(job_id), archived_upto, keep)
+    return int(removed or 0)
+
+
+async def append_chat(redis: Redis, job_id: str, chat: StoredChat, *, maxlen: int | None = None) -> str:
+    """Append a comment to the job's stream so every node and replay sees it in order (tests; the service uses ``comments``)."""
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.xadd(events_key(job_id), {"t": b"chat", "b": _enc.encode(chat)}, maxlen=maxlen, approximate=True)
+        pipe.xadd(events_key(job_id), {"t": b"chat", "b": _enc.encode(chat)}, maxlen=maxlen, approximate=maxlen is not None)
         pipe.hincrby(snapshot_key(job_id), "n", 1)
         res = await pipe.execute()
     return _s(res[0])
@@ -206,6 +236,25 @@ async def replay(redis: Redis, job_id: str, since: str | None, *, count: int = 1
     return await redis.xrange(events_key(job_id), min=start, max="+", count=count)
 
 
+async def replay_covered(redis: Redis, job_id: str, since: str | None, *, count: int = 1000) -> tuple[list[Entry], Coverage]:
+    """:func:`replay` and :func:`coverage` in one MULTI: the entries and what Redis held when it read them.
+
+    The reader needs both from the same instant: entries older than the
+    coverage's ``holds_from`` were trimmed before this read, so the archive
+    holds them (``history.read_page``).
+    """
+    key = events_key(job_id)
+    start = f"({since}" if since else "-"
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xrange(key, min=start, max="+", count=count)
+        pipe.xrange(key, count=1)
+        pipe.xrevrange(key, count=1)
+        pipe.xlen(key)
+        pipe.hmget(snapshot_key(job_id), "n", "k")
+        entries, first, last, length, (added, whole) = await pipe.execute()
+    return entries, coverage_of(first, last, length, added, whole)
+
+
 class Coverage(msgspec.Struct, frozen=True):
     """What Redis holds of a job's stream (see :func:`coverage_of`)."""
 
@@ -215,7 +264,7 @@ class Coverage(msgspec.Struct, frozen=True):
     #: job's history (the stream is whole since its first entry). "" when
     #: Redis holds nothing and cannot say it never had anything.
     holds_from: str | None
-    #: Redis trimmed entries of this stream (MAXLEN) that it once held.
+    #: Redis trimmed entries of this stream (archived ones, see ``trim_archived``) that it once held.
     trimmed: bool = False
 
 

@@ -299,3 +299,97 @@ async def test_redis_killed_mid_job_every_watcher_sees_every_event_once(
             assert ids(out) == archived  # every event, once, in order
     finally:
         rd.stop()
+
+
+def json_id(line: str) -> str:
+    import json  # noqa: PLC0415
+
+    return str(json.loads(line)["id"])
+
+
+async def _ws_after(base: str, token: str, job_id: str, since: str, want: int) -> tuple[list[dict[str, Any]], bool]:
+    """Join with ``since`` and read ``want`` room items; and whether ``gap`` came."""
+    import json  # noqa: PLC0415
+
+    from gateway_helpers import auth, connect, join  # noqa: PLC0415
+
+    items: list[dict[str, Any]] = []
+    gap = False
+    async with connect(base, max_queue=64) as ws:
+        await auth(ws, token)
+        await join(ws, job_id, since)
+        with anyio.fail_after(30):
+            while len(items) < want:
+                msg = json.loads(await ws.recv())
+                for m in msg if isinstance(msg, list) else [msg]:
+                    gap = gap or m.get("type") == "gap"
+                    if m.get("type") in ("event", "chat"):
+                        items.append(m)
+    return items, gap
+
+
+async def test_nothing_leaves_redis_before_the_archive_holds_it(
+    tmp_path: Path, make_settings: Any, make_token: Any, store_url: str, monkeypatch: Any
+) -> None:
+    """Issue 9's silent hole: a small PS_EVENTS_MAXLEN and an archive that has not written yet.
+
+    The publisher's archive cadence is stretched (it archives only at the
+    job's end), as a slow store would. Redis must keep every event until the
+    archive holds it, and then keep PS_EVENTS_MAXLEN of them; HTTP pages, a
+    WebSocket join with ``since`` and log.jsonl see every event once, in
+    order, before and after the trim, without ``gap``.
+    """
+    from progress_service import streams  # noqa: PLC0415
+    from progress_service.events import JobSnapshot  # noqa: PLC0415
+    from worker import publisher  # noqa: PLC0415
+    from worker.mapping import Mapper  # noqa: PLC0415
+
+    monkeypatch.setattr(publisher, "ARCHIVE_EVERY", 3600.0)
+    monkeypatch.setattr(publisher, "ARCHIVE_BATCH", 1_000_000)
+    settings = make_settings(events_maxlen=5)
+    token = await make_token(role="admin")
+    lines = 300
+    async with run_app(settings, run_worker=False) as (base, app), client(base, token) as http:
+        job = await submit(http, "[long] no hole")  # queued: no worker runs it, this test publishes
+        redis = app.state.services.redis
+        key = streams.events_key(job)
+        engine = create_engine(store_url)  # the worker's own engine, as in production
+        mapper = Mapper(JobSnapshot(id=job, roomId=streams.room_id(job)))
+        pub = publisher.Publisher(redis, job, 1, settings, mapper, engine=engine)
+
+        def in_order(items: list[dict[str, Any]]) -> None:
+            logs = [i["data"]["line"] for i in items if i.get("kind") == "log"]
+            assert logs == [f"line {n}" for n in range(lines)]
+
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(pub.run)
+                for n in range(lines):
+                    await pub(pub.mapper.log, "stderr", f"line {n}")
+                assert pub.waiting == 0
+                # Not archived, so not trimmed: the submit's event and every line.
+                assert len(await _archived(engine, job)) == 1
+                assert await redis.xlen(key) == lines + 1
+                before, gap = await http_events(http, job)
+                assert not gap and len(before) == lines + 1
+                in_order(before[1:])
+                since = before[10]["id"]
+                joined, gap = await _ws_after(base, token, job, since, lines - 10)
+                assert not gap and ids(joined) == ids(before[11:])
+
+                # The end is archived at once, then the publisher trims.
+                await pub(pub.mapper.status, "succeeded")
+                await pub.close()
+            everything = ids(before) + [(await redis.xrevrange(key, count=1))[0][0].decode()]
+            assert await _archived(engine, job) == everything
+            assert await redis.xlen(key) == settings.events_maxlen
+            # Older entries now come from the archive, newer from Redis.
+            after, gap = await http_events(http, job)
+            assert not gap and ids(after) == everything
+            joined, gap = await _ws_after(base, token, job, since, lines - 9)
+            assert not gap and ids(joined) == everything[11:]
+            r = await http.get(f"/api/jobs/{job}/log.jsonl")
+            assert r.status_code == 200
+            assert [json_id(line) for line in r.text.splitlines()] == everything
+        finally:
+            await engine.dispose()

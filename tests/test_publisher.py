@@ -140,3 +140,33 @@ async def test_archive_store_on_sqlite_and_postgres(engine: Any) -> None:
     assert await archive.prune(engine, finished_before=101) == 1
     assert await archive.pruned_upto(engine, job_id) == "1000-3"
     assert [e for e, _ in await archive.read_entries(engine, job_id, None)] == [b"1000-2"]  # comments stay
+
+
+async def test_redis_keeps_what_the_archive_lacks_and_trims_what_it_holds(redis: Any, store: Any) -> None:
+    """Trimming follows the archive: PS_EVENTS_MAXLEN archived entries stay, nothing unarchived goes.
+
+    Events an earlier attempt left only in Redis (its publisher gave up on a
+    store outage) are archived before the first trim, not dropped.
+    """
+    from progress_service.events import StoredEvent  # noqa: PLC0415
+
+    engine = store.engine
+    job_id = uuid.uuid4().hex[:12]
+    left = [
+        await streams.append_event(redis, job_id, StoredEvent(kind="log", at=1, data={"n": i}, attempt=1))
+        for i in range(3)
+    ]
+    pub = _publisher(redis, engine, job_id, events_maxlen=4)
+    pub.attempt = 2
+    async with anyio.create_task_group() as tg:
+        await tg.start(pub.run)
+        await _lines(pub, 0, 20)
+        await pub.close()
+    archived = await _archived(engine, job_id)
+    assert archived[:3] == left and len(archived) == 23
+    assert await _stream_ids(redis, job_id) == archived[-4:]
+    # Nothing archived, nothing trimmed: the script alone never drops an entry above the id it is given.
+    assert await streams.trim_archived(redis, job_id, archived[-4], keep=1) == 0
+    assert await streams.trim_archived(redis, job_id, archived[-1], keep=1) == 3
+    assert await _stream_ids(redis, job_id) == archived[-1:]
+    await redis.delete(streams.events_key(job_id), streams.snapshot_key(job_id))

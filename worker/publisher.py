@@ -25,6 +25,14 @@ What was appended is archived (``store/history.py``) in batches: every
 :meth:`Publisher.close`. A store outage keeps the batch and retries; the
 insert is idempotent.
 
+Redis never drops what the archive lacks: appends do not trim; after each
+archive commit the publisher trims the stream below what it archived,
+keeping ``PS_EVENTS_MAXLEN`` archived entries (``streams.trim_archived``).
+So every entry is in Redis or in the store at every instant, and a reader
+(``history.read_page``) never meets a hole. While the store is down nothing
+is trimmed: the stream grows by the events waiting for the archive, at most
+``PS_PUBLISH_BUFFER`` (past that ``publish`` waits, see above).
+
 Without the pump running (the sweeper's one-off publishers) ``publish``
 appends and archives at once and raises on failure, keeping nothing: the
 caller retries with the same events, which reuse their seqs, so a retry after
@@ -72,6 +80,16 @@ CALL_TIMEOUT = 10.0
 _ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
 
+class _Head(msgspec.Struct):
+    """The archive's columns of a stored event body (``StoredEvent`` JSON), for :meth:`Publisher._adopt`."""
+
+    kind: str
+    attempt: int = 1
+
+
+_head_dec = msgspec.json.Decoder(_Head)
+
+
 def _ends(ev: Mapped) -> bool:
     """A terminal status event."""
     return ev.kind == "status" and getattr(ev.data, "status", None) in TERMINAL_STATUSES
@@ -114,6 +132,8 @@ class Publisher:
         self._unarchived: list[archive.ArchivedEvent] = []
         self._recent: deque[archive.ArchivedEvent] = deque(maxlen=RECENT)
         self._last_id: str | None = None
+        #: The events that were in the stream before this attempt's are archived (see _adopt).
+        self._adopted = False
         self._io = anyio.Lock()
         self._pumping = False
         self._closing = False
@@ -276,7 +296,7 @@ class Publisher:
         return True
 
     async def _append(self, token: str, first: int, batch: list[Any], *, floor: str | None, before: bool) -> list[Any]:
-        args: list[Any] = [self.settings.events_maxlen, token, first, floor or "", "", "1" if before else ""]
+        args: list[Any] = ["", token, first, floor or "", "", "1" if before else ""]
         if batch and isinstance(batch[0], _Item):
             args[4] = batch[-1].snapshot
             for item in batch:
@@ -319,4 +339,38 @@ class Publisher:
                 self._store_down = False
             del self._unarchived[: len(batch)]
             self._wake()
+            await self._trim(batch[-1].id)
         return True
+
+    async def _trim(self, archived_upto: str) -> None:
+        """Let Redis drop what the archive now holds (all but ``PS_EVENTS_MAXLEN`` of it)."""
+        try:
+            with anyio.fail_after(CALL_TIMEOUT):
+                if not self._adopted:
+                    await self._adopt(archived_upto)
+                await streams.trim_archived(self.redis, self.job_id, archived_upto, keep=self.settings.events_maxlen)
+        except _ERRORS as exc:
+            # Only memory is at stake: the next commit trims (and adopts) again.
+            log.debug("job %s: trim after archive failed (%r)", self.job_id, exc)
+        except Exception as exc:  # noqa: BLE001 - the store failed while adopting: trim nothing yet
+            log.debug("job %s: archiving earlier events failed (%r); not trimming", self.job_id, exc)
+
+    async def _adopt(self, upto: str) -> None:
+        """Archive the events older than this attempt's that are still in the stream, before the first trim.
+
+        An earlier attempt whose publisher gave up on a store outage (or the
+        submit, if its archive write failed) left events only in Redis: the
+        trim would otherwise drop them. Inserts are idempotent; comments are
+        in the comments table already.
+        """
+        after: str | None = None
+        while True:
+            entries = await streams.replay(self.redis, self.job_id, after, count=ARCHIVE_BATCH * 5)
+            older = [(eid.decode(), f) for eid, f in entries if streams.id_lt(eid.decode(), upto)]
+            heads = [(eid, f[b"b"], _head_dec.decode(f[b"b"])) for eid, f in older if f.get(b"t") == b"event"]
+            events = [archive.ArchivedEvent(eid, head.kind, head.attempt, body) for eid, body, head in heads]
+            await archive.archive(self.engine, self.job_id, events)
+            if len(older) < len(entries) or len(entries) < ARCHIVE_BATCH * 5:
+                break
+            after = older[-1][0]
+        self._adopted = True

@@ -19,7 +19,7 @@ from litestar import Controller, get
 from litestar.exceptions import NotFoundException
 from litestar.response import Stream
 
-from progress_service import streams
+from progress_service import history, streams
 from progress_service.api.deps import error_responses
 from progress_service.api.jobs import load_snapshot
 from progress_service.events import JobSpec, StepData
@@ -49,10 +49,10 @@ class StepDetails(msgspec.Struct, kw_only=True):
 
 
 async def iter_entries(services: Services, job_id: str) -> AsyncIterator[tuple[str, dict[bytes, bytes]]]:
-    """Every retained stream entry of a job, oldest first, in pages."""
+    """Every stream entry of a job, oldest first, in pages: from Redis and the archive (``history.read_page``)."""
     since: str | None = None
     while True:
-        entries = await streams.replay(services.redis, job_id, since, count=_PAGE)
+        entries = await history.read_page(services.redis, services.engine, job_id, since, count=_PAGE)
         for eid, fields in entries:
             yield (eid.decode() if isinstance(eid, bytes) else eid), fields
         if len(entries) < _PAGE:

@@ -131,7 +131,7 @@ class JobsController(Controller):
         )
         event = StoredEvent(kind="status", at=created, data=msgspec.to_builtins(StatusData(status="queued", phase="queued")))
         snapshot.lastEventId = await history.append_archived(
-            services.redis, services.engine, job_id, event, maxlen=settings.events_maxlen, snapshot=snapshot
+            services.redis, services.engine, job_id, event, snapshot=snapshot
         )
         await queue.enqueue_job(services.arq, job_id, queue_name=settings.queue_name)
         metrics.jobs_submitted.inc()
@@ -184,7 +184,7 @@ class JobsController(Controller):
         cov = await streams.coverage(services.redis, job_id)
         pos = await history.position(services.engine, job_id, since, cov)
         room = streams.room_id(job_id)
-        entries = await history.read_page(services.redis, services.engine, job_id, since, pos.holds_from, count=limit)
+        entries = await history.read_page(services.redis, services.engine, job_id, since, count=limit)
         items = [streams.entry_dict(room, eid, fields) for eid, fields in entries]
         return EventPage(items=items, next=items[-1]["id"] if items else since, gap=pos.gap, oldest=pos.oldest)
 

@@ -146,7 +146,7 @@ async def _messages(
         yield ServerSentEventMessage(event="joined", data=_enc.encode(joined).decode(), retry=RETRY_MS)
         if gap:
             yield ServerSentEventMessage(event="gap", data=_enc.encode(Gap(roomId=room, since=since or "", oldest=oldest)).decode())
-        pages = gateway.hub.replay_pages(job_id, member, since, head=head, presence_head=None, holds_from=pos.holds_from)
+        pages = gateway.hub.replay_pages(job_id, member, since, head=head, presence_head=None)
         async with aclosing(pages):
             async for page in pages:
                 for eid, text, _size in page:

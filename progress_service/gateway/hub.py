@@ -195,14 +195,13 @@ class Hub:
         *,
         head: str | None,
         presence_head: str | None,
-        holds_from: str | None = None,
     ) -> None:
         """Register ``member``, replay after ``since`` into its outbox, then make it live.
 
-        ``holds_from``: see ``history.Position``. Raises a Redis or store error
-        when the replay fails; the caller removes the member.
+        Raises a Redis or store error when the replay fails; the caller
+        removes the member.
         """
-        pages = self.replay_pages(job_id, member, since, head=head, presence_head=presence_head, holds_from=holds_from)
+        pages = self.replay_pages(job_id, member, since, head=head, presence_head=presence_head)
         async with aclosing(pages):
             async for page in pages:
                 for _eid, text, size in page:
@@ -217,7 +216,6 @@ class Hub:
         *,
         head: str | None,
         presence_head: str | None,
-        holds_from: str | None = None,
     ) -> AsyncIterator[list[tuple[str, str, int]]]:
         """Register ``member`` as pending and yield the replay after ``since``, page by page.
 
@@ -234,7 +232,7 @@ class Hub:
         empty_rounds = 0
         while True:
             # From the archive what Redis no longer holds (history.py), then Redis.
-            entries = await history.read_page(redis, engine, job_id, position, holds_from, count=READ_COUNT)
+            entries = await history.read_page(redis, engine, job_id, position, count=READ_COUNT)
             if entries:
                 page = []
                 for eid, fields in entries:

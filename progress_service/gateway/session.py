@@ -665,9 +665,7 @@ class Session:
         if gap:
             self.put(Gap(roomId=room_id, since=since or "", oldest=oldest))
         try:
-            await self.gateway.hub.attach(
-                job_id, member, replay_from, head=head, presence_head=presence_head, holds_from=pos.holds_from
-            )
+            await self.gateway.hub.attach(job_id, member, replay_from, head=head, presence_head=presence_head)
         except _STORE_ERRORS:
             # The join is undone: the client sees `error` for the room it was told it joined.
             self._forget_room(job_id, member)
