@@ -65,8 +65,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: it: after Redis restarted (empty, or after an outage longer than the
     #: lease) a live worker re-creates its lease within about a second.
     lease_grace: float = 5.0
-    #: Retained events per job stream (XADD MAXLEN ~).
+    #: Archived events a job's stream keeps in Redis (the publisher trims
+    #: only below what the archive holds: ``streams.trim_archived``).
     events_maxlen: int = 10_000
+    #: Seconds an entry stays in Redis at least, archived or not: a gateway
+    #: whose stream reader lags behind by less than this misses nothing live.
+    events_keep_seconds: float = 10.0
     #: Seconds a finished job's stream and snapshot are kept in Redis.
     events_ttl: int = 7 * 24 * 3600
     #: Days a finished job's events are kept in the SQL archive (0: forever).

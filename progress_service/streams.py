@@ -179,27 +179,35 @@ return out
 
 # Trims a job's stream below what the archive holds, keeping some archived entries.
 # KEYS: events stream
-# ARGV: the newest archived id, archived entries to keep (at least 1)
+# ARGV: the newest archived id, archived entries to keep (at least 1),
+#       milliseconds every entry stays at least (by the Redis clock)
 # Removes the entries older than the ARGV[2]-th newest entry at or below
-# ARGV[1]; entries above ARGV[1] (not archived yet) are never touched.
-# Returns the number of entries removed.
+# ARGV[1] and older than ARGV[3] ms; entries above ARGV[1] (not archived
+# yet) are never touched. Returns the number of entries removed.
 TRIM_ARCHIVED = """
 local keep = math.max(1, tonumber(ARGV[2]))
 local older = redis.call('XREVRANGE', KEYS[1], ARGV[1], '-', 'COUNT', keep + 1)
 if #older <= keep then return 0 end
-return redis.call('XTRIM', KEYS[1], 'MINID', older[keep][1])
+local minid = older[keep][1]
+local t = redis.call('TIME')
+local young = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[3])
+local ms = tonumber(string.match(minid, '^(%d+)-'))
+if ms > young then minid = string.format('%d-0', math.max(0, young)) end
+return redis.call('XTRIM', KEYS[1], 'MINID', minid)
 """
 
 
-async def trim_archived(redis: Redis, job_id: str, archived_upto: str, *, keep: int) -> int:
-    """Remove the stream's entries the archive holds, except the ``keep`` newest of them.
+async def trim_archived(redis: Redis, job_id: str, archived_upto: str, *, keep: int, keep_ms: int = 0) -> int:
+    """Remove the stream's entries the archive holds, except the ``keep`` newest and those younger than ``keep_ms``.
 
     The only trimming of a job's stream (the publisher calls it after each
-    archive commit, with ``keep = PS_EVENTS_MAXLEN``): every entry above
-    ``archived_upto`` stays, so a reader always finds an entry in Redis or in
-    the store (see ``history.read_page``). Returns how many were removed.
+    archive commit, with ``PS_EVENTS_MAXLEN`` and ``PS_EVENTS_KEEP_SECONDS``):
+    every entry above ``archived_upto`` stays, so a reader always finds an
+    entry in Redis or in the store (see ``history.read_page``), and a live
+    reader that lags less than ``keep_ms`` misses nothing. Returns how many
+    were removed.
     """
-    removed = await redis.eval(TRIM_ARCHIVED, 1, events_key(job_id), archived_upto, keep)
+    removed = await redis.eval(TRIM_ARCHIVED, 1, events_key(job_id), archived_upto, keep, keep_ms)
     return int(removed or 0)
 
 

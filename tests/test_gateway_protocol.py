@@ -591,6 +591,9 @@ async def test_store_down_during_auth_closes_1011(settings, store, redis) -> Non
         async with connect(base) as neighbour, connect(base) as ws:
             await auth(neighbour, token)
             await join(neighbour, job)
+            # Live, not still replaying: a replay may read the store (the
+            # archive), and one that fails is undone with `unavailable`.
+            await _neighbour_still_receives(neighbour, redis, job)
             real, services.engine = services.engine, create_engine(f"postgresql+asyncpg://nobody@127.0.0.1:{_closed_port()}/none")
             try:
                 await send(ws, type="auth", token=fresh)

@@ -346,7 +346,7 @@ async def test_nothing_leaves_redis_before_the_archive_holds_it(
 
     monkeypatch.setattr(publisher, "ARCHIVE_EVERY", 3600.0)
     monkeypatch.setattr(publisher, "ARCHIVE_BATCH", 1_000_000)
-    settings = make_settings(events_maxlen=5)
+    settings = make_settings(events_maxlen=5, events_keep_seconds=0)
     token = await make_token(role="admin")
     lines = 300
     async with run_app(settings, run_worker=False) as (base, app), client(base, token) as http:

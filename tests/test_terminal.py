@@ -438,7 +438,7 @@ async def test_a_trimmed_stream_is_resumed_from_the_archive(service: Any, run_cl
     # Retain only a few events in Redis, so those published while the client
     # is away are trimmed before it comes back: the rejoin reads them from the
     # store's archive instead, so there is no gap and nothing is missed.
-    settings, serve, token = await service(replay_speed=4.0, events_maxlen=5)
+    settings, serve, token = await service(replay_speed=4.0, events_maxlen=5, events_keep_seconds=0)
     job_id = submit_job(serve.url, token, "[long] outrun the client")
     cli = run_cli(["watch", job_id], cli_env(serve.url, token))
     cli.wait_for(lambda: sum(1 for line in cli.out if line.split()[1] == "step") >= 2)

@@ -27,7 +27,8 @@ insert is idempotent.
 
 Redis never drops what the archive lacks: appends do not trim; after each
 archive commit the publisher trims the stream below what it archived,
-keeping ``PS_EVENTS_MAXLEN`` archived entries (``streams.trim_archived``).
+keeping ``PS_EVENTS_MAXLEN`` archived entries and those younger than
+``PS_EVENTS_KEEP_SECONDS`` (``streams.trim_archived``).
 So every entry is in Redis or in the store at every instant, and a reader
 (``history.read_page``) never meets a hole. While the store is down nothing
 is trimmed: the stream grows by the events waiting for the archive, at most
@@ -348,7 +349,10 @@ class Publisher:
             with anyio.fail_after(CALL_TIMEOUT):
                 if not self._adopted:
                     await self._adopt(archived_upto)
-                await streams.trim_archived(self.redis, self.job_id, archived_upto, keep=self.settings.events_maxlen)
+                await streams.trim_archived(
+                    self.redis, self.job_id, archived_upto,
+                    keep=self.settings.events_maxlen, keep_ms=int(self.settings.events_keep_seconds * 1000),
+                )
         except _ERRORS as exc:
             # Only memory is at stake: the next commit trims (and adopts) again.
             log.debug("job %s: trim after archive failed (%r)", self.job_id, exc)
