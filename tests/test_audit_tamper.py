@@ -246,13 +246,27 @@ async def test_a_torn_last_witness_line_is_ignored_and_reported(engine: Any, tmp
 
 
 async def test_the_writer_checkpoints_while_appending_and_a_live_store_verifies(engine: Any, tmp_path: Path) -> None:
-    tid = await ensure_team(engine, "alpha")
+    job_id, tid = await make_job(engine, "alpha")
     witness = tmp_path / "w.jsonl"
     ring = audit_keys.for_engine(engine)
     checkpointer = audit.Checkpointer(engine, FileWitness(witness), ring, interval=0.05)
     writer = audit.Audit(engine, keys=ring, checkpointer=checkpointer)
+    appending = anyio.Event()
+
+    async def comment_while_verifying() -> None:
+        # Comments (and their records) land while verify walks and compares.
+        i = 0
+        while not appending.is_set():
+            await comment_store.store_comment(
+                engine, job_id=job_id, room_id=f"job:{job_id}", team_id=tid, user_id="u1", user_name="ana",
+                request_id=f"c{i}", text=f"comment {i}",
+            )
+            i += 1
+            await anyio.sleep(0.005)
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(writer.run)
+        tg.start_soon(comment_while_verifying)
         for i in range(40):
             writer.record_nowait(action="auth.failed", team_id=tid, detail={"i": i})
             await put(engine, tid, 1)
@@ -260,14 +274,17 @@ async def test_the_writer_checkpoints_while_appending_and_a_live_store_verifies(
                 result = await verify_with(engine, witness)  # appends and checkpoints keep going meanwhile
                 assert result.ok, result.problems
             await anyio.sleep(0.01)
+        appending.set()
         assert await writer.flush(10)
         tg.cancel_scope.cancel()
+    async with engine.connect() as conn:
+        total = int(await conn.scalar(sa.select(sa.func.count()).select_from(audit_log)))
     contents = FileWitness(witness).read(ring)
     assert len(contents.checkpoints) >= 3 and not contents.bad
     # The shutdown checkpoint pins everything written.
-    assert contents.latest()[tid][1].count == 80
+    assert contents.latest()[tid][1].count == total > 80
     result = await verify_with(engine, witness)
-    assert result.ok and result.verified == 80 and result.checkpointed == 1
+    assert result.ok and result.verified == total and result.checkpointed == 1 and result.comments == total - 80
 
 
 # --------------------------------------------------------------------------

@@ -19,67 +19,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from progress_service.store.audit.append import chain_filter
 from progress_service.store.audit.chain import GENESIS, SYSTEM_CHAIN, chain_of, keyed_hash, row_hash
-from progress_service.store.audit.comment_check import COMMENT_ACTION, Claim, claim_of, differences
+from progress_service.store.audit.comment_check import COMMENT_ACTION, Claim, check_comments, claim_of
 from progress_service.store.audit.keys import Keyring
+from progress_service.store.audit.report import MAX_COMMENT_PROBLEMS, Mismatch, VerifyResult
 from progress_service.store.audit.witness import Checkpoint, WitnessContents
-from progress_service.store.schema import audit_heads, audit_log, comments, teams
+from progress_service.store.schema import audit_heads, audit_log, teams
 
 _ALTERED = "contents do not match its hash (the record was altered or forged without the key)"
 
-#: Comment differences named at most per chain (the count is always given).
-MAX_COMMENT_PROBLEMS = 100
-
-
-class Mismatch(msgspec.Struct, kw_only=True):
-    """Where a chain breaks: the record (``id`` None for a missing tail) and why."""
-
-    chain: str
-    id: int | None
-    position: int
-    reason: str
-    #: What is named when it is not a record (a comment, a witness line).
-    subject: str | None = None
-
-    def describe(self) -> str:
-        """One line naming the record (or thing) and the reason."""
-        what = self.subject or (f"record id={self.id}" if self.id is not None else "chain head")
-        where = f"chain {self.chain}, #{self.position}" if self.position else f"chain {self.chain}"
-        return f"{what} ({where}): {self.reason}"
-
-
-class VerifyResult(msgspec.Struct, kw_only=True):
-    """What :func:`verify` found: records checked, chains, everything that is wrong."""
-
-    verified: int
-    chains: int
-    problems: list[Mismatch] = msgspec.field(default_factory=list)
-    #: Records verified by SHA-256 only (written before keyed records).
-    legacy: int = 0
-    #: Chains checked against a checkpoint of the witness.
-    checkpointed: int = 0
-    comments: int = 0
-    #: Things worth saying that are not failures (torn witness lines, no witness).
-    notes: list[str] = msgspec.field(default_factory=list)
-
-    @property
-    def mismatch(self) -> Mismatch | None:
-        """The first problem, if any."""
-        return self.problems[0] if self.problems else None
-
-    @property
-    def ok(self) -> bool:
-        """True when nothing is wrong."""
-        return not self.problems
-
-
-def chain_filter(chain: str) -> Any:
-    """The WHERE clause selecting one chain's records."""
-    return audit_log.c.team_id.is_(None) if chain == SYSTEM_CHAIN else audit_log.c.team_id == chain
 
 
 async def _chains(conn: AsyncConnection) -> list[str]:
@@ -299,57 +251,6 @@ def short_of_checkpoint(w: _Walk) -> Mismatch | None:
     )
 
 
-async def check_comments(conn: AsyncConnection, w: _Walk) -> tuple[int, list[Mismatch]]:
-    """Compare the chain's team's comments with the ``comment.create`` records the walk collected."""
-    if w.chain == SYSTEM_CHAIN:
-        return 0, []
-    problems: list[Mismatch] = []
-    seen: set[int] = set()
-    checked, last = 0, 0
-    while True:
-        rows = (
-            await conn.execute(
-                sa.select(comments.c.id, comments.c.room_id, comments.c.user_id, comments.c.user_name, comments.c.text, comments.c.created_at)
-                .where(comments.c.team_id == w.chain, comments.c.id > last)
-                .order_by(comments.c.id)
-                .limit(5000)
-            )
-        ).all()
-        for row in rows:
-            checked += 1
-            claim = w.claims.get(row.id)
-            if claim is None:
-                problems.append(
-                    Mismatch(
-                        chain=w.chain, id=None, position=0, subject=f"comment id={row.id}",
-                        reason="has no comment.create record (stored without going through the log)",
-                    )
-                )
-                continue
-            seen.add(row.id)
-            diff = differences(row, claim)
-            if diff:
-                problems.append(
-                    Mismatch(
-                        chain=w.chain, id=claim.record_id, position=0,
-                        subject=f"comment id={row.id} (record id={claim.record_id})",
-                        reason=f"differs from its comment.create record: {', '.join(diff)} changed in the comments table",
-                    )
-                )
-        if len(rows) < 5000:
-            break
-        last = rows[-1].id
-    for comment_id in sorted(set(w.claims) - seen):
-        claim = w.claims[comment_id]
-        problems.append(
-            Mismatch(
-                chain=w.chain, id=claim.record_id, position=0, subject=f"comment id={comment_id} (record id={claim.record_id})",
-                reason="is missing from the comments table (deleted)",
-            )
-        )
-    return checked, problems
-
-
 async def verify(
     engine: AsyncEngine,
     team: str | None = None,
@@ -391,7 +292,7 @@ async def verify(
             short = short_of_checkpoint(w)
             if short is not None:
                 result.problems.append(short)
-            checked, comment_problems = await check_comments(conn, w)
+            checked, comment_problems = await check_comments(conn, w.chain, w.claims, w.prev_id)
             result.comments += checked
             result.problems.extend(comment_problems[:MAX_COMMENT_PROBLEMS])
             if len(comment_problems) > MAX_COMMENT_PROBLEMS:
