@@ -9,33 +9,30 @@ created since then, oldest first, one JSON object a line, then the latest
 checkpoint of each exported chain. ``audit rotate-key`` adds a new key.
 ``token revoke TOKEN_ID`` revokes a token, records it in the audit log and
 tells the gateways (through Redis when ``PS_REDIS_URL`` is set; they also
-poll the store) to close its live connections with 4401.
+poll the store) to close its live connections with 4403 (token revoked).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import sys
 from pathlib import Path
 from typing import Any
 
+from progress_service.operator_cli import operator_actor, require_store
 from progress_service.settings import Settings
 
 
 def _actor(args: argparse.Namespace) -> str:
-    if getattr(args, "actor", None):
-        return args.actor
-    try:
-        return f"cli:{getpass.getuser()}"
-    except Exception:  # no user name in this environment
-        return "cli"
+    return operator_actor(getattr(args, "actor", None))
 
 
-def _engine(settings: Settings) -> Any:
+def _engine(settings: Settings, command: str) -> Any:
+    """The store's engine; exits 2 when the configured store does not exist."""
     from progress_service.store.db import create_engine  # noqa: PLC0415
 
+    require_store(settings, command)
     return create_engine(settings.database_url)
 
 
@@ -97,7 +94,7 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
         return 2
 
     async def run() -> tuple[audit.VerifyResult, bool]:
-        engine = _engine(settings)
+        engine = _engine(settings, "audit verify")
         try:
             await migrate(engine)
             known = True
@@ -138,7 +135,7 @@ def cmd_audit_export(args: argparse.Namespace, settings: Settings) -> int:
         return 2
 
     async def run(out: Any) -> int:
-        engine = _engine(settings)
+        engine = _engine(settings, "audit export")
         count = 0
         chains: set[str] = set()
         try:
@@ -189,12 +186,12 @@ def cmd_audit_rotate_key(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace, settings: Settings) -> int:
-    """Revoke a token by id; its live connections are closed with 4401."""
+    """Revoke a token by id; its live connections are closed with 4403 (token revoked)."""
     from progress_service.revocation import revoke, token_info  # noqa: PLC0415
     from progress_service.store.migrations import migrate  # noqa: PLC0415
 
     async def run() -> tuple[bool, Any]:
-        engine = _engine(settings)
+        engine = _engine(settings, "token revoke")
         redis = None
         try:
             await migrate(engine)
@@ -230,7 +227,7 @@ def cmd_token_list(args: argparse.Namespace, settings: Settings) -> int:
     from progress_service.store.migrations import migrate  # noqa: PLC0415
 
     async def run() -> list[Any] | None:
-        engine = _engine(settings)
+        engine = _engine(settings, "token list")
         try:
             await migrate(engine)
             team_id = await audit.team_id_for(engine, args.team)
@@ -277,7 +274,7 @@ def register(subparsers: Any, token_subparsers: Any = None) -> None:
     p.set_defaults(func=cmd_audit_rotate_key)
 
     if token_subparsers is not None:
-        p = token_subparsers.add_parser("revoke", help="revoke a token by id and close its live connections (4401)")
+        p = token_subparsers.add_parser("revoke", help="revoke a token by id and close its live connections (4403 token revoked)")
         p.add_argument("token_id", metavar="TOKEN_ID")
         p.add_argument("--actor", default=None, help="who revokes it, for the audit log (default: cli:<user>)")
         p.set_defaults(func=cmd_token_revoke)

@@ -5,6 +5,7 @@ Every test that takes ``engine`` or ``db_url`` runs on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import sqlite3
@@ -299,7 +300,9 @@ async def test_cli_token_create_and_revoke_are_audited(db_url: str, engine: Any)
 
     tid = await audit.team_id_for(engine, "core")
     recs = await audit.list_records(engine, team_id=tid)
-    assert [(r.action, r.actor) for r in recs] == [("token.create", "ana"), ("token.revoke", "ops")]
+    # The actor is the operator who ran the command; the token's user is the subject.
+    assert [(r.action, r.actor) for r in recs] == [("token.create", f"cli:{getpass.getuser()}"), ("token.revoke", "ops")]
+    assert recs[0].detail["user"] == "ana"
     assert all(r.detail["tokenId"] == token_id for r in recs)
     assert all(token not in json.dumps(r.detail) for r in recs)
     assert (await audit.verify(engine)).ok

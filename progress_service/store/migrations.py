@@ -49,11 +49,29 @@ async def _v4_audit_keys(conn: AsyncConnection) -> None:
     await conn.run_sync(upgrade)
 
 
+#: Columns added to ``jobs`` by v5 (name -> DDL type and default).
+_V5_JOB_COLUMNS = {
+    "kind": "VARCHAR(20) NOT NULL DEFAULT 'job'",
+    "source": "VARCHAR(20)",
+    "host": "VARCHAR(200)",
+}
+
+
+async def _v5_job_kind(conn: AsyncConnection) -> None:
+    # Session jobs (Claude Code hooks): what a job is and where it runs. A
+    # fresh database got these columns from v1 already.
+    present = await conn.run_sync(lambda sync: {c["name"] for c in sa.inspect(sync).get_columns("jobs")})
+    for name, ddl in _V5_JOB_COLUMNS.items():
+        if name not in present:
+            await conn.execute(sa.text(f"ALTER TABLE jobs ADD COLUMN {name} {ddl}"))
+
+
 MIGRATIONS: list[tuple[int, str, Step]] = [
     (1, "initial schema", _v1_initial),
     (2, "audit chain heads", _v2_audit_heads),
     (3, "job event archive", _v3_event_archive),
     (4, "keyed audit records", _v4_audit_keys),
+    (5, "job kind, source and host", _v5_job_kind),
 ]
 
 

@@ -66,6 +66,11 @@ jobs = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("started_at", sa.BigInteger, nullable=True),
     sa.Column("finished_at", sa.BigInteger, nullable=True),
+    # "job" (run here by a worker) or "session" (a Claude Code session that
+    # reports through hooks); source and host say where a session runs.
+    sa.Column("kind", sa.String(20), nullable=False, server_default="job"),
+    sa.Column("source", sa.String(20), nullable=True),
+    sa.Column("host", sa.String(200), nullable=True),
     sa.Index("ix_jobs_team_created", "team_id", "created_at"),
     sa.Index("ix_jobs_team_status", "team_id", "status"),
 )
