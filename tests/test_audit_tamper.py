@@ -25,8 +25,8 @@ from progress_service.store.audit import keys as audit_keys
 from progress_service.store.audit.witness import FileWitness
 from progress_service.store.identity import ensure_team, ensure_user
 from progress_service.store.jobs import create_job
-from progress_service.store.migrations import migrate
-from progress_service.store.schema import audit_heads, audit_log, comments, schema_version
+from progress_service.store.migrations import MIGRATIONS
+from progress_service.store.schema import audit_heads, audit_log, comments
 
 
 async def put(engine: Any, team_id: str | None, n: int, *, keys: Any = None, action: str = "test.event") -> list[audit.AuditRecord]:
@@ -318,11 +318,10 @@ async def test_records_under_two_key_ids_verify_and_an_unknown_key_id_is_named(e
 
 async def test_legacy_records_from_before_the_migration_keep_verifying(engine: Any, tmp_path: Path) -> None:
     tid = await ensure_team(engine, "alpha")
-    # A store as migration 2 left it: no key_id column, SHA-256 records.
+    # A store as it was before keyed records (migration 4): no key_id column, SHA-256 records.
     async with engine.begin() as conn:
         await conn.execute(sa.text("DROP INDEX ix_audit_room"))
         await conn.execute(sa.text("ALTER TABLE audit_log DROP COLUMN key_id"))
-        await conn.execute(sa.delete(schema_version).where(schema_version.c.version == 4))
         prev = audit.GENESIS
         for i in range(4):
             at = 1_600_000_000_000 + i
@@ -338,7 +337,11 @@ async def test_legacy_records_from_before_the_migration_keep_verifying(engine: A
         await conn.execute(sa.insert(audit_heads).values(chain=tid, count=4, last_id=None, last_hash=prev, updated_at=0))
         last_id = await conn.scalar(sa.select(sa.func.max(sa.column("id"))).select_from(sa.table("audit_log")))
         await conn.execute(sa.update(audit_heads).where(audit_heads.c.chain == tid).values(last_id=last_id))
-    assert await migrate(engine) == ["4: keyed audit records"]
+    (step,) = [step for _, name, step in MIGRATIONS if name == "keyed audit records"]
+    async with engine.begin() as conn:
+        await step(conn)
+    async with engine.connect() as conn:
+        assert "key_id" in await conn.run_sync(lambda sync: {c["name"] for c in sa.inspect(sync).get_columns("audit_log")})
     await put(engine, tid, 2)
     result = await audit.verify(engine)
     assert result.ok and (result.verified, result.legacy) == (6, 4)
