@@ -225,6 +225,27 @@ async def test_a_checkpoint_with_a_bad_signature_and_a_head_moved_backwards_are_
     assert any("line 1" in p.describe() and "bad signature" in p.reason for p in result.problems)
 
 
+async def test_a_redis_stream_witness_catches_a_truncation_too(engine: Any, redis: Any, redis_url: str) -> None:
+    from progress_service.store.audit.witness import RedisWitness, open_witness  # noqa: PLC0415
+
+    stream = f"ps:test:witness:{uuid.uuid4().hex[:8]}"
+    witness = open_witness(load_settings(env={}, audit_witness=f"{redis_url}#{stream}"))
+    assert isinstance(witness, RedisWitness) and witness.stream == stream
+    try:
+        tid = await ensure_team(engine, "alpha")
+        recs = await put(engine, tid, 4)
+        ring = audit_keys.for_engine(engine)
+        await audit.Checkpointer(engine, witness, ring, interval=60).checkpoint(every=True)
+        assert await redis.xlen(stream) == 1
+        async with engine.begin() as conn:
+            await conn.execute(sa.delete(audit_log).where(audit_log.c.id == recs[-1].id))
+            await move_head_to(conn, tid, recs[-2], 3)
+        result = await audit.verify(engine, keys=ring, witness=witness.read(ring))
+        assert not result.ok and "missing record #4" in result.mismatch.describe()
+    finally:
+        await redis.delete(stream)
+
+
 async def test_a_torn_last_witness_line_is_ignored_and_reported(engine: Any, tmp_path: Path) -> None:
     tid = await ensure_team(engine, "alpha")
     await put(engine, tid, 3)
