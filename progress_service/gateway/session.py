@@ -329,7 +329,7 @@ class Session:
         loop = asyncio.get_running_loop()
         self._timer = loop.call_at(loop.time() + self.settings.ws_auth_timeout, self._on_timer)
         try:
-            self._sender = asyncio.create_task(self._guarded(self._send_loop))
+            self._sender = asyncio.create_task(self._send_loop())
             with anyio.CancelScope() as scope:
                 self._scope = scope
                 if not self.closing:
@@ -398,6 +398,9 @@ class Session:
         except (OSError, WebSocketDisconnect, RuntimeError):
             # uvicorn's ClientDisconnected is an OSError: the peer vanished
             self.request_close(None)
+        except Exception:  # as _guarded does, without its frame held by every idle connection
+            log.exception("gateway: session %s failed", self.id)
+            self.request_close(closes.INTERNAL)
 
     # ----------------------------------------------------------- timers
 
