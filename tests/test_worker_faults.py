@@ -300,7 +300,7 @@ async def test_worker_killed_with_no_worker_left_is_recovered_by_the_app(
     cluster: Any, client: Any, store_engine: Any
 ) -> None:
     """SIGKILL the only worker: the app's sweeper re-queues the job within the lease time plus its grace."""
-    c = await cluster(lease_ttl=2.0, lease_grace=1.0, job_max_tries=2, replay_speed=12.0)
+    c = await cluster(lease_ttl=2.0, lease_grace=1.0, job_max_tries=2, replay_speed=16.0)
     worker = c.worker()
     job = await c.submit()
     await wait_for(lambda: stepping(client, job), 20, "the job to run")
@@ -346,13 +346,13 @@ async def test_rolling_restarts_spend_no_try(cluster: Any, client: Any, store_en
 async def test_redis_killed_or_emptied_mid_job_worker_survives_and_finishes(
     cluster: Any, private_redis: PrivateRedis, store_engine: Any
 ) -> None:
-    """SIGKILL Redis mid-job and start it again, then empty it mid-job: the same worker finishes both.
+    """SIGKILL Redis mid-job and start it 3 s later, then empty it mid-job: the same worker finishes both.
 
     Emptied (FLUSHALL), Redis loses every lease while the worker is alive:
     the worker re-creates its lease and the app's sweeper, waiting out
     ``lease_grace``, does not declare it lost (with a grace of 0 it does).
     """
-    c = await cluster(replay_speed=8.0, lease_ttl=2.0, lease_grace=2.0, job_max_tries=2)
+    c = await cluster(replay_speed=10.0, lease_ttl=2.0, lease_grace=4.0, job_max_tries=2)
     worker = c.worker()
     job = await c.submit()
     from redis.asyncio import Redis  # noqa: PLC0415
@@ -363,7 +363,9 @@ async def test_redis_killed_or_emptied_mid_job_worker_survives_and_finishes(
     finally:
         await probe.aclose()
     private_redis.kill()
-    await anyio.sleep(0.5)
+    # Longer than the lease: it has expired when Redis is back, and the
+    # live worker must re-create it before the app's sweeper acts.
+    await anyio.sleep(3.0)
     private_redis.start()
     record = await wait_for(lambda: record_in(store_engine, job, "succeeded", "failed", "cancelled"), 40, "the end")
     assert record.status == "succeeded" and record.attempt == 1, (record.status, record.reason)
