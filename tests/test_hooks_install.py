@@ -85,3 +85,45 @@ def test_user_install_print_and_a_file_of_only_ours(tmp_path: Path) -> None:
     refused = run("install", "--project", str(tmp_path / "bad"), cwd=tmp_path, env_home=tmp_path)
     assert refused.returncode == 2 and "not an object" in refused.stderr
     assert bad.read_text() == '{"hooks": []}'
+
+
+async def test_migration_adds_job_kind_and_keeps_rows(db_url: str) -> None:
+    """A store from before the hooks (schema v3) gets kind/source/host; its jobs stay, as worker jobs."""
+    import sqlalchemy as sa  # noqa: PLC0415
+
+    from progress_service.events import JobSpec  # noqa: PLC0415
+    from progress_service.store.db import create_engine  # noqa: PLC0415
+    from progress_service.store.identity import ensure_team, ensure_user  # noqa: PLC0415
+    from progress_service.store.jobs import create_job, get_job, jobs_in_status, update_job  # noqa: PLC0415
+    from progress_service.store.migrations import migrate  # noqa: PLC0415
+
+    engine = create_engine(db_url)
+    try:
+        await migrate(engine)
+        async with engine.begin() as conn:  # back to v3: the columns did not exist yet
+            for column in ("kind", "source", "host"):
+                await conn.execute(sa.text(f"ALTER TABLE jobs DROP COLUMN {column}"))
+            await conn.execute(sa.text("DELETE FROM schema_version WHERE version = 4"))
+            team, user = "00000000-0000-0000-0000-000000000001", "00000000-0000-0000-0000-000000000002"
+            await conn.execute(sa.text("INSERT INTO teams (id, name, created_at) VALUES (:i, 'old', 1)"), {"i": team})
+            await conn.execute(sa.text("INSERT INTO users (id, name, created_at) VALUES (:i, 'old', 1)"), {"i": user})
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO jobs (id, team_id, user_id, spec, status, phase, created_at, attempt, demo) "
+                    "VALUES ('old-job', :t, :u, '{\"prompt\":\"old\"}', 'running', 'editing', 1, 1, false)"
+                ),
+                {"t": team, "u": user},
+            )
+        assert await migrate(engine) == ["4: job kind, source and host"]
+        old = await get_job(engine, "old-job")
+        assert old is not None and old.kind == "job" and old.spec.prompt == "old" and old.status == "running"
+        # A session job is never taken for a worker job whose lease was lost.
+        await create_job(
+            engine, job_id="cc-x", team_id=await ensure_team(engine, "t"), user_id=await ensure_user(engine, "u"),
+            spec=JobSpec(prompt="s"), created_at=2, demo=False, kind="session", source="hook", host="laptop", status="running",
+        )
+        await update_job(engine, "cc-x", status="running")
+        assert [r.id for r in await jobs_in_status(engine, ["running"])] == ["old-job"]
+        assert (await get_job(engine, "cc-x")).host == "laptop"  # type: ignore[union-attr]
+    finally:
+        await engine.dispose()
