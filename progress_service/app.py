@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,7 +15,10 @@ from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.middleware.rate_limit import RateLimitConfig
+from litestar.config.compression import CompressionConfig
+from litestar.datastructures import CacheControlHeader
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import RapidocRenderPlugin
 from litestar.static_files import create_static_files_router
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -24,7 +26,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from progress_service import metrics, queue
+from progress_service import history, metrics, outage, queue
 from progress_service.api.audit import AuditController, TokensController
 from progress_service.api.comments import CommentsController
 from progress_service.api.deps import provide_principal, provide_services
@@ -34,6 +36,7 @@ from progress_service.api.hooks import HookGate, claude_code_hook
 from progress_service.api.joblog import JobLogController
 from progress_service.api.jobs import JobsController
 from progress_service.api.me import whoami
+from progress_service.api.session import SessionController
 from progress_service.api.tickets import create_ticket
 from progress_service.comments import Comments
 from progress_service.hooks.ingest import Ingest
@@ -62,10 +65,14 @@ def make_redis(url: str) -> Redis:
 
 
 def claude_is_available(settings: Settings) -> bool:
-    """True when a real Claude Code binary will run jobs (else: the replay program)."""
-    if settings.claude_bin:
-        return True
-    return shutil.which("claude") is not None
+    """True when a worker started here runs the real Claude Code CLI (else: the replay program).
+
+    Only ``dev`` (whose worker is in-process) asks; a job's ``demo`` flag is
+    set by the worker that runs it.
+    """
+    from worker.claude import resolve_binary  # noqa: PLC0415 - the worker's own decision
+
+    return not resolve_binary(settings)[1]
 
 
 def access_log(app: ASGIApp) -> ASGIApp:
@@ -114,7 +121,10 @@ def _client_error_handler(request: Request, exc: HTTPException) -> Response:
     extra = getattr(exc, "extra", None)
     if extra:
         body["extra"] = extra
-    return Response(body, status_code=exc.status_code, headers=getattr(exc, "headers", None) or None)
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 503:  # every 503 tells the client when to retry
+        headers.setdefault("Retry-After", str(outage.RETRY_AFTER_SECONDS))
+    return Response(body, status_code=exc.status_code, headers=headers or None)
 
 
 def _bad_body_handler(request: Request, exc: Exception) -> Response:
@@ -132,9 +142,22 @@ def _bad_body_handler(request: Request, exc: Exception) -> Response:
 
 
 def _server_error_handler(request: Request, exc: Exception) -> Response:
-    """Log a bug with its traceback (path only: the query string may hold secrets)."""
+    """A store/Redis outage is a 503 (see :mod:`progress_service.outage`); else a
+    bug, logged with its traceback (path only: the query string may hold secrets)."""
+    dependency = outage.classify(exc)
+    if dependency is not None:
+        outage.warn(dependency, f"{request.method} {request.url.path}", exc)
+        return _unavailable(outage.describe(dependency))
     log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return Response({"status_code": 500, "detail": "Internal Server Error"}, status_code=500)
+
+
+def _unavailable(detail: str) -> Response:
+    return Response(
+        {"status_code": 503, "detail": detail},
+        status_code=503,
+        headers={"Retry-After": str(outage.RETRY_AFTER_SECONDS)},
+    )
 
 
 def create_app(
@@ -159,12 +182,11 @@ def create_app(
             redis=redis,
             engine=engine,
             arq=arq_pool,
-            demo=not claude_is_available(settings),
         )
         services.gateway = Gateway(services)
         # The hooks the gateway and the API call: durable comments, the
         # non-blocking audit writer, and revocation closing live connections.
-        audit = services.extras["audit"] = Audit(engine)
+        audit = services.extras["audit"] = Audit.from_settings(engine, settings)
         comments = services.extras["comments"] = Comments.from_services(services)
         revocations = services.extras["revocations"] = RevocationWatcher(services)
         # Claude Code hooks: the route queues, this process's ingest task appends.
@@ -174,8 +196,13 @@ def create_app(
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(services.gateway.run)
-                tg.start_soon(audit.run)  # flushes what is queued on the way out
+                tg.start_soon(audit.run)  # checkpoints; flushes and checkpoints on the way out
                 tg.start_soon(revocations.run)
+                # PS_HISTORY_DAYS: prunes the event archive; lives as long as the app.
+                tg.start_soon(history.run_retention, engine, settings)
+                # Lost-worker recovery runs here too, so a job whose worker
+                # vanished is retried or failed even when no worker is alive.
+                tg.start_soon(_run_sweeper, services)
                 tg.start_soon(ingest.run)
                 if run_worker:
                     tg.start_soon(_run_worker, services)
@@ -197,6 +224,7 @@ def create_app(
     handlers: list = [
         JobsController,
         JobLogController,
+        SessionController,
         CommentsController,
         AuditController,
         TokensController,
@@ -209,7 +237,27 @@ def create_app(
         *gateway_handlers,
     ]
     if WEB_DIR.is_dir():
-        handlers.append(create_static_files_router(path="/", directories=[WEB_DIR], html_mode=True, name="web"))
+        # Vendored files carry their version in the name: cache them for good.
+        # The page's own files: a short cache, so a new version shows within a minute.
+        handlers.append(
+            create_static_files_router(
+                path="/vendor",
+                directories=[WEB_DIR / "vendor"],
+                name="vendor",
+                cache_control=CacheControlHeader(public=True, max_age=31_536_000, immutable=True),
+                include_in_schema=False,
+            )
+        )
+        handlers.append(
+            create_static_files_router(
+                path="/",
+                directories=[WEB_DIR],
+                html_mode=True,
+                name="web",
+                cache_control=CacheControlHeader(max_age=60, must_revalidate=True),
+                include_in_schema=False,
+            )
+        )
 
     cors = CORSConfig(allow_origins=list(settings.allowed_origins)) if settings.allowed_origins else None
     rate_limit = RateLimitConfig(
@@ -231,18 +279,44 @@ def create_app(
             Exception: _server_error_handler,
         },
         request_max_body_size=MAX_BODY_BYTES,
-        openapi_config=OpenAPIConfig(title="progress-service", version="1", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="progress-service",
+            version="1",
+            path="/schema",
+            # The renderer is vendored: the docs work offline, no CDN.
+            render_plugins=[
+                RapidocRenderPlugin(
+                    js_url="/vendor/rapidoc-9.3.8-min.js",
+                    path=["/", "/rapidoc"],
+                    favicon='<link rel="icon" href="/favicon.svg" type="image/svg+xml">',
+                )
+            ],
+        ),
+        # Static assets only: API answers are small, and the SSE stream must not be buffered.
+        compression_config=CompressionConfig(
+            backend="brotli", brotli_gzip_fallback=True, minimum_size=1024, exclude=r"^/(api|ws|metrics|healthz|readyz)"
+        ),
         debug=False,
     )
+
+
+async def _run_sweeper(services: Services) -> None:
+    """The lost-worker sweeper (:class:`worker.jobs.Sweeper`) for the app's lifetime."""
+    from worker.jobs import Sweeper  # noqa: PLC0415 - the worker package is optional in serve mode
+
+    await Sweeper(services.arq, services.engine, services.settings).run()
 
 
 async def _run_worker(services: Services) -> None:
     """The in-process arq worker of ``dev`` mode, closed when the app stops."""
     from worker.settings import build_worker  # noqa: PLC0415 - worker is optional in serve mode
 
-    worker = build_worker(services.settings, redis_url=services.redis_url, engine=services.engine)
+    worker = build_worker(services.settings, redis_url=services.redis_url, engine=services.engine, sweeper=False)
     try:
         await worker.async_run()
     finally:
         with anyio.CancelScope(shield=True):
+            running = sum(not t.done() for t in worker.tasks.values())
+            log.info("shutdown: stopping the worker; handing back %d running job(s)", running)
             await worker.close()
+            log.info("shutdown: worker stopped")

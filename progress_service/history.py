@@ -16,11 +16,14 @@ from before the archive existed).
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
+import anyio
 import msgspec
 
 from progress_service import streams
+from progress_service.events import now_ms
 from progress_service.store import history as store
 from progress_service.streams import Coverage, id_lt
 
@@ -29,6 +32,12 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from progress_service.events import StoredEvent
+    from progress_service.settings import Settings
+
+log = logging.getLogger("progress_service.history")
+
+#: How often retention runs (seconds); the first pass runs at start-up.
+RETENTION_EVERY = 3600.0
 
 Entry = store.Entry
 
@@ -90,3 +99,27 @@ async def append_archived(
     body = streams.encode_event(event)
     await store.archive(engine, job_id, [store.ArchivedEvent(entry_id, event.kind, event.attempt, body)])
     return entry_id
+
+
+async def prune_once(engine: AsyncEngine, settings: Settings) -> int:
+    """Remove the archived events of jobs that finished over ``PS_HISTORY_DAYS`` ago; jobs pruned."""
+    if settings.history_days <= 0:
+        return 0
+    return await store.prune(engine, now_ms() - settings.history_days * 86_400_000)
+
+
+async def run_retention(engine: AsyncEngine, settings: Settings, *, every: float = RETENTION_EVERY) -> None:
+    """Prune the archive now and every ``every`` seconds, until cancelled (the app's lifetime).
+
+    A failed pass (store down) is logged and tried again at the next one.
+    """
+    if settings.history_days <= 0:
+        return  # kept forever
+    while True:
+        try:
+            pruned = await prune_once(engine, settings)
+            if pruned:
+                log.info("history: removed the archived events of %d job(s) older than %d days", pruned, settings.history_days)
+        except Exception as exc:  # noqa: BLE001 - retention must not end the app
+            log.warning("history: retention pass failed (%r); next try in %.0fs", exc, every)
+        await anyio.sleep(every)

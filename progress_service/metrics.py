@@ -22,6 +22,12 @@ hub_lag = Histogram(
 hub_reads = Counter("ps_hub_reads_total", "XREAD calls made by the hub", registry=registry)
 jobs_submitted = Counter("ps_jobs_submitted_total", "Jobs submitted", registry=registry)
 http_errors = Counter("ps_http_client_errors_total", "4xx answers by status", ["status"], registry=registry)
+outages = Counter(
+    "ps_dependency_outages_total", "Requests refused because the store or Redis was unavailable", ["dependency"], registry=registry
+)
+ws_client_frame_errors = Counter(
+    "ps_ws_client_frame_errors_total", "Malformed client frames closed by the WebSocket layer, by kind", ["kind"], registry=registry
+)
 hooks_received = Counter(
     "ps_hooks_received_total", "Claude Code hook posts accepted, by outcome (queued, busy)", ["outcome"], registry=registry
 )

@@ -46,6 +46,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def audit_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Audit records appended in-process without an app are keyed with a key file here, not in the repo."""
+    path = tmp_path_factory.mktemp("audit-keys")
+    os.environ.setdefault("PS_AUDIT_KEY_FILE", str(path / "session.key"))
+    os.environ.setdefault("PS_AUDIT_WITNESS", str(path / "session-witness.jsonl"))
+    return path
+
+
 # --------------------------------------------------------------------------
 # Redis
 # --------------------------------------------------------------------------

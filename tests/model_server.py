@@ -24,15 +24,20 @@ nothing in ``progress_service``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+#: In ``Reply.errors``: close the connection without answering (a network failure).
+DROP = 0
 
 MARKER_RE = re.compile(r"\[script:([A-Za-z0-9_.#-]+)\]")
 
@@ -77,7 +82,8 @@ class Reply:
     """One turn of the model: an API response, possibly after errors or a stall.
 
     ``errors``: HTTP statuses answered (in order) to the first requests of
-    this turn before the reply is given; ``retry_after`` is sent with them
+    this turn before the reply is given (:data:`DROP`: the connection is
+    closed unanswered); ``retry_after`` is sent with them
     (seconds, may be fractional: also as ``retry-after-ms``).
     ``stall``: seconds to stall after ``message_start`` (sending only
     ``ping`` events), or until :meth:`ModelServer.release` is called.
@@ -288,7 +294,7 @@ class ModelServer:
         }
         yield "ping", {"type": "ping"}
         if turn.stall:
-            yield -turn.stall  # negative: a stall that release() can end
+            yield -float(turn.stall)  # negative: a stall that release() can end
         for index, block in enumerate(turn.blocks):
             if isinstance(block, Text):
                 yield "content_block_start", {
@@ -297,7 +303,7 @@ class ModelServer:
                     "content_block": {"type": "text", "text": ""},
                 }
                 for chunk in _chunks(block.text, 3):
-                    yield turn.chunk_delay
+                    yield float(turn.chunk_delay)
                     yield "content_block_delta", {
                         "type": "content_block_delta",
                         "index": index,
@@ -315,7 +321,7 @@ class ModelServer:
                     },
                 }
                 for chunk in _chunks(json.dumps(block.input), 2):
-                    yield turn.chunk_delay
+                    yield float(turn.chunk_delay)
                     yield "content_block_delta", {
                         "type": "content_block_delta",
                         "index": index,
@@ -402,6 +408,14 @@ def _handler_for(server: ModelServer) -> type[BaseHTTPRequestHandler]:
                 return
             script, turn_index, plan = server._plan(body)
             rec.script, rec.turn = script, turn_index
+            if plan == DROP:
+                # "No network": the connection closes without an answer.
+                rec.status = DROP
+                server._record(rec)
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                return
             if isinstance(plan, int):
                 rec.status = plan
                 server._record(rec)

@@ -116,10 +116,11 @@ def test_sign_in_submit_and_watch_a_job_to_the_end(service: Any, make_token: Any
     expect(page.locator("#token-error")).to_contain_text("refused")
 
     # The link `progress-service dev` prints: the token is taken from the
-    # fragment, kept in sessionStorage and removed from the address bar.
+    # fragment, exchanged for an HttpOnly cookie and removed from the address bar.
     sign_in_via_fragment(page, serve.url, submitter)
     assert "token" not in page.url and page.url.endswith("#/")
-    assert page.evaluate("() => sessionStorage.getItem('progress-service.token')") == submitter
+    assert submitter not in page.evaluate("() => document.cookie + JSON.stringify(sessionStorage) + JSON.stringify(localStorage)")
+    assert any(c["name"] == "ps_session" and c["httpOnly"] for c in context.cookies())
     expect(page.locator("#connection")).to_have_attribute("data-state", "live")
 
     # A bad request shows the server's message next to the form.
@@ -491,7 +492,6 @@ def test_socket_client_policy(service_serve_only: Any, make_token: Any, browser:
     page.goto(f"{serve.url}/#token={submitter}")
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible(timeout=10_000)
     expect(page.locator(".signin-card .notice")).to_contain_text("Sign in again")
-    assert page.evaluate("() => sessionStorage.getItem('progress-service.token')") is None
     page.wait_for_timeout(1500)
     assert len(gw.conns) == 1, "no retry after 4403"
     console.assert_clean()
@@ -508,8 +508,9 @@ def test_backoff_and_id_order_in_the_page(service_serve_only: Any, browser: Any)
             const m = await import('/js/socket.js');
             const top = Array.from({length: 8}, (_, a) => m.backoffDelay(a, () => 1));
             const low = Array.from({length: 8}, (_, a) => m.backoffDelay(a, () => 0));
+            const visible = Array.from({length: 8}, (_, a) => m.backoffDelay(a, () => 1, m.VISIBLE_CAP_MS));
             return {
-              top, low,
+              top, low, visible,
               ids: [m.compareIds('9-0', '10-0') < 0, m.compareIds('10-1', '10-0') > 0,
                     m.compareIds('1700000000000-5', '1700000000000-5') === 0,
                     m.compareIds('1700000000000-10', '1700000000000-9') > 0,
@@ -517,7 +518,8 @@ def test_backoff_and_id_order_in_the_page(service_serve_only: Any, browser: Any)
             };
         }"""
     )
-    assert result["top"] == [500, 1000, 2000, 4000, 8000, 16000, 20000, 20000]
+    assert result["top"] == [500, 1000, 2000, 4000, 8000, 16000, 20000, 20000]  # a hidden tab
+    assert result["visible"] == [500, 1000, 1500, 1500, 1500, 1500, 1500, 1500]
     assert result["low"] == [0] * 8
     assert all(result["ids"])
     console.assert_clean()

@@ -26,7 +26,9 @@ What was appended is archived (``store/history.py``) in batches: every
 insert is idempotent.
 
 Without the pump running (the sweeper's one-off publishers) ``publish``
-appends and archives at once and raises on failure, as before.
+appends and archives at once and raises on failure, keeping nothing: the
+caller retries with the same events, which reuse their seqs, so a retry after
+a lost reply appends nothing twice.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service import streams
-from progress_service.events import StoredEvent
+from progress_service.events import TERMINAL_STATUSES, StoredEvent
 from progress_service.settings import Settings
 from progress_service.store import history as archive
 from worker.mapping import Mapped, Mapper
@@ -68,6 +70,11 @@ _BACKOFF_MAX = 5.0
 CALL_TIMEOUT = 10.0
 
 _ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+
+
+def _ends(ev: Mapped) -> bool:
+    """A terminal status event."""
+    return ev.kind == "status" and getattr(ev.data, "status", None) in TERMINAL_STATUSES
 
 
 class _Item:
@@ -132,8 +139,20 @@ class Publisher:
         if self._pumping and self._redis_down:
             self._wake()  # the pump delivers once Redis is back
             return
-        await self._push()
         if not self._pumping:
+            try:
+                await self._push()
+            except BaseException:
+                # Not kept: the caller retries publish() with the same events.
+                # They get the same seqs again, so an append whose reply was
+                # lost is not made twice (the script skips those seqs).
+                self._forget_unconfirmed()
+                raise
+        else:
+            await self._push()
+        if not self._pumping or any(_ends(ev) for ev in events):
+            # The end of the job is archived before the caller goes on to
+            # mark the job's row finished: a finished row means a whole archive.
             await self._archive()
 
     async def __call__(self, make: Any, *args: Any, **kwargs: Any) -> None:
@@ -208,6 +227,12 @@ class Publisher:
 
     # ----------------------------------------------------------- internals
 
+    def _forget_unconfirmed(self) -> None:
+        dropped = len(self._pending)
+        self._pending.clear()
+        self._seq -= dropped
+        self.count -= dropped
+
     def _wake(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
@@ -276,14 +301,15 @@ class Publisher:
         log.warning("job %s: Redis lost this attempt's events; put %d recent one(s) back", self.job_id, len(recent))
 
     async def _archive(self) -> bool:
-        """Write what was appended to the store; False when the store failed (pump running)."""
+        """Write what was appended to the store; False when the store failed (kept for the next try)."""
         while self._unarchived:
             batch = self._unarchived[:ARCHIVE_BATCH * 5]
             try:
                 await archive.archive(self.engine, self.job_id, batch)
             except Exception as exc:  # noqa: BLE001 - any store failure: keep the batch, retry
-                if not self._pumping:
-                    raise
+                # (Not raised without the pump either: the events are in
+                # Redis, a retried publish() would append them again; the
+                # next publish or close() archives them.)
                 if not self._store_down:
                     log.warning("job %s: store unavailable (%r); archiving later", self.job_id, exc)
                 self._store_down = True

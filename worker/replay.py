@@ -5,11 +5,15 @@ It accepts the CLI's flags (``-p``, ``--output-format``, ``--verbose``,
 ``--allowedTools``; unknown flags are ignored), prints a recorded stream-json
 transcript line by line with its recorded delays divided by
 ``PS_REPLAY_SPEED``, and exits like the CLI: 0 after a successful result, 1
-after an ``is_error`` result, 130 on SIGINT, 143 on SIGTERM.
+after an ``is_error`` result, 130 on SIGINT (after printing the CLI's last
+lines: an error ``tool_result`` and an ``error_during_execution`` result with
+the cost so far), 143 on SIGTERM.
 
 The transcript is ``PS_REPLAY_TRANSCRIPT`` (a name in ``transcripts/`` or a
 path to a ``.jsonl`` file), else picked by a tag in the prompt: ``[fail]``,
-``[max-turns]``, ``[long]``; anything else plays ``success``.
+``[max-turns]``, ``[long]``, or ``[transcript:NAME.jsonl]`` for a file of
+that name in the job's working directory (tests generate long ones there);
+anything else plays ``success``.
 
 Transcript files wrap each stream-json object with its delay
 (``{"d": ms, "j": {...}}``, or ``{"d": ms, "raw": "text"}`` for a verbatim
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -30,6 +35,8 @@ from typing import Any
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
 TAGS = (("[fail]", "fail"), ("[max-turns]", "max-turns"), ("[long]", "long"))
+#: A transcript file in the working directory: a plain name, never a path.
+_OWN_RE = re.compile(r"\[transcript:([A-Za-z0-9_.-]{1,100}\.jsonl)\]")
 
 #: Flags that take one value; everything else starting with ``-`` is a switch.
 _VALUE_FLAGS = {
@@ -102,6 +109,9 @@ def pick_transcript(prompt: str, forced: str | None) -> Path:
         if forced.endswith(".jsonl") or os.sep in forced:
             return Path(forced)
         return TRANSCRIPTS / f"{forced}.jsonl"
+    own = _OWN_RE.search(prompt)
+    if own:
+        return Path.cwd() / own.group(1)
     lowered = prompt.lower()
     for tag, name in TAGS:
         if tag in lowered:
@@ -131,26 +141,90 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
     raise _Terminated
 
 
+class _Progress:
+    """What has been printed so far: enough to end like the CLI when interrupted."""
+
+    def __init__(self, lines: list[dict[str, Any]]) -> None:
+        self.total = max(1, len(lines))
+        final = next((w["j"] for w in reversed(lines) if w.get("j", {}).get("type") == "result"), {})
+        self.final_cost = float(final.get("total_cost_usd") or 0.0)
+        self.final_usage = {k: v for k, v in (final.get("usage") or {}).items() if isinstance(v, int)}
+        self.printed = 0
+        self.turns: set[str] = set()
+        self.open_tools: dict[str, None] = {}  # tool_use ids without a tool_result yet
+        self.session = ""
+
+    def saw(self, obj: dict[str, Any]) -> None:
+        self.printed += 1
+        self.session = obj.get("session_id") or self.session
+        content = (obj.get("message") or {}).get("content")
+        if obj.get("type") == "assistant":
+            self.turns.add(str(obj["message"].get("id")))
+        for block in content if isinstance(content, list) else ():
+            if block.get("type") == "tool_use":
+                self.open_tools[block["id"]] = None
+            elif block.get("type") == "tool_result":
+                self.open_tools.pop(block.get("tool_use_id"), None)
+
+    def interrupted(self) -> list[dict[str, Any]]:
+        """The CLI's last lines after SIGINT: an error tool_result for the running tool, then the result."""
+        lines: list[dict[str, Any]] = []
+        if self.open_tools:
+            tool = list(self.open_tools)[-1]
+            lines.append({
+                "type": "user",
+                "message": {"role": "user", "content": [{
+                    "tool_use_id": tool, "type": "tool_result", "is_error": True,
+                    "content": "[Request interrupted by user for tool use]",
+                }]},
+                "parent_tool_use_id": None,
+                "session_id": self.session,
+            })
+        share = self.printed / self.total
+        cost = round(self.final_cost * share, 6)
+        lines.append({
+            "type": "result", "subtype": "error_during_execution", "is_error": True,
+            "num_turns": len(self.turns), "session_id": self.session, "total_cost_usd": cost,
+            "usage": {k: int(v * share) for k, v in self.final_usage.items()}, "permission_denials": [],
+        })
+        return lines
+
+
+def _emit(out: Any, obj: dict[str, Any]) -> None:
+    out.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n")
+    out.flush()
+
+
 def play(opts: Options, *, speed: float, path: Path) -> int:
-    """Print the transcript; returns the exit code the CLI would use."""
+    """Print the transcript; returns the exit code the CLI would use.
+
+    On SIGINT it ends like the CLI: an error ``tool_result`` for the tool
+    that was running, then a ``result`` of subtype ``error_during_execution``
+    with the cost so far (the recorded total, pro rata), exit status 130.
+    """
     out = sys.stdout
     exit_code = 1  # a transcript without a result line is a crash
     with path.open(encoding="utf-8") as fh:
-        for raw in fh:
-            if not raw.strip():
-                continue
-            wrapper = json.loads(raw)
+        wrappers = [json.loads(raw) for raw in fh if raw.strip()]
+    progress = _Progress(wrappers)
+    try:
+        for wrapper in wrappers:
             delay = float(wrapper.get("d", 0)) / 1000.0 / speed
             if delay > 0:
                 time.sleep(delay)
             if "raw" in wrapper:
                 out.write(str(wrapper["raw"]) + "\n")
+                out.flush()
             else:
                 obj = personalize(wrapper["j"], opts)
-                out.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n")
+                _emit(out, obj)
+                progress.saw(obj)
                 if obj.get("type") == "result":
                     exit_code = 1 if obj.get("is_error") else 0
-            out.flush()
+    except KeyboardInterrupt:
+        for obj in progress.interrupted():
+            _emit(out, obj)
+        return 130
     return exit_code
 
 
@@ -174,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"replay: playing {path.name} at {speed:g}x (this is a recorded demo, not Claude)", file=sys.stderr)
     try:
         return play(opts, speed=speed, path=path)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second SIGINT while printing the last lines
         return 130
     except _Terminated:
         return 143

@@ -16,7 +16,8 @@ from litestar.openapi.datastructures import ResponseSpec
 
 from progress_service.auth import bearer_token
 from progress_service.services import Services
-from progress_service.store.identity import Principal, principal_for_token
+from progress_service.store.identity import Principal, principal_for_token, principal_for_token_hash
+from progress_service.web_session import COOKIE_NAME, CSRF_HEADER, SAFE_METHODS, csrf_ok, delete_session, read_session
 
 
 async def provide_services(state: State) -> Services:
@@ -28,8 +29,12 @@ async def provide_principal(request: Request, state: State) -> Principal:
     """The caller of an API request, from ``Authorization: Bearer <token>``.
 
     Only API tokens are accepted here: tickets are for the WebSocket alone.
+    Without that header, the web page's session cookie (see ``web_session``)
+    is accepted, with its CSRF header on state-changing methods.
     """
     token = bearer_token(request.headers.get("authorization"))
+    if token is None and request.cookies.get(COOKIE_NAME):
+        return await principal_for_cookie(request, state.services)
     if token is None:
         raise NotAuthorizedException(
             "missing credentials: send 'Authorization: Bearer <token>'",
@@ -41,6 +46,20 @@ async def provide_principal(request: Request, state: State) -> Principal:
     if principal.is_reporter:
         # A reporter token sits on laptops and CI runners: it reports, never reads.
         raise PermissionDeniedException("a reporter token may only post to /api/hooks/claude-code")
+    return principal
+
+
+async def principal_for_cookie(request: Request, services: Services) -> Principal:
+    """The principal of a session cookie; 401 when it is gone, 403 without its CSRF header."""
+    session_id = request.cookies.get(COOKIE_NAME, "")
+    record = await read_session(services.redis, session_id)
+    principal = await principal_for_token_hash(services.engine, record.tokenHash) if record else None
+    if record is None or principal is None:
+        if record is not None:
+            await delete_session(services.redis, session_id)  # its token was revoked or expired
+        raise NotAuthorizedException("your session has ended: sign in again")
+    if request.method not in SAFE_METHODS and not csrf_ok(record, request.headers.get(CSRF_HEADER)):
+        raise PermissionDeniedException("missing or wrong X-CSRF-Token header (read it from GET /api/session)")
     return principal
 
 

@@ -1,10 +1,11 @@
-"""A job's log as a CI log reads it: one step in full, and the raw log download.
+"""A job's log as a CI log reads it: one step in full, the raw log download, the spec to run again.
 
 ``GET /api/jobs/{id}/steps/{stepId}`` merges a step's ``started`` event (its
 input) with its ``ok``/``error`` event (its output) per attempt, so a page can
 show a step's whole stored text without holding every output in memory.
 ``GET /api/jobs/{id}/log.jsonl`` streams the job's retained events, one JSON
-object a line, for download.
+object a line, for download. ``GET /api/jobs/{id}/spec`` returns what was
+submitted, so "run again" posts the same spec to ``POST /api/jobs``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from litestar.response import Stream
 from progress_service import streams
 from progress_service.api.deps import error_responses
 from progress_service.api.jobs import load_snapshot
-from progress_service.events import StepData
+from progress_service.events import JobSpec, StepData
 from progress_service.services import Services
+from progress_service.store import jobs as job_store
 from progress_service.store.identity import Principal
 
 STEP_ID_RE = re.compile(r"^[A-Za-z0-9_:.-]{1,200}$")
@@ -110,3 +112,12 @@ class JobLogController(Controller):
             media_type="application/x-ndjson",
             headers={"Content-Disposition": f'attachment; filename="job-{job_id}.jsonl"', "Cache-Control": "no-store"},
         )
+
+    @get("/spec", summary="The spec the job was submitted with", responses=error_responses(401, 404))
+    async def spec(self, job_id: str, principal: Principal, services: Services) -> JobSpec:
+        """Post it to ``POST /api/jobs`` to run the job again."""
+        await load_snapshot(services, job_id, principal.team_id)
+        record = await job_store.get_job(services.engine, job_id, principal.team_id)
+        if record is None:
+            raise NotFoundException("no such job")
+        return record.spec

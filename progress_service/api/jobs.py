@@ -15,7 +15,7 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_409_
 
 from progress_service import history, metrics, queue, streams
 from progress_service.api.deps import INT64_MAX, error_responses, is_event_id, require_role
-from progress_service.events import JobSnapshot, JobSpec, StatusData, StoredEvent, now_ms
+from progress_service.events import CLAUDE_TOOLS, JobSnapshot, JobSpec, StatusData, StoredEvent, now_ms, unknown_tools
 from progress_service.services import Services
 from progress_service.store import jobs as job_store
 from progress_service.store.identity import Principal
@@ -91,6 +91,11 @@ class JobsController(Controller):
             raise ValidationException("prompt: must not contain NUL characters")
         if len(data.prompt) > settings.prompt_max_chars:
             raise ValidationException(f"prompt: longer than {settings.prompt_max_chars} characters")
+        if bad_tools := unknown_tools(data.allowedTools):
+            raise ValidationException(
+                f"allowedTools: unknown tool {', '.join(bad_tools)} "
+                f"(the CLI's tools are {', '.join(sorted(CLAUDE_TOOLS))}, and mcp__<server>__<tool>)"
+            )
         if data.timeoutSeconds is not None and data.timeoutSeconds > settings.job_timeout_max:
             raise ValidationException(f"timeoutSeconds: at most {settings.job_timeout_max}")
         try:
@@ -111,12 +116,13 @@ class JobsController(Controller):
             user_id=principal.user_id,
             spec=data,
             created_at=created,
-            demo=services.demo,
+            # Decided by the worker that runs the job (its CLI or the replay
+            # program), not by this process's PATH.
+            demo=False,
         )
         snapshot = JobSnapshot(
             id=job_id,
             roomId=streams.room_id(job_id),
-            demo=services.demo,
             prompt=data.prompt,
             model=data.model,
             workdir=data.workdir or "",
@@ -129,7 +135,7 @@ class JobsController(Controller):
         )
         await queue.enqueue_job(services.arq, job_id, queue_name=settings.queue_name)
         metrics.jobs_submitted.inc()
-        _audit(services, principal, "job.submit", job_id, {"demo": services.demo})
+        _audit(services, principal, "job.submit", job_id, {})
         return snapshot
 
     @get("/", summary="List the team's jobs, newest first", responses=error_responses(401))

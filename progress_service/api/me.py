@@ -19,8 +19,8 @@ class Me(msgspec.Struct, kw_only=True):
     expiresAt: int | None
 
 
-@get("/api/me", tags=["auth"], summary="The caller's user, team and role", responses=error_responses(401))
-async def whoami(principal: Principal) -> Me:
+def me_of(principal: Principal) -> Me:
+    """The public view of a principal."""
     return Me(
         userId=principal.user_id,
         userName=principal.user_name,
@@ -29,3 +29,8 @@ async def whoami(principal: Principal) -> Me:
         role=principal.role,
         expiresAt=principal.expires_at,
     )
+
+
+@get("/api/me", tags=["auth"], summary="The caller's user, team and role", responses=error_responses(401))
+async def whoami(principal: Principal) -> Me:
+    return me_of(principal)

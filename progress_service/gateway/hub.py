@@ -97,6 +97,12 @@ def _pack(arg: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(arg), arg)
 
 
+def _after(keys: list[tuple[int, int]], texts: list[str], sizes: list[int], after: tuple[int, int]) -> Chunk:
+    """The entries of an answer past ``after`` (a member that had some of them already)."""
+    i = next(i for i, key in enumerate(keys) if key > after)
+    return Chunk.of(texts[i:], sizes[i:])
+
+
 def presence_stream_key(job_id: str) -> str:
     """The stream of presence changes of a job's room (not the job's event log)."""
     return f"ps:{{job:{job_id}}}:presence-log"
@@ -354,25 +360,29 @@ class Hub:
             if after >= last:
                 continue
             m.after = last
-            if after < first:
-                m.outbox.put_chunk(chunk)
-            else:
-                i = next(i for i, key in enumerate(keys) if key > after)
-                m.outbox.put_chunk(Chunk.of(texts[i:], sizes[i:]))
+            m.outbox.put_chunk(chunk if after < first else _after(keys, texts, sizes, after))
 
     def _fan_out_presence(self, room: Room, entries: list) -> None:
-        members = list(room.members.values())
+        # Like events: all the answer's changes in one chunk, one put per member.
+        keys: list[tuple[int, int]] = []
+        texts: list[str] = []
+        sizes: list[int] = []
         for eid, flat in entries:
-            key = id_tuple(eid.decode())
             fields = dict(zip(flat[::2], flat[1::2]))
             joined = [_member_dec.decode(fields[b"j"])] if b"j" in fields else []
             left = [_member_dec.decode(fields[b"l"])] if b"l" in fields else []
             raw = _enc.encode(PresenceMsg(roomId=room.room_id, joined=joined, left=left))
-            text, size = raw.decode(), len(raw)
-            for m in members:
-                if key > m.presence_after:
-                    m.presence_after = key
-                    m.outbox.put(text, size)
+            keys.append(id_tuple(eid.decode()))
+            texts.append(raw.decode())
+            sizes.append(len(raw))
         last_eid = entries[-1][0]
         room.presence_cursor = last_eid.decode()
         self._ids[room.slot + 1] = _pack(last_eid)
+        first, last = keys[0], keys[-1]
+        chunk = Chunk.of(texts, sizes)
+        for m in list(room.members.values()):
+            after = m.presence_after
+            if after >= last:
+                continue
+            m.presence_after = last
+            m.outbox.put_chunk(chunk if after < first else _after(keys, texts, sizes, after))

@@ -18,6 +18,7 @@ timeout, exactly once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import uuid
@@ -30,7 +31,7 @@ from litestar.exceptions import WebSocketDisconnect
 from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from progress_service import history, metrics, streams
+from progress_service import history, metrics, outage, streams
 from progress_service.auth import authenticate, cached_principal
 from progress_service.events import (
     Ack,
@@ -54,7 +55,7 @@ from progress_service.events import (
 from progress_service.gateway import closes
 from progress_service.gateway.closes import ABUSE_CODES, Close
 from progress_service.gateway.hub import Member
-from progress_service.gateway.limits import TokenBucket, WindowBudget
+from progress_service.gateway.limits import TokenBucket, WindowBudget, json_too_deep
 from progress_service.gateway.outbox import Outbox, SendTimeout
 from progress_service.store.identity import Principal
 from progress_service.store.jobs import JobRecord, get_job
@@ -107,6 +108,9 @@ def encode(message: Any) -> tuple[str, int]:
     return raw.decode(), len(raw)
 
 
+#: Comments of one connection being stored at once; the receiver waits past this.
+CHATS_IN_FLIGHT = 32
+
 #: Joins sharing one MULTI at most (about 6 commands each).
 JOIN_BATCH_MAX = 500
 
@@ -144,7 +148,8 @@ class JoinReads:
         """Queue a join's reads; the future gives ``(presence entry, replies)``.
 
         The replies are: snapshot, last event, first event, stream length,
-        (entries ever added, whole-stream mark), the presence join script's reply.
+        (entries ever added, whole-stream mark), then the presence-log id and
+        the room's members after the join (``Presence.observe``).
         """
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_JoinRead(job_id, since, conn_id, principal, future))
@@ -175,6 +180,7 @@ class JoinReads:
         for attempt in (1, 2):
             entries: list[str] = []
             counts: list[int] = []
+            presence.start_batch()
             async with self.redis.pipeline(transaction=True) as pipe:
                 for j in batch:
                     events, snap = streams.events_key(j.job_id), streams.snapshot_key(j.job_id)
@@ -201,8 +207,12 @@ class JoinReads:
         for j, entry, n in zip(batch, entries, counts, strict=True):
             mine = replies[i : i + n]
             i += n
+            # Every reply, in order, even of a join that gave up: each follows from the one before.
+            observed = presence.observe(j.job_id, j.principal, mine[-1])
             if j.future.done():  # its join gave up (timeout, close)
                 continue
+            if not isinstance(mine[-1], Exception):
+                mine[-1] = observed if observed is not None else RedisError("presence view lost in this batch")
             error = next((r for r in mine if isinstance(r, Exception)), None)
             if error is not None:
                 j.future.set_exception(error)
@@ -216,6 +226,7 @@ class Session:
     __slots__ = (
         "_chat_abuse",
         "_chat_bucket",
+        "_chats",
         "_done",
         "_errors",
         "_greeted",
@@ -245,10 +256,12 @@ class Session:
         self.counted_for: str | None = None
         self.expires_at = 0  # epoch ms
         self.rooms: dict[str, Member] = {}
-        self.outbox = Outbox(gateway.settings.ws_outbox_bytes, on_overflow=self._overflowed)
+        self.outbox = Outbox(gateway.settings.ws_outbox_bytes, on_overflow=self._overflowed, window=gateway.write_window)
         # Limits are made on first use: most connections never chat nor err.
         self._chat_bucket: TokenBucket | None = None
         self._chat_abuse: WindowBudget | None = None
+        #: Comments being stored (``_post`` tasks), made on first use.
+        self._chats: set[asyncio.Task[None]] | None = None
         self._errors: WindowBudget | None = None
         self.close_with: Close | None = None
         self.peer_gone = False
@@ -345,6 +358,10 @@ class Session:
         if sender is not None:
             sender.cancel()
             await asyncio.wait((sender,))
+        if self._chats:
+            for task in self._chats:
+                task.cancel()
+            await asyncio.wait(self._chats)
         if not self.closing:  # the receiver ended without a decision (cancelled from outside)
             self.request_close(None)
         for job_id, member in list(self.rooms.items()):
@@ -449,6 +466,10 @@ class Session:
         if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
             self.request_close(closes.TOO_LARGE)
             return None
+        depth = self.settings.ws_max_json_depth
+        if json_too_deep(text, depth):
+            self.request_close(closes.policy(f"JSON nested deeper than {depth} levels"))
+            return None
         try:
             message = client_decoder.decode(text)
         except msgspec.ValidationError as exc:
@@ -456,6 +477,9 @@ class Session:
             return None
         except msgspec.DecodeError:
             self.request_close(closes.INVALID_JSON)
+            return None
+        except RecursionError:  # (the depth check above makes this unreachable in practice)
+            self.request_close(closes.policy(f"JSON nested deeper than {depth} levels"))
             return None
         metrics.ws_messages_in.labels(type(message).__struct_config__.tag).inc()
         return message
@@ -508,12 +532,17 @@ class Session:
         principal = cached_principal(cache, message.token)
         if principal is None:
             try:
-                # asyncio.timeout, not anyio.fail_after: an anyio scope with a
-                # deadline costs a task lookup and a timer handle more, ~10 % of a connect.
-                async with asyncio.timeout(self.settings.store_timeout):
-                    principal = await authenticate(self.gateway.services.engine, self.gateway.services.redis, message.token, cache=cache)
-            except _STORE_ERRORS:
-                log.warning("gateway: credential store unavailable during auth")
+                # The store gate bounds the read (store_timeout) and the queue
+                # before it (ws_store_wait), so a reconnect storm waits. Its
+                # timeouts are asyncio's, not anyio.fail_after: an anyio scope
+                # with a deadline costs a task lookup and a timer handle more,
+                # ~10 % of a connect.
+                services = self.gateway.services
+                principal = await self.gateway.store_gate.call(
+                    lambda: authenticate(services.engine, services.redis, message.token, cache=cache)
+                )
+            except _STORE_ERRORS as exc:
+                outage.warn(outage.classify(exc) or "store", "WebSocket auth", exc)
                 self.request_close(closes.INTERNAL)
                 return False
             if self.closing:
@@ -567,27 +596,29 @@ class Session:
         principal = self.principal
         since = message.since
         try:
-            async with asyncio.timeout(self.settings.store_timeout):  # see _auth
-                job: JobRecord | None = None
-                team_id = gateway.job_teams.get(job_id)
-                if team_id is None:
-                    job = await get_job(gateway.services.engine, job_id)
-                    if job is not None:
-                        team_id = job.team_id
-                        gateway.remember_job_team(job_id, team_id)
-                if team_id != principal.team_id:
-                    # Unknown and other-team jobs get the same answer: rooms cannot be probed.
-                    self.audit("join.refused", room_id=room_id)
-                    self.refuse("not_found", "no such room", room_id=room_id)
-                    return
+            # Its own bounded waits: a reconnect storm queues here (see job_access).
+            allowed = await gateway.access.allowed(job_id, principal.team_id)
+        except _STORE_ERRORS:
+            self.refuse("unavailable", "try again later", room_id=room_id, counts=False)
+            return
+        if not allowed:
+            # Unknown and other-team jobs: the same answer after the same work (rooms cannot be probed).
+            self.audit("join.refused", room_id=room_id)
+            self.refuse("not_found", "no such room", room_id=room_id)
+            return
+        try:
+            # The room's reads queue behind the other joins' batches (JoinReads):
+            # in a reconnect storm that is a wait, bounded like the store gate's.
+            async with asyncio.timeout(self.settings.ws_store_wait):
                 snapshot, cov, presence_head, members = await self._read_room(job_id, since)
                 # Redis while it holds the entries; the store answers for the rest.
                 pos = await history.position(gateway.services.engine, job_id, since, cov)
                 head, gap, oldest = pos.head, pos.gap, pos.oldest
                 if snapshot is None:
                     # No live snapshot in Redis (expired): the stored one.
-                    if job is None:
-                        job = await get_job(gateway.services.engine, job_id, team_id=principal.team_id)
+                    job: JobRecord | None = await gateway.store_gate.call(
+                        lambda: get_job(gateway.services.engine, job_id, principal.team_id)
+                    )
                     if job is None:
                         self.refuse("not_found", "no such room", room_id=room_id)
                         return
@@ -641,7 +672,8 @@ class Session:
         snapshot = streams.decode_snapshot(raw) if raw else None
         if snapshot is not None:
             snapshot.lastEventId = cov.head
-        presence_head, members = self.gateway.presence.joined(job_id, entry, replies[-1])
+        presence_head, members = replies[-1]
+        self.gateway.presence.joined(job_id, entry, self.principal)
         return snapshot, cov, presence_head, members
 
     def _leave(self, message: ClientLeave) -> None:
@@ -686,6 +718,23 @@ class Session:
         if hook is None:
             self.refuse("unavailable", "comments are not available", room_id=room_id, request_id=request_id, counts=False)
             return
+        # The receiver goes on reading while the comment is stored (the seed
+        # and clients keep several in flight): the writer groups them, and a
+        # group shares one transaction, one XADD and one frame per watcher.
+        # The posts are this session's tasks, bounded, cancelled at teardown;
+        # they enter the writer's queue in the order they were received.
+        chats = self._chats
+        if chats is None:
+            chats = self._chats = set()
+        while len(chats) >= CHATS_IN_FLIGHT:
+            await asyncio.wait(chats, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.ensure_future(self._guarded(functools.partial(self._post, hook, room_id, job_id, request_id, text)))
+        chats.add(task)
+        task.add_done_callback(chats.discard)
+
+    async def _post(self, hook: CommentsHook, room_id: str, job_id: str, request_id: str, text: str) -> None:
+        """Store and publish one comment, then ack it (or answer why not)."""
+        assert self.principal is not None
         try:
             async with asyncio.timeout(self.settings.store_timeout):  # see _auth
                 event_id = await hook.post(self.principal, room_id, job_id, request_id, text)

@@ -26,6 +26,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service.events import StoredChat, now_ms
+from progress_service.store.audit import comment_check
+from progress_service.store.audit import keys as audit_keys
 from progress_service.store.schema import comments, jobs, metadata
 
 #: Archived job events (see the module docstring).
@@ -103,12 +105,14 @@ async def read_entries(
         query = query.where(key < sa.tuple_(sa.literal(hi[0]), sa.literal(hi[1])))
     query = query.order_by(job_events.c.ms, job_events.c.seq).limit(limit)
     chat_query = sa.select(
-        comments.c.event_id, comments.c.request_id, comments.c.user_id, comments.c.user_name, comments.c.text,
-        comments.c.created_at,
+        comments.c.id, comments.c.room_id, comments.c.event_id, comments.c.request_id, comments.c.user_id,
+        comments.c.user_name, comments.c.text, comments.c.created_at,
     ).where(comments.c.job_id == job_id, comments.c.event_id.is_not(None))
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()
         chats = (await conn.execute(chat_query)).all()
+        # A comment edited in the store is replayed with its audited text, marked (docs/audit.md).
+        tampered = await comment_check.tampered(conn, chats[0].room_id, chats, audit_keys.for_engine(engine)) if chats else {}
     merged: list[tuple[tuple[int, int], Entry]] = [
         ((r.ms, r.seq), (f"{r.ms}-{r.seq}".encode(), {b"t": b"event", b"b": bytes(r.body)})) for r in rows
     ]
@@ -117,8 +121,12 @@ async def read_entries(
         if at <= lo or (hi is not None and at >= hi):
             continue
         # The same body the comments writer appended (Comment.stored_chat).
+        original = tampered.get(c.id)
         body = _enc.encode(
-            StoredChat(requestId=c.request_id, userId=c.user_id, userName=c.user_name, text=c.text, sentAt=c.created_at)
+            StoredChat(
+                requestId=c.request_id, userId=c.user_id, userName=c.user_name,
+                text=c.text if original is None else original, sentAt=c.created_at, tampered=original is not None,
+            )
         )
         merged.append((at, (c.event_id.encode(), {b"t": b"chat", b"b": body})))
     merged.sort(key=lambda pair: pair[0])

@@ -127,6 +127,11 @@ async def principal_for_token(engine: AsyncEngine, token: str) -> Principal | No
     """The principal of a valid (known, unexpired, unrevoked) API token."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
+    return await principal_for_token_hash(engine, hash_token(token))
+
+
+async def principal_for_token_hash(engine: AsyncEngine, token_hash: str) -> Principal | None:
+    """Like :func:`principal_for_token`, from the stored hash (a web session keeps only that)."""
     query = (
         sa.select(
             api_tokens.c.id,
@@ -146,7 +151,7 @@ async def principal_for_token(engine: AsyncEngine, token: str) -> Principal | No
                 sa.and_(memberships.c.user_id == users.c.id, memberships.c.team_id == teams.c.id),
             )
         )
-        .where(api_tokens.c.token_hash == hash_token(token))
+        .where(api_tokens.c.token_hash == token_hash)
     )
     async with engine.connect() as conn:
         row = (await conn.execute(query)).first()

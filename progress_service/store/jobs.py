@@ -140,6 +140,12 @@ async def get_job(engine: AsyncEngine, job_id: str, team_id: str | None = None) 
     return _record(row) if row else None
 
 
+async def job_team(engine: AsyncEngine, job_id: str) -> str | None:
+    """The team id of a job, or None when there is no such job (one indexed lookup either way)."""
+    async with engine.connect() as conn:
+        return await conn.scalar(sa.select(jobs.c.team_id).where(jobs.c.id == job_id))
+
+
 async def list_jobs(
     engine: AsyncEngine,
     team_id: str,

@@ -35,19 +35,33 @@ async def _v3_event_archive(conn: AsyncConnection) -> None:
     await conn.run_sync(lambda sync: history.job_history_pruned.create(sync, checkfirst=True))
 
 
-#: Columns added to ``jobs`` by v4 (name -> DDL type and default).
-_V4_JOB_COLUMNS = {
+async def _v4_audit_keys(conn: AsyncConnection) -> None:
+    # Keyed audit records: the key id of each record (NULL for the SHA-256
+    # records written before) and the index the comments read path uses. A
+    # database made by v1 from the current metadata has both already.
+    def upgrade(sync: sa.Connection) -> None:
+        inspector = sa.inspect(sync)
+        if "key_id" not in {c["name"] for c in inspector.get_columns("audit_log")}:
+            sync.execute(sa.text("ALTER TABLE audit_log ADD COLUMN key_id VARCHAR(32)"))
+        if "ix_audit_room" not in {i["name"] for i in inspector.get_indexes("audit_log")}:
+            sync.execute(sa.text("CREATE INDEX ix_audit_room ON audit_log (room_id, created_at)"))
+
+    await conn.run_sync(upgrade)
+
+
+#: Columns added to ``jobs`` by v5 (name -> DDL type and default).
+_V5_JOB_COLUMNS = {
     "kind": "VARCHAR(20) NOT NULL DEFAULT 'job'",
     "source": "VARCHAR(20)",
     "host": "VARCHAR(200)",
 }
 
 
-async def _v4_job_kind(conn: AsyncConnection) -> None:
+async def _v5_job_kind(conn: AsyncConnection) -> None:
     # Session jobs (Claude Code hooks): what a job is and where it runs. A
     # fresh database got these columns from v1 already.
     present = await conn.run_sync(lambda sync: {c["name"] for c in sa.inspect(sync).get_columns("jobs")})
-    for name, ddl in _V4_JOB_COLUMNS.items():
+    for name, ddl in _V5_JOB_COLUMNS.items():
         if name not in present:
             await conn.execute(sa.text(f"ALTER TABLE jobs ADD COLUMN {name} {ddl}"))
 
@@ -56,7 +70,8 @@ MIGRATIONS: list[tuple[int, str, Step]] = [
     (1, "initial schema", _v1_initial),
     (2, "audit chain heads", _v2_audit_heads),
     (3, "job event archive", _v3_event_archive),
-    (4, "job kind, source and host", _v4_job_kind),
+    (4, "keyed audit records", _v4_audit_keys),
+    (5, "job kind, source and host", _v5_job_kind),
 ]
 
 

@@ -1,4 +1,4 @@
-// The HTTP API client: JSON over fetch, `Authorization: Bearer <token>`.
+// The HTTP API client: JSON over fetch with the session cookie and its CSRF header.
 
 import { SignedOutError } from "./socket.js";
 
@@ -27,17 +27,18 @@ function normalizeExtra(extra) {
 }
 
 /**
- * @param {{getToken: () => string|null, onUnauthorized: (message: string) => void}} options
+ * @param {{getSession: () => ({csrf: string}|null), onUnauthorized: (message: string) => void}} options
  */
-export function createApi({ getToken, onUnauthorized }) {
+export function createApi({ getSession, onUnauthorized }) {
   async function request(method, path, body) {
-    const token = getToken();
-    if (!token) {
+    const session = getSession();
+    if (!session) {
       onUnauthorized("Sign in to continue.");
       throw new SignedOutError("Sign in to continue.");
     }
-    const headers = { Authorization: `Bearer ${token}`, Accept: "application/json" };
-    const init = { method, headers, cache: "no-store", credentials: "omit", referrerPolicy: "no-referrer" };
+    const headers = { Accept: "application/json" };
+    if (method !== "GET") headers["X-CSRF-Token"] = session.csrf;
+    const init = { method, headers, cache: "no-store", credentials: "same-origin", referrerPolicy: "no-referrer" };
     if (body !== undefined) {
       headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -53,7 +54,7 @@ export function createApi({ getToken, onUnauthorized }) {
       }
     }
     if (response.status === 401) {
-      const message = "Your token was refused (invalid, expired or revoked). Sign in again.";
+      const message = "Your sign-in ended (the token expired or was revoked, or you signed out in another tab). Sign in again.";
       onUnauthorized(message);
       throw new SignedOutError(message);
     }
@@ -70,20 +71,17 @@ export function createApi({ getToken, onUnauthorized }) {
   const enc = encodeURIComponent;
 
   return {
-    /** "ok", "refused" or "unreachable": does this token work? (the sign-in form) */
-    checkToken: async (token) => {
-      try {
-        const r = await fetch("/api/jobs?limit=1", { headers: { Authorization: `Bearer ${token}` }, cache: "no-store", credentials: "omit" });
-        return r.ok ? "ok" : r.status === 401 ? "refused" : "unreachable";
-      } catch {
-        return "unreachable";
-      }
-    },
     listJobs: ({ status, limit = 30, cursor } = {}) => request("GET", `/api/jobs${q({ status, limit, cursor })}`),
     getJob: (id) => request("GET", `/api/jobs/${enc(id)}`),
+    /** What the job was submitted with (to run it again). */
+    jobSpec: (id) => request("GET", `/api/jobs/${enc(id)}/spec`),
     submitJob: (spec) => request("POST", "/api/jobs", spec),
     cancelJob: (id) => request("POST", `/api/jobs/${enc(id)}/cancel`),
     jobEvents: (id, { since, limit } = {}) => request("GET", `/api/jobs/${enc(id)}/events${q({ since, limit })}`),
+    /** One step's stored input and output, per attempt. */
+    jobStep: (id, stepId) => request("GET", `/api/jobs/${enc(id)}/steps/${enc(stepId)}`),
+    /** Where the job's raw log (JSON lines) downloads from; the cookie authenticates it. */
+    rawLogUrl: (id) => `/api/jobs/${enc(id)}/log.jsonl`,
     jobComments: (id, params = {}) => request("GET", `/api/jobs/${enc(id)}/comments${q(params)}`),
     /** A fresh single-use WebSocket ticket. */
     wsTicket: async () => (await request("POST", "/api/ws-tickets")).ticket,

@@ -1,5 +1,10 @@
 // A job's state as the page knows it: the snapshot plus what the events add
-// (steps, to-dos, phase timeline, messages). Pure functions, no DOM.
+// (attempts with their steps and phases, to-dos, messages). Pure functions, no DOM.
+//
+// Times all come from one clock, the server's: every event's `at`. "Now"
+// while a job runs is the browser's clock corrected by the offset seen on
+// the latest live event, so a browser whose clock is off does not stretch
+// or shrink durations.
 
 export const PHASES = ["queued", "starting", "planning", "editing", "testing", "reviewing", "finishing"];
 export const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -11,11 +16,15 @@ export function createJobState(snapshot) {
   const state = {
     snapshot: clone(snapshot),
     steps: new Map(), // `${attempt}:${stepId}` -> step
+    stepList: [], // steps in order of first appearance; step.n is its 1-based place
+    attempts: new Map(), // attempt -> {attempt, startedAt, endedAt, endReason, phases, steps:[], maxPhase}
     todos: [],
-    phases: [], // [{phase, since}] in order of transitions
     messages: [],
     logs: [],
     workerLost: false,
+    maxPercent: 0, // progress shown never goes down
+    clockOffset: 0, // server ms - browser ms, from the latest live event
+    version: 0, // bumps on every change of steps (views re-render lists only then)
   };
   seedFromSnapshot(state);
   return state;
@@ -30,69 +39,147 @@ export function applySnapshot(state, snapshot) {
   seedFromSnapshot(state);
 }
 
+function attemptOf(state, n) {
+  let a = state.attempts.get(n);
+  if (!a) {
+    a = { attempt: n, startedAt: null, endedAt: null, endReason: null, phases: [], steps: [], maxPhase: 0 };
+    state.attempts.set(n, a);
+  }
+  return a;
+}
+
 function seedFromSnapshot(state) {
   const s = state.snapshot;
-  if (state.phases.length === 0) state.phases.push({ phase: s.phase || "queued", since: s.startedAt || s.createdAt || null });
-  else if (state.phases.at(-1).phase !== s.phase && s.phase) state.phases.push({ phase: s.phase, since: null });
+  const a = attemptOf(state, s.attempt || 1);
+  if (a.phases.length === 0 && s.phase && s.phase !== "queued") {
+    // A placeholder until the attempt's own phase events arrive (a replay).
+    notePhase(a, s.phase, s.startedAt || null);
+    a.phases[0].seeded = true;
+  }
+  if (!a.startedAt && s.startedAt) a.startedAt = s.startedAt;
   // The current step may predate the retained events (after a gap).
   if (s.step && s.step.stepId) {
     const key = `${s.attempt || 1}:${s.step.stepId}`;
     if (!state.steps.has(key)) {
       // Provisional: when its own event arrives (a replay after a rejoin) it
       // moves to its place in event order.
-      state.steps.set(key, { key, stepId: s.step.stepId, tool: s.step.tool, title: s.step.title, state: s.step.state, durationMs: null, startedAt: s.step.startedAt ?? null, attempt: s.attempt || 1, provisional: true });
+      addStep(state, { key, stepId: s.step.stepId, tool: s.step.tool, title: s.step.title, state: s.step.state, durationMs: null, startedAt: s.step.startedAt ?? null, attempt: s.attempt || 1, provisional: true });
     }
   }
-  if (TERMINAL.has(s.status)) {
-    // A finished job has no running step any more, even if its last "ok" fell out of retention.
-    for (const step of state.steps.values()) if (step.state === "started") step.state = s.status === "succeeded" ? "ok" : "error";
+  if (TERMINAL.has(s.status)) finishOpenSteps(state, s.status);
+}
+
+function finishOpenSteps(state, status) {
+  // A finished job has no running step any more, even if its last "ok" fell out of retention.
+  for (const step of state.steps.values()) {
+    if (step.state === "started") {
+      step.state = status === "succeeded" ? "ok" : "error";
+      step.interrupted = status !== "succeeded";
+    }
   }
+  state.version += 1;
+}
+
+function addStep(state, step) {
+  step.n = state.stepList.length + 1;
+  state.steps.set(step.key, step);
+  state.stepList.push(step);
+  attemptOf(state, step.attempt).steps.push(step);
+  state.version += 1;
+}
+
+function removeStep(state, step) {
+  state.steps.delete(step.key);
+  state.stepList = state.stepList.filter((x) => x !== step);
+  state.stepList.forEach((x, i) => {
+    x.n = i + 1;
+  });
+  const a = state.attempts.get(step.attempt);
+  if (a) a.steps = a.steps.filter((x) => x !== step);
+}
+
+/** The server's clock now, as well as this browser can tell. */
+export function serverNow(state, now = Date.now()) {
+  return now + state.clockOffset;
 }
 
 /**
- * Apply one `event` message. Returns what a user should hear about it (a
- * status change), or null.
+ * Apply one `event` message. `live` says it arrived as it happened (not a
+ * replay), so its `at` can calibrate the clock. Returns what a user should
+ * hear about it (a status change), or null.
  */
-export function applyEvent(state, msg) {
+export function applyEvent(state, msg, { live = false } = {}) {
   const s = state.snapshot;
   const d = msg.data || {};
   const attempt = msg.attempt || 1;
   if (attempt > (s.attempt || 1)) s.attempt = attempt;
   s.lastEventId = msg.id;
+  if (live && msg.at) state.clockOffset = msg.at - Date.now();
+  const a = attemptOf(state, attempt);
   switch (msg.kind) {
     case "status": {
       const changed = s.status !== d.status;
       s.status = d.status;
-      if (d.phase) setPhase(state, d.phase, msg.at);
+      if (d.phase && d.phase !== "queued" && d.status !== "queued") notePhase(a, d.phase, msg.at);
       if (d.reason !== undefined) s.reason = d.reason;
-      if (d.status === "running" && !s.startedAt) s.startedAt = msg.at;
+      if (d.status === "running") {
+        if (!a.startedAt) a.startedAt = msg.at;
+        if (!s.startedAt) s.startedAt = msg.at;
+        a.endedAt = null;
+      }
+      if (d.status === "queued" && a.startedAt) {
+        // This attempt is over (its worker was lost); the next one starts later.
+        a.endedAt = msg.at;
+        a.endReason = d.reason ?? null;
+        for (const step of a.steps) {
+          if (step.state === "started") {
+            step.state = "error";
+            step.interrupted = true;
+          }
+        }
+        state.version += 1;
+      }
       if (TERMINAL.has(d.status)) {
         s.finishedAt = s.finishedAt || msg.at;
+        a.endedAt = a.endedAt || msg.at;
         s.step = null;
-        for (const step of state.steps.values()) if (step.state === "started") step.state = d.status === "succeeded" ? "ok" : "error";
+        finishOpenSteps(state, d.status);
       }
       if (d.status === "running") state.workerLost = false;
       return changed ? { status: d.status, reason: d.reason ?? null } : null;
     }
     case "phase":
-      setPhase(state, d.phase, d.since ?? msg.at);
+      if (d.phase && d.phase !== "queued") {
+        if (!a.startedAt) a.startedAt = d.since ?? msg.at;
+        notePhase(a, d.phase, d.since ?? msg.at);
+      }
+      s.phase = d.phase || s.phase;
       return null;
     case "step": {
       const key = `${attempt}:${d.stepId}`;
       const prev = state.steps.get(key);
-      const step = {
-        key,
-        stepId: d.stepId,
-        provisional: false,
-        tool: d.tool ?? prev?.tool ?? "",
-        title: d.title ?? prev?.title ?? "",
-        state: d.state,
-        durationMs: d.durationMs ?? prev?.durationMs ?? null,
-        startedAt: prev && !prev.provisional ? prev.startedAt : msg.at,
-        attempt,
-      };
-      if (prev?.provisional) state.steps.delete(key);
-      state.steps.set(key, step);
+      if (prev?.provisional) removeStep(state, prev);
+      const known = prev && !prev.provisional ? prev : null;
+      const step = known ?? { key, stepId: d.stepId, attempt, startedAt: msg.at, provisional: false };
+      step.tool = d.tool ?? step.tool ?? "";
+      step.title = d.title ?? step.title ?? "";
+      step.state = d.state;
+      step.durationMs = d.durationMs ?? step.durationMs ?? null;
+      if (d.parentStepId) step.parentStepId = d.parentStepId;
+      if (d.input) step.input = d.input;
+      if (d.state !== "started") {
+        step.finishedAt = msg.at;
+        step.output = d.output ?? null;
+        step.outputChars = d.outputChars ?? null;
+        step.exitCode = d.exitCode ?? null;
+        step.error = d.error ?? null;
+      }
+      if (!known) addStep(state, step);
+      else state.version += 1;
+      if (step.parentStepId) {
+        const parent = state.steps.get(`${attempt}:${step.parentStepId}`);
+        step.depth = parent ? Math.min(4, (parent.depth || 0) + 1) : 1;
+      }
       s.step = d.state === "started" ? { stepId: d.stepId, tool: step.tool, title: step.title, state: d.state, startedAt: step.startedAt } : s.step?.stepId === d.stepId ? null : s.step;
       return null;
     }
@@ -124,51 +211,102 @@ export function applyEvent(state, msg) {
   }
 }
 
-function setPhase(state, phase, at) {
-  if (!phase) return;
-  state.snapshot.phase = phase;
-  const last = state.phases.at(-1);
-  if (!last || last.phase !== phase) state.phases.push({ phase, since: at ?? null });
+function notePhase(a, phase, at) {
+  if (a.phases.length === 1 && a.phases[0].seeded) a.phases = [];
+  const last = a.phases.at(-1);
+  if (!last || last.phase !== phase) a.phases.push({ phase, since: at ?? null });
+  const index = PHASES.indexOf(phase);
+  if (index > a.maxPhase) a.maxPhase = index;
+}
+
+/** The attempt the page shows as current (the latest one). */
+export function currentAttempt(state) {
+  return attemptOf(state, state.snapshot.attempt || 1);
 }
 
 /**
  * What the progress bar shows: to-dos done/total when known, else how far
- * through the phases the job is. A succeeded job is 100 %.
+ * through the phases the job is; never less than was shown before. A
+ * succeeded job is 100 %.
  */
-export function progressOf(snapshot) {
+export function progressOf(state) {
+  const snapshot = state.snapshot;
   const { done = 0, total = 0 } = snapshot.progress || {};
   const status = snapshot.status;
+  const a = currentAttempt(state);
+  const phase = PHASES[a.maxPhase] ?? snapshot.phase;
+  let percent;
+  let label;
   if (status === "succeeded") {
-    return { percent: 100, label: total > 0 ? `Done · ${done} of ${total} to-dos` : "Done", byTodos: total > 0 };
-  }
-  if (total > 0) {
+    percent = 100;
+    label = total > 0 ? `Done · ${done} of ${total} to-dos` : "Done";
+  } else {
     // All to-dos done is not the end: only the result is. Stay below 100 until then.
-    const percent = Math.min(99, Math.round((100 * Math.min(done, total)) / total));
-    return { percent, label: `${done} of ${total} to-dos done`, byTodos: true };
+    const byTodos = total > 0 ? Math.min(99, Math.round((100 * Math.min(done, total)) / total)) : 0;
+    // Phases advance the bar to at most 90 %.
+    const byPhase = status === "queued" && !a.startedAt ? 0 : Math.round((90 * a.maxPhase) / (PHASES.length - 1));
+    percent = Math.max(byTodos, byPhase);
+    label = total > 0 ? `${done} of ${total} to-dos done` : PHASE_WORDS[phase] ?? phase;
   }
-  const index = Math.max(0, PHASES.indexOf(snapshot.phase));
-  // Phases advance the bar to at most 90 %: only the result says "done".
-  const percent = status === "queued" ? 0 : Math.round((90 * index) / (PHASES.length - 1));
-  return { percent, label: `Phase ${index + 1} of ${PHASES.length}: ${snapshot.phase}`, byTodos: false };
+  state.maxPercent = Math.max(state.maxPercent, percent);
+  return { percent: state.maxPercent, label, byTodos: total > 0 };
 }
 
-/** Time spent in each phase: [{phase, ms, visited, current}] in PHASES order. */
-export function phaseTimeline(state, now = Date.now()) {
+const PHASE_WORDS = {
+  queued: "Waiting for a worker",
+  starting: "Starting",
+  planning: "Planning",
+  editing: "Editing",
+  testing: "Testing",
+  reviewing: "Reviewing",
+  finishing: "Finishing",
+};
+
+/**
+ * The phase strip of the current attempt: [{phase, ms, visited, current}] in
+ * PHASES order. The current phase is the furthest one reached (a job that
+ * reads a file while editing is still editing), so a finished phase is never
+ * current again; time spent back in an earlier phase counts to that phase.
+ */
+export function phaseTimeline(state, now = serverNow(state)) {
   const s = state.snapshot;
-  const end = TERMINAL.has(s.status) ? s.finishedAt || now : now;
+  const a = currentAttempt(state);
+  const terminal = TERMINAL.has(s.status);
+  const end = a.endedAt ?? (terminal ? s.finishedAt || now : now);
   const spent = new Map();
-  state.phases.forEach((p, i) => {
-    const next = state.phases[i + 1];
-    const to = next?.since ?? (next ? null : end);
+  a.phases.forEach((p, i) => {
+    const next = a.phases[i + 1];
+    const to = next ? next.since : end;
     if (p.since && to) spent.set(p.phase, (spent.get(p.phase) || 0) + Math.max(0, to - p.since));
     else if (!spent.has(p.phase)) spent.set(p.phase, null);
   });
-  return PHASES.map((phase) => ({
+  // Queued: from submission to this attempt's start (or until now).
+  const queuedFrom = a.attempt === 1 ? s.createdAt : state.attempts.get(a.attempt - 1)?.endedAt;
+  const queuedTo = a.startedAt ?? (s.status === "queued" ? now : null);
+  const queuedMs = queuedFrom && queuedTo ? Math.max(0, queuedTo - queuedFrom) : null;
+  return PHASES.map((phase, index) => ({
     phase,
-    ms: spent.get(phase) ?? null,
-    visited: spent.has(phase),
-    current: !TERMINAL.has(s.status) && s.phase === phase,
+    ms: phase === "queued" ? queuedMs : spent.get(phase) ?? null,
+    visited: phase === "queued" ? true : index <= a.maxPhase && (spent.has(phase) || index < a.maxPhase),
+    skipped: phase !== "queued" && index < a.maxPhase && !spent.has(phase),
+    current: !terminal && (s.status === "queued" ? phase === "queued" : index === a.maxPhase && phase !== "queued"),
   }));
+}
+
+/** Wall time of an attempt, on the server's clock: start to end (or now). */
+export function attemptDuration(state, a, now = serverNow(state)) {
+  if (!a.startedAt) return null;
+  const end = a.endedAt ?? (TERMINAL.has(state.snapshot.status) ? state.snapshot.finishedAt : now);
+  return end ? Math.max(0, end - a.startedAt) : null;
+}
+
+/** Wall time of the whole job: the first attempt's start to the end (or now). */
+export function jobDuration(state, now = serverNow(state)) {
+  const first = [...state.attempts.values()].map((a) => a.startedAt).filter(Boolean);
+  const start = first.length ? Math.min(...first) : state.snapshot.startedAt;
+  if (!start) return null;
+  const end = TERMINAL.has(state.snapshot.status) ? state.snapshot.finishedAt || now : now;
+  return Math.max(0, end - start);
 }
 
 function clone(value) {

@@ -1,11 +1,12 @@
 // Entry point: sign-in, the hash router and the one realtime connection.
 //
-// Routes: `#/` (jobs list and submit form), `#/jobs/<id>` (a job's page).
+// Routes: `#/` (jobs list and submit form), `#/jobs/<id>` (a job's page),
+// `#/jobs/<id>/step-<n>` (that page, scrolled to step n).
 // `#token=…` (the link `progress-service dev` prints) signs in and is
 // removed from the address bar at once.
 
 import { createApi } from "./api.js";
-import { clearToken, currentToken, setToken, takeTokenFromFragment } from "./auth.js";
+import { currentSession, dropSession, loadSession, onOtherTab, signIn, signOut as endSession, takeTokenFromFragment } from "./auth.js";
 import { RealtimeClient } from "./socket.js";
 import { bindIndicator } from "./views/indicator.js";
 import { mountJob } from "./views/job.js";
@@ -19,10 +20,11 @@ const indicator = document.getElementById("connection");
 
 let unmount = () => {};
 let signInMessage = null;
+let mounted = null; // {kind, jobId} of the view shown
 
 const api = createApi({
-  getToken: currentToken,
-  onUnauthorized: (message) => signOut(message),
+  getSession: currentSession,
+  onUnauthorized: (message) => signedOut(message),
 });
 
 const wsUrl = `${window.location.protocol === "https:" ? "wss" : "ws"}://${window.location.host}/ws`;
@@ -32,13 +34,29 @@ const client = new RealtimeClient({
 });
 bindIndicator(indicator, client);
 client.addEventListener("state", (e) => {
-  if (e.detail.signedOut) signOut(e.detail.reason);
+  if (e.detail.signedOut) signedOut(e.detail.reason);
 });
 
-signOutButton.addEventListener("click", () => signOut(null));
+signOutButton.addEventListener("click", async () => {
+  await endSession();
+  signedOut(null);
+});
 
-function signOut(message) {
-  clearToken();
+// Another tab signed in or out: ask the server what is true now.
+onOtherTab(async (what) => {
+  if (what === "signed-out") {
+    dropSession();
+    signedOut("You signed out in another tab.");
+  } else if (what === "signed-in" && !currentSession()) {
+    if ((await loadSession()) === "ok") {
+      signInMessage = null;
+      route();
+    }
+  }
+});
+
+function signedOut(message) {
+  dropSession();
   client.stop();
   signInMessage = message;
   route();
@@ -49,23 +67,28 @@ function navigate(hash) {
   else window.location.hash = hash;
 }
 
+/** `#/jobs/<id>` with an optional `/step-<n>` (or `#step-<n>`) anchor. */
+export function parseJobRoute(hash) {
+  const m = /^\/jobs\/([A-Za-z0-9_-]{1,64})(?:[/#]step-(\d{1,7}))?\/?$/.exec(hash);
+  return m ? { jobId: m[1], step: m[2] ? Number(m[2]) : null } : null;
+}
+
 function route() {
-  if (takeTokenFromFragment()) signInMessage = null;
-  unmount();
-  unmount = () => {};
-  const token = currentToken();
-  signOutButton.hidden = !token;
-  whoami.hidden = !token;
-  if (!token) {
+  const session = currentSession();
+  signOutButton.hidden = !session;
+  whoami.hidden = !session;
+  if (!session) {
+    unmount();
+    unmount = () => {};
+    mounted = null;
     client.stop();
     document.title = "Sign in · progress-service";
     unmount = mountSignIn(main, {
       message: signInMessage,
       onToken: async (candidate) => {
-        const verdict = await api.checkToken(candidate);
+        const verdict = await signIn(candidate);
         if (verdict === "refused") return "That token was refused: it is invalid, expired or revoked.";
         if (verdict !== "ok") return "The server cannot be reached. Try again in a moment.";
-        setToken(candidate);
         signInMessage = null;
         route();
         return null;
@@ -74,40 +97,57 @@ function route() {
     return;
   }
   client.start();
-  showIdentity();
+  showIdentity(session.me);
   const hash = window.location.hash.replace(/^#/, "");
-  const job = /^\/jobs\/([A-Za-z0-9_-]{1,64})\/?$/.exec(hash);
+  const job = parseJobRoute(hash);
   if (job) {
-    unmount = mountJob(main, job[1], { api, client });
+    // Moving between steps of the same job only scrolls: no remount.
+    if (mounted?.kind === "job" && mounted.jobId === job.jobId && mounted.view) {
+      mounted.view.goToStep(job.step);
+      return;
+    }
+    unmount();
+    const view = mountJob(main, job.jobId, { api, client, step: job.step });
+    unmount = view.unmount;
+    mounted = { kind: "job", jobId: job.jobId, view };
     return;
   }
+  unmount();
   if (hash && hash !== "/") {
     window.history.replaceState(null, "", "#/");
   }
   document.title = "Jobs · progress-service";
-  unmount = mountJobs(main, { api, client, navigate });
+  unmount = mountJobs(main, { api, client, navigate, me: session.me });
+  mounted = { kind: "jobs" };
 }
 
-let identityFor = null;
-/** Show who is signed in (once per token): "name · team (role)". */
-function showIdentity() {
-  const token = currentToken();
-  if (identityFor === token) return;
-  identityFor = token;
-  api.me().then(
-    (me) => {
-      whoami.textContent = `${me.userName} · ${me.teamName} (${me.role})`;
-    },
-    () => {
-      identityFor = null; // retried on the next route
-    },
-  );
+/** Show who is signed in: "name · team (role)". */
+function showIdentity(me) {
+  const text = `${me.userName} · ${me.teamName} (${me.role})`;
+  if (whoami.textContent !== text) whoami.textContent = text;
+  whoami.title = text;
 }
 
-window.addEventListener("hashchange", route);
+async function boot() {
+  const token = takeTokenFromFragment();
+  if (token) {
+    const verdict = await signIn(token);
+    signInMessage = verdict === "refused" ? "The token in that link was refused: it is invalid, expired or revoked." : verdict === "ok" ? null : "The server cannot be reached. Try again in a moment.";
+  } else {
+    const found = await loadSession();
+    if (found === "unreachable") signInMessage = "The server cannot be reached. Reload the page when it is back.";
+  }
+  window.addEventListener("hashchange", () => {
+    // A `#token=` link pasted into an open tab.
+    if (window.location.hash.includes("token=")) boot();
+    else route();
+  });
+  route();
+}
+
 window.addEventListener("pagehide", () => client.stop());
 // Back from the back/forward cache: the connection was closed on pagehide.
 window.addEventListener("pageshow", (e) => {
   if (e.persisted) route();
 });
-route();
+boot();

@@ -4,7 +4,9 @@
 // - a fresh single-use ticket (POST /api/ws-tickets) for every connect and
 //   for every credential refresh; no secret ever goes into a URL;
 // - reconnect with exponential backoff and full jitter (base 500 ms, cap
-//   20 s); the attempt counter resets only after 10 s of stable connection;
+//   20 s, but 1.5 s while the tab is visible, so a restarted server has its
+//   watchers back within 2 s); `online` and the tab becoming visible retry at
+//   once; the attempt counter resets only after 10 s of stable connection;
 // - stop (and say why) on 4403 / 1003 / 1009 / 1000; 4401 fetches a fresh
 //   ticket and reconnects; 1008 and 4429 wait a long backoff;
 // - rejoin every room with the last event id seen, drop any room item whose
@@ -20,6 +22,8 @@
 
 export const BACKOFF_BASE_MS = 500;
 export const BACKOFF_CAP_MS = 20_000;
+/** The cap while someone is looking at the page. */
+export const VISIBLE_CAP_MS = 1_500;
 export const STABLE_AFTER_MS = 10_000;
 /** Before auth_ok there is no heartbeatMs yet: give the handshake this long. */
 const HANDSHAKE_TIMEOUT_MS = 10_000;
@@ -37,8 +41,12 @@ const STOP_CODES = new Map([
 const LONG_BACKOFF_CODES = new Set([1008, 4429]);
 
 /** Delay before reconnect attempt number `attempt` (0-based): full jitter. */
-export function backoffDelay(attempt, random = Math.random) {
-  return random() * Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** attempt);
+export function backoffDelay(attempt, random = Math.random, cap = BACKOFF_CAP_MS) {
+  return random() * Math.min(cap, BACKOFF_BASE_MS * 2 ** Math.min(attempt, 30));
+}
+
+function visibleNow() {
+  return typeof document === "undefined" || document.visibilityState === "visible";
 }
 
 /** Compare two event ids ("<ms>-<seq>"): negative, zero or positive. */
@@ -95,6 +103,10 @@ export class RealtimeClient extends EventTarget {
     this._onOnline = () => {
       if (this.state.status === "reconnecting" && this.state.retryAt !== null) this.retryNow();
     };
+    // Back to a tab that waited out a long (hidden-tab) backoff: try now.
+    this._onVisible = () => {
+      if (visibleNow()) this._onOnline();
+    };
   }
 
   // ------------------------------------------------------------------ public
@@ -103,12 +115,14 @@ export class RealtimeClient extends EventTarget {
   start() {
     if (this.state.status !== "idle") return;
     window.addEventListener("online", this._onOnline);
+    document.addEventListener("visibilitychange", this._onVisible);
     this._connect();
   }
 
   /** Close for good (sign-out, page teardown). */
   stop(reason = null) {
     window.removeEventListener("online", this._onOnline);
+    document.removeEventListener("visibilitychange", this._onVisible);
     this._teardownSocket(1000, "bye");
     this._clearTimer("retry");
     this._clearTimer("chat");
@@ -121,6 +135,7 @@ export class RealtimeClient extends EventTarget {
     if (this.state.status === "live" || (this.state.status === "connecting" && this.ws)) return;
     this._clearTimer("retry");
     window.addEventListener("online", this._onOnline);
+    document.addEventListener("visibilitychange", this._onVisible);
     this._connect();
   }
 
@@ -227,7 +242,10 @@ export class RealtimeClient extends EventTarget {
 
   _onClose(code, reason) {
     this._dropSocket();
-    const stopMessage = STOP_CODES.get(code);
+    const stopMessage =
+      code === 4403 && reason === "token revoked"
+        ? "Your sign-in was revoked (4403 token revoked). Sign in again."
+        : STOP_CODES.get(code);
     if (stopMessage) {
       this._stopWith(stopMessage, { signedOut: code === 4403 });
       return;
@@ -238,7 +256,7 @@ export class RealtimeClient extends EventTarget {
 
   _scheduleReconnect(reason, minDelay = 0) {
     this._clearTimer("retry");
-    const delay = Math.max(minDelay, backoffDelay(this.attempt));
+    const delay = Math.max(minDelay, backoffDelay(this.attempt, Math.random, visibleNow() ? VISIBLE_CAP_MS : BACKOFF_CAP_MS));
     this.attempt += 1;
     const retryAt = Date.now() + delay;
     this._setState({ status: "reconnecting", retryAt, reason });
@@ -250,6 +268,7 @@ export class RealtimeClient extends EventTarget {
 
   _stopWith(reason, { signedOut = false } = {}) {
     window.removeEventListener("online", this._onOnline);
+    document.removeEventListener("visibilitychange", this._onVisible);
     this._teardownSocket(1000, "bye");
     this._clearTimer("retry");
     this._setState({ status: "offline", retryAt: null, reason, signedOut });

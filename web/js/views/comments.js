@@ -176,7 +176,8 @@ export function createCommentsPanel({ client, roomId }) {
       const label = {
         sending: client.state.status === "live" ? "Sending…" : "Waiting for connection…",
         retrying: "Not stored yet, retrying…",
-        sent: "Sent",
+        // Acked: the server stored it (the broadcast follows).
+        sent: "✓ Delivered",
         failed: `Not posted: ${it.p.error}`,
       }[it.p.state];
       setText(state, label);
@@ -188,7 +189,8 @@ export function createCommentsPanel({ client, roomId }) {
         textarea.focus();
       };
     } else {
-      setText(state, "");
+      // Stored in the room: mine are marked delivered (the server acked them).
+      setText(state, mine ? "✓ Delivered" : "");
       retry.hidden = true;
     }
   }

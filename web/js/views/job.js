@@ -3,20 +3,25 @@
 import { ApiError } from "../api.js";
 import { announce, frameScheduler, h, renderKeyed, replaceChildren, setText } from "../dom.js";
 import { formatCost, formatDateTime, formatDuration, formatRelative, formatTokens, PHASE_LABEL, promptTitle, STATUS_LABEL } from "../format.js";
-import { applyEvent, applySnapshot, createJobState, phaseTimeline, progressOf, TERMINAL } from "../jobstate.js";
+import { applyEvent, applySnapshot, createJobState, jobDuration, phaseTimeline, progressOf, TERMINAL } from "../jobstate.js";
+import { renderMarkdown } from "../markdown.js";
+import { describeOutcome } from "../outcome.js";
 import { compareIds, SignedOutError } from "../socket.js";
 import { createCommentsPanel } from "./comments.js";
+import { createStepLog } from "./steps.js";
 
 const ROLE_RANK = { viewer: 0, reviewer: 1, submitter: 2, admin: 3 };
-const STEP_ICON = { started: "", ok: "✓", error: "✕" };
 const TODO_ICON = { pending: "○", in_progress: "◐", completed: "●" };
+/** While the model is unknown, re-read the snapshot at most this often. */
+const MODEL_POLL_MS = 3000;
 
 /**
  * @param {HTMLElement} main
  * @param {string} jobId
- * @param {{api: object, client: import("../socket.js").RealtimeClient}} ctx
+ * @param {{api: object, client: import("../socket.js").RealtimeClient, step?: number|null}} ctx
+ * @returns {{unmount: () => void, goToStep: (n: number|null) => void}}
  */
-export function mountJob(main, jobId, { api, client }) {
+export function mountJob(main, jobId, { api, client, step = null }) {
   const roomId = `job:${jobId}`;
   let state = null;
   let role = null;
@@ -29,7 +34,10 @@ export function mountJob(main, jobId, { api, client }) {
   let gapNotice = false;
   let cancelState = "idle"; // idle | confirm | sending | error
   let cancelError = "";
-  let stickSteps = true;
+  let rerunState = "idle"; // idle | sending
+  let rerunError = "";
+  let modelAskedAt = 0;
+  let finalAsked = false;
 
   const comments = createCommentsPanel({ client, roomId });
   const title = h("h1", { class: "job-title", id: "job-title", tabindex: "-1" }, "Loading job…");
@@ -67,19 +75,12 @@ export function mountJob(main, jobId, { api, client }) {
     todos: h("ol", { class: "todos", id: "todos" }),
     todosEmpty: h("p", { class: "empty" }, "No to-do list yet."),
     todoCount: h("span", { class: "count" }),
-    steps: h("ol", { class: "steps", id: "steps" }),
-    stepsEmpty: h("p", { class: "empty" }, "No steps yet."),
-    stepCount: h("span", { class: "count" }),
-    stepsBox: h("div", { class: "steps-box" }),
     logs: h("details", { class: "card logs-card", hidden: true }),
     stats: h("dl", { class: "stats" }),
   };
   els.bar.append(els.fill);
-  els.stepsBox.append(els.steps, els.stepsEmpty);
-  els.stepsBox.addEventListener("scroll", () => {
-    const box = els.stepsBox;
-    stickSteps = box.scrollTop + box.clientHeight >= box.scrollHeight - 24;
-  });
+  const stepLog = createStepLog({ jobId, api });
+  if (step !== null) stepLog.goToStep(step);
 
   main.replaceChildren(
     h(
@@ -121,12 +122,7 @@ export function mountJob(main, jobId, { api, client }) {
             els.todos,
             els.todosEmpty,
           ),
-          h(
-            "section",
-            { class: "card", "aria-labelledby": "steps-title" },
-            h("h2", { id: "steps-title" }, "Steps ", els.stepCount),
-            els.stepsBox,
-          ),
+          stepLog.el,
           els.logs,
         ),
         h(
@@ -138,7 +134,7 @@ export function mountJob(main, jobId, { api, client }) {
       ),
     ),
   );
-  title.focus({ preventScroll: true });
+  if (step === null) title.focus({ preventScroll: true });
 
   const render = frameScheduler(renderNow);
 
@@ -169,7 +165,7 @@ export function mountJob(main, jobId, { api, client }) {
     renderProgress(s);
     renderResult(s);
     renderTodos();
-    renderSteps();
+    stepLog.update(state);
     renderLogs();
     renderStats(s);
     comments.refresh();
@@ -195,11 +191,18 @@ export function mountJob(main, jobId, { api, client }) {
     // A session reported through hooks runs elsewhere: it can only be stopped there.
     const allowed = s.kind !== "session" && role !== null && (ROLE_RANK[role] ?? 0) >= ROLE_RANK.submitter;
     const active = !TERMINAL.has(s.status);
-    const key = `${allowed}|${active}|${cancelState}|${cancelError}`;
+    const key = `${allowed}|${active}|${cancelState}|${cancelError}|${rerunState}|${rerunError}`;
     if (els.cancelArea.dataset.key === key) return;
     els.cancelArea.dataset.key = key;
-    if (!allowed || !active) {
+    if (!allowed) {
       els.cancelArea.replaceChildren();
+      return;
+    }
+    if (!active) {
+      // Run again: a new job with the same spec (read back from the server).
+      const again = h("button", { type: "button", class: "btn btn-primary", id: "run-again", disabled: rerunState === "sending" }, rerunState === "sending" ? "Submitting…" : "Run again");
+      again.addEventListener("click", doRerun);
+      replaceChildren(els.cancelArea, again, rerunError ? h("p", { class: "field-error", role: "alert" }, rerunError) : null);
       return;
     }
     if (cancelState === "confirm") {
@@ -222,6 +225,24 @@ export function mountJob(main, jobId, { api, client }) {
     replaceChildren(els.cancelArea, button, cancelError ? h("p", { class: "field-error", role: "alert" }, cancelError) : null);
   }
 
+  async function doRerun() {
+    rerunState = "sending";
+    rerunError = "";
+    render();
+    try {
+      const spec = await api.jobSpec(jobId);
+      const snap = await api.submitJob(spec);
+      if (disposed) return;
+      announce("Submitted again as a new job.");
+      window.location.hash = `#/jobs/${snap.id}`;
+    } catch (err) {
+      if (disposed || err instanceof SignedOutError) return;
+      rerunState = "idle";
+      rerunError = err instanceof ApiError ? err.detail : "The server cannot be reached; nothing was submitted.";
+      render();
+    }
+  }
+
   async function doCancel() {
     cancelState = "sending";
     cancelError = "";
@@ -241,9 +262,10 @@ export function mountJob(main, jobId, { api, client }) {
   }
 
   function renderProgress(s) {
-    const p = progressOf(s);
+    const p = progressOf(state);
+    const outcome = describeOutcome(s);
     setText(els.percent, `${p.percent}%`);
-    setText(els.progressLabel, TERMINAL.has(s.status) && s.status !== "succeeded" ? `${STATUS_LABEL[s.status]} · ${p.label}` : p.label);
+    setText(els.progressLabel, outcome && s.status !== "succeeded" ? `${STATUS_LABEL[s.status]} at ${p.percent}% · ${p.label}` : p.label);
     els.bar.setAttribute("aria-valuenow", String(p.percent));
     els.bar.setAttribute("aria-valuetext", `${p.percent}%: ${p.label}`);
     els.bar.dataset.percent = String(p.percent);
@@ -256,21 +278,22 @@ export function mountJob(main, jobId, { api, client }) {
       els.phases,
       timeline,
       (ph) => ph.phase,
-      () => h("li", { class: "phase" }, h("span", { class: "phase-dot", "aria-hidden": "true" }), h("span", { class: "phase-name" }), h("span", { class: "phase-time" })),
+      () => h("li", { class: "phase" }, h("span", { class: "phase-dot", "aria-hidden": "true" }), h("span", { class: "phase-name" }), h("span", { class: "phase-time" }), h("span", { class: "visually-hidden phase-state" })),
       (li, ph) => {
         li.dataset.phase = ph.phase;
-        li.dataset.state = ph.current ? "current" : ph.visited ? "done" : "upcoming";
+        li.dataset.state = ph.current ? "current" : ph.skipped ? "skipped" : ph.visited ? "done" : "upcoming";
         if (ph.current) li.setAttribute("aria-current", "step");
         else li.removeAttribute("aria-current");
         setText(li.querySelector(".phase-name"), PHASE_LABEL[ph.phase] ?? ph.phase);
-        setText(li.querySelector(".phase-time"), ph.ms !== null && ph.visited && ph.phase !== "queued" ? formatDuration(ph.ms) : ph.phase === "queued" && ph.ms ? formatDuration(ph.ms) : "");
+        setText(li.querySelector(".phase-time"), ph.ms !== null && !ph.skipped ? formatDuration(ph.ms) : "");
+        setText(li.querySelector(".phase-state"), ph.current ? " (current)" : ph.skipped ? " (skipped)" : ph.visited ? " (done)" : " (not reached)");
       },
     );
 
     const step = s.step;
     if (TERMINAL.has(s.status)) setText(els.now, ""); // the result card says how it ended
     else if (step && step.state === "started") setText(els.now, `Now: ${step.tool} ${step.title}`.trim());
-    else setText(els.now, s.status === "queued" ? "Waiting for a worker…" : `${PHASE_LABEL[s.phase] ?? s.phase}…`);
+    else setText(els.now, s.status === "queued" ? (s.attempt > 1 ? `Waiting for a worker to start attempt ${s.attempt}…` : "Waiting for a worker…") : `${PHASE_LABEL[s.phase] ?? s.phase}…`);
     const last = state.messages.at(-1);
     els.message.hidden = !last || TERMINAL.has(s.status);
     if (last) setText(els.message, last.text);
@@ -279,83 +302,73 @@ export function mountJob(main, jobId, { api, client }) {
   function renderResult(s) {
     const r = s.result;
     const terminal = TERMINAL.has(s.status);
-    els.result.hidden = !r && !terminal;
+    els.result.hidden = !terminal;
     if (els.result.hidden) return;
-    const ok = r ? r.ok : s.status === "succeeded";
-    const key = JSON.stringify([s.status, r, s.reason]);
+    const outcome = describeOutcome(s);
+    // Ended, but the result never reached this page (trimmed log, a race
+    // with a rejoin): the stored snapshot has it.
+    if (!r && !finalAsked) {
+      finalAsked = true;
+      api.getJob(jobId).then((snap) => {
+        if (disposed || !state || !snap.result) return;
+        state.snapshot.result = snap.result;
+        state.snapshot.usage = snap.usage;
+        if (snap.costUsd !== null && snap.costUsd !== undefined) state.snapshot.costUsd = snap.costUsd;
+        render();
+      }, () => {});
+    }
+    const key = JSON.stringify([s.status, r, s.reason, s.costUsd, s.usage, s.finishedAt]);
     if (els.result.dataset.key === key) return;
     els.result.dataset.key = key;
-    els.result.dataset.ok = s.status === "cancelled" ? "cancelled" : String(ok);
-    const heading = s.status === "cancelled" ? "Cancelled" : ok ? "Finished" : "Failed";
+    els.result.dataset.ok = s.status === "cancelled" ? "cancelled" : String(s.status === "succeeded");
+    els.result.dataset.kind = outcome.kind;
+    const heading = s.status === "cancelled" ? "Cancelled" : s.status === "succeeded" ? "Finished" : "Failed";
+    const summary = r?.summary ? h("div", { class: "result-summary markdown" }) : null;
+    if (summary) renderMarkdown(summary, r.summary);
+    const cost = s.costUsd ?? r?.costUsd ?? null;
+    const usage = s.usage || { inputTokens: 0, outputTokens: 0 };
+    const duration = jobDuration(state);
+    const facts = [
+      r ? `${r.turns} turn${r.turns === 1 ? "" : "s"}` : null,
+      duration !== null ? formatDuration(duration) : null,
+      cost !== null ? `${formatCost(cost)} cost` : "cost not reported",
+      `${formatTokens(usage.inputTokens)} input · ${formatTokens(usage.outputTokens)} output tokens`,
+      s.attempt > 1 ? `${s.attempt} attempts` : null,
+    ].filter(Boolean);
     replaceChildren(
       els.result,
-      h("h2", { id: "result-title" }, h("span", { class: "result-icon", "aria-hidden": "true" }, s.status === "cancelled" ? "■" : ok ? "✓" : "✕"), heading),
-      r?.error ? h("p", { class: "result-error" }, r.error) : null,
-      !r && s.reason ? h("p", { class: s.status === "cancelled" ? "result-reason" : "result-error" }, s.reason) : null,
-      r?.summary ? h("div", { class: "result-summary" }, r.summary) : null,
-      r
-        ? h(
-            "p",
-            { class: "result-stats" },
-            `${r.turns} turn${r.turns === 1 ? "" : "s"} · ${formatDuration(r.durationMs)} · ${formatCost(r.costUsd)}`,
-          )
-        : null,
+      h("h2", { id: "result-title" }, h("span", { class: "result-icon", "aria-hidden": "true" }, s.status === "cancelled" ? "■" : s.status === "succeeded" ? "✓" : "✕"), heading),
+      h("p", { class: "result-sentence", id: "result-sentence" }, outcome.sentence),
+      outcome.detail ? h("details", { class: "result-detail" }, h("summary", {}, "Error details"), h("pre", {}, outcome.detail)) : null,
+      summary,
+      h("p", { class: "result-stats", id: "result-stats" }, facts.join(" · ")),
     );
   }
 
   function renderTodos() {
-    const items = state.todos.map((t, i) => ({ ...t, i }));
+    const ended = TERMINAL.has(state.snapshot.status);
+    const items = state.todos.map((t, i) => ({ ...t, i, unfinished: ended && t.state !== "completed" }));
     renderKeyed(
       els.todos,
       items,
       (t) => `${t.i}:${t.text}`,
-      () => h("li", { class: "todo" }, h("span", { class: "todo-icon", "aria-hidden": "true" }), h("span", { class: "todo-text" }), h("span", { class: "visually-hidden todo-state" })),
+      () => h("li", { class: "todo" }, h("span", { class: "todo-icon", "aria-hidden": "true" }), h("span", { class: "todo-text" }), h("span", { class: "todo-state" })),
       (li, t) => {
         li.dataset.state = t.state;
-        setText(li.querySelector(".todo-icon"), TODO_ICON[t.state] ?? "○");
+        li.toggleAttribute("data-unfinished", t.unfinished);
+        setText(li.querySelector(".todo-icon"), t.unfinished ? "✕" : TODO_ICON[t.state] ?? "○");
         setText(li.querySelector(".todo-text"), t.text);
-        setText(li.querySelector(".todo-state"), ` (${t.state.replace("_", " ")})`);
+        const label = li.querySelector(".todo-state");
+        // Visible when the job ended without it; otherwise for screen readers only.
+        label.classList.toggle("visually-hidden", !t.unfinished);
+        label.classList.toggle("badge", t.unfinished);
+        setText(label, t.unfinished ? "not finished" : ` (${t.state.replace("_", " ")})`);
       },
     );
     els.todosEmpty.hidden = items.length > 0;
-    setText(els.todosEmpty, TERMINAL.has(state.snapshot.status) ? "This job kept no to-do list." : "No to-do list yet.");
+    setText(els.todosEmpty, ended ? "This job kept no to-do list." : "No to-do list yet.");
     const { done = 0, total = 0 } = state.snapshot.progress || {};
     setText(els.todoCount, total ? `${done}/${total}` : "");
-  }
-
-  function renderSteps() {
-    const steps = [...state.steps.values()];
-    const box = els.stepsBox;
-    renderKeyed(
-      els.steps,
-      steps,
-      (st) => st.key,
-      () =>
-        h(
-          "li",
-          { class: "step" },
-          h("span", { class: "step-icon", "aria-hidden": "true" }),
-          h("span", { class: "step-tool" }),
-          h("span", { class: "step-title" }),
-          h("span", { class: "step-duration" }),
-          h("span", { class: "visually-hidden step-state" }),
-        ),
-      (li, st) => {
-        li.dataset.stepId = st.stepId;
-        li.dataset.state = st.state;
-        setText(li.querySelector(".step-icon"), STEP_ICON[st.state] ?? "");
-        setText(li.querySelector(".step-tool"), st.tool);
-        const titleEl = li.querySelector(".step-title");
-        setText(titleEl, st.title);
-        titleEl.title = st.title;
-        setText(li.querySelector(".step-duration"), st.state === "started" ? "running" : st.durationMs !== null ? formatDuration(st.durationMs) : "");
-        setText(li.querySelector(".step-state"), st.state === "started" ? ", running" : st.state === "ok" ? ", done" : ", failed");
-      },
-    );
-    els.stepsEmpty.hidden = steps.length > 0;
-    setText(els.stepsEmpty, TERMINAL.has(state.snapshot.status) ? "No steps were run." : "No steps yet.");
-    setText(els.stepCount, steps.length ? `(${steps.length})` : "");
-    if (stickSteps) box.scrollTop = box.scrollHeight;
   }
 
   function renderLogs() {
@@ -374,14 +387,15 @@ export function mountJob(main, jobId, { api, client }) {
   }
 
   function renderStats(s) {
-    const end = TERMINAL.has(s.status) ? s.finishedAt : Date.now();
-    const duration = s.result?.durationMs ?? (s.startedAt && end ? end - s.startedAt : null);
+    const duration = jobDuration(state);
+    const cost = s.costUsd ?? s.result?.costUsd ?? null;
     const rows = [
       ["Input tokens", formatTokens(s.usage?.inputTokens ?? 0)],
       ["Output tokens", formatTokens(s.usage?.outputTokens ?? 0)],
-      ["Cost", formatCost(s.costUsd ?? s.result?.costUsd ?? null)],
+      ["Cost", cost !== null ? formatCost(cost) : TERMINAL.has(s.status) ? "not reported" : "when it ends"],
       ["Duration", duration !== null ? formatDuration(duration) : "—"],
       ["Turns", s.result ? String(s.result.turns) : "—"],
+      ["Attempts", String(s.attempt || 1)],
     ];
     renderKeyed(
       els.stats,
@@ -415,8 +429,9 @@ export function mountJob(main, jobId, { api, client }) {
         if (!state) return;
         eventsApplied += 1;
         lastSeen = msg.id;
-        const change = applyEvent(state, msg);
         const history = replayUntil && compareIds(msg.id, replayUntil) <= 0;
+        const change = applyEvent(state, msg, { live: !history });
+        if (!state.snapshot.model && !TERMINAL.has(state.snapshot.status)) askForModel();
         if (change && !history) {
           if (change.status) announceStatus(state.snapshot);
           if (change.workerLost) announce("The job's worker stopped answering.");
@@ -482,6 +497,22 @@ export function mountJob(main, jobId, { api, client }) {
     }
   }
 
+  // The model is learnt from Claude Code's first line, which is no event of
+  // its own: re-read the snapshot (a few times at most) until it names it.
+  async function askForModel() {
+    const now = Date.now();
+    if (now - modelAskedAt < MODEL_POLL_MS || state.snapshot.status === "queued") return;
+    modelAskedAt = now;
+    try {
+      const snap = await api.getJob(jobId);
+      if (disposed || !state || !snap.model) return;
+      state.snapshot.model = snap.model;
+      render();
+    } catch {
+      // asked again after the next event
+    }
+  }
+
   async function load() {
     try {
       const snap = await api.getJob(jobId);
@@ -510,10 +541,13 @@ export function mountJob(main, jobId, { api, client }) {
   }, 1000);
   load();
 
-  return () => {
-    disposed = true;
-    unsubscribe();
-    client.removeEventListener("state", onState);
-    window.clearInterval(ticker);
+  return {
+    unmount: () => {
+      disposed = true;
+      unsubscribe();
+      client.removeEventListener("state", onState);
+      window.clearInterval(ticker);
+    },
+    goToStep: (n) => stepLog.goToStep(n),
   };
 }

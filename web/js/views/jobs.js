@@ -4,6 +4,7 @@ import { ApiError } from "../api.js";
 import { announce, frameScheduler, h, renderKeyed, replaceChildren, setText } from "../dom.js";
 import { formatCost, formatDateTime, formatRelative, PHASE_LABEL, promptTitle, STATUS_LABEL } from "../format.js";
 import { applyEvent, createJobState, progressOf, TERMINAL } from "../jobstate.js";
+import { describeOutcome } from "../outcome.js";
 import { SignedOutError } from "../socket.js";
 
 /** Rooms the list may hold open; the protocol allows 32 per connection. */
@@ -17,7 +18,7 @@ const MODELS = ["sonnet", "opus", "haiku"];
  * @param {HTMLElement} main
  * @param {{api: object, client: import("../socket.js").RealtimeClient, navigate: (hash: string) => void}} ctx
  */
-export function mountJobs(main, { api, client, navigate }) {
+export function mountJobs(main, { api, client, navigate, me = null }) {
   const jobs = new Map(); // id -> job state (createJobState)
   const subscriptions = new Map(); // id -> unsubscribe
   let order = []; // ids, newest first
@@ -63,12 +64,12 @@ export function mountJobs(main, { api, client, navigate }) {
     h("h2", { id: "submit-title" }, "New job"),
     form.el,
   );
-  api.me().then(
-    (me) => {
-      if (disposed || me.role === "submitter" || me.role === "admin") return;
+  (me ? Promise.resolve(me) : api.me()).then(
+    (who) => {
+      if (disposed || who.role === "submitter" || who.role === "admin") return;
       submitCard.replaceChildren(
         h("h2", { id: "submit-title" }, "New job"),
-        h("p", { class: "hint", id: "submit-disabled" }, `Your role (${me.role}) can watch and comment but not submit jobs; ask an admin for the submitter role.`),
+        h("p", { class: "hint", id: "submit-disabled" }, `Your role (${who.role}) can watch and comment but not submit jobs; ask an admin for the submitter role.`),
       );
     },
     () => {}, // the form stays; the server still refuses with a clear message
@@ -95,7 +96,9 @@ export function mountJobs(main, { api, client, navigate }) {
       ),
     ),
   );
-  title.focus({ preventScroll: true });
+  // Focus the start of the content: the next Tab lands in the job form, the
+  // first thing on this page (the list's own controls follow it).
+  main.focus({ preventScroll: true });
 
   const render = frameScheduler(() => {
     if (disposed) return;
@@ -164,6 +167,7 @@ export function mountJobs(main, { api, client, navigate }) {
     if (!job) return;
     if (msg.type === "joined") {
       const fresh = createJobState(msg.snapshot);
+      fresh.maxPercent = job.maxPercent; // the bar never goes back on a rejoin
       jobs.set(id, fresh);
     } else if (msg.type === "event") {
       const change = applyEvent(job, msg);
@@ -174,7 +178,11 @@ export function mountJobs(main, { api, client, navigate }) {
       }
     } else if (msg.type === "gap") {
       api.getJob(id).then((snap) => {
-        if (!disposed && jobs.has(id)) jobs.set(id, createJobState(snap));
+        if (!disposed && jobs.has(id)) {
+          const fresh = createJobState(snap);
+          fresh.maxPercent = jobs.get(id).maxPercent;
+          jobs.set(id, fresh);
+        }
         render();
       }, () => {});
     } else if (msg.type === "error" && (msg.code === "not_found" || msg.code === "forbidden")) {
@@ -216,6 +224,7 @@ function createRow(job) {
       { class: "job-link", href: `#/jobs/${id}` },
       h("span", { class: "job-row-top" }, h("span", { class: "badge status-badge" }), h("span", { class: "badge badge-demo", hidden: true, title: "A recorded Claude Code transcript replayed by the demo runner, not a live run" }, "Replay"), h("span", { class: "badge badge-session", hidden: true }), h("span", { class: "job-row-title" })),
       h("span", { class: "job-row-meta" }, h("span", { class: "job-phase" }), h("span", { class: "job-todos" }), h("span", { class: "job-cost" }), h("time", { class: "job-time" }), h("span", { class: "job-by" })),
+      h("span", { class: "visually-hidden job-progress-text" }),
       h("span", { class: "mini-bar", "aria-hidden": "true" }, h("span", { class: "mini-bar-fill" })),
     ),
   );
@@ -238,7 +247,7 @@ function updateRow(el, job) {
   }
   setText(el.querySelector(".job-row-title"), promptTitle(s.prompt));
   const running = !TERMINAL.has(s.status);
-  setText(el.querySelector(".job-phase"), running ? PHASE_LABEL[s.phase] ?? s.phase : s.reason || "");
+  setText(el.querySelector(".job-phase"), running ? PHASE_LABEL[s.phase] ?? s.phase : s.status === "succeeded" ? "" : describeOutcome(s)?.sentence ?? "");
   const { done = 0, total = 0 } = s.progress || {};
   setText(el.querySelector(".job-todos"), total > 0 ? `${done}/${total} to-dos` : "");
   setText(el.querySelector(".job-cost"), s.costUsd ? formatCost(s.costUsd) : "");
@@ -248,13 +257,11 @@ function updateRow(el, job) {
   time.title = formatDateTime(s.createdAt);
   setText(time, formatRelative(s.createdAt));
   setText(el.querySelector(".job-by"), s.submittedBy ? `by ${s.submittedBy}` : "");
-  const p = progressOf(s);
+  const p = progressOf(job);
   el.querySelector(".mini-bar-fill").style.width = `${p.percent}%`;
   el.querySelector(".mini-bar").dataset.status = s.status;
-  el.querySelector(".job-link").setAttribute(
-    "aria-label",
-    `${promptTitle(s.prompt)}. ${STATUS_LABEL[s.status] ?? s.status}${s.demo ? ", replay" : ""}${s.kind === "session" ? `, session on ${s.session?.host || "another machine"}` : ""}. ${p.label}.`,
-  );
+  // The link's name is its visible text (title, status, phase…) plus the progress.
+  setText(el.querySelector(".job-progress-text"), ` ${p.percent}% · ${p.label}`);
 }
 
 // ------------------------------------------------------------- submit form

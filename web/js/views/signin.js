@@ -33,7 +33,7 @@ export function mountSignIn(main, { message = null, onToken }) {
       h("code", {}, "progress-service token create"),
       ", or open the link ",
       h("code", {}, "progress-service dev"),
-      " prints. The token stays in this tab only.",
+      " prints. Signing in sets a cookie that this browser's tabs share and no script can read; the token itself is not kept.",
     ),
     error,
     h("div", { class: "form-actions" }, button),
