@@ -188,6 +188,9 @@ async def test_a_reporter_token_reads_nothing(store, make_settings) -> None:
             resp = await client.request(method, path, headers={**bearer(reporter), "Idempotency-Key": "k"}, json={"text": "x", "prompt": "x"})
             assert resp.status_code == 403, (method, path, resp.status_code, resp.text)
             assert "reporter" in resp.json()["detail"]
+        # Nor can it become a web session (the cookie would read as the reporter).
+        resp = await client.post("/api/session", json={"token": reporter})
+        assert resp.status_code == 403 and "set-cookie" not in resp.headers
         async with connect(base) as ws:
             await send(ws, type="auth", token=reporter)
             assert await closed_with(ws) == (4403, "auth failed")
