@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +24,29 @@ EXISTING = {
 }
 
 
-def run(*args: str, cwd: Path, env_home: Path) -> subprocess.CompletedProcess[str]:
+def run(*args: str, cwd: Path, env_home: Path, subprocess_: bool = False) -> subprocess.CompletedProcess[str]:
+    """``progress-service hooks ARGS``: as a real process, or (faster) through ``cli.main`` in this one."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(env_home), "PS_HOOK_TOKEN": "ps_secret-that-must-not-be-written"}
-    return subprocess.run(
-        [sys.executable, "-m", "progress_service.cli", "hooks", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
-    )
+    if subprocess_:
+        return subprocess.run(
+            [sys.executable, "-m", "progress_service.cli", "hooks", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+        )
+    from progress_service.cli import main  # noqa: PLC0415
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (*env, "CLAUDE_CONFIG_DIR")}
+    os.environ.pop("CLAUDE_CONFIG_DIR", None)  # --user must land in the scratch HOME, never a real config
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["hooks", *args])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_install_merges_and_uninstall_removes_exactly_what_it_added(tmp_path: Path) -> None:
@@ -34,7 +55,10 @@ def test_install_merges_and_uninstall_removes_exactly_what_it_added(tmp_path: Pa
     settings.parent.mkdir(parents=True)
     settings.write_text(json.dumps(EXISTING, indent=2))
 
-    done = run("install", "--project", str(project), "--url", "http://ps.example:8000/", "--host-label", "laptop-7", cwd=tmp_path, env_home=tmp_path)
+    done = run(
+        "install", "--project", str(project), "--url", "http://ps.example:8000/", "--host-label", "laptop-7",
+        cwd=tmp_path, env_home=tmp_path, subprocess_=True,
+    )
     assert done.returncode == 0, done.stderr
     text = settings.read_text()
     assert "ps_secret" not in text  # the token stays in the environment
