@@ -497,3 +497,21 @@ async def test_credentials_are_refreshed_before_they_expire(service: Any, run_cl
     assert cli.wait(timeout=60) == 0, cli.err
     assert not any("connection lost" in line for line in cli.err), cli.err
     assert_lines_match_events(cli.out, job_events(serve.url, token, job_id))
+
+
+def test_retries_and_notices_are_shown_and_the_retry_state_clears() -> None:
+    from progress_service.terminal.render import JobView  # noqa: PLC0415
+
+    retry = {"attempt": 3, "maxRetries": 10, "delayMs": 8000, "errorStatus": 529, "error": "overloaded",
+             "text": "retrying the API (3/10, 529 overloaded, next in 8 s)"}
+    line = format_event(EventMsg(roomId="job:j", id="1-0", kind="retry", at=0, data=retry))
+    assert line.split(None, 1)[1] == "retry    retrying the API (3/10, 529 overloaded, next in 8 s)"
+    notice = {"kind": "permission_denied", "text": "permission denied: Bash: rm -rf build"}
+    assert "permission_denied: permission denied: Bash: rm -rf build" in format_event(
+        EventMsg(roomId="job:j", id="2-0", kind="notice", at=0, data=notice)
+    )
+    view = JobView("j")
+    view.apply_event("retry", retry)
+    assert view.retry == retry["text"]
+    view.apply_event("usage", {"inputTokens": 10, "outputTokens": 1})
+    assert view.retry == ""
