@@ -29,10 +29,8 @@ from litestar.exceptions import (
 )
 from litestar.types import Receive, Scope, Send
 from litestar.status_codes import HTTP_204_NO_CONTENT, HTTP_409_CONFLICT, HTTP_413_REQUEST_ENTITY_TOO_LARGE
-from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
 
-from progress_service import metrics
+from progress_service import metrics, outage
 from progress_service.api.deps import error_responses
 from progress_service.auth import PrincipalCache, bearer_token
 from progress_service.events import now_ms
@@ -157,10 +155,8 @@ async def accept(services: Services, authorization: str | None, host: str | None
     token = bearer_token(authorization)
     if token is None:
         raise NotAuthorizedException("missing credentials: send 'Authorization: Bearer <reporter token>'")
-    try:
-        principal = await gate.principal(token)
-    except SQLAlchemyError:
-        raise ServiceUnavailableException("the store is unavailable", headers={"Retry-After": RETRY_AFTER}) from None
+    # A store or Redis outage raised from here is a 503 (``progress_service.outage``).
+    principal = await gate.principal(token)
     if principal is None:
         raise NotAuthorizedException("invalid, expired or revoked token")
     if not principal.is_reporter:
@@ -175,10 +171,7 @@ async def accept(services: Services, authorization: str | None, host: str | None
         )
     hook = decode_hook(body, settings.hook_max_depth)
     job_id = session_job_id(hook.session_id)
-    try:
-        await gate.claim(job_id, principal)
-    except RedisError:
-        raise ServiceUnavailableException("Redis is unavailable", headers={"Retry-After": RETRY_AFTER}) from None
+    await gate.claim(job_id, principal)
     item = HookItem(
         job_id=job_id,
         team_id=principal.team_id,
@@ -253,10 +246,17 @@ class HookFront:
             extra.append((b"content-type", b"application/json"))
             log.info("POST %s -> %s", PATH, status)
             metrics.http_errors.labels(str(status)).inc()
-        except Exception:
-            log.exception("unhandled error in POST %s", PATH)
-            status, payload = 500, _error_enc.encode({"status_code": 500, "detail": "Internal Server Error"})
-            extra = [(b"content-type", b"application/json")]
+        except Exception as exc:  # noqa: BLE001 - an outage is a 503, anything else a logged 500
+            dependency = outage.classify(exc)
+            if dependency is not None:
+                outage.warn(dependency, f"POST {PATH}", exc)
+                status, detail = 503, outage.describe(dependency)
+                extra = [(b"retry-after", str(outage.RETRY_AFTER_SECONDS).encode())]
+            else:
+                log.exception("unhandled error in POST %s", PATH)
+                status, detail, extra = 500, "Internal Server Error", []
+            payload = _error_enc.encode({"status_code": status, "detail": detail})
+            extra.append((b"content-type", b"application/json"))
         headers_out = [(b"content-length", str(len(payload)).encode()), *extra] if status != 204 else extra
         await send({"type": "http.response.start", "status": status, "headers": headers_out})
         await send({"type": "http.response.body", "body": payload})

@@ -22,7 +22,7 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from progress_service import streams
+from progress_service import outage, streams
 from progress_service.events import JobSnapshot, JobSpec, SessionInfo, clip
 from progress_service.hooks.body import HookInput
 from progress_service.hooks.mapping import HookMapper, SessionState
@@ -151,9 +151,13 @@ class Ingest:
     async def _apply_safely(self, items: list[HookItem]) -> None:
         try:
             await self.apply(items)
-        except Exception:  # noqa: BLE001 - one session's failure must not end the ingest task
+        except Exception as exc:  # noqa: BLE001 - one session's failure must not end the ingest task
             self.dropped += len(items)
-            log.exception("hooks: %d hook(s) of job %s could not be applied", len(items), items[0].job_id)
+            dependency = outage.classify(exc)
+            if dependency is not None:  # one throttled line, no traceback: the dependency is down
+                outage.warn(dependency, f"hook ingest ({len(items)} hook(s) of job {items[0].job_id} dropped)", exc)
+            else:
+                log.exception("hooks: %d hook(s) of job %s could not be applied", len(items), items[0].job_id)
 
     # -- one session -------------------------------------------------------------
 
