@@ -386,3 +386,35 @@ def test_axe_finds_no_serious_violations(stack: Stack, sam: str, browser: Any, s
     audit("job page")
     console.assert_clean()
     context.close()
+
+
+def test_a_session_reported_through_hooks_is_labelled_and_offers_no_cancel(stack: Stack, sam: str, browser: Any) -> None:
+    """A Claude Code session from a laptop: the list says where it runs; its page offers no cancel."""
+    from hook_helpers import HOOK_PATH, Session  # noqa: PLC0415
+
+    reporter = stack.token("reporter", "laptop-owner")
+    s = Session(cwd="/home/dev/app")
+    for body in (
+        s.body("UserPromptSubmit", prompt="Rename the config loader"),
+        s.pre("toolu_w1", "Bash", {"command": "git status"}),
+        s.post("toolu_w1", "Bash", {"command": "git status"}, {"stdout": "clean", "stderr": ""}),
+    ):
+        resp = httpx.post(f"{stack.url}{HOOK_PATH}", json=body, headers={"Authorization": f"Bearer {reporter}", "X-PS-Host": "laptop-9"})
+        assert resp.status_code == 204, resp.text
+    wait_until(
+        lambda: httpx.get(f"{stack.url}/api/jobs/{s.job_id}", headers={"Authorization": f"Bearer {sam}"}).json().get("step", {}) is not None,
+        what="the session's first step",
+    )
+    context, page, console = open_context(browser)
+    sign_in(page, stack, sam)
+    row = page.locator(f"li.job-row[data-job-id='{s.job_id}']")
+    expect(row.locator(".badge-session")).to_have_text("Session · laptop-9")
+    expect(row.locator(".job-row-title")).to_have_text("Rename the config loader")
+    page.goto(f"{stack.url}/#/jobs/{s.job_id}")
+    expect(page.locator(".job-head-text")).to_contain_text("Claude Code session on laptop-9")
+    expect(page.locator(".job-head-text")).to_contain_text("/home/dev/app")
+    expect(page.locator("#steps")).to_contain_text("git status")
+    # sam may cancel jobs, but not a session that runs elsewhere.
+    assert page.locator("#cancel-job").count() == 0
+    console.assert_clean()
+    context.close()
