@@ -285,7 +285,13 @@ def test_end_states_explain_themselves(stack: Stack, sam: str, browser: Any) -> 
         expect(card).to_have_attribute("data-kind", kind, timeout=15_000)
         expect(page.locator("#result-sentence")).to_have_text(sentence)
         stats = page.locator("#result-stats")
-        expect(stats).to_contain_text("$")
+        if kind == "cancelled":
+            # The CLI reports the cost in its last line after SIGINT; the worker
+            # reads it only when the cancel flag (not arq's abort) stops the
+            # run (issue 9, i9-control). Otherwise the page says so plainly.
+            expect(stats).to_contain_text(re.compile(r"\$\d|cost not reported"))
+        else:
+            expect(stats).to_contain_text(re.compile(r"\$\d"))
         expect(stats).to_contain_text(re.compile(r"\d[\d.]*k? input · \d[\d.]*k? output tokens"))
         assert "Phase" not in page.locator("#progress-label").inner_text()
         assert page.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"]
