@@ -29,6 +29,9 @@ from bench.scenarios import (
 from bench.service import DEFAULT_PG, Service, pg_answers
 from bench.tuning import raise_nofile
 
+#: Scenarios run only when named (``all`` keeps to the five of issue 6).
+EXTRA_SCENARIOS = ("seed_compare",)
+
 
 def _run_one(name: str, opts: Options, pg_available: bool) -> list[dict]:
     if name == "hot_room":
@@ -46,13 +49,17 @@ def _run_one(name: str, opts: Options, pg_available: bool) -> list[dict]:
         else:
             out.append({"scenario": "comments_postgresql", "status": "skipped: no PostgreSQL (pass --pg URL)"})
         return out
+    if name == "seed_compare":
+        from bench.seed_compare import seed_compare  # noqa: PLC0415 - only this scenario needs the peer
+
+        return [seed_compare(opts)]
     raise SystemExit(f"unknown scenario {name!r}; one of: {', '.join(SCENARIOS)}, all")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     for name in names:
-        if name not in SCENARIOS:
+        if name not in (*SCENARIOS, *EXTRA_SCENARIOS):
             print(f"unknown scenario {name!r}; one of: {', '.join(SCENARIOS)}, all", file=sys.stderr)
             return 2
     raise_nofile()
@@ -62,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if pg_answers(candidate):
             pg_admin = candidate
     opts = Options(quick=args.quick, ws_impl=args.ws, loop=args.loop, pg_admin=pg_admin, procs=args.procs,
-                   profile_dir=args.profile,
+                   profile_dir=args.profile, seed_dir=args.seed_dir,
                    overrides=dict(kv.split("=", 1) for kv in args.set))
     common = {"machine": stats.machine(), "versions": stats.versions(Service.redis_server_binary())}
     results: list[dict] = []
@@ -96,6 +103,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             out_file.close()
     print()
     print(markdown_table(results))
+    for line in results:
+        if line["scenario"] == "seed_compare":
+            from bench.seed_compare import side_by_side_table  # noqa: PLC0415
+
+            print()
+            print(side_by_side_table(line))
     return 1 if failed else 0
 
 
@@ -122,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run one scenario or all")
-    p.add_argument("scenario", help=f"one of: {', '.join(SCENARIOS)}, all")
+    p.add_argument("scenario", help=f"one of: {', '.join((*SCENARIOS, *EXTRA_SCENARIOS))}, all "
+                                    f"(all = {', '.join(SCENARIOS)})")
+    p.add_argument("--seed-dir", metavar="DIR", help="the seed's peer folder for seed_compare "
+                   "(default: SEED_PEER_DIR, else ../shared/seed/peer beside the checkout or its parent)")
     p.add_argument("--quick", action="store_true", help="small sizes (all scenarios in < 60 s): a smoke test")
     p.add_argument("--json-out", metavar="FILE", help="append each result line to FILE")
     p.add_argument("--ws", choices=["websockets", "websockets-sansio", "wsproto"], default=None,

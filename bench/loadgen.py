@@ -15,6 +15,7 @@ from the time the frame arrived.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 import traceback
@@ -58,6 +59,9 @@ class _Msg(msgspec.Struct):
     message: str | None = None
 
 
+#: What an echoed comment (``echo_acks``) resolves its sender's wait with.
+_ACK = _Msg(type="ack")
+
 _decode = msgspec.json.Decoder(list[_Msg] | _Msg).decode
 _encode = msgspec.json.Encoder().encode
 
@@ -90,6 +94,14 @@ class WorkerConfig:
     path: str = "/ws"
     #: Backoff cap (s): the protocol's 20 s; quick runs use less so the smoke test stays short.
     backoff_cap: float = BACKOFF_CAP
+    #: Comments each reviewer keeps in flight (each of them sent after the previous one's answer).
+    chats_in_flight: int = 1
+    #: Pad each comment's text to this many characters (0: the short default text).
+    chat_chars: int = 0
+    #: The seed's protocol has no ``ack``: the comment's own broadcast, matched by requestId, answers it.
+    echo_acks: bool = False
+    #: CPUs this process is pinned to (None: wherever the scheduler puts it).
+    cpus: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -103,6 +115,8 @@ class Totals:
     dup: int = 0
     gaps: int = 0
     frames: int = 0
+    #: Frames received during the measured phase.
+    frames_measured: int = 0
     acks: int = 0
     retries: int = 0
     chat_errors: dict[str, int] = field(default_factory=dict)
@@ -176,6 +190,7 @@ class Worker:
             "delivered_all": t.delivered_all,
             "chats_delivered": t.chats_delivered,
             "frames": t.frames,
+            "frames_measured": t.frames_measured,
             "lost": t.lost,
             "dup": t.dup,
             "gaps": t.gaps,
@@ -215,6 +230,8 @@ class Client:
         now = time.time_ns()
         w = self.w
         w.t.frames += 1
+        if w.measuring:
+            w.t.frames_measured += 1
         msg = _decode(raw)
         if type(msg) is list:
             for m in msg:
@@ -245,6 +262,10 @@ class Client:
                     w.latency.record(now - data.ts)
         elif kind == "chat":
             self.last_id[m.roomId] = m.id
+            if w.cfg.echo_acks and m.requestId is not None:
+                fut = self._acks.pop(m.requestId, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(_ACK)
             if w.measuring:
                 w.t.chats_delivered += 1
                 if m.text and m.text.startswith("bench "):
@@ -364,10 +385,21 @@ class Client:
             attempt += 1
 
     async def _review(self, ws: WSClient) -> None:
-        """Post comments back to back, each after the previous one's ack, until STOP."""
+        """Keep ``chats_in_flight`` comments in flight, each lane sending after its previous ack, until STOP."""
+        lanes = self.w.cfg.chats_in_flight
+        if lanes <= 1:
+            await self._review_lane(ws)
+            return
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(lanes):
+                tg.create_task(self._review_lane(ws))
+
+    async def _review_lane(self, ws: WSClient) -> None:
         w = self.w
         room = self.spec.rooms[0]
         loop = asyncio.get_running_loop()
+        pad = max(0, w.cfg.chat_chars - 26)
+        tail = ("x" * pad) if pad else "lgtm"
         while w.phase < WARMUP and ws.is_open:
             await asyncio.sleep(0.02)
         while w.phase < STOP and ws.is_open and not w.unavailable:
@@ -375,7 +407,7 @@ class Client:
             fut: asyncio.Future[_Msg] = loop.create_future()
             self._acks[rid] = fut
             sent = time.time_ns()
-            ws.send_text(_encode({"type": "chat", "roomId": room, "requestId": rid, "text": f"bench {sent} lgtm"}))
+            ws.send_text(_encode({"type": "chat", "roomId": room, "requestId": rid, "text": f"bench {sent} {tail}"}))
             try:
                 await self._until(ws, fut)
             except Closed:
@@ -398,6 +430,8 @@ class Client:
 def worker_main(index: int, cfg: WorkerConfig, ctl: Control) -> None:
     """Entry point of a load-generator process."""
     raise_nofile()
+    if cfg.cpus is not None:
+        os.sched_setaffinity(0, cfg.cpus)
     try:
         result = run(Worker(index, cfg, ctl).main())
     except BaseException as exc:  # noqa: BLE001 - reported to the orchestrator instead of dying silently

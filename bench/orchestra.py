@@ -174,12 +174,12 @@ def merge(workers: list[dict], pub: dict | None) -> dict:
     """Sum counters and merge histograms of all workers."""
     lat, ack, chat = Histogram(), Histogram(), Histogram()
     out: dict = {
-        "delivered": 0, "delivered_all": 0, "chats_delivered": 0, "frames": 0, "lost": 0, "dup": 0,
+        "delivered": 0, "delivered_all": 0, "chats_delivered": 0, "frames": 0, "frames_measured": 0, "lost": 0, "dup": 0,
         "gaps": 0, "acks": 0, "failed": 0, "retries": 0, "unavailable": False, "loadgen_cpu_s": 0.0,
         "errors": {}, "closes": {}, "chat_errors": {}, "failures": [], "first_joined_at": [], "rejoin_at": [],
     }
     for w in workers:
-        for k in ("delivered", "delivered_all", "chats_delivered", "frames", "lost", "dup", "gaps", "acks", "failed", "retries"):
+        for k in ("delivered", "delivered_all", "chats_delivered", "frames", "frames_measured", "lost", "dup", "gaps", "acks", "failed", "retries"):
             out[k] += w[k]
         out["unavailable"] = out["unavailable"] or w["unavailable"]
         out["loadgen_cpu_s"] += w["cpu_s"]

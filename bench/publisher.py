@@ -17,9 +17,14 @@ Two modes:
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+import anyio
+import msgspec
 
 from redis.asyncio import Redis
 
@@ -42,13 +47,20 @@ class PublisherConfig:
     maxlen: int = 10_000
     #: Concurrent publishing tasks in open loop (each owns a slice of the jobs; order per job holds).
     lanes: int = 8
+    #: CPUs this process is pinned to (None: wherever the scheduler puts it).
+    cpus: tuple[int, ...] | None = None
+    #: Closed loop through the worker's own :class:`worker.publisher.Publisher`
+    #: (its append script, ordering, SQL archive in this store) instead of
+    #: ``streams.append_event``; the store's URL.
+    worker_database_url: str | None = None
 
 
 def _event(seq: int, ts: int) -> StoredEvent:
     return StoredEvent(kind="log", at=now_ms(), data={"stream": "stderr", "line": LINE, "seq": seq, "ts": ts})
 
 
-async def _closed(cfg: PublisherConfig, ctl: Control, redis: Redis, workers: int) -> dict:
+async def _closed(cfg: PublisherConfig, ctl: Control, redis: Redis, workers: int,
+                  append: Callable[[int], Awaitable[None]] | None = None) -> dict:
     job = cfg.jobs[0]
     seq = 0
     published = 0
@@ -61,10 +73,55 @@ async def _closed(cfg: PublisherConfig, ctl: Control, redis: Redis, workers: int
             await asyncio.sleep(0.002)
             continue
         seq += 1
-        await append_event(redis, job, _event(seq, time.time_ns()), maxlen=cfg.maxlen)
+        if append is None:
+            await append_event(redis, job, _event(seq, time.time_ns()), maxlen=cfg.maxlen)
+        else:
+            await append(seq)
         published += 1
     ctl.target[0] = seq
     return {"published": published, "last_seq": seq}
+
+
+class _LogLine(msgspec.Struct):
+    """The data of a bench ``log`` event, as the worker's mapper would give it."""
+
+    stream: str
+    line: str
+    seq: int
+    ts: int
+
+
+async def _closed_via_worker(cfg: PublisherConfig, ctl: Control, redis: Redis, workers: int) -> dict:
+    """The closed loop, each event published by the worker's Publisher (the job's real path)."""
+    from progress_service.events import JobSnapshot  # noqa: PLC0415 - only this mode needs the worker
+    from progress_service.settings import Settings  # noqa: PLC0415
+    from progress_service.store.db import create_engine  # noqa: PLC0415
+    from progress_service.streams import room_id  # noqa: PLC0415
+    from worker.mapping import Mapped, Mapper  # noqa: PLC0415
+    from worker.publisher import Publisher  # noqa: PLC0415
+
+    job = cfg.jobs[0]
+    engine = create_engine(cfg.worker_database_url or "")
+    settings = Settings(redis_url=cfg.redis_url, database_url=cfg.worker_database_url, events_maxlen=cfg.maxlen)
+    snapshot = JobSnapshot(id=job, roomId=room_id(job), status="running", phase="testing", prompt="benchmark job",
+                           demo=True)
+    pub = Publisher(redis, job, 1, settings, Mapper(snapshot), engine=engine)
+
+    async def append(seq: int) -> None:
+        data = _LogLine(stream="stderr", line=LINE, seq=seq, ts=time.time_ns())
+        await pub.publish([Mapped(kind="log", at=now_ms(), data=data, snapshot=snapshot)])
+
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(pub.run)
+            try:
+                out = await _closed(cfg, ctl, redis, workers, append)
+            finally:
+                await pub.close()
+    finally:
+        await engine.dispose()
+    out["path"] = "worker.publisher.Publisher"
+    return out
 
 
 async def _open(cfg: PublisherConfig, ctl: Control, redis: Redis) -> dict:
@@ -115,7 +172,9 @@ async def _open(cfg: PublisherConfig, ctl: Control, redis: Redis) -> dict:
 async def _main(cfg: PublisherConfig, ctl: Control, workers: int) -> dict:
     redis = Redis.from_url(cfg.redis_url, max_connections=64)
     try:
-        if cfg.mode == "closed":
+        if cfg.mode == "closed" and cfg.worker_database_url:
+            out = await _closed_via_worker(cfg, ctl, redis, workers)
+        elif cfg.mode == "closed":
             out = await _closed(cfg, ctl, redis, workers)
         else:
             out = await _open(cfg, ctl, redis)
@@ -127,6 +186,8 @@ async def _main(cfg: PublisherConfig, ctl: Control, workers: int) -> dict:
 
 def publisher_main(cfg: PublisherConfig, ctl: Control, workers: int) -> None:
     """Entry point of the publisher process."""
+    if cfg.cpus is not None:
+        os.sched_setaffinity(0, cfg.cpus)
     try:
         result = run(_main(cfg, ctl, workers))
     except BaseException as exc:  # noqa: BLE001 - reported to the orchestrator instead of dying silently

@@ -42,6 +42,8 @@ class Options:
     profile_dir: str | None = None
     #: ``--set name=value`` overrides of scenario sizes (e.g. jobs=200, window=16).
     overrides: dict[str, str] = field(default_factory=dict)
+    #: The seed's peer folder for ``seed_compare`` (None: looked for beside the checkout).
+    seed_dir: str | None = None
 
 
 def _params(opts: Options, names: tuple[str, ...], quick: tuple, full: tuple) -> tuple:
@@ -236,8 +238,9 @@ def many_rooms(opts: Options) -> dict:
 
 def idle(opts: Options) -> dict:
     """N authenticated, joined, idle connections: connect time and RSS per connection."""
-    n, jobs_n, hold = _params(opts, ("connections", "jobs", "hold"), (300, 10, 1.0), (5000, 100, 10.0))
-    with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
+    n, jobs_n, hold, trace = _params(opts, ("connections", "jobs", "hold", "tracemalloc"),
+                                     (300, 10, 1.0, 0), (5000, 100, 10.0, 0))
+    with Service(env=opts.extra_env, ws_impl=opts.ws_impl, loop=opts.loop, tracemalloc=bool(trace)) as svc:
         svc.start()
         tokens = _tokens(svc, n, "viewer", "idle")
         jobs = svc.jobs(jobs_n)
@@ -248,6 +251,9 @@ def idle(opts: Options) -> dict:
                                         "connect_concurrency_per_proc": 250})
         with Orchestra(workers, None, rooms=len(rooms)) as orc:
             time.sleep(0.5)
+            if trace:
+                svc.memory_baseline()
+                time.sleep(0.5)
             rss0 = svc.rss()
             cpu0 = svc.cpu()
             with profiler(svc.pid, _profile_path(opts, "idle_connect"), 300, stop_early=True):
@@ -256,6 +262,12 @@ def idle(opts: Options) -> dict:
             cpu_connect = svc.cpu() - cpu0
             time.sleep(1.0)  # let allocator and GC settle before reading RSS
             rss1 = svc.rss()
+            if trace:
+                # What each joined connection holds, by the line that allocated it (Python objects only).
+                held = svc.memory_since()
+                out["tracemalloc_bytes_per_conn"] = round(sum(b for b, _, _ in held) / n)
+                out["tracemalloc_top_per_conn"] = [[round(b / n), round(c / n, 2), w.split("site-packages/")[-1]]
+                                                   for b, c, w in held[:25]]
             cpu1 = svc.cpu()
             with profiler(svc.pid, _profile_path(opts, "idle_hold"), hold):
                 time.sleep(hold)
@@ -357,9 +369,9 @@ def comments(opts: Options, *, store: str) -> dict:
     them unbatched. The batched run is reported as its own, labelled row
     (scenario ``comments_<store>_batched``), not in place of the default.
     """
-    reviewers, watchers, watcher_batch, warmup, measure = _params(
-        opts, ("reviewers", "watchers", "watcher_batch", "warmup", "measure"),
-        (5, 20, 0, 0.5, 2.0), (20, 200, 0, 2.0, 10.0))
+    reviewers, watchers, watcher_batch, warmup, measure, in_flight = _params(
+        opts, ("reviewers", "watchers", "watcher_batch", "warmup", "measure", "in_flight"),
+        (5, 20, 0, 0.5, 2.0, 1), (20, 200, 0, 2.0, 10.0, 1))
     batched = bool(watcher_batch)
     name = f"comments_{store}_batched" if batched else f"comments_{store}"
     env = {"PS_WS_CHAT_RATE": "1000000", "PS_WS_CHAT_BURST": "1000000", **opts.extra_env}
@@ -374,8 +386,9 @@ def comments(opts: Options, *, store: str) -> dict:
         room = f"job:{job}"
         clients = [ClientSpec(token=t, rooms=[room], role="reviewer") for t in rev_tokens]
         clients += [ClientSpec(token=_assign(watch_tokens, i), rooms=[room], batch=batched) for i in range(watchers)]
-        workers = _workers(svc, clients, [room], opts, report_interval=0.05)
+        workers = _workers(svc, clients, [room], opts, report_interval=0.05, chats_in_flight=in_flight)
         out = _base(name, svc, opts, {"reviewers": reviewers, "watchers": watchers, "watcher_batch": batched,
+                                      "comments_in_flight_per_reviewer": in_flight,
                                                      "warmup_s": warmup, "measure_s": measure,
                                                      "chat_rate_limit": "raised to 1e6/s"})
         with Orchestra(workers, None, rooms=1) as orc:

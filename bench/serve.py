@@ -11,9 +11,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
 from bench.tuning import raise_nofile
 from progress_service.settings import load_settings
+
+
+def _trace_memory(out: str) -> None:
+    """``tracemalloc`` in the server: SIGUSR1 takes the baseline, SIGUSR2 writes what was allocated since.
+
+    ``out`` gets one line per source line, ``<bytes> <count> <file>:<line>``,
+    largest first: what the connections opened in between hold.
+    """
+    import signal
+    import tracemalloc
+
+    tracemalloc.start(1)
+    base: list = []
+
+    def baseline(*_: object) -> None:
+        base[:] = [tracemalloc.take_snapshot()]
+
+    def dump(*_: object) -> None:
+        snap = tracemalloc.take_snapshot()
+        stats = snap.compare_to(base[0], "lineno") if base else snap.statistics("lineno")
+        with open(out + ".tmp", "w") as f:
+            for st in stats[:200]:
+                frame = st.traceback[0]
+                f.write(f"{st.size_diff if base else st.size} {st.count_diff if base else st.count} "
+                        f"{frame.filename}:{frame.lineno}\n")
+        os.replace(out + ".tmp", out)
+
+    signal.signal(signal.SIGUSR1, baseline)
+    signal.signal(signal.SIGUSR2, dump)
 
 
 async def _serve(host: str, port: int, ws: str) -> None:
@@ -35,8 +65,11 @@ def main() -> None:
     # `progress-service serve` runs `asyncio.run(Server.serve())`, which bypasses uvicorn's
     # loop factory: stock asyncio. `--loop uvloop` measures what uvloop would change.
     parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"])
+    parser.add_argument("--tracemalloc", metavar="FILE", help="trace allocations (SIGUSR1: baseline, SIGUSR2: write FILE)")
     args = parser.parse_args()
     raise_nofile()
+    if args.tracemalloc:
+        _trace_memory(args.tracemalloc)
     import logging
 
     logging.basicConfig(level=logging.WARNING)

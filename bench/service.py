@@ -23,6 +23,7 @@ import httpx
 
 from bench import stats
 from bench.orchestra import log
+from bench.tuning import pin_tree
 from progress_service.embedded_redis import embedded_redis, free_port, redis_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,8 +74,10 @@ class Service:
     """Redis + store + app server for one scenario. Use as a context manager."""
 
     def __init__(self, *, env: dict[str, str] | None = None, pg_admin: str | None = None,
-                 ws_impl: str | None = None, loop: str = "asyncio") -> None:
+                 ws_impl: str | None = None, loop: str = "asyncio", tracemalloc: bool = False) -> None:
         self.extra_env = env or {}
+        #: Run the server under tracemalloc (``bench.serve --tracemalloc``): see :meth:`memory_since`.
+        self.tracemalloc = tracemalloc
         self.pg_admin = pg_admin
         self.ws_impl = ws_impl
         self.loop = loop
@@ -139,10 +142,31 @@ class Service:
 
     def command(self) -> list[str]:
         """The server's command line: the real CLI unless a ws implementation or loop is chosen."""
-        if self.ws_impl is None and self.loop == "asyncio":
+        if self.ws_impl is None and self.loop == "asyncio" and not self.tracemalloc:
             return [sys.executable, "-m", "progress_service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        trace = ["--tracemalloc", str(self.tmp / "tracemalloc.txt")] if self.tracemalloc else []
         return [sys.executable, "-m", "bench.serve", "--port", str(self.port),
-                "--ws", self.ws_impl or "auto", "--loop", self.loop]
+                "--ws", self.ws_impl or "auto", "--loop", self.loop, *trace]
+
+    def memory_baseline(self) -> None:
+        """tracemalloc: start counting allocations from now."""
+        os.kill(self.pid, signal.SIGUSR1)
+
+    def memory_since(self, timeout: float = 60.0) -> list[tuple[int, int, str]]:
+        """tracemalloc: ``(bytes, blocks, file:line)`` allocated and still held since the baseline."""
+        path = self.tmp / "tracemalloc.txt"
+        path.unlink(missing_ok=True)
+        os.kill(self.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the server wrote no tracemalloc statistics")
+            time.sleep(0.1)
+        out = []
+        for line in path.read_text().splitlines():
+            size, count, where = line.split(" ", 2)
+            out.append((int(size), int(count), where))
+        return out
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the server (same port on a restart) and wait for /readyz."""
@@ -226,6 +250,21 @@ class Service:
         finally:
             client.close()
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def redis_pid(self) -> int:
+        """The private redis-server's pid (``INFO server``)."""
+        from redis import Redis
+
+        client = Redis.from_url(self.redis_url)
+        try:
+            return int(client.info("server")["process_id"])
+        finally:
+            client.close()
+
+    def pin(self, cpus: set[int]) -> None:
+        """Pin the server's process tree and its Redis (part of what it costs) to ``cpus``."""
+        pin_tree(self.pid, cpus)
+        pin_tree(self.redis_pid(), cpus)
 
     @staticmethod
     def redis_server_binary() -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,17 +26,20 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from progress_service import metrics, queue
+from progress_service import history, metrics, outage, queue
 from progress_service.api.audit import AuditController, TokensController
 from progress_service.api.comments import CommentsController
 from progress_service.api.deps import provide_principal, provide_services
 from progress_service.api.health import healthz, metrics_endpoint, readyz
+from progress_service.api.hooks import PATH as HOOKS_PATH
+from progress_service.api.hooks import HookGate, claude_code_hook
 from progress_service.api.joblog import JobLogController
 from progress_service.api.jobs import JobsController
 from progress_service.api.me import whoami
 from progress_service.api.session import SessionController
 from progress_service.api.tickets import create_ticket
 from progress_service.comments import Comments
+from progress_service.hooks.ingest import Ingest
 from progress_service.revocation import RevocationWatcher
 from progress_service.services import Services
 from progress_service.settings import Settings
@@ -63,10 +65,14 @@ def make_redis(url: str) -> Redis:
 
 
 def claude_is_available(settings: Settings) -> bool:
-    """True when a real Claude Code binary will run jobs (else: the replay program)."""
-    if settings.claude_bin:
-        return True
-    return shutil.which("claude") is not None
+    """True when a worker started here runs the real Claude Code CLI (else: the replay program).
+
+    Only ``dev`` (whose worker is in-process) asks; a job's ``demo`` flag is
+    set by the worker that runs it.
+    """
+    from worker.claude import resolve_binary  # noqa: PLC0415 - the worker's own decision
+
+    return not resolve_binary(settings)[1]
 
 
 def access_log(app: ASGIApp) -> ASGIApp:
@@ -105,7 +111,7 @@ MAX_BODY_BYTES = 2 << 20
 
 def _client_error_handler(request: Request, exc: HTTPException) -> Response:
     detail = exc.detail
-    if exc.status_code == 413:
+    if exc.status_code == 413 and detail == "Request Entity Too Large":  # Litestar's own, not a route's
         detail = f"request body larger than {MAX_BODY_BYTES} bytes"
     elif isinstance(detail, str) and detail.startswith("Validation failed for ") and "?" in detail:
         # Litestar echoes the whole URL; the query string may hold a secret
@@ -115,7 +121,10 @@ def _client_error_handler(request: Request, exc: HTTPException) -> Response:
     extra = getattr(exc, "extra", None)
     if extra:
         body["extra"] = extra
-    return Response(body, status_code=exc.status_code, headers=getattr(exc, "headers", None) or None)
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 503:  # every 503 tells the client when to retry
+        headers.setdefault("Retry-After", str(outage.RETRY_AFTER_SECONDS))
+    return Response(body, status_code=exc.status_code, headers=headers or None)
 
 
 def _bad_body_handler(request: Request, exc: Exception) -> Response:
@@ -133,9 +142,22 @@ def _bad_body_handler(request: Request, exc: Exception) -> Response:
 
 
 def _server_error_handler(request: Request, exc: Exception) -> Response:
-    """Log a bug with its traceback (path only: the query string may hold secrets)."""
+    """A store/Redis outage is a 503 (see :mod:`progress_service.outage`); else a
+    bug, logged with its traceback (path only: the query string may hold secrets)."""
+    dependency = outage.classify(exc)
+    if dependency is not None:
+        outage.warn(dependency, f"{request.method} {request.url.path}", exc)
+        return _unavailable(outage.describe(dependency))
     log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return Response({"status_code": 500, "detail": "Internal Server Error"}, status_code=500)
+
+
+def _unavailable(detail: str) -> Response:
+    return Response(
+        {"status_code": 503, "detail": detail},
+        status_code=503,
+        headers={"Retry-After": str(outage.RETRY_AFTER_SECONDS)},
+    )
 
 
 def create_app(
@@ -160,26 +182,35 @@ def create_app(
             redis=redis,
             engine=engine,
             arq=arq_pool,
-            demo=not claude_is_available(settings),
         )
         services.gateway = Gateway(services)
         # The hooks the gateway and the API call: durable comments, the
         # non-blocking audit writer, and revocation closing live connections.
-        audit = services.extras["audit"] = Audit(engine)
+        audit = services.extras["audit"] = Audit.from_settings(engine, settings)
         comments = services.extras["comments"] = Comments.from_services(services)
         revocations = services.extras["revocations"] = RevocationWatcher(services)
+        # Claude Code hooks: the route queues, this process's ingest task appends.
+        ingest = Ingest(services)
+        services.extras["hooks"] = HookGate(services, ingest, services.gateway.principals)
         app.state.services = services
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(services.gateway.run)
-                tg.start_soon(audit.run)  # flushes what is queued on the way out
+                tg.start_soon(audit.run)  # checkpoints; flushes and checkpoints on the way out
                 tg.start_soon(revocations.run)
+                # PS_HISTORY_DAYS: prunes the event archive; lives as long as the app.
+                tg.start_soon(history.run_retention, engine, settings)
+                # Lost-worker recovery runs here too, so a job whose worker
+                # vanished is retried or failed even when no worker is alive.
+                tg.start_soon(_run_sweeper, services)
+                tg.start_soon(ingest.run)
                 if run_worker:
                     tg.start_soon(_run_worker, services)
                 try:
                     yield
                 finally:
                     await services.gateway.close_all()
+                    await ingest.aclose()  # what the CLI was told is accepted gets applied
                     # The comment writer task is Comments' own; end it here.
                     await comments.aclose()
                     tg.cancel_scope.cancel()
@@ -198,6 +229,7 @@ def create_app(
         AuditController,
         TokensController,
         create_ticket,
+        claude_code_hook,
         whoami,
         healthz,
         readyz,
@@ -230,7 +262,9 @@ def create_app(
     cors = CORSConfig(allow_origins=list(settings.allowed_origins)) if settings.allowed_origins else None
     rate_limit = RateLimitConfig(
         rate_limit=("minute", settings.http_rate_limit),
-        exclude=["/healthz", "/readyz", "/metrics", "/ws", "/schema"],
+        # Hooks have their own limit per reporter token (PS_HOOK_RATE): one
+        # laptop's session must not spend the per-client budget of an office NAT.
+        exclude=["/healthz", "/readyz", "/metrics", "/ws", "/schema", HOOKS_PATH],
     )
     return Litestar(
         route_handlers=handlers,
@@ -266,13 +300,23 @@ def create_app(
     )
 
 
+async def _run_sweeper(services: Services) -> None:
+    """The lost-worker sweeper (:class:`worker.jobs.Sweeper`) for the app's lifetime."""
+    from worker.jobs import Sweeper  # noqa: PLC0415 - the worker package is optional in serve mode
+
+    await Sweeper(services.arq, services.engine, services.settings).run()
+
+
 async def _run_worker(services: Services) -> None:
     """The in-process arq worker of ``dev`` mode, closed when the app stops."""
     from worker.settings import build_worker  # noqa: PLC0415 - worker is optional in serve mode
 
-    worker = build_worker(services.settings, redis_url=services.redis_url, engine=services.engine)
+    worker = build_worker(services.settings, redis_url=services.redis_url, engine=services.engine, sweeper=False)
     try:
         await worker.async_run()
     finally:
         with anyio.CancelScope(shield=True):
+            running = sum(not t.done() for t in worker.tasks.values())
+            log.info("shutdown: stopping the worker; handing back %d running job(s)", running)
             await worker.close()
+            log.info("shutdown: worker stopped")

@@ -12,14 +12,13 @@ import asyncio
 import contextlib
 import importlib
 import logging
-import signal
 import sys
 from collections.abc import Callable, Iterator
 
 from progress_service.settings import Settings, load_settings
 
 #: Modules that add subcommands: each has ``register(subparsers)``.
-PLUGIN_MODULES: tuple[str, ...] = ("progress_service.terminal.commands", "progress_service.audit_cli")
+PLUGIN_MODULES: tuple[str, ...] = ("progress_service.terminal.commands", "progress_service.audit_cli", "progress_service.hooks.install")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -47,10 +46,13 @@ def _redis_url(settings: Settings, *, allow_embedded: bool) -> Iterator[str]:
     if not allow_embedded:
         print("progress-service: set PS_REDIS_URL (only `dev` starts an embedded Redis)", file=sys.stderr)
         raise SystemExit(2)
-    from progress_service.embedded_redis import embedded_redis  # noqa: PLC0415
+    from progress_service.embedded_redis import dev_data_dir, embedded_redis  # noqa: PLC0415
 
-    with embedded_redis() as url:
-        print(f"progress-service: embedded Redis at {url} (set PS_REDIS_URL to use your own)", flush=True)
+    # Its data (jobs queued and running, their streams) lives beside the
+    # SQLite file, so a restart of dev picks up where it stopped.
+    data_dir = dev_data_dir(settings.database_url)
+    with embedded_redis(data_dir=data_dir) as url:
+        print(f"progress-service: embedded Redis at {url}, data in {data_dir} (set PS_REDIS_URL to use your own)", flush=True)
         yield url
 
 
@@ -62,7 +64,19 @@ async def _serve(settings: Settings, host: str, port: int, redis_url: str, *, ru
     await Server(make_config(app, settings, host=host, port=port)).serve()
 
 
+#: The label of the admin token ``dev`` prints (one live at a time).
+DEV_TOKEN_LABEL = "dev session"
+
+
 async def _dev_token(settings: Settings) -> str:
+    """A fresh sign-in token for this ``dev`` run; the previous runs' ones are revoked.
+
+    Only a hash of a token is stored, so an earlier one cannot be printed
+    again; revoking it keeps one live ``dev`` admin token instead of one per start.
+    """
+    from progress_service.operator_cli import operator_actor  # noqa: PLC0415
+    from progress_service.revocation import list_tokens, revoke  # noqa: PLC0415
+    from progress_service.store.audit import team_id_for  # noqa: PLC0415
     from progress_service.store.db import create_engine  # noqa: PLC0415
     from progress_service.store.identity import create_token  # noqa: PLC0415
     from progress_service.store.migrations import migrate  # noqa: PLC0415
@@ -70,14 +84,17 @@ async def _dev_token(settings: Settings) -> str:
     engine = create_engine(settings.database_url)
     try:
         await migrate(engine)
-        token, _ = await create_token(engine, user="dev", team="dev", role="admin", label="dev session")
+        actor = operator_actor()
+        team_id = await team_id_for(engine, "dev")
+        if team_id is not None:
+            for old in await list_tokens(engine, team_id, include_revoked=False):
+                if old.label == DEV_TOKEN_LABEL and old.userName == "dev":
+                    await revoke(engine, old.id, actor=actor, via="dev")
+        token, token_id = await create_token(engine, user="dev", team="dev", role="admin", label=DEV_TOKEN_LABEL)
+        await _audit_token(engine, "token.create", "dev", "dev", token_id, actor=actor)
         return token
     finally:
         await engine.dispose()
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
@@ -86,9 +103,6 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
     settings = load_settings(host=args.host, port=args.port)
     _setup_logging(settings.log_level)
-    # uvicorn re-raises SIGTERM after its graceful shutdown; as an exception
-    # it unwinds the embedded Redis's context instead of killing us mid-way.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     settings.workspace_path.mkdir(parents=True, exist_ok=True)
     token = asyncio.run(_dev_token(settings))
     with _redis_url(settings, allow_embedded=True) as url:
@@ -146,9 +160,12 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
     """Print a new API token, and nothing else, on stdout."""
+    from progress_service.operator_cli import operator_actor, require_store  # noqa: PLC0415
     from progress_service.store.db import create_engine  # noqa: PLC0415
     from progress_service.store.identity import create_token  # noqa: PLC0415
     from progress_service.store.migrations import migrate  # noqa: PLC0415
+
+    require_store(settings, "token create")
 
     async def run() -> str:
         engine = create_engine(settings.database_url)
@@ -157,7 +174,7 @@ def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
             token, token_id = await create_token(
                 engine, user=args.user, team=args.team, role=args.role, label=args.label, expires_in=args.expires_in
             )
-            await _audit_token(engine, "token.create", args.team, args.user, token_id)
+            await _audit_token(engine, "token.create", args.team, args.user, token_id, actor=operator_actor(args.actor))
             return token
         finally:
             await engine.dispose()
@@ -166,13 +183,13 @@ def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _audit_token(engine: object, action: str, team: str, user: str, token_id: str) -> None:
-    """Record token administration in the audit log when it is installed."""
-    try:
-        audit_mod = importlib.import_module("progress_service.store.audit")
-    except ImportError:
-        return
-    await audit_mod.record_for_team_name(engine, action=action, team_name=team, actor=user, detail={"tokenId": token_id})
+async def _audit_token(engine: object, action: str, team: str, user: str, token_id: str, *, actor: str) -> None:
+    """Record token administration in the audit log: ``actor`` did it, ``user`` is whom the token is for."""
+    from progress_service.store import audit  # noqa: PLC0415
+
+    await audit.record_for_team_name(
+        engine, action=action, team_name=team, actor=actor, detail={"tokenId": token_id, "user": user}
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("create", help="create a token; prints only the token")
     p.add_argument("--user", required=True)
     p.add_argument("--team", required=True)
-    p.add_argument("--role", required=True, choices=["viewer", "reviewer", "submitter", "admin"])
+    p.add_argument("--role", required=True, choices=["viewer", "reviewer", "submitter", "admin", "reporter"])
     p.add_argument("--label", default="")
     p.add_argument("--expires-in", type=int, default=None, metavar="SECONDS")
+    p.add_argument("--actor", default=None, help="who creates it, for the audit log (default: cli:<user>)")
     p.set_defaults(func=cmd_token_create)
 
     for name in PLUGIN_MODULES:
@@ -214,10 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``progress-service`` console script."""
     args = build_parser().parse_args(argv)
+    settings = _settings()
     try:
-        return int(args.func(args, _settings()) or 0)
+        return int(args.func(args, settings) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from progress_service import outage  # noqa: PLC0415
+        from progress_service.operator_cli import safe_url  # noqa: PLC0415
+
+        dependency = outage.classify(exc)
+        if dependency is None:
+            raise
+        # One line naming what could not be reached, not a driver traceback.
+        where = safe_url(settings.database_url) if dependency == "store" else "Redis"
+        command = " ".join(str(v) for v in (args.command, getattr(args, "token_command", None), getattr(args, "audit_command", None)) if v)
+        print(f"progress-service {command}: {outage.describe(dependency).split(';')[0]} ({where}): {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

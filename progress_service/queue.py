@@ -18,7 +18,6 @@ from typing import Literal
 
 import msgspec
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import abort_jobs_ss
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -29,7 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from progress_service.events import TERMINAL_STATUSES, JobSnapshot, StatusData, StoredEvent, now_ms
 from progress_service.settings import Settings
 from progress_service.store.jobs import get_job, update_job
-from progress_service.streams import append_event, cancel_key, expire_job, read_state, room_id
+from progress_service.history import append_archived
+from progress_service.streams import cancel_key, expire_job, read_state, room_id
 
 #: The default arq queue (``Settings.queue_name`` chooses the one in use).
 QUEUE_NAME = "ps:queue"
@@ -92,8 +92,10 @@ async def enqueue_job(arq_pool: ArqRedis, job_id: str, *, attempt: int = 1, queu
 # Run-state scripts (KEYS share the {job:<id>} hash tag)
 # --------------------------------------------------------------------------
 
-# KEYS: run, lease. ARGV: attempt, worker id, lease ms.
-# -> {verdict, current attempt}; verdict ok | terminal | busy | superseded
+# KEYS: run, lease, cancel. ARGV: attempt, worker id, lease ms, ttl s.
+# -> {verdict, current attempt}; verdict ok | terminal | busy | superseded | cancelled
+# A set cancel flag wins over a queued attempt (a cancel that raced a
+# re-enqueue): the run becomes cancelled and the claimer publishes it.
 _CLAIM = """
 local st = redis.call('HGET', KEYS[1], 'state')
 local att = tonumber(redis.call('HGET', KEYS[1], 'attempt') or ARGV[1])
@@ -101,14 +103,26 @@ local a = tonumber(ARGV[1])
 if st == 'done' or st == 'cancelled' then return {'terminal', att} end
 if st == 'running' then return {'busy', att} end
 if st and a ~= att then return {'superseded', att} end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'attempt', att)
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  return {'cancelled', att}
+end
 redis.call('HSET', KEYS[1], 'state', 'running', 'attempt', a, 'worker', ARGV[2])
 redis.call('PERSIST', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return {'ok', a}
 """
 
-# KEYS: run, lease. ARGV: attempt, worker id, lease ms. -> 1 still ours, 0 lost it
+# KEYS: run, lease. ARGV: attempt, worker id, lease ms.
+# -> 1 still ours, 2 re-created (the run hash had vanished: Redis restarted
+# empty), 0 lost it
 _REFRESH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'state', 'running', 'attempt', ARGV[1], 'worker', ARGV[2])
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  return 2
+end
 if redis.call('HGET', KEYS[1], 'state') ~= 'running'
    or tonumber(redis.call('HGET', KEYS[1], 'attempt')) ~= tonumber(ARGV[1])
    or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
@@ -144,21 +158,45 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {'cancelled', att}
 """
 
-# KEYS: run, lease. ARGV: attempt (the job row's), next attempt (0 = give up).
-# -> alive | ended | stale | requeue | failed
+# KEYS: run, lease, cancel. ARGV: attempt (the job row's), max tries.
+# -> {verdict, tries spent}; verdict alive | ended | stale | requeue | failed | cancelled
+# Tries spent are attempts minus hand-backs ('free'): a worker that stopped
+# gracefully handed its attempt back and that costs no try.
 _REAP = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 'alive' end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'alive', 0} end
 local st = redis.call('HGET', KEYS[1], 'state')
-if st == 'done' or st == 'cancelled' then return 'ended' end
-if st == 'queued' then return 'stale' end
-if st and tonumber(redis.call('HGET', KEYS[1], 'attempt')) ~= tonumber(ARGV[1]) then return 'stale' end
-if tonumber(ARGV[2]) > 0 then
-  redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', ARGV[2])
+if st == 'done' or st == 'cancelled' then return {'ended', 0} end
+if st == 'queued' then return {'stale', 0} end
+if st and tonumber(redis.call('HGET', KEYS[1], 'attempt')) ~= tonumber(ARGV[1]) then return {'stale', 0} end
+local spent = tonumber(ARGV[1]) - tonumber(redis.call('HGET', KEYS[1], 'free') or '0')
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'attempt', ARGV[1])
+  return {'cancelled', spent}
+end
+if spent < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', tonumber(ARGV[1]) + 1)
   redis.call('HDEL', KEYS[1], 'worker')
-  return 'requeue'
+  return {'requeue', spent}
 end
 redis.call('HSET', KEYS[1], 'state', 'done', 'attempt', ARGV[1])
-return 'failed'
+return {'failed', spent}
+"""
+
+# KEYS: run, lease, cancel. ARGV: attempt, worker id.
+# -> ok (queued as the next attempt, no try spent) | cancelled (the flag is
+# set: the worker ends the job as cancelled instead) | lost (not ours)
+_HAND_BACK = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running'
+   or tonumber(redis.call('HGET', KEYS[1], 'attempt')) ~= tonumber(ARGV[1])
+   or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
+  return 'lost'
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 'cancelled' end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', tonumber(ARGV[1]) + 1)
+redis.call('HINCRBY', KEYS[1], 'free', 1)
+redis.call('HDEL', KEYS[1], 'worker')
+redis.call('DEL', KEYS[2])
+return 'ok'
 """
 
 
@@ -166,25 +204,39 @@ def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
-async def claim_run(redis: Redis, job_id: str, attempt: int, worker_id: str, lease_s: float) -> tuple[str, int]:
+async def claim_run(
+    redis: Redis, job_id: str, attempt: int, worker_id: str, lease_s: float, ttl: int = 7 * 24 * 3600
+) -> tuple[str, int]:
     """Atomically take attempt ``attempt`` of a job for ``worker_id``.
 
     Returns ``(verdict, current attempt)``; only verdict ``ok`` may run.
     ``terminal`` (done or cancelled), ``busy`` (another worker runs it) and
-    ``superseded`` (a newer attempt was enqueued) must not.
+    ``superseded`` (a newer attempt was enqueued) must not; ``cancelled``
+    means a cancel arrived while it was queued and the caller publishes the
+    cancellation (:func:`publish_cancelled`).
     """
     verdict, att = await redis.eval(
-        _CLAIM, 2, run_key(job_id), lease_key(job_id), attempt, worker_id, int(lease_s * 1000)
+        _CLAIM, 3, run_key(job_id), lease_key(job_id), cancel_key(job_id), attempt, worker_id, int(lease_s * 1000), ttl
     )
     return _s(verdict), int(att)
 
 
-async def refresh_lease(redis: Redis, job_id: str, attempt: int, worker_id: str, lease_s: float) -> bool:
-    """Extend the lease; False when this worker no longer owns the run."""
+async def refresh_lease(redis: Redis, job_id: str, attempt: int, worker_id: str, lease_s: float) -> int:
+    """Extend the lease: 1 still ours, 2 re-created after Redis lost it, 0 this worker lost the run.
+
+    Re-creating a vanished run hash keeps a live worker from being declared
+    lost when Redis restarted empty: the sweeper waits ``PS_LEASE_GRACE``
+    seconds before it believes a missing lease.
+    """
     res = await redis.eval(
         _REFRESH, 2, run_key(job_id), lease_key(job_id), attempt, worker_id, int(lease_s * 1000)
     )
-    return bool(res)
+    return int(res)
+
+
+async def hand_back_run(redis: Redis, job_id: str, attempt: int, worker_id: str) -> str:
+    """A stopping worker gives its attempt back: ``ok``, ``cancelled`` or ``lost`` (see ``_HAND_BACK``)."""
+    return _s(await redis.eval(_HAND_BACK, 3, run_key(job_id), lease_key(job_id), cancel_key(job_id), attempt, worker_id))
 
 
 async def finish_run(
@@ -195,9 +247,12 @@ async def finish_run(
     return bool(res)
 
 
-async def reap_run(redis: Redis, job_id: str, attempt: int, next_attempt: int) -> str:
-    """Decide the fate of a job whose row says running (see ``_REAP``)."""
-    return _s(await redis.eval(_REAP, 2, run_key(job_id), lease_key(job_id), attempt, next_attempt))
+async def reap_run(redis: Redis, job_id: str, attempt: int, max_tries: int) -> tuple[str, int]:
+    """Decide the fate of a job whose row says running: ``(verdict, tries spent)`` (see ``_REAP``)."""
+    verdict, spent = await redis.eval(
+        _REAP, 3, run_key(job_id), lease_key(job_id), cancel_key(job_id), attempt, max_tries
+    )
+    return _s(verdict), int(spent)
 
 
 async def cancel_requested(redis: Redis, job_id: str) -> str | None:
@@ -218,7 +273,7 @@ async def cancel_job(
       cancelled here (status event, snapshot and job row) and the claim of
       any worker that picks it up later is refused;
     - running: the cancel flag is set (the worker polls it and stops the
-      process) and arq is asked to abort the task; the returned snapshot is
+      process, reading its last lines); the returned snapshot is
       still ``running``, the worker publishes ``cancelled``;
     - already finished: the snapshot is returned unchanged.
 
@@ -239,19 +294,33 @@ async def cancel_job(
         latest, _ = await read_state(redis, job_id)
         return latest or record.to_snapshot()
     if verdict == "running":
-        # arq's abort is a best-effort second channel; the flag is the contract.
-        await redis.zadd(abort_jobs_ss, {arq_job_id(job_id, int(attempt)): now_ms()})
+        # The flag is the one contract: the worker polls it, stops the CLI
+        # with SIGINT, reads its last lines and publishes "cancelled". No arq
+        # abort: a native task cancel would lose those lines and race the
+        # worker's own ending.
         return snapshot
+    return await publish_cancelled(redis, engine, settings, job_id, snapshot, int(attempt), f"cancelled by {who} before it started")
+
+
+async def publish_cancelled(
+    redis: Redis, engine: AsyncEngine, settings: Settings, job_id: str, snapshot: JobSnapshot, attempt: int, reason: str
+) -> JobSnapshot:
+    """Record that a job which is not running was cancelled: status event, snapshot, job row."""
     at = now_ms()
-    reason = f"cancelled by {who} before it started"
     snapshot = msgspec.structs.replace(
         snapshot, status="cancelled", reason=reason, finishedAt=at, step=None, roomId=room_id(job_id)
     )
     data = StatusData(status="cancelled", phase=snapshot.phase, reason=reason)
-    event = StoredEvent(kind="status", at=at, data=msgspec.to_builtins(data), attempt=int(attempt))
-    snapshot.lastEventId = await append_event(
-        redis, job_id, event, maxlen=settings.events_maxlen, snapshot=snapshot
+    event = StoredEvent(kind="status", at=at, data=msgspec.to_builtins(data), attempt=attempt)
+    snapshot.lastEventId = await append_archived(
+        redis, engine, job_id, event, maxlen=settings.events_maxlen, snapshot=snapshot
     )
     await update_job(engine, job_id, snapshot=snapshot)
     await expire_job(redis, job_id, settings.events_ttl)
     return snapshot
+
+
+async def run_state(redis: Redis, job_id: str) -> str | None:
+    """The run hash's state (queued | running | done | cancelled), None when absent."""
+    raw = await redis.hget(run_key(job_id), "state")
+    return _s(raw) if raw is not None else None

@@ -3,7 +3,7 @@
 Revoking marks the token in the SQL store (from then on no HTTP request, new
 WebSocket or ticket is accepted with it) and records ``token.revoke`` in the
 audit log. Connections that authenticated with the token *before* are closed
-with 4401 ``token expired`` by every gateway node:
+with 4403 ``token revoked`` by every gateway node:
 
 * **fast path** — the revoker appends the token id to the Redis stream
   ``ps:revocations``; each node's :class:`RevocationWatcher` reads it with
@@ -237,6 +237,6 @@ class RevocationWatcher:
         if gateway is None:
             return
         try:
-            await gateway.close_token(token_id, 4401, "token expired")
+            await gateway.close_token(token_id)  # 4403 token revoked
         except Exception:
             log.exception("revocation: closing connections of a revoked token failed")

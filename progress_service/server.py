@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
+import signal
 import socket
+from collections.abc import Iterator
 
 import uvicorn
 from litestar import Litestar
 
 from progress_service.settings import Settings
 
+
+log = logging.getLogger("progress_service.server")
 
 #: The cyclic garbage collector's thresholds while serving (see :func:`tune_gc`).
 GC_THRESHOLDS = (50_000, 20, 10)
@@ -39,22 +45,45 @@ def tune_gc() -> None:
 
 
 class Server(uvicorn.Server):
-    """uvicorn, but WebSocket clients get 1001 ``server restarting`` first.
+    """uvicorn with the service's shutdown order, and a signal stop that is a clean exit.
 
-    uvicorn's own shutdown closes WebSockets with 1012; telling clients 1001
-    before that lets them reconnect elsewhere and resume with ``since``.
+    On SIGINT/SIGTERM: stop accepting connections, close every WebSocket
+    with 1001 ``server restarting`` (uvicorn's own shutdown would send 1012;
+    1001 lets clients reconnect elsewhere and resume with ``since``), let
+    HTTP requests finish, then run the app's lifespan shutdown (which hands
+    the in-process worker's running jobs back). Each step logs one line.
+
+    uvicorn re-raises the signal that stopped it once it is done (so the
+    process dies of it); here a stop asked by a signal is the normal way
+    out: ``serve`` returns and the command exits 0 after its own cleanup
+    (e.g. ``dev``'s embedded Redis, which must outlive the hand-back).
     """
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         tune_gc()
         await super().startup(sockets)
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            if self._captured_signals:
+                log.info("shutdown: stopped by %s", signal.Signals(self._captured_signals[-1]).name)
+            self._captured_signals.clear()  # nothing to re-raise: see the class docstring
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # 1. no new connections (uvicorn does it again: harmless)
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        log.info("shutdown: stopped accepting connections")
         app = self.config.loaded_app
         services = getattr(getattr(_unwrap(app), "state", None), "services", None)
-        if services is not None and services.gateway is not None:
+        if services is not None and services.gateway is not None:  # 2. WebSockets 1001
+            count = len(services.gateway.sessions)
             await services.gateway.close_all()
-        await super().shutdown(sockets)
+            log.info("shutdown: closed %d WebSocket connection(s) with 1001", count)
+        await super().shutdown(sockets)  # 3. requests finish, then the lifespan (worker hand-back)
 
 
 def _unwrap(app: object) -> object:

@@ -25,8 +25,6 @@ class Services:
     redis: Redis
     engine: AsyncEngine
     arq: ArqRedis
-    #: True when jobs run on the replay program rather than Claude Code.
-    demo: bool = False
     # Typed loosely on purpose: Litestar/msgspec evaluate this dataclass's
     # annotations at runtime (DI of `services`), where the TYPE_CHECKING-only
     # name `Gateway` does not exist. It holds a progress_service.gateway.Gateway.

@@ -61,18 +61,34 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Seconds a running job's lease lives without a refresh; a worker that
     #: stops refreshing it (killed, frozen) is declared lost by the sweeper.
     lease_ttl: float = 15.0
+    #: Seconds a missing lease must stay missing before the sweeper believes
+    #: it: after Redis restarted (empty, or after an outage longer than the
+    #: lease) a live worker re-creates its lease within about a second.
+    lease_grace: float = 5.0
     #: Retained events per job stream (XADD MAXLEN ~).
     events_maxlen: int = 10_000
     #: Seconds a finished job's stream and snapshot are kept in Redis.
     events_ttl: int = 7 * 24 * 3600
+    #: Days a finished job's events are kept in the SQL archive (0: forever).
+    history_days: int = 90
+    #: Events a job's publisher keeps while Redis (or, as many, the store)
+    #: is unavailable; past that the job's output waits.
+    publish_buffer: int = 10_000
     #: Max prompt length accepted by the API (characters).
     prompt_max_chars: int = 100_000
     #: Replay program: speed factor and forced transcript name.
     replay_speed: float = 1.0
     replay_transcript: str | None = None
+    #: The worker runs in a throwaway sandbox (container, VM): jobs asking for
+    #: ``bypassPermissions`` get ``IS_SANDBOX=1``, which the CLI needs as root.
+    claude_sandbox: bool = False
+    #: Debugging: keep each attempt's raw CLI stdout as ``<dir>/<job>.<attempt>.jsonl``.
+    claude_stdout_dir: str | None = None
 
     # --- WebSocket gateway ------------------------------------------------
     ws_max_frame_bytes: int = 8192
+    #: Deepest nesting of arrays/objects a client frame may have (checked before decoding).
+    ws_max_json_depth: int = 16
     ws_max_text_chars: int = 1000
     ws_auth_timeout: float = 5.0
     ws_max_rooms: int = 32
@@ -85,6 +101,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ws_ping_interval: float = 25.0
     ws_ping_timeout: float = 20.0
     ws_send_timeout: float = 10.0
+    #: Seconds a batching connection's sender waits after its first ready
+    #: message, so everything ready within it leaves in one frame (0: no wait).
+    ws_write_window: float = 0.002
     ws_per_message_deflate: bool = False
     #: A connection must re-send ``auth`` within this many seconds.
     ws_credential_ttl: int = 3600
@@ -92,6 +111,35 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Seconds the store may take to durably write a comment before the
     #: client is told ``unavailable``.
     store_timeout: float = 5.0
+    #: Store reads the gateway runs at once for joins and auths (the rest queue).
+    ws_store_slots: int = 8
+    #: Seconds a join or auth waits in that queue before ``unavailable``
+    #: (a reconnect storm waits; only a store that is down refuses).
+    ws_store_wait: float = 30.0
+
+    # --- audit log --------------------------------------------------------
+    #: The audit key file (secrets records and checkpoints are keyed with).
+    #: Unset: beside the SQLite file, else ``progress-audit.key`` here.
+    audit_key_file: str | None = None
+    #: Where signed checkpoints of the audit chains go: an append-only JSONL
+    #: file. Unset: beside the key file (``….witness.jsonl``); ``off``: none.
+    audit_witness: str | None = None
+    #: Seconds between checkpoints while records are appended.
+    audit_checkpoint_seconds: float = 5.0
+
+    # --- Claude Code hooks (POST /api/hooks/claude-code) --------------------
+    #: Hook posts per second per reporter token (per app process), and the burst saved up.
+    hook_rate: float = 50.0
+    hook_burst: int = 500
+    #: Largest hook body (413 above) and deepest nesting of its tool input (400 above).
+    hook_max_body_bytes: int = 1 << 20
+    hook_max_depth: int = 64
+    #: Hooks waiting for the ingest task per process (503 when full).
+    hook_queue: int = 10_000
+    #: New sessions one reporter token may start per hour (429 above).
+    hook_max_sessions_per_hour: int = 100
+    #: Hooks applied per session; later ones are ignored (one log event says so).
+    hook_max_events_per_session: int = 20_000
 
     @property
     def workspace_path(self) -> Path:

@@ -61,6 +61,11 @@ def decode_snapshot(raw: bytes) -> JobSnapshot:
     return _snapshot_dec.decode(raw)
 
 
+def encode_event(event: StoredEvent) -> bytes:
+    """An event's entry body (field ``b``), as Redis and the archive hold it."""
+    return _enc.encode(event)
+
+
 async def append_event(
     redis: Redis,
     job_id: str,
@@ -76,15 +81,96 @@ async def append_event(
     """
     key = events_key(job_id)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.xadd(key, {"t": b"event", "b": _enc.encode(event)}, maxlen=maxlen, approximate=True)
+        pipe.xadd(key, {"t": b"event", "b": encode_event(event)}, maxlen=maxlen, approximate=True)
         # Count of entries ever added: with XLEN it tells whether the stream
         # was trimmed, which decides a `gap` on resume (Redis 6.2 has no
         # max-deleted-entry-id to ask).
         pipe.hincrby(snapshot_key(job_id), "n", 1)
+        # "k": this Redis has held the stream since its first entry (see
+        # `coverage`). Set by the job's first event (submit); a stream that
+        # Redis lost and that the publisher or a comment starts again lacks it.
+        pipe.hsetnx(snapshot_key(job_id), "k", 1)
         if snapshot is not None:
             pipe.hset(snapshot_key(job_id), "s", encode_snapshot(snapshot))
         res = await pipe.execute()
     return _s(res[0])
+
+
+# Appends a publisher's batch of events, each at most once (see worker/publisher.py).
+# KEYS: events stream, snapshot hash
+# ARGV: maxlen, publisher token, first seq, floor id ('' none), snapshot ('' none),
+#       '1' when this publisher appended before ('' else),
+#       then (body, wanted id or '') per event; the events have seqs first, first+1, ...
+# Returns the id of each event (false: a wanted id that no longer fits), or
+# {'lost'} when Redis forgot this publisher's earlier appends.
+# An event whose seq this publisher already appended (a retry after a lost
+# reply) is not added again: its id comes from the publisher's record of the
+# seqs it has not confirmed yet (those from `first` on). New ids are greater
+# than the stream's last id and the floor (the publisher's last id: a Redis
+# that lost the stream must not hand out older ids). A wanted id (an event
+# this Redis lost, put back) is used when it still fits at the stream's end.
+APPEND_EVENTS = """
+local tok = ARGV[2]
+local first = tonumber(ARGV[3])
+local state = redis.call('HGET', KEYS[2], 'p:' .. tok)
+if ARGV[6] == '1' and (not state or tonumber(state) < first - 1) then
+  -- This publisher appended here before (seqs below `first` are confirmed),
+  -- and Redis forgot some of it (restarted empty or from an older AOF,
+  -- flushed, key evicted): append nothing; the publisher puts back what it can.
+  return {'lost'}
+end
+local done = tonumber(state or '0')
+local known = {}
+local raw = redis.call('HGET', KEYS[2], 'pi:' .. tok)
+if raw then
+  for _, pair in ipairs(cjson.decode(raw)) do known[pair[1]] = pair[2] end
+end
+local tms, tseq = -1, -1
+local function bump(id)
+  local ms, sq = string.match(id, '^(%d+)-(%d+)$')
+  ms, sq = tonumber(ms), tonumber(sq)
+  if ms > tms or (ms == tms and sq > tseq) then tms, tseq = ms, sq end
+end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if last[1] then bump(last[1][1]) end
+if ARGV[4] ~= '' then bump(ARGV[4]) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out, keep, added = {}, {}, 0
+local i = 7
+local seq = first
+while i <= #ARGV do
+  local body, want = ARGV[i], ARGV[i + 1]
+  local id = false
+  if seq <= done then
+    id = known[seq] or false
+  else
+    local wms, wsq = string.match(want, '^(%d+)-(%d+)$')
+    if wms then
+      -- put back with its own id, or not at all (it is in the archive)
+      if tonumber(wms) > tms or (tonumber(wms) == tms and tonumber(wsq) > tseq) then id = want end
+    elseif now > tms then
+      id = string.format('%d-0', now)
+    else
+      id = string.format('%d-%d', tms, tseq + 1)
+    end
+    if id then
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, 't', 'event', 'b', body)
+      bump(id)
+      added = added + 1
+    end
+    done = seq
+  end
+  out[#out + 1] = id
+  keep[#keep + 1] = {seq, id}
+  i = i + 2
+  seq = seq + 1
+end
+redis.call('HSET', KEYS[2], 'p:' .. tok, done, 'pi:' .. tok, cjson.encode(keep))
+if added > 0 then redis.call('HINCRBY', KEYS[2], 'n', added) end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 's', ARGV[5]) end
+return out
+"""
 
 
 async def append_chat(redis: Redis, job_id: str, chat: StoredChat, *, maxlen: int) -> str:
@@ -120,26 +206,43 @@ async def replay(redis: Redis, job_id: str, since: str | None, *, count: int = 1
     return await redis.xrange(events_key(job_id), min=start, max="+", count=count)
 
 
-async def gap_oldest(redis: Redis, job_id: str, since: str) -> tuple[bool, str | None]:
-    """Whether resuming after ``since`` misses trimmed events.
+class Coverage(msgspec.Struct, frozen=True):
+    """What Redis holds of a job's stream (see :func:`coverage_of`)."""
 
-    Returns ``(gap, oldest retained id)``. A gap exists when the stream was
-    trimmed and ``since`` is older than the oldest entry still retained.
+    #: The stream's last id (None: empty or missing).
+    head: str | None
+    #: Redis holds every entry from this id on; None: every entry of the
+    #: job's history (the stream is whole since its first entry). "" when
+    #: Redis holds nothing and cannot say it never had anything.
+    holds_from: str | None
+    #: Redis trimmed entries of this stream (MAXLEN) that it once held.
+    trimmed: bool = False
+
+
+def coverage_of(first: list[Any], last: list[Any], length: int, added: Any, whole: Any) -> Coverage:
+    """Coverage from the replies of ``XRANGE - + COUNT 1``, ``XREVRANGE + - COUNT 1``, ``XLEN``, ``HMGET n k``.
+
+    The stream is whole when this Redis wrote its first entry (``k``) and
+    trimmed none (entries ever added equal the length). Otherwise Redis
+    holds from its oldest entry on, and what is older is in the store.
     """
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.xrange(events_key(job_id), count=1)
-        pipe.xlen(events_key(job_id))
-        pipe.hget(snapshot_key(job_id), "n")
-        first, length, added = await pipe.execute()
+    head = _s(last[0][0]) if last else None
     oldest = _s(first[0][0]) if first else None
     trimmed = int(added or 0) > int(length)
-    if not trimmed:
-        return False, oldest
-    if oldest is None:
-        return True, None
-    # `since` equal to the last trimmed id would lose nothing, but that id is
-    # unknown; anything older than the oldest retained entry counts as a gap.
-    return id_lt(since, oldest), oldest
+    if whole and not trimmed:
+        return Coverage(head=head, holds_from=None)
+    return Coverage(head=head, holds_from=oldest or "", trimmed=trimmed)
+
+
+async def coverage(redis: Redis, job_id: str) -> Coverage:
+    """What Redis holds of the job's stream, read in one MULTI."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xrange(events_key(job_id), count=1)
+        pipe.xrevrange(events_key(job_id), count=1)
+        pipe.xlen(events_key(job_id))
+        pipe.hmget(snapshot_key(job_id), "n", "k")
+        first, last, length, (added, whole) = await pipe.execute()
+    return coverage_of(first, last, length, added, whole)
 
 
 def id_tuple(entry_id: str) -> tuple[int, int]:

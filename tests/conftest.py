@@ -46,6 +46,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def audit_key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Audit records appended in-process without an app are keyed with a key file here, not in the repo."""
+    path = tmp_path_factory.mktemp("audit-keys")
+    os.environ.setdefault("PS_AUDIT_KEY_FILE", str(path / "session.key"))
+    os.environ.setdefault("PS_AUDIT_WITNESS", str(path / "session-witness.jsonl"))
+    return path
+
+
 # --------------------------------------------------------------------------
 # Redis
 # --------------------------------------------------------------------------
@@ -323,3 +332,62 @@ def chromium_path() -> str:
     except ImportError:
         missing_service("playwright is not installed (pip install -e .[test])")
     return CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------
+# The real Claude Code CLI and a scripted model server for it
+# --------------------------------------------------------------------------
+
+#: The pinned CLI version (one home: .claude-code-version, also read by make and the Dockerfile).
+CLAUDE_CODE_VERSION = (ROOT / ".claude-code-version").read_text().strip()
+CLAUDE_BIN = Path(os.environ.get("PS_TEST_CLAUDE_BIN") or ROOT / ".tools/claude-code/node_modules/.bin/claude")
+
+
+@pytest.fixture(scope="session")
+def claude_bin() -> str:
+    """The pinned ``claude`` binary (``make claude``); a missing one is ``missing_service``."""
+    if not CLAUDE_BIN.exists():
+        missing_service(f"Claude Code CLI {CLAUDE_CODE_VERSION} not installed at {CLAUDE_BIN} (run `make claude`)")
+    try:
+        out = subprocess.run([str(CLAUDE_BIN), "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        missing_service(f"{CLAUDE_BIN} does not run: {exc}")
+    if not out.startswith(CLAUDE_CODE_VERSION + " "):
+        missing_service(f"{CLAUDE_BIN} is {out.strip()!r}, not the pinned {CLAUDE_CODE_VERSION} (run `make claude`)")
+    return str(CLAUDE_BIN)
+
+
+@pytest.fixture
+def model_server() -> Iterator[Any]:
+    """A scripted Anthropic Messages API on a free loopback port (``tests/model_server.py``)."""
+    from model_server import ModelServer  # noqa: PLC0415
+
+    with ModelServer() as server:
+        yield server
+
+
+def claude_offline_env(model_server_url: str, home: Path) -> dict[str, str]:
+    """The environment that points the CLI at a model server, offline, in a scratch HOME.
+
+    Retries are cut to 2 (the CLI's own knob) so API-error tests take seconds.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        "HOME": str(home),
+        "ANTHROPIC_BASE_URL": model_server_url,
+        "ANTHROPIC_API_KEY": "sk-ant-test-not-a-secret",
+        "CLAUDE_CODE_MAX_RETRIES": "2",
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        "DISABLE_ERROR_REPORTING": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    }
+
+
+@pytest.fixture
+def claude_env(model_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point every CLI this test starts (the worker passes its environment on) at ``model_server``."""
+    env = claude_offline_env(model_server.url, tmp_path / "claude-home")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env

@@ -5,6 +5,7 @@ Every test that takes ``engine`` or ``db_url`` runs on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import sqlite3
@@ -18,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from progress_service.store import audit
+from progress_service.store.audit import keys as audit_keys
 from progress_service.store.db import create_engine
 from progress_service.store.identity import create_token, ensure_team
 from progress_service.store.migrations import migrate
@@ -29,6 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_cli(*args: str, db_url: str, extra: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
     env["PS_DATABASE_URL"] = db_url
+    # The key (and witness) the in-process appends of the tests use.
+    env["PS_AUDIT_KEY_FILE"] = os.environ["PS_AUDIT_KEY_FILE"]
+    env["PS_AUDIT_WITNESS"] = "off"
     env.update(extra or {})
     return subprocess.run(
         [sys.executable, "-m", "progress_service.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
@@ -95,21 +100,24 @@ async def test_an_altered_record_is_named(engine: Any) -> None:
     assert result.verified == 3
 
 
-async def test_an_altered_record_with_a_recomputed_hash_breaks_the_next_link(engine: Any) -> None:
+async def test_an_altered_record_with_a_recomputed_sha256_is_named_itself(engine: Any) -> None:
+    # Before keyed records this broke only the next link; now the record's
+    # own hash is an HMAC nobody without the key can recompute.
     tid = await ensure_team(engine, "alpha")
     recs = await _fill(engine, tid, 5)
     victim = recs[2]
     rows = {r.id: r for r in await _rows(engine, tid)}
     row = rows[victim.id]
     forged = audit.compute_hash(
-        prev_hash=row.prev_hash, team_id=row.team_id, actor="mallory", action=row.action, room_id=row.room_id, detail=row.detail, created_at=row.created_at
+        prev_hash=row.prev_hash, team_id=row.team_id, actor="mallory", action=row.action, room_id=row.room_id,
+        detail=row.detail, created_at=row.created_at, key_id=row.key_id, secret=b"guessed" * 5,
     )
     async with engine.begin() as conn:
         await conn.execute(sa.update(audit_log).where(audit_log.c.id == victim.id).values(actor="mallory", hash=forged))
     result = await audit.verify(engine)
     assert not result.ok
-    assert result.mismatch.id == recs[3].id
-    assert f"id={victim.id}" in result.mismatch.reason
+    assert result.mismatch.id == victim.id
+    assert "forged without the key" in result.mismatch.reason
 
 
 async def test_a_deleted_record_is_detected_and_its_successor_named(engine: Any) -> None:
@@ -292,7 +300,9 @@ async def test_cli_token_create_and_revoke_are_audited(db_url: str, engine: Any)
 
     tid = await audit.team_id_for(engine, "core")
     recs = await audit.list_records(engine, team_id=tid)
-    assert [(r.action, r.actor) for r in recs] == [("token.create", "ana"), ("token.revoke", "ops")]
+    # The actor is the operator who ran the command; the token's user is the subject.
+    assert [(r.action, r.actor) for r in recs] == [("token.create", f"cli:{getpass.getuser()}"), ("token.revoke", "ops")]
+    assert recs[0].detail["user"] == "ana"
     assert all(r.detail["tokenId"] == token_id for r in recs)
     assert all(token not in json.dumps(r.detail) for r in recs)
     assert (await audit.verify(engine)).ok
@@ -312,13 +322,18 @@ async def test_a_row_added_behind_the_logs_back_is_named(engine: Any) -> None:
     recs = await _fill(engine, tid, 3)
     last = recs[-1]
     forged_detail = '{"i":7}'
+    ring = audit_keys.for_engine(engine)
     forged = audit.compute_hash(
-        prev_hash=last.hash, team_id=tid, actor="mallory", action="test.event", room_id=None, detail=forged_detail, created_at=last.createdAt + 1
+        prev_hash=last.hash, team_id=tid, actor="mallory", action="test.event", room_id=None, detail=forged_detail,
+        created_at=last.createdAt + 1, key_id=ring.current_id, secret=ring.current_secret,
     )
     async with engine.begin() as conn:
         rid = await conn.scalar(
             sa.insert(audit_log)
-            .values(team_id=tid, actor="mallory", action="test.event", room_id=None, detail=forged_detail, created_at=last.createdAt + 1, prev_hash=last.hash, hash=forged)
+            .values(
+                team_id=tid, actor="mallory", action="test.event", room_id=None, detail=forged_detail,
+                created_at=last.createdAt + 1, prev_hash=last.hash, hash=forged, key_id=ring.current_id,
+            )
             .returning(audit_log.c.id)
         )
     result = await audit.verify(engine)
@@ -329,9 +344,8 @@ async def test_verify_pages_through_long_chains_and_tolerates_live_appends(engin
     tid = await ensure_team(engine, "alpha")
     async with engine.begin() as conn:
         await audit.append(conn, [audit.Entry(action="bulk", team_id=tid, detail={"i": i}) for i in range(120)])
-    async with engine.connect() as conn:
-        n, mismatch = await audit._verify_chain(conn, tid, page=7)
-    assert (n, mismatch) == (120, None)
+    paged = await audit.verify(engine, "alpha", page=7)
+    assert (paged.verified, paged.mismatch) == (120, None)
 
     async def appender() -> None:
         for i in range(30):

@@ -337,11 +337,11 @@ async def test_thousand_comments_from_ten_reviewers(db_url: str, two_nodes: Any)
 
 
 # --------------------------------------------------------------------------
-# Revocation closes live connections with 4401, on every node
+# Revocation closes live connections with 4403 token revoked, on every node
 # --------------------------------------------------------------------------
 
 
-async def test_revoked_token_connections_are_closed_4401(db_url: str, two_nodes: Any) -> None:
+async def test_revoked_token_connections_are_closed_4403_revoked(db_url: str, two_nodes: Any) -> None:
     _settings, (n1, n2) = two_nodes()
     async with Store(db_url) as store:
         job = await store.job()
@@ -364,8 +364,8 @@ async def test_revoked_token_connections_are_closed_4401(db_url: str, two_nodes:
                 res = await http.delete(f"/api/tokens/{victim_id}")
                 assert res.status_code == 200, res.text
                 assert res.json()["revokedAt"] is not None
-            assert await eve1.wait_closed(5) == (4401, "token expired")
-            assert await eve2.wait_closed(5) == (4401, "token expired")
+            assert await eve1.wait_closed(5) == (4403, "token revoked")
+            assert await eve2.wait_closed(5) == (4403, "token revoked")
 
             # The CLI without Redis: the gateways notice through the store.
             env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
@@ -375,7 +375,7 @@ async def test_revoked_token_connections_are_closed_4401(db_url: str, two_nodes:
                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
             )
             assert result.returncode == 0, result.stderr
-            assert await mal.wait_closed(10) == (4401, "token expired")
+            assert await mal.wait_closed(10) == (4403, "token revoked")
 
             # Others stay connected; the revoked token is refused from now on.
             await ok.send(type="ping")

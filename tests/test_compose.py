@@ -69,3 +69,11 @@ def test_images_build_from_this_repo() -> None:
     for path in ("progress_service", "worker", "web", "pyproject.toml"):
         assert path in dockerfile
         assert (ROOT / path).exists()
+
+
+def test_long_running_services_restart_after_a_crash() -> None:
+    services = _compose()["services"]
+    for name in ("redis", "postgres", "app", "worker"):
+        assert services[name].get("restart") in ("unless-stopped", "always", "on-failure"), name
+    # migrate is one-shot: restarting it would loop.
+    assert services["migrate"].get("restart", "no") == "no"

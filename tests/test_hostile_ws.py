@@ -384,3 +384,57 @@ async def test_since_ahead_of_head_is_a_gap_not_silence(
         sent += await publish(redis, job, 1, start=2)
         got = [e["id"] for e in await collect_events(ws, 3)]
         assert got == sent
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_deep_nesting_and_bad_utf8_stay_boring(
+    make_settings: Callable[..., Any], store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 2 KB frame of brackets before auth closes 1008 naming the limit (not 1011 with a
+    RecursionError); invalid UTF-8 frames are counted, not logged with a traceback each."""
+    from progress_service import metrics  # noqa: PLC0415
+
+    caplog.set_level(logging.INFO)
+    uvicorn_log = _Collect()  # uvicorn's loggers do not propagate to caplog
+    logging.getLogger("uvicorn.error").addHandler(uvicorn_log)
+    token = await store.token(role="admin")
+    job = await store.job()
+    counter = metrics.ws_client_frame_errors.labels("invalid UTF-8")
+    before = counter._value.get()
+    try:
+        async with serve(make_settings(**FAST)) as (base, _app):
+            for frame in (
+                "[" * 1000 + "]" * 1000,  # the reported 2 KB frame
+                '{"x":' + "[" * 1000 + "]" * 1000 + ',"type":"auth","token":"t"}',  # skipped while looking for the tag
+                '{"type":"auth","token":' + "[" * 17 + "]" * 17 + "}",
+            ):
+                async with connect(base) as ws:
+                    await ws.send(frame)
+                    assert await closed_with(ws) == (1008, "JSON nested deeper than 16 levels"), frame[:40]
+            async with connect(base) as ws:  # brackets inside strings are text, not nesting
+                await auth(ws, token)
+                await join(ws, job)
+                await send(ws, type="chat", roomId=f"job:{job}", requestId="brackets", text="[{" * 40)
+                with anyio.fail_after(10):
+                    while (msg := json.loads(await ws.recv())).get("type") != "ack":
+                        assert msg.get("type") != "error", msg
+            for _ in range(10):
+                raw = await Raw.open(base, token)
+                await raw.send(_frame(1, b'{"type":"ping","x":"\xff\xfe"}'))
+                assert await raw.close_code() == 1007
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(uvicorn_log)
+    assert counter._value.get() - before == 10
+    everything = [*uvicorn_log.records, *caplog.records]
+    assert not [r for r in everything if r.exc_info], [r.getMessage() for r in everything if r.exc_info]
+    assert "RecursionError" not in caplog.text
+    warnings = [r for r in uvicorn_log.records if "invalid UTF-8" in r.getMessage()]
+    assert len(warnings) <= 1 and all(r.levelno == logging.WARNING for r in warnings)

@@ -11,6 +11,7 @@ from progress_service.gateway.outbox import (
     Chunk,
     Outbox,
     SendTimeout,
+    WriteWindow,
     queued_bytes,
 )
 
@@ -161,3 +162,59 @@ async def test_put_chunk_overflow_queues_what_fits_and_reports_once() -> None:
     assert not outbox.put_chunk(Chunk.of(["aaaa", "bbbb", "cccc"], [4, 4, 4]))
     assert len(outbox) == 2 and outbox.size == 8 and overflows == [1]
     assert outbox._take() == ("[aaaa,bbbb]", 2)
+
+
+async def _frames_sent(outbox: Outbox, feed) -> list[str]:
+    """Run ``outbox``'s pump while ``feed(outbox)`` queues; the frames sent."""
+    frames: list[str] = []
+
+    async def send(frame: str) -> None:
+        frames.append(frame)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(outbox.pump, send, 5.0)
+        await anyio.sleep(0.01)
+        with anyio.fail_after(5):
+            await feed(outbox)
+        outbox.close()
+    return frames
+
+
+async def test_write_window_sends_fan_out_of_several_reads_in_one_frame() -> None:
+    """Three hub hand-offs within the window: one array frame, in order; not batching: one frame each."""
+
+    async def feed(outbox: Outbox) -> None:
+        for i in range(3):
+            outbox.put_chunk(Chunk.of([f'{{"n":{i}}}'], [7]))
+            await anyio.sleep(0.005)  # other work of the loop, well inside the window
+        await anyio.sleep(0.3)
+
+    window = WriteWindow(0.1)
+    assert await _frames_sent(Outbox(1 << 20, batch=True, window=window), feed) == ['[{"n":0},{"n":1},{"n":2}]']
+    unbatched = await _frames_sent(Outbox(1 << 20, window=window), feed)
+    assert unbatched == ['{"n":0}', '{"n":1}', '{"n":2}']
+
+
+async def test_write_window_gives_way_to_a_reply_and_to_a_full_frame() -> None:
+    window = WriteWindow(10.0)  # longer than the test: only the reply or the byte bound can wake the sender
+
+    async def reply(outbox: Outbox) -> None:
+        outbox.put_chunk(Chunk.of(['{"e":1}'], [7]))
+        await anyio.sleep(0.01)
+        outbox.put('{"type":"ack"}', 14)
+        while outbox.messages_sent < 2:
+            await anyio.sleep(0.005)
+
+    assert await _frames_sent(Outbox(1 << 20, batch=True, window=window), reply) == ['[{"e":1},{"type":"ack"}]']
+
+    big = "x" * (BATCH_FRAME_BYTES // 2)
+
+    async def full(outbox: Outbox) -> None:
+        outbox.put_chunk(Chunk.of([f'"{big}"'], [len(big) + 2]))
+        await anyio.sleep(0.01)
+        assert outbox.messages_sent == 0  # held by the window
+        outbox.put_chunk(Chunk.of([f'"{big}"'], [len(big) + 2]))
+        while outbox.messages_sent < 2:
+            await anyio.sleep(0.005)
+
+    assert len(await _frames_sent(Outbox(1 << 20, batch=True, window=window), full)) >= 1

@@ -209,7 +209,8 @@ async def test_exit_without_result_garbage_and_stderr(
     job_id = await new_job(engine, redis, settings)
     assert await run_job(worker_ctx(settings), job_id) == "failed"
     record = await get_job(engine, job_id)
-    assert record is not None and record.reason == "exited with code 3 and no result"
+    # The reason carries stderr's last lines: that is where the CLI says why.
+    assert record is not None and record.reason == "exited with code 3 and no result: something went wrong"
     logs = [e["data"] for e in await events(redis, job_id) if e["kind"] == "log"]
     assert {"stream": "stdout", "line": "this is not json"} in logs
     assert {"stream": "stderr", "line": "something went wrong"} in logs
@@ -487,7 +488,7 @@ async def test_worker_shutdown_mid_job_gives_the_job_back(
         tg.cancel_scope.cancel()
     record = await get_job(engine, job_id)
     assert record is not None and record.status == "queued" and record.attempt == 2
-    assert record.reason == "worker stopped; retrying as attempt 2 of 2"
+    assert record.reason == "worker stopped; handed back as attempt 2 (no try spent)"
     assert await arq_pool.exists(f"arq:job:{job_id}:2")
     assert await _no_replays_in(settings.workspace_root)
     # The interrupted attempt's arq retry is refused; the new attempt runs.

@@ -1,9 +1,10 @@
-"""Runs the Claude Code CLI (or the replay program) and yields its output lines.
+"""Runs the Claude Code CLI (or the replay program) and hands out its output lines.
 
-The CLI runs in its own process group so that everything it starts (shells,
-test runners) can be signalled at once; stopping it is SIGINT to the group,
-then SIGTERM, then SIGKILL, each after ``grace`` seconds, and afterwards no
-process of the group remains. Output is read in chunks and split into lines
+The CLI runs in its own process group; stopping it is SIGINT to the group
+(the CLI then prints its last lines), then SIGTERM, then SIGKILL to every
+process of the run, each after ``grace`` seconds, and afterwards no process
+of the run remains, not even one that called ``setsid()`` (see
+:mod:`worker.proctree`). Output is read in chunks and split into lines
 here (not with ``readline``) so a line of any length is bounded: an
 over-long stdout line becomes an :class:`Oversize` item, never an exception.
 """
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,11 +25,14 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 import msgspec
-from anyio.abc import ByteReceiveStream, Process
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.abc import ByteReceiveStream, Process, TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from progress_service.events import JobSpec
 from progress_service.settings import Settings
+from worker.proctree import TAG_VAR, ProcessTree, become_subreaper, group_members
+
+__all__ = ["ClaudeProcess", "Command", "Line", "Output", "Oversize", "group_members", "start_claude"]
 
 T = TypeVar("T")
 
@@ -67,7 +72,8 @@ def resolve_binary(settings: Settings) -> tuple[list[str], bool]:
     """The CLI's argv prefix and whether it is the replay program.
 
     ``settings.claude_bin`` wins, then ``claude`` on PATH, else the replay
-    program shipped with the worker (``demo`` True).
+    program shipped with the worker (``demo`` True). Decided here, in the
+    worker that runs the job, never by the app that accepted it.
     """
     if settings.claude_bin:
         return [settings.claude_bin], False
@@ -81,11 +87,16 @@ def build_command(settings: Settings, spec: JobSpec, session_id: str) -> Command
     """The full command line of one job, exactly as DESIGN.md describes it.
 
     There is no ``--cwd`` flag: the working directory is the subprocess cwd.
+    ``--include-partial-messages`` makes the CLI print the API's stream
+    events, the only place live output token counts appear.
     ``--allowedTools`` takes one argument per tool and comes last because it
     is variadic.
     """
     prefix, demo = resolve_binary(settings)
-    argv = [*prefix, "-p", spec.prompt, "--output-format", "stream-json", "--verbose", "--session-id", session_id]
+    argv = [
+        *prefix, "-p", spec.prompt, "--output-format", "stream-json", "--verbose",
+        "--include-partial-messages", "--session-id", session_id,
+    ]
     if spec.model:
         argv += ["--model", spec.model]
     if spec.maxTurns:
@@ -97,66 +108,51 @@ def build_command(settings: Settings, spec: JobSpec, session_id: str) -> Command
     return Command(argv=argv, demo=demo)
 
 
-def child_env(settings: Settings) -> dict[str, str]:
-    """The subprocess environment: ours plus the replay knobs from settings."""
+def child_env(settings: Settings, spec: JobSpec | None = None) -> dict[str, str]:
+    """The subprocess environment: ours, the replay knobs, and what the CLI needs here.
+
+    Credentials (``ANTHROPIC_API_KEY``, ``CLAUDE_CODE_OAUTH_TOKEN``,
+    ``ANTHROPIC_BASE_URL``) come from the worker's own environment. The
+    CLI's auto-updater is off: the worker runs the version it was deployed
+    with. As root the CLI refuses ``bypassPermissions``; only a worker
+    declared a sandbox (``PS_CLAUDE_SANDBOX``) passes ``IS_SANDBOX=1``, and
+    only to jobs that ask for that mode, so its refusal reaches the user
+    everywhere else.
+    """
     env = dict(os.environ)
     env["PS_REPLAY_SPEED"] = str(settings.replay_speed)
     if settings.replay_transcript:
         env["PS_REPLAY_TRANSCRIPT"] = settings.replay_transcript
+    env.setdefault("DISABLE_AUTOUPDATER", "1")
+    if spec is not None and spec.permissionMode == "bypassPermissions" and settings.claude_sandbox:
+        env["IS_SANDBOX"] = "1"
     return env
 
 
+def stdout_copy_path(settings: Settings, job_id: str, attempt: int) -> Path | None:
+    """Where to keep a copy of the CLI's raw stdout (``PS_CLAUDE_STDOUT_DIR``), if anywhere."""
+    if not settings.claude_stdout_dir:
+        return None
+    folder = Path(settings.claude_stdout_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{job_id}.{attempt}.jsonl"
+
+
 # --------------------------------------------------------------------------
-# Process groups
+# The running CLI
 # --------------------------------------------------------------------------
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group.
-
-    Zombies are left out: in a container PID 1 may never reap orphans, and a
-    zombie is gone for every purpose that matters here.
-    """
-    members: list[int] = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:  # not Linux: fall back to "is anyone there"
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return []
-        return [pgid]
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # "pid (comm) state ppid pgrp ..." - comm may contain spaces and parens.
-        rest = stat[stat.rfind(b")") + 2 :].split()
-        if len(rest) >= 3 and int(rest[2]) == pgid and rest[0] not in (b"Z", b"X"):
-            members.append(int(entry))
-    return members
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class ClaudeProcess:
-    """A started CLI process: its output, its exit, and how to stop it."""
+    """A started CLI process: its output, its exit, and how to stop it and all it started."""
 
-    def __init__(self, process: Process, grace: float) -> None:
+    def __init__(self, process: Process, grace: float, tag: str) -> None:
         self.process = process
         self.pid = process.pid
         # start_new_session makes the child the leader of a new group.
         self.pgid = process.pid
         self.grace = grace
+        self.tree = ProcessTree(process.pid, tag)
         self._stopping = False
         self._stopped = anyio.Event()
 
@@ -164,62 +160,70 @@ class ClaudeProcess:
     def returncode(self) -> int | None:
         return self.process.returncode
 
-    async def output(self) -> AsyncIterator[Output]:
-        """Stdout and stderr lines, interleaved as they arrive, until both close."""
+    def start_output(self, tg: TaskGroup) -> MemoryObjectReceiveStream[Output]:
+        """Start reading stdout and stderr in ``tg``; returns their lines, interleaved.
+
+        The two pump tasks belong to the caller's task group (not to a
+        generator's), so the consumer never yields from inside a cancel
+        scope. The stream ends when both pipes are closed.
+        """
+        assert self.process.stdout is not None and self.process.stderr is not None
         send, receive = anyio.create_memory_object_stream[Output](64)
-        async with anyio.create_task_group() as tg:
-            assert self.process.stdout is not None and self.process.stderr is not None
+        with send:
             tg.start_soon(_pump, self.process.stdout, "stdout", MAX_LINE_BYTES, send.clone())
             tg.start_soon(_pump, self.process.stderr, "stderr", MAX_STDERR_BYTES, send.clone())
-            send.close()
-            async with receive:
-                async for item in receive:
-                    yield item
+        return receive
 
     async def wait(self) -> int:
         """Wait for the leader to exit; returns its exit code."""
         return await self.process.wait()
 
     async def _wait_gone(self, timeout: float) -> bool:
-        """Poll until the leader is reaped and no group member is left."""
+        """Poll until the leader is reaped and no process of the run is left."""
         with anyio.move_on_after(timeout):
             await self.process.wait()
-            while group_members(self.pgid):
-                await anyio.sleep(0.02)
+            while self.tree.members():
+                await anyio.sleep(0.05)
             return True
         return False
 
     async def stop(self) -> None:
-        """SIGINT, SIGTERM, SIGKILL to the group, ``grace`` seconds apart.
+        """End the run: SIGINT to the CLI's group, then SIGTERM, then SIGKILL to every process of the run.
 
+        SIGINT goes to the group only, like a terminal's Ctrl-C: the CLI then
+        stops its tools and prints its last lines (a ``result`` with the
+        cost). SIGTERM and SIGKILL, ``grace`` seconds apart, reach every
+        process of the run (:class:`ProcessTree`), setsid'ed ones included.
         Idempotent and safe to call concurrently: a second caller waits for
         the first one's escalation to finish. Returns when no process of the
-        group remains.
+        run remains.
         """
+        await self._escalate(((signal.SIGINT, self.grace), (signal.SIGTERM, self.grace), (signal.SIGKILL, 5.0)))
+
+    async def reap_group(self) -> None:
+        """After the CLI exited, end whatever it left running (SIGTERM, then SIGKILL)."""
+        await self.wait()
+        if self.tree.members():
+            await self._escalate(((signal.SIGTERM, self.grace), (signal.SIGKILL, 5.0)))
+
+    async def _escalate(self, steps: Sequence[tuple[signal.Signals, float]]) -> None:
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
-        # Shielded: a caller cancelled half-way must not leave the group
+        # Shielded: a caller cancelled half-way must not leave the run
         # half-signalled; the escalation is bounded (2 x grace + 5 s).
         with anyio.CancelScope(shield=True):
-            await self._escalate()
-
-    async def _escalate(self) -> None:
-        try:
-            for sig, wait in ((signal.SIGINT, self.grace), (signal.SIGTERM, self.grace), (signal.SIGKILL, 5.0)):
-                if self.process.returncode is not None and not group_members(self.pgid):
-                    break
-                _signal_group(self.pgid, sig)
-                if await self._wait_gone(wait):
-                    break
-        finally:
-            self._stopped.set()
-
-    async def reap_group(self) -> None:
-        """After a normal exit, kill whatever the CLI left running in its group."""
-        if group_members(self.pgid):
-            await self.stop()
+            try:
+                for sig, wait in steps:
+                    if self.process.returncode is not None and not self.tree.members():
+                        break
+                    self.tree.signal(sig, group_only=sig == signal.SIGINT)
+                    if await self._wait_gone(wait):
+                        break
+            finally:
+                self.tree.reap()
+                self._stopped.set()
 
 
 async def _pump(
@@ -263,19 +267,23 @@ async def _pump(
 async def start_claude(
     argv: Sequence[str], *, cwd: str | Path, env: Mapping[str, str] | None, grace: float
 ) -> AsyncIterator[ClaudeProcess]:
-    """Start the CLI in ``cwd`` as a new process group; stop the group on exit.
+    """Start the CLI in ``cwd`` as a new process group; stop the run on exit.
 
-    Leaving the context always leaves no process of the group behind, even
-    when the caller is cancelled (the cleanup is shielded).
+    Leaving the context always leaves no process of the run behind (its
+    group, its descendants and its tagged escapees, see
+    :mod:`worker.proctree`), even when the caller is cancelled (the cleanup
+    runs to completion).
     """
+    become_subreaper()
+    tag = uuid.uuid4().hex
     process = await anyio.open_process(
         list(argv),
         cwd=str(cwd),
-        env=dict(env) if env is not None else None,
+        env={**(os.environ if env is None else env), TAG_VAR: tag},
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
-    proc = ClaudeProcess(process, grace)
+    proc = ClaudeProcess(process, grace, tag)
     try:
         yield proc
     finally:
@@ -285,9 +293,10 @@ async def start_claude(
 async def _close(proc: ClaudeProcess) -> None:
     await proc.stop()
     await proc.process.aclose()
+    proc.tree.reap()
 
 
-async def run_to_completion(coro: Coroutine[Any, Any, T]) -> T:
+async def run_to_completion(coro: Coroutine[Any, Any, T] | asyncio.Future[T]) -> T:
     """Await ``coro`` to its end even if the caller is cancelled, then re-raise the cancel.
 
     An anyio shield does not stop *native* asyncio cancellation, and arq

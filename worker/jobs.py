@@ -2,91 +2,86 @@
 
 ``run_job`` claims the attempt (refusing a cancelled, finished, running or
 superseded one), marks the job running, runs the CLI in the job's working
-directory and appends every mapped event with the snapshot it leads to. Three
-supervisors run beside the output reader in one task group: the cancel-flag
-poller (which also refreshes the lease), the deadline, and nothing else; any
-of them stops the process group and the reader drains what is left. The
-outcome is decided once, at the end, from why the run stopped and from the
-final ``result`` line's ``is_error``.
+directory and appends every mapped event with the snapshot it leads to. One
+task group holds the output pumps, the reader, and the supervisors: the
+cancel-flag poller (which also refreshes the lease), the deadline, the
+hand-back request of a stopping worker, and the reaper of what the CLI
+leaves behind. Any supervisor stops the CLI (SIGINT first) and the reader
+goes on to EOF, so the CLI's last lines (its ``result`` with the cost) are
+recorded before the job ends. The outcome is decided once, at the end, from
+why the run stopped and from the final ``result`` line's ``is_error``.
 
-A worker that dies mid-job stops refreshing its lease; :func:`run_sweeper`
-(running in every worker process, and in ``progress-service dev``) notices,
-publishes ``worker lost`` and re-enqueues the job as the next attempt, or
-fails it once ``job_max_tries`` attempts were made.
+Cancel is exactly once: the cancel flag in Redis is the only channel (no
+arq abort), and every path that could start another attempt (the claim, a
+hand-back, the sweeper's re-enqueue) checks the flag in the same Lua script
+that changes the run state.
+
+A worker that stops gracefully (SIGTERM, rolling restart) hands its jobs
+back as their next attempt without spending a try; a worker that dies stops
+refreshing its lease and a :class:`Sweeper` (in the app process and in
+every worker) notices, publishes ``worker lost`` and re-enqueues the job, or
+fails it once ``job_max_tries`` tries were spent. Redis and store outages
+are waited out (:mod:`worker.outage`): a running CLI is never abandoned
+because a dependency blinked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from progress_service.events import TERMINAL_STATUSES, JobSnapshot, StoredEvent, now_ms
+from progress_service.events import TERMINAL_STATUSES, JobSnapshot, now_ms
 from progress_service.queue import (
     cancel_requested,
     claim_run,
     enqueue_job,
     finish_run,
+    hand_back_run,
     lease_key,
+    publish_cancelled,
     reap_run,
     refresh_lease,
     run_key,
+    run_state,
 )
 from progress_service.settings import Settings
 from progress_service.workspace import WorkdirError, resolve_workdir
 from progress_service.store.jobs import JobRecord, get_job, jobs_in_status, update_job
-from progress_service.streams import append_event, expire_job, read_state, room_id
-from worker.claude import ClaudeProcess, Line, build_command, child_env, run_to_completion, start_claude
-from worker.mapping import Mapped, Mapper
+from progress_service.streams import expire_job, read_state, room_id
+from worker.claude import (
+    ClaudeProcess, Line, Output, build_command, child_env, run_to_completion, start_claude, stdout_copy_path,
+)
+from worker.mapping import Mapper
+from worker.outage import DEPENDENCY_DOWN, REDIS_DOWN, Link, persist
+from worker.publisher import Publisher
 
 log = logging.getLogger("progress_service.worker")
+T = TypeVar("T")
 
 #: How often the cancel flag is polled (seconds).
 CANCEL_POLL = 0.25
+#: Longest time between two lease refreshes (seconds; also at most lease_ttl / 3).
+LEASE_REFRESH = 1.0
 #: How often a running job says its worker is alive (seconds).
 ALIVE_EVERY = 30.0
-
 
 
 
 def new_worker_id() -> str:
     """A worker id that names the host and process (shown in ``worker`` events)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-class Publisher:
-    """Appends mapped events in order; one lock so concurrent tasks never interleave."""
-
-    def __init__(self, redis: Redis, job_id: str, attempt: int, settings: Settings, mapper: Mapper) -> None:
-        self.redis = redis
-        self.job_id = job_id
-        self.attempt = attempt
-        self.settings = settings
-        self.mapper = mapper
-        self.lock = anyio.Lock()
-        self.count = 0
-
-    async def publish(self, events: list[Mapped]) -> None:
-        """Append events, each with the snapshot it leads to."""
-        for ev in events:
-            stored = StoredEvent(kind=ev.kind, at=ev.at, data=msgspec.to_builtins(ev.data), attempt=self.attempt)
-            ev.snapshot.lastEventId = await append_event(
-                self.redis, self.job_id, stored, maxlen=self.settings.events_maxlen, snapshot=ev.snapshot
-            )
-            self.count += 1
-
-    async def __call__(self, make: Any, *args: Any, **kwargs: Any) -> None:
-        """Run a mapper method and append what it returns, under the lock."""
-        async with self.lock:
-            await self.publish(make(*args, **kwargs))
 
 
 class JobRun:
@@ -100,17 +95,36 @@ class JobRun:
         self.record = record
         self.job_id = record.id
         self.attempt = attempt
-        self.mapper = Mapper(snapshot)
-        self.pub = Publisher(self.redis, self.job_id, attempt, self.settings, self.mapper)
-        self.stop_reason: str | None = None  # cancelled | timeout | superseded
+        self.mapper = Mapper(snapshot, stdout_copy=stdout_copy_path(self.settings, record.id, attempt))
+        self.pub = Publisher(self.redis, self.job_id, attempt, self.settings, self.mapper, engine=self.engine)
+        self.stop_reason: str | None = None  # cancelled | timeout | superseded | handback
         self.cancelled_by: str | None = None
         spec_timeout = record.spec.timeoutSeconds or self.settings.job_timeout
         self.timeout = min(spec_timeout, self.settings.job_timeout_max)
+        self.redis_link = Link(f"Redis (job {self.job_id})")
+        self.store_link = Link(f"store (job {self.job_id})")
+        #: Set when this worker stops: the attempt is handed back, not failed.
+        self.hand_back_requested = asyncio.Event()
 
     # -- the run --------------------------------------------------------------
 
     async def execute(self) -> str:
-        """Run the attempt to its end; returns the final status (for arq's log)."""
+        """Run the attempt to its end; returns the final status (for arq's log).
+
+        The attempt runs in a task of its own. Cancelling this call (arq's
+        shutdown, a rolling restart) does not cancel the attempt: it asks it
+        to stop and hand the job back, waits for that (bounded by the stop
+        escalation), then re-raises the cancellation.
+        """
+        attempt = asyncio.ensure_future(self._execute())
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            self.hand_back_requested.set()
+            await run_to_completion(attempt)
+            raise
+
+    async def _execute(self) -> str:
         try:
             root = self.settings.workspace_path
             root.mkdir(parents=True, exist_ok=True)
@@ -119,43 +133,53 @@ class JobRun:
             return await self._end("failed", str(exc))
         command = build_command(self.settings, self.record.spec, str(uuid.uuid4()))
         started = now_ms()
-        demo = self.record.demo or command.demo
-        await self.pub(self.mapper.status, "running", startedAt=started, demo=demo, attempt=self.attempt)
-        await self.pub(self.mapper.worker, "alive", self.worker_id)
-        await update_job(self.engine, self.job_id, snapshot=self.mapper.snapshot, demo=demo)
+        demo = command.demo  # decided here, where the job runs
+        await self._publish(self.mapper.status, "running", startedAt=started, demo=demo, attempt=self.attempt)
+        await self._publish(self.mapper.worker, "alive", self.worker_id)
+        await self._store(lambda: update_job(self.engine, self.job_id, snapshot=self.mapper.snapshot, demo=demo))
+        running = False
         try:
             async with start_claude(
-                command.argv, cwd=workdir, env=child_env(self.settings), grace=self.settings.cancel_grace
+                command.argv, cwd=workdir, env=child_env(self.settings, self.record.spec), grace=self.settings.cancel_grace
             ) as proc:
+                running = True
                 async with anyio.create_task_group() as tg:
+                    lines = proc.start_output(tg)
                     tg.start_soon(self._supervise, proc)
                     tg.start_soon(self._deadline, proc)
-                    await self._read(proc)
+                    tg.start_soon(self._on_hand_back, proc)
+                    # The CLI is gone: what it left running goes too (and
+                    # that closes the pipes an escaped child kept open).
+                    tg.start_soon(proc.reap_group)
+                    await self._read(proc, lines)
                     tg.cancel_scope.cancel()
                 returncode = proc.returncode
-        except anyio.get_cancelled_exc_class():
-            # arq abort, arq's own timeout or worker shutdown: the process is
-            # already stopped by start_claude's exit; say how the job ended.
-            await run_to_completion(self._interrupted())
-            raise
         except OSError as exc:
+            if running:
+                raise
             # The binary could not be started (missing, not executable).
             return await self._end("failed", f"could not start {command.argv[0]}: {exc}")
         return await self._conclude(returncode)
 
-    async def _read(self, proc: ClaudeProcess) -> None:
-        async for item in proc.output():
-            if isinstance(item, Line):
-                if item.stream == "stdout":
-                    await self.pub(self.mapper.feed, item.data)
+    async def _read(self, proc: ClaudeProcess, lines: MemoryObjectReceiveStream[Output]) -> None:
+        async with lines:
+            async for item in lines:
+                if isinstance(item, Line):
+                    if item.stream == "stdout":
+                        await self._publish(self.mapper.feed, item.data)
+                    else:
+                        await self._publish(self.mapper.log, "stderr", item.data.decode("utf-8", "replace"))
                 else:
-                    await self.pub(self.mapper.log, "stderr", item.data.decode("utf-8", "replace"))
-            else:
-                note = f"[line of {item.size} bytes truncated] " + item.head[:500].decode("utf-8", "replace")
-                await self.pub(self.mapper.log, item.stream, note)
+                    note = f"[line of {item.size} bytes truncated] " + item.head[:500].decode("utf-8", "replace")
+                    await self._publish(self.mapper.log, item.stream, note)
         await proc.wait()
-        # The CLI is gone; anything it left running in its group goes too.
-        await proc.reap_group()
+
+    async def _publish(self, make: Any, *args: Any, **kwargs: Any) -> None:
+        """Map and publish; during a Redis outage the Publisher keeps the events (its pump delivers them)."""
+        await self.pub(make, *args, **kwargs)
+
+    async def _store(self, op: Callable[[], Awaitable[T]]) -> T:
+        return await persist(op, self.store_link)
 
     async def _stop(self, proc: ClaudeProcess, reason: str) -> None:
         if self.stop_reason is None:
@@ -163,39 +187,58 @@ class JobRun:
         await proc.stop()
 
     async def _supervise(self, proc: ClaudeProcess) -> None:
-        """Poll the cancel flag, refresh the lease, say the worker is alive."""
-        lease_every = max(self.settings.lease_ttl / 3, CANCEL_POLL)
+        """Poll the cancel flag, refresh the lease, say the worker is alive.
+
+        Redis errors are waited out: the CLI keeps running through an outage,
+        and the first refresh after it re-creates a lease that expired or
+        vanished meanwhile (the sweeper's grace covers that gap).
+        """
+        lease_every = max(min(self.settings.lease_ttl / 3, LEASE_REFRESH), CANCEL_POLL)
         last_lease = last_alive = anyio.current_time()
         while True:
             await anyio.sleep(CANCEL_POLL)
-            who = await cancel_requested(self.redis, self.job_id)
-            if who is not None:
-                self.cancelled_by = who
-                await self._stop(proc, "cancelled")
-                return
-            now = anyio.current_time()
-            if now - last_lease >= lease_every:
-                last_lease = now
-                if not await refresh_lease(
-                    self.redis, self.job_id, self.attempt, self.worker_id, self.settings.lease_ttl
-                ):
-                    # The sweeper gave this attempt up (we were too slow to
-                    # refresh): another attempt owns the job now.
-                    await self._stop(proc, "superseded")
+            try:
+                who = await cancel_requested(self.redis, self.job_id)
+                if who is not None:
+                    self.cancelled_by = who
+                    await self._stop(proc, "cancelled")
                     return
+                now = anyio.current_time()
+                if now - last_lease >= lease_every or not self.redis_link.is_up:
+                    owned = await refresh_lease(
+                        self.redis, self.job_id, self.attempt, self.worker_id, self.settings.lease_ttl
+                    )
+                    last_lease = now
+                    if not owned:
+                        # The sweeper gave this attempt up: another attempt
+                        # (or a cancel) owns the job now.
+                        await self._stop(proc, "superseded")
+                        return
+                    if owned == 2:
+                        log.warning("job %s: Redis had lost the run state; re-created the lease", self.job_id)
+            except REDIS_DOWN as exc:
+                self.redis_link.down(exc)
+                continue
+            self.redis_link.up()
             if now - last_alive >= ALIVE_EVERY:
                 last_alive = now
-                await self.pub(self.mapper.worker, "alive", self.worker_id)
+                await self._publish(self.mapper.worker, "alive", self.worker_id)
 
     async def _deadline(self, proc: ClaudeProcess) -> None:
         await anyio.sleep(self.timeout)
         await self._stop(proc, "timeout")
+
+    async def _on_hand_back(self, proc: ClaudeProcess) -> None:
+        await self.hand_back_requested.wait()
+        await self._stop(proc, "handback")
 
     # -- endings --------------------------------------------------------------
 
     async def _conclude(self, returncode: int | None) -> str:
         if self.stop_reason == "superseded":
             return "superseded"
+        if self.stop_reason == "handback":
+            return await self._hand_back()
         if self.stop_reason == "cancelled":
             return await self._end("cancelled", f"cancelled by {self.cancelled_by or 'user'}")
         if self.stop_reason == "timeout":
@@ -207,61 +250,78 @@ class JobRun:
             if self.mapper.result_is_error:
                 return await self._end("failed", result.error or "the agent reported an error")
             return await self._end("succeeded", None)
-        return await self._end("failed", f"exited with code {returncode} and no result")
+        return await self._end("failed", self.mapper.no_result_reason(returncode))
 
-    async def _interrupted(self) -> None:
-        """The arq task was cancelled: a user cancel, or this worker stopping."""
-        who = await cancel_requested(self.redis, self.job_id)
-        if who is not None:
-            await self._end("cancelled", f"cancelled by {who}")
-            return
-        # Worker shutdown: give the job back as if this worker were lost, so
-        # it is retried (or failed) now instead of after arq's long timeout.
-        await self.redis.delete(lease_key(self.job_id))
-        record = await get_job(self.engine, self.job_id)
-        if record is not None:
-            await recover_job(self.redis, self.engine, self.settings, record, why="worker stopped")
+    async def _hand_back(self) -> str:
+        """This worker is stopping: queue the job as its next attempt, spending no try."""
+        verdict = await persist(
+            lambda: hand_back_run(self.redis, self.job_id, self.attempt, self.worker_id), self.redis_link
+        )
+        if verdict == "cancelled":
+            who = await persist(lambda: cancel_requested(self.redis, self.job_id), self.redis_link)
+            return await self._end("cancelled", f"cancelled by {who or 'user'}")
+        if verdict != "ok":
+            return "superseded"
+        reason = f"worker stopped; handed back as attempt {self.attempt + 1} (no try spent)"
+        await requeue(self.redis, self.engine, self.settings, self.pub, self.attempt + 1, reason)
+        log.warning("job %s: %s", self.job_id, reason)
+        return "handed back"
 
     async def _end(self, status: str, reason: str | None) -> str:
         """Publish the final status, unless this attempt lost the job meanwhile."""
-        if not await refresh_lease(self.redis, self.job_id, self.attempt, self.worker_id, self.settings.lease_ttl):
+        owned = await persist(
+            lambda: refresh_lease(self.redis, self.job_id, self.attempt, self.worker_id, self.settings.lease_ttl),
+            self.redis_link,
+        )
+        if not owned:
             log.warning("job %s attempt %d: lost ownership, not publishing %s", self.job_id, self.attempt, status)
             return "superseded"
-        await self.pub(self.mapper.status, status, reason=reason)
-        await update_job(self.engine, self.job_id, snapshot=self.mapper.snapshot)
-        await finish_run(
-            self.redis,
-            self.job_id,
-            self.attempt,
-            self.worker_id,
-            "cancelled" if status == "cancelled" else "done",
-            self.settings.events_ttl,
+        await self._publish(self.mapper.status, status, reason=reason)
+        await self._store(lambda: update_job(self.engine, self.job_id, snapshot=self.mapper.snapshot))
+        final = "cancelled" if status == "cancelled" else "done"
+        await persist(
+            lambda: finish_run(self.redis, self.job_id, self.attempt, self.worker_id, final, self.settings.events_ttl),
+            self.redis_link,
         )
-        await expire_job(self.redis, self.job_id, self.settings.events_ttl)
+        await persist(lambda: expire_job(self.redis, self.job_id, self.settings.events_ttl), self.redis_link)
         return status
 
 
 async def run_job(ctx: dict[str, Any], job_id: str, attempt: int = 1) -> str:
     """arq job: run attempt ``attempt`` of job ``job_id``.
 
-    Returns a short outcome for arq's log: the final status, or why the
-    attempt was refused (``refused: terminal|busy|superseded``).
+    Returns a short outcome for arq's log: the final status, ``handed back``,
+    or why the attempt was refused (``refused: terminal|busy|superseded|cancelled``).
     """
     settings: Settings = ctx["settings"]
     engine: AsyncEngine = ctx["engine"]
     redis: Redis = ctx["redis"]
     worker_id: str = ctx.setdefault("worker_id", new_worker_id())
-    record = await get_job(engine, job_id)
+    # An outage at the start is waited out too: failing here would leave
+    # the job queued in the store with no arq job left to run it.
+    link = Link(f"Redis or store (job {job_id} start)")
+    record = await persist(lambda: get_job(engine, job_id), link)
     if record is None:
         return "refused: unknown job"
     if record.status in TERMINAL_STATUSES:
         return "refused: terminal"
     if record.attempt > attempt:
         return "refused: superseded"
-    verdict, _ = await claim_run(redis, job_id, attempt, worker_id, settings.lease_ttl)
+    verdict, current = await persist(
+        lambda: claim_run(redis, job_id, attempt, worker_id, settings.lease_ttl, settings.events_ttl), link
+    )
+    if verdict == "cancelled":
+        # Cancelled while queued (a cancel that raced a re-enqueue): say so.
+        who = await cancel_requested(redis, job_id)
+        snapshot, _ = await read_state(redis, job_id)
+        await publish_cancelled(
+            redis, engine, settings, job_id, snapshot or record.to_snapshot(), current,
+            f"cancelled by {who or 'user'} before it started",
+        )
+        return "refused: cancelled"
     if verdict != "ok":
         return f"refused: {verdict}"
-    snapshot, _ = await read_state(redis, job_id)
+    snapshot, _ = await persist(lambda: read_state(redis, job_id), link)
     if snapshot is None:
         snapshot = record.to_snapshot()
     snapshot = msgspec.structs.replace(
@@ -276,22 +336,59 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int = 1) -> str:
         reason=None,
         finishedAt=None,
     )
-    return await JobRun(ctx, record, attempt, snapshot).execute()
+    run = JobRun(ctx, record, attempt, snapshot)
+    async with anyio.create_task_group() as tg:
+        # The publisher's pump: delivers events kept during a Redis outage and
+        # archives to the store; closing it drains both (shielded, bounded).
+        await tg.start(run.pub.run)
+        try:
+            return await run.execute()
+        finally:
+            await run.pub.close()
 
 
 # --------------------------------------------------------------------------
-# Lost workers
+# Re-enqueueing, lost workers
 # --------------------------------------------------------------------------
+
+
+async def requeue(redis: Redis, engine: AsyncEngine, settings: Settings, pub: Publisher, next_attempt: int, reason: str) -> None:
+    """Publish ``queued`` for the next attempt and enqueue it (the run state already says queued).
+
+    A cancel that lands between the run-state change and the publication
+    finds the run queued and cancels it, but its ``cancelled`` event may
+    come before our ``queued``: then the cancellation is published again,
+    so the last word is always ``cancelled`` (and the claim refuses the
+    attempt either way).
+    """
+    job_id = pub.job_id
+    mapper = pub.mapper
+    await pub(mapper.status, "queued", reason=reason, phase="queued", attempt=next_attempt, startedAt=None)
+    # Enqueued before the row is written, and the row write waits out a
+    # store outage: the run state already says queued, so a failure here
+    # must not leave the job with no arq job to run it.
+    await enqueue_job(redis, job_id, attempt=next_attempt, queue_name=settings.queue_name)  # type: ignore[arg-type]
+    await persist(lambda: update_job(engine, job_id, snapshot=mapper.snapshot), Link(f"store (job {job_id} re-queue)"))
+    if await run_state(redis, job_id) == "cancelled":
+        latest, _ = await read_state(redis, job_id)
+        if latest is None or latest.status != "cancelled":
+            who = await cancel_requested(redis, job_id)
+            await publish_cancelled(
+                redis, engine, settings, job_id, latest or mapper.snapshot, next_attempt,
+                f"cancelled by {who or 'user'} before it started",
+            )
 
 
 async def recover_job(redis: Redis, engine: AsyncEngine, settings: Settings, record: JobRecord, *, why: str) -> str:
     """Deal with a job whose row says running but whose lease is gone.
 
-    Re-enqueues it as the next attempt while ``job_max_tries`` allows, else
-    fails it with ``why``; a job whose worker died after publishing its end
-    only has its row brought up to date. Atomic with respect to other
-    sweepers and to the worker (the decision is one Lua script). Returns what
-    was done: alive, stale, synced, requeue or failed.
+    Re-enqueues it as the next attempt while tries are left (attempts minus
+    hand-backs < ``job_max_tries``), else fails it with ``why``; a job with
+    its cancel flag set is cancelled, never re-run; a job whose worker died
+    after publishing its end only has its row brought up to date. Atomic
+    with respect to other sweepers and to the worker (the decision is one
+    Lua script). Returns what was done: alive, stale, synced, requeue,
+    failed or cancelled.
     """
     job_id = record.id
     snapshot, _ = await read_state(redis, job_id)
@@ -304,52 +401,94 @@ async def recover_job(redis: Redis, engine: AsyncEngine, settings: Settings, rec
         return "synced"
     attempt = record.attempt
     lost_worker = await redis.hget(run_key(job_id), "worker")
-    next_attempt = attempt + 1 if attempt < settings.job_max_tries else 0
-    verdict = await reap_run(redis, job_id, attempt, next_attempt)
+    verdict, spent = await reap_run(redis, job_id, attempt, settings.job_max_tries)
     if verdict in ("alive", "stale"):
         return verdict
     mapper = Mapper(snapshot)
-    pub = Publisher(redis, job_id, attempt, settings, mapper)
+    pub = Publisher(redis, job_id, attempt, settings, mapper, engine=engine)
     worker_name = lost_worker.decode() if isinstance(lost_worker, bytes) else (lost_worker or "unknown")
     await pub(mapper.worker, "lost", worker_name)
     if verdict == "requeue":
-        reason = f"{why}; retrying as attempt {next_attempt} of {settings.job_max_tries}"
-        await pub(mapper.status, "queued", reason=reason, phase="queued", attempt=next_attempt, startedAt=None)
-        await update_job(engine, job_id, snapshot=mapper.snapshot)
-        await enqueue_job(redis, job_id, attempt=next_attempt, queue_name=settings.queue_name)  # type: ignore[arg-type]
-        log.warning("job %s: %s, re-enqueued as attempt %d", job_id, why, next_attempt)
+        reason = f"{why}; retrying as attempt {attempt + 1} (try {spent + 1} of {settings.job_max_tries})"
+        await requeue(redis, engine, settings, pub, attempt + 1, reason)
+        log.warning("job %s: %s", job_id, reason)
         return "requeue"
-    # "failed", or "ended" (run state says over but nobody published it).
-    await pub(mapper.status, "failed", reason=why)
-    await update_job(engine, job_id, snapshot=mapper.snapshot)
+    if verdict == "cancelled":
+        who = await cancel_requested(redis, job_id)
+        await pub(mapper.status, "cancelled", reason=f"cancelled by {who or 'user'} ({why})")
+        outcome = "cancelled"
+    else:  # "failed", or "ended" (run state says over but nobody published it)
+        await pub(mapper.status, "failed", reason=why)
+        outcome = "failed"
+    await persist(lambda: update_job(engine, job_id, snapshot=mapper.snapshot), Link(f"store (job {job_id} recovery)"))
     await expire_job(redis, job_id, settings.events_ttl)
-    log.warning("job %s: %s, failed after %d attempt(s)", job_id, why, attempt)
-    return "failed"
+    log.warning("job %s: %s, %s after %d tr%s", job_id, why, outcome, spent, "y" if spent == 1 else "ies")
+    return outcome
+
+
+class Sweeper:
+    """Finds running jobs whose worker is gone and recovers them (:func:`recover_job`).
+
+    A lease must be seen missing for ``lease_grace`` seconds (of this
+    sweeper's own, Redis-reachable time) before its worker is declared
+    lost: after Redis restarted empty, or came back from an outage longer
+    than the lease, a live worker re-creates its lease within about a
+    second, and must not see its job run a second time. Runs in the app
+    process (so recovery happens with no worker alive) and in every worker.
+    """
+
+    def __init__(self, redis: Redis, engine: AsyncEngine, settings: Settings, *, grace: float | None = None) -> None:
+        self.redis = redis
+        self.engine = engine
+        self.settings = settings
+        self.grace = settings.lease_grace if grace is None else grace
+        self.missing: dict[str, float] = {}  # job id -> when its lease was first seen missing
+        self.link = Link("lost-worker sweeper: Redis or store")
+
+    async def sweep(self) -> dict[str, str]:
+        """One pass over running jobs; returns {job id: what was done} for those acted on."""
+        done: dict[str, str] = {}
+        running = await jobs_in_status(self.engine, ["running"])
+        ids = {r.id for r in running}
+        self.missing = {k: v for k, v in self.missing.items() if k in ids}
+        for record in running:
+            if await self.redis.exists(lease_key(record.id)):
+                self.missing.pop(record.id, None)
+                continue
+            now = anyio.current_time()
+            if now - self.missing.setdefault(record.id, now) < self.grace:
+                continue
+            outcome = await recover_job(self.redis, self.engine, self.settings, record, why="worker lost")
+            self.missing.pop(record.id, None)
+            if outcome not in ("alive", "stale"):
+                done[record.id] = outcome
+        return done
+
+    async def run(self, *, interval: float | None = None) -> None:
+        """Sweep until cancelled (every second, or ``lease_ttl / 3`` when shorter).
+
+        An outage is waited out with one log line when it starts and one when
+        it ends; leases seen missing before it are not trusted after it.
+        """
+        every = interval if interval is not None else max(0.2, min(1.0, self.settings.lease_ttl / 3))
+        while True:
+            try:
+                await self.sweep()
+            except DEPENDENCY_DOWN as exc:
+                self.link.down(exc)
+                self.missing.clear()
+            except Exception:  # noqa: BLE001 - a bug in one pass must not end recovery for good
+                log.exception("lost-worker sweep failed")
+            else:
+                self.link.up()
+            await anyio.sleep(every)
 
 
 async def sweep_once(arq_pool: ArqRedis, engine: AsyncEngine, settings: Settings) -> dict[str, str]:
-    """One pass over running jobs; returns {job id: what was done} for those acted on."""
-    done: dict[str, str] = {}
-    for record in await jobs_in_status(engine, ["running"]):
-        if await arq_pool.exists(lease_key(record.id)):
-            continue
-        outcome = await recover_job(arq_pool, engine, settings, record, why="worker lost")
-        if outcome not in ("alive", "stale"):
-            done[record.id] = outcome
-    return done
+    """One pass without grace: recover every running job whose lease is missing now."""
+    return await Sweeper(arq_pool, engine, settings, grace=0).sweep()
 
 
 async def run_sweeper(arq_pool: ArqRedis, engine: AsyncEngine, settings: Settings, *, interval: float | None = None) -> None:
-    """Sweep for lost workers forever (every ``lease_ttl / 3`` s by default).
-
-    Runs in every worker process; ``progress-service dev`` runs it through
-    :func:`worker.settings.build_worker`. Errors are logged and the loop goes
-    on, so a Redis or database hiccup does not end recovery for good.
-    """
-    every = interval if interval is not None else max(1.0, settings.lease_ttl / 3)
-    while True:
-        try:
-            await sweep_once(arq_pool, engine, settings)
-        except Exception:  # noqa: BLE001 - keep sweeping whatever happened
-            log.exception("lost-worker sweep failed")
-        await anyio.sleep(every)
+    """Sweep for lost workers until cancelled (see :class:`Sweeper`)."""
+    await Sweeper(arq_pool, engine, settings).run(interval=interval)

@@ -5,7 +5,9 @@ It accepts the CLI's flags (``-p``, ``--output-format``, ``--verbose``,
 ``--allowedTools``; unknown flags are ignored), prints a recorded stream-json
 transcript line by line with its recorded delays divided by
 ``PS_REPLAY_SPEED``, and exits like the CLI: 0 after a successful result, 1
-after an ``is_error`` result, 130 on SIGINT, 143 on SIGTERM.
+after an ``is_error`` result, 130 on SIGINT (after printing the CLI's last
+lines: an error ``tool_result`` and an ``error_during_execution`` result with
+the cost so far), 143 on SIGTERM.
 
 The transcript is ``PS_REPLAY_TRANSCRIPT`` (a name in ``transcripts/`` or a
 path to a ``.jsonl`` file), else picked by a tag in the prompt: ``[fail]``,
@@ -139,53 +141,91 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
     raise _Terminated
 
 
+class _Progress:
+    """What has been printed so far: enough to end like the CLI when interrupted."""
+
+    def __init__(self, lines: list[dict[str, Any]]) -> None:
+        self.total = max(1, len(lines))
+        final = next((w["j"] for w in reversed(lines) if w.get("j", {}).get("type") == "result"), {})
+        self.final_cost = float(final.get("total_cost_usd") or 0.0)
+        self.final_usage = {k: v for k, v in (final.get("usage") or {}).items() if isinstance(v, int)}
+        self.printed = 0
+        self.turns: set[str] = set()
+        self.open_tools: dict[str, None] = {}  # tool_use ids without a tool_result yet
+        self.session = ""
+
+    def saw(self, obj: dict[str, Any]) -> None:
+        self.printed += 1
+        self.session = obj.get("session_id") or self.session
+        content = (obj.get("message") or {}).get("content")
+        if obj.get("type") == "assistant":
+            self.turns.add(str(obj["message"].get("id")))
+        for block in content if isinstance(content, list) else ():
+            if block.get("type") == "tool_use":
+                self.open_tools[block["id"]] = None
+            elif block.get("type") == "tool_result":
+                self.open_tools.pop(block.get("tool_use_id"), None)
+
+    def interrupted(self) -> list[dict[str, Any]]:
+        """The CLI's last lines after SIGINT: an error tool_result for the running tool, then the result."""
+        lines: list[dict[str, Any]] = []
+        if self.open_tools:
+            tool = list(self.open_tools)[-1]
+            lines.append({
+                "type": "user",
+                "message": {"role": "user", "content": [{
+                    "tool_use_id": tool, "type": "tool_result", "is_error": True,
+                    "content": "[Request interrupted by user for tool use]",
+                }]},
+                "parent_tool_use_id": None,
+                "session_id": self.session,
+            })
+        share = self.printed / self.total
+        cost = round(self.final_cost * share, 6)
+        lines.append({
+            "type": "result", "subtype": "error_during_execution", "is_error": True,
+            "num_turns": len(self.turns), "session_id": self.session, "total_cost_usd": cost,
+            "usage": {k: int(v * share) for k, v in self.final_usage.items()}, "permission_denials": [],
+        })
+        return lines
+
+
+def _emit(out: Any, obj: dict[str, Any]) -> None:
+    out.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n")
+    out.flush()
+
+
 def play(opts: Options, *, speed: float, path: Path) -> int:
-    """Print the transcript; returns the exit code the CLI would use."""
+    """Print the transcript; returns the exit code the CLI would use.
+
+    On SIGINT it ends like the CLI: an error ``tool_result`` for the tool
+    that was running, then a ``result`` of subtype ``error_during_execution``
+    with the cost so far (the recorded total, pro rata), exit status 130.
+    """
     out = sys.stdout
     exit_code = 1  # a transcript without a result line is a crash
-    wrappers = [json.loads(raw) for raw in path.read_text(encoding="utf-8").splitlines() if raw.strip()]
-    final = next((w["j"] for w in wrappers if isinstance(w.get("j"), dict) and w["j"].get("type") == "result"), None)
-    started = time.monotonic()
-    for n, wrapper in enumerate(wrappers):
-        try:
-            _play_one(out, wrapper, opts, speed)
-        except KeyboardInterrupt:
-            # Like the CLI on SIGINT: a final error result with what was spent so far.
-            out.write(json.dumps(interrupted_result(final, n / len(wrappers), started), separators=(",", ":")) + "\n")
-            out.flush()
-            raise
-        if isinstance(wrapper.get("j"), dict) and wrapper["j"].get("type") == "result":
-            exit_code = 1 if wrapper["j"].get("is_error") else 0
+    with path.open(encoding="utf-8") as fh:
+        wrappers = [json.loads(raw) for raw in fh if raw.strip()]
+    progress = _Progress(wrappers)
+    try:
+        for wrapper in wrappers:
+            delay = float(wrapper.get("d", 0)) / 1000.0 / speed
+            if delay > 0:
+                time.sleep(delay)
+            if "raw" in wrapper:
+                out.write(str(wrapper["raw"]) + "\n")
+                out.flush()
+            else:
+                obj = personalize(wrapper["j"], opts)
+                _emit(out, obj)
+                progress.saw(obj)
+                if obj.get("type") == "result":
+                    exit_code = 1 if obj.get("is_error") else 0
+    except KeyboardInterrupt:
+        for obj in progress.interrupted():
+            _emit(out, obj)
+        return 130
     return exit_code
-
-
-def interrupted_result(final: dict[str, Any] | None, fraction: float, started: float) -> dict[str, Any]:
-    """The ``error_during_execution`` result of an interrupted replay: the recorded totals, pro rata."""
-    final = final or {}
-    usage = final.get("usage") or {}
-    return {
-        "type": "result",
-        "subtype": "error_during_execution",
-        "is_error": True,
-        "duration_ms": int((time.monotonic() - started) * 1000),
-        "num_turns": int(int(final.get("num_turns") or 0) * fraction),
-        "total_cost_usd": round(float(final.get("total_cost_usd") or 0.0) * fraction, 6),
-        "usage": {k: int(v * fraction) for k, v in usage.items() if isinstance(v, int)},
-        "session_id": final.get("session_id"),
-    }
-
-
-def _play_one(out: Any, wrapper: dict[str, Any], opts: Options, speed: float) -> None:
-    """Wait the recorded delay, then print one transcript line."""
-    delay = float(wrapper.get("d", 0)) / 1000.0 / speed
-    if delay > 0:
-        time.sleep(delay)
-    if "raw" in wrapper:
-        out.write(str(wrapper["raw"]) + "\n")
-    else:
-        obj = personalize(wrapper["j"], opts)
-        out.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n")
-    out.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"replay: playing {path.name} at {speed:g}x (this is a recorded demo, not Claude)", file=sys.stderr)
     try:
         return play(opts, speed=speed, path=path)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second SIGINT while printing the last lines
         return 130
     except _Terminated:
         return 143

@@ -3,7 +3,10 @@ and :func:`build_worker` for running a worker inside another program.
 
 Both give the job function a context with ``settings``, ``engine`` (the SQL
 store, migrated), ``redis`` (arq's pool) and ``worker_id``, and run the
-lost-worker sweeper for as long as the worker runs.
+lost-worker sweeper for as long as the worker runs (unless the host program
+runs its own: the app does). :func:`build_worker` makes a
+:class:`~worker.resilient.ResilientWorker`, which outlives Redis outages; the
+plain ``arq`` command line runs arq's own ``Worker``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from progress_service.settings import Settings, load_settings
 from progress_service.store.db import create_engine
 from progress_service.store.migrations import migrate
 from worker.jobs import new_worker_id, run_job, run_sweeper
+from worker.outage import Link, persist
+from worker.proctree import become_subreaper
+from worker.resilient import ResilientWorker
 
 DEFAULT_REDIS_URL = "redis://localhost:6379"
 
@@ -43,10 +49,14 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     if ctx.get("engine") is None:
         ctx["engine"] = create_engine(settings.database_url)
         ctx["own_engine"] = True
-    await migrate(ctx["engine"])
+    # A store that is down at start is waited for, not a reason to exit.
+    await persist(lambda: migrate(ctx["engine"]), Link("store (worker start)"))
     ctx.setdefault("worker_id", new_worker_id())
-    # Lives exactly as long as the worker: cancelled and awaited in on_shutdown.
-    ctx["sweeper"] = asyncio.create_task(run_sweeper(ctx["redis"], ctx["engine"], settings), name="ps-sweeper")
+    # Orphans of the CLIs this worker starts are re-parented to it (and killed with their job).
+    become_subreaper()
+    if ctx.get("run_sweeper", True):
+        # Lives exactly as long as the worker: cancelled and awaited in on_shutdown.
+        ctx["sweeper"] = asyncio.create_task(run_sweeper(ctx["redis"], ctx["engine"], settings), name="ps-sweeper")
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
@@ -67,7 +77,9 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "queue_name": settings.queue_name,
         "on_startup": on_startup,
         "on_shutdown": on_shutdown,
-        "allow_abort_jobs": True,
+        # Cancels travel by the cancel flag only (see worker.jobs); arq's
+        # abort would cancel the task natively and lose the CLI's last lines.
+        "allow_abort_jobs": False,
         "max_jobs": settings.worker_concurrency,
         "job_timeout": _arq_job_timeout(settings),
         "poll_delay": 0.2,
@@ -96,7 +108,9 @@ class WorkerSettings:
     keep_result = _options["keep_result"]
 
 
-def build_worker(settings: Settings, *, redis_url: str, engine: Any = None, handle_signals: bool = False) -> Worker:
+def build_worker(
+    settings: Settings, *, redis_url: str, engine: Any = None, handle_signals: bool = False, sweeper: bool = True
+) -> Worker:
     """An arq worker to run inside another program (``progress-service worker``/``dev``).
 
     Run it with ``await worker.async_run()`` and stop it with ``await
@@ -104,10 +118,11 @@ def build_worker(settings: Settings, *, redis_url: str, engine: Any = None, hand
     (``handle_signals=False``; pass True for a standalone ``worker.run()``,
     so SIGTERM drains jobs instead of killing the process outright).
     ``engine``, when given, is shared and not disposed by the worker.
+    ``sweeper=False`` when the host program runs the lost-worker sweeper itself.
     """
-    return Worker(
+    return ResilientWorker(
         redis_settings=arq_redis_settings(redis_url),
         handle_signals=handle_signals,
-        ctx={"settings": settings, "engine": engine},
+        ctx={"settings": settings, "engine": engine, "run_sweeper": sweeper},
         **worker_options(settings),
     )

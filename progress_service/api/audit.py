@@ -4,7 +4,7 @@ Both need the role ``admin`` and only ever show the caller's team: its audit
 chain (records of other teams and of the team-less ``system`` chain are the
 operator's, through ``progress-service audit export``) and its tokens
 (never their hashes). Revoking a token closes its live WebSocket
-connections on every node with 4401 within seconds.
+connections on every node with 4403 `token revoked` within seconds.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class TokensController(Controller):
         responses=error_responses(401, 403, 404),
     )
     async def revoke_token(self, token_id: str, principal: Principal, services: Services) -> TokenInfo:
-        """Revoke one of the team's tokens; its live connections are closed with 4401."""
+        """Revoke one of the team's tokens; its live connections are closed with 4403 (token revoked)."""
         require_role(principal, "admin")
         info = None
         if _TOKEN_ID_RE.match(token_id):  # anything else (a NUL would be a PostgreSQL error) is no token

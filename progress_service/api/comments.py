@@ -85,6 +85,7 @@ class CommentsController(Controller):
         limit = min(limit, services.settings.page_max)
         after = int64_cursor(cursor)
         items = await comment_store.list_comments(services.engine, streams.room_id(job_id), after=after, limit=limit)
+        items = await _comments(services).with_ids(job_id, items)
         next_cursor = str(items[-1].commentId) if len(items) == limit else None
         return CommentPage(items=items, nextCursor=next_cursor)
 

@@ -43,6 +43,9 @@ async def provide_principal(request: Request, state: State) -> Principal:
     principal = await principal_for_token(state.services.engine, token)
     if principal is None:
         raise NotAuthorizedException("invalid, expired or revoked token", headers={"WWW-Authenticate": "Bearer"})
+    if principal.is_reporter:
+        # A reporter token sits on laptops and CI runners: it reports, never reads.
+        raise PermissionDeniedException("a reporter token may only post to /api/hooks/claude-code")
     return principal
 
 
@@ -114,10 +117,12 @@ class ErrorBody(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 _ERROR_TEXT = {
+    400: "Malformed request (the body names the field and the reason)",
     401: "Missing, invalid, expired or revoked token",
     403: "The caller's role is too low",
     404: "No such job (another team's job answers the same)",
-    409: "Idempotency-Key already used for a different comment",
+    409: "Conflict: an Idempotency-Key reused for a different comment, a session job asked to cancel, "
+    "or a session id another team reports",
     413: "Request body over the size limit",
     429: "Over PS_HTTP_RATE_LIMIT requests per minute; see Retry-After",
     503: "The store is unavailable; retry",

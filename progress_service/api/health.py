@@ -8,13 +8,16 @@ import sqlalchemy as sa
 from litestar import MediaType, Response, get
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from progress_service import metrics
+from progress_service import metrics, outage
 from progress_service.services import Services
 
 
-class Health(msgspec.Struct, kw_only=True):
+class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
     status: str
     checks: dict[str, str] = {}
+    #: When unavailable: the API's error body fields too (``ErrorBody``).
+    status_code: int | None = None
+    detail: str | None = None
 
 
 @get("/healthz", tags=["ops"], summary="The process is up")
@@ -39,7 +42,18 @@ async def readyz(services: Services) -> Response[Health]:
     except Exception as exc:
         checks["store"] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
-    return Response(Health(status="ok" if ok else "unavailable", checks=checks), status_code=200 if ok else 503)
+    if ok:
+        return Response(Health(status="ok", checks=checks))
+    return Response(
+        Health(
+            status="unavailable",
+            checks=checks,
+            status_code=503,
+            detail="not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok"),
+        ),
+        status_code=503,
+        headers={"Retry-After": str(outage.RETRY_AFTER_SECONDS)},
+    )
 
 
 @get("/metrics", tags=["ops"], media_type=MediaType.TEXT, summary="Prometheus metrics")

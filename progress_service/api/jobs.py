@@ -9,13 +9,13 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, get, post
-from litestar.exceptions import NotFoundException, ValidationException
+from litestar.exceptions import ClientException, NotFoundException, ValidationException
 from litestar.params import Parameter
-from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED
+from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_409_CONFLICT
 
-from progress_service import metrics, queue, streams
+from progress_service import history, metrics, queue, streams
 from progress_service.api.deps import INT64_MAX, error_responses, is_event_id, require_role
-from progress_service.events import JobSnapshot, JobSpec, StatusData, StoredEvent, now_ms
+from progress_service.events import CLAUDE_TOOLS, JobSnapshot, JobSpec, StatusData, StoredEvent, now_ms, unknown_tools
 from progress_service.services import Services
 from progress_service.store import jobs as job_store
 from progress_service.store.identity import Principal
@@ -35,8 +35,11 @@ class EventPage(msgspec.Struct, kw_only=True):
     items: list[dict[str, Any]]
     #: Pass as ``since`` to read on; None when the page was empty.
     next: str | None
-    #: True when ``since`` is older than the retained log.
+    #: True when events after ``since`` are gone (trimmed before they were
+    #: archived, or removed by ``PS_HISTORY_DAYS``); never for events that are
+    #: only missing from Redis (those come from the archive).
     gap: bool = False
+    #: With ``gap``: the oldest event still kept.
     oldest: str | None = None
 
 
@@ -88,6 +91,11 @@ class JobsController(Controller):
             raise ValidationException("prompt: must not contain NUL characters")
         if len(data.prompt) > settings.prompt_max_chars:
             raise ValidationException(f"prompt: longer than {settings.prompt_max_chars} characters")
+        if bad_tools := unknown_tools(data.allowedTools):
+            raise ValidationException(
+                f"allowedTools: unknown tool {', '.join(bad_tools)} "
+                f"(the CLI's tools are {', '.join(sorted(CLAUDE_TOOLS))}, and mcp__<server>__<tool>)"
+            )
         if data.timeoutSeconds is not None and data.timeoutSeconds > settings.job_timeout_max:
             raise ValidationException(f"timeoutSeconds: at most {settings.job_timeout_max}")
         try:
@@ -108,12 +116,13 @@ class JobsController(Controller):
             user_id=principal.user_id,
             spec=data,
             created_at=created,
-            demo=services.demo,
+            # Decided by the worker that runs the job (its CLI or the replay
+            # program), not by this process's PATH.
+            demo=False,
         )
         snapshot = JobSnapshot(
             id=job_id,
             roomId=streams.room_id(job_id),
-            demo=services.demo,
             prompt=data.prompt,
             model=data.model,
             workdir=data.workdir or "",
@@ -121,12 +130,12 @@ class JobsController(Controller):
             submittedBy=principal.user_name,
         )
         event = StoredEvent(kind="status", at=created, data=msgspec.to_builtins(StatusData(status="queued", phase="queued")))
-        snapshot.lastEventId = await streams.append_event(
-            services.redis, job_id, event, maxlen=settings.events_maxlen, snapshot=snapshot
+        snapshot.lastEventId = await history.append_archived(
+            services.redis, services.engine, job_id, event, maxlen=settings.events_maxlen, snapshot=snapshot
         )
         await queue.enqueue_job(services.arq, job_id, queue_name=settings.queue_name)
         metrics.jobs_submitted.inc()
-        _audit(services, principal, "job.submit", job_id, {"demo": services.demo})
+        _audit(services, principal, "job.submit", job_id, {})
         return snapshot
 
     @get("/", summary="List the team's jobs, newest first", responses=error_responses(401))
@@ -171,19 +180,19 @@ class JobsController(Controller):
         await load_snapshot(services, job_id, principal.team_id)
         if since is not None and not is_event_id(since):
             raise ValidationException("since: an event id like '1700000000000-0'")
-        gap, oldest = (False, None)
-        if since is not None:
-            gap, oldest = await streams.gap_oldest(services.redis, job_id, since)
+        # Redis while it holds the entries, the archive for what it does not.
+        cov = await streams.coverage(services.redis, job_id)
+        pos = await history.position(services.engine, job_id, since, cov)
         room = streams.room_id(job_id)
-        entries = await streams.replay(services.redis, job_id, since, count=limit)
+        entries = await history.read_page(services.redis, services.engine, job_id, since, pos.holds_from, count=limit)
         items = [streams.entry_dict(room, eid, fields) for eid, fields in entries]
-        return EventPage(items=items, next=items[-1]["id"] if items else since, gap=gap, oldest=oldest)
+        return EventPage(items=items, next=items[-1]["id"] if items else since, gap=pos.gap, oldest=pos.oldest)
 
     @post(
         "/{job_id:str}/cancel",
         status_code=HTTP_202_ACCEPTED,
         summary="Cancel a queued or running job",
-        responses=error_responses(401, 403, 404),
+        responses=error_responses(401, 403, 404, 409),
     )
     async def cancel(self, job_id: str, principal: Principal, services: Services) -> JobSnapshot:
         """Ask the job to stop. Its submitter, or anyone with role submitter or above."""
@@ -192,6 +201,12 @@ class JobsController(Controller):
             raise NotFoundException("no such job")
         if record.user_id != principal.user_id:
             require_role(principal, "submitter")
+        if record.kind == "session":
+            raise ClientException(
+                "this is a Claude Code session reported through hooks: it runs on "
+                f"{record.host or 'another machine'}, not here, so it can only be stopped there",
+                status_code=HTTP_409_CONFLICT,
+            )
         snapshot = await queue.cancel_job(
             services.redis, services.engine, services.settings, job_id, by=principal.user_name
         )

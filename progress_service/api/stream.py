@@ -3,7 +3,8 @@
 For one-way watchers (curl, proxies that break WebSockets). Same Bearer
 auth as the HTTP API; another team's job is a 404 like an unknown one.
 The first message is ``event: joined`` (snapshot and head), then ``gap`` if
-``Last-Event-ID`` fell out of retention, the retained events after it, then
+events after ``Last-Event-ID`` are gone, the events after it (from Redis, or
+from the store's archive for what Redis no longer holds), then
 live ones; every room item has an ``id:`` line (the stream id) so a
 reconnecting EventSource resumes with ``Last-Event-ID``. ``event:`` is the
 protocol message type (``event``, ``chat``) and ``data:`` the protocol
@@ -34,7 +35,7 @@ from litestar.exceptions import (
 )
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from progress_service import streams
+from progress_service import history, streams
 from progress_service.api.deps import error_responses, is_event_id
 from progress_service.events import TERMINAL_STATUSES, Gap, Joined
 from progress_service.services import Services
@@ -80,10 +81,14 @@ async def job_stream(request: Request, job_id: str, principal: Principal, servic
             f"too many open streams for this user (at most {limit}); close one first",
             headers={"Retry-After": "10"},
         )
-    snapshot, head = await streams.read_state(services.redis, job_id)
-    gap, oldest = await streams.gap_oldest(services.redis, job_id, since) if since else (False, None)
+    snapshot, _ = await streams.read_state(services.redis, job_id)
+    # Redis while it holds the entries, the archive for what it does not.
+    pos = await history.position(services.engine, job_id, since, await streams.coverage(services.redis, job_id))
+    snapshot = snapshot or job.to_snapshot()
+    if pos.head is not None:
+        snapshot.lastEventId = pos.head
     return ServerSentEvent(
-        _messages(services, principal, job_id, since, snapshot or job.to_snapshot(), head, gap, oldest),
+        _messages(services, principal, job_id, since, snapshot, pos),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -116,9 +121,7 @@ async def _messages(
     job_id: str,
     since: str | None,
     snapshot: JobSnapshot,
-    head: str | None,
-    gap: bool,
-    oldest: str | None,
+    pos: history.Position,
 ) -> AsyncIterator[ServerSentEventMessage]:
     from progress_service.gateway.hub import Member  # noqa: PLC0415 - the gateway imports this module
     from progress_service.gateway.outbox import Outbox  # noqa: PLC0415
@@ -130,6 +133,7 @@ async def _messages(
     outbox = Outbox(settings.ws_outbox_bytes)
     member = Member(outbox)
     finished = snapshot.status in TERMINAL_STATUSES
+    head, gap, oldest = pos.head, pos.gap, pos.oldest
     joined = Joined(roomId=room, role=principal.role, snapshot=snapshot, head=head, presence=[])
     streams_open = _open_streams(services)
     streams_open[principal.user_id] += 1
@@ -137,7 +141,7 @@ async def _messages(
         yield ServerSentEventMessage(event="joined", data=_enc.encode(joined).decode(), retry=RETRY_MS)
         if gap:
             yield ServerSentEventMessage(event="gap", data=_enc.encode(Gap(roomId=room, since=since or "", oldest=oldest)).decode())
-        pages = gateway.hub.replay_pages(job_id, member, since, head=head, presence_head=None)
+        pages = gateway.hub.replay_pages(job_id, member, since, head=head, presence_head=None, holds_from=pos.holds_from)
         async with aclosing(pages):
             async for page in pages:
                 for eid, text, _size in page:

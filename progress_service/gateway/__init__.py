@@ -23,6 +23,8 @@ from progress_service.gateway import closes
 from progress_service.gateway.closes import Close
 from progress_service.gateway.endpoint import install_log_redaction, ws_endpoint
 from progress_service.gateway.hub import Hub
+from progress_service.gateway.job_access import JobAccess, StoreGate
+from progress_service.gateway.outbox import WriteWindow
 from progress_service.gateway.presence import Presence
 from progress_service.gateway.session import JoinReads
 
@@ -30,10 +32,6 @@ if TYPE_CHECKING:
     from progress_service.gateway.session import Session
     from progress_service.services import Services
     from progress_service.store.identity import Principal
-
-
-#: Jobs whose team a gateway remembers at most.
-JOB_TEAMS_MAX = 100_000
 
 
 class Gateway:
@@ -46,11 +44,17 @@ class Gateway:
         self.hub = Hub(services, self.node_id)
         self.presence = Presence(services.redis, self.node_id, grace=self.settings.presence_grace)
         self.joins = JoinReads(services.redis, self.presence)
+        #: Batching connections' senders wake together at the end of a short window (outbox.py).
+        self.write_window = WriteWindow(self.settings.ws_write_window)
         self.sessions: dict[str, Session] = {}
         #: API-token principals trusted for a short while (evicted by close_token).
         self.principals = PrincipalCache()
-        #: job id -> team id: a job never changes team, so a join checks it once per process.
-        self.job_teams: dict[str, str] = {}
+        #: The store reads of joins and auths: bounded concurrency, bounded queue wait.
+        self.store_gate = StoreGate(
+            self.settings.ws_store_slots, wait=self.settings.ws_store_wait, timeout=self.settings.store_timeout
+        )
+        #: Who may join which room (positive answers cached: a job never changes team).
+        self.access = JobAccess(services.engine, self.store_gate)
         self._per_user: Counter[str] = Counter()
         self.closing = False
         self.route_handlers = route_handlers
@@ -87,13 +91,14 @@ class Gateway:
             if self._per_user[uid] <= 0:
                 del self._per_user[uid]
 
+    @property
+    def job_teams(self) -> dict[str, str]:
+        """job id -> team id of the jobs this process has let someone join."""
+        return self.access.teams
+
     def remember_job_team(self, job_id: str, team_id: str) -> None:
-        """Cache a job's team (bounded: past the limit the oldest half is dropped)."""
-        teams = self.job_teams
-        if len(teams) >= JOB_TEAMS_MAX:
-            for key in list(teams)[: len(teams) // 2]:
-                del teams[key]
-        teams[job_id] = team_id
+        """Cache a job's team (see :class:`JobAccess`)."""
+        self.access.remember(job_id, team_id)
 
     async def _close(self, targets: list[Session], close: Close) -> None:
         for s in targets:
@@ -107,8 +112,8 @@ class Gateway:
         self.closing = True
         await self._close(list(self.sessions.values()), Close(code, closes.clip_reason(reason)))
 
-    async def close_token(self, token_id: str, code: int = closes.TOKEN_EXPIRED.code, reason: str = closes.TOKEN_EXPIRED.reason) -> None:
-        """Close the connections authenticated with ``token_id`` (revocation).
+    async def close_token(self, token_id: str, code: int = closes.REVOKED.code, reason: str = closes.REVOKED.reason) -> None:
+        """Close the connections authenticated with ``token_id`` (revocation: 4403 ``token revoked``).
 
         The token's cached principal is evicted first, so no new connection
         is admitted with it from this process's cache.

@@ -31,6 +31,9 @@ SLOW_CONSUMER = Close(1013, "slow consumer")
 AUTH_REQUIRED = Close(4401, "auth required")
 TOKEN_EXPIRED = Close(4401, "token expired")
 AUTH_FAILED = Close(4403, "auth failed")
+#: The token of a live connection was revoked: stop and sign in again
+#: (a distinct reason so clients can say so, not "auth failed").
+REVOKED = Close(4403, "token revoked")
 RATE_LIMITED = Close(4429, "rate limited")
 TOO_MANY_CONNECTIONS = Close(4429, "too many connections")
 
@@ -51,6 +54,7 @@ ALL: tuple[Close, ...] = (
     AUTH_REQUIRED,
     TOKEN_EXPIRED,
     AUTH_FAILED,
+    REVOKED,
     RATE_LIMITED,
     TOO_MANY_CONNECTIONS,
 )

@@ -9,6 +9,7 @@ access logs would keep). The token arrives in the first message instead.
 from __future__ import annotations
 
 import logging
+import time
 from urllib.parse import parse_qsl, urlsplit
 
 from litestar import Litestar, WebSocket, websocket
@@ -17,6 +18,7 @@ from litestar.exceptions import PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from progress_service import metrics
 from progress_service.gateway import closes
 from progress_service.gateway.session import Session
 
@@ -188,12 +190,50 @@ class RedactQueryString(logging.Filter):
         return True
 
 
+class QuietClientFrameErrors(logging.Filter):
+    """uvicorn's traceback per malformed client frame becomes a counted, throttled warning.
+
+    uvicorn logs every text frame that is not valid UTF-8 with
+    ``logger.exception`` (the client gets 1007): a client's mistake, not a
+    server bug, and a log flood for whoever sends them in a loop. Each one
+    is counted (``ps_ws_client_frame_errors_total``); one warning line, without
+    a traceback, goes out per ``interval`` seconds with the count.
+    """
+
+    #: uvicorn's messages for a client's malformed frame (not "Exception in ASGI application").
+    MESSAGES = {"Invalid UTF-8 sequence received from client.": "invalid UTF-8"}
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last = -interval
+        self._count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = self.MESSAGES.get(str(record.msg))
+        if kind is None:
+            return True
+        metrics.ws_client_frame_errors.labels(kind).inc()
+        self._count += 1
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return False
+        self._last = now
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = "WebSocket: a client sent %s (closed 1007); %d such frame(s) since start"
+        record.args = (kind, self._count)
+        return True
+
+
 _redactor = RedactQueryString()
+_frame_errors = QuietClientFrameErrors()
 
 
 def install_log_redaction() -> None:
-    """Attach the redaction filter to uvicorn's loggers (idempotent)."""
+    """Attach the redaction and frame-error filters to uvicorn's loggers (idempotent)."""
     for name in ("uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
-        if _redactor not in logger.filters:
-            logger.addFilter(_redactor)
+        for flt in (_redactor, _frame_errors):
+            if flt not in logger.filters:
+                logger.addFilter(flt)

@@ -29,7 +29,7 @@ import msgspec
 from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 
-from progress_service import metrics, streams
+from progress_service import history, metrics, streams
 from progress_service.events import PresenceMember, PresenceMsg, now_ms
 from progress_service.gateway.outbox import Chunk, Outbox
 from progress_service.streams import id_lt, id_tuple, wire_bytes
@@ -95,6 +95,12 @@ class Room:
 def _pack(arg: bytes) -> bytes:
     """One RESP bulk string (a command argument)."""
     return b"$%d\r\n%s\r\n" % (len(arg), arg)
+
+
+def _after(keys: list[tuple[int, int]], texts: list[str], sizes: list[int], after: tuple[int, int]) -> Chunk:
+    """The entries of an answer past ``after`` (a member that had some of them already)."""
+    i = next(i for i, key in enumerate(keys) if key > after)
+    return Chunk.of(texts[i:], sizes[i:])
 
 
 def presence_stream_key(job_id: str) -> str:
@@ -181,19 +187,37 @@ class Hub:
         except (RedisError, OSError):
             pass  # only latency is lost: the room is read after the current block
 
-    async def attach(self, job_id: str, member: Member, since: str | None, *, head: str | None, presence_head: str | None) -> None:
+    async def attach(
+        self,
+        job_id: str,
+        member: Member,
+        since: str | None,
+        *,
+        head: str | None,
+        presence_head: str | None,
+        holds_from: str | None = None,
+    ) -> None:
         """Register ``member``, replay after ``since`` into its outbox, then make it live.
 
-        Raises a Redis error when the replay fails; the caller removes the member.
+        ``holds_from``: see ``history.Position``. Raises a Redis or store error
+        when the replay fails; the caller removes the member.
         """
-        async with aclosing(self.replay_pages(job_id, member, since, head=head, presence_head=presence_head)) as pages:
+        pages = self.replay_pages(job_id, member, since, head=head, presence_head=presence_head, holds_from=holds_from)
+        async with aclosing(pages):
             async for page in pages:
                 for _eid, text, size in page:
                     if not await member.outbox.put_wait(text, size):
                         return  # the connection is going away
 
     async def replay_pages(
-        self, job_id: str, member: Member, since: str | None, *, head: str | None, presence_head: str | None
+        self,
+        job_id: str,
+        member: Member,
+        since: str | None,
+        *,
+        head: str | None,
+        presence_head: str | None,
+        holds_from: str | None = None,
     ) -> AsyncIterator[list[tuple[str, str, int]]]:
         """Register ``member`` as pending and yield the replay after ``since``, page by page.
 
@@ -205,11 +229,12 @@ class Hub:
         if self.add(job_id, member, head=head, presence_head=presence_head):
             await self.wake()
         room = self.rooms[job_id]
-        redis = self.services.redis
+        redis, engine = self.services.redis, self.services.engine
         position = since
         empty_rounds = 0
         while True:
-            entries = await streams.replay(redis, job_id, position, count=READ_COUNT)
+            # From the archive what Redis no longer holds (history.py), then Redis.
+            entries = await history.read_page(redis, engine, job_id, position, holds_from, count=READ_COUNT)
             if entries:
                 page = []
                 for eid, fields in entries:
@@ -335,25 +360,29 @@ class Hub:
             if after >= last:
                 continue
             m.after = last
-            if after < first:
-                m.outbox.put_chunk(chunk)
-            else:
-                i = next(i for i, key in enumerate(keys) if key > after)
-                m.outbox.put_chunk(Chunk.of(texts[i:], sizes[i:]))
+            m.outbox.put_chunk(chunk if after < first else _after(keys, texts, sizes, after))
 
     def _fan_out_presence(self, room: Room, entries: list) -> None:
-        members = list(room.members.values())
+        # Like events: all the answer's changes in one chunk, one put per member.
+        keys: list[tuple[int, int]] = []
+        texts: list[str] = []
+        sizes: list[int] = []
         for eid, flat in entries:
-            key = id_tuple(eid.decode())
             fields = dict(zip(flat[::2], flat[1::2]))
             joined = [_member_dec.decode(fields[b"j"])] if b"j" in fields else []
             left = [_member_dec.decode(fields[b"l"])] if b"l" in fields else []
             raw = _enc.encode(PresenceMsg(roomId=room.room_id, joined=joined, left=left))
-            text, size = raw.decode(), len(raw)
-            for m in members:
-                if key > m.presence_after:
-                    m.presence_after = key
-                    m.outbox.put(text, size)
+            keys.append(id_tuple(eid.decode()))
+            texts.append(raw.decode())
+            sizes.append(len(raw))
         last_eid = entries[-1][0]
         room.presence_cursor = last_eid.decode()
         self._ids[room.slot + 1] = _pack(last_eid)
+        first, last = keys[0], keys[-1]
+        chunk = Chunk.of(texts, sizes)
+        for m in list(room.members.values()):
+            after = m.presence_after
+            if after >= last:
+                continue
+            m.presence_after = last
+            m.outbox.put_chunk(chunk if after < first else _after(keys, texts, sizes, after))

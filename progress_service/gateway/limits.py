@@ -1,11 +1,12 @@
-"""Per-connection limits: a token bucket for chat and sliding-window budgets.
+"""Per-connection limits: a token bucket for chat, sliding-window budgets, JSON depth.
 
-Both are plain counters read on the connection's own receive path, so they
+All are plain computations on the connection's own receive path, so they
 need no locks and no tasks.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 
@@ -52,3 +53,32 @@ class WindowBudget:
             self._hits.popleft()
         self._hits.append(now)
         return len(self._hits) <= self.limit
+
+
+#: A JSON string (possibly unterminated) or one bracket.
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
+
+
+def json_too_deep(text: str, limit: int) -> bool:
+    """True when ``text`` nests arrays/objects deeper than ``limit`` (checked before decoding).
+
+    msgspec recurses once per level (also to skip an unknown field's value
+    while it looks for the tag), so a 2 KB frame of brackets reaches
+    Python's recursion limit inside the server. Brackets inside strings do
+    not count. Almost every frame has fewer brackets than the limit in all,
+    which two ``str.count`` calls settle without a scan.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for match in _JSON_TOKENS.finditer(text):
+        char = match.group()[0]
+        if char == '"':
+            continue
+        if char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False

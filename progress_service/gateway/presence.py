@@ -57,24 +57,53 @@ KEY_TTL = 24 * 3600
 _enc = msgspec.json.Encoder()
 #: Commands per pipeline at most (bounds one round trip's size).
 PIPELINE_MAX = 1000
+#: A join reads at most this many presence-log entries since the node's view; more: the whole set.
+DELTA_MAX = 64
+_member_dec = msgspec.json.Decoder(PresenceMember)
 
+# KEYS: presence set, presence log
+# ARGV: entry, user prefix, expiry, now, log maxlen, member JSON, key ttl,
+#       '1' when this node already holds a live entry of the user (no scan),
+#       the caller's view of the log: '' (chained: it derives the members from
+#       this reply itself), '0' (none: send them all), or the log id it is at
+#       (send the log entries after it, or them all if those were trimmed).
+# Returns {log id, 1 if this join announced the user, mode, data}: mode 'n'
+# (nothing), 'd' (log entries after the caller's id) or 'f' (live entries).
 _JOIN = """
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+inf')
-local present = false
-for _, m in ipairs(live) do
-  if string.sub(m, 1, #ARGV[2]) == ARGV[2] then present = true; break end
+local present = ARGV[8] == '1'
+if not present then
+  local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+inf')
+  for _, m in ipairs(live) do
+    if string.sub(m, 1, #ARGV[2]) == ARGV[2] then present = true; break end
+  end
 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 local id
+local added = 0
 if not present then
   id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'j', ARGV[6])
   redis.call('EXPIRE', KEYS[2], ARGV[7])
+  added = 1
 else
   local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
   if #last > 0 then id = last[1][1] else id = '0-0' end
 end
-return {id, redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+inf')}
+local known = ARGV[9]
+if known == '' then return {id, added, 'n', false} end
+if known ~= '0' then
+  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+  local km, ks = string.match(known, '^(%d+)-(%d+)$')
+  if #oldest > 0 and km then
+    local om, os = string.match(oldest[1][1], '^(%d+)-(%d+)$')
+    km, ks, om, os = tonumber(km), tonumber(ks), tonumber(om), tonumber(os)
+    if om < km or (om == km and os <= ks) then
+      local delta = redis.call('XRANGE', KEYS[2], '(' .. known, '+', 'COUNT', ARGV[10] + 1)
+      if #delta <= tonumber(ARGV[10]) then return {id, added, 'd', delta} end
+    end
+  end
+end
+return {id, added, 'f', redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+inf')}
 """
 
 _SWEEP = """
@@ -170,6 +199,10 @@ def members_of(entries: list[bytes]) -> list[PresenceMember]:
 
     The members returned are shared between calls: treat them as read-only.
     """
+    return list(_users_of(entries).values())
+
+
+def _users_of(entries: list[bytes]) -> dict[str, PresenceMember]:
     seen: dict[str, PresenceMember] = {}
     decoded = _decoded
     for raw in entries:
@@ -177,7 +210,7 @@ def members_of(entries: list[bytes]) -> list[PresenceMember]:
         user_id, member = found if found is not None else _decode_entry(raw)
         if user_id not in seen:
             seen[user_id] = member
-    return list(seen.values())
+    return seen
 
 
 class Presence:
@@ -192,45 +225,93 @@ class Presence:
         self._refresh_script = redis.register_script(_REFRESH)
         #: job id -> entries of live local connections (refreshed)
         self._live: dict[str, set[str]] = {}
+        #: job id -> user id -> live local entries of that user (a join of a user
+        #: already here needs no look-up)
+        self._local_users: dict[str, dict[str, int]] = {}
+        #: job id -> (presence-log id, the room's users as of that id): joins
+        #: read only the log entries after it
+        self._views: dict[str, tuple[str, dict[str, PresenceMember]]] = {}
+        #: rooms that already have a join in the MULTI being built
+        self._batch_rooms: set[str] = set()
         #: entries that left and still need their grace expiry written
         self._leaving: list[tuple[str, str]] = []
         #: (monotonic due time, job id) of sweeps to run
         self._due: list[tuple[float, str]] = []
         self._wakeup = anyio.Event()
 
-    async def join(self, job_id: str, conn_id: str, principal: Principal) -> tuple[str, list[PresenceMember]]:
-        """Enter the room; returns the presence-log id already reflected and the members."""
-        entry = _entry(principal, self.node_id, conn_id)
-        body = _enc.encode(PresenceMember(userId=principal.user_id, userName=principal.user_name))
-        now = _ms()
-        last_id, entries = await self._join(
-            keys=[presence_key(job_id), presence_stream_key(job_id)],
-            args=[entry, principal.user_id + SEP, now + int(TTL * 1000), now, LOG_MAXLEN, body, KEY_TTL],
-        )
-        self._live.setdefault(job_id, set()).add(entry)
-        return last_id.decode() if isinstance(last_id, bytes) else last_id, members_of(entries)
+    def start_batch(self) -> None:
+        """A new join MULTI is being built (see :meth:`queue_join`)."""
+        self._batch_rooms.clear()
 
     def queue_join(self, pipe: Pipeline, job_id: str, conn_id: str, principal: Principal) -> str:
         """Add the join script to ``pipe`` (the session's join MULTI); returns the entry.
 
-        Pass the script's reply to :meth:`joined` once the pipeline ran. On
-        ``NoScriptError`` (Redis restarted or flushed its scripts) call
-        :meth:`load_scripts` and run the pipeline again.
+        Call :meth:`start_batch` before building the MULTI, and pass every
+        script reply, in the MULTI's order, to :meth:`observe`; then
+        :meth:`joined` for each join that goes ahead. On ``NoScriptError``
+        (Redis restarted or flushed its scripts) call :meth:`load_scripts`
+        and build the MULTI again.
+
+        Costs no more in a big room than in a small one: a user this node
+        already has in the room is not looked up, and the members come as
+        the log entries since this node's view of the room (only the first
+        join of a room in a MULTI asks; the others follow from its reply).
         """
         entry = _entry(principal, self.node_id, conn_id)
         body = _enc.encode(PresenceMember(userId=principal.user_id, userName=principal.user_name))
         now = _ms()
+        if job_id in self._batch_rooms:
+            known = ""
+        else:
+            self._batch_rooms.add(job_id)
+            view = self._views.get(job_id)
+            known = view[0] if view is not None else "0"
+        local = self._local_users.get(job_id)
+        here = "1" if local is not None and local.get(principal.user_id) else "0"
         pipe.evalsha(
             self._join.sha, 2, presence_key(job_id), presence_stream_key(job_id),
             entry, principal.user_id + SEP, now + int(TTL * 1000), now, LOG_MAXLEN, body, KEY_TTL,
+            here, known, DELTA_MAX,
         )
         return entry
 
-    def joined(self, job_id: str, entry: str, reply: list) -> tuple[str, list[PresenceMember]]:
-        """Record a join queued with :meth:`queue_join`; the presence-log id and the members."""
-        last_id, entries = reply
+    def observe(self, job_id: str, principal: Principal, reply: object) -> tuple[str, list[PresenceMember]] | None:
+        """Bring this node's view of the room up to a join's reply; its presence-log id and the members.
+
+        Replies must come in MULTI order (each one follows from the one
+        before). None when the reply is an error or the view it follows from
+        is gone: that join fails (the client retries it).
+        """
+        if isinstance(reply, Exception):
+            self._views.pop(job_id, None)
+            return None
+        raw_id, added, mode, data = reply  # type: ignore[misc]
+        log_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+        if mode == b"f":
+            users = _users_of(data)
+        else:
+            view = self._views.get(job_id)
+            if view is None:
+                return None
+            users = view[1]
+            if mode == b"d":
+                for _eid, flat in data:
+                    fields = dict(zip(flat[::2], flat[1::2]))
+                    if b"j" in fields:
+                        m = _member_dec.decode(fields[b"j"])
+                        users[m.userId] = m
+                    if b"l" in fields:
+                        users.pop(_member_dec.decode(fields[b"l"]).userId, None)
+            elif added:  # chained: the only change since the previous reply is this join's own
+                users[principal.user_id] = PresenceMember(userId=principal.user_id, userName=principal.user_name)
+        self._views[job_id] = (log_id, users)
+        return log_id, list(users.values())
+
+    def joined(self, job_id: str, entry: str, principal: Principal) -> None:
+        """Record the live local entry of a join that went ahead (refreshed until it leaves)."""
         self._live.setdefault(job_id, set()).add(entry)
-        return last_id.decode() if isinstance(last_id, bytes) else last_id, members_of(entries)
+        local = self._local_users.setdefault(job_id, {})
+        local[principal.user_id] = local.get(principal.user_id, 0) + 1
 
     async def load_scripts(self) -> None:
         """Load the scripts into Redis (after a NOSCRIPT answer)."""
@@ -245,10 +326,18 @@ class Presence:
         """
         entry = _entry(principal, self.node_id, conn_id)
         live = self._live.get(job_id)
-        if live is not None:
+        if live is not None and entry in live:
             live.discard(entry)
+            local = self._local_users[job_id]
+            local[principal.user_id] -= 1
+            if local[principal.user_id] <= 0:
+                del local[principal.user_id]
             if not live:
                 del self._live[job_id]
+                del self._local_users[job_id]
+                # No local member left: nothing reads this view until the next
+                # join, which starts from the whole set again.
+                self._views.pop(job_id, None)
         self._leaving.append((job_id, entry))
         self._wakeup.set()
 

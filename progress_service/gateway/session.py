@@ -18,6 +18,7 @@ timeout, exactly once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import uuid
@@ -30,7 +31,7 @@ from litestar.exceptions import WebSocketDisconnect
 from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from progress_service import metrics, streams
+from progress_service import history, metrics, outage, streams
 from progress_service.auth import authenticate, cached_principal
 from progress_service.events import (
     Ack,
@@ -54,7 +55,7 @@ from progress_service.events import (
 from progress_service.gateway import closes
 from progress_service.gateway.closes import ABUSE_CODES, Close
 from progress_service.gateway.hub import Member
-from progress_service.gateway.limits import TokenBucket, WindowBudget
+from progress_service.gateway.limits import TokenBucket, WindowBudget, json_too_deep
 from progress_service.gateway.outbox import Outbox, SendTimeout
 from progress_service.store.identity import Principal
 from progress_service.store.jobs import JobRecord, get_job
@@ -107,6 +108,9 @@ def encode(message: Any) -> tuple[str, int]:
     return raw.decode(), len(raw)
 
 
+#: Comments of one connection being stored at once; the receiver waits past this.
+CHATS_IN_FLIGHT = 32
+
 #: Joins sharing one MULTI at most (about 6 commands each).
 JOIN_BATCH_MAX = 500
 
@@ -143,8 +147,9 @@ class JoinReads:
     def read(self, job_id: str, since: str | None, conn_id: str, principal: Principal) -> asyncio.Future:
         """Queue a join's reads; the future gives ``(presence entry, replies)``.
 
-        The replies are: snapshot, last event, (with ``since``: first event,
-        stream length, entries ever added), the presence join script's reply.
+        The replies are: snapshot, last event, first event, stream length,
+        (entries ever added, whole-stream mark), then the presence-log id and
+        the room's members after the join (``Presence.observe``).
         """
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_JoinRead(job_id, since, conn_id, principal, future))
@@ -175,17 +180,18 @@ class JoinReads:
         for attempt in (1, 2):
             entries: list[str] = []
             counts: list[int] = []
+            presence.start_batch()
             async with self.redis.pipeline(transaction=True) as pipe:
                 for j in batch:
                     events, snap = streams.events_key(j.job_id), streams.snapshot_key(j.job_id)
                     pipe.hget(snap, "s")
                     pipe.xrevrange(events, count=1)
-                    if j.since:
-                        pipe.xrange(events, count=1)
-                        pipe.xlen(events)
-                        pipe.hget(snap, "n")
+                    # what Redis holds of the stream (streams.coverage_of)
+                    pipe.xrange(events, count=1)
+                    pipe.xlen(events)
+                    pipe.hmget(snap, "n", "k")
                     entries.append(presence.queue_join(pipe, j.job_id, j.conn_id, j.principal))
-                    counts.append(6 if j.since else 3)
+                    counts.append(6)
                 try:
                     replies = await pipe.execute(raise_on_error=False)
                 except NoScriptError:
@@ -201,8 +207,12 @@ class JoinReads:
         for j, entry, n in zip(batch, entries, counts, strict=True):
             mine = replies[i : i + n]
             i += n
+            # Every reply, in order, even of a join that gave up: each follows from the one before.
+            observed = presence.observe(j.job_id, j.principal, mine[-1])
             if j.future.done():  # its join gave up (timeout, close)
                 continue
+            if not isinstance(mine[-1], Exception):
+                mine[-1] = observed if observed is not None else RedisError("presence view lost in this batch")
             error = next((r for r in mine if isinstance(r, Exception)), None)
             if error is not None:
                 j.future.set_exception(error)
@@ -216,6 +226,7 @@ class Session:
     __slots__ = (
         "_chat_abuse",
         "_chat_bucket",
+        "_chats",
         "_done",
         "_errors",
         "_greeted",
@@ -245,10 +256,12 @@ class Session:
         self.counted_for: str | None = None
         self.expires_at = 0  # epoch ms
         self.rooms: dict[str, Member] = {}
-        self.outbox = Outbox(gateway.settings.ws_outbox_bytes, on_overflow=self._overflowed)
+        self.outbox = Outbox(gateway.settings.ws_outbox_bytes, on_overflow=self._overflowed, window=gateway.write_window)
         # Limits are made on first use: most connections never chat nor err.
         self._chat_bucket: TokenBucket | None = None
         self._chat_abuse: WindowBudget | None = None
+        #: Comments being stored (``_post`` tasks), made on first use.
+        self._chats: set[asyncio.Task[None]] | None = None
         self._errors: WindowBudget | None = None
         self.close_with: Close | None = None
         self.peer_gone = False
@@ -345,6 +358,10 @@ class Session:
         if sender is not None:
             sender.cancel()
             await asyncio.wait((sender,))
+        if self._chats:
+            for task in self._chats:
+                task.cancel()
+            await asyncio.wait(self._chats)
         if not self.closing:  # the receiver ended without a decision (cancelled from outside)
             self.request_close(None)
         for job_id, member in list(self.rooms.items()):
@@ -449,6 +466,10 @@ class Session:
         if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
             self.request_close(closes.TOO_LARGE)
             return None
+        depth = self.settings.ws_max_json_depth
+        if json_too_deep(text, depth):
+            self.request_close(closes.policy(f"JSON nested deeper than {depth} levels"))
+            return None
         try:
             message = client_decoder.decode(text)
         except msgspec.ValidationError as exc:
@@ -456,6 +477,9 @@ class Session:
             return None
         except msgspec.DecodeError:
             self.request_close(closes.INVALID_JSON)
+            return None
+        except RecursionError:  # (the depth check above makes this unreachable in practice)
+            self.request_close(closes.policy(f"JSON nested deeper than {depth} levels"))
             return None
         metrics.ws_messages_in.labels(type(message).__struct_config__.tag).inc()
         return message
@@ -508,18 +532,28 @@ class Session:
         principal = cached_principal(cache, message.token)
         if principal is None:
             try:
-                # asyncio.timeout, not anyio.fail_after: an anyio scope with a
-                # deadline costs a task lookup and a timer handle more, ~10 % of a connect.
-                async with asyncio.timeout(self.settings.store_timeout):
-                    principal = await authenticate(self.gateway.services.engine, self.gateway.services.redis, message.token, cache=cache)
-            except _STORE_ERRORS:
-                log.warning("gateway: credential store unavailable during auth")
+                # The store gate bounds the read (store_timeout) and the queue
+                # before it (ws_store_wait), so a reconnect storm waits. Its
+                # timeouts are asyncio's, not anyio.fail_after: an anyio scope
+                # with a deadline costs a task lookup and a timer handle more,
+                # ~10 % of a connect.
+                services = self.gateway.services
+                principal = await self.gateway.store_gate.call(
+                    lambda: authenticate(services.engine, services.redis, message.token, cache=cache)
+                )
+            except _STORE_ERRORS as exc:
+                outage.warn(outage.classify(exc) or "store", "WebSocket auth", exc)
                 self.request_close(closes.INTERNAL)
                 return False
             if self.closing:
                 return False
         if principal is None:
             self.audit("auth.failed", reason="invalid, expired, revoked or reused credential")
+            self.request_close(closes.AUTH_FAILED)
+            return False
+        if principal.is_reporter:
+            # Reporter tokens report Claude Code sessions over HTTP; they read nothing.
+            self.audit("auth.failed", reason="a reporter token cannot watch")
             self.request_close(closes.AUTH_FAILED)
             return False
         if self.principal is None:
@@ -562,24 +596,29 @@ class Session:
         principal = self.principal
         since = message.since
         try:
-            async with asyncio.timeout(self.settings.store_timeout):  # see _auth
-                job: JobRecord | None = None
-                team_id = gateway.job_teams.get(job_id)
-                if team_id is None:
-                    job = await get_job(gateway.services.engine, job_id)
-                    if job is not None:
-                        team_id = job.team_id
-                        gateway.remember_job_team(job_id, team_id)
-                if team_id != principal.team_id:
-                    # Unknown and other-team jobs get the same answer: rooms cannot be probed.
-                    self.audit("join.refused", room_id=room_id)
-                    self.refuse("not_found", "no such room", room_id=room_id)
-                    return
-                snapshot, head, gap, oldest, presence_head, members = await self._read_room(job_id, since)
+            # Its own bounded waits: a reconnect storm queues here (see job_access).
+            allowed = await gateway.access.allowed(job_id, principal.team_id)
+        except _STORE_ERRORS:
+            self.refuse("unavailable", "try again later", room_id=room_id, counts=False)
+            return
+        if not allowed:
+            # Unknown and other-team jobs: the same answer after the same work (rooms cannot be probed).
+            self.audit("join.refused", room_id=room_id)
+            self.refuse("not_found", "no such room", room_id=room_id)
+            return
+        try:
+            # The room's reads queue behind the other joins' batches (JoinReads):
+            # in a reconnect storm that is a wait, bounded like the store gate's.
+            async with asyncio.timeout(self.settings.ws_store_wait):
+                snapshot, cov, presence_head, members = await self._read_room(job_id, since)
+                # Redis while it holds the entries; the store answers for the rest.
+                pos = await history.position(gateway.services.engine, job_id, since, cov)
+                head, gap, oldest = pos.head, pos.gap, pos.oldest
                 if snapshot is None:
                     # No live snapshot in Redis (expired): the stored one.
-                    if job is None:
-                        job = await get_job(gateway.services.engine, job_id, team_id=principal.team_id)
+                    job: JobRecord | None = await gateway.store_gate.call(
+                        lambda: get_job(gateway.services.engine, job_id, principal.team_id)
+                    )
                     if job is None:
                         self.refuse("not_found", "no such room", room_id=room_id)
                         return
@@ -587,6 +626,8 @@ class Session:
         except _STORE_ERRORS:
             self.refuse("unavailable", "try again later", room_id=room_id, counts=False)
             return
+        if head is not None:
+            snapshot.lastEventId = head  # the log's head, wherever it is kept
         replay_from = since
         if since is not None and (head is None or streams.id_lt(head, since)):
             # A since ahead of the head (an id from elsewhere, a Redis restored
@@ -607,7 +648,9 @@ class Session:
         if gap:
             self.put(Gap(roomId=room_id, since=since or "", oldest=oldest))
         try:
-            await self.gateway.hub.attach(job_id, member, replay_from, head=head, presence_head=presence_head)
+            await self.gateway.hub.attach(
+                job_id, member, replay_from, head=head, presence_head=presence_head, holds_from=pos.holds_from
+            )
         except _STORE_ERRORS:
             # The join is undone: the client sees `error` for the room it was told it joined.
             self._forget_room(job_id, member)
@@ -615,30 +658,23 @@ class Session:
 
     async def _read_room(
         self, job_id: str, since: str | None
-    ) -> tuple[JobSnapshot | None, str | None, bool, str | None, str, list[PresenceMember]]:
+    ) -> tuple[JobSnapshot | None, streams.Coverage, str, list[PresenceMember]]:
         """Everything a join reads from Redis, in one MULTI (shared: :class:`JoinReads`).
 
-        The same reads as ``streams.read_state`` and ``streams.gap_oldest``
-        (snapshot and head; with ``since``, whether it fell out of retention)
-        plus the presence join script. Returns ``(snapshot, head, gap,
-        oldest, presence_head, members)``.
+        The same reads as ``streams.read_state`` and ``streams.coverage``
+        plus the presence join script. Returns ``(snapshot, coverage,
+        presence_head, members)``.
         """
         assert self.principal is not None
         entry, replies = await self.gateway.joins.read(job_id, since, self.id, self.principal)
-        raw, last = replies[0], replies[1]
-        head = _text(last[0][0]) if last else None
+        raw, last, first, length, (added, whole) = replies[:5]
+        cov = streams.coverage_of(first, last, length, added, whole)
         snapshot = streams.decode_snapshot(raw) if raw else None
         if snapshot is not None:
-            snapshot.lastEventId = head
-        gap, oldest = False, None
-        if since:
-            first, length, added = replies[2], replies[3], replies[4]
-            oldest = _text(first[0][0]) if first else None
-            # trimmed: entries were ever added beyond what the stream holds (see streams.gap_oldest)
-            if int(added or 0) > int(length):
-                gap = True if oldest is None else streams.id_lt(since, oldest)
-        presence_head, members = self.gateway.presence.joined(job_id, entry, replies[-1])
-        return snapshot, head, gap, oldest, presence_head, members
+            snapshot.lastEventId = cov.head
+        presence_head, members = replies[-1]
+        self.gateway.presence.joined(job_id, entry, self.principal)
+        return snapshot, cov, presence_head, members
 
     def _leave(self, message: ClientLeave) -> None:
         job_id = streams.job_id_of(message.roomId)
@@ -682,6 +718,23 @@ class Session:
         if hook is None:
             self.refuse("unavailable", "comments are not available", room_id=room_id, request_id=request_id, counts=False)
             return
+        # The receiver goes on reading while the comment is stored (the seed
+        # and clients keep several in flight): the writer groups them, and a
+        # group shares one transaction, one XADD and one frame per watcher.
+        # The posts are this session's tasks, bounded, cancelled at teardown;
+        # they enter the writer's queue in the order they were received.
+        chats = self._chats
+        if chats is None:
+            chats = self._chats = set()
+        while len(chats) >= CHATS_IN_FLIGHT:
+            await asyncio.wait(chats, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.ensure_future(self._guarded(functools.partial(self._post, hook, room_id, job_id, request_id, text)))
+        chats.add(task)
+        task.add_done_callback(chats.discard)
+
+    async def _post(self, hook: CommentsHook, room_id: str, job_id: str, request_id: str, text: str) -> None:
+        """Store and publish one comment, then ack it (or answer why not)."""
+        assert self.principal is not None
         try:
             async with asyncio.timeout(self.settings.store_timeout):  # see _auth
                 event_id = await hook.post(self.principal, room_id, job_id, request_id, text)

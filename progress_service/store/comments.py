@@ -39,6 +39,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from progress_service.events import StoredChat, now_ms
 from progress_service.store import audit
+from progress_service.store.audit import comment_check
+from progress_service.store.audit import keys as audit_keys
 from progress_service.store.schema import comments
 
 COMMENT_ACTION = "comment.create"
@@ -59,6 +61,10 @@ class Comment(msgspec.Struct, kw_only=True):
     commentId: int
     jobId: str
     teamId: str
+    #: True when the stored comment does not match its audit record (edited
+    #: in the store): ``text`` is then the audited original, or "" when
+    #: there is no valid record (see docs/audit.md).
+    tampered: bool = False
 
     def stored_chat(self) -> StoredChat:
         """The body of the comment's stream entry (the same on every retry)."""
@@ -71,14 +77,16 @@ class Abandoned(Exception):
     """The caller gave up waiting; the transaction was rolled back."""
 
 
-def _comment(row: Any) -> Comment:
+def _comment(row: Any, original: str | None = None) -> Comment:
+    """A row as a Comment; ``original``: the audited text of a tampered row."""
     return Comment(
         roomId=row.room_id,
         id=row.event_id,
         requestId=row.request_id,
         userId=row.user_id,
         userName=row.user_name,
-        text=row.text,
+        text=row.text if original is None else original,
+        tampered=original is not None,
         sentAt=row.created_at,
         commentId=row.id,
         jobId=row.job_id,
@@ -333,13 +341,18 @@ async def set_event_id(engine: AsyncEngine, comment_id: int, event_id: str) -> N
 async def list_comments(
     engine: AsyncEngine, room_id: str, *, after: int | None = None, limit: int = 50
 ) -> list[Comment]:
-    """The room's comments, oldest first, after row id ``after`` (a cursor)."""
+    """The room's comments, oldest first, after row id ``after`` (a cursor).
+
+    Each is compared with its ``comment.create`` audit record: one that
+    differs is returned with ``tampered`` set and the record's text.
+    """
     query = sa.select(comments).where(comments.c.room_id == room_id)
     if after is not None:
         query = query.where(comments.c.id > after)
     async with engine.connect() as conn:
         rows = (await conn.execute(query.order_by(comments.c.id).limit(limit))).all()
-    return [_comment(r) for r in rows]
+        bad = await comment_check.tampered(conn, room_id, rows, audit_keys.for_engine(engine))
+    return [_comment(r, bad.get(r.id)) for r in rows]
 
 
 async def count_comments(engine: AsyncEngine, room_id: str) -> int:

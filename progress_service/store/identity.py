@@ -11,7 +11,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from progress_service.events import ROLE_RANK
+from progress_service.events import REPORTER_ROLE, ROLE_RANK, ROLES
 from progress_service.store.schema import api_tokens, memberships, teams, users
 
 TOKEN_PREFIX = "ps_"
@@ -30,8 +30,16 @@ class Principal(msgspec.Struct, kw_only=True, frozen=True):
     expires_at: int | None = None
 
     def at_least(self, role: str) -> bool:
-        """True when this principal's role ranks at or above ``role``."""
-        return ROLE_RANK[self.role] >= ROLE_RANK[role]
+        """True when this principal's role ranks at or above ``role``.
+
+        A ``reporter`` is outside the ladder: it is not even a viewer.
+        """
+        return ROLE_RANK.get(self.role, -1) >= ROLE_RANK[role]
+
+    @property
+    def is_reporter(self) -> bool:
+        """True for a token that may only report sessions (and read nothing)."""
+        return self.role == REPORTER_ROLE
 
 
 def hash_token(token: str) -> str:
@@ -72,8 +80,8 @@ async def ensure_user(engine: AsyncEngine, name: str) -> str:
 
 async def set_membership(engine: AsyncEngine, user_id: str, team_id: str, role: str) -> None:
     """Give ``user_id`` ``role`` in ``team_id`` (replacing an earlier role)."""
-    if role not in ROLE_RANK:
-        raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLE_RANK)}")
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
     async with engine.begin() as conn:
         await conn.execute(
             sa.delete(memberships).where(memberships.c.user_id == user_id, memberships.c.team_id == team_id)

@@ -34,6 +34,10 @@ class JobRecord(msgspec.Struct, kw_only=True):
     created_at: int
     started_at: int | None
     finished_at: int | None
+    #: "job" or "session" (see ``events.JobKind``); source/host for sessions.
+    kind: str = "job"
+    source: str | None = None
+    host: str | None = None
 
     def to_snapshot(self) -> JobSnapshot:
         """The job's last known state; the stored snapshot when the job kept one."""
@@ -56,6 +60,7 @@ class JobRecord(msgspec.Struct, kw_only=True):
             startedAt=self.started_at,
             finishedAt=self.finished_at,
             submittedBy=self.user_name,
+            kind=self.kind,  # type: ignore[arg-type]
         )
 
 
@@ -77,6 +82,9 @@ def _record(row: Any) -> JobRecord:
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        kind=row.kind,
+        source=row.source,
+        host=row.host,
     )
 
 
@@ -94,8 +102,13 @@ async def create_job(
     spec: JobSpec,
     created_at: int,
     demo: bool,
+    kind: str = "job",
+    source: str | None = None,
+    host: str | None = None,
+    status: str = "queued",
+    phase: str = "queued",
 ) -> None:
-    """Insert a new queued job."""
+    """Insert a new job: queued for a worker, or (``kind="session"``) one reported from elsewhere."""
     async with engine.begin() as conn:
         await conn.execute(
             sa.insert(jobs).values(
@@ -103,10 +116,13 @@ async def create_job(
                 team_id=team_id,
                 user_id=user_id,
                 spec=_enc.encode(spec).decode(),
-                status="queued",
-                phase="queued",
+                status=status,
+                phase=phase,
                 created_at=created_at,
                 demo=demo,
+                kind=kind,
+                source=source,
+                host=host,
             )
         )
 
@@ -119,6 +135,12 @@ async def get_job(engine: AsyncEngine, job_id: str, team_id: str | None = None) 
     async with engine.connect() as conn:
         row = (await conn.execute(query)).first()
     return _record(row) if row else None
+
+
+async def job_team(engine: AsyncEngine, job_id: str) -> str | None:
+    """The team id of a job, or None when there is no such job (one indexed lookup either way)."""
+    async with engine.connect() as conn:
+        return await conn.scalar(sa.select(jobs.c.team_id).where(jobs.c.id == job_id))
 
 
 async def list_jobs(
@@ -164,7 +186,11 @@ async def update_job(engine: AsyncEngine, job_id: str, *, snapshot: JobSnapshot 
 
 
 async def jobs_in_status(engine: AsyncEngine, statuses: list[str]) -> list[JobRecord]:
-    """Every job currently in one of ``statuses`` (for recovery sweeps)."""
+    """Every worker job currently in one of ``statuses`` (for recovery sweeps).
+
+    Session jobs are left out: no worker runs them, so no lease can be lost.
+    """
+    query = _select.where(jobs.c.status.in_(statuses), jobs.c.kind == "job")
     async with engine.connect() as conn:
-        rows = (await conn.execute(_select.where(jobs.c.status.in_(statuses)))).all()
+        rows = (await conn.execute(query)).all()
     return [_record(r) for r in rows]

@@ -66,6 +66,11 @@ jobs = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("started_at", sa.BigInteger, nullable=True),
     sa.Column("finished_at", sa.BigInteger, nullable=True),
+    # "job" (run here by a worker) or "session" (a Claude Code session that
+    # reports through hooks); source and host say where a session runs.
+    sa.Column("kind", sa.String(20), nullable=False, server_default="job"),
+    sa.Column("source", sa.String(20), nullable=True),
+    sa.Column("host", sa.String(200), nullable=True),
     sa.Index("ix_jobs_team_created", "team_id", "created_at"),
     sa.Index("ix_jobs_team_status", "team_id", "status"),
 )
@@ -100,7 +105,12 @@ audit_log = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
+    # The audit key the hash is keyed with (HMAC-SHA256); NULL: a legacy
+    # SHA-256 record written before keyed records (migration 3).
+    sa.Column("key_id", sa.String(32), nullable=True),
     sa.Index("ix_audit_team", "team_id", "id"),
+    # The comments read path finds a page's comment.create records by room.
+    sa.Index("ix_audit_room", "room_id", "created_at"),
 )
 
 #: One row per audit chain (a team's id, or "system" for records without a

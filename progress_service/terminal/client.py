@@ -232,6 +232,8 @@ class JobFollower:
             return _Retry("connection lost")
         code, reason = frame.code, frame.reason or ""
         said = f"{code} {reason}".strip()
+        if code == 4403 and reason == "token revoked":
+            return FollowError(f"the API token was revoked ({said}): ask an admin for a new one")
         if code == 4403:
             return FollowError(f"authentication failed ({said}): check the API token (--token or PS_TOKEN)")
         if code in (1003, 1009):

@@ -87,6 +87,8 @@ def describe_event(kind: str, data: dict[str, Any]) -> str:
         return text
     if kind == "worker":
         return f"{d.get('state')} ({d.get('workerId')})"
+    if kind == "turn":
+        return f"prompt {d.get('turn')}: {one_line(d.get('prompt', ''))}"
     # A kind this client does not know yet: show its data rather than drop it.
     return one_line(json.dumps(d, separators=(",", ":"), ensure_ascii=False))
 
@@ -109,6 +111,8 @@ class JobView:
         self.job_id = job_id
         self.prompt = ""
         self.demo = False
+        #: "session on <host>" for a Claude Code session reported through hooks.
+        self.where = ""
         self.status = "queued"
         self.phase = "queued"
         self.step: dict[str, Any] | None = None
@@ -127,6 +131,8 @@ class JobView:
         """Take the whole state from a snapshot (on join and after a gap)."""
         self.prompt = s.prompt
         self.demo = s.demo
+        if s.kind == "session":
+            self.where = f"session on {s.session.host if s.session and s.session.host else 'another machine'}"
         self.status = s.status
         self.phase = s.phase
         self.todo_done, self.todo_total = s.progress.done, s.progress.total
@@ -257,6 +263,7 @@ class RichRenderer:
         head = Text.assemble(
             ("job ", "dim"), (v.job_id, "bold"), "  ", (v.status, status_style),
             ("  [demo replay]" if v.demo else "", "magenta"),
+            (f"  [{v.where}]" if v.where else "", "blue"),
             "  ", (f"● {v.connection}", conn_style),
             (f" {v.connection_detail}" if v.connection_detail and v.connection != "live" else "", "dim"),
         )

@@ -242,7 +242,10 @@ export class RealtimeClient extends EventTarget {
 
   _onClose(code, reason) {
     this._dropSocket();
-    const stopMessage = STOP_CODES.get(code);
+    const stopMessage =
+      code === 4403 && reason === "token revoked"
+        ? "Your sign-in was revoked (4403 token revoked). Sign in again."
+        : STOP_CODES.get(code);
     if (stopMessage) {
       this._stopWith(stopMessage, { signedOut: code === 4403 });
       return;

@@ -174,6 +174,8 @@ export function mountJob(main, jobId, { api, client, step = null }) {
   function renderMeta(s) {
     const parts = [];
     if (s.model) parts.push(h("span", {}, "Model ", h("code", {}, s.model)));
+    if (s.kind === "session") parts.push(h("span", {}, "Claude Code session on ", h("strong", {}, s.session?.host || "another machine"), ", reported through hooks"));
+    if (s.session?.branch) parts.push(h("span", {}, "branch ", h("code", {}, s.session.branch)));
     parts.push(h("span", {}, "in ", s.workdir && s.workdir !== "." ? h("code", {}, s.workdir) : "the workspace root"));
     if (s.submittedBy) parts.push(h("span", {}, `by ${s.submittedBy}`));
     if (s.createdAt) parts.push(h("time", { datetime: new Date(s.createdAt).toISOString(), title: formatDateTime(s.createdAt) }, formatRelative(s.createdAt)));
@@ -186,7 +188,8 @@ export function mountJob(main, jobId, { api, client, step = null }) {
   }
 
   function renderCancel(s) {
-    const allowed = role !== null && (ROLE_RANK[role] ?? 0) >= ROLE_RANK.submitter;
+    // A session reported through hooks runs elsewhere: it can only be stopped there.
+    const allowed = s.kind !== "session" && role !== null && (ROLE_RANK[role] ?? 0) >= ROLE_RANK.submitter;
     const active = !TERMINAL.has(s.status);
     const key = `${allowed}|${active}|${cancelState}|${cancelError}|${rerunState}|${rerunError}`;
     if (els.cancelArea.dataset.key === key) return;

@@ -222,7 +222,7 @@ function createRow(job) {
     h(
       "a",
       { class: "job-link", href: `#/jobs/${id}` },
-      h("span", { class: "job-row-top" }, h("span", { class: "badge status-badge" }), h("span", { class: "badge badge-demo", hidden: true, title: "A recorded Claude Code transcript replayed by the demo runner, not a live run" }, "Replay"), h("span", { class: "job-row-title" })),
+      h("span", { class: "job-row-top" }, h("span", { class: "badge status-badge" }), h("span", { class: "badge badge-demo", hidden: true, title: "A recorded Claude Code transcript replayed by the demo runner, not a live run" }, "Replay"), h("span", { class: "badge badge-session", hidden: true }), h("span", { class: "job-row-title" })),
       h("span", { class: "job-row-meta" }, h("span", { class: "job-phase" }), h("span", { class: "job-todos" }), h("span", { class: "job-cost" }), h("time", { class: "job-time" }), h("span", { class: "job-by" })),
       h("span", { class: "visually-hidden job-progress-text" }),
       h("span", { class: "mini-bar", "aria-hidden": "true" }, h("span", { class: "mini-bar-fill" })),
@@ -238,6 +238,13 @@ function updateRow(el, job) {
   setText(badge, STATUS_LABEL[s.status] ?? s.status);
   badge.dataset.status = s.status;
   el.querySelector(".badge-demo").hidden = !s.demo;
+  const session = el.querySelector(".badge-session");
+  session.hidden = s.kind !== "session";
+  if (s.kind === "session") {
+    // Reported through Claude Code hooks: it was not started here and runs elsewhere.
+    setText(session, s.session?.host ? `Session · ${s.session.host}` : "Session");
+    session.title = `A Claude Code session reported through hooks${s.session?.host ? ` from ${s.session.host}` : ""}; not started by this service`;
+  }
   setText(el.querySelector(".job-row-title"), promptTitle(s.prompt));
   const running = !TERMINAL.has(s.status);
   setText(el.querySelector(".job-phase"), running ? PHASE_LABEL[s.phase] ?? s.phase : s.status === "succeeded" ? "" : describeOutcome(s)?.sentence ?? "");

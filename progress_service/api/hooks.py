@@ -1,0 +1,202 @@
+"""``POST /api/hooks/claude-code``: Claude Code's HTTP hooks report a session.
+
+The CLI waits for each hook's answer, so this route only authenticates
+(a ``reporter`` token, cached), rate-limits per token, decodes the body
+tolerantly (unknown fields ignored; size, depth and types checked), makes
+sure the session belongs to the caller's team (its first hook claims it),
+queues the hook for :class:`~progress_service.hooks.ingest.Ingest` and
+answers ``204`` with no body: nothing in the answer can change what the
+session does. A full queue is a ``503``; everything refused is a 4xx with a
+body that says why, and has no effect.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from litestar import Request, post
+from litestar.exceptions import (
+    ClientException,
+    NotAuthorizedException,
+    PermissionDeniedException,
+    ServiceUnavailableException,
+    TooManyRequestsException,
+    ValidationException,
+)
+from litestar.status_codes import HTTP_204_NO_CONTENT, HTTP_409_CONFLICT, HTTP_413_REQUEST_ENTITY_TOO_LARGE
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
+from progress_service import metrics
+from progress_service.api.deps import error_responses
+from progress_service.auth import PrincipalCache, bearer_token
+from progress_service.events import now_ms
+from progress_service.gateway.limits import TokenBucket
+from progress_service.hooks.ingest import HookItem, Ingest, owner_key, session_job_id
+from progress_service.hooks.body import KNOWN_EVENTS, HookInput, body_hash
+from progress_service.services import Services
+from progress_service.store.identity import TOKEN_PREFIX, Principal, hash_token, principal_for_token
+
+PATH = "/api/hooks/claude-code"
+#: Header that names the machine a session runs on (set by ``hooks install``).
+HOST_HEADER = "x-ps-host"
+RETRY_AFTER = "1"
+#: Sessions whose team is known in this process, and rate buckets, at most.
+CACHE_MAX = 100_000
+
+_decoder = msgspec.json.Decoder(HookInput)
+
+
+class HookGate:
+    """What the route remembers per process: buckets per token, owners per session."""
+
+    def __init__(self, services: Services, ingest: Ingest, principals: PrincipalCache) -> None:
+        self.services = services
+        self.ingest = ingest
+        self.principals = principals
+        self._buckets: dict[str, TokenBucket] = {}
+        self._owners: dict[str, str] = {}
+
+    def bucket(self, token_id: str) -> TokenBucket:
+        found = self._buckets.get(token_id)
+        if found is None:
+            if len(self._buckets) >= CACHE_MAX:
+                self._buckets.clear()
+            settings = self.services.settings
+            found = self._buckets[token_id] = TokenBucket(settings.hook_rate, settings.hook_burst)
+        return found
+
+    async def principal(self, token: str) -> Principal | None:
+        if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+            return None  # tickets are for the WebSocket; nothing else is a token
+        engine = self.services.engine
+        return await self.principals.load(hash_token(token), lambda: principal_for_token(engine, token))
+
+    async def claim(self, job_id: str, principal: Principal) -> None:
+        """Make sure the session is the caller's team's: its first hook claims it for them."""
+        if self._owners.get(job_id) == principal.team_id:
+            return
+        settings = self.services.settings
+        redis = self.services.redis
+        key = owner_key(job_id)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, principal.team_id, nx=True, ex=settings.events_ttl)
+            pipe.get(key)
+            claimed, owner = await pipe.execute()
+        if owner is not None and owner.decode() != principal.team_id:
+            raise ClientException(
+                "session_id: this session is reported by another team", status_code=HTTP_409_CONFLICT
+            )
+        if claimed:
+            hour = int(time.time() // 3600)
+            counter = f"ps:hooksessions:{principal.token_id}:{hour}"
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.incr(counter)
+                pipe.expire(counter, 3600)
+                started, _ = await pipe.execute()
+            if started > settings.hook_max_sessions_per_hour:
+                await redis.delete(key)
+                raise TooManyRequestsException(
+                    f"this token started more than {settings.hook_max_sessions_per_hour} sessions this hour",
+                    headers={"Retry-After": str(3600 - int(time.time()) % 3600)},
+                )
+        if len(self._owners) >= CACHE_MAX:
+            self._owners.clear()
+        self._owners[job_id] = principal.team_id
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """True when ``value`` nests lists/objects deeper than ``limit``."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+    return False
+
+
+def _host_label(request: Request) -> str | None:
+    value = request.headers.get(HOST_HEADER, "").strip()
+    value = "".join(ch for ch in value if ch.isprintable())[:200]
+    return value or None
+
+
+def decode_hook(body: bytes, max_depth: int) -> HookInput:
+    """The hook body, or a 400 that names what is wrong with it."""
+    try:
+        hook = _decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ValidationException(f"hook body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ValidationException(f"hook body is not JSON: {exc}") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise ValidationException("hook body: not UTF-8, or nested too deeply") from None
+    if hook.hook_event_name not in KNOWN_EVENTS:
+        raise ValidationException(f"hook_event_name: unknown hook event {hook.hook_event_name[:100]!r}")
+    if hook.tool_input is not None and too_deep(hook.tool_input, max_depth):
+        raise ValidationException(f"tool_input: nested deeper than {max_depth}")
+    return hook
+
+
+@post(
+    PATH,
+    status_code=HTTP_204_NO_CONTENT,
+    tags=["hooks"],
+    summary="Report a Claude Code hook event (reporter tokens)",
+    description="Point a Claude Code `http` hook here (`progress-service hooks install`). Answers 204 with no body.",
+    responses=error_responses(400, 401, 403, 409, 413, 503),
+)
+async def claude_code_hook(request: Request, services: Services) -> None:
+    """Accept one hook event of a session the caller's team runs."""
+    started = time.perf_counter()
+    gate: HookGate = services.extras["hooks"]
+    settings = services.settings
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise NotAuthorizedException("missing credentials: send 'Authorization: Bearer <reporter token>'")
+    try:
+        principal = await gate.principal(token)
+    except SQLAlchemyError:
+        raise ServiceUnavailableException("the store is unavailable", headers={"Retry-After": RETRY_AFTER}) from None
+    if principal is None:
+        raise NotAuthorizedException("invalid, expired or revoked token")
+    if not principal.is_reporter:
+        raise PermissionDeniedException(f"hooks need a token of role 'reporter'; this one is '{principal.role}'")
+    if not gate.bucket(principal.token_id).take():
+        raise TooManyRequestsException(
+            f"over {settings.hook_rate:g} hooks per second for this token", headers={"Retry-After": RETRY_AFTER}
+        )
+    body = await request.body()
+    if len(body) > settings.hook_max_body_bytes:
+        raise ClientException(
+            f"hook body larger than {settings.hook_max_body_bytes} bytes", status_code=HTTP_413_REQUEST_ENTITY_TOO_LARGE
+        )
+    hook = decode_hook(body, settings.hook_max_depth)
+    job_id = session_job_id(hook.session_id)
+    try:
+        await gate.claim(job_id, principal)
+    except RedisError:
+        raise ServiceUnavailableException("Redis is unavailable", headers={"Retry-After": RETRY_AFTER}) from None
+    item = HookItem(
+        job_id=job_id,
+        team_id=principal.team_id,
+        user_id=principal.user_id,
+        user_name=principal.user_name,
+        host=_host_label(request),
+        hook=hook,
+        raw_hash=body_hash(body),
+        at=now_ms(),
+    )
+    if not gate.ingest.offer(item):
+        metrics.hooks_received.labels("busy").inc()
+        raise ServiceUnavailableException(
+            f"{settings.hook_queue} hooks are waiting already; retry", headers={"Retry-After": RETRY_AFTER}
+        )
+    metrics.hooks_received.labels("queued").inc()
+    metrics.hook_seconds.observe(time.perf_counter() - started)

@@ -1,0 +1,125 @@
+"""Where a job's history is read from: Redis while it holds it, else the store.
+
+Redis keeps a job's stream for live delivery; the SQL archive
+(``store/history.py``) keeps every event for ``PS_HISTORY_DAYS``. A reader
+first learns what Redis holds (:func:`streams.coverage`, one MULTI, or the
+gateway's shared join MULTI). When Redis holds the whole stream nothing else
+is read, so the hot path costs no store query. When it does not (restarted
+empty, expired, evicted, trimmed), entries older than what Redis holds come
+from the store, newer ones from Redis, in one order: each page is read after
+the previous page's last id, so nothing is sent twice or skipped.
+
+``gap`` is true only when events are really gone: retention removed the
+job's archive, or Redis trimmed entries that the archive never got (a job
+from before the archive existed).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import anyio
+import msgspec
+
+from progress_service import streams
+from progress_service.events import now_ms
+from progress_service.store import history as store
+from progress_service.streams import Coverage, id_lt
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from progress_service.events import StoredEvent
+    from progress_service.settings import Settings
+
+log = logging.getLogger("progress_service.history")
+
+#: How often retention runs (seconds); the first pass runs at start-up.
+RETENTION_EVERY = 3600.0
+
+Entry = store.Entry
+
+
+class Position(msgspec.Struct, frozen=True):
+    """Where a replay after ``since`` stands: the log's head, the gap, and what Redis holds."""
+
+    head: str | None
+    gap: bool
+    #: The oldest entry still kept (for the ``gap`` message), when known.
+    oldest: str | None
+    #: ``Coverage.holds_from``: pass it to :func:`read_page`.
+    holds_from: str | None
+
+
+async def position(engine: AsyncEngine, job_id: str, since: str | None, cov: Coverage) -> Position:
+    """Head and gap for a replay after ``since``; reads the store only when Redis lacks entries."""
+    if cov.holds_from is None:
+        return Position(head=cov.head, gap=False, oldest=None, holds_from=None)
+    archived = await store.head(engine, job_id)
+    head = cov.head
+    if archived is not None and (head is None or id_lt(head, archived)):
+        head = archived
+    gap = False
+    first = await store.read_entries(engine, job_id, None, limit=1)
+    oldest = first[0][0].decode() if first else (cov.holds_from or None)
+    pruned = await store.pruned_upto(engine, job_id)
+    if pruned is not None and (since is None or pruned == "" or id_lt(since, pruned)):
+        gap = True  # retention removed the archive
+    elif cov.trimmed and cov.holds_from and (since is None or id_lt(since, cov.holds_from)):
+        # Redis trimmed entries; the archive has them unless it never got any.
+        gap = not first or not id_lt(first[0][0].decode(), cov.holds_from)
+    holds_from = cov.holds_from
+    if not first or (holds_from and not id_lt(first[0][0].decode(), holds_from)):
+        holds_from = None  # the archive has nothing older than Redis: replay reads Redis alone
+    return Position(head=head, gap=gap, oldest=oldest if gap else None, holds_from=holds_from)
+
+
+async def read_page(
+    redis: Redis, engine: AsyncEngine, job_id: str, after: str | None, holds_from: str | None, *, count: int
+) -> list[Entry]:
+    """The next entries after ``after`` (exclusive), oldest first, at most ``count``.
+
+    ``holds_from`` is the replay's :attr:`Position.holds_from`: entries older
+    than it come from the store, the rest from Redis.
+    """
+    if holds_from is not None and (after is None or holds_from == "" or id_lt(after, holds_from)):
+        rows = await store.read_entries(engine, job_id, after, before=holds_from or None, limit=count)
+        if rows:
+            return rows
+    return await streams.replay(redis, job_id, after, count=count)
+
+
+async def append_archived(
+    redis: Redis, engine: AsyncEngine, job_id: str, event: StoredEvent, *, maxlen: int, snapshot: object = None
+) -> str:
+    """Append one event outside a worker's publisher (submit, cancel of a queued job) and archive it."""
+    entry_id = await streams.append_event(redis, job_id, event, maxlen=maxlen, snapshot=snapshot)  # type: ignore[arg-type]
+    body = streams.encode_event(event)
+    await store.archive(engine, job_id, [store.ArchivedEvent(entry_id, event.kind, event.attempt, body)])
+    return entry_id
+
+
+async def prune_once(engine: AsyncEngine, settings: Settings) -> int:
+    """Remove the archived events of jobs that finished over ``PS_HISTORY_DAYS`` ago; jobs pruned."""
+    if settings.history_days <= 0:
+        return 0
+    return await store.prune(engine, now_ms() - settings.history_days * 86_400_000)
+
+
+async def run_retention(engine: AsyncEngine, settings: Settings, *, every: float = RETENTION_EVERY) -> None:
+    """Prune the archive now and every ``every`` seconds, until cancelled (the app's lifetime).
+
+    A failed pass (store down) is logged and tried again at the next one.
+    """
+    if settings.history_days <= 0:
+        return  # kept forever
+    while True:
+        try:
+            pruned = await prune_once(engine, settings)
+            if pruned:
+                log.info("history: removed the archived events of %d job(s) older than %d days", pruned, settings.history_days)
+        except Exception as exc:  # noqa: BLE001 - retention must not end the app
+            log.warning("history: retention pass failed (%r); next try in %.0fs", exc, every)
+        await anyio.sleep(every)

@@ -1,0 +1,265 @@
+"""Appending hook events to session jobs, off the request path.
+
+The route answers the CLI as soon as a hook is authenticated, decoded and
+queued; :class:`Ingest` (one task per app process, started and ended by the
+app's lifespan) drains the bounded queue. Each round takes what is queued
+(up to ``BATCH``), groups it by session in arrival order, and for each
+session, under a short Redis lock (so two app processes never interleave one
+session's hooks): reads the snapshot and the mapper's state, maps every hook,
+appends the events with the worker's :class:`~worker.publisher.Publisher`
+(events and snapshot in one script call, then the SQL archive), and writes
+the state back. The SQL row is written
+when a session appears and whenever its status changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import anyio
+import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from progress_service import streams
+from progress_service.events import JobSnapshot, JobSpec, SessionInfo, clip
+from progress_service.hooks.body import HookInput
+from progress_service.hooks.mapping import HookMapper, SessionState
+from progress_service.services import Services
+from progress_service.store import jobs as job_store
+from worker.mapping import Mapped
+from worker.publisher import Publisher
+
+log = logging.getLogger("progress_service.hooks")
+
+#: Hooks taken from the queue in one round.
+BATCH = 256
+#: How long a session's lock lives if its holder dies (ms), and how long to wait for it (s).
+LOCK_TTL_MS = 10_000
+LOCK_WAIT = 10.0
+#: A session's prompt until its first prompt arrives (the job list's title).
+UNTITLED = "Claude Code session"
+
+_state_enc = msgspec.json.Encoder()
+_state_dec = msgspec.json.Decoder(SessionState)
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def session_job_id(session_id: str) -> str:
+    """The job id of a Claude Code session: stable, opaque, valid in a room id."""
+    return "cc-" + uuid.uuid5(uuid.NAMESPACE_URL, "claude-code-session:" + session_id).hex
+
+
+def state_key(job_id: str) -> str:
+    """The mapper's memory of a session (pending tools, to-dos, recent keys)."""
+    return f"ps:{{job:{job_id}}}:hookstate"
+
+
+def lock_key(job_id: str) -> str:
+    return f"ps:{{job:{job_id}}}:hooklock"
+
+
+def owner_key(job_id: str) -> str:
+    """The team that reports a session (claimed by its first hook)."""
+    return f"ps:{{job:{job_id}}}:owner"
+
+
+@dataclass(frozen=True, slots=True)
+class HookItem:
+    """One accepted hook, waiting for the ingest task."""
+
+    job_id: str
+    team_id: str
+    user_id: str
+    user_name: str
+    host: str | None
+    hook: HookInput
+    raw_hash: str
+    at: int
+
+
+class Ingest:
+    """The per-process ingest task and its bounded queue."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.settings = services.settings
+        self._send: MemoryObjectSendStream[HookItem]
+        self._recv: MemoryObjectReceiveStream[HookItem]
+        self._send, self._recv = anyio.create_memory_object_stream[HookItem](self.settings.hook_queue)
+        self._stopped = anyio.Event()
+        self.processed = 0
+        self.dropped = 0
+        self._busy = False
+
+    def offer(self, item: HookItem) -> bool:
+        """Queue a hook without waiting; False when the queue is full (the route answers 503)."""
+        try:
+            self._send.send_nowait(item)
+        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return False
+        return True
+
+    @property
+    def queued(self) -> int:
+        """Hooks waiting in the queue."""
+        return self._send.statistics().current_buffer_used
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no round under way: every accepted hook has been applied."""
+        return not self._busy and self.queued == 0
+
+    async def run(self) -> None:
+        """Drain the queue until :meth:`aclose`; every queued hook is applied before it returns."""
+        try:
+            async with self._recv:
+                while True:
+                    try:
+                        first = await self._recv.receive()
+                    except anyio.EndOfStream:
+                        return
+                    self._busy = True
+                    batch = [first]
+                    while len(batch) < BATCH:
+                        try:
+                            batch.append(self._recv.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    groups: dict[str, list[HookItem]] = {}
+                    for item in batch:
+                        groups.setdefault(item.job_id, []).append(item)
+                    async with anyio.create_task_group() as tg:
+                        for items in groups.values():
+                            tg.start_soon(self._apply_safely, items)
+                    self._busy = False
+        finally:
+            self._stopped.set()
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Stop taking hooks and wait (at most ``timeout`` s) for the queued ones to be applied."""
+        self._send.close()
+        with anyio.move_on_after(timeout):
+            await self._stopped.wait()
+
+    async def _apply_safely(self, items: list[HookItem]) -> None:
+        try:
+            await self.apply(items)
+        except Exception:  # noqa: BLE001 - one session's failure must not end the ingest task
+            self.dropped += len(items)
+            log.exception("hooks: %d hook(s) of job %s could not be applied", len(items), items[0].job_id)
+
+    # -- one session -------------------------------------------------------------
+
+    async def apply(self, items: list[HookItem]) -> None:
+        """Apply hooks of one session, in order, under its lock."""
+        job_id = items[0].job_id
+        redis = self.services.redis
+        token = uuid.uuid4().hex
+        with anyio.fail_after(LOCK_WAIT):
+            while not await redis.set(lock_key(job_id), token, nx=True, px=LOCK_TTL_MS):
+                await anyio.sleep(0.005)
+        try:
+            await self._apply_locked(job_id, items)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await redis.eval(_RELEASE, 1, lock_key(job_id), token)
+
+    async def _apply_locked(self, job_id: str, items: list[HookItem]) -> None:
+        settings = self.settings
+        redis = self.services.redis
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hget(streams.snapshot_key(job_id), "s")
+            pipe.get(state_key(job_id))
+            raw_snap, raw_state = await pipe.execute()
+        first = items[0]
+        snapshot = streams.decode_snapshot(raw_snap) if raw_snap else None
+        created = False
+        if snapshot is None:
+            record = await job_store.get_job(self.services.engine, job_id)
+            if record is not None and record.team_id != first.team_id:
+                # The owner key expired and another team claimed the id: never write into it.
+                self.dropped += len(items)
+                log.warning("hooks: job %s belongs to another team; %d hook(s) dropped", job_id, len(items))
+                return
+            if record is None:
+                snapshot = await self._create(first)
+                created = True
+            else:
+                snapshot = record.to_snapshot()
+        state = _state_dec.decode(raw_state) if raw_state else SessionState()
+        mapper = HookMapper(snapshot, state)
+        status_before = snapshot.status
+        mapped: list[Mapped] = []
+        for item in items:
+            if state.posts >= settings.hook_max_events_per_session:
+                if state.posts == settings.hook_max_events_per_session:
+                    state.posts += 1
+                    line = f"more than {settings.hook_max_events_per_session} hooks: this session's later hooks are ignored"
+                    mapped += mapper.note(item.at, line)
+                self.dropped += 1
+                continue
+            mapped += mapper.apply(item.hook, item.raw_hash, item.at)
+            self.processed += 1
+        if mapped:
+            # The worker's publisher: one append script per batch of events
+            # (event and snapshot together), then the SQL archive.
+            pub = Publisher(redis, job_id, 1, settings, mapper, engine=self.services.engine)  # type: ignore[arg-type]
+            await pub.publish(mapped)
+        ttl = settings.events_ttl
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.set(state_key(job_id), _state_enc.encode(state), ex=ttl)
+            # A session that never says goodbye (a closed laptop) expires
+            # like a finished job, counted from its last hook.
+            for key in (streams.events_key(job_id), streams.snapshot_key(job_id), owner_key(job_id)):
+                pipe.expire(key, ttl)
+            await pipe.execute()
+        if created or mapper.snapshot.status != status_before:
+            await job_store.update_job(self.services.engine, job_id, snapshot=mapper.snapshot)
+
+    async def _create(self, item: HookItem) -> JobSnapshot:
+        """The job row and first snapshot of a session seen for the first time."""
+        hook = item.hook
+        info = SessionInfo(
+            sessionId=hook.session_id,
+            host=item.host,
+            cwd=clip(hook.cwd, 1000) if hook.cwd else None,
+            branch=clip(hook.git_branch, 200) if hook.git_branch else None,
+        )
+        await job_store.create_job(
+            self.services.engine,
+            job_id=item.job_id,
+            team_id=item.team_id,
+            user_id=item.user_id,
+            spec=JobSpec(prompt=UNTITLED),
+            created_at=item.at,
+            demo=False,
+            kind="session",
+            source="hook",
+            host=item.host,
+            status="running",
+            phase="starting",
+        )
+        audit = self.services.extras.get("audit")
+        if audit is not None:
+            audit.record_nowait(
+                action="session.report",
+                team_id=item.team_id,
+                actor=item.user_name,
+                room_id=streams.room_id(item.job_id),
+                detail={"sessionId": hook.session_id, "host": item.host, "source": "hook"},
+            )
+        return JobSnapshot(
+            id=item.job_id,
+            roomId=streams.room_id(item.job_id),
+            workdir=info.cwd or "",
+            createdAt=item.at,
+            submittedBy=item.user_name,
+            kind="session",
+            session=info,
+        )

@@ -1,0 +1,60 @@
+"""Presence on join costs what changed, not the room's size (real Redis, the join script itself)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from progress_service.gateway.presence import DELTA_MAX, Presence
+from progress_service.store.identity import Principal
+
+
+def _user(i: int) -> Principal:
+    return Principal(user_id=f"u{i}", user_name=f"User {i}", team_id="t", team_name="t", role="viewer", token_id=f"k{i}")
+
+
+async def _join_batch(presence: Presence, redis: Any, job: str, users: list[Principal]) -> list[tuple[str, Any, list]]:
+    """One MULTI of joins, as JoinReads builds it; (entry, raw reply, members) per join."""
+    presence.start_batch()
+    async with redis.pipeline(transaction=True) as pipe:
+        entries = [presence.queue_join(pipe, job, uuid.uuid4().hex[:8], p) for p in users]
+        replies = await pipe.execute()
+    out = []
+    for p, entry, reply in zip(users, entries, replies, strict=True):
+        observed = presence.observe(job, p, reply)
+        assert observed is not None
+        presence.joined(job, entry, p)
+        out.append((entry, reply, observed[1]))
+    return out
+
+
+async def test_joins_into_a_big_room_read_the_changes_not_the_members(redis) -> None:
+    job = uuid.uuid4().hex[:12]
+    node = Presence(redis, f"node-{job}", grace=1.0)
+    await node.load_scripts()
+    crowd = [_user(i % 40) for i in range(400)]  # 400 connections of 40 users
+    results = await _join_batch(node, redis, job, crowd)
+    assert {m.userId for m in results[-1][2]} == {f"u{i}" for i in range(40)}
+    # The first join of the room asked for the whole set (the node had no view), the others for nothing.
+    assert results[0][1][2] == b"f"
+    assert all(reply[2] == b"n" for _, reply, _ in results[1:])
+
+    # Another node's joins: two new users. This node's next joins read those two log entries, not 400 entries.
+    other = Presence(redis, f"other-{job}", grace=1.0)
+    await _join_batch(other, redis, job, [_user(100), _user(101)])
+    again = await _join_batch(node, redis, job, [_user(1), _user(102)])
+    mode, data = again[0][1][2], again[0][1][3]
+    assert mode == b"d" and len(data) == 2
+    assert {m.userId for m in again[-1][2]} == {f"u{i}" for i in (*range(40), 100, 101, 102)}
+
+
+async def test_a_view_too_far_behind_reads_the_whole_set(redis) -> None:
+    job = uuid.uuid4().hex[:12]
+    node = Presence(redis, f"node-{job}", grace=1.0)
+    await node.load_scripts()
+    await _join_batch(node, redis, job, [_user(0)])
+    other = Presence(redis, f"other-{job}", grace=1.0)
+    await _join_batch(other, redis, job, [_user(i) for i in range(1, DELTA_MAX + 5)])
+    (_, reply, members), = await _join_batch(node, redis, job, [_user(0)])
+    assert reply[2] == b"f"
+    assert len(members) == DELTA_MAX + 5  # u0 .. u68
