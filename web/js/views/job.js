@@ -431,7 +431,10 @@ export function mountJob(main, jobId, { api, client, step = null }) {
         lastSeen = msg.id;
         const history = replayUntil && compareIds(msg.id, replayUntil) <= 0;
         const change = applyEvent(state, msg, { live: !history });
-        if (!state.snapshot.model && !TERMINAL.has(state.snapshot.status)) askForModel();
+        // The worker sets the model (from Claude Code's first line) and the
+        // demo flag in the snapshot without an event of their own: read them.
+        if (change?.status === "running") askForModel(true);
+        else if (!state.snapshot.model && !TERMINAL.has(state.snapshot.status)) askForModel();
         if (change && !history) {
           if (change.status) announceStatus(state.snapshot);
           if (change.workerLost) announce("The job's worker stopped answering.");
@@ -499,14 +502,15 @@ export function mountJob(main, jobId, { api, client, step = null }) {
 
   // The model is learnt from Claude Code's first line, which is no event of
   // its own: re-read the snapshot (a few times at most) until it names it.
-  async function askForModel() {
+  async function askForModel(force = false) {
     const now = Date.now();
-    if (now - modelAskedAt < MODEL_POLL_MS || state.snapshot.status === "queued") return;
+    if (!force && (now - modelAskedAt < MODEL_POLL_MS || state.snapshot.status === "queued")) return;
     modelAskedAt = now;
     try {
       const snap = await api.getJob(jobId);
-      if (disposed || !state || !snap.model) return;
-      state.snapshot.model = snap.model;
+      if (disposed || !state) return;
+      if (snap.model) state.snapshot.model = snap.model;
+      state.snapshot.demo = snap.demo;
       render();
     } catch {
       // asked again after the next event
