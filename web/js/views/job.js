@@ -14,6 +14,8 @@ const ROLE_RANK = { viewer: 0, reviewer: 1, submitter: 2, admin: 3 };
 const TODO_ICON = { pending: "○", in_progress: "◐", completed: "●" };
 /** While the model is unknown, re-read the snapshot at most this often. */
 const MODEL_POLL_MS = 3000;
+/** How often the step log is redrawn while history replays. */
+const REPLAY_DRAW_MS = 250;
 
 /**
  * @param {HTMLElement} main
@@ -38,6 +40,7 @@ export function mountJob(main, jobId, { api, client, step = null }) {
   let rerunError = "";
   let modelAskedAt = 0;
   let finalAsked = false;
+  let stepsDrawnAt = 0;
 
   const comments = createCommentsPanel({ client, roomId });
   const title = h("h1", { class: "job-title", id: "job-title", tabindex: "-1" }, "Loading job…");
@@ -165,7 +168,13 @@ export function mountJob(main, jobId, { api, client, step = null }) {
     renderProgress(s);
     renderResult(s);
     renderTodos();
-    stepLog.update(state);
+    // While a long history replays, the step log is redrawn a few times a
+    // second, not on every frame: the page stays responsive as it catches up.
+    const now = performance.now();
+    if (!replayUntil || now - stepsDrawnAt > REPLAY_DRAW_MS) {
+      stepsDrawnAt = now;
+      stepLog.update(state);
+    } else render();
     renderLogs();
     renderStats(s);
     comments.refresh();
