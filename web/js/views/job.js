@@ -560,6 +560,7 @@ export function mountJob(main, jobId, { api, client, step = null }) {
       unsubscribe();
       client.removeEventListener("state", onState);
       window.clearInterval(ticker);
+      stepLog.dispose();
     },
     goToStep: (n) => stepLog.goToStep(n),
   };

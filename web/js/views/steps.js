@@ -18,7 +18,7 @@ const STEP_ICON = { started: "…", ok: "✓", error: "✕" };
 
 /**
  * @param {{jobId: string, api: object}} ctx
- * @returns {{el: HTMLElement, update: (state: object) => void, goToStep: (n: number|null) => void}}
+ * @returns {{el: HTMLElement, update: (state: object) => void, goToStep: (n: number|null) => void, dispose: () => void}}
  */
 export function createStepLog({ jobId, api }) {
   let state = null;
@@ -60,7 +60,8 @@ export function createStepLog({ jobId, api }) {
     stick = box.scrollTop + box.clientHeight >= box.scrollHeight - ROW_H;
     drawWindow();
   });
-  window.addEventListener("resize", () => drawWindow());
+  const onResize = () => drawWindow();
+  window.addEventListener("resize", onResize);
 
   function matches(step) {
     if (!query) return true;
@@ -318,6 +319,10 @@ export function createStepLog({ jobId, api }) {
     update(next) {
       state = next;
       draw();
+    },
+    /** Stop listening to the window (the view is going away). */
+    dispose() {
+      window.removeEventListener("resize", onResize);
     },
     /** Scroll to step `n`, highlight it and open it (now, or once it has arrived). */
     goToStep(n) {
