@@ -305,7 +305,7 @@ async def test_legacy_records_from_before_the_migration_keep_verifying(engine: A
     async with engine.begin() as conn:
         await conn.execute(sa.text("DROP INDEX ix_audit_room"))
         await conn.execute(sa.text("ALTER TABLE audit_log DROP COLUMN key_id"))
-        await conn.execute(sa.delete(schema_version).where(schema_version.c.version == 4))
+        await conn.execute(sa.delete(schema_version).where(schema_version.c.version >= 4))
         prev = audit.GENESIS
         for i in range(4):
             at = 1_600_000_000_000 + i
@@ -321,7 +321,8 @@ async def test_legacy_records_from_before_the_migration_keep_verifying(engine: A
         await conn.execute(sa.insert(audit_heads).values(chain=tid, count=4, last_id=None, last_hash=prev, updated_at=0))
         last_id = await conn.scalar(sa.select(sa.func.max(sa.column("id"))).select_from(sa.table("audit_log")))
         await conn.execute(sa.update(audit_heads).where(audit_heads.c.chain == tid).values(last_id=last_id))
-    assert await migrate(engine) == ["4: keyed audit records"]
+    applied = await migrate(engine)
+    assert applied[0] == "4: keyed audit records" and all(not name.startswith(("1:", "2:", "3:")) for name in applied)
     await put(engine, tid, 2)
     result = await audit.verify(engine)
     assert result.ok and (result.verified, result.legacy) == (6, 4)
