@@ -202,6 +202,12 @@ def test_a_600_step_log_opens_links_filters_and_downloads(stack: Stack, sam: str
     assert comments_top < 6000, comments_top
     expect(page.locator("#whoami")).to_be_visible()
     screenshot(page, "page-600-steps-phone.png")
+
+    # Sign-out in one tab ends the session for all of them; the cookie is gone.
+    tab.get_by_role("button", name="Sign out").click()
+    expect(tab.get_by_role("heading", name="Sign in")).to_be_visible()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible(timeout=10_000)
+    assert not [c for c in context.cookies() if c["name"] == "ps_session" and c["value"]]
     console.assert_clean()
     tab_console.assert_clean()
     context.close()
@@ -357,6 +363,7 @@ def test_live_again_within_2_s_of_a_server_restart(stack: Stack, sam: str, brows
     back = time.monotonic()
     expect(indicator).to_have_attribute("data-state", "live", timeout=10_000)
     elapsed = time.monotonic() - back
+    print(f"live again {elapsed:.2f} s after the server was back")
     assert elapsed < 2.0, f"live again {elapsed:.2f} s after the server was back"
     # Comments: sent, then delivered once the server acks it.
     job = submit_job(stack.url, sam, "a job to talk about")
@@ -431,5 +438,36 @@ def test_ten_thousand_steps_stay_smooth(stack: Stack, sam: str, browser: Any) ->
     budget = int(os.environ.get("PS_TEST_LONG_TASK_MS", "400"))
     assert max(after, default=0) <= budget, after
     assert max(loaded, default=0) <= budget, loaded
+    console.assert_clean()
+    context.close()
+
+
+def test_every_kind_of_ending_has_its_sentence(stack: Stack, browser: Any) -> None:
+    """The page's own outcome module, imported in the page (same CSP as the app)."""
+    context, page, console = open_context(browser)
+    page.goto(stack.url + "/")
+    found = page.evaluate(
+        """async () => {
+            const {describeOutcome} = await import('/js/outcome.js');
+            const failed = (reason, result = null, extra = {}) => describeOutcome({status: 'failed', reason, result, attempt: 2, ...extra});
+            return [
+              failed('API Error: 529 {"type":"error","error":{"type":"overloaded_error"}}'),
+              failed('Invalid API key · Please run /login'),
+              failed('error_max_turns', {turns: 7, error: 'error_max_turns'}),
+              failed('timed out after 600s'),
+              failed('worker lost'),
+              describeOutcome({status: 'cancelled', reason: 'cancelled by alice'}),
+              describeOutcome({status: 'cancelled', reason: 'cancelled by bob before it started'}),
+              failed('exited with code 1 and no result'),
+            ].map(o => [o.kind, o.sentence, o.detail]);
+        }"""
+    )
+    kinds = [k for k, _, _ in found]
+    assert kinds == ["overloaded", "auth", "max_turns", "timeout", "worker_lost", "cancelled", "cancelled", "crashed"]
+    sentences = [s for _, s, _ in found]
+    assert "all 7 turns" in sentences[2] and "10 min" in sentences[3] and "attempt 2" in sentences[4]
+    assert sentences[5] == "Cancelled by alice while it was running." and "bob before it started" in sentences[6]
+    assert found[0][2].startswith("API Error: 529")  # the raw text, for the disclosure
+    assert all('{"type"' not in s for s in sentences)
     console.assert_clean()
     context.close()
