@@ -156,7 +156,11 @@ def event_fanout(t: Target, room: str, job: str | None, svc: Service, sizes: dic
     if job is not None:  # the project: worker -> Redis -> hub
         workers = _workers(t, watchers, [room], opts, report_interval=0.005, progress_room=room)
         pub = PublisherConfig(redis_url=svc.redis_url, jobs=[job], mode="closed", window=sizes["window"],
-                              cpus=LOAD_CPUS if _pinning() else None, worker_database_url=svc.database_url)
+                              cpus=LOAD_CPUS if _pinning() else None,
+                              # --set event_path=streams: streams.append_event, the path the worker used before
+                              # its buffered Publisher (one XADD MULTI per event, no archive)
+                              worker_database_url=svc.database_url
+                              if opts.overrides.get("event_path", "worker") == "worker" else None)
     else:  # the seed: one client broadcasting, ``window`` chats in flight
         publisher = ClientSpec(token=SEED_TOKEN, rooms=[room], role="reviewer")
         workers = _workers(t, [publisher, *watchers], [room], opts, report_interval=0.05,
@@ -171,7 +175,8 @@ def event_fanout(t: Target, room: str, job: str | None, svc: Service, sizes: dic
         merged = orc.stop_and_collect()
     if job is not None:
         out = _fanout_figures(merged["delivered"], merged["latency"], cpu, extra, secs)
-        out["lost"] = merged["lost"]
+        out.update(path=opts.overrides.get("event_path", "worker"), lost=merged["lost"], dup=merged["dup"], published=(merged["publisher"] or {}).get("published"),
+                   delivered_all=merged["delivered_all"])
     else:
         out = _fanout_figures(merged["chats_delivered"], merged["chat_latency"], cpu, extra, secs)
     out["frames_per_s"] = round(merged["frames_measured"] / secs, 1)
@@ -205,6 +210,37 @@ def _summarize(rounds: list[dict]) -> dict:
     return out
 
 
+def _round(k: int, peer: SeedPeer, svc: Service, opts: Options, only: set[str], sizes: dict,
+           n_join: int, n_rooms: int) -> dict:
+    """Every workload against the seed, then the project: one round's figures."""
+    watch_tokens = _tokens(svc, max(n_join, sizes["watchers"]), "viewer", "cmp")
+    rev_tokens = svc.tokens(sizes["reviewers"], role="reviewer", prefix="cmp-reviewer")
+    jobs = svc.jobs(n_rooms + 3)
+    rooms = [f"job:{j}" for j in jobs]
+    project = Target("project", svc.port, svc.cpu, svc.rss, lambda i: _assign(watch_tokens, i),
+                     lambda i: rev_tokens[i % len(rev_tokens)], batch=True, echo_acks=False,
+                     extra_cpu=svc.redis_cpu, py_pid=svc.pid)
+    seed = Target("seed", peer.port, peer.cpu, peer.rss, lambda i: SEED_TOKEN, lambda i: SEED_TOKEN,
+                  batch=False, echo_acks=True)
+    r: dict = {}
+    for t in (seed, project):
+        log(f"round {k + 1}: {t.name}")
+        # Fresh rooms per workload: the project's presence grace of one phase does not reach the next.
+        runs: dict[str, Callable[[Target], dict]] = {
+            "joins_one_room": lambda t: joins(t, rooms[:1], n_join, opts, memory=True),
+            "joins_many_rooms": lambda t: joins(t, rooms[1 : 1 + n_rooms], n_join, opts, memory=False),
+            "comment_fanout": lambda t: comment_fanout(t, rooms[n_rooms + 1], sizes, opts),
+            "event_fanout": lambda t: event_fanout(t, rooms[n_rooms + 2], jobs[n_rooms + 2] if t is project else None,
+                                                   svc, sizes, opts),
+        }
+        for workload, run in runs.items():
+            if workload in only:
+                r.setdefault(workload, {})[t.name] = run(t)
+        if not peer.alive():
+            raise RuntimeError(f"the seed peer exited:\n{peer.log_path.read_text()[-2000:]}")
+    return r
+
+
 def seed_compare(opts: Options) -> dict:
     """The side-by-side run (one JSON line), or a ``skipped`` line naming what is missing."""
     n_join, n_rooms, watchers, reviewers, in_flight, window, warmup, measure, rounds = _params(
@@ -219,49 +255,25 @@ def seed_compare(opts: Options) -> dict:
              "warmup": warmup, "measure": measure}
     env = {"PS_WS_CHAT_RATE": "1000000", "PS_WS_CHAT_BURST": "1000000", **opts.extra_env}
     pin = SERVER_CPUS if _pinning() else None
+    only = set(filter(None, opts.overrides.get("only", "").split(","))) or set(RATIOS)
+    results: list[dict] = []
+    out: dict = {}
     try:
-        peer_cm = SeedPeer(seed_dir, cpus=pin)
-        with peer_cm as peer, Service(env=env, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
-            svc.start()
-            if pin:
-                svc.pin(pin)
-            n_tokens = max(n_join, watchers)
-            watch_tokens = _tokens(svc, n_tokens, "viewer", "cmp")
-            rev_tokens = svc.tokens(reviewers, role="reviewer", prefix="cmp-reviewer")
-            jobs = svc.jobs(n_rooms + 3)
-            rooms = [f"job:{j}" for j in jobs]
-            project = Target("project", svc.port, svc.cpu, svc.rss, lambda i: _assign(watch_tokens, i),
-                             lambda i: rev_tokens[i % len(rev_tokens)], batch=True, echo_acks=False,
-                             extra_cpu=svc.redis_cpu, py_pid=svc.pid)
-            seed = Target("seed", peer.port, peer.cpu, peer.rss, lambda i: SEED_TOKEN, lambda i: SEED_TOKEN,
-                          batch=False, echo_acks=True)
-            out = _base("seed_compare", svc, opts, {
-                "joins": n_join, "join_rooms": n_rooms, "clients_per_token": CLIENTS_PER_TOKEN, **sizes,
-                "rounds": rounds, "server_cpus": sorted(pin) if pin else None,
-                "load_cpus": list(LOAD_CPUS) if pin else None, "seed_dir": str(seed_dir),
-                "project_watchers_batch": True})
-            only = set(filter(None, opts.overrides.get("only", "").split(","))) or set(RATIOS)
-            results: list[dict] = []
-            for k in range(rounds):
-                r: dict = {}
-                for target in (seed, project):
-                    log(f"round {k + 1}: {target.name}")
-                    # Fresh rooms per workload: the project's presence grace of one phase does not reach the next.
-                    runs: dict[str, Callable[[], dict]] = {
-                        "joins_one_room": lambda: joins(target, rooms[:1], n_join, opts, memory=True),
-                        "joins_many_rooms": lambda: joins(target, rooms[1 : 1 + n_rooms], n_join, opts, memory=False),
-                        "comment_fanout": lambda: comment_fanout(target, rooms[n_rooms + 1], sizes, opts),
-                        "event_fanout": lambda: event_fanout(target, rooms[n_rooms + 2],
-                                                             jobs[n_rooms + 2] if target is project else None,
-                                                             svc, sizes, opts),
-                    }
-                    for workload, run in runs.items():
-                        if workload in only:
-                            r.setdefault(workload, {})[target.name] = run()
-                    if not peer.alive():
-                        raise RuntimeError(f"the seed peer exited:\n{peer.log_path.read_text()[-2000:]}")
-                results.append(r)
-            svc_rss_mb = svc.rss() / 2**20
+        for k in range(rounds):
+            # Both servers start afresh each round: a round's joins and memory
+            # start from an empty process, and no room carries an earlier round's log.
+            with SeedPeer(seed_dir, cpus=pin) as peer, Service(env=env, ws_impl=opts.ws_impl, loop=opts.loop) as svc:
+                svc.start()
+                if pin:
+                    svc.pin(pin)
+                results.append(_round(k, peer, svc, opts, only, sizes, n_join, n_rooms))
+                svc_rss_mb = svc.rss() / 2**20
+                if not out:
+                    out = _base("seed_compare", svc, opts, {
+                        "joins": n_join, "join_rooms": n_rooms, "clients_per_token": CLIENTS_PER_TOKEN, **sizes,
+                        "rounds": rounds, "server_cpus": sorted(pin) if pin else None,
+                        "load_cpus": list(LOAD_CPUS) if pin else None, "seed_dir": str(seed_dir),
+                        "project_watchers_batch": True})
     except PeerUnavailable as exc:
         return {"scenario": "seed_compare", "status": f"skipped: {exc}"}
     summary = _summarize(results)

@@ -302,7 +302,7 @@ def create_app(
 
 async def _run_sweeper(services: Services) -> None:
     """The lost-worker sweeper (:class:`worker.jobs.Sweeper`) for the app's lifetime."""
-    from worker.jobs import Sweeper  # noqa: PLC0415 - the worker package is optional in serve mode
+    from worker.recovery import Sweeper  # noqa: PLC0415 - the worker package is optional in serve mode
 
     await Sweeper(services.arq, services.engine, services.settings).run()
 

@@ -70,6 +70,8 @@ class StatusData(Struct, kw_only=True, omit_defaults=True):
     status: JobStatus
     phase: Phase
     reason: str | None = None
+    #: On ``running``: whether this attempt runs the replay program (decided by its worker).
+    demo: bool | None = None
 
 
 class PhaseData(Struct, kw_only=True):

@@ -64,6 +64,7 @@ class Scenario:
         """The scenario's files in a fresh git repository at ``path``."""
         path.mkdir(parents=True, exist_ok=True)
         for rel, text in self.files.items():
+            (path / rel).parent.mkdir(parents=True, exist_ok=True)
             (path / rel).write_text(text)
         git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
         subprocess.run([*git, "init", "-q"], cwd=path, check=True)

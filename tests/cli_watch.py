@@ -131,9 +131,12 @@ def result_totals(result: dict[str, Any]) -> tuple[int, int]:
 
 def check_faithful(seen: Watched) -> None:
     """What the CLI printed is what the watcher got: steps, to-dos, tokens, cost, errors."""
+    final = seen.final
+    stopped = final["status"] == "cancelled" or (final.get("reason") or "").startswith("timed out")
     if not seen.stdout:
-        # The CLI printed nothing (it refused to start): the job says why.
-        assert seen.final["status"] == "failed" and "no result: " in seen.final["reason"], seen.final
+        # The CLI printed nothing: stopped before its first line, or it
+        # refused to start, and then the job says why.
+        assert stopped or (final["status"] == "failed" and "no result: " in final["reason"]), final
         assert not seen.of("step")
         return
     calls, outcomes = tool_calls(seen.stdout), tool_outcomes(seen.stdout)
@@ -150,13 +153,11 @@ def check_faithful(seen: Watched) -> None:
     if expected:
         assert [(i["text"], i["state"]) for i in todos[-1]["items"]] == expected
     results = seen.printed("result")
-    final = seen.final
     if results:
         last = results[-1]
         usage = seen.of("usage")[-1]
         assert (usage["inputTokens"], usage["outputTokens"]) == result_totals(last)
         assert usage["costUsd"] == last["total_cost_usd"]
-        stopped = final["status"] == "cancelled" or (final.get("reason") or "").startswith("timed out")
         if last.get("is_error") and not stopped:  # (a stopped CLI's own error is only the echo of the stop)
             # The error text of every failure is shown, not just a subtype.
             assert final["status"] == "failed", final

@@ -199,6 +199,10 @@ def make_settings(redis_url: str, store_url: str, workspace: Path) -> Callable[.
             "log_level": "warning",
             # A queue of its own: no other test's (or session's) worker takes its jobs.
             "queue_name": f"ps:queue:test-{uuid.uuid4().hex[:10]}",
+            # The audit key and witness of this test, never the repo's folder
+            # (a PostgreSQL store has no SQLite file to keep them beside).
+            "audit_key_file": str(workspace.parent / "audit.key"),
+            "audit_witness": str(workspace.parent / "audit-witness.jsonl"),
         }
         base.update(overrides)
         return load_settings(env={}, **base)

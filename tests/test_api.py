@@ -143,6 +143,9 @@ async def test_other_teams_jobs_are_not_found(make_settings, make_token, live_se
         ({"prompt": "x", "workdir": "missing-dir"}, "workdir"),
         ({"prompt": "x", "workdir": "escape"}, "workdir"),
         ({"prompt": "x", "allowedTools": ["Bash", 3]}, "allowedTools"),
+        # Tools the CLI no longer has are refused by name (the CLI would ignore them silently).
+        ({"prompt": "x", "allowedTools": ["Read", "Glob"]}, "unknown tool Glob"),
+        ({"prompt": "x", "allowedTools": ["MultiEdit(src/*)"]}, "unknown tool MultiEdit"),
         ([1, 2], ""),
         ("just a string", ""),
     ],
@@ -158,6 +161,21 @@ async def test_bad_submissions_get_a_4xx_that_names_the_field(
         assert resp.status_code == 400, resp.text
         assert needle in resp.text
         assert (await client.get("/api/jobs")).json()["items"] == []
+
+
+async def test_the_clis_permission_modes_and_tools_are_accepted(make_settings, make_token, live_server) -> None:
+    from progress_service.events import PERMISSION_MODES  # noqa: PLC0415
+
+    settings = make_settings()
+    token = await make_token(role="submitter")
+    async with live_server(settings, run_worker=False) as base, httpx.AsyncClient(base_url=base, headers=bearer(token)) as client:
+        for mode in PERMISSION_MODES:
+            resp = await client.post("/api/jobs", json={"prompt": "x", "permissionMode": mode})
+            assert resp.status_code == 201, (mode, resp.text)
+        tools = ["Agent", "Bash(git *)", "Edit", "TaskCreate", "TaskUpdate", "TodoWrite", "mcp__github__create_issue"]
+        resp = await client.post("/api/jobs", json={"prompt": "x", "permissionMode": "auto", "allowedTools": tools})
+        assert resp.status_code == 201, resp.text
+    assert {"auto", "manual", "acceptEdits", "bypassPermissions", "plan", "dontAsk"} <= set(PERMISSION_MODES)
 
 
 async def test_malformed_requests_never_500(make_settings, make_token, live_server) -> None:

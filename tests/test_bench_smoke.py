@@ -59,3 +59,34 @@ def test_quick_run_of_every_scenario_reports_its_figures(tmp_path: Path) -> None
 
     # The markdown table follows the JSON lines.
     assert "| scenario | status | deliveries/s |" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_quick_side_by_side_with_the_seed_reports_every_ratio(tmp_path: Path) -> None:
+    """``seed_compare --quick``: the seed's Node server beside the project, every workload against both."""
+    from conftest import missing_service  # noqa: PLC0415
+
+    out_file = tmp_path / "cmp.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "seed_compare", "--quick", "--json-out", str(out_file)],
+        cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=140, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (r,) = [json.loads(line) for line in out_file.read_text().splitlines()]
+    if r["status"].startswith("skipped"):
+        missing_service(f"seed_compare: {r['status']}")
+    assert r["status"] == "ok", r["status"]
+    assert COMMON_KEYS <= set(r)
+    (round_,) = r["rounds"]
+    for workload in ("joins_one_room", "joins_many_rooms", "comment_fanout", "event_fanout"):
+        for side in ("project", "seed"):
+            assert round_[workload][side], (workload, side)
+    for workload in ("comment_fanout", "event_fanout"):
+        for side in ("project", "seed"):
+            assert round_[workload][side]["deliveries"] > 0 and round_[workload][side]["p99_ms"] is not None
+        assert r["ratios"][workload]["deliveries_per_cpu_s"]["median"] > 0
+    assert round_["event_fanout"]["project"]["lost"] == 0
+    assert r["ratios"]["joins_one_room"]["rss_per_conn_kb"]["median"] > 0
+    assert "| workload | figure | project | seed |" in proc.stdout

@@ -8,18 +8,34 @@ order, or at the same moment.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import msgspec
+import pytest
 
 from progress_service.events import now_ms
 from progress_service.queue import cancel_job, claim_run, run_key
+from progress_service.store.db import create_engine
 from progress_service.store.jobs import get_job, update_job
+from progress_service.store.migrations import migrate
 from progress_service.streams import cancel_key, read_state
 # Shared helpers, and the fixtures that put these runs on a Redis database of their own.
 from test_worker import arq_pool, events, new_job, redis, redis_url, wait_for, worker_ctx  # noqa: F401
-from worker.jobs import run_job, sweep_once
+from worker.jobs import run_job
+from worker.recovery import sweep_once
+
+
+@pytest.fixture
+async def engine(store_url: str) -> AsyncIterator[Any]:
+    """SQLite only: the races are decided in Redis; the store just records the outcome."""
+    eng = create_engine(store_url)
+    await migrate(eng)
+    try:
+        yield eng
+    finally:
+        await eng.dispose()
 
 
 def _statuses(evs: list[dict[str, Any]]) -> list[tuple[str, int]]:

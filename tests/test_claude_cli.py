@@ -188,13 +188,15 @@ async def test_cancel_and_timeout_leave_no_process(run: Any, model_server: Any) 
 
     started = time.monotonic()
     jobs = await run(
-        [sc.long_tool("in-tool"), sc.stalled("in-api"), sc.stalled("too-slow", timeoutSeconds=4)],
+        [sc.long_tool("in-tool"), sc.stalled("in-api"), sc.stalled("too-slow", timeoutSeconds=8)],
         during=cancel_when_busy,
     )
     assert time.monotonic() - started < 60
     assert jobs["in-tool"].final["status"] == "cancelled"
     assert jobs["in-api"].final["status"] == "cancelled"
-    assert jobs["too-slow"].final["status"] == "failed" and "timed out after 4s" in jobs["too-slow"].final["reason"]
+    assert jobs["too-slow"].final["status"] == "failed" and "timed out after 8s" in jobs["too-slow"].final["reason"]
+    # Both stopped while the CLI waited on the (stalled) API.
+    assert model_server.messages_for("in-api") and model_server.messages_for("too-slow")
     # The Bash step the cancel interrupted ends, as the CLI reported it.
     for seen in jobs.values():
         check_faithful(seen)

@@ -218,7 +218,7 @@ class ClaudeProcess:
                 for sig, wait in steps:
                     if self.process.returncode is not None and not self.tree.members():
                         break
-                    self.tree.signal(sig, group_only=sig == signal.SIGINT)
+                    self.tree.send(sig, group_only=sig == signal.SIGINT)
                     if await self._wait_gone(wait):
                         break
             finally:

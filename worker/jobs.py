@@ -18,8 +18,8 @@ that changes the run state.
 
 A worker that stops gracefully (SIGTERM, rolling restart) hands its jobs
 back as their next attempt without spending a try; a worker that dies stops
-refreshing its lease and a :class:`Sweeper` (in the app process and in
-every worker) notices, publishes ``worker lost`` and re-enqueues the job, or
+refreshing its lease and a :class:`~worker.recovery.Sweeper` (in the app
+process and in every worker) notices, publishes ``worker lost`` and re-enqueues the job, or
 fails it once ``job_max_tries`` tries were spent. Redis and store outages
 are waited out (:mod:`worker.outage`): a running CLI is never abandoned
 because a dependency blinked.
@@ -38,7 +38,6 @@ from typing import Any, TypeVar
 import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
-from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -46,26 +45,22 @@ from progress_service.events import TERMINAL_STATUSES, JobSnapshot, now_ms
 from progress_service.queue import (
     cancel_requested,
     claim_run,
-    enqueue_job,
     finish_run,
     hand_back_run,
-    lease_key,
     publish_cancelled,
-    reap_run,
     refresh_lease,
-    run_key,
-    run_state,
 )
 from progress_service.settings import Settings
 from progress_service.workspace import WorkdirError, resolve_workdir
-from progress_service.store.jobs import JobRecord, get_job, jobs_in_status, update_job
+from progress_service.store.jobs import JobRecord, get_job, update_job
 from progress_service.streams import expire_job, read_state, room_id
 from worker.claude import (
     ClaudeProcess, Line, Output, build_command, child_env, run_to_completion, start_claude, stdout_copy_path,
 )
 from worker.mapping import Mapper
-from worker.outage import DEPENDENCY_DOWN, REDIS_DOWN, Link, persist
+from worker.outage import REDIS_DOWN, Link, persist
 from worker.publisher import Publisher
+from worker.recovery import requeue
 
 log = logging.getLogger("progress_service.worker")
 T = TypeVar("T")
@@ -76,6 +71,9 @@ CANCEL_POLL = 0.25
 LEASE_REFRESH = 1.0
 #: How often a running job says its worker is alive (seconds).
 ALIVE_EVERY = 30.0
+#: How long a stopping worker waits for Redis and the store to hand a job
+#: back, after the CLI's stop escalation (seconds).
+HAND_BACK_WAIT = 15.0
 
 
 
@@ -113,16 +111,28 @@ class JobRun:
 
         The attempt runs in a task of its own. Cancelling this call (arq's
         shutdown, a rolling restart) does not cancel the attempt: it asks it
-        to stop and hand the job back, waits for that (bounded by the stop
-        escalation), then re-raises the cancellation.
+        to stop and hand the job back, waits for that, then re-raises the
+        cancellation. The wait is bounded (the stop escalation plus
+        ``HAND_BACK_WAIT``): a worker stopping while Redis or the store is
+        down gives up handing back, and the sweeper recovers the job later.
         """
         attempt = asyncio.ensure_future(self._execute())
         try:
             return await asyncio.shield(attempt)
         except asyncio.CancelledError:
             self.hand_back_requested.set()
-            await run_to_completion(attempt)
+            await run_to_completion(self._wait_handed_back(attempt))
             raise
+
+    async def _wait_handed_back(self, attempt: asyncio.Future[str]) -> None:
+        limit = 2 * self.settings.cancel_grace + 5 + HAND_BACK_WAIT
+        done, _ = await asyncio.wait({attempt}, timeout=limit)
+        if not done:
+            log.warning("job %s: could not hand the job back within %.0f s; the sweeper will recover it", self.job_id, limit)
+            attempt.cancel()  # the CLI is stopped by start_claude's shielded exit all the same
+            await asyncio.wait({attempt})
+        if not attempt.cancelled() and attempt.exception() is not None:
+            log.error("job %s: the stopping attempt failed", self.job_id, exc_info=attempt.exception())
 
     async def _execute(self) -> str:
         try:
@@ -345,150 +355,3 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int = 1) -> str:
             return await run.execute()
         finally:
             await run.pub.close()
-
-
-# --------------------------------------------------------------------------
-# Re-enqueueing, lost workers
-# --------------------------------------------------------------------------
-
-
-async def requeue(redis: Redis, engine: AsyncEngine, settings: Settings, pub: Publisher, next_attempt: int, reason: str) -> None:
-    """Publish ``queued`` for the next attempt and enqueue it (the run state already says queued).
-
-    A cancel that lands between the run-state change and the publication
-    finds the run queued and cancels it, but its ``cancelled`` event may
-    come before our ``queued``: then the cancellation is published again,
-    so the last word is always ``cancelled`` (and the claim refuses the
-    attempt either way).
-    """
-    job_id = pub.job_id
-    mapper = pub.mapper
-    await pub(mapper.status, "queued", reason=reason, phase="queued", attempt=next_attempt, startedAt=None)
-    # Enqueued before the row is written, and the row write waits out a
-    # store outage: the run state already says queued, so a failure here
-    # must not leave the job with no arq job to run it.
-    await enqueue_job(redis, job_id, attempt=next_attempt, queue_name=settings.queue_name)  # type: ignore[arg-type]
-    await persist(lambda: update_job(engine, job_id, snapshot=mapper.snapshot), Link(f"store (job {job_id} re-queue)"))
-    if await run_state(redis, job_id) == "cancelled":
-        latest, _ = await read_state(redis, job_id)
-        if latest is None or latest.status != "cancelled":
-            who = await cancel_requested(redis, job_id)
-            await publish_cancelled(
-                redis, engine, settings, job_id, latest or mapper.snapshot, next_attempt,
-                f"cancelled by {who or 'user'} before it started",
-            )
-
-
-async def recover_job(redis: Redis, engine: AsyncEngine, settings: Settings, record: JobRecord, *, why: str) -> str:
-    """Deal with a job whose row says running but whose lease is gone.
-
-    Re-enqueues it as the next attempt while tries are left (attempts minus
-    hand-backs < ``job_max_tries``), else fails it with ``why``; a job with
-    its cancel flag set is cancelled, never re-run; a job whose worker died
-    after publishing its end only has its row brought up to date. Atomic
-    with respect to other sweepers and to the worker (the decision is one
-    Lua script). Returns what was done: alive, stale, synced, requeue,
-    failed or cancelled.
-    """
-    job_id = record.id
-    snapshot, _ = await read_state(redis, job_id)
-    if snapshot is None:
-        snapshot = record.to_snapshot()
-    if snapshot.status in TERMINAL_STATUSES:
-        if await redis.exists(lease_key(job_id)):
-            return "alive"
-        await update_job(engine, job_id, snapshot=snapshot)
-        return "synced"
-    attempt = record.attempt
-    lost_worker = await redis.hget(run_key(job_id), "worker")
-    verdict, spent = await reap_run(redis, job_id, attempt, settings.job_max_tries)
-    if verdict in ("alive", "stale"):
-        return verdict
-    mapper = Mapper(snapshot)
-    pub = Publisher(redis, job_id, attempt, settings, mapper, engine=engine)
-    worker_name = lost_worker.decode() if isinstance(lost_worker, bytes) else (lost_worker or "unknown")
-    await pub(mapper.worker, "lost", worker_name)
-    if verdict == "requeue":
-        reason = f"{why}; retrying as attempt {attempt + 1} (try {spent + 1} of {settings.job_max_tries})"
-        await requeue(redis, engine, settings, pub, attempt + 1, reason)
-        log.warning("job %s: %s", job_id, reason)
-        return "requeue"
-    if verdict == "cancelled":
-        who = await cancel_requested(redis, job_id)
-        await pub(mapper.status, "cancelled", reason=f"cancelled by {who or 'user'} ({why})")
-        outcome = "cancelled"
-    else:  # "failed", or "ended" (run state says over but nobody published it)
-        await pub(mapper.status, "failed", reason=why)
-        outcome = "failed"
-    await persist(lambda: update_job(engine, job_id, snapshot=mapper.snapshot), Link(f"store (job {job_id} recovery)"))
-    await expire_job(redis, job_id, settings.events_ttl)
-    log.warning("job %s: %s, %s after %d tr%s", job_id, why, outcome, spent, "y" if spent == 1 else "ies")
-    return outcome
-
-
-class Sweeper:
-    """Finds running jobs whose worker is gone and recovers them (:func:`recover_job`).
-
-    A lease must be seen missing for ``lease_grace`` seconds (of this
-    sweeper's own, Redis-reachable time) before its worker is declared
-    lost: after Redis restarted empty, or came back from an outage longer
-    than the lease, a live worker re-creates its lease within about a
-    second, and must not see its job run a second time. Runs in the app
-    process (so recovery happens with no worker alive) and in every worker.
-    """
-
-    def __init__(self, redis: Redis, engine: AsyncEngine, settings: Settings, *, grace: float | None = None) -> None:
-        self.redis = redis
-        self.engine = engine
-        self.settings = settings
-        self.grace = settings.lease_grace if grace is None else grace
-        self.missing: dict[str, float] = {}  # job id -> when its lease was first seen missing
-        self.link = Link("lost-worker sweeper: Redis or store")
-
-    async def sweep(self) -> dict[str, str]:
-        """One pass over running jobs; returns {job id: what was done} for those acted on."""
-        done: dict[str, str] = {}
-        running = await jobs_in_status(self.engine, ["running"])
-        ids = {r.id for r in running}
-        self.missing = {k: v for k, v in self.missing.items() if k in ids}
-        for record in running:
-            if await self.redis.exists(lease_key(record.id)):
-                self.missing.pop(record.id, None)
-                continue
-            now = anyio.current_time()
-            if now - self.missing.setdefault(record.id, now) < self.grace:
-                continue
-            outcome = await recover_job(self.redis, self.engine, self.settings, record, why="worker lost")
-            self.missing.pop(record.id, None)
-            if outcome not in ("alive", "stale"):
-                done[record.id] = outcome
-        return done
-
-    async def run(self, *, interval: float | None = None) -> None:
-        """Sweep until cancelled (every second, or ``lease_ttl / 3`` when shorter).
-
-        An outage is waited out with one log line when it starts and one when
-        it ends; leases seen missing before it are not trusted after it.
-        """
-        every = interval if interval is not None else max(0.2, min(1.0, self.settings.lease_ttl / 3))
-        while True:
-            try:
-                await self.sweep()
-            except DEPENDENCY_DOWN as exc:
-                self.link.down(exc)
-                self.missing.clear()
-            except Exception:  # noqa: BLE001 - a bug in one pass must not end recovery for good
-                log.exception("lost-worker sweep failed")
-            else:
-                self.link.up()
-            await anyio.sleep(every)
-
-
-async def sweep_once(arq_pool: ArqRedis, engine: AsyncEngine, settings: Settings) -> dict[str, str]:
-    """One pass without grace: recover every running job whose lease is missing now."""
-    return await Sweeper(arq_pool, engine, settings, grace=0).sweep()
-
-
-async def run_sweeper(arq_pool: ArqRedis, engine: AsyncEngine, settings: Settings, *, interval: float | None = None) -> None:
-    """Sweep for lost workers until cancelled (see :class:`Sweeper`)."""
-    await Sweeper(arq_pool, engine, settings).run(interval=interval)

@@ -63,7 +63,7 @@ from progress_service.events import (
 from worker.step_detail import step_input, step_output
 from worker.todos import TodoList
 from worker.tools import BOOKKEEPING_TOOLS, is_test_command, tool_phase, tool_title  # noqa: F401 - is_test_command re-exported
-from worker.stream_json import ApiEvent, Block, Message, StreamLine, TokenUsage, any_decoder, line_decoder, retry_text
+from worker.stream_json import ApiEvent, Block, Message, StreamLine, TokenUsage, decode_lenient, retry_text
 
 #: Live token counts and tool progress are published at most this often (ms).
 LIVE_EVERY_MS = 1000
@@ -155,7 +155,7 @@ class Mapper:
         data = self._todos.data()
         self._emit(out, "todo", data, progress=Progress(done=data.done, total=data.total))
 
-    def _answered(self, out: list[Mapped]) -> None:
+    def _answered(self) -> None:
         """The model answered: a pending retry is over."""
         if self.snapshot.retry is not None:
             self.snapshot = msgspec.structs.replace(self.snapshot, retry=None)
@@ -166,7 +166,8 @@ class Mapper:
         """A ``status`` event (running, succeeded, failed, cancelled, queued)."""
         out: list[Mapped] = []
         if status == "running":
-            self._emit(out, "status", StatusData(status="running", phase=self.snapshot.phase), status="running", **changes)
+            data = StatusData(status="running", phase=self.snapshot.phase, demo=changes.get("demo"))
+            self._emit(out, "status", data, status="running", **changes)
             self._phase(out, "starting")
             return out
         if status in TERMINAL_STATUSES:
@@ -203,19 +204,16 @@ class Mapper:
         if not text.strip():
             return out
         try:
-            line = line_decoder.decode(raw)
+            line, dropped = decode_lenient(raw)
         except msgspec.ValidationError:
-            # JSON, but not an object, or a known field of an unexpected type.
-            try:
-                value = any_decoder.decode(raw)
-            except msgspec.DecodeError:
-                value = None
-            what = f"'{value.get('type')}' line" if isinstance(value, dict) else "non-object JSON"
-            self._log(out, "stdout", f"unrecognized {what}: {text}")
+            self._log(out, "stdout", f"unrecognized non-object JSON: {text}")
             return out
         except msgspec.DecodeError:
             self._log(out, "stdout", text)
             return out
+        if dropped:
+            # A known field of an unexpected shape (a newer CLI?): say so, map the rest.
+            self._log(out, "stdout", f"unrecognized {', '.join(dropped)} in '{line.type}' line: {text}")
         message = line.message if isinstance(line.message, Message) else None
         if line.type == "system":
             self._system(out, line)
@@ -346,20 +344,24 @@ class Mapper:
         # only grows when the message's real number arrives.
         outp = sum(m.output if m.final else max(m.output, m.estimated_chars // 6) for m in self._live.values())
         usage = self.snapshot.usage
-        if (inp, outp) == (usage.inputTokens, usage.outputTokens):
+        if inp <= usage.inputTokens and outp <= usage.outputTokens:
             return
         now = self.clock()
         if not force and now - self._last_live < LIVE_EVERY_MS:
             return
         self._last_live = now
-        new = msgspec.structs.replace(usage, inputTokens=inp, outputTokens=outp)
+        # Never down while running (a turn after a result starts from the
+        # result's session totals); the next result line sets exact totals.
+        new = msgspec.structs.replace(
+            usage, inputTokens=max(inp, usage.inputTokens), outputTokens=max(outp, usage.outputTokens)
+        )
         data = UsageData(inputTokens=new.inputTokens, outputTokens=new.outputTokens, costUsd=self.snapshot.costUsd)
         self._emit(out, "usage", data, usage=new)
 
     def _stream_event(self, out: list[Mapped], event: ApiEvent) -> None:
         """The main agent's raw API events: live tokens, and the end of its turn."""
         if event.type == "message_start" and event.message is not None:
-            self._answered(out)
+            self._answered()
             key = event.message.id or f"anon-{self._anon_messages}"
             self._anon_messages += event.message.id is None
             usage = event.message.usage or TokenUsage()
@@ -390,7 +392,7 @@ class Mapper:
         if isinstance(message.content, str) and message.content:
             blocks = [_text_block(message.content)]
         if message.model != "<synthetic>":
-            self._answered(out)
+            self._answered()
         for block in blocks:
             if block.type == "tool_use" and block.id and block.name:
                 self._tool_use(out, block.id, block.name, block.input if isinstance(block.input, dict) else {}, parent)
@@ -479,6 +481,7 @@ class Mapper:
         """A ``result`` line: a turn of the session ended (a session woken by a
         background task prints one per turn; the last one is the job's)."""
         self._phase(out, "finishing")
+        self._answered()  # whatever was being retried is over
         is_error = bool(line.is_error)
         cost = float(line.total_cost_usd or 0.0)  # the session's running total
         usage = self.snapshot.usage

@@ -156,7 +156,7 @@ class ProcessTree:
         self.seen |= found
         return [pid for pid in found if procs.get(pid) is None or procs[pid].alive]
 
-    def signal(self, sig: signal.Signals, *, group_only: bool = False) -> None:
+    def send(self, sig: signal.Signals, *, group_only: bool = False) -> None:
         """Send ``sig`` to the leader's group and (unless ``group_only``) to every member."""
         try:
             os.killpg(self.leader, sig)

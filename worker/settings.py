@@ -22,7 +22,8 @@ from progress_service.queue import RUN_FUNCTION, arq_redis_settings
 from progress_service.settings import Settings, load_settings
 from progress_service.store.db import create_engine
 from progress_service.store.migrations import migrate
-from worker.jobs import new_worker_id, run_job, run_sweeper
+from worker.jobs import new_worker_id, run_job
+from worker.recovery import run_sweeper
 from worker.outage import Link, persist
 from worker.proctree import become_subreaper
 from worker.resilient import ResilientWorker

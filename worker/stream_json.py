@@ -18,6 +18,7 @@ a background task prints more than one).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -160,6 +161,36 @@ class StreamLine(Struct, kw_only=True):
 
 line_decoder = msgspec.json.Decoder(StreamLine)
 any_decoder = msgspec.json.Decoder()
+
+_BAD_FIELD_RE = re.compile(r"at `\$\.([A-Za-z0-9_]+)")
+
+
+def decode_lenient(raw: bytes | str) -> tuple[StreamLine, list[str]]:
+    """Decode one line; a top-level field of an unexpected shape is dropped, not the line.
+
+    Returns the line and the names of the dropped fields. Raises
+    ``msgspec.DecodeError`` for text that is not JSON and
+    ``msgspec.ValidationError`` for JSON that is not an object.
+    """
+    try:
+        return line_decoder.decode(raw), []
+    except msgspec.ValidationError as exc:
+        error = exc
+    value = any_decoder.decode(raw)
+    if not isinstance(value, dict):
+        raise error
+    dropped: list[str] = []
+    for _ in range(8):  # a line with more broken fields than this is not worth saving
+        found = _BAD_FIELD_RE.search(str(error))
+        if found is None or found.group(1) not in value:
+            break
+        dropped.append(found.group(1))
+        del value[found.group(1)]
+        try:
+            return msgspec.convert(value, StreamLine), dropped
+        except msgspec.ValidationError as exc:
+            error = exc
+    raise error
 
 
 def retry_text(attempt: int, max_retries: int, delay_ms: int, status: int | None, error: str) -> str:

@@ -162,7 +162,7 @@ class Outbox:
         "_items",
         "_on_overflow",
         "_pos",
-        "_pump_scope",
+        "_pump_task",
         "_sending_since",
         "_size",
         "_space_waiter",
@@ -204,7 +204,7 @@ class Outbox:
         #: Loop time at which the send in progress started; None between sends.
         self._sending_since: float | None = None
         self._watchdog: asyncio.TimerHandle | None = None
-        self._pump_scope: anyio.CancelScope | None = None
+        self._pump_task: asyncio.Task | None = None
         self._stalled = False
 
     @property
@@ -409,40 +409,44 @@ class Outbox:
         # The Prometheus counters take a lock per call: count locally, hand
         # the counts over once per busy period (see _count_sent).
         frames = messages = 0
-        with anyio.CancelScope() as scope:
-            self._pump_scope = scope
-            try:
-                while True:
-                    if not items:
-                        if frames:
-                            _count_sent(frames, messages)
-                            frames = messages = 0
-                        if self.closed:
-                            return
-                        waiter = self._waiter = loop.create_future()
-                        await waiter
-                        self._held = None
-                        continue
-                    frame, count = self._take()
-                    self._sending_since = now = loop.time()
-                    if self._watchdog is None:
-                        self._watchdog = loop.call_at(now + timeout, self._check_stall, loop, timeout)
-                    await send(frame)
-                    self._sending_since = None
-                    self.last_sent = loop.time()
-                    self.messages_sent += count
-                    messages += count
-                    frames += 1
-            finally:
-                if frames:
-                    _count_sent(frames, messages)
+        # The watchdog cancels this task itself (no cancel scope: an anyio
+        # scope and its task state cost ~1 KB per idle connection).
+        task = self._pump_task = asyncio.current_task()
+        try:
+            while True:
+                if not items:
+                    if frames:
+                        _count_sent(frames, messages)
+                        frames = messages = 0
+                    if self.closed:
+                        return
+                    waiter = self._waiter = loop.create_future()
+                    await waiter
+                    self._held = None
+                    continue
+                frame, count = self._take()
+                self._sending_since = now = loop.time()
+                if self._watchdog is None:
+                    self._watchdog = loop.call_at(now + timeout, self._check_stall, loop, timeout)
+                await send(frame)
                 self._sending_since = None
-                self._pump_scope = None
-                if self._watchdog is not None:
-                    self._watchdog.cancel()
-                    self._watchdog = None
-        if self._stalled:
-            raise SendTimeout
+                self.last_sent = loop.time()
+                self.messages_sent += count
+                messages += count
+                frames += 1
+        except asyncio.CancelledError:
+            # Ours (the watchdog's) unless someone else cancelled the task too.
+            if not self._stalled or task is None or task.uncancel() > 0:
+                raise
+        finally:
+            if frames:
+                _count_sent(frames, messages)
+            self._sending_since = None
+            self._pump_task = None
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+        raise SendTimeout
 
     def _check_stall(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         """The send watchdog: cancel the pump when one send has taken ``timeout`` or more.
@@ -452,12 +456,12 @@ class Outbox:
         """
         self._watchdog = None
         since = self._sending_since
-        if since is None or self._pump_scope is None:
+        if since is None or self._pump_task is None:
             return
         due = since + timeout
         if loop.time() >= due:
             self._stalled = True
-            self._pump_scope.cancel()
+            self._pump_task.cancel()
         else:
             self._watchdog = loop.call_at(due, self._check_stall, loop, timeout)
 

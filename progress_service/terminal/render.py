@@ -89,6 +89,10 @@ def describe_event(kind: str, data: dict[str, Any]) -> str:
         return f"{d.get('state')} ({d.get('workerId')})"
     if kind == "turn":
         return f"prompt {d.get('turn')}: {one_line(d.get('prompt', ''))}"
+    if kind == "retry":
+        return one_line(d.get("text") or f"retrying the API ({d.get('attempt')}/{d.get('maxRetries')})")
+    if kind == "notice":
+        return f"{d.get('kind')}: {one_line(d.get('text', ''))}"
     # A kind this client does not know yet: show its data rather than drop it.
     return one_line(json.dumps(d, separators=(",", ":"), ensure_ascii=False))
 
@@ -126,6 +130,8 @@ class JobView:
         self.watchers: set[str] = set()
         self.connection = "connecting"
         self.connection_detail = ""
+        #: "retrying the API (…)" while the CLI waits to retry, else "".
+        self.retry = ""
 
     def apply_snapshot(self, s: JobSnapshot) -> None:
         """Take the whole state from a snapshot (on join and after a gap)."""
@@ -139,14 +145,22 @@ class JobView:
         self.step = {"tool": s.step.tool, "title": s.step.title, "state": s.step.state} if s.step else None
         self.input_tokens, self.output_tokens = s.usage.inputTokens, s.usage.outputTokens
         self.cost = s.costUsd
+        self.retry = s.retry.text if s.retry is not None else ""
         if s.result is not None:
             self.result = {"ok": s.result.ok, "summary": s.result.summary, "error": s.result.error}
 
     def apply_event(self, kind: str, d: dict[str, Any]) -> None:
         """Fold one event into the state."""
+        if kind == "retry":
+            self.retry = str(d.get("text") or "retrying the API")
+            return
+        if kind in ("step", "message", "usage", "result", "status"):
+            self.retry = ""  # the model answered again (or the run is over)
         if kind == "status":
             self.status = d.get("status", self.status)
             self.phase = d.get("phase", self.phase)
+            if isinstance(d.get("demo"), bool):
+                self.demo = d["demo"]
         elif kind == "phase":
             self.phase = d.get("phase", self.phase)
         elif kind == "step":
@@ -281,6 +295,8 @@ class RichRenderer:
             Text("to-dos", "dim"), Text(todos),
             Text("tokens", "dim"), Text(f"{v.input_tokens} in / {v.output_tokens} out   cost {cost}"),
         )
+        if v.retry:
+            info.add_row(Text("api", "dim"), Text(v.retry, "yellow"), Text(""), Text(""))
         if v.watchers:
             info.add_row(Text("watching", "dim"), Text(", ".join(sorted(v.watchers))), Text(""), Text(""))
         return Group(head, bar, info)
@@ -318,6 +334,10 @@ class RichRenderer:
             self._print(clock, ("result ", "bold"), (describe_event("result", d), "green" if d.get("ok") else "red"))
         elif msg.kind == "status" and d.get("status") in TERMINAL_STATUSES | {"running"}:
             self._print(clock, ("status ", "dim"), describe_event("status", d))
+        elif msg.kind == "retry":
+            self._print(clock, (describe_event("retry", d), "yellow"))
+        elif msg.kind == "notice":
+            self._print(clock, (describe_event("notice", d), "yellow" if d.get("kind") == "permission_denied" else "dim"))
         elif msg.kind == "worker" and d.get("state") == "lost":
             self._print(clock, ("worker lost ", "yellow"), str(d.get("workerId")))
         self._live.refresh()

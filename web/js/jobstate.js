@@ -122,6 +122,8 @@ export function applyEvent(state, msg, { live = false } = {}) {
       s.status = d.status;
       if (d.phase && d.phase !== "queued" && d.status !== "queued") notePhase(a, d.phase, msg.at);
       if (d.reason !== undefined) s.reason = d.reason;
+      // The worker that runs the job says whether it is the replay demo.
+      if (typeof d.demo === "boolean") s.demo = d.demo;
       if (d.status === "running") {
         if (!a.startedAt) a.startedAt = msg.at;
         if (!s.startedAt) s.startedAt = msg.at;

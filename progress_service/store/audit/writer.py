@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from progress_service import metrics
+from progress_service import metrics, outage
 from progress_service.settings import Settings
 from progress_service.store.audit import keys as audit_keys
 from progress_service.store.audit.append import append
@@ -227,8 +227,11 @@ class Audit:
                 if self.checkpointer is not None:
                     try:
                         await self.checkpointer.checkpoint(every=True)
-                    except Exception:
-                        log.exception("audit: the shutdown checkpoint failed")
+                    except Exception as exc:
+                        if (dependency := outage.classify(exc)) is None:
+                            log.exception("audit: the shutdown checkpoint failed")
+                        else:  # the store or Redis is down: one line, not a traceback
+                            outage.warn(dependency, "the audit shutdown checkpoint", exc)
 
     async def _write_queued(self) -> None:
         while True:
