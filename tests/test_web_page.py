@@ -244,7 +244,7 @@ def test_progress_never_decreases_and_the_model_appears_live(stack: Stack, sam: 
         }"""
     )
     # The model comes from Claude Code's first line: shown without a reload.
-    expect(page.locator(".job-meta")).to_contain_text("claude-sonnet-4-5", timeout=20_000)
+    expect(page.locator(".job-meta")).to_contain_text(re.compile(r"Model claude-[a-z0-9.-]+"), timeout=20_000)
     expect(page.locator("#job-status")).to_have_text("Succeeded", timeout=60_000)
     seen = page.evaluate("() => window.__seen")
     assert len(seen) > 5 and seen[-1] == 100
@@ -283,7 +283,8 @@ def test_end_states_explain_themselves(stack: Stack, sam: str, browser: Any) -> 
 
     cases = [
         (failed, "overloaded", re.compile(r"Anthropic API was overloaded")),
-        (max_turns, "max_turns", re.compile(r"turn limit: it used all 4 turns")),
+        # The limit as the CLI reports it ("Reached maximum number of turns (N)").
+        (max_turns, "max_turns", re.compile(r"turn limit: it used all \d+ turns")),
         (long, "cancelled", re.compile(r"Cancelled by sam while it was running")),
     ]
     for job, kind, sentence in cases:
