@@ -34,20 +34,22 @@ async def provide_principal(request: Request, state: State) -> Principal:
     """
     token = bearer_token(request.headers.get("authorization"))
     if token is None and request.cookies.get(COOKIE_NAME):
-        return await principal_for_cookie(request, state.services)
-    if token is None:
+        principal = await principal_for_cookie(request, state.services)
+    elif token is None:
         raise NotAuthorizedException(
             "missing credentials: send 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    principal = await principal_for_token(state.services.engine, token)
-    if principal is None:
-        detail = (
-            "this API token was revoked; ask an admin for a new one"
-            if await token_revoked(state.services.engine, token)
-            else "invalid, expired or revoked token"
-        )
-        raise NotAuthorizedException(detail, headers={"WWW-Authenticate": "Bearer"})
+    else:
+        found = await principal_for_token(state.services.engine, token)
+        if found is None:
+            detail = (
+                "this API token was revoked; ask an admin for a new one"
+                if await token_revoked(state.services.engine, token)
+                else "invalid, expired or revoked token"
+            )
+            raise NotAuthorizedException(detail, headers={"WWW-Authenticate": "Bearer"})
+        principal = found
     if principal.is_reporter:
         # A reporter token sits on laptops and CI runners: it reports, never reads.
         raise PermissionDeniedException("a reporter token may only post to /api/hooks/claude-code")

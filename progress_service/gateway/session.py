@@ -347,12 +347,16 @@ class Session:
         try:
             await fn()
         except Exception as exc:
-            dependency = outage.classify(exc)
-            if dependency is None:
-                log.exception("gateway: session %s failed", self.id)
-            else:  # an outage no handler expected: 1011 (retry), one line, not a traceback
-                outage.warn(dependency, "a WebSocket session", exc)
-            self.request_close(closes.INTERNAL)
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """An exception no handler expected: log it and close 1011."""
+        dependency = outage.classify(exc)
+        if dependency is None:
+            log.exception("gateway: session %s failed", self.id)
+        else:  # an outage no handler expected: 1011 (retry), one line, not a traceback
+            outage.warn(dependency, "a WebSocket session", exc)
+        self.request_close(closes.INTERNAL)
 
     async def _teardown(self) -> None:
         if self._timer is not None:
@@ -402,9 +406,8 @@ class Session:
         except (OSError, WebSocketDisconnect, RuntimeError):
             # uvicorn's ClientDisconnected is an OSError: the peer vanished
             self.request_close(None)
-        except Exception:  # as _guarded does, without its frame held by every idle connection
-            log.exception("gateway: session %s failed", self.id)
-            self.request_close(closes.INTERNAL)
+        except Exception as exc:  # as _guarded does, without its frame held by every idle connection
+            self._failed(exc)
 
     # ----------------------------------------------------------- timers
 
