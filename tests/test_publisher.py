@@ -172,3 +172,23 @@ async def test_redis_keeps_what_the_archive_lacks_and_trims_what_it_holds(redis:
     assert await streams.trim_archived(redis, job_id, archived[-1], keep=1) == 3
     assert await _stream_ids(redis, job_id) == archived[-1:]
     await redis.delete(streams.events_key(job_id), streams.snapshot_key(job_id))
+
+
+async def test_a_page_whose_start_was_trimmed_reads_the_archive_then_redis(redis: Any, store: Any) -> None:
+    """``history.read_page`` after a position Redis trimmed meanwhile: archive first, then Redis, a full page."""
+    from progress_service import history  # noqa: PLC0415
+    from progress_service.events import StoredEvent  # noqa: PLC0415
+
+    engine = store.engine
+    job_id = uuid.uuid4().hex[:12]
+    got = []
+    for i in range(12):
+        event = StoredEvent(kind="log", at=1, data={"n": i})
+        got.append(await history.append_archived(redis, engine, job_id, event))
+    # What a replay that read up to got[1] finds after Redis trimmed to the last 4.
+    assert await streams.trim_archived(redis, job_id, got[-1], keep=4) == 8
+    page = await history.read_page(redis, engine, job_id, got[1], count=8)
+    assert [e.decode() for e, _ in page] == got[2:10]
+    page = await history.read_page(redis, engine, job_id, got[9], count=8)
+    assert [e.decode() for e, _ in page] == got[10:]
+    await redis.delete(streams.events_key(job_id), streams.snapshot_key(job_id))

@@ -133,7 +133,8 @@ class Publisher:
         self._unarchived: list[archive.ArchivedEvent] = []
         self._recent: deque[archive.ArchivedEvent] = deque(maxlen=RECENT)
         self._last_id: str | None = None
-        #: The events that were in the stream before this attempt's are archived (see _adopt).
+        #: This attempt's first entry, and whether the events before it are archived (see _adopt).
+        self._first_id: str | None = None
         self._adopted = False
         self._io = anyio.Lock()
         self._pumping = False
@@ -290,6 +291,7 @@ class Publisher:
                         continue
                     item.target.lastEventId = entry_id
                     self._last_id = entry_id
+                    self._first_id = self._first_id or entry_id
                     done = archive.ArchivedEvent(entry_id, item.kind, item.attempt, item.body)
                     self._unarchived.append(done)
                     self._recent.append(done)
@@ -348,7 +350,7 @@ class Publisher:
         try:
             with anyio.fail_after(CALL_TIMEOUT):
                 if not self._adopted:
-                    await self._adopt(archived_upto)
+                    await self._adopt(self._first_id or archived_upto)
                 await streams.trim_archived(
                     self.redis, self.job_id, archived_upto,
                     keep=self.settings.events_maxlen, keep_ms=int(self.settings.events_keep_seconds * 1000),
