@@ -11,7 +11,8 @@ the previous page's last id, so nothing is sent twice or skipped.
 
 ``gap`` is true only when events are really gone: retention removed the
 job's archive, or Redis trimmed entries that the archive never got (a job
-from before the archive existed).
+from before the archive existed). Redis trims only what the archive holds
+(``streams.trim_archived``), so :func:`read_page` never meets a silent hole.
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ async def read_page(redis: Redis, engine: AsyncEngine, job_id: str, after: str |
     ``after``. Otherwise the entries between ``after`` and Redis's oldest were
     trimmed before that read, and Redis trims only what the archive holds
     (``streams.trim_archived``), so the store, read next, has them: they come
-    first, then Redis's answer (a full page either way). This also holds when Redis trimmed further while a replay was
-    under way. When Redis holds the whole stream (the hot path) a page costs
-    no store query.
+    first, then Redis's answer (a full page either way). This also holds when
+    Redis trimmed further while a replay was under way. When Redis holds the
+    whole stream, or ``after`` is within what it holds (the hot path), a page
+    costs no store query.
     """
     entries, cov = await streams.replay_covered(redis, job_id, after, count=count)
     if cov.holds_from is None:
@@ -93,6 +95,7 @@ async def read_page(redis: Redis, engine: AsyncEngine, job_id: str, after: str |
     rows = await store.read_entries(engine, job_id, after, before=oldest, limit=count)
     # Fewer rows than asked: the store gave all of (after, oldest), Redis goes on from oldest.
     return (rows + entries)[:count]
+
 
 async def append_archived(redis: Redis, engine: AsyncEngine, job_id: str, event: StoredEvent, *, snapshot: object = None) -> str:
     """Append one event outside a worker's publisher (submit, cancel of a queued job) and archive it.

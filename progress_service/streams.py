@@ -101,7 +101,8 @@ async def append_event(
 
 # Appends a publisher's batch of events, each at most once (see worker/publisher.py).
 # KEYS: events stream, snapshot hash
-# ARGV: '' (unused: the stream is trimmed by `TRIM_ARCHIVED`, never here), publisher token, first seq, floor id ('' none), snapshot ('' none),
+# ARGV: '' (unused: the stream is trimmed by `TRIM_ARCHIVED`, never here),
+#       publisher token, first seq, floor id ('' none), snapshot ('' none),
 #       '1' when this publisher appended before ('' else),
 #       then (body, wanted id or '') per event; the events have seqs first, first+1, ...
 # Returns the id of each event (false: a wanted id that no longer fits), or
@@ -212,7 +213,7 @@ async def trim_archived(redis: Redis, job_id: str, archived_upto: str, *, keep: 
 
 
 async def append_chat(redis: Redis, job_id: str, chat: StoredChat, *, maxlen: int | None = None) -> str:
-    """Append a comment to the job's stream so every node and replay sees it in order (tests; the service uses ``comments``)."""
+    """Append a comment to the job's stream, in order (tests; the service's comments use ``comments``)."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.xadd(events_key(job_id), {"t": b"chat", "b": _enc.encode(chat)}, maxlen=maxlen, approximate=maxlen is not None)
         pipe.hincrby(snapshot_key(job_id), "n", 1)
@@ -244,7 +245,9 @@ async def replay(redis: Redis, job_id: str, since: str | None, *, count: int = 1
     return await redis.xrange(events_key(job_id), min=start, max="+", count=count)
 
 
-async def replay_covered(redis: Redis, job_id: str, since: str | None, *, count: int = 1000) -> tuple[list[Entry], Coverage]:
+async def replay_covered(
+    redis: Redis, job_id: str, since: str | None, *, count: int = 1000
+) -> tuple[list[Entry], Coverage]:
     """:func:`replay` and :func:`coverage` in one MULTI: the entries and what Redis held when it read them.
 
     The reader needs both from the same instant: entries older than the
