@@ -458,6 +458,19 @@ class Ack(Struct, tag="ack", tag_field="type", kw_only=True):
     id: str
 
 
+class SteerResult(Struct, kw_only=True, omit_defaults=True):
+    """The answer to an instruction or a permission answer (HTTP body; the WebSocket acks with ``eventId``).
+
+    ``delivered`` (the CLI echoed the instruction), ``allowed`` / ``denied``
+    (the answer reached the CLI), or ``queued`` when the wait for the worker
+    ran out (retry with the same request id to learn the outcome).
+    """
+
+    requestId: str
+    state: Literal["queued", "delivered", "allowed", "denied"]
+    eventId: str | None = None
+
+
 class PresenceMsg(Struct, tag="presence", tag_field="type", kw_only=True):
     roomId: str
     joined: list[PresenceMember]

@@ -186,6 +186,9 @@ class Steering:
     async def _decide(self, item: inbox.InboxItem) -> None:
         prompt = self._prompts.pop(item.permissionId or "", None)
         if prompt is None:
+            # Not pending here any more (the run ended): the sender is told so.
+            gone = inbox.Outcome(state="rejected", reason="the prompt is no longer pending", by=item.by)
+            await self._hset(f"d:{item.requestId}", inbox.encode(gone))
             return
         _deadline, data, tool_input = prompt
         if item.allow:
@@ -195,9 +198,10 @@ class Steering:
             response = {"behavior": "deny", "message": item.message or f"denied by {item.by}"}
             state = "denied"
         await self._answer(data.permissionId, response)
-        await self.publish("permission", msgspec.structs.replace(
+        event_id = await self.publish("permission", msgspec.structs.replace(
             data, state=state, by=item.by, message=item.message, expiresAt=None, input=None,
         ))
+        await self._hset(f"d:{item.requestId}", inbox.encode(inbox.Outcome(state=state, by=item.by, eventId=event_id)))
 
     async def _expire_prompts(self) -> None:
         now = anyio.current_time()
