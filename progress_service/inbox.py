@@ -99,11 +99,13 @@ def keys(job_id: str) -> list[str]:
 
 # KEYS: steer hash, inbox stream, run hash, lease.
 # ARGV: outcome field, outcome json, item json, maxlen, ttl s.
+# The field may hold this request's own reservation (state ``reserved``,
+# taken before its audit record so a concurrent duplicate waits instead).
 # -> {verdict, detail}: ok | dup (detail: the stored outcome) | closed |
 #    not_running (detail: run state) | worker_gone
 ENQUEUE = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then return {'dup', cur} end
+if cur and cjson.decode(cur)['state'] ~= 'reserved' then return {'dup', cur} end
 local st = redis.call('HGET', KEYS[3], 'state')
 if st ~= 'running' then return {'not_running', st or ''} end
 if redis.call('HGET', KEYS[1], 'closed') then return {'closed', ''} end

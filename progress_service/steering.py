@@ -113,21 +113,19 @@ class Steering:
         try:
             await self._job(principal, job_id)
             field = f"i:{request_id}"
-            known = inbox.decode_outcome(await self.redis.hget(inbox.steer_key(job_id), field))
+            key = inbox.steer_key(job_id)
+            known = inbox.decode_outcome(await self.redis.hget(key, field))
             if known is None:
                 await self._check_running(job_id)
-                await audit.record(
-                    self.engine, action="job.instruct", team_id=principal.team_id, actor=principal.user_name,
-                    room_id=streams.room_id(job_id), detail={"requestId": request_id, "text": text},
-                )
-                item = inbox.InboxItem(kind="instruct", requestId=request_id, by=principal.user_name, text=text)
-                queued = inbox.Outcome(state="queued", by=principal.user_name, text=text)
-                verdict, detail = await self._enqueue(
-                    keys=inbox.keys(job_id),
-                    args=[field, inbox.encode(queued), inbox.encode(item), inbox.INBOX_MAXLEN, self.settings.events_ttl],
-                )
-                self._refused(inbox.text_of(verdict), inbox.text_of(detail))
-            elif known.text is not None and known.text != text:
+                # The request id is reserved before the audit record: a
+                # duplicate arriving meanwhile waits for this one's outcome.
+                reservation = inbox.Outcome(state="reserved", by=principal.user_name, text=text)
+                if await self.redis.hsetnx(key, field, inbox.encode(reservation)):
+                    await self.redis.expire(key, self.settings.events_ttl)
+                    await self._first_instruct(principal, job_id, request_id, field, text)
+                else:
+                    known = inbox.decode_outcome(await self.redis.hget(key, field))
+            if known is not None and known.text is not None and known.text != text:
                 raise SteerError("invalid", "requestId: already used for a different instruction on this job")
             outcome = await self._wait(job_id, field)
         except (RedisError, SQLAlchemyError, OSError) as exc:
@@ -136,6 +134,25 @@ class Steering:
         if outcome.state == "rejected":
             raise SteerError("rejected", outcome.reason or "the instruction was not delivered")
         return SteerResult(requestId=request_id, state=outcome.state, eventId=outcome.eventId)  # type: ignore[arg-type]
+
+    async def _first_instruct(self, principal: Principal, job_id: str, request_id: str, field: str, text: str) -> None:
+        """Audit, then enqueue, a reserved instruction; the reservation goes when either fails or is refused."""
+        try:
+            await audit.record(
+                self.engine, action="job.instruct", team_id=principal.team_id, actor=principal.user_name,
+                room_id=streams.room_id(job_id), detail={"requestId": request_id, "text": text},
+            )
+            item = inbox.InboxItem(kind="instruct", requestId=request_id, by=principal.user_name, text=text)
+            queued = inbox.Outcome(state="queued", by=principal.user_name, text=text)
+            verdict, detail = await self._enqueue(
+                keys=inbox.keys(job_id),
+                args=[field, inbox.encode(queued), inbox.encode(item), inbox.INBOX_MAXLEN, self.settings.events_ttl],
+            )
+            self._refused(inbox.text_of(verdict), inbox.text_of(detail))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.redis.hdel(inbox.steer_key(job_id), field)
+            raise
 
     async def decide(
         self, principal: Principal, job_id: str, request_id: str, permission_id: str, allow: bool, message: str | None
@@ -218,7 +235,10 @@ class Steering:
                 current = inbox.decode_outcome(await self.redis.hget(key, field))
                 if current is not None:
                     last = current
-                    done = (current.eventId is not None or current.state == "rejected") if need_event else current.state != "queued"
+                    if need_event:
+                        done = current.eventId is not None or current.state == "rejected"
+                    else:
+                        done = current.state not in ("queued", "reserved")
                     if done:
                         return current
                 await anyio.sleep(WAIT_POLL)

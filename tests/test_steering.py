@@ -1,0 +1,237 @@
+"""Steering a running job with the real Claude Code CLI: instructions and permission answers.
+
+The pinned CLI talks to the scripted model server; instructions go through
+the gateway (WebSocket ``steer`` and ``POST /api/jobs/{id}/instructions``),
+the worker writes them to the CLI's stdin, and the model server's recorded
+requests show where they reached the conversation. Jobs of one test run side
+by side on one worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+import cli_scenarios as sc
+from cli_watch import submit
+from gateway_helpers import auth, connect, join, recv_type, send
+from model_server import Script, ToolUse, reply
+
+pytestmark = pytest.mark.usefixtures("claude_env")
+
+KEYWORD = "STEER-WRITE-NOTES"
+STEER_TEXT = f"Please also write the notes file. {KEYWORD}"
+
+
+class Room:
+    """A WebSocket member of one job's room: every message kept, waits by predicate."""
+
+    def __init__(self, ws: Any, job_id: str) -> None:
+        self.ws = ws
+        self.job_id = job_id
+        self.seen: list[dict[str, Any]] = []
+        self._changed = anyio.Event()
+
+    async def pump(self) -> None:
+        async for raw in self.ws:
+            msg = json.loads(raw)
+            self.seen += msg if isinstance(msg, list) else [msg]
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 60.0) -> dict[str, Any]:
+        with anyio.fail_after(timeout):
+            while True:
+                for m in self.seen:
+                    if pred(m):
+                        return m
+                await self._changed.wait()
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [m["data"] for m in self.seen if m.get("type") == "event" and m.get("kind") == kind]
+
+    async def ended(self, timeout: float = 90.0) -> dict[str, Any]:
+        return await self.wait_for(
+            lambda m: m.get("type") == "event" and m.get("kind") == "status"
+            and m["data"]["status"] in ("succeeded", "failed", "cancelled"),
+            timeout,
+        )
+
+
+def is_event(kind: str, **data: Any) -> Callable[[dict[str, Any]], bool]:
+    return lambda m: m.get("type") == "event" and m.get("kind") == kind and all(m["data"].get(k) == v for k, v in data.items())
+
+
+def is_reply(request_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda m: m.get("type") in ("ack", "error") and m.get("requestId") == request_id
+
+
+async def open_room(stack: Any, tg: Any, base: str, token: str, job_id: str) -> Room:
+    ws = await stack.enter_async_context(connect(base, max_queue=None))
+    await auth(ws, token)
+    await join(ws, job_id)
+    room = Room(ws, job_id)
+    tg.start_soon(room.pump)
+    return room
+
+
+def steer_repo(workspace: Path, name: str) -> None:
+    sc.Scenario(name=name, prompt="", turns=[]).make_repo(workspace / name)
+
+
+@pytest.fixture
+async def service(claude_bin, model_server, make_settings, make_token, live_server, tmp_path):
+    """A live server and worker running the real CLI; tokens of each role in team t1."""
+    settings = make_settings(
+        claude_bin=claude_bin, claude_stdout_dir=str(tmp_path / "stdout"), worker_concurrency=4,
+        permission_timeout=4.0, steer_ack_timeout=45.0,
+    )
+    tokens = {role: await make_token(role=role) for role in ("submitter", "reviewer", "viewer")}
+    async with live_server(settings) as base:
+        yield base, tokens, settings
+
+
+def client(base: str, token: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+
+async def audit_records(settings: Any, action: str) -> list[Any]:
+    from progress_service.store import audit  # noqa: PLC0415
+    from progress_service.store.audit import keys  # noqa: PLC0415
+    from progress_service.store.db import create_engine  # noqa: PLC0415
+
+    engine = create_engine(settings.database_url)
+    try:
+        records = await audit.list_records(engine, team_id=await audit.team_id_for(engine, "t1"), action=action, limit=100)
+        # As `progress-service audit verify` does: the server's key file.
+        result = await audit.verify(engine, keys=keys.read_keyring(keys.key_file_path(settings)))
+    finally:
+        await engine.dispose()
+    assert result.ok, result.mismatch
+    return records
+
+
+async def test_instructions_reach_the_running_cli(service, model_server, workspace, tmp_path) -> None:
+    """WS and HTTP instructions: delivered into the next model request, acked after the echo, once per request id."""
+    base, tokens, settings = service
+    pace = {"delay": 2.5}
+    branch = Script(
+        turns=[reply(ToolUse("Bash", {"command": "echo steered > NOTES.md", "description": "Write notes"}))],
+        final="Wrote the notes as asked.",
+    )
+    spec = {"permissionMode": "acceptEdits", "allowedTools": ["Bash(echo *)"]}
+    turns = [
+        reply(ToolUse("Bash", {"command": "echo one", "description": "One"})),
+        reply(ToolUse("Bash", {"command": "echo two", "description": "Two"}), **pace),
+    ]
+    for name in ("steer_ws", "steer_http"):
+        steer_repo(workspace, name)
+    marker_ws = model_server.script("steer_ws", turns, final="Not steered.", branches={KEYWORD: branch})
+    marker_http = model_server.script("steer_http", turns, final="Not steered.", branches={KEYWORD: branch})
+    async with client(base, tokens["submitter"]) as sub, client(base, tokens["reviewer"]) as rev, \
+            client(base, tokens["viewer"]) as viewer:
+        job_ws = await submit(sub, f"Count. {marker_ws}", "steer_ws", spec)
+        job_http = await submit(sub, f"Count. {marker_http}", "steer_http", {**spec, "steerable": "reviewers"})
+        async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
+            room = await open_room(stack, tg, base, tokens["submitter"], job_ws)
+            spy = await open_room(stack, tg, base, tokens["viewer"], job_ws)
+            rev_room = await open_room(stack, tg, base, tokens["reviewer"], job_ws)
+            room_http = await open_room(stack, tg, base, tokens["viewer"], job_http)
+
+            # Mid-run: the first step is done, the model is "thinking" about the second.
+            await room.wait_for(is_event("step", state="ok"), 60)
+            await room_http.wait_for(is_event("step", state="ok"), 60)
+
+            # Viewers never steer; reviewers only when the submitter allowed it.
+            await send(spy.ws, type="steer", roomId=f"job:{job_ws}", requestId="v1", text=STEER_TEXT)
+            assert (await spy.wait_for(is_reply("v1")))["code"] == "forbidden"
+            await send(rev_room.ws, type="steer", roomId=f"job:{job_ws}", requestId="r1", text=STEER_TEXT)
+            assert (await rev_room.wait_for(is_reply("r1")))["code"] == "forbidden"
+            resp = await viewer.post(f"/api/jobs/{job_http}/instructions", json={"text": STEER_TEXT},
+                                     headers={"Idempotency-Key": "v-http"})
+            assert resp.status_code == 403, resp.text
+
+            # The submitter over the WebSocket, sent twice with one request id.
+            await send(room.ws, type="steer", roomId=f"job:{job_ws}", requestId="s1", text=STEER_TEXT)
+            await send(room.ws, type="steer", roomId=f"job:{job_ws}", requestId="s1", text=STEER_TEXT)
+            # A reviewer over HTTP on the job submitted steerable by reviewers; retried.
+            key = uuid.uuid4().hex
+
+            async def http_twice() -> list[httpx.Response]:
+                first = await rev.post(f"/api/jobs/{job_http}/instructions", json={"text": STEER_TEXT},
+                                       headers={"Idempotency-Key": key})
+                again = await rev.post(f"/api/jobs/{job_http}/instructions", json={"text": STEER_TEXT},
+                                       headers={"Idempotency-Key": key})
+                return [first, again]
+
+            http_replies: list[httpx.Response] = []
+
+            async def run_http() -> None:
+                http_replies.extend(await http_twice())
+
+            tg.start_soon(run_http)
+            ack = await room.wait_for(is_reply("s1"))
+            assert ack["type"] == "ack", ack
+            delivered = (await room.wait_for(is_event("instruction", requestId="s1", state="delivered")))["data"]
+            await room.ended()
+            await room_http.ended()
+            with anyio.fail_after(30):
+                while len(http_replies) < 2:
+                    await anyio.sleep(0.1)
+            # Both acks of the duplicate: the same event.
+            acks = [m for m in room.seen if m.get("type") == "ack" and m.get("requestId") == "s1"]
+            tg.cancel_scope.cancel()
+
+        # ack only after the CLI's echo: its id is the `delivered` event, which
+        # the worker publishes when it reads the echo.
+        ids = [m["id"] for m in room.seen if m.get("type") == "event" and m.get("kind") == "instruction"
+               and m["data"]["state"] == "delivered"]
+        assert ids == [ack["id"]] and {a["id"] for a in acks} == {ack["id"]} and len(acks) == 2
+        assert delivered["by"].startswith("submitter-") and delivered["text"] == STEER_TEXT
+        states = [d["state"] for d in room.events("instruction")]
+        assert states == ["queued", "delivered"], states
+        # Every watcher sees it, viewers too.
+        assert [d["state"] for d in spy.events("instruction")] == ["queued", "delivered"]
+        stdout = [json.loads(ln) for ln in (tmp_path / "stdout" / f"{job_ws}.1.jsonl").read_text().splitlines()]
+        echoed = [ln for ln in stdout if ln.get("type") == "user" and ln.get("isReplay")
+                  and ln["message"]["content"] == STEER_TEXT]
+        assert len(echoed) == 1, "the CLI took the instruction once"
+
+        # The next model request held it, and the run followed the script's branch.
+        for job_name in ("steer_ws", "steer_http"):
+            steered = model_server.messages_for(f"{job_name}#{KEYWORD}")
+            assert steered, f"{job_name}: no request held the instruction"
+            text = json.dumps(steered[0].body["messages"])
+            assert text.count(KEYWORD) == 1
+        final = room.events("status")[-1]
+        assert final["status"] == "succeeded"
+        assert (workspace / "steer_ws" / "NOTES.md").read_text().strip() == "steered"
+        assert (workspace / "steer_http" / "NOTES.md").read_text().strip() == "steered"
+
+        first, again = http_replies
+        assert first.status_code == 200 and first.json()["state"] == "delivered", first.text
+        assert again.status_code == 200 and again.json() == first.json()
+        assert [d["state"] for d in room_http.events("instruction")] == ["queued", "delivered"]
+
+        # The job has ended: refused with a clear code, nothing sent.
+        resp = await sub.post(f"/api/jobs/{job_ws}/instructions", json={"text": "too late"},
+                              headers={"Idempotency-Key": "late"})
+        assert resp.status_code == 409 and "not_running" in resp.text, resp.text
+        async with connect(base) as ws:
+            await auth(ws, tokens["submitter"])
+            await join(ws, job_ws)
+            await send(ws, type="steer", roomId=f"job:{job_ws}", requestId="late2", text="too late")
+            err = await recv_type(ws, "error", timeout=10)
+            assert err["code"] == "not_running" and err["requestId"] == "late2"
+
+    records = await audit_records(settings, "job.instruct")
+    audited = sorted(r.detail["requestId"] for r in records)
+    assert audited == sorted(["s1", key]), audited
