@@ -235,3 +235,79 @@ async def test_instructions_reach_the_running_cli(service, model_server, workspa
     records = await audit_records(settings, "job.instruct")
     audited = sorted(r.detail["requestId"] for r in records)
     assert audited == sorted(["s1", key]), audited
+
+
+async def test_permission_prompts_are_answered_from_the_room(service, model_server, workspace, tmp_path) -> None:
+    """permissionMode ask: allow runs the tool, deny reaches the CLI, no answer expires; first answer wins."""
+    base, tokens, settings = service
+    spec = {"permissionMode": "ask", "steerable": "reviewers"}
+    names = ("ask_allow", "ask_deny", "ask_expire")
+    markers = {}
+    for name in names:
+        steer_repo(workspace, name)
+        markers[name] = model_server.script(
+            name, [reply(ToolUse("Bash", {"command": f"touch {name}.done", "description": "Touch"}))],
+            final=f"{name} finished.",
+        )
+    async with client(base, tokens["submitter"]) as sub, client(base, tokens["viewer"]) as viewer, \
+            contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tg:
+        jobs = {name: await submit(sub, f"Touch a file. {markers[name]}", name, spec) for name in names}
+        rooms = {name: await open_room(stack, tg, base, tokens["reviewer"], jobs[name]) for name in names}
+        spy = await open_room(stack, tg, base, tokens["viewer"], jobs["ask_allow"])
+        pending = {
+            name: (await rooms[name].wait_for(is_event("permission", state="pending"), 60))["data"] for name in names
+        }
+        for name in names:
+            assert pending[name]["tool"] == "Bash" and pending[name]["input"]["command"] == f"touch {name}.done"
+
+        # Viewers may not answer.
+        allow_id = pending["ask_allow"]["permissionId"]
+        await send(spy.ws, type="decide", roomId=f"job:{jobs['ask_allow']}", requestId="v", permissionId=allow_id, allow=True)
+        assert (await spy.wait_for(is_reply("v")))["code"] == "forbidden"
+        resp = await viewer.post(f"/api/jobs/{jobs['ask_allow']}/permissions/{allow_id}", json={"allow": True},
+                                 headers={"Idempotency-Key": "v2"})
+        assert resp.status_code == 403, resp.text
+
+        # A reviewer (the job is steerable by reviewers) allows over the WebSocket.
+        room = rooms["ask_allow"]
+        await send(room.ws, type="decide", roomId=f"job:{jobs['ask_allow']}", requestId="a1", permissionId=allow_id, allow=True)
+        ack = await room.wait_for(is_reply("a1"))
+        assert ack["type"] == "ack", ack
+        # The first answer won: a second one is told so.
+        await send(room.ws, type="decide", roomId=f"job:{jobs['ask_allow']}", requestId="a2", permissionId=allow_id, allow=False)
+        assert (await room.wait_for(is_reply("a2")))["code"] == "already_decided"
+
+        # The submitter denies over HTTP, with a message for the agent.
+        deny_id = pending["ask_deny"]["permissionId"]
+        resp = await sub.post(f"/api/jobs/{jobs['ask_deny']}/permissions/{deny_id}",
+                              json={"allow": False, "message": "Do not touch files today."},
+                              headers={"Idempotency-Key": "d1"})
+        assert resp.status_code == 200 and resp.json()["state"] == "denied", resp.text
+
+        finals = {name: (await rooms[name].ended())["data"] for name in names}
+        tg.cancel_scope.cancel()
+
+    outcomes = {name: [d["state"] for d in rooms[name].events("permission")] for name in names}
+    assert outcomes == {"ask_allow": ["pending", "allowed"], "ask_deny": ["pending", "denied"], "ask_expire": ["pending", "expired"]}
+    assert [m["id"] for m in rooms["ask_allow"].seen if m.get("kind") == "permission"][-1] == ack["id"]
+    assert [d["state"] for d in spy.events("permission")] == ["pending", "allowed"]  # everyone sees the outcome
+    assert all(f["status"] == "succeeded" for f in finals.values()), finals
+    # allow: the tool ran.
+    assert (workspace / "ask_allow" / "ask_allow.done").exists()
+    steps = [d for d in rooms["ask_allow"].events("step") if d["state"] != "started"]
+    assert steps and steps[-1]["state"] == "ok"
+    # deny and expiry: the tool did not run and the CLI reported the denial to the model.
+    for name, said in (("ask_deny", "Do not touch files today."), ("ask_expire", "no answer within 4s")):
+        assert not (workspace / name / f"{name}.done").exists()
+        ended = [d for d in rooms[name].events("step") if d["state"] != "started"]
+        assert ended and ended[-1]["state"] == "error", ended
+        results = [
+            b for r in model_server.messages_for(name) for m in r.body["messages"] if isinstance(m.get("content"), list)
+            for b in m["content"] if b.get("type") == "tool_result"
+        ]
+        assert results and said in json.dumps(results[-1]), results[-1:]
+
+    records = await audit_records(settings, "permission.decide")
+    assert sorted((r.detail["permissionId"], r.detail["allow"]) for r in records) == sorted(
+        [(allow_id, True), (deny_id, False)]
+    )

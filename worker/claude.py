@@ -12,6 +12,7 @@ over-long stdout line becomes an :class:`Oversize` item, never an exception.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -196,7 +197,8 @@ class ClaudeProcess:
         """End the CLI's input (it then ends after its current turn)."""
         if self.process.stdin is not None:
             async with self._stdin_lock:
-                await self.process.stdin.aclose()
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    await self.process.stdin.aclose()
 
     @property
     def returncode(self) -> int | None:
