@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,8 @@ import cli_scenarios as sc
 from cli_watch import submit
 from gateway_helpers import auth, connect, join, recv_type, send
 from model_server import Script, ToolUse, reply
+from progress_service.events import EventMsg
+from progress_service.terminal.render import format_event
 
 pytestmark = pytest.mark.usefixtures("claude_env")
 
@@ -277,12 +281,19 @@ async def test_permission_prompts_are_answered_from_the_room(service, model_serv
         await send(room.ws, type="decide", roomId=f"job:{jobs['ask_allow']}", requestId="a2", permissionId=allow_id, allow=False)
         assert (await room.wait_for(is_reply("a2")))["code"] == "already_decided"
 
-        # The submitter denies over HTTP, with a message for the agent.
+        # The submitter denies from the terminal, with a message for the agent,
+        # using the command `watch` prints with the prompt.
         deny_id = pending["ask_deny"]["permissionId"]
-        resp = await sub.post(f"/api/jobs/{jobs['ask_deny']}/permissions/{deny_id}",
-                              json={"allow": False, "message": "Do not touch files today."},
-                              headers={"Idempotency-Key": "d1"})
-        assert resp.status_code == 200 and resp.json()["state"] == "denied", resp.text
+        line = format_event(EventMsg(roomId="", id="1-0", kind="permission", at=0, data=pending["ask_deny"]), jobs["ask_deny"])
+        command = line.split("answer: ", 1)[1].replace("allow|deny", "deny").split()
+        assert command[:2] == ["progress-service", "decide"]
+        done = await anyio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "progress_service.cli", *command[1:], "--message", "Do not touch files today.",
+             "--url", base, "--token", tokens["submitter"]],
+            capture_output=True, text=True, timeout=90,
+        ))
+        assert done.returncode == 0, done.stderr
+        assert "denied" in done.stderr and done.stdout.strip()
 
         finals = {name: (await rooms[name].ended())["data"] for name in names}
         tg.cancel_scope.cancel()
