@@ -8,6 +8,7 @@ import { renderMarkdown } from "../markdown.js";
 import { describeOutcome } from "../outcome.js";
 import { compareIds, SignedOutError } from "../socket.js";
 import { createCommentsPanel } from "./comments.js";
+import { createSteeringPanel, maySteer } from "./steering.js";
 import { createStepLog } from "./steps.js";
 
 const ROLE_RANK = { viewer: 0, reviewer: 1, submitter: 2, admin: 3 };
@@ -21,7 +22,7 @@ const MODEL_POLL_MS = 3000;
  * @param {{api: object, client: import("../socket.js").RealtimeClient, step?: number|null}} ctx
  * @returns {{unmount: () => void, goToStep: (n: number|null) => void}}
  */
-export function mountJob(main, jobId, { api, client, step = null }) {
+export function mountJob(main, jobId, { api, client, step = null, me = null }) {
   const roomId = `job:${jobId}`;
   let state = null;
   let role = null;
@@ -39,7 +40,9 @@ export function mountJob(main, jobId, { api, client, step = null }) {
   let modelAskedAt = 0;
   let finalAsked = false;
 
-  const comments = createCommentsPanel({ client, roomId });
+  const steering = createSteeringPanel({ client, roomId });
+  const comments = createCommentsPanel({ client, roomId, onInstruct: (text) => steering.instruct(text) });
+  let spec = null; // the submitted spec: who may steer (`steerable`)
   const title = h("h1", { class: "job-title", id: "job-title", tabindex: "-1" }, "Loading job…");
   const els = {
     status: h("span", { class: "badge status-badge", id: "job-status" }),
@@ -114,6 +117,7 @@ export function mountJob(main, jobId, { api, client, step = null }) {
             els.now,
             els.message,
           ),
+          steering.el,
           els.result,
           h(
             "section",
@@ -168,6 +172,9 @@ export function mountJob(main, jobId, { api, client, step = null }) {
     stepLog.update(state);
     renderLogs();
     renderStats(s);
+    const steer = maySteer({ role, me, snapshot: s, spec }) && !TERMINAL.has(s.status);
+    steering.setAllowed(steer);
+    comments.setSteerable(steer);
     comments.refresh();
   }
 
@@ -431,6 +438,7 @@ export function mountJob(main, jobId, { api, client, step = null }) {
         lastSeen = msg.id;
         const history = replayUntil && compareIds(msg.id, replayUntil) <= 0;
         const change = applyEvent(state, msg, { live: !history });
+        steering.onEvent(msg, { live: !history });
         if (!state.snapshot.model && !TERMINAL.has(state.snapshot.status)) askForModel();
         if (change && !history) {
           if (change.status) announceStatus(state.snapshot);
@@ -525,6 +533,15 @@ export function mountJob(main, jobId, { api, client, step = null }) {
     }
     render();
   }
+
+  // Who may steer depends on how the job was submitted (`steerable`).
+  api.jobSpec(jobId).then(
+    (got) => {
+      spec = got;
+      render();
+    },
+    () => {},
+  );
 
   const unsubscribe = client.subscribe(roomId, onRoomMessage);
   const onState = () => {
