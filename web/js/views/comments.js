@@ -129,6 +129,9 @@ export function createCommentsPanel({ client, roomId, onInstruct = null }) {
     toClaudeLabel.hidden = !steerable || !onInstruct;
     if (toClaudeLabel.hidden) toClaude.checked = false;
     setText(button, toClaude.checked ? "Send to Claude" : "Comment");
+    setText(hint, toClaude.checked
+      ? "Ctrl+Enter sends. Claude gets it as an instruction at its next step; everyone watching sees it."
+      : "Ctrl+Enter sends. Everyone watching this job sees it.");
     const allowed = canComment();
     textarea.disabled = !allowed;
     button.disabled = !allowed;
