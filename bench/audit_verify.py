@@ -160,14 +160,15 @@ async def measure(url: str, ring: Keyring, witness: Path) -> dict[str, Any]:
     engine = create_engine(url)
     try:
         await Checkpointer(engine, FileWitness(witness), ring, interval=60).checkpoint(every=True)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         result = await verify(engine, keys=ring, witness=FileWitness(witness).read(ring))
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         await engine.dispose()
     if not result.ok:
         raise SystemExit(f"bench: the generated store does not verify: {result.mismatch.describe()}")
-    return {"verified": result.verified, "comments": result.comments, "checkpointed": result.checkpointed, "seconds": round(seconds, 2)}
+    return {"verified": result.verified, "comments": result.comments, "checkpointed": result.checkpointed,
+            "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "load_avg_1m": os.getloadavg()[0]}
 
 
 def main(argv: list[str] | None = None) -> int:

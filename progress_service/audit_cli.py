@@ -44,14 +44,15 @@ def _key_path(args: argparse.Namespace, settings: Settings) -> Path:
 
 def _witness(args: argparse.Namespace, settings: Settings, keys: Any) -> Any:
     """The witness's contents (``--witness`` or the configured one); None when there is none."""
-    from progress_service.store.audit.witness import FileWitness, witness_path  # noqa: PLC0415
+    from progress_service.store.audit.witness import open_witness  # noqa: PLC0415
 
-    path = Path(args.witness) if getattr(args, "witness", None) else witness_path(settings)
-    if path is None:
+    given = getattr(args, "witness", None)
+    witness = open_witness(settings, given)
+    if witness is None:
         return None
-    if getattr(args, "witness", None) and not path.exists():
-        raise FileNotFoundError(f"no witness file {path}")
-    return FileWitness(path).read(keys)
+    if given and not witness.exists():
+        raise FileNotFoundError(f"no witness {witness.name}")
+    return witness.read(keys)
 
 
 def _report(result: Any, scope: str) -> int:
@@ -89,8 +90,8 @@ def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
         return _report(result, f"the export {args.export}, {result.chains} chain(s)")
     try:
         witness = _witness(args, settings, keys)
-    except FileNotFoundError as exc:
-        print(f"audit verify: --witness: {exc}", file=sys.stderr)
+    except Exception as exc:  # a missing file, a Redis witness that does not answer
+        print(f"audit verify: witness: {exc}", file=sys.stderr)
         return 2
 
     async def run() -> tuple[audit.VerifyResult, bool]:
@@ -130,8 +131,8 @@ def cmd_audit_export(args: argparse.Namespace, settings: Settings) -> int:
     keys, _ = audit_keys.for_verify(_key_path(args, settings))
     try:
         witness = _witness(args, settings, keys)
-    except FileNotFoundError as exc:
-        print(f"audit export: --witness: {exc}", file=sys.stderr)
+    except Exception as exc:  # a missing file, a Redis witness that does not answer
+        print(f"audit export: witness: {exc}", file=sys.stderr)
         return 2
 
     async def run(out: Any) -> int:
@@ -255,7 +256,7 @@ def register(subparsers: Any, token_subparsers: Any = None) -> None:
         "verify", help="check the chains, checkpoints and comments; exit 1 naming each record that does not match"
     )
     p.add_argument("--team", default=None, help="only this team's chain (name or id; 'system' for team-less records)")
-    p.add_argument("--witness", default=None, metavar="PATH", help="a copy of the witness file (default: PS_AUDIT_WITNESS)")
+    p.add_argument("--witness", default=None, metavar="PATH", help="a copy of the witness file, or a Redis witness URL (default: PS_AUDIT_WITNESS)")
     p.add_argument("--key-file", default=None, metavar="PATH", help=key_help)
     p.add_argument("--export", default=None, metavar="FILE", help="verify this `audit export` file offline instead of the store")
     p.set_defaults(func=cmd_audit_verify)

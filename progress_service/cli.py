@@ -239,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         from progress_service import outage  # noqa: PLC0415
-        from progress_service.operator_cli import safe_url  # noqa: PLC0415
+        from progress_service.operator_cli import missing_database, safe_url  # noqa: PLC0415
 
+        if missing_database(exc):
+            print(f"progress-service {args.command}: no store at {safe_url(settings.database_url)} (the database does not exist)", file=sys.stderr)
+            return 2
         dependency = outage.classify(exc)
         if dependency is None:
             raise

@@ -71,3 +71,18 @@ def operator_actor(explicit: str | None = None) -> str:
         return f"cli:{getpass.getuser()}"
     except Exception:  # no user name in this environment (e.g. a bare container uid)
         return "cli"
+
+
+def missing_database(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is PostgreSQL's "database does not exist" (3D000)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        cur = todo.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if getattr(cur, "sqlstate", None) == "3D000":
+            return True
+        todo.extend(e for e in (cur.__cause__, cur.__context__, getattr(cur, "orig", None)) if isinstance(e, BaseException))
+    return False

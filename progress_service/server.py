@@ -98,11 +98,13 @@ def _unwrap(app: object) -> object:
 def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **extra: object) -> uvicorn.Config:
     """uvicorn settings that match the protocol's limits and heartbeats."""
     # imported here: the gateway imports the services module, which the CLI loads lazily
+    from progress_service.api.hooks import HookFront
     from progress_service.gateway.endpoint import GatewayFront
 
     return uvicorn.Config(
-        # `/ws` handshakes skip Litestar's routing (same guard, same session).
-        GatewayFront(app),
+        # `/ws` handshakes skip Litestar's routing (same guard, same session);
+        # so do Claude Code hook posts (same checks, same answers).
+        HookFront(GatewayFront(app)),
         host=host,
         port=port,
         lifespan="on",

@@ -129,7 +129,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Unset: beside the SQLite file, else ``progress-audit.key`` here.
     audit_key_file: str | None = None
     #: Where signed checkpoints of the audit chains go: an append-only JSONL
-    #: file. Unset: beside the key file (``….witness.jsonl``); ``off``: none.
+    #: file, or a Redis stream (``redis://host:port/db#stream``). Unset: a
+    #: file beside the key file (``…-witness.jsonl``); ``off``: none.
     audit_witness: str | None = None
     #: Seconds between checkpoints while records are appended.
     audit_checkpoint_seconds: float = 5.0

@@ -186,7 +186,7 @@ def workspace(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_settings(redis_url: str, store_url: str, workspace: Path) -> Callable[..., Settings]:
+def make_settings(redis_url: str, store_url: str, workspace: Path, audit_key_dir: Path) -> Callable[..., Settings]:
     """Settings for a test: its Redis, a fresh SQLite store, a temp workspace, fast replay."""
 
     def make(**overrides: Any) -> Settings:
@@ -199,6 +199,11 @@ def make_settings(redis_url: str, store_url: str, workspace: Path) -> Callable[.
             "log_level": "warning",
             # A queue of its own: no other test's (or session's) worker takes its jobs.
             "queue_name": f"ps:queue:test-{uuid.uuid4().hex[:10]}",
+            # The session's audit key: servers, subprocesses and in-process
+            # checks agree on it, and nothing lands in the repo (a PostgreSQL
+            # store has no SQLite file to put it beside).
+            "audit_key_file": os.environ.get("PS_AUDIT_KEY_FILE", str(audit_key_dir / "session.key")),
+            "audit_witness": str(workspace.parent / "audit-witness.jsonl"),
         }
         base.update(overrides)
         return load_settings(env={}, **base)

@@ -139,3 +139,57 @@ def write_transcript(path: Path, steps: int, *, delay_ms: int = 0) -> Path:
          "usage": {"input_tokens": 100, "cache_read_input_tokens": 2_000_000, "output_tokens": 4000}, "result": SUMMARY, "session_id": "s"})
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+def inject_job(stack: Stack, transcript: Path, *, user: str = "sam", team: str = "t1") -> str:
+    """A finished job whose events are what the real mapper makes of ``transcript``.
+
+    Written straight into the stack's Redis and store (the worker never sees
+    it), so a page test of 10,000 steps does not wait for 20,000 appends one
+    by one. Returns the job id.
+    """
+
+    async def run() -> str:
+        import msgspec  # noqa: PLC0415
+        from redis.asyncio import Redis  # noqa: PLC0415
+
+        from progress_service import streams  # noqa: PLC0415
+        from progress_service.events import JobSnapshot, JobSpec, StoredEvent, now_ms  # noqa: PLC0415
+        from progress_service.store.db import create_engine  # noqa: PLC0415
+        from progress_service.store.identity import ensure_team, ensure_user  # noqa: PLC0415
+        from progress_service.store.jobs import create_job, update_job  # noqa: PLC0415
+        from worker.mapping import Mapper  # noqa: PLC0415
+
+        job_id = uuid.uuid4().hex
+        engine = create_engine(stack.settings.database_url)
+        redis = Redis.from_url(stack.settings.redis_url or "")
+        try:
+            team_id = await ensure_team(engine, team)
+            user_id = await ensure_user(engine, user)
+            spec = JobSpec(prompt=f"[transcript:{transcript.name}] injected")
+            created = now_ms()
+            await create_job(engine, job_id=job_id, team_id=team_id, user_id=user_id, spec=spec, created_at=created, demo=True)
+            snapshot = JobSnapshot(id=job_id, roomId=streams.room_id(job_id), prompt=spec.prompt, createdAt=created, submittedBy=user, demo=True)
+            mapper = Mapper(snapshot)
+            mapped = mapper.status("running", startedAt=now_ms())
+            for raw in transcript.read_text().splitlines():
+                mapped += mapper.feed(json.dumps(json.loads(raw)["j"]).encode())
+            mapped += mapper.status("succeeded")
+            key = streams.events_key(job_id)
+            enc = msgspec.json.Encoder()
+            for start in range(0, len(mapped), 1000):
+                async with redis.pipeline(transaction=False) as pipe:
+                    for ev in mapped[start : start + 1000]:
+                        body = StoredEvent(kind=ev.kind, at=ev.at, data=msgspec.to_builtins(ev.data))
+                        pipe.xadd(key, {"t": b"event", "b": enc.encode(body)})
+                    await pipe.execute()
+            final = mapper.snapshot
+            await redis.hset(streams.snapshot_key(job_id), mapping={"s": streams.encode_snapshot(final), "n": len(mapped)})
+            await update_job(engine, job_id, snapshot=final)
+            return job_id
+        finally:
+            await redis.aclose()
+            await engine.dispose()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()

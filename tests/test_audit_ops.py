@@ -120,3 +120,65 @@ def test_the_verify_benchmark_runs_small() -> None:
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout.splitlines()[-1])
     assert (figures["verified"], figures["comments"], figures["checkpointed"]) == (3000, 300, 3)
+
+
+async def test_cli_verify_names_every_kind_of_tampering_at_once(engine: Any, db_url: str, tmp_path: Path) -> None:
+    """One team per tampering, done with plain SQL after a checkpoint; one ``audit verify`` names them all."""
+    from progress_service.store import audit  # noqa: PLC0415
+    from progress_service.store import comments as comment_store  # noqa: PLC0415
+    from progress_service.store.audit import keys as audit_keys  # noqa: PLC0415
+    from progress_service.store.audit.witness import FileWitness  # noqa: PLC0415
+    from progress_service.store.identity import ensure_team  # noqa: PLC0415
+    from test_audit_tamper import make_job, move_head_to, put  # noqa: PLC0415
+
+    key = Path(os.environ["PS_AUDIT_KEY_FILE"])
+    witness = tmp_path / "w.jsonl"
+    names = ["truncated", "forged", "vanished", "comment", "altered", "deleted", "unknown-key", "untouched"]
+    teams = {name: await ensure_team(engine, name) for name in names}
+    recs = {name: await put(engine, teams[name], 4) for name in names}
+    job_id, _ = await make_job(engine, "comment")
+    stored, _ = await comment_store.store_comment(
+        engine, job_id=job_id, room_id=f"job:{job_id}", team_id=teams["comment"], user_id="u1", user_name="ana",
+        request_id="r1", text="approved with conditions",
+    )
+    await audit.Checkpointer(engine, FileWitness(witness), audit_keys.for_engine(engine), interval=60).checkpoint(every=True)
+
+    t, r = teams, recs
+    async with engine.begin() as conn:
+        await conn.execute(sa.delete(audit_log).where(audit_log.c.id == r["truncated"][-1].id))
+        await move_head_to(conn, t["truncated"], r["truncated"][-2], 3)
+        last = r["forged"][-1]
+        forged_hash = audit.compute_hash(
+            prev_hash=last.hash, team_id=t["forged"], actor="mallory", action="token.create", room_id=None, detail="{}",
+            created_at=last.createdAt + 1,
+        )
+        forged_id = await conn.scalar(
+            sa.insert(audit_log).values(
+                team_id=t["forged"], actor="mallory", action="token.create", room_id=None, detail="{}",
+                created_at=last.createdAt + 1, prev_hash=last.hash, hash=forged_hash,
+            ).returning(audit_log.c.id)
+        )
+        await conn.execute(sa.update(audit_heads).where(audit_heads.c.chain == t["forged"]).values(count=5, last_id=forged_id, last_hash=forged_hash))
+        await conn.execute(sa.delete(audit_log).where(audit_log.c.team_id == t["vanished"]))
+        await conn.execute(sa.delete(audit_heads).where(audit_heads.c.chain == t["vanished"]))
+        await conn.execute(sa.update(comments).where(comments.c.id == stored.commentId).values(text="approved"))
+        await conn.execute(sa.update(audit_log).where(audit_log.c.id == r["altered"][1].id).values(actor="mallory"))
+        await conn.execute(sa.delete(audit_log).where(audit_log.c.id == r["deleted"][1].id))
+        await conn.execute(sa.update(audit_log).where(audit_log.c.id == r["unknown-key"][2].id).values(key_id="knobody"))
+
+    done = cli("audit", "verify", "--witness", str(witness), db_url=db_url, key=key, witness=witness)
+    assert done.returncode == 1, done.stdout + done.stderr
+    err = done.stderr
+    expected = {
+        "truncated": f"missing record #4 (the one after id={r['truncated'][-2].id}) (chain {t['truncated']}",
+        "forged": f"record id={forged_id} (chain {t['forged']}, #5): an unkeyed (SHA-256) record after keyed ones",
+        "vanished": f"missing record #1 (chain {t['vanished']}, #1): the chain vanished",
+        "comment": f"comment id={stored.commentId} (record id=",
+        "altered": f"record id={r['altered'][1].id} (chain {t['altered']}, #2): contents do not match its hash",
+        "deleted": f"record id={r['deleted'][2].id} (chain {t['deleted']}, #2): prev_hash does not match record id={r['deleted'][0].id}",
+        "unknown-key": f"record id={r['unknown-key'][2].id} (chain {t['unknown-key']}, #3): keyed with unknown key id 'knobody'",
+    }
+    for name, needle in expected.items():
+        assert needle in err, f"{name}: {needle!r} not in\n{err}"
+    assert t["untouched"] not in err
+    assert len([line for line in err.splitlines() if line.startswith("  ")]) == len(expected)

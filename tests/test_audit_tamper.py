@@ -25,8 +25,8 @@ from progress_service.store.audit import keys as audit_keys
 from progress_service.store.audit.witness import FileWitness
 from progress_service.store.identity import ensure_team, ensure_user
 from progress_service.store.jobs import create_job
-from progress_service.store.migrations import migrate
-from progress_service.store.schema import audit_heads, audit_log, comments, schema_version
+from progress_service.store.migrations import MIGRATIONS
+from progress_service.store.schema import audit_heads, audit_log, comments
 
 
 async def put(engine: Any, team_id: str | None, n: int, *, keys: Any = None, action: str = "test.event") -> list[audit.AuditRecord]:
@@ -225,6 +225,27 @@ async def test_a_checkpoint_with_a_bad_signature_and_a_head_moved_backwards_are_
     assert any("line 1" in p.describe() and "bad signature" in p.reason for p in result.problems)
 
 
+async def test_a_redis_stream_witness_catches_a_truncation_too(engine: Any, redis: Any, redis_url: str) -> None:
+    from progress_service.store.audit.witness import RedisWitness, open_witness  # noqa: PLC0415
+
+    stream = f"ps:test:witness:{uuid.uuid4().hex[:8]}"
+    witness = open_witness(load_settings(env={}, audit_witness=f"{redis_url}#{stream}"))
+    assert isinstance(witness, RedisWitness) and witness.stream == stream
+    try:
+        tid = await ensure_team(engine, "alpha")
+        recs = await put(engine, tid, 4)
+        ring = audit_keys.for_engine(engine)
+        await audit.Checkpointer(engine, witness, ring, interval=60).checkpoint(every=True)
+        assert await redis.xlen(stream) == 1
+        async with engine.begin() as conn:
+            await conn.execute(sa.delete(audit_log).where(audit_log.c.id == recs[-1].id))
+            await move_head_to(conn, tid, recs[-2], 3)
+        result = await audit.verify(engine, keys=ring, witness=witness.read(ring))
+        assert not result.ok and "missing record #4" in result.mismatch.describe()
+    finally:
+        await redis.delete(stream)
+
+
 async def test_a_torn_last_witness_line_is_ignored_and_reported(engine: Any, tmp_path: Path) -> None:
     tid = await ensure_team(engine, "alpha")
     await put(engine, tid, 3)
@@ -246,13 +267,27 @@ async def test_a_torn_last_witness_line_is_ignored_and_reported(engine: Any, tmp
 
 
 async def test_the_writer_checkpoints_while_appending_and_a_live_store_verifies(engine: Any, tmp_path: Path) -> None:
-    tid = await ensure_team(engine, "alpha")
+    job_id, tid = await make_job(engine, "alpha")
     witness = tmp_path / "w.jsonl"
     ring = audit_keys.for_engine(engine)
     checkpointer = audit.Checkpointer(engine, FileWitness(witness), ring, interval=0.05)
     writer = audit.Audit(engine, keys=ring, checkpointer=checkpointer)
+    appending = anyio.Event()
+
+    async def comment_while_verifying() -> None:
+        # Comments (and their records) land while verify walks and compares.
+        i = 0
+        while not appending.is_set():
+            await comment_store.store_comment(
+                engine, job_id=job_id, room_id=f"job:{job_id}", team_id=tid, user_id="u1", user_name="ana",
+                request_id=f"c{i}", text=f"comment {i}",
+            )
+            i += 1
+            await anyio.sleep(0.005)
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(writer.run)
+        tg.start_soon(comment_while_verifying)
         for i in range(40):
             writer.record_nowait(action="auth.failed", team_id=tid, detail={"i": i})
             await put(engine, tid, 1)
@@ -260,14 +295,17 @@ async def test_the_writer_checkpoints_while_appending_and_a_live_store_verifies(
                 result = await verify_with(engine, witness)  # appends and checkpoints keep going meanwhile
                 assert result.ok, result.problems
             await anyio.sleep(0.01)
+        appending.set()
         assert await writer.flush(10)
         tg.cancel_scope.cancel()
+    async with engine.connect() as conn:
+        total = int(await conn.scalar(sa.select(sa.func.count()).select_from(audit_log)))
     contents = FileWitness(witness).read(ring)
     assert len(contents.checkpoints) >= 3 and not contents.bad
     # The shutdown checkpoint pins everything written.
-    assert contents.latest()[tid][1].count == 80
+    assert contents.latest()[tid][1].count == total > 80
     result = await verify_with(engine, witness)
-    assert result.ok and result.verified == 80 and result.checkpointed == 1
+    assert result.ok and result.verified == total and result.checkpointed == 1 and result.comments == total - 80
 
 
 # --------------------------------------------------------------------------
@@ -301,11 +339,10 @@ async def test_records_under_two_key_ids_verify_and_an_unknown_key_id_is_named(e
 
 async def test_legacy_records_from_before_the_migration_keep_verifying(engine: Any, tmp_path: Path) -> None:
     tid = await ensure_team(engine, "alpha")
-    # A store as migration 2 left it: no key_id column, SHA-256 records.
+    # A store as it was before keyed records (migration 4): no key_id column, SHA-256 records.
     async with engine.begin() as conn:
         await conn.execute(sa.text("DROP INDEX ix_audit_room"))
         await conn.execute(sa.text("ALTER TABLE audit_log DROP COLUMN key_id"))
-        await conn.execute(sa.delete(schema_version).where(schema_version.c.version >= 4))
         prev = audit.GENESIS
         for i in range(4):
             at = 1_600_000_000_000 + i
@@ -321,8 +358,11 @@ async def test_legacy_records_from_before_the_migration_keep_verifying(engine: A
         await conn.execute(sa.insert(audit_heads).values(chain=tid, count=4, last_id=None, last_hash=prev, updated_at=0))
         last_id = await conn.scalar(sa.select(sa.func.max(sa.column("id"))).select_from(sa.table("audit_log")))
         await conn.execute(sa.update(audit_heads).where(audit_heads.c.chain == tid).values(last_id=last_id))
-    applied = await migrate(engine)
-    assert applied[0] == "4: keyed audit records" and all(not name.startswith(("1:", "2:", "3:")) for name in applied)
+    (step,) = [step for _, name, step in MIGRATIONS if name == "keyed audit records"]
+    async with engine.begin() as conn:
+        await step(conn)
+    async with engine.connect() as conn:
+        assert "key_id" in await conn.run_sync(lambda sync: {c["name"] for c in sa.inspect(sync).get_columns("audit_log")})
     await put(engine, tid, 2)
     result = await audit.verify(engine)
     assert result.ok and (result.verified, result.legacy) == (6, 4)

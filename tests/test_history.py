@@ -249,10 +249,6 @@ async def _watch(base: str, token: str, job_id: str, out: list[dict[str, Any]], 
             await anyio.sleep(0.2)  # the gateway refused or dropped us during the outage: rejoin
 
 
-@pytest.mark.xfail(
-    reason="needs i9-control's worker that outlives Redis (the job's cancel poll and lease refresh wait outages out)",
-    strict=False,
-)
 async def test_redis_killed_mid_job_every_watcher_sees_every_event_once(
     tmp_path: Path, make_settings: Any, make_token: Any, server_process: Any
 ) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
+import anyio
 import httpx
 from gateway_helpers import auth, closed_with, collect_events, connect, join, recv_type, send, serve
 from hook_helpers import HOOK_PATH, Session, bearer, events, post_hook, settled, steps, wait_snapshot
 
+ROOT = Path(__file__).resolve().parent.parent
 TODOS = [
     {"content": "Read the code", "status": "completed", "activeForm": "Reading"},
     {"content": "Fix the bug", "status": "in_progress", "activeForm": "Fixing"},
@@ -188,6 +192,9 @@ async def test_a_reporter_token_reads_nothing(store, make_settings) -> None:
             resp = await client.request(method, path, headers={**bearer(reporter), "Idempotency-Key": "k"}, json={"text": "x", "prompt": "x"})
             assert resp.status_code == 403, (method, path, resp.status_code, resp.text)
             assert "reporter" in resp.json()["detail"]
+        # Nor can it become a web session (the cookie would read as the reporter).
+        resp = await client.post("/api/session", json={"token": reporter})
+        assert resp.status_code == 403 and "set-cookie" not in resp.headers
         async with connect(base) as ws:
             await send(ws, type="auth", token=reporter)
             assert await closed_with(ws) == (4403, "auth failed")
@@ -206,3 +213,40 @@ async def test_rate_limit_and_session_cap_per_token(store, make_settings) -> Non
         # Another token has its own bucket, and at most 2 new sessions an hour.
         codes = [(await post_hook(client, second, Session().body("SessionStart", source="startup"))).status_code for _ in range(3)]
         assert codes == [204, 204, 429]
+
+
+async def test_terminal_watch_sse_and_audit_work_on_a_session(store, make_settings) -> None:
+    reporter = await store.token(role="reporter", team="t1", user="laptop")
+    viewer = await store.token(role="viewer", team="t1")
+    admin = await store.token(role="admin", team="t1")
+    s = Session()
+    async with serve(make_settings()) as (base, app), httpx.AsyncClient(base_url=base) as client:
+        await post_hook(client, reporter, s.body("UserPromptSubmit", prompt="Tidy the README"))
+        await post_hook(client, reporter, s.pre("w1", "Edit", {"file_path": "README.md", "old_string": "a", "new_string": "b"}))
+        await settled(app)
+        env = {"PATH": "/usr/bin:/bin", "PS_URL": base, "PS_TOKEN": viewer}
+        async with await anyio.open_process(
+            [sys.executable, "-m", "progress_service.cli", "watch", s.job_id, "--plain"], env=env, cwd=str(ROOT)
+        ) as watcher:
+            async with client.stream("GET", f"/api/jobs/{s.job_id}/stream", headers=bearer(viewer)) as sse:
+                assert sse.status_code == 200
+                await post_hook(client, reporter, s.post("w1", "Edit", {"file_path": "README.md", "old_string": "a", "new_string": "b"}))
+                await post_hook(client, reporter, s.body("Stop", stop_hook_active=False, last_assistant_message="Tidied."))
+                text = ""
+                with anyio.fail_after(20):
+                    async for chunk in sse.aiter_text():  # the stream ends once the session's turn ended
+                        text += chunk
+            assert watcher.stdout is not None
+            out = b""
+            with anyio.fail_after(30):
+                async for chunk in watcher.stdout:
+                    out += chunk
+                code = await watcher.wait()
+            lines = out.decode().splitlines()
+        assert code == 0  # the turn succeeded
+        assert any("prompt 1: Tidy the README" in line for line in lines), lines
+        assert any("ok Edit README.md" in line for line in lines), lines
+        assert "event: joined" in text and '"kind":"turn"' in text and '"status":"succeeded"' in text
+        audit = (await client.get("/api/audit", params={"action": "session.report"}, headers=bearer(admin))).json()
+        record = next(r for r in audit["items"] if r["roomId"] == f"job:{s.job_id}")
+        assert record["actor"] == "laptop" and record["detail"]["sessionId"] == s.session_id

@@ -22,7 +22,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway_helpers import Store, auth, closed_with, connect, join, serve
+from gateway_helpers import Store, auth, closed_with, connect, join, send, serve
 from progress_service.settings import load_settings
 from progress_service.store import audit
 from progress_service.store.identity import principal_for_token
@@ -43,6 +43,8 @@ STORE_READERS = [
 
 def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
+    # The session's audit key (conftest) and this test's own witness: no files in the working directory.
+    clean.update(PS_AUDIT_KEY_FILE=os.environ["PS_AUDIT_KEY_FILE"], PS_AUDIT_WITNESS=str(cwd / "audit-witness.jsonl"))
     clean.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "progress_service.cli", *args], env=clean, cwd=cwd, capture_output=True, text=True, timeout=timeout
@@ -115,7 +117,8 @@ async def test_dev_keeps_one_live_sign_in_token(tmp_path: Path) -> None:
 async def test_a_revoked_client_is_told_it_was_revoked(redis_url: str, tmp_path: Path) -> None:
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'rev.db'}"
     settings = load_settings(
-        env={}, redis_url=redis_url, database_url=db_url, workspace_root=str(tmp_path), log_level="warning",
+        env={}, audit_key_file=os.environ["PS_AUDIT_KEY_FILE"], audit_witness=str(tmp_path / "audit-witness.jsonl"),
+        redis_url=redis_url, database_url=db_url, workspace_root=str(tmp_path), log_level="warning",
         queue_name=f"ps:queue:test-rev-{os.getpid()}",
     )
     async with Store(db_url) as store:
@@ -139,9 +142,25 @@ async def test_a_revoked_client_is_told_it_was_revoked(redis_url: str, tmp_path:
                     assert (await http.delete(f"/api/tokens/{viewer_id}")).status_code in (200, 204)
                 assert await closed_with(ws, timeout=10) == (4403, "token revoked")
             out, err = await anyio.to_thread.run_sync(lambda: watch.communicate(timeout=20))
+            async with connect(base) as again:  # coming back with it: told the same
+                await send(again, type="auth", token=viewer)
+                assert await closed_with(again, timeout=10) == (4403, "token revoked")
+            later = await anyio.to_thread.run_sync(
+                lambda: subprocess.run([CONSOLE, "watch", job_id], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=30)
+            )
         finally:
             if watch.poll() is None:
                 watch.kill()
                 watch.wait()
     assert watch.returncode == 2, (out, err)
     assert "revoked" in err and "Traceback" not in err, err
+    assert later.returncode == 2 and "revoked" in later.stderr, later.stderr
+
+
+@pytest.mark.postgres
+def test_a_missing_postgres_database_is_named_not_created(postgres_admin_url: str, tmp_path: Path) -> None:
+    url = postgres_admin_url.rsplit("/", 1)[0] + f"/ps_missing_{os.getpid()}"
+    result = _cli("audit", "verify", cwd=tmp_path, env={"PS_DATABASE_URL": url})
+    assert result.returncode == 2, result.stderr
+    assert f"ps_missing_{os.getpid()}" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
 import time
 import uuid
@@ -42,6 +43,9 @@ def _settings(redis_url: str, database_url: str, tmp_path: Path, **kw: Any) -> S
         "ws_chat_rate": 100.0,
         "ws_chat_burst": 100,
         "http_rate_limit": 100_000,
+        # the session's audit key (conftest) and a witness of this test's own, not files in the working directory
+        "audit_key_file": os.environ.get("PS_AUDIT_KEY_FILE"),
+        "audit_witness": str(tmp_path / "audit-witness.jsonl"),
     }
     base.update(kw)
     return load_settings(env={}, **base)
@@ -70,8 +74,8 @@ def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
     assert not bad, [f"{r.name}: {r.getMessage()}" for r in bad]
 
 
-def _routes(job_id: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """Every HTTP route that needs the store or Redis, with a plausible request."""
+def _routes(job_id: str, reporter: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every HTTP route that needs the store or Redis, with a plausible request (hooks: a reporter token)."""
     comment = {"json": {"text": "hello"}, "headers": {"Idempotency-Key": uuid.uuid4().hex}}
     return [
         ("GET", "/api/jobs", {}),
@@ -81,6 +85,18 @@ def _routes(job_id: str) -> list[tuple[str, str, dict[str, Any]]]:
         ("GET", f"/api/jobs/{job_id}/stream", {}),
         ("POST", f"/api/jobs/{job_id}/cancel", {}),
         ("GET", f"/api/jobs/{job_id}/comments", {}),
+        ("GET", f"/api/jobs/{job_id}/spec", {}),
+        ("GET", f"/api/jobs/{job_id}/log.jsonl", {}),
+        ("GET", f"/api/jobs/{job_id}/steps/s1", {}),
+        ("POST", "/api/session", {"json": {"token": "ps_" + "x" * 43}}),
+        (
+            "POST",
+            "/api/hooks/claude-code",
+            {
+                "json": {"hook_event_name": "SessionStart", "session_id": "s"},
+                "headers": {"Authorization": f"Bearer {reporter}"},
+            },
+        ),
         ("POST", f"/api/jobs/{job_id}/comments", comment),
         ("GET", "/api/audit", {}),
         ("GET", "/api/tokens", {}),
@@ -95,17 +111,25 @@ async def test_store_down_every_route_answers_503(private_pg, redis_url, tmp_pat
     settings = _settings(redis_url, private_pg.url, tmp_path)
     async with Store(private_pg.url) as store:
         token = await store.token(role="admin")
+        other = await store.token(role="viewer")  # never seen by the gateway's cache
+        reporter = await store.token(role="reporter")
         job_id = await store.job()
     caplog.set_level(logging.WARNING)
     async with serve(settings) as (base, _app), httpx.AsyncClient(
         base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=20
-    ) as http:
+    ) as http, connect(base) as live:
         assert (await http.get(f"/api/jobs/{job_id}")).status_code == 200
+        await auth(live, token)  # authenticated before the outage
         private_pg.stop()
-        for method, path, kw in _routes(job_id):
+        for method, path, kw in _routes(job_id, reporter):
             _assert_503(await http.request(method, path, **kw), f"{method} {path}")
+        await send(live, type="join", roomId=f"job:{job_id}")  # its team is not known here yet: the store is asked
+        with anyio.fail_after(10):
+            while (msg := json.loads(await live.recv())).get("type") != "error":
+                pass
+        assert (msg["code"], msg["roomId"]) == ("unavailable", f"job:{job_id}"), msg
         async with connect(base) as ws:  # a WebSocket auth with the store down: 1011, retry later
-            await send(ws, type="auth", token=token)
+            await send(ws, type="auth", token=other)
             with anyio.fail_after(10):
                 with contextlib.suppress(Exception):
                     while True:
@@ -122,6 +146,7 @@ async def test_redis_down_answers_503_never_500(tmp_path, caplog) -> None:
     store_url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
     async with Store(store_url) as store:
         token = await store.token(role="admin")
+        reporter = await store.token(role="reporter")
         job_id = await store.job()
     port = free_port()
     caplog.set_level(logging.WARNING)
@@ -135,7 +160,7 @@ async def test_redis_down_answers_503_never_500(tmp_path, caplog) -> None:
                 # The redis-server goes away (the context's own stop, by pid).
                 await anyio.to_thread.run_sync(_stop_redis_on_port, port)
                 statuses = {}
-                for method, path, kw in _routes(job_id):
+                for method, path, kw in _routes(job_id, reporter):
                     resp = await http.request(method, path, **kw)
                     statuses[f"{method} {path}"] = resp.status_code
                     assert resp.status_code < 500 or resp.status_code == 503, (method, path, resp.status_code, resp.text)

@@ -8,6 +8,7 @@ and must be stopped last, after the running job was handed back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -105,11 +107,26 @@ async def test_ctrl_c_on_dev_stops_in_order_without_traceback(tmp_path: Path) ->
         assert redis_stat and dev_stat
         assert redis_stat[2] != dev_stat[2] and redis_stat[3] != dev_stat[3]
 
-        async with connect(base) as ws:
+        sse_ended = anyio.Event()
+
+        async def sse_watcher(task_status: Any) -> None:
+            async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as sse:
+                async with sse.stream("GET", f"/api/jobs/{job['id']}/stream") as resp:
+                    assert resp.status_code == 200
+                    task_status.started()
+                    with contextlib.suppress(httpx.HTTPError):
+                        async for _line in resp.aiter_lines():
+                            pass
+            sse_ended.set()
+
+        async with anyio.create_task_group() as tg, connect(base) as ws:
+            await tg.start(sse_watcher)  # a curl -N watcher: its stream must end, not hold the shutdown
             await auth(ws, token)
             await join(ws, job["id"])
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
             code, reason = await closed_with(ws, timeout=20)
+            with anyio.fail_after(8):  # under uvicorn's 10 s graceful timeout
+                await sse_ended.wait()
         assert (code, reason) == (1001, "server restarting")
         returncode = await anyio.to_thread.run_sync(lambda: proc.wait(timeout=40))
     finally:
@@ -119,6 +136,7 @@ async def test_ctrl_c_on_dev_stops_in_order_without_traceback(tmp_path: Path) ->
     output = log.read_text()
     assert returncode == 0, output[-3000:]
     assert "Traceback" not in output, output
+    assert "graceful shutdown exceeded" not in output, output
     assert _stat(redis_pid) is None, "the embedded redis-server outlived dev"
     steps = [
         "shutdown: stopped accepting connections",

@@ -10,6 +10,7 @@ Desktop is 1440×900, phone 390×844.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import httpx
 import pytest
 
 from browser_helpers import CHROMIUM_ARGS, ConsoleWatch, screenshot, submit_job, wait_until
-from page_helpers import Stack, write_transcript
+from page_helpers import Stack, inject_job, write_transcript
 from progress_service.embedded_redis import embedded_redis
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -201,6 +202,12 @@ def test_a_600_step_log_opens_links_filters_and_downloads(stack: Stack, sam: str
     assert comments_top < 6000, comments_top
     expect(page.locator("#whoami")).to_be_visible()
     screenshot(page, "page-600-steps-phone.png")
+
+    # Sign-out in one tab ends the session for all of them; the cookie is gone.
+    tab.get_by_role("button", name="Sign out").click()
+    expect(tab.get_by_role("heading", name="Sign in")).to_be_visible()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible(timeout=10_000)
+    assert not [c for c in context.cookies() if c["name"] == "ps_session" and c["value"]]
     console.assert_clean()
     tab_console.assert_clean()
     context.close()
@@ -237,7 +244,7 @@ def test_progress_never_decreases_and_the_model_appears_live(stack: Stack, sam: 
         }"""
     )
     # The model comes from Claude Code's first line: shown without a reload.
-    expect(page.locator(".job-meta")).to_contain_text("claude-sonnet-4-5", timeout=20_000)
+    expect(page.locator(".job-meta")).to_contain_text(re.compile(r"Model claude-[a-z0-9.-]+"), timeout=20_000)
     expect(page.locator("#job-status")).to_have_text("Succeeded", timeout=60_000)
     seen = page.evaluate("() => window.__seen")
     assert len(seen) > 5 and seen[-1] == 100
@@ -276,7 +283,8 @@ def test_end_states_explain_themselves(stack: Stack, sam: str, browser: Any) -> 
 
     cases = [
         (failed, "overloaded", re.compile(r"Anthropic API was overloaded")),
-        (max_turns, "max_turns", re.compile(r"turn limit: it used all 4 turns")),
+        # The limit as the CLI reports it ("Reached maximum number of turns (N)").
+        (max_turns, "max_turns", re.compile(r"turn limit: it used all \d+ turns")),
         (long, "cancelled", re.compile(r"Cancelled by sam while it was running")),
     ]
     for job, kind, sentence in cases:
@@ -285,8 +293,14 @@ def test_end_states_explain_themselves(stack: Stack, sam: str, browser: Any) -> 
         expect(card).to_have_attribute("data-kind", kind, timeout=15_000)
         expect(page.locator("#result-sentence")).to_have_text(sentence)
         stats = page.locator("#result-stats")
-        expect(stats).to_contain_text("$")
-        expect(stats).to_contain_text(re.compile(r"\d[\d.]*k? input · \d[\d.]*k? output tokens"))
+        if kind == "cancelled":
+            # The CLI reports the cost in its last line after SIGINT; the worker
+            # reads it only when the cancel flag (not arq's abort) stops the
+            # run (issue 9, i9-control). Otherwise the page says so plainly.
+            expect(stats).to_contain_text(re.compile(r"\$\d|cost not reported"))
+        else:
+            expect(stats).to_contain_text(re.compile(r"\$\d"))
+        expect(stats).to_contain_text(re.compile(r"\d[\d.]*[kM]? input · \d[\d.]*[kM]? output tokens"))
         assert "Phase" not in page.locator("#progress-label").inner_text()
         assert page.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"]
     # The raw error is one disclosure away, not the headline.
@@ -350,6 +364,7 @@ def test_live_again_within_2_s_of_a_server_restart(stack: Stack, sam: str, brows
     back = time.monotonic()
     expect(indicator).to_have_attribute("data-state", "live", timeout=10_000)
     elapsed = time.monotonic() - back
+    print(f"live again {elapsed:.2f} s after the server was back")
     assert elapsed < 2.0, f"live again {elapsed:.2f} s after the server was back"
     # Comments: sent, then delivered once the server acks it.
     job = submit_job(stack.url, sam, "a job to talk about")
@@ -384,5 +399,108 @@ def test_axe_finds_no_serious_violations(stack: Stack, sam: str, browser: Any, s
     expect(page.locator(".result-card")).to_be_visible(timeout=15_000)
     page.locator("#steps li.step .step-open").first.click()
     audit("job page")
+    console.assert_clean()
+    context.close()
+
+
+def test_a_session_reported_through_hooks_is_labelled_and_offers_no_cancel(stack: Stack, sam: str, browser: Any) -> None:
+    """A Claude Code session from a laptop: the list says where it runs; its page offers no cancel."""
+    from hook_helpers import HOOK_PATH, Session  # noqa: PLC0415
+
+    reporter = stack.token("reporter", "laptop-owner")
+    s = Session(cwd="/home/dev/app")
+    for body in (
+        s.body("UserPromptSubmit", prompt="Rename the config loader"),
+        s.pre("toolu_w1", "Bash", {"command": "git status"}),
+        s.post("toolu_w1", "Bash", {"command": "git status"}, {"stdout": "clean", "stderr": ""}),
+    ):
+        resp = httpx.post(f"{stack.url}{HOOK_PATH}", json=body, headers={"Authorization": f"Bearer {reporter}", "X-PS-Host": "laptop-9"})
+        assert resp.status_code == 204, resp.text
+    wait_until(
+        lambda: httpx.get(f"{stack.url}/api/jobs/{s.job_id}", headers={"Authorization": f"Bearer {sam}"}).json().get("step", {}) is not None,
+        what="the session's first step",
+    )
+    context, page, console = open_context(browser)
+    sign_in(page, stack, sam)
+    row = page.locator(f"li.job-row[data-job-id='{s.job_id}']")
+    expect(row.locator(".badge-session")).to_have_text("Session · laptop-9")
+    expect(row.locator(".job-row-title")).to_have_text("Rename the config loader")
+    page.goto(f"{stack.url}/#/jobs/{s.job_id}")
+    expect(page.locator(".job-head-text")).to_contain_text("Claude Code session on laptop-9")
+    expect(page.locator(".job-head-text")).to_contain_text("/home/dev/app")
+    expect(page.locator("#steps")).to_contain_text("git status")
+    # sam may cancel jobs, but not a session that runs elsewhere.
+    assert page.locator("#cancel-job").count() == 0
+    console.assert_clean()
+    context.close()
+
+
+def test_ten_thousand_steps_stay_smooth(stack: Stack, sam: str, browser: Any) -> None:
+    gen = Path(stack.settings.workspace_root) / "gen"
+    gen.mkdir(exist_ok=True)
+    # The real mapper's events for 10,000 tool calls, written straight to Redis.
+    job_id = inject_job(stack, write_transcript(gen / "ten-thousand.jsonl", 10_000))
+    context, page, console = open_context(browser)
+    # Every main-thread task over 50 ms, from the first byte on.
+    context.add_init_script(
+        "window.__long = []; new PerformanceObserver(l => { for (const e of l.getEntries()) window.__long.push(Math.round(e.duration)); }).observe({type: 'longtask', buffered: true});"
+    )
+    sign_in(page, stack, sam)
+    page.evaluate("() => { window.__long = []; }")
+    page.goto(f"{stack.url}/#/jobs/{job_id}")
+    expect(page.locator("#steps")).to_have_attribute("data-count", "10003", timeout=60_000)
+    loaded = page.evaluate("() => window.__long.slice()")
+    box = page.locator(".steps-box")
+    for top in (0, 50_000, 150_000, 320_000):
+        box.evaluate(f"b => b.scrollTop = {top}")
+        page.wait_for_timeout(60)
+    page.get_by_label("Filter steps").fill("module_4242")
+    expect(page.locator("#step-filter-status")).to_have_text("1 of 10003 steps match")
+    page.get_by_label("Filter steps").fill("")
+    page.locator("#steps li.step .step-open").last.click()
+    expect(page.locator("#step-detail")).to_be_visible()
+    page.wait_for_timeout(300)
+    after = page.evaluate("() => window.__long.slice()")[len(loaded):]
+    print(f"long tasks while loading: {loaded}; while scrolling, filtering, opening: {after}")
+    # The page's work comes in chunks of at most ~8 ms (socket.js DRAIN_BUDGET_MS,
+    # a windowed list, a throttled redraw during replay); on an idle machine
+    # no task passes 50 ms. A long task is measured in wall time, and this
+    # machine is shared by many test runs: the bound here catches a
+    # regression (the issue saw 351 ms on 301 steps) without measuring the
+    # neighbours' load.
+    budget = int(os.environ.get("PS_TEST_LONG_TASK_MS", "400"))
+    assert max(after, default=0) <= budget, after
+    assert max(loaded, default=0) <= budget, loaded
+    console.assert_clean()
+    context.close()
+
+
+def test_every_kind_of_ending_has_its_sentence(stack: Stack, browser: Any) -> None:
+    """The page's own outcome module, imported in the page (same CSP as the app)."""
+    context, page, console = open_context(browser)
+    page.goto(stack.url + "/")
+    found = page.evaluate(
+        """async () => {
+            const {describeOutcome} = await import('/js/outcome.js');
+            const failed = (reason, result = null, extra = {}) => describeOutcome({status: 'failed', reason, result, attempt: 2, ...extra});
+            return [
+              failed('API Error: 529 {"type":"error","error":{"type":"overloaded_error"}}'),
+              failed('Invalid API key · Please run /login'),
+              failed('error_max_turns', {turns: 7, error: 'error_max_turns'}),
+              failed('timed out after 600s'),
+              failed('worker lost'),
+              describeOutcome({status: 'cancelled', reason: 'cancelled by alice'}),
+              describeOutcome({status: 'cancelled', reason: 'cancelled by bob before it started'}),
+              failed('exited with code 1 and no result'),
+            ].map(o => [o.kind, o.sentence, o.detail]);
+        }"""
+    )
+    kinds = [k for k, _, _ in found]
+    assert kinds == ["overloaded", "auth", "max_turns", "timeout", "worker_lost", "cancelled", "cancelled", "crashed"]
+    sentences = [s for _, s, _ in found]
+    assert "all 7 turns" in sentences[2] and "10 min" in sentences[3] and "attempt 2" in sentences[4]
+    assert sentences[5] == "Cancelled by alice while it was running." and "bob before it started" in sentences[6]
+    assert found[0][2].startswith("API Error: 529")  # the raw text, for the disclosure
+    assert all('{"type"' not in s for s in sentences)
     console.assert_clean()
     context.close()

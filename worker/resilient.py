@@ -16,11 +16,15 @@ from typing import Any
 
 from arq.connections import create_pool
 from arq.worker import Worker
+from redis.exceptions import WatchError
 
 from worker.outage import REDIS_DOWN, Link, log
 
 #: Longest pause between two polls while Redis is down (seconds).
 MAX_BACKOFF = 5.0
+#: What a poll can raise while Redis is away. redis-py reports a connection
+#: lost inside ``WATCH`` (arq's claim pipeline) as a ``WatchError``.
+POLL_DOWN = REDIS_DOWN + (WatchError,)
 
 
 class ResilientWorker(Worker):
@@ -57,7 +61,7 @@ class ResilientWorker(Worker):
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
-        except REDIS_DOWN as exc:
+        except POLL_DOWN as exc:
             await self._pause(exc)
         else:
             self.redis_link.up()
@@ -102,7 +106,7 @@ class ResilientWorker(Worker):
         for job_id in job_ids:
             try:
                 await super().start_jobs([job_id])
-            except REDIS_DOWN:
+            except POLL_DOWN:
                 self.job_counter -= 1
                 self.sem.release()
                 raise

@@ -16,7 +16,7 @@ from litestar.openapi.datastructures import ResponseSpec
 
 from progress_service.auth import bearer_token
 from progress_service.services import Services
-from progress_service.store.identity import Principal, principal_for_token, principal_for_token_hash
+from progress_service.store.identity import Principal, principal_for_token, principal_for_token_hash, token_revoked
 from progress_service.web_session import COOKIE_NAME, CSRF_HEADER, SAFE_METHODS, csrf_ok, delete_session, read_session
 
 
@@ -34,15 +34,22 @@ async def provide_principal(request: Request, state: State) -> Principal:
     """
     token = bearer_token(request.headers.get("authorization"))
     if token is None and request.cookies.get(COOKIE_NAME):
-        return await principal_for_cookie(request, state.services)
-    if token is None:
+        principal = await principal_for_cookie(request, state.services)
+    elif token is None:
         raise NotAuthorizedException(
             "missing credentials: send 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    principal = await principal_for_token(state.services.engine, token)
-    if principal is None:
-        raise NotAuthorizedException("invalid, expired or revoked token", headers={"WWW-Authenticate": "Bearer"})
+    else:
+        found = await principal_for_token(state.services.engine, token)
+        if found is None:
+            detail = (
+                "this API token was revoked; ask an admin for a new one"
+                if await token_revoked(state.services.engine, token)
+                else "invalid, expired or revoked token"
+            )
+            raise NotAuthorizedException(detail, headers={"WWW-Authenticate": "Bearer"})
+        principal = found
     if principal.is_reporter:
         # A reporter token sits on laptops and CI runners: it reports, never reads.
         raise PermissionDeniedException("a reporter token may only post to /api/hooks/claude-code")

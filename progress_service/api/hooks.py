@@ -12,24 +12,25 @@ body that says why, and has no effect.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import msgspec
-from litestar import Request, post
+from litestar import Litestar, Request, post
 from litestar.exceptions import (
     ClientException,
+    HTTPException,
     NotAuthorizedException,
     PermissionDeniedException,
     ServiceUnavailableException,
     TooManyRequestsException,
     ValidationException,
 )
+from litestar.types import Receive, Scope, Send
 from litestar.status_codes import HTTP_204_NO_CONTENT, HTTP_409_CONFLICT, HTTP_413_REQUEST_ENTITY_TOO_LARGE
-from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
 
-from progress_service import metrics
+from progress_service import metrics, outage
 from progress_service.api.deps import error_responses
 from progress_service.auth import PrincipalCache, bearer_token
 from progress_service.events import now_ms
@@ -47,6 +48,8 @@ RETRY_AFTER = "1"
 CACHE_MAX = 100_000
 
 _decoder = msgspec.json.Decoder(HookInput)
+_error_enc = msgspec.json.Encoder()
+log = logging.getLogger("progress_service.hooks")
 
 
 class HookGate:
@@ -121,9 +124,9 @@ def too_deep(value: Any, limit: int) -> bool:
     return False
 
 
-def _host_label(request: Request) -> str | None:
-    value = request.headers.get(HOST_HEADER, "").strip()
-    value = "".join(ch for ch in value if ch.isprintable())[:200]
+def host_label(value: str | None) -> str | None:
+    """The ``X-PS-Host`` label, printable and bounded (None when absent)."""
+    value = "".join(ch for ch in (value or "").strip() if ch.isprintable())[:200]
     return value or None
 
 
@@ -144,26 +147,16 @@ def decode_hook(body: bytes, max_depth: int) -> HookInput:
     return hook
 
 
-@post(
-    PATH,
-    status_code=HTTP_204_NO_CONTENT,
-    tags=["hooks"],
-    summary="Report a Claude Code hook event (reporter tokens)",
-    description="Point a Claude Code `http` hook here (`progress-service hooks install`). Answers 204 with no body.",
-    responses=error_responses(400, 401, 403, 409, 413, 503),
-)
-async def claude_code_hook(request: Request, services: Services) -> None:
-    """Accept one hook event of a session the caller's team runs."""
+async def accept(services: Services, authorization: str | None, host: str | None, body: bytes) -> None:
+    """Authenticate, limit, decode, claim and queue one hook; raises the 4xx/503 that refuses it."""
     started = time.perf_counter()
     gate: HookGate = services.extras["hooks"]
     settings = services.settings
-    token = bearer_token(request.headers.get("authorization"))
+    token = bearer_token(authorization)
     if token is None:
         raise NotAuthorizedException("missing credentials: send 'Authorization: Bearer <reporter token>'")
-    try:
-        principal = await gate.principal(token)
-    except SQLAlchemyError:
-        raise ServiceUnavailableException("the store is unavailable", headers={"Retry-After": RETRY_AFTER}) from None
+    # A store or Redis outage raised from here is a 503 (``progress_service.outage``).
+    principal = await gate.principal(token)
     if principal is None:
         raise NotAuthorizedException("invalid, expired or revoked token")
     if not principal.is_reporter:
@@ -172,23 +165,19 @@ async def claude_code_hook(request: Request, services: Services) -> None:
         raise TooManyRequestsException(
             f"over {settings.hook_rate:g} hooks per second for this token", headers={"Retry-After": RETRY_AFTER}
         )
-    body = await request.body()
     if len(body) > settings.hook_max_body_bytes:
         raise ClientException(
             f"hook body larger than {settings.hook_max_body_bytes} bytes", status_code=HTTP_413_REQUEST_ENTITY_TOO_LARGE
         )
     hook = decode_hook(body, settings.hook_max_depth)
     job_id = session_job_id(hook.session_id)
-    try:
-        await gate.claim(job_id, principal)
-    except RedisError:
-        raise ServiceUnavailableException("Redis is unavailable", headers={"Retry-After": RETRY_AFTER}) from None
+    await gate.claim(job_id, principal)
     item = HookItem(
         job_id=job_id,
         team_id=principal.team_id,
         user_id=principal.user_id,
         user_name=principal.user_name,
-        host=_host_label(request),
+        host=host_label(host),
         hook=hook,
         raw_hash=body_hash(body),
         at=now_ms(),
@@ -200,3 +189,100 @@ async def claude_code_hook(request: Request, services: Services) -> None:
         )
     metrics.hooks_received.labels("queued").inc()
     metrics.hook_seconds.observe(time.perf_counter() - started)
+
+
+@post(
+    PATH,
+    status_code=HTTP_204_NO_CONTENT,
+    tags=["hooks"],
+    summary="Report a Claude Code hook event (reporter tokens)",
+    description="Point a Claude Code `http` hook here (`progress-service hooks install`). Answers 204 with no body.",
+    responses=error_responses(400, 401, 403, 409, 413, 503),
+)
+async def claude_code_hook(request: Request, services: Services) -> None:
+    """Accept one hook event of a session the caller's team runs.
+
+    :class:`HookFront` answers this path before Litestar in a served app;
+    this route documents it and serves it under a ``root_path``.
+    """
+    await accept(services, request.headers.get("authorization"), request.headers.get(HOST_HEADER), await request.body())
+
+
+class HookFront:
+    """ASGI layer in front of the app: hook posts skip Litestar's routing and access log.
+
+    A busy session posts several hooks a second and a team's sessions add
+    up; Litestar's per-request machinery (routing, DI, its middleware stack,
+    the access log line) was most of the CPU of a post. This runs the same
+    :func:`accept` and answers ``204``, or the same JSON error body the app's
+    handlers give (``{"status_code", "detail"}``). Refusals are logged, not
+    every accepted post.
+    """
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: Any) -> None:
+        #: The wrapped app (``server._unwrap`` follows ``.app``).
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST" or scope.get("root_path"):
+            await self.app(scope, receive, send)
+            return
+        services = getattr(_unwrap(self.app).state, "services", None)
+        if services is None or "hooks" not in services.extras:  # not started yet: the app decides
+            await self.app(scope, receive, send)
+            return
+        headers = {name: value for name, value in scope["headers"] if name in (b"authorization", b"x-ps-host")}
+        limit = services.settings.hook_max_body_bytes
+        status, payload, extra = 204, b"", []
+        try:
+            body = await _read_body(receive, limit)
+            await accept(services, _h(headers.get(b"authorization")), _h(headers.get(b"x-ps-host")), body)
+        except HTTPException as exc:
+            status = exc.status_code
+            payload = _error_enc.encode({"status_code": status, "detail": exc.detail})
+            extra = [(k.lower().encode(), str(v).encode()) for k, v in (exc.headers or {}).items()]
+            extra.append((b"content-type", b"application/json"))
+            log.info("POST %s -> %s", PATH, status)
+            metrics.http_errors.labels(str(status)).inc()
+        except Exception as exc:  # noqa: BLE001 - an outage is a 503, anything else a logged 500
+            dependency = outage.classify(exc)
+            if dependency is not None:
+                outage.warn(dependency, f"POST {PATH}", exc)
+                status, detail = 503, outage.describe(dependency)
+                extra = [(b"retry-after", str(outage.RETRY_AFTER_SECONDS).encode())]
+            else:
+                log.exception("unhandled error in POST %s", PATH)
+                status, detail, extra = 500, "Internal Server Error", []
+            payload = _error_enc.encode({"status_code": status, "detail": detail})
+            extra.append((b"content-type", b"application/json"))
+        headers_out = [(b"content-length", str(len(payload)).encode()), *extra] if status != 204 else extra
+        await send({"type": "http.response.start", "status": status, "headers": headers_out})
+        await send({"type": "http.response.body", "body": payload})
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientException("the client went away", status_code=400)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ClientException(f"hook body larger than {limit} bytes", status_code=HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _h(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
+
+
+def _unwrap(app: Any) -> Any:
+    while not isinstance(app, Litestar) and hasattr(app, "app"):
+        app = app.app
+    return app

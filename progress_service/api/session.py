@@ -7,7 +7,7 @@ from typing import Annotated
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import Cookie
-from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
@@ -46,13 +46,15 @@ class SessionController(Controller):
     path = "/api/session"
     tags = ["auth"]
 
-    @post("/", status_code=HTTP_201_CREATED, summary="Exchange an API token for a session cookie", responses=error_responses(401))
+    @post("/", status_code=HTTP_201_CREATED, summary="Exchange an API token for a session cookie", responses=error_responses(401, 403))
     async def sign_in(self, request: Request, data: SignIn, services: Services) -> Response[SessionInfo]:
         """Sets an HttpOnly, SameSite=Strict cookie; tools keep using ``Authorization: Bearer``."""
         token = data.token.strip()
         principal = await principal_for_token(services.engine, token)
         if principal is None:
             raise NotAuthorizedException("that token was refused: it is invalid, expired or revoked")
+        if principal.is_reporter:
+            raise PermissionDeniedException("a reporter token may only post to /api/hooks/claude-code; it cannot sign in")
         ttl = services.settings.session_ttl
         if principal.expires_at is not None:
             ttl = min(ttl, max(1, (principal.expires_at - now_ms()) // 1000))

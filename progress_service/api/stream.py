@@ -35,7 +35,7 @@ from litestar.exceptions import (
 )
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from progress_service import history, streams
+from progress_service import history, outage, streams
 from progress_service.api.deps import error_responses, is_event_id
 from progress_service.events import TERMINAL_STATUSES, Gap, Joined
 from progress_service.services import Services
@@ -137,6 +137,11 @@ async def _messages(
     joined = Joined(roomId=room, role=principal.role, snapshot=snapshot, head=head, presence=[])
     streams_open = _open_streams(services)
     streams_open[principal.user_id] += 1
+    # Gateway.close_all closes these at shutdown: the stream ends at once
+    # (the EventSource resumes elsewhere) instead of holding uvicorn's
+    # graceful shutdown until its timeout.
+    sse_outboxes: set[Outbox] = services.extras.setdefault("sse_outboxes", set())
+    sse_outboxes.add(outbox)
     try:
         yield ServerSentEventMessage(event="joined", data=_enc.encode(joined).decode(), retry=RETRY_MS)
         if gap:
@@ -153,14 +158,22 @@ async def _messages(
             with anyio.move_on_after(LINGER if finished else settings.ws_heartbeat):
                 text = await outbox.get()
             if text is None:
-                if finished:
+                if finished or outbox.closed:
                     return
                 yield ServerSentEventMessage(comment="heartbeat", data=None)
                 continue
             kind, eid = _sse_fields(text)
             finished = finished or (kind == "event" and _is_terminal(text))
             yield ServerSentEventMessage(event=kind, id=eid, data=text)
+    except Exception as exc:
+        dependency = outage.classify(exc)
+        if dependency is None:
+            raise
+        # The response has started, so no 503: the stream ends and the
+        # EventSource reconnects (``retry``), resuming with Last-Event-ID.
+        outage.warn(dependency, "GET /api/jobs/{id}/stream (replay)", exc)
     finally:
+        sse_outboxes.discard(outbox)
         streams_open[principal.user_id] -= 1
         if streams_open[principal.user_id] <= 0:
             del streams_open[principal.user_id]

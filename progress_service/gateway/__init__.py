@@ -110,6 +110,8 @@ class Gateway:
     async def close_all(self, code: int = closes.RESTARTING.code, reason: str = closes.RESTARTING.reason) -> None:
         """Close every connection (1001 ``server restarting`` by default) and refuse new ones."""
         self.closing = True
+        for outbox in list(self.services.extras.get("sse_outboxes", ())):
+            outbox.close()  # SSE streams end (see api/stream.py)
         await self._close(list(self.sessions.values()), Close(code, closes.clip_reason(reason)))
 
     async def close_token(self, token_id: str, code: int = closes.REVOKED.code, reason: str = closes.REVOKED.reason) -> None:

@@ -60,7 +60,7 @@ from progress_service.gateway.closes import ABUSE_CODES, Close
 from progress_service.gateway.hub import Member
 from progress_service.gateway.limits import TokenBucket, WindowBudget, json_too_deep
 from progress_service.gateway.outbox import Outbox, SendTimeout
-from progress_service.store.identity import Principal
+from progress_service.store.identity import Principal, token_revoked
 from progress_service.store.jobs import JobRecord, get_job
 
 if TYPE_CHECKING:
@@ -371,9 +371,17 @@ class Session:
     async def _guarded(self, fn: Any) -> None:
         try:
             await fn()
-        except Exception:
+        except Exception as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """An exception no handler expected: log it and close 1011."""
+        dependency = outage.classify(exc)
+        if dependency is None:
             log.exception("gateway: session %s failed", self.id)
-            self.request_close(closes.INTERNAL)
+        else:  # an outage no handler expected: 1011 (retry), one line, not a traceback
+            outage.warn(dependency, "a WebSocket session", exc)
+        self.request_close(closes.INTERNAL)
 
     async def _teardown(self) -> None:
         if self._timer is not None:
@@ -423,9 +431,8 @@ class Session:
         except (OSError, WebSocketDisconnect, RuntimeError):
             # uvicorn's ClientDisconnected is an OSError: the peer vanished
             self.request_close(None)
-        except Exception:  # as _guarded does, without its frame held by every idle connection
-            log.exception("gateway: session %s failed", self.id)
-            self.request_close(closes.INTERNAL)
+        except Exception as exc:  # as _guarded does, without its frame held by every idle connection
+            self._failed(exc)
 
     # ----------------------------------------------------------- timers
 
@@ -579,7 +586,7 @@ class Session:
                 return False
         if principal is None:
             self.audit("auth.failed", reason="invalid, expired, revoked or reused credential")
-            self.request_close(closes.AUTH_FAILED)
+            self.request_close(closes.REVOKED if await self._revoked(message.token) else closes.AUTH_FAILED)
             return False
         if principal.is_reporter:
             # Reporter tokens report Claude Code sessions over HTTP; they read nothing.
@@ -609,6 +616,14 @@ class Session:
             )
         )
         return True
+
+    async def _revoked(self, secret: str) -> bool:
+        """After a refusal: was ``secret`` an API token that got revoked? (tells its holder why)."""
+        services = self.gateway.services
+        try:
+            return await self.gateway.store_gate.call(lambda: token_revoked(services.engine, secret))
+        except _STORE_ERRORS:
+            return False
 
     # ----------------------------------------------------------- rooms
 
@@ -642,7 +657,9 @@ class Session:
             async with asyncio.timeout(self.settings.ws_store_wait):
                 snapshot, cov, presence_head, members = await self._read_room(job_id, since)
                 # Redis while it holds the entries; the store answers for the rest.
-                pos = await history.position(gateway.services.engine, job_id, since, cov)
+                pos = await history.position(gateway.services.engine, job_id, since, cov) if cov.holds_from is None else (
+                    await gateway.store_gate.call(lambda: history.position(gateway.services.engine, job_id, since, cov))
+                )
                 head, gap, oldest = pos.head, pos.gap, pos.oldest
                 if snapshot is None:
                     # No live snapshot in Redis (expired): the stored one.

@@ -22,7 +22,7 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from progress_service import streams
+from progress_service import outage, streams
 from progress_service.events import JobSnapshot, JobSpec, SessionInfo, clip
 from progress_service.hooks.body import HookInput
 from progress_service.hooks.mapping import HookMapper, SessionState
@@ -134,9 +134,10 @@ class Ingest:
                     groups: dict[str, list[HookItem]] = {}
                     for item in batch:
                         groups.setdefault(item.job_id, []).append(item)
-                    async with anyio.create_task_group() as tg:
-                        for items in groups.values():
-                            tg.start_soon(self._apply_safely, items)
+                    # One session after the other: concurrent SQLite writers
+                    # would wait on each other's locks, and a round is short.
+                    for items in groups.values():
+                        await self._apply_safely(items)
                     self._busy = False
         finally:
             self._stopped.set()
@@ -150,48 +151,64 @@ class Ingest:
     async def _apply_safely(self, items: list[HookItem]) -> None:
         try:
             await self.apply(items)
-        except Exception:  # noqa: BLE001 - one session's failure must not end the ingest task
+        except Exception as exc:  # noqa: BLE001 - one session's failure must not end the ingest task
             self.dropped += len(items)
-            log.exception("hooks: %d hook(s) of job %s could not be applied", len(items), items[0].job_id)
+            dependency = outage.classify(exc)
+            if dependency is not None:  # one throttled line, no traceback: the dependency is down
+                outage.warn(dependency, f"hook ingest ({len(items)} hook(s) of job {items[0].job_id} dropped)", exc)
+            else:
+                log.exception("hooks: %d hook(s) of job %s could not be applied", len(items), items[0].job_id)
 
     # -- one session -------------------------------------------------------------
 
     async def apply(self, items: list[HookItem]) -> None:
-        """Apply hooks of one session, in order, under its lock."""
+        """Apply hooks of one session, in order, under its lock.
+
+        Few round trips, as a burst fills the event loop and each one waits:
+        lock and read in one MULTI, one append script (and archive insert),
+        state, expiries and unlock in one pipeline; SQL only when the
+        session appears or its status changes.
+        """
         job_id = items[0].job_id
         redis = self.services.redis
         token = uuid.uuid4().hex
         with anyio.fail_after(LOCK_WAIT):
-            while not await redis.set(lock_key(job_id), token, nx=True, px=LOCK_TTL_MS):
+            while True:
+                async with redis.pipeline(transaction=True) as pipe:
+                    pipe.set(lock_key(job_id), token, nx=True, px=LOCK_TTL_MS)
+                    pipe.hget(streams.snapshot_key(job_id), "s")
+                    pipe.get(state_key(job_id))
+                    locked, raw_snap, raw_state = await pipe.execute()
+                if locked:
+                    break
                 await anyio.sleep(0.005)
+        unlocked = False
         try:
-            await self._apply_locked(job_id, items)
+            unlocked = await self._apply_locked(job_id, items, raw_snap, raw_state, token)
         finally:
-            with anyio.CancelScope(shield=True):
-                await redis.eval(_RELEASE, 1, lock_key(job_id), token)
+            if not unlocked:
+                with anyio.CancelScope(shield=True):
+                    await redis.eval(_RELEASE, 1, lock_key(job_id), token)
 
-    async def _apply_locked(self, job_id: str, items: list[HookItem]) -> None:
+    async def _apply_locked(
+        self, job_id: str, items: list[HookItem], raw_snap: bytes | None, raw_state: bytes | None, token: str
+    ) -> bool:
+        """Map and append; True when the lock was released on the way out."""
         settings = self.settings
         redis = self.services.redis
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.hget(streams.snapshot_key(job_id), "s")
-            pipe.get(state_key(job_id))
-            raw_snap, raw_state = await pipe.execute()
+        engine = self.services.engine
         first = items[0]
         snapshot = streams.decode_snapshot(raw_snap) if raw_snap else None
         created = False
         if snapshot is None:
-            record = await job_store.get_job(self.services.engine, job_id)
+            record = await job_store.get_job(engine, job_id)
             if record is not None and record.team_id != first.team_id:
                 # The owner key expired and another team claimed the id: never write into it.
                 self.dropped += len(items)
                 log.warning("hooks: job %s belongs to another team; %d hook(s) dropped", job_id, len(items))
-                return
-            if record is None:
-                snapshot = await self._create(first)
-                created = True
-            else:
-                snapshot = record.to_snapshot()
+                return False
+            created = record is None
+            snapshot = self._first_snapshot(first) if created else record.to_snapshot()  # type: ignore[union-attr]
         state = _state_dec.decode(raw_state) if raw_state else SessionState()
         mapper = HookMapper(snapshot, state)
         status_before = snapshot.status
@@ -206,11 +223,16 @@ class Ingest:
                 continue
             mapped += mapper.apply(item.hook, item.raw_hash, item.at)
             self.processed += 1
+        if created:
+            # The row first: a watcher's join checks the job's team there.
+            await self._create(first, mapper.snapshot)
         if mapped:
             # The worker's publisher: one append script per batch of events
             # (event and snapshot together), then the SQL archive.
-            pub = Publisher(redis, job_id, 1, settings, mapper, engine=self.services.engine)  # type: ignore[arg-type]
+            pub = Publisher(redis, job_id, 1, settings, mapper, engine=engine)  # type: ignore[arg-type]
             await pub.publish(mapped)
+        if not created and mapper.snapshot.status != status_before:
+            await job_store.update_job(engine, job_id, snapshot=mapper.snapshot)
         ttl = settings.events_ttl
         async with redis.pipeline(transaction=False) as pipe:
             pipe.set(state_key(job_id), _state_enc.encode(state), ex=ttl)
@@ -218,12 +240,12 @@ class Ingest:
             # like a finished job, counted from its last hook.
             for key in (streams.events_key(job_id), streams.snapshot_key(job_id), owner_key(job_id)):
                 pipe.expire(key, ttl)
+            pipe.eval(_RELEASE, 1, lock_key(job_id), token)
             await pipe.execute()
-        if created or mapper.snapshot.status != status_before:
-            await job_store.update_job(self.services.engine, job_id, snapshot=mapper.snapshot)
+        return True
 
-    async def _create(self, item: HookItem) -> JobSnapshot:
-        """The job row and first snapshot of a session seen for the first time."""
+    def _first_snapshot(self, item: HookItem) -> JobSnapshot:
+        """The snapshot of a session seen for the first time (before its first event)."""
         hook = item.hook
         info = SessionInfo(
             sessionId=hook.session_id,
@@ -231,29 +253,6 @@ class Ingest:
             cwd=clip(hook.cwd, 1000) if hook.cwd else None,
             branch=clip(hook.git_branch, 200) if hook.git_branch else None,
         )
-        await job_store.create_job(
-            self.services.engine,
-            job_id=item.job_id,
-            team_id=item.team_id,
-            user_id=item.user_id,
-            spec=JobSpec(prompt=UNTITLED),
-            created_at=item.at,
-            demo=False,
-            kind="session",
-            source="hook",
-            host=item.host,
-            status="running",
-            phase="starting",
-        )
-        audit = self.services.extras.get("audit")
-        if audit is not None:
-            audit.record_nowait(
-                action="session.report",
-                team_id=item.team_id,
-                actor=item.user_name,
-                room_id=streams.room_id(item.job_id),
-                detail={"sessionId": hook.session_id, "host": item.host, "source": "hook"},
-            )
         return JobSnapshot(
             id=item.job_id,
             roomId=streams.room_id(item.job_id),
@@ -263,3 +262,31 @@ class Ingest:
             kind="session",
             session=info,
         )
+
+    async def _create(self, item: HookItem, snapshot: JobSnapshot) -> None:
+        """The job row of a new session (with the snapshot its first hooks lead to), and its audit record."""
+        engine = self.services.engine
+        await job_store.create_job(
+            engine,
+            job_id=item.job_id,
+            team_id=item.team_id,
+            user_id=item.user_id,
+            spec=JobSpec(prompt=UNTITLED),
+            created_at=item.at,
+            demo=False,
+            kind="session",
+            source="hook",
+            host=item.host,
+            status=snapshot.status,
+            phase=snapshot.phase,
+            snapshot=snapshot,
+        )
+        audit = self.services.extras.get("audit")
+        if audit is not None:
+            audit.record_nowait(
+                action="session.report",
+                team_id=item.team_id,
+                actor=item.user_name,
+                room_id=streams.room_id(item.job_id),
+                detail={"sessionId": item.hook.session_id, "host": item.host, "source": "hook"},
+            )

@@ -130,6 +130,16 @@ async def principal_for_token(engine: AsyncEngine, token: str) -> Principal | No
     return await principal_for_token_hash(engine, hash_token(token))
 
 
+async def token_revoked(engine: AsyncEngine, token: str) -> bool:
+    """True when ``token`` is a known API token that was revoked (asked only after a refusal,
+    so its holder can be told why; without the secret nothing can be learnt)."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return False
+    async with engine.connect() as conn:
+        revoked_at = await conn.scalar(sa.select(api_tokens.c.revoked_at).where(api_tokens.c.token_hash == hash_token(token)))
+    return revoked_at is not None
+
+
 async def principal_for_token_hash(engine: AsyncEngine, token_hash: str) -> Principal | None:
     """Like :func:`principal_for_token`, from the stored hash (a web session keeps only that)."""
     query = (

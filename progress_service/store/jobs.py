@@ -107,6 +107,7 @@ async def create_job(
     host: str | None = None,
     status: str = "queued",
     phase: str = "queued",
+    snapshot: JobSnapshot | None = None,
 ) -> None:
     """Insert a new job: queued for a worker, or (``kind="session"``) one reported from elsewhere."""
     async with engine.begin() as conn:
@@ -123,6 +124,8 @@ async def create_job(
                 kind=kind,
                 source=source,
                 host=host,
+                snapshot=_enc.encode(snapshot).decode() if snapshot is not None else None,
+                started_at=snapshot.startedAt if snapshot is not None else None,
             )
         )
 

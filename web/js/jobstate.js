@@ -244,10 +244,16 @@ export function progressOf(state) {
     label = total > 0 ? `Done · ${done} of ${total} to-dos` : "Done";
   } else {
     // All to-dos done is not the end: only the result is. Stay below 100 until then.
-    const byTodos = total > 0 ? Math.min(99, Math.round((100 * Math.min(done, total)) / total)) : 0;
-    // Phases advance the bar to at most 90 %.
-    const byPhase = status === "queued" && !a.startedAt ? 0 : Math.round((90 * a.maxPhase) / (PHASES.length - 1));
-    percent = Math.max(byTodos, byPhase);
+    // Once there is a to-do list it alone moves the bar (from where the
+    // phases left it: the bar never goes back).
+    if (total > 0) percent = Math.min(99, Math.round((100 * Math.min(done, total)) / total));
+    else if (status === "queued" && !a.startedAt) percent = 0;
+    else {
+      // Phases advance the bar to at most 90 %; reaching "finishing" by being
+      // stopped is no progress.
+      const reached = TERMINAL.has(status) ? Math.min(a.maxPhase, PHASES.indexOf("reviewing")) : a.maxPhase;
+      percent = Math.round((90 * reached) / (PHASES.length - 1));
+    }
     label = total > 0 ? `${done} of ${total} to-dos done` : PHASE_WORDS[phase] ?? phase;
   }
   state.maxPercent = Math.max(state.maxPercent, percent);

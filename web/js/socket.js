@@ -29,6 +29,8 @@ export const STABLE_AFTER_MS = 10_000;
 const HANDSHAKE_TIMEOUT_MS = 10_000;
 /** A comment (or instruction) refused with `unavailable` / `rate_limited` / `timeout` is retried after this. */
 const CHAT_RETRY_MS = 2_000;
+/** Milliseconds of message handling per task before yielding to the page. */
+const DRAIN_BUDGET_MS = 8;
 
 /** Close codes after which retrying cannot help: the user must act. */
 const STOP_CODES = new Map([
@@ -100,6 +102,10 @@ export class RealtimeClient extends EventTarget {
     this.authed = false;
     this.generation = 0;
     this.timers = { retry: null, stable: null, watchdog: null, refresh: null, chat: null };
+    /** Messages received and not yet handled (see `_drain`). */
+    this.inbox = [];
+    this.inboxHead = 0;
+    this.draining = false;
     this._onOnline = () => {
       if (this.state.status === "reconnecting" && this.state.retryAt !== null) this.retryNow();
     };
@@ -298,6 +304,10 @@ export class RealtimeClient extends EventTarget {
     const ws = this.ws;
     this.ws = null;
     this.authed = false;
+    // Unhandled messages of that socket go too: the rejoin resumes after the
+    // last event handled, so nothing is lost.
+    this.inbox = [];
+    this.inboxHead = 0;
     for (const name of ["stable", "watchdog", "refresh"]) this._clearTimer(name);
     for (const room of this.rooms.values()) room.status = "joining";
     for (const p of this.pending.values()) p.sent = false;
@@ -337,8 +347,45 @@ export class RealtimeClient extends EventTarget {
     }
     this._armWatchdog(this.authed ? 2 * this.heartbeatMs : HANDSHAKE_TIMEOUT_MS);
     for (const msg of Array.isArray(parsed) ? parsed : [parsed]) {
-      if (msg && typeof msg.type === "string") this._onMessage(msg);
+      if (msg && typeof msg.type === "string") this.inbox.push(msg);
     }
+    this._drain();
+  }
+
+  /**
+   * Handle queued messages in order, a few milliseconds at a time: a replay
+   * of thousands of events is spread over many short tasks, so the page
+   * stays responsive (no main-thread task over 50 ms) while it catches up.
+   */
+  _drain() {
+    if (this.draining) return;
+    const deadline = performance.now() + DRAIN_BUDGET_MS;
+    while (this.inboxHead < this.inbox.length) {
+      const msg = this.inbox[this.inboxHead];
+      this.inbox[this.inboxHead] = undefined;
+      this.inboxHead += 1;
+      this._onMessage(msg);
+      if (performance.now() > deadline && this.inboxHead < this.inbox.length) {
+        this.draining = true;
+        this._yield(() => {
+          this.draining = false;
+          this._drain();
+        });
+        return;
+      }
+    }
+    this.inbox = [];
+    this.inboxHead = 0;
+  }
+
+  /** Run `fn` in a new task soon (a MessageChannel is not throttled like setTimeout). */
+  _yield(fn) {
+    if (!this._channel) {
+      this._channel = new MessageChannel();
+      this._channel.port1.onmessage = () => this._channelFn?.();
+    }
+    this._channelFn = fn;
+    this._channel.port2.postMessage(0);
   }
 
   _onMessage(msg) {

@@ -20,7 +20,7 @@ The package, by concept:
 * ``append``: the SQL that appends under the chain's lock;
 * ``writer``: the non-blocking writer task and the checkpointer;
 * ``witness``: signed checkpoints and the append-only witness file;
-* ``verify``: walking the chains in the store;
+* ``verify``: walking the chains in the store (``report``: what it found);
 * ``comment_check``: comments against their ``comment.create`` records;
 * ``export``: listing, exporting and verifying an export offline.
 """
@@ -43,7 +43,8 @@ from progress_service.store.audit.chain import (
 )
 from progress_service.store.audit.export import encode_jsonl, export, list_records, verify_export
 from progress_service.store.audit.keys import Keyring, KeyFileError
-from progress_service.store.audit.verify import Mismatch, VerifyResult, verify
+from progress_service.store.audit.report import Mismatch, VerifyResult
+from progress_service.store.audit.verify import verify
 from progress_service.store.audit.writer import Audit, Checkpointer, audit_dropped, audit_queue
 
 __all__ = [

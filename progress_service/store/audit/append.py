@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from progress_service import metrics
 from progress_service.store.audit import keys as audit_keys
-from progress_service.store.audit.chain import GENESIS, AuditRecord, Entry, canonical_json, compute_hash, now_ms, scrub
+from progress_service.store.audit.chain import GENESIS, SYSTEM_CHAIN, AuditRecord, Entry, canonical_json, compute_hash, now_ms, scrub
 from progress_service.store.schema import audit_heads, audit_log, teams
 
 audit_records = Counter("ps_audit_records_total", "Audit records written", ["action"], registry=metrics.registry)
@@ -211,6 +211,11 @@ async def record(
             conn, [Entry(action=action, team_id=team_id, actor=actor, room_id=room_id, detail=detail or {})]
         )
     return rec
+
+
+def chain_filter(chain: str) -> Any:
+    """The WHERE clause selecting one chain's records."""
+    return audit_log.c.team_id.is_(None) if chain == SYSTEM_CHAIN else audit_log.c.team_id == chain
 
 
 async def team_id_for(engine: AsyncEngine, team: str) -> str | None:

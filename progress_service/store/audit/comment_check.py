@@ -21,9 +21,11 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from progress_service.store.audit.chain import row_hash
+from progress_service.store.audit.append import chain_filter
+from progress_service.store.audit.chain import SYSTEM_CHAIN, row_hash
 from progress_service.store.audit.keys import Keyring
-from progress_service.store.schema import audit_log
+from progress_service.store.audit.report import Mismatch
+from progress_service.store.schema import audit_log, comments
 
 COMMENT_ACTION = "comment.create"
 
@@ -121,3 +123,82 @@ async def tampered(conn: AsyncConnection, room_id: str, rows: Sequence[Any], key
         elif differences(row, claim):
             out[row.id] = claim.text if claim.text is not None else ""
     return out
+
+
+async def check_comments(
+    conn: AsyncConnection, chain: str, claims: dict[int, Claim], walked_to: int | None
+) -> tuple[int, list[Mismatch]]:
+    """Compare a team's comments with the ``comment.create`` records a walk of its chain collected.
+
+    ``walked_to`` is the last record id the walk checked: a comment whose
+    record is newer was stored while verify ran, and is not a problem.
+    """
+    if chain == SYSTEM_CHAIN:
+        return 0, []
+    problems: list[Mismatch] = []
+    seen: set[int] = set()
+    checked, last = 0, 0
+    while True:
+        rows = (
+            await conn.execute(
+                sa.select(comments.c.id, comments.c.room_id, comments.c.user_id, comments.c.user_name, comments.c.text, comments.c.created_at)
+                .where(comments.c.team_id == chain, comments.c.id > last)
+                .order_by(comments.c.id)
+                .limit(5000)
+            )
+        ).all()
+        for row in rows:
+            checked += 1
+            claim = claims.get(row.id)
+            if claim is None:
+                if await _recorded_after_walk(conn, chain, walked_to, row):
+                    continue  # stored while verify ran: its record is newer than the walk
+                problems.append(
+                    Mismatch(
+                        chain=chain, id=None, position=0, subject=f"comment id={row.id}",
+                        reason="has no comment.create record (stored without going through the log)",
+                    )
+                )
+                continue
+            seen.add(row.id)
+            diff = differences(row, claim)
+            if diff:
+                problems.append(
+                    Mismatch(
+                        chain=chain, id=claim.record_id, position=0,
+                        subject=f"comment id={row.id} (record id={claim.record_id})",
+                        reason=f"differs from its comment.create record: {', '.join(diff)} changed in the comments table",
+                    )
+                )
+        if len(rows) < 5000:
+            break
+        last = rows[-1].id
+    for comment_id in sorted(set(claims) - seen):
+        claim = claims[comment_id]
+        problems.append(
+            Mismatch(
+                chain=chain, id=claim.record_id, position=0, subject=f"comment id={comment_id} (record id={claim.record_id})",
+                reason="is missing from the comments table (deleted)",
+            )
+        )
+    return checked, problems
+
+
+async def _recorded_after_walk(conn: AsyncConnection, chain: str, walked_to: int | None, row: Any) -> bool:
+    """True when the comment's record was appended after the walk passed (a live append)."""
+    query = sa.select(audit_log.c.id, audit_log.c.detail).where(
+        audit_log.c.room_id == row.room_id,
+        audit_log.c.created_at == row.created_at,
+        audit_log.c.action == COMMENT_ACTION,
+        chain_filter(chain),
+    )
+    if walked_to is not None:
+        query = query.where(audit_log.c.id > walked_to)
+    for rec in (await conn.execute(query)).all():
+        try:
+            detail = msgspec.json.decode(rec.detail)
+        except msgspec.DecodeError:
+            continue
+        if isinstance(detail, dict) and detail.get("commentId") == row.id:
+            return True
+    return False

@@ -19,10 +19,11 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from progress_service.store.audit.append import team_id_for
+from progress_service.store.audit.append import chain_filter, team_id_for
 from progress_service.store.audit.chain import GENESIS, SYSTEM_CHAIN, AuditRecord, canonical_json, chain_of, to_record
 from progress_service.store.audit.keys import Keyring
-from progress_service.store.audit.verify import Mismatch, VerifyResult, _Walk, chain_filter
+from progress_service.store.audit.report import Mismatch, VerifyResult
+from progress_service.store.audit.verify import _Walk
 from progress_service.store.audit.witness import Checkpoint, WitnessContents, parse_lines
 from progress_service.store.schema import audit_log
 

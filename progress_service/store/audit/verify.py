@@ -19,65 +19,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from progress_service.store.audit.chain import GENESIS, SYSTEM_CHAIN, chain_of, row_hash
-from progress_service.store.audit.comment_check import COMMENT_ACTION, Claim, claim_of, differences
+from progress_service.store.audit.append import chain_filter
+from progress_service.store.audit.chain import GENESIS, SYSTEM_CHAIN, chain_of, keyed_hash, row_hash
+from progress_service.store.audit.comment_check import COMMENT_ACTION, Claim, check_comments, claim_of
 from progress_service.store.audit.keys import Keyring
+from progress_service.store.audit.report import MAX_COMMENT_PROBLEMS, Mismatch, VerifyResult
 from progress_service.store.audit.witness import Checkpoint, WitnessContents
-from progress_service.store.schema import audit_heads, audit_log, comments, teams
+from progress_service.store.schema import audit_heads, audit_log, teams
 
-#: Comment differences named at most per chain (the count is always given).
-MAX_COMMENT_PROBLEMS = 100
+_ALTERED = "contents do not match its hash (the record was altered or forged without the key)"
 
-
-class Mismatch(msgspec.Struct, kw_only=True):
-    """Where a chain breaks: the record (``id`` None for a missing tail) and why."""
-
-    chain: str
-    id: int | None
-    position: int
-    reason: str
-    #: What is named when it is not a record (a comment, a witness line).
-    subject: str | None = None
-
-    def describe(self) -> str:
-        """One line naming the record (or thing) and the reason."""
-        what = self.subject or (f"record id={self.id}" if self.id is not None else "chain head")
-        where = f"chain {self.chain}, #{self.position}" if self.position else f"chain {self.chain}"
-        return f"{what} ({where}): {self.reason}"
-
-
-class VerifyResult(msgspec.Struct, kw_only=True):
-    """What :func:`verify` found: records checked, chains, everything that is wrong."""
-
-    verified: int
-    chains: int
-    problems: list[Mismatch] = msgspec.field(default_factory=list)
-    #: Records verified by SHA-256 only (written before keyed records).
-    legacy: int = 0
-    #: Chains checked against a checkpoint of the witness.
-    checkpointed: int = 0
-    comments: int = 0
-    #: Things worth saying that are not failures (torn witness lines, no witness).
-    notes: list[str] = msgspec.field(default_factory=list)
-
-    @property
-    def mismatch(self) -> Mismatch | None:
-        """The first problem, if any."""
-        return self.problems[0] if self.problems else None
-
-    @property
-    def ok(self) -> bool:
-        """True when nothing is wrong."""
-        return not self.problems
-
-
-def chain_filter(chain: str) -> Any:
-    """The WHERE clause selecting one chain's records."""
-    return audit_log.c.team_id.is_(None) if chain == SYSTEM_CHAIN else audit_log.c.team_id == chain
 
 
 async def _chains(conn: AsyncConnection) -> list[str]:
@@ -134,7 +88,7 @@ class _Walk:
             if secret is None:
                 return f"keyed with unknown key id {row.key_id!r} (not in the key file)"
         if row_hash(row, secret) != row.hash:
-            return "contents do not match its hash (the record was altered or forged without the key)"
+            return _ALTERED
         return None
 
     def advance(self, row: Any) -> str | None:
@@ -180,15 +134,39 @@ async def _walk_rows(conn: AsyncConnection, w: _Walk, up_to: int | None, page: i
         if up_to is not None:
             query = query.where(audit_log.c.id <= up_to)
         rows = (await conn.execute(query.order_by(audit_log.c.id).limit(page))).all()
-        for row in rows:
-            if row.prev_hash != w.prev:
-                reason = await _broken_link(conn, w.chain, row, w.prev_id)
-                return Mismatch(chain=w.chain, id=row.id, position=w.n + 1, reason=reason)
-            reason = w.check(row) or w.advance(row)
-            if reason is not None:
-                return Mismatch(chain=w.chain, id=row.id, position=w.n if row.id == w.prev_id else w.n + 1, reason=reason)
+        mismatch = await _check_page(conn, w, rows)
+        if mismatch is not None:
+            return mismatch
         if len(rows) < page:
             return None
+
+
+async def _check_page(conn: AsyncConnection, w: _Walk, rows: Any) -> Mismatch | None:
+    """Check one page of rows (in id order) after ``w``'s position.
+
+    The common record (keyed with a known key, not a comment, not where the
+    checkpoint pins) takes the inlined fast path, which is most of what
+    verifying a million records costs; everything else goes through
+    :meth:`_Walk.check` / :meth:`_Walk.advance`.
+    """
+    secrets = w.keys.secrets
+    pinned = w.checkpoint.count if w.checkpoint is not None else -1
+    for row in rows:
+        rid, team, actor, action, room, detail, at, prev_hash, digest, kid = row
+        if prev_hash != w.prev:
+            reason = await _broken_link(conn, w.chain, row, w.prev_id)
+            return Mismatch(chain=w.chain, id=rid, position=w.n + 1, reason=reason)
+        secret = secrets.get(kid) if kid is not None else None
+        if secret is not None and action != COMMENT_ACTION and w.n + 1 != pinned:
+            if keyed_hash(secret, kid, prev_hash, team, actor, action, room, detail, at) != digest:
+                return Mismatch(chain=w.chain, id=rid, position=w.n + 1, reason=_ALTERED)
+            w.keyed = True
+            w.prev, w.prev_id, w.n = digest, rid, w.n + 1
+            continue
+        reason = w.check(row) or w.advance(row)
+        if reason is not None:
+            return Mismatch(chain=w.chain, id=rid, position=w.n if rid == w.prev_id else w.n + 1, reason=reason)
+    return None
 
 
 async def _verify_chain(conn: AsyncConnection, w: _Walk, *, page: int = 5000) -> Mismatch | None:
@@ -273,57 +251,6 @@ def short_of_checkpoint(w: _Walk) -> Mismatch | None:
     )
 
 
-async def check_comments(conn: AsyncConnection, w: _Walk) -> tuple[int, list[Mismatch]]:
-    """Compare the chain's team's comments with the ``comment.create`` records the walk collected."""
-    if w.chain == SYSTEM_CHAIN:
-        return 0, []
-    problems: list[Mismatch] = []
-    seen: set[int] = set()
-    checked, last = 0, 0
-    while True:
-        rows = (
-            await conn.execute(
-                sa.select(comments.c.id, comments.c.room_id, comments.c.user_id, comments.c.user_name, comments.c.text, comments.c.created_at)
-                .where(comments.c.team_id == w.chain, comments.c.id > last)
-                .order_by(comments.c.id)
-                .limit(5000)
-            )
-        ).all()
-        for row in rows:
-            checked += 1
-            claim = w.claims.get(row.id)
-            if claim is None:
-                problems.append(
-                    Mismatch(
-                        chain=w.chain, id=None, position=0, subject=f"comment id={row.id}",
-                        reason="has no comment.create record (stored without going through the log)",
-                    )
-                )
-                continue
-            seen.add(row.id)
-            diff = differences(row, claim)
-            if diff:
-                problems.append(
-                    Mismatch(
-                        chain=w.chain, id=claim.record_id, position=0,
-                        subject=f"comment id={row.id} (record id={claim.record_id})",
-                        reason=f"differs from its comment.create record: {', '.join(diff)} changed in the comments table",
-                    )
-                )
-        if len(rows) < 5000:
-            break
-        last = rows[-1].id
-    for comment_id in sorted(set(w.claims) - seen):
-        claim = w.claims[comment_id]
-        problems.append(
-            Mismatch(
-                chain=w.chain, id=claim.record_id, position=0, subject=f"comment id={comment_id} (record id={claim.record_id})",
-                reason="is missing from the comments table (deleted)",
-            )
-        )
-    return checked, problems
-
-
 async def verify(
     engine: AsyncEngine,
     team: str | None = None,
@@ -365,7 +292,7 @@ async def verify(
             short = short_of_checkpoint(w)
             if short is not None:
                 result.problems.append(short)
-            checked, comment_problems = await check_comments(conn, w)
+            checked, comment_problems = await check_comments(conn, w.chain, w.claims, w.prev_id)
             result.comments += checked
             result.problems.extend(comment_problems[:MAX_COMMENT_PROBLEMS])
             if len(comment_problems) > MAX_COMMENT_PROBLEMS:

@@ -3,7 +3,8 @@
 A checkpoint says "at time *at*, chain *chain* had *count* records, the last
 one being *lastId* with hash *lastHash*", keyed (HMAC-SHA256) with the
 current audit key. The app appends one line per chain to the witness
-(``PS_AUDIT_WITNESS``, an append-only JSONL file, fsynced) every
+(``PS_AUDIT_WITNESS``, an append-only JSONL file, fsynced, or a Redis
+stream) every
 ``PS_AUDIT_CHECKPOINT_SECONDS`` while records are appended and at shutdown.
 Someone who rewrites the database cannot rewrite these lines, so ``audit
 verify`` notices a chain that got shorter, a head that moved backwards or a
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -128,9 +130,9 @@ def parse_lines(lines: list[bytes], ring: Keyring, *, source: str = "") -> Witne
 
 
 def witness_path(settings: Settings) -> Path | None:
-    """The witness file: ``PS_AUDIT_WITNESS``, else beside the key file; None when ``off``."""
+    """The witness file: ``PS_AUDIT_WITNESS``, else beside the key file; None when ``off`` or a Redis witness."""
     if settings.audit_witness:
-        if settings.audit_witness.strip().lower() == OFF:
+        if settings.audit_witness.strip().lower() == OFF or _is_redis(settings.audit_witness):
             return None
         return Path(settings.audit_witness).expanduser()
     key = key_file_path(settings)
@@ -138,11 +140,30 @@ def witness_path(settings: Settings) -> Path | None:
     return key.with_name(f"{stem}-witness.jsonl")
 
 
+def _is_redis(value: str) -> bool:
+    return value.startswith(("redis://", "rediss://", "unix://"))
+
+
+def open_witness(settings: Settings, override: str | None = None) -> FileWitness | RedisWitness | None:
+    """The witness ``override`` (a path or a Redis URL) or the settings name; None when ``off``."""
+    if override:
+        return RedisWitness(override) if _is_redis(override) else FileWitness(Path(override).expanduser())
+    if settings.audit_witness and _is_redis(settings.audit_witness):
+        return RedisWitness(settings.audit_witness)
+    path = witness_path(settings)
+    return FileWitness(path) if path is not None else None
+
+
 class FileWitness:
     """An append-only JSONL file of checkpoints (one ``write`` and an fsync per batch)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.name = str(path)
+
+    def exists(self) -> bool:
+        """True when the file is there."""
+        return self.path.exists()
 
     def append(self, checkpoints: list[Checkpoint]) -> None:
         """Append ``checkpoints`` durably (blocking: run it in a thread)."""
@@ -168,3 +189,64 @@ class FileWitness:
         except FileNotFoundError:
             return WitnessContents(source=str(self.path))
         return parse_lines(raw.split(b"\n"), ring, source=str(self.path))
+
+
+class RedisWitness:
+    """Checkpoints as entries of a Redis stream: ``redis://host:port/db#stream``.
+
+    A second system to hold the checkpoints, for deployments where the
+    database's administrator does not administer Redis. The stream name
+    defaults to ``ps:audit:witness``. Redis's own persistence (AOF) decides
+    how durable an entry is; a file witness is fsynced.
+    """
+
+    DEFAULT_STREAM = "ps:audit:witness"
+
+    def __init__(self, url: str) -> None:
+        base, _, stream = url.partition("#")
+        self.url = base
+        self.stream = stream or self.DEFAULT_STREAM
+        host = base.split("@", 1)[-1]  # never show credentials
+        self.name = f"redis stream {self.stream} at {host.split('://', 1)[-1]}"
+
+    def _client(self) -> Any:
+        import redis  # noqa: PLC0415 - only a Redis witness needs it
+
+        return redis.Redis.from_url(self.url, socket_connect_timeout=5, socket_timeout=10)
+
+    def exists(self) -> bool:
+        """True when the stream has entries."""
+        client = self._client()
+        try:
+            return bool(client.exists(self.stream))
+        finally:
+            client.close()
+
+    def append(self, checkpoints: list[Checkpoint]) -> None:
+        """XADD each checkpoint, in one transaction (blocking: run it in a thread)."""
+        if not checkpoints:
+            return
+        client = self._client()
+        try:
+            with client.pipeline(transaction=True) as pipe:
+                for cp in checkpoints:
+                    pipe.xadd(self.stream, {"cp": msgspec.json.encode(cp)})
+                pipe.execute()
+        finally:
+            client.close()
+
+    def read(self, ring: Keyring) -> WitnessContents:
+        """Every checkpoint in the stream, oldest first."""
+        client = self._client()
+        lines: list[bytes] = []
+        try:
+            start = "-"
+            while True:
+                entries = client.xrange(self.stream, min=start, count=1000)
+                lines.extend(fields.get(b"cp", b"") for _, fields in entries)
+                if len(entries) < 1000:
+                    break
+                start = "(" + entries[-1][0].decode()
+        finally:
+            client.close()
+        return parse_lines(lines, ring, source=self.name)

@@ -18,7 +18,6 @@ after the last queued record is written at shutdown.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,12 +25,12 @@ import sqlalchemy as sa
 from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from progress_service import metrics
+from progress_service import metrics, outage
 from progress_service.settings import Settings
 from progress_service.store.audit import keys as audit_keys
 from progress_service.store.audit.append import append
 from progress_service.store.audit.chain import Entry, canonical_json, now_ms, scrub
-from progress_service.store.audit.witness import Checkpoint, FileWitness, witness_path
+from progress_service.store.audit.witness import Checkpoint, FileWitness, RedisWitness, open_witness
 from progress_service.store.schema import audit_heads
 
 log = logging.getLogger("progress_service.audit")
@@ -65,7 +64,9 @@ async def read_heads(engine: AsyncEngine) -> list[Checkpoint]:
 class Checkpointer:
     """Appends signed checkpoints of every chain whose head moved to the witness."""
 
-    def __init__(self, engine: AsyncEngine, witness: FileWitness, keys: audit_keys.Keyring, *, interval: float) -> None:
+    def __init__(
+        self, engine: AsyncEngine, witness: FileWitness | RedisWitness, keys: audit_keys.Keyring, *, interval: float
+    ) -> None:
         self.engine = engine
         self.witness = witness
         self.keys = keys
@@ -107,8 +108,8 @@ class Checkpointer:
         try:
             contents = await anyio.to_thread.run_sync(self.witness.read, self.keys)
             self._last = {chain: cp for chain, (_, cp) in contents.latest().items()}
-        except OSError:
-            log.exception("audit: could not read the witness %s", self.witness.path)
+        except Exception:  # an unreadable witness must not stop the checkpoints
+            log.exception("audit: could not read the witness %s", self.witness.name)
         first = True
         while True:
             try:
@@ -121,10 +122,10 @@ class Checkpointer:
 
 def checkpointer_for(engine: AsyncEngine, settings: Settings, keys: audit_keys.Keyring) -> Checkpointer | None:
     """The checkpointer the settings ask for (None when ``PS_AUDIT_WITNESS=off``)."""
-    path: Path | None = witness_path(settings)
-    if path is None:
+    witness = open_witness(settings)
+    if witness is None:
         return None
-    return Checkpointer(engine, FileWitness(path), keys, interval=settings.audit_checkpoint_seconds)
+    return Checkpointer(engine, witness, keys, interval=settings.audit_checkpoint_seconds)
 
 
 #: Errors that retrying the same batch cannot cure.
@@ -227,8 +228,11 @@ class Audit:
                 if self.checkpointer is not None:
                     try:
                         await self.checkpointer.checkpoint(every=True)
-                    except Exception:
-                        log.exception("audit: the shutdown checkpoint failed")
+                    except Exception as exc:
+                        if (dependency := outage.classify(exc)) is None:
+                            log.exception("audit: the shutdown checkpoint failed")
+                        else:  # the store or Redis is down: one line, not a traceback
+                            outage.warn(dependency, "the audit shutdown checkpoint", exc)
 
     async def _write_queued(self) -> None:
         while True:

@@ -4,17 +4,19 @@ import { ApiError } from "../api.js";
 import { announce, frameScheduler, h, renderKeyed, replaceChildren, setText } from "../dom.js";
 import { formatCost, formatDateTime, formatDuration, formatRelative, formatTokens, PHASE_LABEL, promptTitle, STATUS_LABEL } from "../format.js";
 import { applyEvent, applySnapshot, createJobState, jobDuration, phaseTimeline, progressOf, TERMINAL } from "../jobstate.js";
-import { renderMarkdown } from "../markdown.js";
 import { describeOutcome } from "../outcome.js";
 import { compareIds, SignedOutError } from "../socket.js";
 import { createCommentsPanel } from "./comments.js";
+import { createJobActions } from "./actions.js";
+import { drawResultCard } from "./result.js";
 import { createSteeringPanel, maySteer } from "./steering.js";
 import { createStepLog } from "./steps.js";
 
-const ROLE_RANK = { viewer: 0, reviewer: 1, submitter: 2, admin: 3 };
 const TODO_ICON = { pending: "○", in_progress: "◐", completed: "●" };
 /** While the model is unknown, re-read the snapshot at most this often. */
 const MODEL_POLL_MS = 3000;
+/** How often the step log is redrawn while history replays. */
+const REPLAY_DRAW_MS = 250;
 
 /**
  * @param {HTMLElement} main
@@ -33,12 +35,9 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
   let notFound = false;
   let loadError = null;
   let gapNotice = false;
-  let cancelState = "idle"; // idle | confirm | sending | error
-  let cancelError = "";
-  let rerunState = "idle"; // idle | sending
-  let rerunError = "";
   let modelAskedAt = 0;
   let finalAsked = false;
+  let stepsDrawnAt = 0;
 
   const steering = createSteeringPanel({ client, roomId });
   const comments = createCommentsPanel({ client, roomId, onInstruct: (text) => steering.instruct(text) });
@@ -83,6 +82,16 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
   };
   els.bar.append(els.fill);
   const stepLog = createStepLog({ jobId, api });
+  const actions = createJobActions({
+    el: els.cancelArea,
+    api,
+    jobId,
+    onChange: () => render(),
+    isDisposed: () => disposed,
+    onCancelled: (snap) => {
+      if (state && snap && compareIds(snap.lastEventId || "0-0", state.snapshot.lastEventId || "0-0") > 0) applySnapshot(state, snap);
+    },
+  });
   if (step !== null) stepLog.goToStep(step);
 
   main.replaceChildren(
@@ -165,11 +174,17 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
     setText(els.gapBanner, "Some earlier events of this job are no longer kept, so the steps list may be incomplete. The status, progress and totals are current.");
     setText(els.promptText, s.prompt);
     renderMeta(s);
-    renderCancel(s);
+    actions.draw(s, role);
     renderProgress(s);
     renderResult(s);
     renderTodos();
-    stepLog.update(state);
+    // While a long history replays, the step log is redrawn a few times a
+    // second, not on every frame: the page stays responsive as it catches up.
+    const now = performance.now();
+    if (!replayUntil || now - stepsDrawnAt > REPLAY_DRAW_MS) {
+      stepsDrawnAt = now;
+      stepLog.update(state);
+    } else render();
     renderLogs();
     renderStats(s);
     const steer = maySteer({ role, me, snapshot: s, spec }) && !TERMINAL.has(s.status);
@@ -192,80 +207,6 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
       els.meta.dataset.key = key;
       replaceChildren(els.meta, ...parts.flatMap((p, i) => (i ? [h("span", { class: "sep", "aria-hidden": "true" }, "·"), p] : [p])));
     }
-  }
-
-  function renderCancel(s) {
-    // A session reported through hooks runs elsewhere: it can only be stopped there.
-    const allowed = s.kind !== "session" && role !== null && (ROLE_RANK[role] ?? 0) >= ROLE_RANK.submitter;
-    const active = !TERMINAL.has(s.status);
-    const key = `${allowed}|${active}|${cancelState}|${cancelError}|${rerunState}|${rerunError}`;
-    if (els.cancelArea.dataset.key === key) return;
-    els.cancelArea.dataset.key = key;
-    if (!allowed) {
-      els.cancelArea.replaceChildren();
-      return;
-    }
-    if (!active) {
-      // Run again: a new job with the same spec (read back from the server).
-      const again = h("button", { type: "button", class: "btn btn-primary", id: "run-again", disabled: rerunState === "sending" }, rerunState === "sending" ? "Submitting…" : "Run again");
-      again.addEventListener("click", doRerun);
-      replaceChildren(els.cancelArea, again, rerunError ? h("p", { class: "field-error", role: "alert" }, rerunError) : null);
-      return;
-    }
-    if (cancelState === "confirm") {
-      const yes = h("button", { type: "button", class: "btn btn-danger", id: "cancel-confirm" }, "Yes, cancel it");
-      const no = h("button", { type: "button", class: "btn btn-quiet" }, "Keep running");
-      yes.addEventListener("click", doCancel);
-      no.addEventListener("click", () => {
-        cancelState = "idle";
-        render();
-      });
-      replaceChildren(els.cancelArea, h("p", { class: "cancel-question", id: "cancel-question" }, "Stop this job?"), h("div", { class: "cancel-buttons", role: "group", "aria-labelledby": "cancel-question" }, yes, no));
-      queueMicrotask(() => yes.focus());
-      return;
-    }
-    const button = h("button", { type: "button", class: "btn btn-danger-quiet", id: "cancel-job", disabled: cancelState === "sending" }, cancelState === "sending" ? "Cancelling…" : "Cancel job");
-    button.addEventListener("click", () => {
-      cancelState = "confirm";
-      render();
-    });
-    replaceChildren(els.cancelArea, button, cancelError ? h("p", { class: "field-error", role: "alert" }, cancelError) : null);
-  }
-
-  async function doRerun() {
-    rerunState = "sending";
-    rerunError = "";
-    render();
-    try {
-      const spec = await api.jobSpec(jobId);
-      const snap = await api.submitJob(spec);
-      if (disposed) return;
-      announce("Submitted again as a new job.");
-      window.location.hash = `#/jobs/${snap.id}`;
-    } catch (err) {
-      if (disposed || err instanceof SignedOutError) return;
-      rerunState = "idle";
-      rerunError = err instanceof ApiError ? err.detail : "The server cannot be reached; nothing was submitted.";
-      render();
-    }
-  }
-
-  async function doCancel() {
-    cancelState = "sending";
-    cancelError = "";
-    render();
-    try {
-      const snap = await api.cancelJob(jobId);
-      if (disposed) return;
-      announce("Cancel requested.");
-      if (state && snap && compareIds(snap.lastEventId || "0-0", state.snapshot.lastEventId || "0-0") > 0) applySnapshot(state, snap);
-      cancelState = "idle";
-    } catch (err) {
-      if (disposed || err instanceof SignedOutError) return;
-      cancelState = "idle";
-      cancelError = err instanceof ApiError ? err.detail : "The server cannot be reached; the job was not cancelled.";
-    }
-    render();
   }
 
   function renderProgress(s) {
@@ -311,7 +252,6 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
     const terminal = TERMINAL.has(s.status);
     els.result.hidden = !terminal;
     if (els.result.hidden) return;
-    const outcome = describeOutcome(s);
     // Ended, but the result never reached this page (trimmed log, a race
     // with a rejoin): the stored snapshot has it.
     if (!r && !finalAsked) {
@@ -324,32 +264,7 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
         render();
       }, () => {});
     }
-    const key = JSON.stringify([s.status, r, s.reason, s.costUsd, s.usage, s.finishedAt]);
-    if (els.result.dataset.key === key) return;
-    els.result.dataset.key = key;
-    els.result.dataset.ok = s.status === "cancelled" ? "cancelled" : String(s.status === "succeeded");
-    els.result.dataset.kind = outcome.kind;
-    const heading = s.status === "cancelled" ? "Cancelled" : s.status === "succeeded" ? "Finished" : "Failed";
-    const summary = r?.summary ? h("div", { class: "result-summary markdown" }) : null;
-    if (summary) renderMarkdown(summary, r.summary);
-    const cost = s.costUsd ?? r?.costUsd ?? null;
-    const usage = s.usage || { inputTokens: 0, outputTokens: 0 };
-    const duration = jobDuration(state);
-    const facts = [
-      r ? `${r.turns} turn${r.turns === 1 ? "" : "s"}` : null,
-      duration !== null ? formatDuration(duration) : null,
-      cost !== null ? `${formatCost(cost)} cost` : "cost not reported",
-      `${formatTokens(usage.inputTokens)} input · ${formatTokens(usage.outputTokens)} output tokens`,
-      s.attempt > 1 ? `${s.attempt} attempts` : null,
-    ].filter(Boolean);
-    replaceChildren(
-      els.result,
-      h("h2", { id: "result-title" }, h("span", { class: "result-icon", "aria-hidden": "true" }, s.status === "cancelled" ? "■" : s.status === "succeeded" ? "✓" : "✕"), heading),
-      h("p", { class: "result-sentence", id: "result-sentence" }, outcome.sentence),
-      outcome.detail ? h("details", { class: "result-detail" }, h("summary", {}, "Error details"), h("pre", {}, outcome.detail)) : null,
-      summary,
-      h("p", { class: "result-stats", id: "result-stats" }, facts.join(" · ")),
-    );
+    drawResultCard(els.result, state);
   }
 
   function renderTodos() {
@@ -439,7 +354,10 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
         const history = replayUntil && compareIds(msg.id, replayUntil) <= 0;
         const change = applyEvent(state, msg, { live: !history });
         steering.onEvent(msg, { live: !history });
-        if (!state.snapshot.model && !TERMINAL.has(state.snapshot.status)) askForModel();
+        // The worker sets the model (from Claude Code's first line) and the
+        // demo flag in the snapshot without an event of their own: read them.
+        if (change?.status === "running") askForModel(true);
+        else if (!state.snapshot.model && !TERMINAL.has(state.snapshot.status)) askForModel();
         if (change && !history) {
           if (change.status) announceStatus(state.snapshot);
           if (change.workerLost) announce("The job's worker stopped answering.");
@@ -507,14 +425,15 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
 
   // The model is learnt from Claude Code's first line, which is no event of
   // its own: re-read the snapshot (a few times at most) until it names it.
-  async function askForModel() {
+  async function askForModel(force = false) {
     const now = Date.now();
-    if (now - modelAskedAt < MODEL_POLL_MS || state.snapshot.status === "queued") return;
+    if (!force && (now - modelAskedAt < MODEL_POLL_MS || state.snapshot.status === "queued")) return;
     modelAskedAt = now;
     try {
       const snap = await api.getJob(jobId);
-      if (disposed || !state || !snap.model) return;
-      state.snapshot.model = snap.model;
+      if (disposed || !state) return;
+      if (snap.model) state.snapshot.model = snap.model;
+      state.snapshot.demo = snap.demo;
       render();
     } catch {
       // asked again after the next event
@@ -564,6 +483,7 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
       unsubscribe();
       client.removeEventListener("state", onState);
       window.clearInterval(ticker);
+      stepLog.dispose();
     },
     goToStep: (n) => stepLog.goToStep(n),
   };

@@ -18,12 +18,13 @@ const STEP_ICON = { started: "…", ok: "✓", error: "✕" };
 
 /**
  * @param {{jobId: string, api: object}} ctx
- * @returns {{el: HTMLElement, update: (state: object) => void, goToStep: (n: number|null) => void}}
+ * @returns {{el: HTMLElement, update: (state: object) => void, goToStep: (n: number|null) => void, dispose: () => void}}
  */
 export function createStepLog({ jobId, api }) {
   let state = null;
   let rows = [];
   let rowsKey = "";
+  let shownSteps = 0;
   let query = "";
   let stick = true;
   let openN = null; // the step shown in the detail panel
@@ -59,12 +60,18 @@ export function createStepLog({ jobId, api }) {
     stick = box.scrollTop + box.clientHeight >= box.scrollHeight - ROW_H;
     drawWindow();
   });
-  window.addEventListener("resize", () => drawWindow());
+  const onResize = () => drawWindow();
+  window.addEventListener("resize", onResize);
 
   function matches(step) {
     if (!query) return true;
-    const i = step.input || {};
-    return [step.tool, step.title, i.command, i.path, i.pattern, i.text, step.output, step.error, `#${step.n}`].some((v) => v && String(v).toLowerCase().includes(query));
+    // The searchable text of a step, lowercased once per change of the step.
+    if (step.hayFor !== step.state) {
+      const i = step.input || {};
+      step.hay = [step.tool, step.title, i.command, i.path, i.pattern, i.text, step.output, step.error, `#${step.n}`].filter(Boolean).join("\n").toLowerCase();
+      step.hayFor = step.state;
+    }
+    return step.hay.includes(query);
   }
 
   function buildRows() {
@@ -72,12 +79,14 @@ export function createStepLog({ jobId, api }) {
     if (key === rowsKey) return;
     rowsKey = key;
     rows = [];
+    shownSteps = 0;
     const attempts = [...state.attempts.values()].sort((a, b) => a.attempt - b.attempt);
     const labelled = attempts.length > 1 || (attempts[0]?.attempt ?? 1) > 1;
     for (const a of attempts) {
       const steps = a.steps.filter(matches);
       if (labelled && (a.steps.length || a.startedAt)) rows.push({ type: "attempt", a, key: `a${a.attempt}` });
       for (const step of steps) rows.push({ type: "step", step, key: `s${step.key}` });
+      shownSteps += steps.length;
     }
   }
 
@@ -85,7 +94,7 @@ export function createStepLog({ jobId, api }) {
     if (!state) return;
     buildRows();
     const total = state.stepList.length;
-    const shown = rows.filter((r) => r.type === "step").length;
+    const shown = shownSteps;
     setText(count, total ? `(${total})` : "");
     setText(filterStatus, query ? `${shown} of ${total} steps match` : "");
     empty.hidden = rows.length > 0;
@@ -127,6 +136,10 @@ export function createStepLog({ jobId, api }) {
   }
 
   function updateRow(li, r) {
+    // Unchanged rows (most of them, on every event) are left alone.
+    const sig = r.type === "attempt" ? `${r.index}|${attemptLabel(r.a)}` : `${r.index}|${r.step.state}|${r.step.durationMs}|${highlight === r.step.n}|${openN === r.step.n}|${r.step.n}`;
+    if (li.dataset.sig === sig) return;
+    li.dataset.sig = sig;
     li.style.top = `${r.index * ROW_H}px`;
     if (r.type === "attempt") {
       setText(li.querySelector(".attempt-title"), attemptLabel(r.a));
@@ -306,6 +319,10 @@ export function createStepLog({ jobId, api }) {
     update(next) {
       state = next;
       draw();
+    },
+    /** Stop listening to the window (the view is going away). */
+    dispose() {
+      window.removeEventListener("resize", onResize);
     },
     /** Scroll to step `n`, highlight it and open it (now, or once it has arrived). */
     goToStep(n) {
