@@ -128,7 +128,7 @@ class Steering:
             if known is not None and known.text is not None and known.text != text:
                 raise SteerError("invalid", "requestId: already used for a different instruction on this job")
             outcome = await self._wait(job_id, field)
-        except (RedisError, SQLAlchemyError, OSError) as exc:
+        except (RedisError, SQLAlchemyError, OSError, TimeoutError) as exc:
             log.warning("steer %s: %r", job_id, exc)
             raise SteerError("unavailable", "the instruction was not stored; retry with the same request id") from None
         if outcome.state == "rejected":
@@ -138,8 +138,8 @@ class Steering:
     async def _first_instruct(self, principal: Principal, job_id: str, request_id: str, field: str, text: str) -> None:
         """Audit, then enqueue, a reserved instruction; the reservation goes when either fails or is refused."""
         try:
-            await audit.record(
-                self.engine, action="job.instruct", team_id=principal.team_id, actor=principal.user_name,
+            await self._audit(
+                action="job.instruct", team_id=principal.team_id, actor=principal.user_name,
                 room_id=streams.room_id(job_id), detail={"requestId": request_id, "text": text},
             )
             item = inbox.InboxItem(kind="instruct", requestId=request_id, by=principal.user_name, text=text)
@@ -174,8 +174,8 @@ class Steering:
                 if prompt.state != "pending":
                     raise SteerError("already_decided", f"permission {permission_id} is already {prompt.state}")
                 await self._check_running(job_id)
-                await audit.record(
-                    self.engine, action="permission.decide", team_id=principal.team_id, actor=principal.user_name,
+                await self._audit(
+                    action="permission.decide", team_id=principal.team_id, actor=principal.user_name,
                     room_id=streams.room_id(job_id),
                     detail={"requestId": request_id, "permissionId": permission_id, "allow": allow, "message": message},
                 )
@@ -198,12 +198,17 @@ class Steering:
                     raise SteerError("not_found", f"no permission prompt {permission_id} on this job")
                 self._refused(verdict, detail)
             outcome = await self._wait(job_id, answer_field, need_event=True)
-        except (RedisError, SQLAlchemyError, OSError) as exc:
+        except (RedisError, SQLAlchemyError, OSError, TimeoutError) as exc:
             log.warning("decide %s: %r", job_id, exc)
             raise SteerError("unavailable", "the answer was not stored; retry with the same request id") from None
         if outcome.state == "rejected":
             raise SteerError("rejected", outcome.reason or "the answer did not reach the CLI")
         return SteerResult(requestId=request_id, state=outcome.state, eventId=outcome.eventId)  # type: ignore[arg-type]
+
+    async def _audit(self, *, action: str, team_id: str, actor: str, room_id: str, detail: dict[str, object]) -> None:
+        """The durable audit record, within ``store_timeout`` (past it: ``unavailable``, nothing sent)."""
+        with anyio.fail_after(self.settings.store_timeout):
+            await audit.record(self.engine, action=action, team_id=team_id, actor=actor, room_id=room_id, detail=detail)
 
     async def _check_running(self, job_id: str) -> None:
         """Refuse before the audit record when the job cannot take input (the script checks again)."""

@@ -88,8 +88,13 @@ class Steering:
 
     async def start(self, prompt: str) -> None:
         """Open the inbox for this attempt and give the CLI its prompt."""
-        await self.redis.hdel(self._key, "closed")
+        # The prompt first: a Redis outage here must not hold the CLI back.
         await self.proc.write(user_message(prompt, str(uuid.uuid4())))
+        try:
+            await self.redis.hdel(self._key, "closed")
+        except REDIS_DOWN as exc:
+            # The gateway refuses instructions until this attempt's inbox opens; run() goes on.
+            log.warning("job %s: could not open the inbox (%r)", self.job_id, exc)
 
     # -- reading the inbox -----------------------------------------------------
 

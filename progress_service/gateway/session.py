@@ -808,13 +808,19 @@ class Session:
     async def _send_steer(self, hook: SteeringHook, job_id: str, message: ClientSteer | ClientDecide) -> None:
         assert self.principal is not None
         room_id, request_id = message.roomId, message.requestId
+        # Bounded: the store's write plus the wait for the CLI, plus slack.
+        limit = self.settings.store_timeout + self.settings.steer_ack_timeout + 5
         try:
-            if isinstance(message, ClientSteer):
-                result = await hook.instruct(self.principal, job_id, request_id, message.text)
-            else:
-                result = await hook.decide(
-                    self.principal, job_id, request_id, message.permissionId, message.allow, message.message
-                )
+            async with asyncio.timeout(limit):
+                if isinstance(message, ClientSteer):
+                    result = await hook.instruct(self.principal, job_id, request_id, message.text)
+                else:
+                    result = await hook.decide(
+                        self.principal, job_id, request_id, message.permissionId, message.allow, message.message
+                    )
+        except _STORE_ERRORS:
+            self.refuse("unavailable", "not sent; retry with the same requestId", room_id=room_id, request_id=request_id, counts=False)
+            return
         except SteerRefusal as exc:
             counts = exc.code in ("forbidden", "invalid")
             self.refuse(exc.code, exc.message, room_id=room_id, request_id=request_id, counts=counts)
