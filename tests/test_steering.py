@@ -322,3 +322,30 @@ async def test_permission_prompts_are_answered_from_the_room(service, model_serv
     assert sorted((r.detail["permissionId"], r.detail["allow"]) for r in records) == sorted(
         [(allow_id, True), (deny_id, False)]
     )
+
+
+async def test_refusals_without_a_live_cli(make_settings, make_token, live_server, redis) -> None:
+    """A queued job is not running; a running job whose lease is gone has lost its worker; nothing is enqueued."""
+    from progress_service import inbox  # noqa: PLC0415
+    from progress_service.queue import lease_key, run_key  # noqa: PLC0415
+
+    settings = make_settings()
+    sub_token = await make_token(role="submitter")
+    async with live_server(settings, run_worker=False) as base, client(base, sub_token) as sub:
+        job_id = (await sub.post("/api/jobs", json={"prompt": "wait"})).json()["id"]
+        resp = await sub.post(f"/api/jobs/{job_id}/instructions", json={"text": "go"}, headers={"Idempotency-Key": "q1"})
+        assert resp.status_code == 409 and "not_running" in resp.json()["detail"], resp.text
+        # As if a worker had claimed it and then died: running, no lease.
+        await redis.hset(run_key(job_id), mapping={"state": "running", "attempt": 1, "worker": "w"})
+        await redis.delete(lease_key(job_id))
+        resp = await sub.post(f"/api/jobs/{job_id}/instructions", json={"text": "go"}, headers={"Idempotency-Key": "g1"})
+        assert resp.status_code == 503 and "worker_gone" in resp.json()["detail"] and resp.headers["Retry-After"], resp.text
+        resp = await sub.post(f"/api/jobs/{job_id}/permissions/p1", json={"allow": True}, headers={"Idempotency-Key": "g2"})
+        assert resp.status_code == 404, resp.text  # no such prompt
+        assert await redis.xlen(inbox.inbox_key(job_id)) == 0
+        assert not await redis.hgetall(inbox.steer_key(job_id))
+        # Bad input is a 400 naming the field, never a 500.
+        resp = await sub.post(f"/api/jobs/{job_id}/instructions", json={"text": "  "}, headers={"Idempotency-Key": "b1"})
+        assert resp.status_code == 400 and "text" in resp.text, resp.text
+        resp = await sub.post(f"/api/jobs/{job_id}/instructions", json={"text": "x"})
+        assert resp.status_code == 400 and "Idempotency-Key" in resp.text, resp.text
