@@ -85,6 +85,8 @@ class Steering:
         self._written: dict[str, inbox.InboxItem] = {}  # message uuid -> instruction
         self._prompts: dict[str, tuple[float, PermissionData, dict[str, Any]]] = {}  # id -> (deadline, data, input)
         self._closed = False
+        # One reader of the inbox at a time: close() drains it while run() may be mid-batch.
+        self._reading = anyio.Lock()
 
     async def start(self, prompt: str) -> None:
         """Open the inbox for this attempt and give the CLI its prompt."""
@@ -109,6 +111,10 @@ class Steering:
             await anyio.sleep(POLL)
 
     async def _read_inbox(self) -> None:
+        async with self._reading:
+            await self._read_batch()
+
+    async def _read_batch(self) -> None:
         reply = await self.redis.xread({inbox.inbox_key(self.job_id): self._last}, count=100)
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
