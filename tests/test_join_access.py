@@ -86,7 +86,9 @@ async def test_a_reconnect_storm_waits_for_the_store_instead_of_failing(
     for job in jobs:  # running jobs: their events are in Redis
         await publish(redis, job, 2)
     # A short store timeout: queued in the pool, most reads would pass it.
-    settings = make_settings(store_timeout=1.0, ws_auth_timeout=60.0, presence_grace=0.2)
+    # Short, but not so short that one read on a saturated event loop (1,000
+    # handshakes on a busy 2-core machine) passes it once it has its slot.
+    settings = make_settings(store_timeout=3.0, ws_auth_timeout=60.0, presence_grace=0.2)
     answers: dict[str, int] = {}
     async with serve(settings) as (base, _app):
         async with AsyncExitStack() as stack:

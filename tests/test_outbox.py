@@ -186,10 +186,11 @@ async def test_write_window_sends_fan_out_of_several_reads_in_one_frame() -> Non
     async def feed(outbox: Outbox) -> None:
         for i in range(3):
             outbox.put_chunk(Chunk.of([f'{{"n":{i}}}'], [7]))
-            await anyio.sleep(0.005)  # other work of the loop, well inside the window
-        await anyio.sleep(0.3)
+            await anyio.sleep(0)  # other work of the loop in between, well inside the window
+        while outbox.messages_sent < 3:  # the window's end (or at once, unbatched)
+            await anyio.sleep(0.01)
 
-    window = WriteWindow(0.1)
+    window = WriteWindow(0.5)
     assert await _frames_sent(Outbox(1 << 20, batch=True, window=window), feed) == ['[{"n":0},{"n":1},{"n":2}]']
     unbatched = await _frames_sent(Outbox(1 << 20, window=window), feed)
     assert unbatched == ['{"n":0}', '{"n":1}', '{"n":2}']
