@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from progress_service import history, metrics, outage, queue
 from progress_service.api.audit import AuditController, TokensController
 from progress_service.api.comments import CommentsController
+from progress_service.api.steering import SteeringController
 from progress_service.api.deps import provide_principal, provide_services
 from progress_service.api.health import healthz, metrics_endpoint, readyz
 from progress_service.api.hooks import PATH as HOOKS_PATH
@@ -39,6 +40,7 @@ from progress_service.api.me import whoami
 from progress_service.api.session import SessionController
 from progress_service.api.tickets import create_ticket
 from progress_service.comments import Comments
+from progress_service.steering import Steering
 from progress_service.hooks.ingest import Ingest
 from progress_service.revocation import RevocationWatcher
 from progress_service.services import Services
@@ -188,6 +190,8 @@ def create_app(
         # non-blocking audit writer, and revocation closing live connections.
         audit = services.extras["audit"] = Audit.from_settings(engine, settings)
         comments = services.extras["comments"] = Comments.from_services(services)
+        # Instructions and permission answers for running jobs (steer / decide).
+        Steering.from_services(services)
         revocations = services.extras["revocations"] = RevocationWatcher(services)
         # Claude Code hooks: the route queues, this process's ingest task appends.
         ingest = Ingest(services)
@@ -226,6 +230,7 @@ def create_app(
         JobLogController,
         SessionController,
         CommentsController,
+        SteeringController,
         AuditController,
         TokensController,
         create_ticket,

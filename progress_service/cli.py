@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from progress_service.settings import Settings, load_settings
 
 #: Modules that add subcommands: each has ``register(subparsers)``.
-PLUGIN_MODULES: tuple[str, ...] = ("progress_service.terminal.commands", "progress_service.audit_cli", "progress_service.hooks.install")
+PLUGIN_MODULES: tuple[str, ...] = ("progress_service.terminal.commands", "progress_service.terminal.steer", "progress_service.audit_cli", "progress_service.hooks.install")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 

@@ -25,7 +25,8 @@ Phase = Literal["queued", "starting", "planning", "editing", "testing", "reviewi
 PHASES: tuple[str, ...] = ("queued", "starting", "planning", "editing", "testing", "reviewing", "finishing")
 
 EventKind = Literal[
-    "status", "phase", "step", "message", "todo", "usage", "log", "result", "worker", "turn", "retry", "notice"
+    "status", "phase", "step", "message", "todo", "usage", "log", "result", "worker", "turn", "retry", "notice",
+    "instruction", "permission",
 ]
 
 Role = Literal["viewer", "reviewer", "submitter", "admin", "reporter"]
@@ -186,9 +187,45 @@ class NoticeData(Struct, kw_only=True, omit_defaults=True):
     stepId: str | None = None
 
 
+#: An instruction's way: stored and read by the worker (queued), echoed by the
+#: CLI (delivered), or refused on the way (rejected, with a reason).
+InstructionState = Literal["queued", "delivered", "rejected"]
+INSTRUCTION_MAX_CHARS = 8000
+
+
+class InstructionData(Struct, kw_only=True, omit_defaults=True):
+    """A reviewer's or submitter's instruction to the running CLI (``steer``)."""
+
+    requestId: str
+    by: str
+    text: str
+    state: InstructionState
+    reason: str | None = None
+
+
+#: A permission prompt of the CLI: waiting for an answer, then its outcome.
+PermissionState = Literal["pending", "allowed", "denied", "expired"]
+
+
+class PermissionData(Struct, kw_only=True, omit_defaults=True):
+    """The CLI asks whether a tool may run (``permissionMode: "ask"``)."""
+
+    permissionId: str
+    tool: str
+    state: PermissionState
+    input: dict[str, Any] | None = None
+    #: The step (tool use id) it concerns, when the CLI names it.
+    stepId: str | None = None
+    #: Who answered (allowed / denied), and their message to the agent.
+    by: str | None = None
+    message: str | None = None
+    #: With ``pending``: when an unanswered prompt is denied (epoch ms).
+    expiresAt: int | None = None
+
+
 EventData = (
     StatusData | PhaseData | StepData | MessageData | TodoData | UsageData | LogData | ResultData | WorkerData
-    | TurnData | RetryData | NoticeData
+    | TurnData | RetryData | NoticeData | InstructionData | PermissionData
 )
 
 DATA_TYPES: dict[str, type[Struct]] = {
@@ -204,6 +241,8 @@ DATA_TYPES: dict[str, type[Struct]] = {
     "turn": TurnData,
     "retry": RetryData,
     "notice": NoticeData,
+    "instruction": InstructionData,
+    "permission": PermissionData,
 }
 
 
@@ -340,11 +379,29 @@ class ClientChat(Struct, tag="chat", tag_field="type", forbid_unknown_fields=Tru
     text: Annotated[str, Meta(max_length=8192)]
 
 
+class ClientSteer(Struct, tag="steer", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """An instruction for the running CLI (``docs/protocol.md``, "Steering")."""
+
+    roomId: RoomId
+    requestId: RequestId
+    text: Annotated[str, Meta(max_length=INSTRUCTION_MAX_CHARS)]
+
+
+class ClientDecide(Struct, tag="decide", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """An answer to a pending ``permission`` event."""
+
+    roomId: RoomId
+    requestId: RequestId
+    permissionId: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_-]+$")]
+    allow: bool
+    message: Annotated[str, Meta(max_length=2000)] | None = None
+
+
 class ClientPing(Struct, tag="ping", tag_field="type", forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-ClientMessage = ClientAuth | ClientJoin | ClientLeave | ClientChat | ClientPing
+ClientMessage = ClientAuth | ClientJoin | ClientLeave | ClientChat | ClientSteer | ClientDecide | ClientPing
 
 # --------------------------------------------------------------------------
 # Server -> client messages
@@ -401,6 +458,19 @@ class Ack(Struct, tag="ack", tag_field="type", kw_only=True):
     id: str
 
 
+class SteerResult(Struct, kw_only=True, omit_defaults=True):
+    """The answer to an instruction or a permission answer (HTTP body; the WebSocket acks with ``eventId``).
+
+    ``delivered`` (the CLI echoed the instruction), ``allowed`` / ``denied``
+    (the answer reached the CLI), or ``queued`` when the wait for the worker
+    ran out (retry with the same request id to learn the outcome).
+    """
+
+    requestId: str
+    state: Literal["queued", "delivered", "allowed", "denied"]
+    eventId: str | None = None
+
+
 class PresenceMsg(Struct, tag="presence", tag_field="type", kw_only=True):
     roomId: str
     joined: list[PresenceMember]
@@ -419,7 +489,12 @@ class Pong(Struct, tag="pong", tag_field="type", kw_only=True):
     sentAt: int
 
 
-ErrorCode = Literal["not_found", "forbidden", "limit", "rate_limited", "unavailable", "invalid", "not_joined"]
+ErrorCode = Literal[
+    "not_found", "forbidden", "limit", "rate_limited", "unavailable", "invalid", "not_joined",
+    # Steering (docs/protocol.md): the job does not run, its worker is gone,
+    # the instruction or answer was refused on its way, or came too late.
+    "not_running", "worker_gone", "rejected", "already_decided", "timeout",
+]
 
 
 class ErrorMsg(Struct, tag="error", tag_field="type", kw_only=True, omit_defaults=True):
@@ -443,7 +518,12 @@ server_message_decoder = msgspec.json.Decoder(ServerMessage)
 
 #: The ``--permission-mode`` choices of the pinned CLI (``claude --help``); ``default``
 #: is still accepted by it as the old name of ``manual``.
-PermissionMode = Literal["default", "manual", "acceptEdits", "auto", "plan", "bypassPermissions", "dontAsk"]
+PermissionMode = Literal["default", "manual", "acceptEdits", "auto", "plan", "bypassPermissions", "dontAsk", "ask"]
+#: ``ask`` is ours, not the CLI's: its ``manual`` mode, with every permission
+#: prompt handed to the room (``permission`` events, ``decide`` answers).
+ASK_MODE = "ask"
+#: Who may steer a job: its submitter only (default), or reviewers too.
+Steerable = Literal["submitter", "reviewers"]
 PERMISSION_MODES: tuple[str, ...] = get_args(PermissionMode)
 
 #: The built-in tools of the pinned CLI (offered at once or deferred behind
@@ -479,3 +559,6 @@ class JobSpec(Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=Tr
     permissionMode: PermissionMode | None = None
     allowedTools: Annotated[list[ToolName], Meta(max_length=100)] | None = None
     timeoutSeconds: Annotated[int, Meta(ge=1)] | None = None
+    #: Who may send instructions and answer permission prompts besides the
+    #: submitter (and admins): ``reviewers`` lets reviewers do it too.
+    steerable: Steerable | None = None

@@ -115,6 +115,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Seconds the store may take to durably write a comment before the
     #: client is told ``unavailable``.
     store_timeout: float = 5.0
+    #: Seconds an unanswered permission prompt (``permissionMode: "ask"``)
+    #: waits before it is denied.
+    permission_timeout: float = 300.0
+    #: Seconds an instruction's sender waits for the CLI's echo before it is
+    #: told ``timeout`` (HTTP: 202 with state ``queued``); a retry with the
+    #: same request id waits again, without a second copy.
+    steer_ack_timeout: float = 30.0
     #: Store reads the gateway runs at once for joins and auths (the rest queue).
     ws_store_slots: int = 8
     #: Seconds a join or auth waits in that queue before ``unavailable``

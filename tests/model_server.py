@@ -120,6 +120,10 @@ class Script:
 
     turns: Sequence[Reply]
     final: str = "Done."
+    #: keyword -> the script the conversation follows once a user text block
+    #: holding the keyword appears (an instruction sent while the CLI runs);
+    #: its turns are counted by the tool results after that block.
+    branches: dict[str, Script] = field(default_factory=dict)
 
     def turn_for(self, tool_results: int) -> tuple[int, Reply]:
         """The turn answering a conversation that already holds ``tool_results`` results."""
@@ -165,6 +169,24 @@ def script_marker(body: dict[str, Any]) -> str | None:
             found = MARKER_RE.search(_text_of(message.get("content")))
             return found.group(1) if found else None
     return None
+
+
+def results_after(body: dict[str, Any], keyword: str) -> int | None:
+    """Tool results after the first user text block (past the prompt) holding ``keyword``; None without one."""
+    found, n = False, 0
+    for index, message in enumerate(body.get("messages") or []):
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        content = message.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for block in blocks:
+            if not isinstance(block, dict):
+                continue
+            if found and block.get("type") == "tool_result":
+                n += 1
+            elif not found and index > 0 and block.get("type") == "text" and keyword in _text_of(block.get("text")):
+                found = True
+    return n if found else None
 
 
 def count_tool_results(body: dict[str, Any]) -> int:
@@ -224,10 +246,16 @@ class ModelServer:
 
     # -- scripting -----------------------------------------------------------
 
-    def script(self, name: str, turns: Sequence[Reply], final: str = "Done.") -> str:
-        """Register a script; returns the marker to put in a prompt."""
+    def script(
+        self, name: str, turns: Sequence[Reply], final: str = "Done.", branches: dict[str, Script] | None = None
+    ) -> str:
+        """Register a script; returns the marker to put in a prompt.
+
+        ``branches``: keyword -> the script followed once an instruction
+        holding the keyword reached the conversation.
+        """
         with self._lock:
-            self._scripts[name] = Script(turns=list(turns), final=final)
+            self._scripts[name] = Script(turns=list(turns), final=final, branches=dict(branches or {}))
         return f"[script:{name}]"
 
     def release(self) -> None:
@@ -256,6 +284,13 @@ class ModelServer:
         if script is None:
             return name, None, reply(self.default_text)
         index, turn = script.turn_for(count_tool_results(body))
+        for keyword, branch in script.branches.items():
+            after = results_after(body, keyword)
+            if after is not None:
+                name = f"{name}#{keyword}"
+                script = branch
+                index, turn = branch.turn_for(after)
+                break
         with self._lock:
             attempt = self._attempts.get((name, index), 0)  # type: ignore[arg-type]
             self._attempts[(name, index)] = attempt + 1  # type: ignore[index]

@@ -9,19 +9,30 @@ import pytest
 
 from progress_service.events import JobSpec
 from progress_service.settings import load_settings
-from worker.claude import build_command, child_env, resolve_binary, stdout_copy_path
+from worker.claude import build_command, child_env, resolve_binary, stdout_copy_path, user_message
 
 
 def test_the_command_asks_for_stream_events_and_ends_with_the_tools() -> None:
     settings = load_settings(env={}, claude_bin="/opt/claude")
     spec = JobSpec(prompt="fix it", model="sonnet", maxTurns=5, permissionMode="auto", allowedTools=["Bash(git *)", "Edit"])
     command = build_command(settings, spec, "sid")
+    # The prompt is the first stdin message (stream-json input), so instructions can follow it.
     assert command.argv == [
-        "/opt/claude", "-p", "fix it", "--output-format", "stream-json", "--verbose", "--include-partial-messages",
+        "/opt/claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
+        "--replay-user-messages", "--include-partial-messages",
         "--session-id", "sid", "--model", "sonnet", "--max-turns", "5", "--permission-mode", "auto",
         "--allowedTools", "Bash(git *)", "Edit",
     ]
+    assert "fix it" not in command.argv
     assert command.demo is False
+
+
+def test_ask_mode_hands_permission_prompts_to_the_worker() -> None:
+    settings = load_settings(env={}, claude_bin="/opt/claude")
+    argv = build_command(settings, JobSpec(prompt="p", permissionMode="ask"), "sid").argv
+    at = argv.index("--permission-mode")
+    assert argv[at : at + 4] == ["--permission-mode", "manual", "--permission-prompt-tool", "stdio"]
+    assert user_message("hi", "u-1") == b'{"type":"user","message":{"role":"user","content":"hi"},"uuid":"u-1","parent_tool_use_id":null,"session_id":""}\n'
 
 
 def test_demo_is_decided_by_the_worker_binary(monkeypatch: pytest.MonkeyPatch) -> None:

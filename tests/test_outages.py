@@ -98,6 +98,8 @@ def _routes(job_id: str, reporter: str) -> list[tuple[str, str, dict[str, Any]]]
             },
         ),
         ("POST", f"/api/jobs/{job_id}/comments", comment),
+        ("POST", f"/api/jobs/{job_id}/instructions", comment),
+        ("POST", f"/api/jobs/{job_id}/permissions/p1", {"json": {"allow": True}, "headers": comment["headers"]}),
         ("GET", "/api/audit", {}),
         ("GET", "/api/tokens", {}),
         ("DELETE", "/api/tokens/0123456789abcdef", {}),

@@ -12,6 +12,7 @@ over-long stdout line becomes an :class:`Oversize` item, never an exception.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -28,11 +29,11 @@ import msgspec
 from anyio.abc import ByteReceiveStream, Process, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from progress_service.events import JobSpec
+from progress_service.events import ASK_MODE, JobSpec
 from progress_service.settings import Settings
 from worker.proctree import TAG_VAR, ProcessTree, become_subreaper, group_members
 
-__all__ = ["ClaudeProcess", "Command", "Line", "Output", "Oversize", "group_members", "start_claude"]
+__all__ = ["ClaudeProcess", "Command", "Line", "Output", "Oversize", "group_members", "start_claude", "user_message"]
 
 T = TypeVar("T")
 
@@ -41,6 +42,7 @@ MAX_LINE_BYTES = 1 << 20
 #: Stderr lines are only logged, so they are cut much earlier.
 MAX_STDERR_BYTES = 16 * 1024
 _CHUNK = 64 * 1024
+_json = msgspec.json.Encoder()
 
 
 class Line(msgspec.Struct, frozen=True):
@@ -86,6 +88,14 @@ def resolve_binary(settings: Settings) -> tuple[list[str], bool]:
 def build_command(settings: Settings, spec: JobSpec, session_id: str) -> Command:
     """The full command line of one job, exactly as DESIGN.md describes it.
 
+    The prompt is not an argument: with ``--input-format stream-json`` it is
+    the first user message on stdin (:func:`user_message`), and
+    instructions from the room follow it while the CLI runs;
+    ``--replay-user-messages`` makes the CLI echo each one it takes, which is
+    the delivery acknowledgement. Permission mode ``ask`` is the CLI's
+    ``manual`` with every prompt handed to the worker over stdio
+    (``--permission-prompt-tool stdio``: ``control_request`` on stdout,
+    ``control_response`` on stdin).
     There is no ``--cwd`` flag: the working directory is the subprocess cwd.
     ``--include-partial-messages`` makes the CLI print the API's stream
     events, the only place live output token counts appear.
@@ -94,18 +104,32 @@ def build_command(settings: Settings, spec: JobSpec, session_id: str) -> Command
     """
     prefix, demo = resolve_binary(settings)
     argv = [
-        *prefix, "-p", spec.prompt, "--output-format", "stream-json", "--verbose",
-        "--include-partial-messages", "--session-id", session_id,
+        *prefix, "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
+        "--replay-user-messages", "--include-partial-messages", "--session-id", session_id,
     ]
     if spec.model:
         argv += ["--model", spec.model]
     if spec.maxTurns:
         argv += ["--max-turns", str(spec.maxTurns)]
-    if spec.permissionMode:
+    if spec.permissionMode == ASK_MODE:
+        argv += ["--permission-mode", "manual", "--permission-prompt-tool", "stdio"]
+    elif spec.permissionMode:
         argv += ["--permission-mode", spec.permissionMode]
     if spec.allowedTools:
         argv += ["--allowedTools", *spec.allowedTools]
     return Command(argv=argv, demo=demo)
+
+
+def user_message(text: str, message_uuid: str) -> bytes:
+    """One stream-json user message for the CLI's stdin (the CLI echoes its ``uuid``)."""
+    line = {
+        "type": "user",
+        "message": {"role": "user", "content": text},
+        "uuid": message_uuid,
+        "parent_tool_use_id": None,
+        "session_id": "",
+    }
+    return _json.encode(line) + b"\n"
 
 
 def child_env(settings: Settings, spec: JobSpec | None = None) -> dict[str, str]:
@@ -155,6 +179,26 @@ class ClaudeProcess:
         self.tree = ProcessTree(process.pid, tag)
         self._stopping = False
         self._stopped = anyio.Event()
+        self._stdin_lock = anyio.Lock()
+
+    async def write(self, data: bytes) -> bool:
+        """Write to the CLI's stdin, one writer at a time; False once stdin is closed or broken."""
+        stdin = self.process.stdin
+        if stdin is None:
+            return False
+        async with self._stdin_lock:
+            try:
+                await stdin.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                return False
+        return True
+
+    async def close_stdin(self) -> None:
+        """End the CLI's input (it then ends after its current turn)."""
+        if self.process.stdin is not None:
+            async with self._stdin_lock:
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    await self.process.stdin.aclose()
 
     @property
     def returncode(self) -> int | None:
@@ -280,7 +324,7 @@ async def start_claude(
         list(argv),
         cwd=str(cwd),
         env={**(os.environ if env is None else env), TAG_VAR: tag},
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         start_new_session=True,
     )
     proc = ClaudeProcess(process, grace, tag)

@@ -61,6 +61,7 @@ from worker.mapping import Mapper
 from worker.outage import REDIS_DOWN, Link, persist
 from worker.publisher import Publisher
 from worker.recovery import requeue
+from worker.steering import Steering
 
 log = logging.getLogger("progress_service.worker")
 T = TypeVar("T")
@@ -153,15 +154,22 @@ class JobRun:
                 command.argv, cwd=workdir, env=child_env(self.settings, self.record.spec), grace=self.settings.cancel_grace
             ) as proc:
                 running = True
+                steering = Steering(
+                    self.redis, self.job_id, proc, self._publish_event,
+                    timeout=self.settings.permission_timeout, ttl=self.settings.events_ttl,
+                )
                 async with anyio.create_task_group() as tg:
                     lines = proc.start_output(tg)
+                    await steering.start(self.record.spec.prompt)
+                    tg.start_soon(steering.run)
                     tg.start_soon(self._supervise, proc)
                     tg.start_soon(self._deadline, proc)
                     tg.start_soon(self._on_hand_back, proc)
                     # The CLI is gone: what it left running goes too (and
                     # that closes the pipes an escaped child kept open).
                     tg.start_soon(proc.reap_group)
-                    await self._read(proc, lines)
+                    await self._read(proc, lines, steering)
+                    await steering.close("the CLI exited before it took it")
                     tg.cancel_scope.cancel()
                 returncode = proc.returncode
         except OSError as exc:
@@ -171,12 +179,13 @@ class JobRun:
             return await self._end("failed", f"could not start {command.argv[0]}: {exc}")
         return await self._conclude(returncode)
 
-    async def _read(self, proc: ClaudeProcess, lines: MemoryObjectReceiveStream[Output]) -> None:
+    async def _read(self, proc: ClaudeProcess, lines: MemoryObjectReceiveStream[Output], steering: Steering) -> None:
         async with lines:
             async for item in lines:
                 if isinstance(item, Line):
                     if item.stream == "stdout":
                         await self._publish(self.mapper.feed, item.data)
+                        await steering.on_stdout(item.data)
                     else:
                         await self._publish(self.mapper.log, "stderr", item.data.decode("utf-8", "replace"))
                 else:
@@ -187,6 +196,13 @@ class JobRun:
     async def _publish(self, make: Any, *args: Any, **kwargs: Any) -> None:
         """Map and publish; during a Redis outage the Publisher keeps the events (its pump delivers them)."""
         await self.pub(make, *args, **kwargs)
+
+    async def _publish_event(self, kind: str, data: msgspec.Struct) -> str | None:
+        """Publish one event the worker makes; its id once Redis has it (None while Redis is down)."""
+        async with self.pub.lock:
+            events = self.mapper.event(kind, data)
+            await self.pub.publish(events)
+        return events[-1].snapshot.lastEventId
 
     async def _store(self, op: Callable[[], Awaitable[T]]) -> T:
         return await persist(op, self.store_link)

@@ -185,6 +185,12 @@ class Mapper:
         self._emit(out, "worker", WorkerData(state=state, workerId=worker_id))  # type: ignore[arg-type]
         return out
 
+    def event(self, kind: str, data: Struct) -> list[Mapped]:
+        """An event the worker makes itself (``instruction``, ``permission``) with the current snapshot."""
+        out: list[Mapped] = []
+        self._emit(out, kind, data)
+        return out
+
     def log(self, stream: str, line: str) -> list[Mapped]:
         """A bounded ``log`` event (stderr lines, oversize stdout lines)."""
         out: list[Mapped] = []

@@ -54,6 +54,9 @@ _VALUE_FLAGS = {
     "--settings",
     "--mcp-config",
     "--max-budget-usd",
+    "--input-format",
+    "--permission-prompt-tool",
+    "--permission-prompts",
 }
 _LIST_FLAGS = {"--allowedTools", "--allowed-tools", "--disallowedTools", "--disallowed-tools", "--add-dir"}
 
@@ -101,6 +104,22 @@ def parse_args(argv: list[str]) -> Options:
             opts.prompt = arg
         i += 1
     return opts
+
+
+def first_stdin_prompt() -> str:
+    """The prompt as the CLI takes it with ``--input-format stream-json``: the first user message on stdin.
+
+    Later stdin lines (instructions) are not read: a recording cannot follow
+    them, so the worker reports them as not delivered when the run ends.
+    """
+    line = sys.stdin.readline()
+    try:
+        content = json.loads(line).get("message", {}).get("content", "")
+    except (ValueError, AttributeError):
+        return ""
+    if isinstance(content, list):
+        return " ".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return content if isinstance(content, str) else ""
 
 
 def pick_transcript(prompt: str, forced: str | None) -> Path:
@@ -238,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         speed = 1.0
     if speed <= 0:
         speed = 1.0
+    if opts.flags.get("--input-format") == "stream-json" and not opts.prompt:
+        opts.prompt = first_stdin_prompt()
     path = pick_transcript(opts.prompt, os.environ.get("PS_REPLAY_TRANSCRIPT") or None)
     if opts.flags.get("--output-format", "stream-json") != "stream-json":
         print("replay: only --output-format stream-json is supported", file=sys.stderr)

@@ -38,6 +38,8 @@ from progress_service.events import (
     AuthOk,
     ClientAuth,
     ClientChat,
+    ClientDecide,
+    ClientSteer,
     ClientJoin,
     ClientLeave,
     ClientMessage,
@@ -50,6 +52,7 @@ from progress_service.events import (
     LeftMsg,
     Pong,
     PresenceMember,
+    SteerResult,
     now_ms,
 )
 from progress_service.gateway import closes
@@ -96,6 +99,28 @@ class CommentsHook(Protocol):
     """
 
     async def post(self, principal: Principal, room_id: str, job_id: str, request_id: str, text: str) -> str: ...
+
+
+class SteerRefusal(Exception):
+    """An instruction or answer was refused; ``code`` is its WebSocket error code."""
+
+    code: str
+    message: str
+
+
+class SteeringHook(Protocol):
+    """What ``progress_service.steering`` installs as ``services.extras["steering"]``.
+
+    Both return a result with the event id once the CLI took the input (or
+    without one when the wait ran out) and raise a :class:`SteerRefusal`
+    (``code``, ``message``) when it was refused.
+    """
+
+    async def instruct(self, principal: Principal, job_id: str, request_id: str, text: str) -> SteerResult: ...
+
+    async def decide(
+        self, principal: Principal, job_id: str, request_id: str, permission_id: str, allow: bool, message: str | None
+    ) -> SteerResult: ...
 
 
 def _text(value: bytes | str) -> str:
@@ -517,6 +542,8 @@ class Session:
             await self._join(message)
         elif isinstance(message, ClientChat):
             await self._chat(message)
+        elif isinstance(message, (ClientSteer, ClientDecide)):
+            await self._steer(message)
         elif isinstance(message, ClientLeave):
             self._leave(message)
         elif isinstance(message, ClientPing):
@@ -749,6 +776,60 @@ class Session:
         task = asyncio.ensure_future(self._guarded(functools.partial(self._post, hook, room_id, job_id, request_id, text)))
         chats.add(task)
         task.add_done_callback(chats.discard)
+
+    # ----------------------------------------------------------- steering
+
+    async def _steer(self, message: ClientSteer | ClientDecide) -> None:
+        """An instruction or a permission answer: checked and sent by the steering hook, acked when it arrived.
+
+        Runs as one of this session's bounded in-flight tasks (like a
+        comment): waiting for the CLI's echo does not stop the receiver.
+        """
+        room_id, request_id = message.roomId, message.requestId
+        job_id = streams.job_id_of(room_id)
+        if job_id not in self.rooms:
+            self.request_close(closes.CHAT_BEFORE_JOIN)
+            return
+        hook: SteeringHook | None = self.gateway.services.extras.get("steering")
+        if hook is None:
+            self.refuse("unavailable", "steering is not available", room_id=room_id, request_id=request_id, counts=False)
+            return
+        chats = self._chats
+        if chats is None:
+            chats = self._chats = set()
+        while len(chats) >= CHATS_IN_FLIGHT:
+            await asyncio.wait(chats, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.ensure_future(self._guarded(functools.partial(self._send_steer, hook, job_id, message)))
+        chats.add(task)
+        task.add_done_callback(chats.discard)
+
+    async def _send_steer(self, hook: SteeringHook, job_id: str, message: ClientSteer | ClientDecide) -> None:
+        assert self.principal is not None
+        room_id, request_id = message.roomId, message.requestId
+        # Bounded: the store's write plus the wait for the CLI, plus slack.
+        limit = self.settings.store_timeout + self.settings.steer_ack_timeout + 5
+        try:
+            async with asyncio.timeout(limit):
+                if isinstance(message, ClientSteer):
+                    result = await hook.instruct(self.principal, job_id, request_id, message.text)
+                else:
+                    result = await hook.decide(
+                        self.principal, job_id, request_id, message.permissionId, message.allow, message.message
+                    )
+        except _STORE_ERRORS:
+            self.refuse("unavailable", "not sent; retry with the same requestId", room_id=room_id, request_id=request_id, counts=False)
+            return
+        except SteerRefusal as exc:
+            counts = exc.code in ("forbidden", "invalid")
+            self.refuse(exc.code, exc.message, room_id=room_id, request_id=request_id, counts=counts)
+            return
+        if result.eventId is None:
+            self.refuse(
+                "timeout", "not delivered yet; send it again with the same requestId to learn the outcome",
+                room_id=room_id, request_id=request_id, counts=False,
+            )
+            return
+        self.put(Ack(requestId=request_id, id=result.eventId))
 
     async def _post(self, hook: CommentsHook, room_id: str, job_id: str, request_id: str, text: str) -> None:
         """Store and publish one comment, then ack it (or answer why not)."""

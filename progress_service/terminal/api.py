@@ -18,6 +18,8 @@ from progress_service.events import JobSnapshot
 
 #: Connect and read timeouts of one request (seconds).
 HTTP_TIMEOUT = httpx.Timeout(15.0, connect=5.0)
+#: Instructions and answers wait for the CLI (up to PS_STEER_ACK_TIMEOUT on the server).
+STEER_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
 
 _snapshot_dec = msgspec.json.Decoder(JobSnapshot)
 
@@ -84,9 +86,12 @@ class JobsApi:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _request(self, method: str, path: str, json: Any = None) -> httpx.Response:
+    async def _request(
+        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None, *, wait: bool = False
+    ) -> httpx.Response:
+        timeout = STEER_TIMEOUT if wait else HTTP_TIMEOUT
         try:
-            response = await self._client.request(method, path, json=json)
+            response = await self._client.request(method, path, json=json, headers=headers, timeout=timeout)
         except httpx.HTTPError as exc:
             # The request URL carries no secret; name the service, not the headers.
             raise ApiError(f"cannot reach {self.base_url}: {type(exc).__name__}: {exc}".rstrip(": ")) from None
@@ -119,6 +124,21 @@ class JobsApi:
     async def cancel(self, job_id: str) -> JobSnapshot:
         """``POST /api/jobs/{id}/cancel``: ask the job to stop."""
         return self._snapshot(await self._request("POST", f"/api/jobs/{quote(job_id, safe='')}/cancel"))
+
+    async def instruct(self, job_id: str, text: str, key: str) -> dict[str, Any]:
+        """``POST /api/jobs/{id}/instructions``: the outcome (``state``, ``eventId``)."""
+        path = f"/api/jobs/{quote(job_id, safe='')}/instructions"
+        response = await self._request("POST", path, json={"text": text}, headers={"Idempotency-Key": key}, wait=True)
+        return response.json()
+
+    async def decide(self, job_id: str, permission_id: str, allow: bool, message: str | None, key: str) -> dict[str, Any]:
+        """``POST /api/jobs/{id}/permissions/{pid}``: the outcome (``state``, ``eventId``)."""
+        path = f"/api/jobs/{quote(job_id, safe='')}/permissions/{quote(permission_id, safe='')}"
+        body: dict[str, Any] = {"allow": allow}
+        if message:
+            body["message"] = message
+        response = await self._request("POST", path, json=body, headers={"Idempotency-Key": key}, wait=True)
+        return response.json()
 
     def _snapshot(self, response: httpx.Response) -> JobSnapshot:
         try:

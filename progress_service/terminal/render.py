@@ -55,7 +55,18 @@ def describe_step(d: dict[str, Any]) -> str:
     return f"{d.get('tool')} {one_line(d.get('title', ''), 160)}" + (f" ({dur})" if dur else "")
 
 
-def describe_event(kind: str, data: dict[str, Any]) -> str:
+def describe_permission(d: dict[str, Any], job_id: str | None = None) -> str:
+    """A permission prompt and how to answer it, or its outcome."""
+    what = f"{d.get('tool')} {one_line(json.dumps(d.get('input') or {}, ensure_ascii=False), 200)}".rstrip(" {}")
+    if d.get("state") == "pending":
+        how = f"progress-service decide {job_id or 'JOB_ID'} {d.get('permissionId')} allow|deny"
+        return f"pending: {what}; answer: {how}"
+    who = f" by {one_line(d['by'], 80)}" if d.get("by") else ""
+    said = f": {one_line(d['message'], 200)}" if d.get("message") else ""
+    return f"{d.get('state')} {d.get('tool')} ({d.get('permissionId')}){who}{said}"
+
+
+def describe_event(kind: str, data: dict[str, Any], job_id: str | None = None) -> str:
     """The human part of one event, on one line (no time, no kind)."""
     d = data
     if kind == "status":
@@ -93,14 +104,19 @@ def describe_event(kind: str, data: dict[str, Any]) -> str:
         return one_line(d.get("text") or f"retrying the API ({d.get('attempt')}/{d.get('maxRetries')})")
     if kind == "notice":
         return f"{d.get('kind')}: {one_line(d.get('text', ''))}"
+    if kind == "instruction":
+        text = f"{d.get('state')} from {one_line(d.get('by', ''), 80)}: {one_line(d.get('text', ''), 300)}"
+        return text + (f" ({one_line(d['reason'], 200)})" if d.get("reason") else "")
+    if kind == "permission":
+        return describe_permission(d, job_id)
     # A kind this client does not know yet: show its data rather than drop it.
     return one_line(json.dumps(d, separators=(",", ":"), ensure_ascii=False))
 
 
-def format_event(msg: EventMsg) -> str:
+def format_event(msg: EventMsg, job_id: str | None = None) -> str:
     """One plain line for an event: ``12:00:01 step     ok Edit src/app.py (120 ms)``."""
     attempt = f" [attempt {msg.attempt}]" if msg.attempt > 1 else ""
-    return f"{_clock(msg.at)} {msg.kind:<8} {describe_event(msg.kind, msg.data)}{attempt}"
+    return f"{_clock(msg.at)} {msg.kind:<8} {describe_event(msg.kind, msg.data, job_id)}{attempt}"
 
 
 def format_chat(msg: ChatMsg) -> str:
@@ -217,7 +233,7 @@ class PlainRenderer:
 
     def event(self, msg: EventMsg) -> None:
         self.view.apply_event(msg.kind, msg.data)
-        self._line(self.out, format_event(msg))
+        self._line(self.out, format_event(msg, self.view.job_id))
 
     def chat(self, msg: ChatMsg) -> None:
         self._line(self.out, format_chat(msg))
@@ -340,6 +356,11 @@ class RichRenderer:
             self._print(clock, (describe_event("notice", d), "yellow" if d.get("kind") == "permission_denied" else "dim"))
         elif msg.kind == "worker" and d.get("state") == "lost":
             self._print(clock, ("worker lost ", "yellow"), str(d.get("workerId")))
+        elif msg.kind == "instruction":
+            self._print(clock, ("instruction ", "bold cyan"), describe_event("instruction", d))
+        elif msg.kind == "permission":
+            style = "bold yellow" if d.get("state") == "pending" else "yellow"
+            self._print(clock, ("permission ", style), describe_permission(d, self.view.job_id))
         self._live.refresh()
 
     def chat(self, msg: ChatMsg) -> None:

@@ -107,7 +107,7 @@ function route() {
       return;
     }
     unmount();
-    const view = mountJob(main, job.jobId, { api, client, step: job.step });
+    const view = mountJob(main, job.jobId, { api, client, step: job.step, me: session.me });
     unmount = view.unmount;
     mounted = { kind: "job", jobId: job.jobId, view };
     return;

@@ -27,7 +27,7 @@ export const VISIBLE_CAP_MS = 1_500;
 export const STABLE_AFTER_MS = 10_000;
 /** Before auth_ok there is no heartbeatMs yet: give the handshake this long. */
 const HANDSHAKE_TIMEOUT_MS = 10_000;
-/** A comment refused with `unavailable` / `rate_limited` is retried after this. */
+/** A comment (or instruction) refused with `unavailable` / `rate_limited` / `timeout` is retried after this. */
 const CHAT_RETRY_MS = 2_000;
 /** Milliseconds of message handling per task before yielding to the page. */
 const DRAIN_BUDGET_MS = 8;
@@ -187,6 +187,25 @@ export class RealtimeClient extends EventTarget {
    * it is re-sent with the same requestId after every reconnect.
    */
   sendChat(roomId, text, requestId = newRequestId()) {
+    return this._request(roomId, { type: "chat", text }, requestId);
+  }
+
+  /**
+   * An instruction for the job's running Claude Code (`steer`); `done`
+   * resolves with the event id once the CLI took it, rejects with the code.
+   */
+  sendSteer(roomId, text, requestId = newRequestId()) {
+    return this._request(roomId, { type: "steer", text }, requestId);
+  }
+
+  /** An answer to a pending permission prompt (`decide`); the first answer wins. */
+  sendDecide(roomId, permissionId, allow, message = null, requestId = newRequestId()) {
+    const body = { type: "decide", permissionId, allow };
+    if (message) body.message = message;
+    return this._request(roomId, body, requestId);
+  }
+
+  _request(roomId, body, requestId) {
     let resolve, reject;
     const done = new Promise((res, rej) => {
       resolve = res;
@@ -195,7 +214,7 @@ export class RealtimeClient extends EventTarget {
     // Callers may not await `done` (e.g. fire and forget from a view that
     // went away); a rejection must not surface as an unhandled error.
     done.catch(() => {});
-    this.pending.set(requestId, { roomId, text, resolve, reject, sent: false });
+    this.pending.set(requestId, { roomId, body, text: body.text, resolve, reject, sent: false });
     this._flushChats(roomId);
     return { requestId, done };
   }
@@ -430,7 +449,7 @@ export class RealtimeClient extends EventTarget {
   _onError(msg) {
     if (msg.requestId && this.pending.has(msg.requestId)) {
       const p = this.pending.get(msg.requestId);
-      if (msg.code === "unavailable" || msg.code === "rate_limited") {
+      if (msg.code === "unavailable" || msg.code === "rate_limited" || msg.code === "timeout") {
         // Not stored: retry later with the same requestId (idempotent).
         p.sent = false;
         this._clearTimer("chat");
@@ -491,7 +510,7 @@ export class RealtimeClient extends EventTarget {
     if (!room || room.status !== "joined") return; // sent after the (re)join
     for (const [requestId, p] of this.pending) {
       if (p.roomId !== roomId || p.sent) continue;
-      p.sent = this._send({ type: "chat", roomId, requestId, text: p.text });
+      p.sent = this._send({ ...p.body, roomId, requestId });
     }
   }
 

@@ -17,12 +17,13 @@ const CONTROL = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f]/g;
 /**
  * @param {{client: import("../socket.js").RealtimeClient, roomId: string}} options
  */
-export function createCommentsPanel({ client, roomId }) {
+export function createCommentsPanel({ client, roomId, onInstruct = null }) {
   const comments = new Map(); // event id -> chat message
   const pending = new Map(); // requestId -> {requestId, text, sentAt, state, error}
   const presence = new Map(); // userId -> userName
   let role = null;
   let replaying = true;
+  let steerable = false; // this user may send instructions to the running job
 
   const count = h("span", { class: "count" });
   const presenceList = h("ul", { class: "presence-list", "aria-label": "Watching now" });
@@ -41,6 +42,11 @@ export function createCommentsPanel({ client, roomId }) {
   const hint = h("p", { class: "hint", id: "comment-hint" }, "Ctrl+Enter sends. Everyone watching this job sees it.");
   const reason = h("p", { class: "comment-reason", id: "comment-reason", role: "status" }, "Connecting…");
   const button = h("button", { type: "submit", class: "btn btn-primary", disabled: true }, "Comment");
+  // "Send to Claude": the text goes to the running Claude Code as an
+  // instruction (steer) instead of the room as a comment.
+  const toClaude = h("input", { type: "checkbox", id: "comment-to-claude", class: "to-claude" });
+  const toClaudeLabel = h("label", { class: "to-claude-label", for: "comment-to-claude", hidden: true }, toClaude, " Send to Claude");
+  toClaude.addEventListener("change", () => renderComposer());
   const form = h(
     "form",
     { class: "comment-form", novalidate: true },
@@ -48,7 +54,7 @@ export function createCommentsPanel({ client, roomId }) {
     textarea,
     h("div", { class: "comment-form-foot" }, hint, counter),
     reason,
-    h("div", { class: "form-actions" }, button),
+    h("div", { class: "form-actions" }, toClaudeLabel, button),
   );
   const el = h(
     "section",
@@ -84,6 +90,12 @@ export function createCommentsPanel({ client, roomId }) {
       return;
     }
     if (text.length > MAX_CHARS) return;
+    if (steerable && toClaude.checked && onInstruct) {
+      onInstruct(text);
+      textarea.value = "";
+      renderCounter();
+      return;
+    }
     const { requestId, done } = client.sendChat(roomId, text);
     pending.set(requestId, { requestId, text, sentAt: Date.now(), state: "sending", error: null });
     textarea.value = "";
@@ -114,6 +126,12 @@ export function createCommentsPanel({ client, roomId }) {
   }
 
   function renderComposer() {
+    toClaudeLabel.hidden = !steerable || !onInstruct;
+    if (toClaudeLabel.hidden) toClaude.checked = false;
+    setText(button, toClaude.checked ? "Send to Claude" : "Comment");
+    setText(hint, toClaude.checked
+      ? "Ctrl+Enter sends. Claude gets it as an instruction at its next step; everyone watching sees it."
+      : "Ctrl+Enter sends. Everyone watching this job sees it.");
     const allowed = canComment();
     textarea.disabled = !allowed;
     button.disabled = !allowed;
@@ -253,6 +271,10 @@ export function createCommentsPanel({ client, roomId }) {
     },
     /** Re-render pending labels when the connection changes. */
     refresh: render,
+    /** Whether the "send to Claude" toggle is offered (the job runs and this user may steer it). */
+    setSteerable(value) {
+      steerable = value;
+    },
   };
 }
 

@@ -9,6 +9,7 @@ import { compareIds, SignedOutError } from "../socket.js";
 import { createCommentsPanel } from "./comments.js";
 import { createJobActions } from "./actions.js";
 import { drawResultCard } from "./result.js";
+import { createSteeringPanel, maySteer } from "./steering.js";
 import { createStepLog } from "./steps.js";
 
 const TODO_ICON = { pending: "○", in_progress: "◐", completed: "●" };
@@ -23,7 +24,7 @@ const REPLAY_DRAW_MS = 250;
  * @param {{api: object, client: import("../socket.js").RealtimeClient, step?: number|null}} ctx
  * @returns {{unmount: () => void, goToStep: (n: number|null) => void}}
  */
-export function mountJob(main, jobId, { api, client, step = null }) {
+export function mountJob(main, jobId, { api, client, step = null, me = null }) {
   const roomId = `job:${jobId}`;
   let state = null;
   let role = null;
@@ -38,7 +39,9 @@ export function mountJob(main, jobId, { api, client, step = null }) {
   let finalAsked = false;
   let stepsDrawnAt = 0;
 
-  const comments = createCommentsPanel({ client, roomId });
+  const steering = createSteeringPanel({ client, roomId });
+  const comments = createCommentsPanel({ client, roomId, onInstruct: (text) => steering.instruct(text) });
+  let spec = null; // the submitted spec: who may steer (`steerable`)
   const title = h("h1", { class: "job-title", id: "job-title", tabindex: "-1" }, "Loading job…");
   const els = {
     status: h("span", { class: "badge status-badge", id: "job-status" }),
@@ -123,6 +126,7 @@ export function mountJob(main, jobId, { api, client, step = null }) {
             els.now,
             els.message,
           ),
+          steering.el,
           els.result,
           h(
             "section",
@@ -183,6 +187,9 @@ export function mountJob(main, jobId, { api, client, step = null }) {
     } else render();
     renderLogs();
     renderStats(s);
+    const steer = maySteer({ role, me, snapshot: s, spec }) && !TERMINAL.has(s.status);
+    steering.setAllowed(steer);
+    comments.setSteerable(steer);
     comments.refresh();
   }
 
@@ -346,6 +353,7 @@ export function mountJob(main, jobId, { api, client, step = null }) {
         lastSeen = msg.id;
         const history = replayUntil && compareIds(msg.id, replayUntil) <= 0;
         const change = applyEvent(state, msg, { live: !history });
+        steering.onEvent(msg, { live: !history });
         // The worker sets the model (from Claude Code's first line) and the
         // demo flag in the snapshot without an event of their own: read them.
         if (change?.status === "running") askForModel(true);
@@ -444,6 +452,15 @@ export function mountJob(main, jobId, { api, client, step = null }) {
     }
     render();
   }
+
+  // Who may steer depends on how the job was submitted (`steerable`).
+  api.jobSpec(jobId).then(
+    (got) => {
+      spec = got;
+      render();
+    },
+    () => {},
+  );
 
   const unsubscribe = client.subscribe(roomId, onRoomMessage);
   const onState = () => {
