@@ -22,6 +22,7 @@ import functools
 import logging
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -768,12 +769,16 @@ class Session:
         # group shares one transaction, one XADD and one frame per watcher.
         # The posts are this session's tasks, bounded, cancelled at teardown;
         # they enter the writer's queue in the order they were received.
+        await self._in_flight(functools.partial(self._post, hook, room_id, job_id, request_id, text))
+
+    async def _in_flight(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` as one of this session's bounded in-flight tasks (cancelled at teardown), in arrival order."""
         chats = self._chats
         if chats is None:
             chats = self._chats = set()
         while len(chats) >= CHATS_IN_FLIGHT:
             await asyncio.wait(chats, return_when=asyncio.FIRST_COMPLETED)
-        task = asyncio.ensure_future(self._guarded(functools.partial(self._post, hook, room_id, job_id, request_id, text)))
+        task = asyncio.ensure_future(self._guarded(work))
         chats.add(task)
         task.add_done_callback(chats.discard)
 
@@ -794,14 +799,7 @@ class Session:
         if hook is None:
             self.refuse("unavailable", "steering is not available", room_id=room_id, request_id=request_id, counts=False)
             return
-        chats = self._chats
-        if chats is None:
-            chats = self._chats = set()
-        while len(chats) >= CHATS_IN_FLIGHT:
-            await asyncio.wait(chats, return_when=asyncio.FIRST_COMPLETED)
-        task = asyncio.ensure_future(self._guarded(functools.partial(self._send_steer, hook, job_id, message)))
-        chats.add(task)
-        task.add_done_callback(chats.discard)
+        await self._in_flight(functools.partial(self._send_steer, hook, job_id, message))
 
     async def _send_steer(self, hook: SteeringHook, job_id: str, message: ClientSteer | ClientDecide) -> None:
         assert self.principal is not None
