@@ -212,10 +212,15 @@ class Steering:
 
     async def _check_running(self, job_id: str) -> None:
         """Refuse before the audit record when the job cannot take input (the script checks again)."""
+        # ``closed`` matters here: the worker closes the inbox when its CLI
+        # exits, before it publishes the final status and marks the run done,
+        # so a sender who saw the job end is refused before any audit record.
         raw = await self.redis.hget(run_key(job_id), "state")
         state = inbox.text_of(raw) if raw is not None else ""
         if state != "running":
             self._refused("not_running", state)
+        elif await self.redis.hexists(inbox.steer_key(job_id), "closed"):
+            self._refused("closed", "")
         elif not await self.redis.exists(lease_key(job_id)):
             self._refused("worker_gone", "")
 
