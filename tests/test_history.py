@@ -34,6 +34,8 @@ from history_helpers import (
     ws_items,
 )
 from progress_service.embedded_redis import dev_data_dir, free_port
+from progress_service.ids import room_id
+from progress_service.keys import events_key
 from progress_service.store import history as archive
 from progress_service.store.db import create_engine
 from progress_service.store.jobs import get_job
@@ -352,9 +354,9 @@ async def test_nothing_leaves_redis_before_the_archive_holds_it(
     async with run_app(settings, run_worker=False) as (base, app), client(base, token) as http:
         job = await submit(http, "[long] no hole")  # queued: no worker runs it, this test publishes
         redis = app.state.services.redis
-        key = streams.events_key(job)
+        key = events_key(job)
         engine = create_engine(store_url)  # the worker's own engine, as in production
-        mapper = Mapper(JobSnapshot(id=job, roomId=streams.room_id(job)))
+        mapper = Mapper(JobSnapshot(id=job, roomId=room_id(job)))
         pub = publisher.Publisher(redis, job, 1, settings, mapper, engine=engine)
 
         def in_order(items: list[dict[str, Any]]) -> None:
