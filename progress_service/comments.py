@@ -1,11 +1,11 @@
 """Reviewer comments end to end: the hook the gateway and the HTTP API call.
 
-``services.extras["comments"]`` is a :class:`Comments`; the gateway calls
+One :class:`Comments` per process (``Services.comments``); the gateway calls
 ``post(principal, room_id, job_id, request_id, text)`` for a ``chat`` message
 (see ``gateway/session.py``'s ``CommentsHook``) and acks with the event id it
 returns; ``POST /api/jobs/{id}/comments`` calls :meth:`Comments.submit`.
 
-The order is the durability contract of PROTOCOL.md:
+The order is the durability contract of docs/protocol.md:
 
 1. role check (reviewer and above, else :class:`CommentForbidden`) and text
    normalization (trimmed; no control characters but newline and tab;
@@ -48,8 +48,6 @@ from progress_service.store import comments as comment_store
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from sqlalchemy.ext.asyncio import AsyncEngine
-
-    from progress_service.services import Services
     from progress_service.settings import Settings
     from progress_service.store.identity import Principal
 
@@ -147,7 +145,7 @@ class _Waiter:
 
 
 class Comments:
-    """``services.extras["comments"]``: store, publish and ack comments.
+    """Store, publish and ack comments (``Services.comments``, the gateway's chat hook).
 
     Group commit: ``submit`` queues its comment and waits; one writer task per
     instance takes every queued comment, stores them with their audit records
@@ -171,10 +169,6 @@ class Comments:
         #: on the row failed (store down): retried with the next transaction;
         #: :meth:`with_ids` repairs the rows on read should this process stop first.
         self._unrecorded: dict[int, str] = {}
-
-    @classmethod
-    def from_services(cls, services: Services) -> Comments:
-        return cls(services.engine, services.redis, services.settings)
 
     async def post(self, principal: Principal, room_id: str, job_id: str, request_id: str, text: str) -> str:
         """The gateway's hook: store, publish, return the event id (the ack).

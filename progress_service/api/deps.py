@@ -1,4 +1,9 @@
-"""Dependencies shared by the HTTP controllers: services and the caller."""
+"""Dependencies shared by the HTTP controllers: the process's components and the caller.
+
+:data:`DEPENDENCIES` is what ``create_app`` hands Litestar: a handler names
+the part it needs (``services``, ``gateway``, ``comments``, ``steering``,
+``audit``, ``hooks``, ``principal``) as a typed parameter.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +19,48 @@ from litestar.exceptions import (
 )
 from litestar.openapi.datastructures import ResponseSpec
 
+from litestar.di import Provide
+
 from progress_service.auth import bearer_token
+from progress_service.comments import Comments
+from progress_service.gateway import Gateway
+from progress_service.hooks.gate import HookGate
 from progress_service.services import Services
+from progress_service.steering import Steering
+from progress_service.store.audit import Audit
 from progress_service.store.identity import Principal, principal_for_token, principal_for_token_hash, token_revoked
 from progress_service.web_session import COOKIE_NAME, CSRF_HEADER, SAFE_METHODS, csrf_ok, delete_session, read_session
 
 
 async def provide_services(state: State) -> Services:
-    """The process's shared resources, created in the lifespan."""
-    return state.services
+    """The process's components and connections, built in the lifespan."""
+    services: Services = state.services
+    return services
+
+
+async def provide_gateway(state: State) -> Gateway:
+    """This process's gateway (sessions, hub, SSE streams)."""
+    return (await provide_services(state)).gateway
+
+
+async def provide_comments(state: State) -> Comments:
+    """The process's comments writer."""
+    return (await provide_services(state)).comments
+
+
+async def provide_steering(state: State) -> Steering:
+    """The process's steering (instructions, permission answers)."""
+    return (await provide_services(state)).steering
+
+
+async def provide_audit(state: State) -> Audit:
+    """The process's non-blocking audit writer."""
+    return (await provide_services(state)).audit
+
+
+async def provide_hooks(state: State) -> HookGate:
+    """The Claude Code hook route's per-process state."""
+    return (await provide_services(state)).hooks
 
 
 async def provide_principal(request: Request, state: State) -> Principal:
@@ -32,20 +70,21 @@ async def provide_principal(request: Request, state: State) -> Principal:
     Without that header, the web page's session cookie (see ``web_session``)
     is accepted, with its CSRF header on state-changing methods.
     """
+    services = await provide_services(state)
     token = bearer_token(request.headers.get("authorization"))
     if token is None and request.cookies.get(COOKIE_NAME):
-        principal = await principal_for_cookie(request, state.services)
+        principal = await principal_for_cookie(request, services)
     elif token is None:
         raise NotAuthorizedException(
             "missing credentials: send 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
     else:
-        found = await principal_for_token(state.services.engine, token)
+        found = await principal_for_token(services.engine, token)
         if found is None:
             detail = (
                 "this API token was revoked; ask an admin for a new one"
-                if await token_revoked(state.services.engine, token)
+                if await token_revoked(services.engine, token)
                 else "invalid, expired or revoked token"
             )
             raise NotAuthorizedException(detail, headers={"WWW-Authenticate": "Bearer"})
@@ -68,6 +107,18 @@ async def principal_for_cookie(request: Request, services: Services) -> Principa
     if request.method not in SAFE_METHODS and not csrf_ok(record, request.headers.get(CSRF_HEADER)):
         raise PermissionDeniedException("missing or wrong X-CSRF-Token header (read it from GET /api/session)")
     return principal
+
+
+#: The app's dependencies (``Litestar(dependencies=...)``).
+DEPENDENCIES: dict[str, Provide] = {
+    "services": Provide(provide_services),
+    "gateway": Provide(provide_gateway),
+    "comments": Provide(provide_comments),
+    "steering": Provide(provide_steering),
+    "audit": Provide(provide_audit),
+    "hooks": Provide(provide_hooks),
+    "principal": Provide(provide_principal),
+}
 
 
 def require_role(principal: Principal, role: str) -> None:

@@ -216,12 +216,10 @@ class JobsController(Controller):
 
 def _audit(services: Services, principal: Principal, action: str, job_id: str, detail: dict[str, Any]) -> None:
     """Queue a security-relevant record (never waits for the store)."""
-    audit = services.extras.get("audit")
-    if audit is not None:
-        audit.record_nowait(
-            action=action,
-            team_id=principal.team_id,
-            actor=principal.user_name,
-            room_id=streams.room_id(job_id),
-            detail=detail,
-        )
+    services.audit.record_nowait(
+        action=action,
+        team_id=principal.team_id,
+        actor=principal.user_name,
+        room_id=streams.room_id(job_id),
+        detail=detail,
+    )

@@ -27,7 +27,6 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_409_CONFL
 from progress_service.api.deps import error_responses
 from progress_service.api.jobs import JOB_ID_RE
 from progress_service.events import INSTRUCTION_MAX_CHARS, SteerResult
-from progress_service.services import Services
 from progress_service.steering import SteerError, Steering
 from progress_service.store.identity import Principal
 
@@ -85,13 +84,13 @@ class SteeringController(Controller):
 
     @post("/instructions", summary="Send an instruction to the job's running CLI", responses=_RESPONSES)
     async def instruct(
-        self, job_id: str, data: NewInstruction, principal: Principal, services: Services, idempotency_key: IdempotencyKey
+        self, job_id: str, data: NewInstruction, principal: Principal, steering: Steering, idempotency_key: IdempotencyKey
     ) -> Response[SteerResult]:
         """The job's submitter, role submitter or above, or a reviewer of a job submitted ``steerable: "reviewers"``."""
         if not JOB_ID_RE.match(job_id):
             raise NotFoundException("no such job")
         try:
-            result = await Steering.from_services(services).instruct(principal, job_id, idempotency_key, data.text)
+            result = await steering.instruct(principal, job_id, idempotency_key, data.text)
         except SteerError as exc:
             raise _http_error(exc) from None
         return _answer(result)
@@ -103,14 +102,14 @@ class SteeringController(Controller):
         permission_id: str,
         data: Decision,
         principal: Principal,
-        services: Services,
+        steering: Steering,
         idempotency_key: IdempotencyKey,
     ) -> Response[SteerResult]:
         """Answer a ``permission`` event of a ``permissionMode: "ask"`` job; the first answer wins."""
         if not JOB_ID_RE.match(job_id) or not JOB_ID_RE.match(permission_id):
             raise NotFoundException("no such job or permission prompt")
         try:
-            result = await Steering.from_services(services).decide(
+            result = await steering.decide(
                 principal, job_id, idempotency_key, permission_id, data.allow, data.message
             )
         except SteerError as exc:

@@ -35,7 +35,7 @@ from progress_service.gateway.outbox import Chunk, Outbox
 from progress_service.streams import id_lt, id_tuple, wire_bytes
 
 if TYPE_CHECKING:
-    from progress_service.services import Services
+    from progress_service.services import Resources
 
 log = logging.getLogger("progress_service.gateway.hub")
 
@@ -111,7 +111,7 @@ def presence_stream_key(job_id: str) -> str:
 class Hub:
     """The rooms of this process and the one task that feeds them."""
 
-    def __init__(self, services: Services, node_id: str, *, block_ms: int = BLOCK_MS) -> None:
+    def __init__(self, services: Resources, node_id: str, *, block_ms: int = BLOCK_MS) -> None:
         self.services = services
         self.block_ms = block_ms
         self.rooms: dict[str, Room] = {}
