@@ -27,6 +27,7 @@ from progress_service.gateway import Gateway
 from progress_service.gateway.session import CommentsHook
 from progress_service.hooks.gate import HookGate
 from progress_service.hooks.ingest import Ingest
+from progress_service.jobs import Jobs
 from progress_service.revocation import RevocationWatcher
 from progress_service.settings import Settings
 from progress_service.steering import Steering
@@ -68,6 +69,8 @@ class Services(Resources):
     revocations: RevocationWatcher
     #: Claude Code hooks: the route's checks and queue (``hooks.ingest`` is its task).
     hooks: HookGate
+    #: Submitting and cancelling jobs.
+    jobs: Jobs
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run every component task until cancelled (the lifespan's task group cancels it)."""
@@ -122,6 +125,7 @@ def build_services(resources: Resources, *, chat_hook: ChatHookFactory | None = 
         gateway=gateway,
         revocations=RevocationWatcher(engine, redis, gateway),
         hooks=HookGate(engine, redis, settings, ingest, principals),
+        jobs=Jobs(engine, redis, resources.arq, settings, audit),
     )
 
 

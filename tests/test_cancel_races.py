@@ -16,7 +16,8 @@ import msgspec
 import pytest
 
 from progress_service.events import now_ms
-from progress_service.queue import cancel_job, claim_run, run_key
+from progress_service.jobs import cancel_job
+from progress_service.queue import claim_run, run_key
 from progress_service.store.db import create_engine
 from progress_service.store.jobs import get_job, update_job
 from progress_service.store.migrations import migrate

@@ -21,7 +21,8 @@ import pytest
 from arq.connections import create_pool
 
 from progress_service.events import JobSpec, JobSnapshot, StatusData, StoredEvent, now_ms
-from progress_service.queue import arq_redis_settings, cancel_job, claim_run, enqueue_job, lease_key
+from progress_service.jobs import cancel_job
+from progress_service.queue import arq_redis_settings, claim_run, enqueue_job, lease_key
 from progress_service.settings import Settings
 from progress_service.store.identity import ensure_team, ensure_user
 from progress_service.store.jobs import create_job, get_job, update_job

@@ -42,12 +42,12 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service.events import TERMINAL_STATUSES, JobSnapshot, now_ms
+from progress_service.jobs import publish_cancelled
 from progress_service.queue import (
     cancel_requested,
     claim_run,
     finish_run,
     hand_back_run,
-    publish_cancelled,
     refresh_lease,
 )
 from progress_service.settings import Settings

@@ -19,11 +19,11 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service.events import TERMINAL_STATUSES
+from progress_service.jobs import publish_cancelled
 from progress_service.queue import (
     cancel_requested,
     enqueue_job,
     lease_key,
-    publish_cancelled,
     reap_run,
     run_key,
     run_state,

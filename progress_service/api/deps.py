@@ -2,7 +2,7 @@
 
 :data:`DEPENDENCIES` is what ``create_app`` hands Litestar: a handler names
 the part it needs (``services``, ``gateway``, ``comments``, ``steering``,
-``audit``, ``hooks``, ``principal``) as a typed parameter.
+``audit``, ``hooks``, ``jobs``, ``principal``) as a typed parameter.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from progress_service.auth import bearer_token
 from progress_service.comments import Comments
 from progress_service.gateway import Gateway
 from progress_service.hooks.gate import HookGate
+from progress_service.jobs import Jobs
 from progress_service.services import Services
 from progress_service.steering import Steering
 from progress_service.store.audit import Audit
@@ -56,6 +57,11 @@ async def provide_steering(state: State) -> Steering:
 async def provide_audit(state: State) -> Audit:
     """The process's non-blocking audit writer."""
     return (await provide_services(state)).audit
+
+
+async def provide_jobs(state: State) -> Jobs:
+    """The jobs service (submit, cancel)."""
+    return (await provide_services(state)).jobs
 
 
 async def provide_hooks(state: State) -> HookGate:
@@ -117,6 +123,7 @@ DEPENDENCIES: dict[str, Provide] = {
     "steering": Provide(provide_steering),
     "audit": Provide(provide_audit),
     "hooks": Provide(provide_hooks),
+    "jobs": Provide(provide_jobs),
     "principal": Provide(provide_principal),
 }
 
