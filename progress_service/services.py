@@ -75,6 +75,7 @@ class Services(Resources):
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run every component task until cancelled (the lifespan's task group cancels it)."""
         async with anyio.create_task_group() as tg:
+            await tg.start(self.comments.run)  # before the first request can post
             tg.start_soon(self.gateway.run)
             tg.start_soon(self.audit.run)
             tg.start_soon(self.revocations.run)
