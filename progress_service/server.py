@@ -15,7 +15,7 @@ from litestar import Litestar
 from progress_service.api.hooks import HookFront
 from progress_service.gateway.endpoint import GatewayFront
 from progress_service.settings import Settings
-from progress_service.state import started_services
+from progress_service.state import started_services, unwrap
 
 
 log = logging.getLogger("progress_service.server")
@@ -80,21 +80,10 @@ class Server(uvicorn.Server):
         for sock in sockets or []:
             sock.close()
         log.info("shutdown: stopped accepting connections")
-        services = started_services(_unwrap(self.config.loaded_app))
+        services = started_services(unwrap(self.config.loaded_app))
         if services is not None:  # 2. WebSockets 1001 (the lifespan's drain then finds them closed)
             await services.gateway.close_all()
         await super().shutdown(sockets)  # 3. requests finish, then the lifespan (worker hand-back)
-
-
-def _unwrap(app: object) -> Litestar:
-    # uvicorn wraps the app in proxy/middleware objects; find the Litestar app.
-    seen = 0
-    while not isinstance(app, Litestar) and hasattr(app, "app") and seen < 10:
-        app = app.app
-        seen += 1
-    if not isinstance(app, Litestar):
-        raise TypeError(f"not a Litestar app: {type(app).__name__}")
-    return app
 
 
 def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **extra: object) -> uvicorn.Config:

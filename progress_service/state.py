@@ -17,6 +17,17 @@ if TYPE_CHECKING:
 _KEY = "services"
 
 
+def unwrap(app: object) -> Litestar:
+    """The Litestar app inside the ASGI layers around it (each keeps the next in ``.app``)."""
+    seen = 0
+    while not isinstance(app, Litestar) and hasattr(app, "app") and seen < 10:
+        app = app.app
+        seen += 1
+    if not isinstance(app, Litestar):
+        raise TypeError(f"not a Litestar app: {type(app).__name__}")
+    return app
+
+
 def started_services(app: Litestar) -> Services | None:
     """The app's components once its lifespan has built them, else None."""
     return cast("Services | None", app.state.get(_KEY))

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, post
+from litestar import Request, post
 from litestar.exceptions import (
     ClientException,
     HTTPException,
@@ -37,7 +37,7 @@ from progress_service.events import now_ms
 from progress_service.hooks.body import KNOWN_EVENTS, HookInput, body_hash
 from progress_service.hooks.gate import HookGate
 from progress_service.hooks.ingest import HookItem, session_job_id
-from progress_service.state import started_services
+from progress_service.state import started_services, unwrap
 
 PATH = "/api/hooks/claude-code"
 #: Header that names the machine a session runs on (set by ``hooks install``).
@@ -160,14 +160,14 @@ class HookFront:
     __slots__ = ("app",)
 
     def __init__(self, app: Any) -> None:
-        #: The wrapped app (``server._unwrap`` follows ``.app``).
+        #: The wrapped app (``state.unwrap`` follows ``.app``).
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST" or scope.get("root_path"):
             await self.app(scope, receive, send)
             return
-        services = started_services(_unwrap(self.app))
+        services = started_services(unwrap(self.app))
         if services is None:  # not started yet: the app decides
             await self.app(scope, receive, send)
             return
@@ -219,10 +219,3 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
 
 def _h(value: bytes | None) -> str | None:
     return value.decode("latin-1") if value is not None else None
-
-
-def _unwrap(app: Any) -> Litestar:
-    while not isinstance(app, Litestar) and hasattr(app, "app"):
-        app = app.app
-    assert isinstance(app, Litestar)
-    return app

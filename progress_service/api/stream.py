@@ -151,9 +151,9 @@ async def _messages(
                     return
                 yield ServerSentEventMessage(comment="heartbeat", data=None)
                 continue
-            kind, eid = _sse_fields(live)
+            kind, live_id = _sse_fields(live)
             finished = finished or (kind == "event" and _is_terminal(live))
-            yield ServerSentEventMessage(event=kind, id=eid, data=live)
+            yield ServerSentEventMessage(event=kind, id=live_id, data=live)
     except Exception as exc:
         dependency = outage.classify(exc)
         if dependency is None:

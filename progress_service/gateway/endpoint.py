@@ -143,7 +143,7 @@ class GatewayFront:
     __slots__ = ("app",)
 
     def __init__(self, app: Litestar) -> None:
-        #: The wrapped app (``server._unwrap`` follows ``.app``).
+        #: The wrapped app (``state.unwrap`` follows ``.app``).
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

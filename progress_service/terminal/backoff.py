@@ -1,4 +1,4 @@
-"""The reconnect policy of PROTOCOL.md: exponential backoff with full jitter.
+"""The reconnect policy of docs/protocol.md: exponential backoff with full jitter.
 
 ``delay = random(0, min(cap, base * 2**attempt))``; the attempt counter is
 reset only once a connection has stayed up for ``stable_after`` seconds, so
