@@ -28,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from progress_service import metrics, outage, queue
 from progress_service.api.audit import AuditController, TokensController
 from progress_service.api.comments import CommentsController
-from progress_service.api.deps import DEPENDENCIES
+from progress_service.api.deps import AUTHENTICATION, DEPENDENCIES, NO_AUTH
 from progress_service.api.health import healthz, metrics_endpoint, readyz
 from progress_service.api.hooks import PATH as HOOKS_PATH
 from progress_service.api.hooks import claude_code_hook
@@ -227,6 +227,7 @@ def create_app(
                 name="vendor",
                 cache_control=CacheControlHeader(public=True, max_age=31_536_000, immutable=True),
                 include_in_schema=False,
+                opt=NO_AUTH,
             )
         )
         handlers.append(
@@ -237,6 +238,7 @@ def create_app(
                 name="web",
                 cache_control=CacheControlHeader(max_age=60, must_revalidate=True),
                 include_in_schema=False,
+                opt=NO_AUTH,
             )
         )
 
@@ -251,7 +253,8 @@ def create_app(
         route_handlers=handlers,
         lifespan=[lifespan],
         dependencies=DEPENDENCIES,
-        middleware=[access_log, rate_limit.middleware],
+        # Authentication last: the rate limit counts refused requests too.
+        middleware=[access_log, rate_limit.middleware, AUTHENTICATION],
         cors_config=cors,
         exception_handlers={
             HTTPException: _client_error_handler,

@@ -3,6 +3,8 @@
 :data:`DEPENDENCIES` is what ``create_app`` hands Litestar: a handler names
 the part it needs (``services``, ``gateway``, ``comments``, ``steering``,
 ``audit``, ``hooks``, ``jobs``, ``principal``) as a typed parameter.
+:data:`AUTHENTICATION` (middleware) makes ``request.user`` the caller's
+:class:`Principal`; :func:`requires` is the role guard of a controller or route.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from litestar.exceptions import (
     PermissionDeniedException,
     ValidationException,
 )
-from litestar.openapi.datastructures import ResponseSpec
-
+from litestar.connection import ASGIConnection
 from litestar.di import Provide
+from litestar.enums import ScopeType
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.types import Guard
 
 from progress_service.auth import bearer_token
 from progress_service.comments import Comments
@@ -27,6 +33,7 @@ from progress_service.gateway import Gateway
 from progress_service.hooks.gate import HookGate
 from progress_service.jobs import Jobs
 from progress_service.services import Services
+from progress_service.state import services_of
 from progress_service.steering import Steering
 from progress_service.store.audit import Audit
 from progress_service.store.identity import Principal, principal_for_token, principal_for_token_hash, token_revoked
@@ -69,17 +76,16 @@ async def provide_hooks(state: State) -> HookGate:
     return (await provide_services(state)).hooks
 
 
-async def provide_principal(request: Request, state: State) -> Principal:
+async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], services: Services) -> Principal:
     """The caller of an API request, from ``Authorization: Bearer <token>``.
 
     Only API tokens are accepted here: tickets are for the WebSocket alone.
     Without that header, the web page's session cookie (see ``web_session``)
     is accepted, with its CSRF header on state-changing methods.
     """
-    services = await provide_services(state)
-    token = bearer_token(request.headers.get("authorization"))
-    if token is None and request.cookies.get(COOKIE_NAME):
-        principal = await principal_for_cookie(request, services)
+    token = bearer_token(connection.headers.get("authorization"))
+    if token is None and connection.cookies.get(COOKIE_NAME):
+        principal = await principal_for_cookie(connection, services)
     elif token is None:
         raise NotAuthorizedException(
             "missing credentials: send 'Authorization: Bearer <token>'",
@@ -101,7 +107,41 @@ async def provide_principal(request: Request, state: State) -> Principal:
     return principal
 
 
-async def principal_for_cookie(request: Request, services: Services) -> Principal:
+class PrincipalMiddleware(AbstractAuthenticationMiddleware):
+    """Authentication as middleware: ``request.user`` is the caller's :class:`Principal` (see :func:`authenticate`)."""
+
+    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> AuthenticationResult:
+        """Refuse with 401/403, or name the caller."""
+        return AuthenticationResult(user=await authenticate(connection, services_of(connection.app)), auth=None)
+
+
+#: Routes that take no API credentials: health and metrics, the schema, the
+#: cookie session's own routes, Claude Code hooks (reporter tokens, their own
+#: checks). The static page is excluded by its routers' ``opt`` (NO_AUTH).
+PUBLIC_PATHS = ["^/healthz$", "^/readyz$", "^/metrics$", "^/schema", "^/api/session", "^/api/hooks/"]
+#: ``opt`` of a route that needs no credentials.
+NO_AUTH: dict[str, Any] = {"exclude_from_auth": True}
+
+#: The authentication middleware of the app (HTTP only: ``/ws`` authenticates in its first message).
+AUTHENTICATION = DefineMiddleware(PrincipalMiddleware, exclude=PUBLIC_PATHS, scopes={ScopeType.HTTP})
+
+
+async def provide_principal(request: Request[Principal, None, State]) -> Principal:
+    """The caller, as the authentication middleware found it."""
+    return request.user
+
+
+def requires(role: str) -> Guard:
+    """A guard refusing with 403 unless the caller's role ranks at or above ``role``."""
+
+    # async although it never awaits: Litestar runs a sync guard in a worker thread.
+    async def guard(connection: ASGIConnection[Any, Principal, Any, Any], _: BaseRouteHandler) -> None:
+        require_role(connection.user, role)
+
+    return guard
+
+
+async def principal_for_cookie(request: ASGIConnection[Any, Any, Any, Any], services: Services) -> Principal:
     """The principal of a session cookie; 401 when it is gone, 403 without its CSRF header."""
     session_id = request.cookies.get(COOKIE_NAME, "")
     record = await read_session(services.redis, session_id)
@@ -110,7 +150,7 @@ async def principal_for_cookie(request: Request, services: Services) -> Principa
         if record is not None:
             await delete_session(services.redis, session_id)  # its token was revoked or expired
         raise NotAuthorizedException("your session has ended: sign in again")
-    if request.method not in SAFE_METHODS and not csrf_ok(record, request.headers.get(CSRF_HEADER)):
+    if request.scope.get("method") not in SAFE_METHODS and not csrf_ok(record, request.headers.get(CSRF_HEADER)):
         raise PermissionDeniedException("missing or wrong X-CSRF-Token header (read it from GET /api/session)")
     return principal
 

@@ -13,7 +13,7 @@ from litestar.params import Parameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_409_CONFLICT
 
 from progress_service import history, streams
-from progress_service.api.deps import INT64_MAX, error_responses, is_event_id, require_role
+from progress_service.api.deps import INT64_MAX, error_responses, is_event_id, require_role, requires
 from progress_service.events import JobSnapshot, JobSpec
 from progress_service.jobs import InvalidJob, Jobs, NotCancellable
 from progress_service.services import Services
@@ -78,10 +78,15 @@ class JobsController(Controller):
     path = "/api/jobs"
     tags = ["jobs"]
 
-    @post("/", status_code=HTTP_201_CREATED, summary="Submit a Claude Code job", responses=error_responses(401, 403, 413))
+    @post(
+        "/",
+        status_code=HTTP_201_CREATED,
+        summary="Submit a Claude Code job",
+        responses=error_responses(401, 403, 413),
+        guards=[requires("submitter")],
+    )
     async def submit(self, data: JobSpec, principal: Principal, jobs: Jobs) -> JobSnapshot:
         """Queue a job for the caller's team. Role ``submitter`` or above."""
-        require_role(principal, "submitter")
         try:
             return await jobs.submit(principal, data)
         except InvalidJob as exc:
