@@ -26,24 +26,17 @@ from progress_service.events import (
     JobSpec,
     StatusData,
     StoredEvent,
-    now_ms,
     unknown_tools,
 )
+from progress_service.errors import InvalidJob, NotCancellable, WorkdirError
 from progress_service.history import append_archived
+from progress_service.ids import now_ms, room_id
 from progress_service.settings import Settings
 from progress_service.store import jobs as job_store
 from progress_service.store.audit import Audit
 from progress_service.store.identity import Principal
 from progress_service.store.jobs import JobRecord
-from progress_service.workspace import WorkdirError, resolve_workdir
-
-
-class InvalidJob(ValueError):
-    """The job spec breaks a rule (the message names the field)."""
-
-
-class NotCancellable(Exception):
-    """The job cannot be cancelled from here (a Claude Code session reported through hooks)."""
+from progress_service.workspace import resolve_workdir
 
 
 def check_spec(spec: JobSpec, settings: Settings) -> None:
@@ -101,7 +94,7 @@ class Jobs:
         )
         snapshot = JobSnapshot(
             id=job_id,
-            roomId=streams.room_id(job_id),
+            roomId=room_id(job_id),
             prompt=spec.prompt,
             model=spec.model,
             workdir=spec.workdir or "",
@@ -134,7 +127,7 @@ class Jobs:
             action=action,
             team_id=principal.team_id,
             actor=principal.user_name,
-            room_id=streams.room_id(job_id),
+            room_id=room_id(job_id),
             detail={},
         )
 
@@ -182,7 +175,7 @@ async def publish_cancelled(
     """Record that a job which is not running was cancelled: status event, snapshot, job row."""
     at = now_ms()
     snapshot = msgspec.structs.replace(
-        snapshot, status="cancelled", reason=reason, finishedAt=at, step=None, roomId=streams.room_id(job_id)
+        snapshot, status="cancelled", reason=reason, finishedAt=at, step=None, roomId=room_id(job_id)
     )
     data = StatusData(status="cancelled", phase=snapshot.phase, reason=reason)
     event = StoredEvent(kind="status", at=at, data=msgspec.to_builtins(data), attempt=attempt)

@@ -14,6 +14,7 @@ the arq job.
 
 from __future__ import annotations
 
+import enum
 from typing import Literal
 
 from arq.connections import ArqRedis, RedisSettings
@@ -23,24 +24,41 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from progress_service.streams import cancel_key
+from progress_service.keys import QUEUE_NAME, cancel_key, lease_key, run_key
 
-#: The default arq queue (``Settings.queue_name`` chooses the one in use).
-QUEUE_NAME = "ps:queue"
 #: The arq function name of a job run.
 RUN_FUNCTION = "run_job"
 
 RunState = Literal["queued", "running", "done", "cancelled"]
 
 
-def run_key(job_id: str) -> str:
-    """The job's run-state hash (state, attempt, worker)."""
-    return f"ps:{{job:{job_id}}}:run"
+class ClaimVerdict(enum.StrEnum):
+    """What :func:`claim_run` decided about an attempt (only ``OK`` may run)."""
+
+    OK = "ok"
+    TERMINAL = "terminal"
+    BUSY = "busy"
+    SUPERSEDED = "superseded"
+    CANCELLED = "cancelled"
 
 
-def lease_key(job_id: str) -> str:
-    """The running attempt's lease; it expires when its worker stops refreshing it."""
-    return f"ps:{{job:{job_id}}}:lease"
+class HandBackVerdict(enum.StrEnum):
+    """What :func:`hand_back_run` did with a stopping worker's attempt."""
+
+    OK = "ok"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+
+
+class ReapVerdict(enum.StrEnum):
+    """What :func:`reap_run` decided about a job whose row says running."""
+
+    ALIVE = "alive"
+    ENDED = "ended"
+    STALE = "stale"
+    REQUEUE = "requeue"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 def arq_job_id(job_id: str, attempt: int) -> str:
@@ -200,7 +218,7 @@ def _s(v: bytes | str) -> str:
 
 async def claim_run(
     redis: Redis, job_id: str, attempt: int, worker_id: str, lease_s: float, ttl: int = 7 * 24 * 3600
-) -> tuple[str, int]:
+) -> tuple[ClaimVerdict, int]:
     """Atomically take attempt ``attempt`` of a job for ``worker_id``.
 
     Returns ``(verdict, current attempt)``; only verdict ``ok`` may run.
@@ -212,7 +230,7 @@ async def claim_run(
     verdict, att = await redis.eval(
         _CLAIM, 3, run_key(job_id), lease_key(job_id), cancel_key(job_id), attempt, worker_id, int(lease_s * 1000), ttl
     )
-    return _s(verdict), int(att)
+    return ClaimVerdict(_s(verdict)), int(att)
 
 
 async def refresh_lease(redis: Redis, job_id: str, attempt: int, worker_id: str, lease_s: float) -> int:
@@ -228,9 +246,10 @@ async def refresh_lease(redis: Redis, job_id: str, attempt: int, worker_id: str,
     return int(res)
 
 
-async def hand_back_run(redis: Redis, job_id: str, attempt: int, worker_id: str) -> str:
+async def hand_back_run(redis: Redis, job_id: str, attempt: int, worker_id: str) -> HandBackVerdict:
     """A stopping worker gives its attempt back: ``ok``, ``cancelled`` or ``lost`` (see ``_HAND_BACK``)."""
-    return _s(await redis.eval(_HAND_BACK, 3, run_key(job_id), lease_key(job_id), cancel_key(job_id), attempt, worker_id))
+    raw = await redis.eval(_HAND_BACK, 3, run_key(job_id), lease_key(job_id), cancel_key(job_id), attempt, worker_id)
+    return HandBackVerdict(_s(raw))
 
 
 async def finish_run(
@@ -241,12 +260,12 @@ async def finish_run(
     return bool(res)
 
 
-async def reap_run(redis: Redis, job_id: str, attempt: int, max_tries: int) -> tuple[str, int]:
+async def reap_run(redis: Redis, job_id: str, attempt: int, max_tries: int) -> tuple[ReapVerdict, int]:
     """Decide the fate of a job whose row says running: ``(verdict, tries spent)`` (see ``_REAP``)."""
     verdict, spent = await redis.eval(
         _REAP, 3, run_key(job_id), lease_key(job_id), cancel_key(job_id), attempt, max_tries
     )
-    return _s(verdict), int(spent)
+    return ReapVerdict(_s(verdict)), int(spent)
 
 
 async def cancel_requested(redis: Redis, job_id: str) -> str | None:
@@ -255,8 +274,12 @@ async def cancel_requested(redis: Redis, job_id: str) -> str | None:
     return _s(raw) if raw is not None else None
 
 
-CancelVerdict = Literal["cancelled", "running", "terminal"]
-_VERDICTS: dict[str, CancelVerdict] = {"cancelled": "cancelled", "running": "running", "terminal": "terminal"}
+class CancelVerdict(enum.StrEnum):
+    """What :func:`request_cancel` found: never started (now cancelled), running (its worker stops it), ended."""
+
+    CANCELLED = "cancelled"
+    RUNNING = "running"
+    TERMINAL = "terminal"
 
 
 async def request_cancel(redis: Redis, job_id: str, who: str, ttl: int) -> tuple[CancelVerdict, int]:
@@ -265,8 +288,8 @@ async def request_cancel(redis: Redis, job_id: str, who: str, ttl: int) -> tuple
     ``cancelled``: it never started and now never will (the caller publishes
     that); ``running``: its worker stops it; ``terminal``: it had ended.
     """
-    verdict, attempt = await redis.eval(_CANCEL, 2, run_key(job_id), cancel_key(job_id), who, str(ttl))  # type: ignore[misc]
-    return _VERDICTS[_s(verdict)], int(attempt)
+    verdict, attempt = await redis.eval(_CANCEL, 2, run_key(job_id), cancel_key(job_id), who, str(ttl))
+    return CancelVerdict(_s(verdict)), int(attempt)
 
 
 async def run_state(redis: Redis, job_id: str) -> str | None:

@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 from litestar import Litestar
@@ -86,7 +87,7 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)  # 3. requests finish, then the lifespan (worker hand-back)
 
 
-def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **extra: object) -> uvicorn.Config:
+def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **extra: Any) -> uvicorn.Config:
     """uvicorn settings that match the protocol's limits and heartbeats."""
     return uvicorn.Config(
         # `/ws` handshakes skip Litestar's routing (same guard, same session);
@@ -104,5 +105,5 @@ def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **ex
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )

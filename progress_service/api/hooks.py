@@ -33,10 +33,10 @@ from litestar.status_codes import HTTP_204_NO_CONTENT, HTTP_413_REQUEST_ENTITY_T
 from progress_service import metrics, outage
 from progress_service.api.deps import error_responses
 from progress_service.auth import bearer_token
-from progress_service.events import now_ms
 from progress_service.hooks.body import KNOWN_EVENTS, HookInput, body_hash
 from progress_service.hooks.gate import HookGate
 from progress_service.hooks.ingest import HookItem, session_job_id
+from progress_service.ids import now_ms
 from progress_service.state import started_services, unwrap
 
 PATH = "/api/hooks/claude-code"

@@ -20,8 +20,8 @@ import anyio
 
 from progress_service import metrics
 from progress_service.auth import PrincipalCache
-from progress_service.gateway import closes
-from progress_service.gateway.closes import Close
+from progress_service import closes
+from progress_service.closes import Close
 from progress_service.gateway.endpoint import install_log_redaction, remove_log_redaction
 from progress_service.gateway.hub import Hub
 from progress_service.gateway.job_access import JobAccess, StoreGate

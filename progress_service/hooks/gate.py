@@ -10,7 +10,8 @@ from litestar.status_codes import HTTP_409_CONFLICT
 
 from progress_service.auth import PrincipalCache
 from progress_service.gateway.limits import TokenBucket
-from progress_service.hooks.ingest import Ingest, owner_key
+from progress_service.hooks.ingest import Ingest
+from progress_service.keys import hook_owner_key, hook_sessions_key
 from progress_service.store.identity import TOKEN_PREFIX, Principal, hash_token, principal_for_token
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class HookGate:
             return
         settings = self.settings
         redis = self.redis
-        key = owner_key(job_id)
+        key = hook_owner_key(job_id)
         async with redis.pipeline(transaction=False) as pipe:
             pipe.set(key, principal.team_id, nx=True, ex=settings.events_ttl)
             pipe.get(key)
@@ -71,7 +72,7 @@ class HookGate:
             )
         if claimed:
             hour = int(time.time() // 3600)
-            counter = f"ps:hooksessions:{principal.token_id}:{hour}"
+            counter = hook_sessions_key(principal.token_id, hour)
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.incr(counter)
                 pipe.expire(counter, 3600)
