@@ -38,7 +38,7 @@ from progress_service.keys import events_key, presence_stream_key, wake_key
 from progress_service.streams import id_lt, id_tuple, wire_bytes
 
 if TYPE_CHECKING:
-    from progress_service.services import Services
+    from progress_service.services import Resources
 
 log = logging.getLogger("progress_service.gateway.hub")
 
@@ -109,7 +109,7 @@ def _after(keys: list[tuple[int, int]], texts: list[str], sizes: list[int], afte
 class Hub:
     """The rooms of this process and the one task that feeds them."""
 
-    def __init__(self, services: Services, node_id: str, *, block_ms: int = BLOCK_MS) -> None:
+    def __init__(self, services: Resources, node_id: str, *, block_ms: int = BLOCK_MS) -> None:
         self.services = services
         self.block_ms = block_ms
         self.rooms: dict[str, Room] = {}
