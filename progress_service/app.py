@@ -14,7 +14,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
-from litestar.middleware.rate_limit import RateLimitConfig
+from litestar.datastructures import State
 from litestar.config.compression import CompressionConfig
 from litestar.datastructures import CacheControlHeader
 from litestar.openapi import OpenAPIConfig
@@ -31,7 +31,7 @@ from progress_service.api.audit import AuditController, TokensController
 from progress_service.api.comments import CommentsController
 from progress_service.api.steering import SteeringController
 from progress_service.api.deps import provide_principal, provide_services
-from progress_service.api.health import healthz, metrics_endpoint, readyz
+from progress_service.api.health import Readiness, healthz, metrics_endpoint, readyz
 from progress_service.api.hooks import PATH as HOOKS_PATH
 from progress_service.api.hooks import HookGate, claude_code_hook
 from progress_service.api.joblog import JobLogController
@@ -42,6 +42,7 @@ from progress_service.api.tickets import create_ticket
 from progress_service.comments import Comments
 from progress_service.steering import Steering
 from progress_service.hooks.ingest import Ingest
+from progress_service.http_limits import HttpLimiter, HttpRateLimitConfig
 from progress_service.revocation import RevocationWatcher
 from progress_service.services import Services
 from progress_service.settings import Settings
@@ -177,7 +178,7 @@ def create_app(
         redis = make_redis(redis_url)
         engine = create_engine(settings.database_url)
         await migrate(engine)
-        arq_pool = await create_pool(queue.arq_redis_settings(redis_url))
+        arq_pool = await create_pool(queue.arq_redis_settings(settings.queue_url(redis_url)))
         services = Services(
             settings=settings,
             redis_url=redis_url,
@@ -197,6 +198,14 @@ def create_app(
         ingest = Ingest(services)
         services.extras["hooks"] = HookGate(services, ingest, services.gateway.principals)
         app.state.services = services
+        # /readyz's probe (api/health.py); the queue is checked when it is another Redis.
+        readiness = app.state.readiness = Readiness(
+            redis,
+            engine,
+            queue=arq_pool if settings.queue_url(redis_url) != redis_url else None,
+            interval=settings.ready_probe_interval,
+        )
+        await readiness.probe()  # the node answers the truth from its first request on
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(services.gateway.run)
@@ -208,11 +217,13 @@ def create_app(
                 # vanished is retried or failed even when no worker is alive.
                 tg.start_soon(_run_sweeper, services)
                 tg.start_soon(ingest.run)
+                tg.start_soon(readiness.run)
                 if run_worker:
                     tg.start_soon(_run_worker, services)
                 try:
                     yield
                 finally:
+                    readiness.drain()
                     await services.gateway.close_all()
                     await ingest.aclose()  # what the CLI was told is accepted gets applied
                     # The comment writer task is Comments' own; end it here.
@@ -265,8 +276,10 @@ def create_app(
         )
 
     cors = CORSConfig(allow_origins=list(settings.allowed_origins)) if settings.allowed_origins else None
-    rate_limit = RateLimitConfig(
-        rate_limit=("minute", settings.http_rate_limit),
+    # Counted in Redis, per user or client address, over every node (http_limits).
+    http_limiter = HttpLimiter(settings)
+    rate_limit = HttpRateLimitConfig(
+        http_limiter,
         # Hooks have their own limit per reporter token (PS_HOOK_RATE): one
         # laptop's session must not spend the per-client budget of an office NAT.
         exclude=["/healthz", "/readyz", "/metrics", "/ws", "/schema", HOOKS_PATH],
@@ -274,6 +287,7 @@ def create_app(
     return Litestar(
         route_handlers=handlers,
         lifespan=[lifespan],
+        state=State({"http_limiter": http_limiter}),
         dependencies={"services": Provide(provide_services), "principal": Provide(provide_principal)},
         middleware=[access_log, rate_limit.middleware],
         cors_config=cors,

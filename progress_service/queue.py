@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -324,3 +325,48 @@ async def run_state(redis: Redis, job_id: str) -> str | None:
     """The run hash's state (queued | running | done | cancelled), None when absent."""
     raw = await redis.hget(run_key(job_id), "state")
     return _s(raw) if raw is not None else None
+
+
+# KEYS: run. ARGV: ttl s. -> 'given_up', or the state a worker already set
+# (its enqueue went through after all: the reply was lost, not the command).
+_GIVE_UP = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if st and st ~= 'queued' then return st end
+redis.call('HSET', KEYS[1], 'state', 'done', 'attempt', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 'given_up'
+"""
+
+
+async def fail_unqueued(
+    redis: Redis, engine: AsyncEngine, settings: Settings, job_id: str, snapshot: JobSnapshot, reason: str
+) -> JobSnapshot | None:
+    """A job whose enqueue failed: mark it failed instead of leaving it ``queued`` for good.
+
+    The run hash is closed first (so an arq job that did land after all is
+    refused at its claim, as is any whose worker reads the failed row), then
+    the row is failed and, if Redis takes it, a ``failed`` status event is
+    published. Returns the failed snapshot, or None when a worker had
+    already claimed the job (the enqueue went through: nothing to fail).
+    A store error while failing the row is raised (the caller answers 503).
+    """
+    try:
+        verdict = _s(await redis.eval(_GIVE_UP, 1, run_key(job_id), settings.events_ttl))
+    except (RedisError, OSError):
+        verdict = "given_up"  # Redis is down: no worker can claim it either; the row decides
+    if verdict != "given_up":
+        return None
+    at = now_ms()
+    failed = msgspec.structs.replace(snapshot, status="failed", reason=reason, finishedAt=at, step=None)
+    await update_job(engine, job_id, snapshot=failed)
+    event = StoredEvent(
+        kind="status",
+        at=at,
+        data=msgspec.to_builtins(StatusData(status="failed", phase=snapshot.phase, reason=reason)),
+    )
+    try:
+        failed.lastEventId = await append_archived(redis, engine, job_id, event, snapshot=failed)
+        await expire_job(redis, job_id, settings.events_ttl)
+    except (RedisError, OSError):
+        pass  # the row is the record; readers fall back to it while Redis lacks the snapshot
+    return failed

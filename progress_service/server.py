@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
 import signal
 import socket
+import time
 from collections.abc import Iterator
 
 import uvicorn
@@ -72,18 +74,39 @@ class Server(uvicorn.Server):
             self._captured_signals.clear()  # nothing to re-raise: see the class docstring
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        from progress_service.api.health import readiness_of  # noqa: PLC0415 - see make_config
+
+        app = self.config.loaded_app
+        readiness = readiness_of(_unwrap(app))
+        if readiness is not None:  # 0. /readyz answers 503 from now on
+            readiness.drain()
+            await self._drain_delay(app)
         for server in self.servers:  # 1. no new connections (uvicorn does it again: harmless)
             server.close()
         for sock in sockets or []:
             sock.close()
         log.info("shutdown: stopped accepting connections")
-        app = self.config.loaded_app
         services = getattr(getattr(_unwrap(app), "state", None), "services", None)
         if services is not None and services.gateway is not None:  # 2. WebSockets 1001
             count = len(services.gateway.sessions)
             await services.gateway.close_all()
             log.info("shutdown: closed %d WebSocket connection(s) with 1001", count)
         await super().shutdown(sockets)  # 3. requests finish, then the lifespan (worker hand-back)
+
+
+    async def _drain_delay(self, app: object) -> None:
+        """Keep serving ``PS_DRAIN_SECONDS`` with /readyz at 503, so load balancers take the node out first.
+
+        A second signal (uvicorn's ``force_exit``) cuts it short.
+        """
+        services = getattr(getattr(_unwrap(app), "state", None), "services", None)
+        delay = services.settings.drain_seconds if services is not None else 0.0
+        if delay <= 0:
+            return
+        log.info("shutdown: draining, /readyz answers 503 for %.1f s before connections close", delay)
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not self.force_exit:
+            await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 def _unwrap(app: object) -> object:
@@ -98,13 +121,15 @@ def _unwrap(app: object) -> object:
 def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **extra: object) -> uvicorn.Config:
     """uvicorn settings that match the protocol's limits and heartbeats."""
     # imported here: the gateway imports the services module, which the CLI loads lazily
+    from progress_service.api.health import HealthFront
     from progress_service.api.hooks import HookFront
     from progress_service.gateway.endpoint import GatewayFront
 
     return uvicorn.Config(
         # `/ws` handshakes skip Litestar's routing (same guard, same session);
         # so do Claude Code hook posts (same checks, same answers).
-        HookFront(GatewayFront(app)),
+        # /readyz and /healthz are answered before all of it (api/health.py).
+        HealthFront(HookFront(GatewayFront(app)), app),
         host=host,
         port=port,
         lifespan="on",
@@ -115,6 +140,9 @@ def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **ex
         ws_ping_timeout=settings.ws_ping_timeout,
         ws_per_message_deflate=settings.ws_per_message_deflate,
         access_log=False,
+        # X-Forwarded-For/-Proto only from PS_TRUSTED_PROXIES (none by default;
+        # uvicorn's own default trusts loopback): see http_limits.
+        forwarded_allow_ips=list(settings.trusted_proxies),
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
         **extra,  # type: ignore[arg-type]

@@ -96,7 +96,7 @@ _options = worker_options(_settings)
 class WorkerSettings:
     """For ``arq worker.settings.WorkerSettings`` (settings from ``PS_*`` variables)."""
 
-    redis_settings = arq_redis_settings(_settings.redis_url or DEFAULT_REDIS_URL)
+    redis_settings = arq_redis_settings(_settings.queue_url(_settings.redis_url or DEFAULT_REDIS_URL))
     ctx = {"settings": _settings}
     functions = _options["functions"]
     queue_name = _options["queue_name"]
@@ -122,7 +122,7 @@ def build_worker(
     ``sweeper=False`` when the host program runs the lost-worker sweeper itself.
     """
     return ResilientWorker(
-        redis_settings=arq_redis_settings(redis_url),
+        redis_settings=arq_redis_settings(settings.queue_url(redis_url)),
         handle_signals=handle_signals,
         ctx={"settings": settings, "engine": engine, "run_sweeper": sweeper},
         **worker_options(settings),

@@ -53,6 +53,9 @@ async def provide_principal(request: Request, state: State) -> Principal:
     if principal.is_reporter:
         # A reporter token sits on laptops and CI runners: it reports, never reads.
         raise PermissionDeniedException("a reporter token may only post to /api/hooks/claude-code")
+    limiter = getattr(state, "http_limiter", None)
+    if limiter is not None:  # later requests with this credential count as this user (http_limits)
+        limiter.remember(request, principal)
     return principal
 
 

@@ -9,11 +9,11 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, get, post
-from litestar.exceptions import ClientException, NotFoundException, ValidationException
+from litestar.exceptions import ClientException, NotFoundException, ServiceUnavailableException, ValidationException
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_409_CONFLICT
 
-from progress_service import history, metrics, queue, streams
+from progress_service import history, metrics, outage, queue, streams
 from progress_service.api.deps import INT64_MAX, error_responses, is_event_id, require_role
 from progress_service.events import CLAUDE_TOOLS, JobSnapshot, JobSpec, StatusData, StoredEvent, now_ms, unknown_tools
 from progress_service.services import Services
@@ -130,10 +130,13 @@ class JobsController(Controller):
             submittedBy=principal.user_name,
         )
         event = StoredEvent(kind="status", at=created, data=msgspec.to_builtins(StatusData(status="queued", phase="queued")))
-        snapshot.lastEventId = await history.append_archived(
-            services.redis, services.engine, job_id, event, snapshot=snapshot
-        )
-        await queue.enqueue_job(services.arq, job_id, queue_name=settings.queue_name)
+        try:
+            snapshot.lastEventId = await history.append_archived(
+                services.redis, services.engine, job_id, event, snapshot=snapshot
+            )
+            await queue.enqueue_job(services.arq, job_id, queue_name=settings.queue_name)
+        except Exception as exc:
+            await _not_queued(services, job_id, snapshot, exc)
         metrics.jobs_submitted.inc()
         _audit(services, principal, "job.submit", job_id, {})
         return snapshot
@@ -212,6 +215,32 @@ class JobsController(Controller):
         )
         _audit(services, principal, "job.cancel", job_id, {})
         return snapshot
+
+
+async def _not_queued(services: Services, job_id: str, snapshot: JobSnapshot, exc: Exception) -> None:
+    """The row exists but the job could not be queued: fail it (never left ``queued``), answer 503.
+
+    A worker that claimed it anyway (the enqueue landed, its reply was lost)
+    means it is queued after all: then the submit succeeds.
+    """
+    dependency = outage.classify(exc)
+    if dependency is None:
+        raise exc
+    outage.warn(dependency, "POST /api/jobs (enqueue)", exc)
+    failed = await queue.fail_unqueued(
+        services.redis,
+        services.engine,
+        services.settings,
+        job_id,
+        snapshot,
+        "not queued at submit: " + outage.describe(dependency).split(";")[0],
+    )
+    if failed is None:
+        return
+    raise ServiceUnavailableException(
+        f"job {job_id} was not queued and is marked failed: {outage.describe(dependency)} and submit it again",
+        headers={"Retry-After": str(outage.RETRY_AFTER_SECONDS)},
+    )
 
 
 def _audit(services: Services, principal: Principal, action: str, job_id: str, detail: dict[str, Any]) -> None:

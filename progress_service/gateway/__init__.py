@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections import Counter
 from typing import TYPE_CHECKING
 
 import anyio
@@ -24,6 +23,7 @@ from progress_service.gateway.closes import Close
 from progress_service.gateway.endpoint import install_log_redaction, ws_endpoint
 from progress_service.gateway.hub import Hub
 from progress_service.gateway.job_access import JobAccess, StoreGate
+from progress_service.gateway.limits import ConnectionCap
 from progress_service.gateway.outbox import WriteWindow
 from progress_service.gateway.presence import Presence
 from progress_service.gateway.session import JoinReads
@@ -55,7 +55,13 @@ class Gateway:
         )
         #: Who may join which room (positive answers cached: a job never changes team).
         self.access = JobAccess(services.engine, self.store_gate)
-        self._per_user: Counter[str] = Counter()
+        #: The per-user connection cap, counted in Redis over every node.
+        self.connections = ConnectionCap(
+            services.redis,
+            self.node_id,
+            self.settings.ws_max_connections_per_user,
+            self.settings.ws_connection_ttl,
+        )
         self.closing = False
         self.route_handlers = route_handlers
         if services.gateway is None:
@@ -68,16 +74,16 @@ class Gateway:
             tg.start_soon(self.hub.run)
             tg.start_soon(self.presence.run)
             tg.start_soon(self.joins.run)
+            tg.start_soon(self.connections.run)
 
     def register(self, session: Session) -> None:
         """Track an accepted connection (authenticated or not) for close_all."""
         self.sessions[session.id] = session
 
-    def admit(self, session: Session, principal: Principal) -> bool:
-        """Count an authenticated connection against its user's cap."""
-        if self._per_user[principal.user_id] >= self.settings.ws_max_connections_per_user:
+    async def admit(self, session: Session, principal: Principal) -> bool:
+        """Count an authenticated connection against its user's cap (over all nodes)."""
+        if not await self.connections.admit(principal.user_id, session.id):
             return False
-        self._per_user[principal.user_id] += 1
         session.counted_for = principal.user_id
         return True
 
@@ -87,9 +93,7 @@ class Gateway:
         uid = session.counted_for
         if uid is not None:
             session.counted_for = None
-            self._per_user[uid] -= 1
-            if self._per_user[uid] <= 0:
-                del self._per_user[uid]
+            self.connections.release(uid, session.id)
 
     @property
     def job_teams(self) -> dict[str, str]:
