@@ -28,6 +28,7 @@ import anyio
 import msgspec
 from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from progress_service import history, metrics, streams
 from progress_service.events import PresenceMember, PresenceMsg, now_ms
@@ -118,6 +119,8 @@ class Hub:
         self._by_key: dict[bytes, tuple[Room, bool]] = {}
         self._changed = anyio.Event()
         self._wake_key = f"ps:gw:{node_id}:wake"
+        #: Rooms whose last answer showed a hole (see ``_fan_out_events``).
+        self._holes: list[Room] = []
         self._wake_cursor = "0-0"
         # A dedicated connection: XREAD BLOCK holds it for up to block_ms, and
         # its socket timeout must be longer than that or redis-py times out.
@@ -291,7 +294,10 @@ class Hub:
                     continue
                 backoff = 0.1
                 metrics.hub_reads.inc()
-                if answer and self._dispatch(answer) < COALESCE_BELOW and len(self.rooms) >= COALESCE_ROOMS:
+                dispatched = self._dispatch(answer) if answer else 0
+                if self._holes:
+                    await self._fill_holes()
+                if answer and dispatched < COALESCE_BELOW and len(self.rooms) >= COALESCE_ROOMS:
                     # A small answer: let a few ms of entries from other
                     # rooms gather, so they share the next read (each read
                     # names every room's streams) and each member's sender
@@ -331,6 +337,51 @@ class Hub:
         return total
 
     def _fan_out_events(self, room: Room, entries: list, now: int) -> None:
+        """Deliver an XREAD answer's entries up to the first hole; a hole is filled by ``_fill_holes``.
+
+        Each entry's ``p`` names the entry before it (streams.py). One that
+        does not follow the room's cursor means the stream lost entries this
+        reader never saw (trimmed while it lagged, or Redis restarted empty):
+        those come from the archive, in order, before anything after them.
+        """
+        cursor = b"" if room.cursor == "0-0" else room.cursor.encode()
+        parsed: list[streams.Entry] = []
+        for eid, flat in entries:
+            fields = dict(zip(flat[::2], flat[1::2]))
+            link = fields.get(b"p")
+            if link is not None and link != cursor:
+                self._holes.append(room)
+                break
+            parsed.append((eid, fields))
+            cursor = eid
+        if parsed:
+            self._deliver(room, parsed, now)
+
+    async def _fill_holes(self) -> None:
+        """Read what the holed rooms' streams lost from the archive (``history.read_page``) and deliver it.
+
+        A room whose fill fails keeps its cursor: the next read finds the
+        same hole and tries again, so nothing after it is delivered first.
+        """
+        holes, self._holes = self._holes, []
+        redis, engine = self.services.redis, self.services.engine
+        for room in holes:
+            try:
+                while self.rooms.get(room.job_id) is room:
+                    after = None if room.cursor == "0-0" else room.cursor
+                    entries = await history.read_page(redis, engine, room.job_id, after, count=READ_COUNT)
+                    if self.rooms.get(room.job_id) is not room:
+                        break
+                    if entries:
+                        self._deliver(room, entries, now_ms())
+                    if len(entries) < READ_COUNT:
+                        break
+                log.info("hub: %s: filled entries its stream no longer held", room.room_id)
+            except (RedisError, OSError, SQLAlchemyError) as exc:
+                log.warning("hub: %s: could not read the archive (%r); trying again", room.room_id, exc)
+                await anyio.sleep(0.5)
+
+    def _deliver(self, room: Room, entries: list[streams.Entry], now: int) -> None:
         # Encode each entry once, into one chunk shared by every member that
         # gets all of them: one put (one append, one wake-up) per member per
         # answer, and the entries are comma-joined once for all batching
@@ -338,10 +389,9 @@ class Hub:
         keys: list[tuple[int, int]] = []
         texts: list[str] = []
         sizes: list[int] = []
-        for eid, flat in entries:
+        for eid, fields in entries:
             key = id_tuple(eid.decode())
             metrics.hub_lag.observe(max(0, now - key[0]) / 1000)
-            fields = dict(zip(flat[::2], flat[1::2]))
             raw = wire_bytes(room.room_id, eid, fields)
             keys.append(key)
             texts.append(raw.decode())  # encoded once for every member
