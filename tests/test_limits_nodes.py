@@ -114,7 +114,8 @@ async def test_http_rate_limit_is_per_user_across_two_nodes(settings, store) -> 
         assert codes == [200] * 5
         refused = await http.get(b + "/api/me", headers=me)
         assert refused.status_code == 429
-        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        # Sliding window: until this minute's requests weigh little enough in the next one.
+        assert 1 <= int(refused.headers["Retry-After"]) <= 120
         body = refused.json()
         assert body["status_code"] == 429 and "5 requests per minute from this user" in body["detail"]
         # Another token of the same user shares the user's count once known.

@@ -121,11 +121,14 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS: the user's set. ARGV: ttl ms, members... (XX: a released member stays released)
+# KEYS: the user's set. ARGV: ttl ms, members... Members are (re-)added, so a
+# Redis that restarted empty learns this node's connections again; a release
+# cannot be undone by it (releases leave the node's set first, and the one
+# task that sends both sends a release after any refresh that named it).
 _REFRESH = """
 local t = redis.call('TIME')
 local exp = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', exp, ARGV[i]) end
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], exp, ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
