@@ -8,7 +8,9 @@ WebSocket clients making fan-out load.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
+import subprocess
 import statistics
 import time
 from collections.abc import Callable
@@ -21,6 +23,7 @@ import websockets
 
 from gateway_helpers import auth, connect, publish, recv_type, send, serve, ws_url
 from history_helpers import PrivateRedis
+from progress_service.embedded_redis import free_port, redis_binary, wait_for_port
 
 
 async def _ready(http: httpx.AsyncClient, base: str) -> httpx.Response:
@@ -142,3 +145,64 @@ async def test_readyz_answers_in_ms_under_fan_out(make_settings: Callable[..., A
     print(f"readyz under fan-out: p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {latencies[-1]:.1f} ms, {received} messages received")
     assert received > 1000
     assert p99 < 500, latencies
+
+
+def _cluster_port() -> int:
+    while (port := free_port()) > 55535:  # the cluster bus listens on port + 10000
+        pass
+    return port
+
+
+async def test_readiness_checks_each_cluster_primary(tmp_path: Path, store_url: str) -> None:
+    """A 3-master Redis Cluster: one dead primary is named, the others stay ``ok``."""
+    from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
+
+    from progress_service.api.health import Readiness  # noqa: PLC0415
+    from progress_service.store.db import create_engine  # noqa: PLC0415
+
+    ports = [_cluster_port() for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [redis_binary(), "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(tmp_path / f"nodes-{p}.conf"), "--save", "", "--appendonly", "no",
+             "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for p in ports
+    ]
+    engine = create_engine(store_url)
+    try:
+        for p in ports:
+            wait_for_port("127.0.0.1", p)
+        cli = shutil.which("redis-cli") or str(Path(redis_binary()).with_name("redis-cli"))
+        subprocess.run(
+            [cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=30,
+        )
+        cluster = RedisCluster(host="127.0.0.1", port=ports[0])
+        with anyio.fail_after(20):
+            while True:
+                with contextlib.suppress(Exception):
+                    await cluster.initialize()
+                    if (await cluster.cluster_info()).get("cluster_state") == "ok":
+                        break
+                await anyio.sleep(0.1)
+        readiness = Readiness(cluster, engine, timeout=1.0)
+        await readiness.probe()
+        status, health = readiness.answer()
+        assert status == 200 and health.checks == {**{f"redis 127.0.0.1:{p}": "ok" for p in sorted(ports, key=str)}, "store": "ok"}
+        procs[2].kill()
+        procs[2].wait()
+        await readiness.probe()
+        status, health = readiness.answer()
+        assert status == 503
+        assert health.checks[f"redis 127.0.0.1:{ports[2]}"].startswith("error")
+        assert [v for k, v in health.checks.items() if k != f"redis 127.0.0.1:{ports[2]}"] == ["ok", "ok", "ok"]
+        assert health.detail == f"not ready: redis 127.0.0.1:{ports[2]} {health.checks[f'redis 127.0.0.1:{ports[2]}']}"
+        await cluster.aclose()
+    finally:
+        await engine.dispose()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

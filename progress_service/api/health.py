@@ -148,8 +148,10 @@ class Readiness:
 
 
 def _ping_node(redis: Any, node: Any) -> Callable[[], Awaitable[object]]:
+    # The node's own connection, not the cluster client's routing: its
+    # retries and topology refresh on one dead node would fail the others' pings.
     async def ping() -> object:
-        return await redis.ping(target_nodes=node)
+        return await node.execute_command("PING")
 
     return ping
 
