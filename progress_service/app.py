@@ -323,7 +323,12 @@ async def _run_sweeper(services: Services) -> None:
     """The lost-worker sweeper (:class:`worker.jobs.Sweeper`) for the app's lifetime."""
     from worker.recovery import Sweeper  # noqa: PLC0415 - the worker package is optional in serve mode
 
-    await Sweeper(services.arq, services.engine, services.settings).run()
+    settings = services.settings
+    if settings.queue_url(services.redis_url) != services.redis_url:
+        # Leases and run state are on the data Redis; re-enqueues go to the queue's.
+        await Sweeper(services.redis, services.engine, settings, queue=services.arq).run()  # type: ignore[arg-type]
+        return
+    await Sweeper(services.arq, services.engine, settings).run()
 
 
 async def _run_worker(services: Services) -> None:
