@@ -326,7 +326,7 @@ async def _run_sweeper(services: Services) -> None:
     settings = services.settings
     if settings.queue_url(services.redis_url) != services.redis_url:
         # Leases and run state are on the data Redis; re-enqueues go to the queue's.
-        await Sweeper(services.redis, services.engine, settings, queue=services.arq).run()  # type: ignore[arg-type]
+        await Sweeper(services.redis, services.engine, settings, queue=services.arq).run()
         return
     await Sweeper(services.arq, services.engine, settings).run()
 

@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 
 from progress_service import outage
 from progress_service.auth import bearer_token
+from progress_service.keys import rate_limit_key
 from progress_service.store.identity import hash_token
 from progress_service.web_session import COOKIE_NAME
 
@@ -53,15 +54,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 KNOWN_TTL = 30.0
 #: Credentials remembered at most (the oldest half is dropped past it).
 KNOWN_MAX = 50_000
-
-
-def rate_key(namespace: str, identifier: str) -> str:
-    """The sliding-window hash of one caller (moves to progress_service/keys.py once it lands).
-
-    ``namespace`` is the deployment's queue name (one per deployment), so two
-    deployments sharing a Redis keep separate counts.
-    """
-    return f"ps:ratelimit:{{{namespace}:{identifier}}}"
 
 
 # KEYS: the caller's hash. ARGV: limit, window ms.
@@ -203,7 +195,7 @@ class HttpLimiter:
 
     async def hit(self, redis: Any, identifier: str) -> tuple[bool, int, int]:
         """Count one request: ``(admitted, remaining or retry-after ms, reset ms)``."""
-        ok, value, reset = await redis.eval(_HIT, 1, rate_key(self.namespace, identifier), self.limit, self.window_ms)
+        ok, value, reset = await redis.eval(_HIT, 1, rate_limit_key(self.namespace, identifier), self.limit, self.window_ms)
         return bool(ok), int(value), int(reset)
 
 

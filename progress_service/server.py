@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 from litestar import Litestar
@@ -113,12 +114,12 @@ def _unwrap(app: object) -> object:
     # uvicorn wraps the app in proxy/middleware objects; find the Litestar app.
     seen = 0
     while not isinstance(app, Litestar) and hasattr(app, "app") and seen < 10:
-        app = app.app  # type: ignore[attr-defined]
+        app = app.app
         seen += 1
     return app
 
 
-def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **extra: object) -> uvicorn.Config:
+def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **extra: Any) -> uvicorn.Config:
     """uvicorn settings that match the protocol's limits and heartbeats."""
     # imported here: the gateway imports the services module, which the CLI loads lazily
     from progress_service.api.health import HealthFront
@@ -145,5 +146,5 @@ def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **ex
         forwarded_allow_ips=list(settings.trusted_proxies),
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import msgspec
 
+from progress_service.keys import QUEUE_NAME
+
 PREFIX = "PS_"
 
 
@@ -68,7 +70,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     job_timeout: int = 1800
     job_timeout_max: int = 4 * 3600
     #: The arq queue the API fills and the workers drain (one per deployment).
-    queue_name: str = "ps:queue"
+    queue_name: str = QUEUE_NAME
     #: Jobs one worker process runs at once.
     worker_concurrency: int = 4
     #: How many times a job whose worker died is started again.
@@ -214,7 +216,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         else:
             raw[field] = value
     raw.update(overrides)
-    for proxy in raw.get("trusted_proxies") or ():
+    proxies = raw.get("trusted_proxies") or ()
+    for proxy in proxies if isinstance(proxies, (tuple, list)) else (proxies,):
         try:
             ipaddress.ip_network(str(proxy), strict=False)
         except ValueError:

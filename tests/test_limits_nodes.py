@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from gateway_helpers import auth, closed_with, connect, send, serve
-from progress_service.gateway.limits import connections_key
+from progress_service.keys import connections_key
 
 FAST = {"ws_auth_timeout": 2.0, "presence_grace": 0.3}
 

@@ -31,8 +31,10 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from progress_service import history, metrics, streams
-from progress_service.events import PresenceMember, PresenceMsg, now_ms
+from progress_service.events import PresenceMember, PresenceMsg
 from progress_service.gateway.outbox import Chunk, Outbox
+from progress_service.ids import now_ms, room_id
+from progress_service.keys import events_key, presence_stream_key, wake_key
 from progress_service.streams import id_lt, id_tuple, wire_bytes
 
 if TYPE_CHECKING:
@@ -82,8 +84,8 @@ class Room:
 
     def __init__(self, job_id: str, cursor: str, presence_cursor: str) -> None:
         self.job_id = job_id
-        self.room_id = streams.room_id(job_id)
-        self.events_key = streams.events_key(job_id)
+        self.room_id = room_id(job_id)
+        self.events_key = events_key(job_id)
         self.presence_key = presence_stream_key(job_id)
         #: Id of the last entry the hub read from the event / presence stream.
         self.cursor = cursor
@@ -104,11 +106,6 @@ def _after(keys: list[tuple[int, int]], texts: list[str], sizes: list[int], afte
     return Chunk.of(texts[i:], sizes[i:])
 
 
-def presence_stream_key(job_id: str) -> str:
-    """The stream of presence changes of a job's room (not the job's event log)."""
-    return f"ps:{{job:{job_id}}}:presence-log"
-
-
 class Hub:
     """The rooms of this process and the one task that feeds them."""
 
@@ -118,7 +115,7 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self._by_key: dict[bytes, tuple[Room, bool]] = {}
         self._changed = anyio.Event()
-        self._wake_key = f"ps:gw:{node_id}:wake"
+        self._wake_key = wake_key(node_id)
         #: Rooms whose last answer showed a hole (see ``_fan_out_events``).
         self._holes: list[Room] = []
         self._wake_cursor = "0-0"

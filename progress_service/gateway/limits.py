@@ -19,6 +19,7 @@ import anyio
 from redis.exceptions import RedisError
 
 from progress_service import outage
+from progress_service.keys import connections_key
 
 
 class TokenBucket:
@@ -97,14 +98,6 @@ def json_too_deep(text: str, limit: int) -> bool:
 # --------------------------------------------------------------------------
 # The per-user connection cap, shared by every gateway node through Redis
 # --------------------------------------------------------------------------
-
-
-def connections_key(user_id: str) -> str:
-    """The user's live WebSocket connections: a sorted set ``node:conn`` -> expiry (Redis ms).
-
-    (Moves to progress_service/keys.py once that module lands.)
-    """
-    return f"ps:{{user:{user_id}}}:conns"
 
 
 # KEYS: the user's set. ARGV: member, limit, ttl ms. -> 1 admitted, 0 full.
