@@ -141,6 +141,9 @@ class HttpLimiter:
         self._clock = clock
         #: credential digest -> (user id, monotonic time until which it is trusted)
         self._known: dict[str, tuple[str, float]] = {}
+        #: After a failed count, requests are not counted until then (monotonic):
+        #: each would otherwise wait out the client's retries on a Redis that is down.
+        self.paused_until = 0.0
 
     # ------------------------------------------------ who a request counts as
 
@@ -216,10 +219,14 @@ class RedisRateLimitMiddleware(RateLimitMiddleware):
         limiter = self.limiter
         request: Request[Any, Any, Any] = app.request_class(scope)
         identifier = limiter.identifier(request)
+        if limiter.paused_until > time.monotonic():
+            await self.app(scope, receive, send)
+            return
         try:
             ok, value, reset = await limiter.hit(services.redis, identifier)
         except (RedisError, OSError) as exc:
             outage.warn("redis", "HTTP rate limit (not counted)", exc)
+            limiter.paused_until = time.monotonic() + outage.RETRY_AFTER_SECONDS
             await self.app(scope, receive, send)
             return
         if not ok:
