@@ -145,3 +145,25 @@ async def test_forwarded_for_only_from_trusted_proxies(settings) -> None:
             for i, base in enumerate((a, b, a))
         ]
         assert codes == [401, 401, 429]
+
+
+async def test_sliding_window_retry_after_is_truthful(make_settings, redis) -> None:
+    """The window script on real Redis, with a 1 s window: refused until Retry-After, admitted after it."""
+    from progress_service.http_limits import HttpLimiter  # noqa: PLC0415
+
+    limiter = HttpLimiter(make_settings(http_rate_limit=3))
+    limiter.window_ms = 1000
+    who = "addr:192.0.2.7"
+    assert [(await limiter.hit(redis, who))[0] for _ in range(3)] == [True, True, True]
+    ok, retry_ms, _ = await limiter.hit(redis, who)
+    assert not ok and 0 < retry_ms <= 2000
+    start = await redis_ms(redis)
+    if retry_ms > 200:  # halfway there: still refused (slack for a busy machine)
+        with anyio.fail_after(5):
+            while await redis_ms(redis) < start + retry_ms // 2:
+                await anyio.sleep(0.01)
+        assert not (await limiter.hit(redis, who))[0]
+    with anyio.fail_after(5):
+        while await redis_ms(redis) < start + retry_ms + 5:
+            await anyio.sleep(0.01)
+    assert (await limiter.hit(redis, who))[0]
