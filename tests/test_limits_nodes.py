@@ -167,3 +167,22 @@ async def test_sliding_window_retry_after_is_truthful(make_settings, redis) -> N
         while await redis_ms(redis) < start + retry_ms + 5:
             await anyio.sleep(0.01)
     assert (await limiter.hit(redis, who))[0]
+
+
+async def test_connection_cap_counts_locally_while_redis_is_down(settings, store, tmp_path) -> None:
+    """Redis gone: the cap falls back to this node's own count instead of refusing everyone."""
+    from history_helpers import PrivateRedis  # noqa: PLC0415
+
+    with PrivateRedis(tmp_path / "redis") as private:
+        cfg = settings(redis_url=private.url, ws_max_connections_per_user=1)
+        token = await store.token(user="hal")  # an API token: its principal is cached after the first auth
+        async with serve(cfg) as (base, _), connect(base) as first:
+            await auth(first, token)
+            private.kill()
+            async with connect(base) as second:
+                await send(second, type="auth", token=token)
+                assert await closed_with(second, timeout=20) == (4429, "too many connections")
+            await first.close()
+            async with connect(base) as third:  # the slot freed on this node is usable
+                await auth(third, token)
+            private.start()  # the node shuts down cleanly with its Redis back
