@@ -13,7 +13,6 @@ from litestar import Litestar, Request, Response
 from litestar.types import ASGIApp, ControllerRouterHandler, Message, Receive, Scope, Send
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
-from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.config.compression import CompressionConfig
 from litestar.datastructures import CacheControlHeader
 from litestar.openapi import OpenAPIConfig
@@ -40,6 +39,7 @@ from progress_service.api.steering import SteeringController
 from progress_service.api.stream import job_stream
 from progress_service.api.tickets import create_ticket
 from progress_service.gateway.endpoint import ws_endpoint
+from progress_service.http_limits import http_rate_limit_config
 from progress_service.services import ChatHookFactory, Resources, Services, build_services
 from progress_service.settings import Settings
 from progress_service.state import set_services
@@ -180,7 +180,8 @@ def create_app(
         engine = create_engine(settings.database_url)
         try:
             await migrate(engine)
-            arq_pool = await create_pool(queue.arq_redis_settings(redis_url))
+            # PS_QUEUE_REDIS_URL: the queue may have a Redis of its own (arq cannot shard).
+            arq_pool = await create_pool(queue.arq_redis_settings(settings.queue_url(redis_url)))
             try:
                 resources = Resources(settings=settings, redis_url=redis_url, redis=redis, engine=engine, arq=arq_pool)
                 services = build_services(resources, chat_hook=chat_hook)
@@ -243,8 +244,10 @@ def create_app(
         )
 
     cors = CORSConfig(allow_origins=list(settings.allowed_origins)) if settings.allowed_origins else None
-    rate_limit = RateLimitConfig(
-        rate_limit=("minute", settings.http_rate_limit),
+    # Counted in Redis, per user or client address, over every node, with
+    # Services.http_limit (http_limits).
+    rate_limit = http_rate_limit_config(
+        settings,
         # Hooks have their own limit per reporter token (PS_HOOK_RATE): one
         # laptop's session must not spend the per-client budget of an office NAT.
         exclude=["/healthz", "/readyz", "/metrics", "/ws", "/schema", HOOKS_PATH],

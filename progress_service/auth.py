@@ -98,6 +98,16 @@ class PrincipalCache:
         self.hits += 1
         return principal
 
+    def peek(self, token_hash: str) -> Principal | None:
+        """Like :meth:`principal` without counting a hit or miss (the HTTP rate limit's lookup)."""
+        found = self._principals.get(token_hash)
+        if found is None:
+            return None
+        principal, until = found
+        if until <= self._clock() or (principal.expires_at is not None and principal.expires_at <= now_ms()):
+            return None
+        return principal
+
     def remember(self, token_hash: str, principal: Principal) -> None:
         """Trust ``principal`` (just read from the store) for ``ttl`` seconds, unless revoked meanwhile."""
         if self.is_revoked(principal.token_id):

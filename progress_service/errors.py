@@ -13,7 +13,8 @@ forms are listed here so they stay one decision::
     │   └── CommentForbidden                role below reviewer, or not the team's job
     ├── Unavailable                         HTTP 503 · WS error "unavailable"
     │   ├── CommentsUnavailable             comment not stored durably; nothing broadcast
-    │   └── Abandoned                       caller stopped waiting; transaction rolled back
+    │   ├── Abandoned                       caller stopped waiting; transaction rolled back
+    │   └── NotQueued                       job stored but its enqueue failed; it is marked failed
     ├── SteerRefusal                        instruction / permission answer refused;
     │                                       ``code`` is the WS error code (HTTP: see api/steering.py)
     ├── NotCancellable                      HTTP 409: a hook-reported session runs elsewhere
@@ -79,6 +80,17 @@ class CommentsUnavailable(Unavailable):
 
 class Abandoned(Unavailable):
     """The caller gave up waiting; the transaction was rolled back."""
+
+
+class NotQueued(Unavailable):
+    """A submitted job could not be queued (Redis down); its row is marked failed, never left ``queued``.
+
+    The message names the job and the dependency; resubmitting is the way on.
+    """
+
+    def __init__(self, job_id: str, message: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 class SteerRefusal(ProgressServiceError):

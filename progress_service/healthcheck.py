@@ -36,11 +36,14 @@ def check_worker() -> str:
     settings = load_settings()
     if not settings.redis_url:
         raise RuntimeError("PS_REDIS_URL is not set")
-    client = Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=3)
-    try:
-        client.ping()
-    finally:
-        client.close()
+    # The queue's Redis (PS_QUEUE_REDIS_URL) is the one the worker polls; with a
+    # cluster the job data is elsewhere and the cluster URL is pinged too.
+    for url in dict.fromkeys([settings.queue_url(settings.redis_url), settings.redis_url]):
+        client = Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
+        try:
+            client.ping()
+        finally:
+            client.close()
     argv, demo = resolve_binary(settings)
     if demo:
         raise RuntimeError("no Claude Code binary (PS_CLAUDE_BIN or claude on PATH): jobs would be demos")

@@ -16,9 +16,10 @@ import uuid
 import msgspec
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from progress_service import metrics, queue, streams
+from progress_service import metrics, outage, queue, streams
 from progress_service.events import (
     CLAUDE_TOOLS,
     TERMINAL_STATUSES,
@@ -28,7 +29,7 @@ from progress_service.events import (
     StoredEvent,
     unknown_tools,
 )
-from progress_service.errors import InvalidJob, NotCancellable, WorkdirError
+from progress_service.errors import InvalidJob, NotCancellable, NotQueued, WorkdirError
 from progress_service.history import append_archived
 from progress_service.ids import now_ms, room_id
 from progress_service.settings import Settings
@@ -77,7 +78,12 @@ class Jobs:
         self.audit = audit
 
     async def submit(self, principal: Principal, spec: JobSpec) -> JobSnapshot:
-        """Store, announce (``queued``) and enqueue a job of the caller's team; raises :class:`InvalidJob`."""
+        """Store, announce (``queued``) and enqueue a job of the caller's team.
+
+        Raises :class:`InvalidJob` for a bad spec, and :class:`NotQueued` when
+        Redis failed between the stored row and the enqueue (the job is then
+        marked failed, see :meth:`_not_queued`).
+        """
         check_spec(spec, self.settings)
         job_id = uuid.uuid4().hex
         created = now_ms()
@@ -102,8 +108,11 @@ class Jobs:
             submittedBy=principal.user_name,
         )
         event = StoredEvent(kind="status", at=created, data=msgspec.to_builtins(StatusData(status="queued", phase="queued")))
-        snapshot.lastEventId = await append_archived(self.redis, self.engine, job_id, event, snapshot=snapshot)
-        await queue.enqueue_job(self.arq, job_id, queue_name=self.settings.queue_name)
+        try:
+            snapshot.lastEventId = await append_archived(self.redis, self.engine, job_id, event, snapshot=snapshot)
+            await queue.enqueue_job(self.arq, job_id, queue_name=self.settings.queue_name)
+        except Exception as exc:
+            await self._not_queued(job_id, snapshot, exc)
         metrics.jobs_submitted.inc()
         self._audit(principal, "job.submit", job_id)
         return snapshot
@@ -121,6 +130,24 @@ class Jobs:
         snapshot = await cancel_job(self.redis, self.engine, self.settings, record.id, by=principal.user_name)
         self._audit(principal, "job.cancel", record.id)
         return snapshot
+
+    async def _not_queued(self, job_id: str, snapshot: JobSnapshot, exc: Exception) -> None:
+        """The row exists but the job could not be queued: fail it (never left ``queued``), raise :class:`NotQueued`.
+
+        A worker that claimed it anyway (the enqueue landed, its reply was
+        lost) means it is queued after all: then this returns and the submit
+        succeeds. An error that is no outage (a bug) is raised as it is.
+        """
+        dependency = outage.classify(exc)
+        if dependency is None:
+            raise exc
+        outage.warn(dependency, "POST /api/jobs (enqueue)", exc)
+        reason = "not queued at submit: " + outage.describe(dependency).split(";")[0]
+        if await fail_unqueued(self.redis, self.engine, self.settings, job_id, snapshot, reason) is None:
+            return
+        raise NotQueued(
+            job_id, f"job {job_id} was not queued and is marked failed: {outage.describe(dependency)} and submit it again"
+        )
 
     def _audit(self, principal: Principal, action: str, job_id: str) -> None:
         self.audit.record_nowait(
@@ -183,3 +210,31 @@ async def publish_cancelled(
     await job_store.update_job(engine, job_id, snapshot=snapshot)
     await streams.expire_job(redis, job_id, settings.events_ttl)
     return snapshot
+
+
+async def fail_unqueued(
+    redis: Redis, engine: AsyncEngine, settings: Settings, job_id: str, snapshot: JobSnapshot, reason: str
+) -> JobSnapshot | None:
+    """A job whose enqueue failed: mark it failed instead of leaving it ``queued`` for good.
+
+    The run hash is closed first (:func:`~progress_service.queue.give_up_unqueued`:
+    an arq job that did land after all is refused at its claim, as is any
+    whose worker reads the failed row), then the row is failed and, if Redis
+    takes it, a ``failed`` status event is published. Returns the failed
+    snapshot, or None when a worker had already claimed the job (the enqueue
+    went through: nothing to fail). A store error while failing the row is
+    raised (the caller answers 503).
+    """
+    if not await queue.give_up_unqueued(redis, job_id, settings.events_ttl):
+        return None
+    at = now_ms()
+    failed = msgspec.structs.replace(snapshot, status="failed", reason=reason, finishedAt=at, step=None)
+    await job_store.update_job(engine, job_id, snapshot=failed)
+    data = StatusData(status="failed", phase=snapshot.phase, reason=reason)
+    event = StoredEvent(kind="status", at=at, data=msgspec.to_builtins(data))
+    try:
+        failed.lastEventId = await append_archived(redis, engine, job_id, event, snapshot=failed)
+        await streams.expire_job(redis, job_id, settings.events_ttl)
+    except (RedisError, OSError):
+        pass  # the row is the record; readers fall back to it while Redis lacks the snapshot
+    return failed

@@ -38,6 +38,8 @@ Global keys::
     ps:gw:<node>:wake               stream   wakes one gateway node's hub reader
     ps:hooksessions:<token>:<hour>  counter  hook sessions started per token and hour
     ps:audit:witness                stream   default audit witness stream
+    ps:{user:<id>}:conns            zset     a user's live WebSockets over all nodes (node:conn -> expiry ms)
+    ps:ratelimit:{<queue>:<who>}    hash     HTTP rate-limit window of a user or client address
 """
 
 from __future__ import annotations
@@ -140,3 +142,17 @@ def wake_key(node_id: str) -> str:
 def hook_sessions_key(token_id: str, hour: int) -> str:
     """Hook sessions a token started in one epoch hour (``PS_HOOK_MAX_SESSIONS_PER_HOUR``)."""
     return f"ps:hooksessions:{token_id}:{hour}"
+
+
+def connections_key(user_id: str) -> str:
+    """The user's live WebSocket connections over all nodes: ``node:conn`` -> expiry (Redis ms)."""
+    return f"ps:{{user:{user_id}}}:conns"
+
+
+def rate_limit_key(namespace: str, identifier: str) -> str:
+    """The HTTP rate-limit window of one caller (``user:<id>`` or ``addr:<ip>``).
+
+    ``namespace`` is the deployment's queue name (one per deployment), so two
+    deployments sharing a Redis keep separate counts.
+    """
+    return f"ps:ratelimit:{{{namespace}:{identifier}}}"

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from progress_service.keys import QUEUE_NAME, cancel_key, lease_key, run_key
@@ -296,3 +297,29 @@ async def run_state(redis: Redis, job_id: str) -> str | None:
     """The run hash's state (queued | running | done | cancelled), None when absent."""
     raw = await redis.hget(run_key(job_id), "state")
     return _s(raw) if raw is not None else None
+
+
+# KEYS: run. ARGV: ttl s. -> 'given_up', or the state a worker already set
+# (its enqueue went through after all: the reply was lost, not the command).
+_GIVE_UP = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if st and st ~= 'queued' then return st end
+redis.call('HSET', KEYS[1], 'state', 'done', 'attempt', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 'given_up'
+"""
+
+
+async def give_up_unqueued(redis: Redis, job_id: str, ttl: int) -> bool:
+    """Close the run of a job whose enqueue failed (a late arq job is then refused at its claim).
+
+    False when a worker already set the run's state: the enqueue went
+    through after all (its reply was lost), so there is nothing to give up.
+    A Redis that cannot be asked counts as given up: no worker can claim
+    the job there either, and the row decides.
+    """
+    try:
+        verdict = _s(await redis.eval(_GIVE_UP, 1, run_key(job_id), ttl))
+    except (RedisError, OSError):
+        return True
+    return verdict == "given_up"

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
 from litestar import Litestar
 
+from progress_service.api.health import HealthFront
 from progress_service.api.hooks import HookFront
 from progress_service.gateway.endpoint import GatewayFront
 from progress_service.settings import Settings
@@ -76,15 +79,30 @@ class Server(uvicorn.Server):
             self._captured_signals.clear()  # nothing to re-raise: see the class docstring
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        services = started_services(unwrap(self.config.loaded_app))
+        if services is not None:  # 0. /readyz answers 503 from now on (load balancers take the node out)
+            services.readiness.drain()
+            await self._drain_delay(services.settings.drain_seconds)
         for server in self.servers:  # 1. no new connections (uvicorn does it again: harmless)
             server.close()
         for sock in sockets or []:
             sock.close()
         log.info("shutdown: stopped accepting connections")
-        services = started_services(unwrap(self.config.loaded_app))
         if services is not None:  # 2. WebSockets 1001 (the lifespan's drain then finds them closed)
             await services.gateway.close_all()
         await super().shutdown(sockets)  # 3. requests finish, then the lifespan (worker hand-back)
+
+    async def _drain_delay(self, delay: float) -> None:
+        """Keep serving ``PS_DRAIN_SECONDS`` with /readyz at 503, so load balancers take the node out first.
+
+        A second signal (uvicorn's ``force_exit``) cuts it short.
+        """
+        if delay <= 0:
+            return
+        log.info("shutdown: draining, /readyz answers 503 for %.1f s before connections close", delay)
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not self.force_exit:
+            await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **extra: Any) -> uvicorn.Config:
@@ -92,7 +110,8 @@ def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **ex
     return uvicorn.Config(
         # `/ws` handshakes skip Litestar's routing (same guard, same session);
         # so do Claude Code hook posts (same checks, same answers).
-        HookFront(GatewayFront(app)),
+        # /readyz and /healthz are answered before all of it (api/health.py).
+        HealthFront(HookFront(GatewayFront(app))),
         host=host,
         port=port,
         lifespan="on",
@@ -103,6 +122,9 @@ def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **ex
         ws_ping_timeout=settings.ws_ping_timeout,
         ws_per_message_deflate=settings.ws_per_message_deflate,
         access_log=False,
+        # X-Forwarded-For/-Proto only from PS_TRUSTED_PROXIES (none by default;
+        # uvicorn's own default trusts loopback): see http_limits.
+        forwarded_allow_ips=list(settings.trusted_proxies),
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
         **extra,

@@ -7,6 +7,7 @@ read from ``PS_FOO_BAR``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # --- where things are -------------------------------------------------
     #: Redis URL. Unset: ``progress-service dev`` starts an embedded Redis.
     redis_url: str | None = None
+    #: ``PS_REDIS_URL`` names any node of a Redis Cluster (events, snapshots,
+    #: presence, tickets, revocations, cancel flags are sharded by job).
+    redis_cluster: bool = False
+    #: Redis of the arq job queue (arq cannot shard: never a cluster).
+    #: Unset: ``PS_REDIS_URL`` (required with ``PS_REDIS_CLUSTER``).
+    queue_redis_url: str | None = None
     #: SQLAlchemy async URL of the SQL store.
     database_url: str = "sqlite+aiosqlite:///progress.db"
     #: Claude Code binary. Unset: ``claude`` on PATH, else the replay program.
@@ -39,8 +46,18 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
-    #: Requests per minute per client on the HTTP API.
+    #: Requests per minute per caller on the HTTP API, over all nodes (counted
+    #: in Redis): per user when authenticated, else per client address.
     http_rate_limit: int = 600
+    #: Reverse proxies / load balancers (IPs or CIDRs, comma separated) whose
+    #: ``X-Forwarded-For`` names the client; from anyone else it is ignored.
+    trusted_proxies: tuple[str, ...] = ()
+    #: Seconds between /readyz's background dependency checks (it answers
+    #: the last result; 503 once the probe is overdue or the node drains).
+    ready_probe_interval: float = 1.0
+    #: Seconds a stopping ``serve`` keeps serving with /readyz at 503 before
+    #: it closes connections, so load balancers take it out first (0: none).
+    drain_seconds: float = 0.0
     #: Max page size of list endpoints.
     page_max: int = 200
     #: Lifetime of a single-use WebSocket ticket (seconds).
@@ -101,7 +118,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ws_chat_rate: float = 5.0
     ws_chat_burst: int = 10
     ws_error_budget: int = 20
+    #: Authenticated WebSocket connections one user may hold, over all gateway nodes.
     ws_max_connections_per_user: int = 50
+    #: Seconds a connection keeps counting against that cap without its node's
+    #: refresh (every third of it): a killed node's connections stop counting after this.
+    ws_connection_ttl: float = 30.0
     ws_outbox_bytes: int = 1 << 20
     ws_heartbeat: float = 25.0
     ws_ping_interval: float = 25.0
@@ -155,6 +176,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: Hooks applied per session; later ones are ignored (one log event says so).
     hook_max_events_per_session: int = 20_000
 
+    def queue_url(self, redis_url: str) -> str:
+        """The queue's Redis URL (see ``queue_redis_url``); ``redis_url`` is the data Redis in use."""
+        if self.queue_redis_url:
+            return self.queue_redis_url
+        if self.redis_cluster:
+            raise ValueError("PS_QUEUE_REDIS_URL: required with PS_REDIS_CLUSTER=true (the arq queue cannot run on a cluster)")
+        return redis_url
+
     @property
     def workspace_path(self) -> Path:
         """The workspace root as an absolute, resolved path."""
@@ -182,11 +211,19 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
             continue
         if field == "allowed_origins":
             raw[field] = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+        elif field == "trusted_proxies":
+            raw[field] = tuple(o.strip() for o in value.split(",") if o.strip())
         else:
             raw[field] = value
     raw.update(overrides)
+    proxies = raw.get("trusted_proxies") or ()
+    for proxy in proxies if isinstance(proxies, (tuple, list)) else (proxies,):
+        try:
+            ipaddress.ip_network(str(proxy), strict=False)
+        except ValueError:
+            raise ValueError(f"{PREFIX}TRUSTED_PROXIES: {proxy!r} is not an IP address or CIDR") from None
     try:
-        return msgspec.convert(raw, Settings, strict=False)
+        settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         # "Expected `int`, got `str` - at `$.port`" -> name the variable.
         msg = str(exc)
@@ -194,3 +231,10 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
             field = msg.rsplit("`$.", 1)[1].rstrip("`")
             msg = f"{PREFIX}{field.upper()}: {msg.split(' - at ')[0]}"
         raise ValueError(msg) from None
+    if settings.redis_cluster and not settings.queue_redis_url:
+        # Refused at start, not at the first enqueue: arq cannot run on a cluster.
+        raise ValueError(
+            f"{PREFIX}QUEUE_REDIS_URL: required with {PREFIX}REDIS_CLUSTER=true "
+            "(the arq job queue needs a plain Redis or Sentinel; arq cannot shard)"
+        )
+    return settings

@@ -107,6 +107,8 @@ class JobRun:
         self.settings: Settings = ctx["settings"]
         self.engine: AsyncEngine = ctx["engine"]
         self.redis: Redis = ctx["redis"]
+        #: The queue's Redis when it is another one (PS_QUEUE_REDIS_URL): re-enqueues go there.
+        self.queue: Redis | None = ctx.get("queue_redis")
         self.worker_id: str = ctx["worker_id"]
         self.record = record
         self.job_id = record.id
@@ -306,7 +308,7 @@ class JobRun:
         if verdict is not HandBackVerdict.OK:
             return "superseded"
         reason = f"worker stopped; handed back as attempt {self.attempt + 1} (no try spent)"
-        await requeue(self.redis, self.engine, self.settings, self.pub, self.attempt + 1, reason)
+        await requeue(self.redis, self.engine, self.settings, self.pub, self.attempt + 1, reason, queue=self.queue)
         log.warning("job %s: %s", self.job_id, reason)
         return "handed back"
 

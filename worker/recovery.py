@@ -39,8 +39,19 @@ from worker.publisher import Publisher
 log = logging.getLogger("progress_service.worker")
 
 
-async def requeue(redis: Redis, engine: AsyncEngine, settings: Settings, pub: Publisher, next_attempt: int, reason: str) -> None:
+async def requeue(
+    redis: Redis,
+    engine: AsyncEngine,
+    settings: Settings,
+    pub: Publisher,
+    next_attempt: int,
+    reason: str,
+    *,
+    queue: Redis | None = None,
+) -> None:
     """Publish ``queued`` for the next attempt and enqueue it (the run state already says queued).
+
+    ``queue`` is the queue's Redis when it is not ``redis`` (``PS_QUEUE_REDIS_URL``).
 
     A cancel that lands between the run-state change and the publication
     finds the run queued and cancels it, but its ``cancelled`` event may
@@ -54,7 +65,7 @@ async def requeue(redis: Redis, engine: AsyncEngine, settings: Settings, pub: Pu
     # Enqueued before the row is written, and the row write waits out a
     # store outage: the run state already says queued, so a failure here
     # must not leave the job with no arq job to run it.
-    await enqueue_job(redis, job_id, attempt=next_attempt, queue_name=settings.queue_name)
+    await enqueue_job(queue or redis, job_id, attempt=next_attempt, queue_name=settings.queue_name)
     await persist(lambda: update_job(engine, job_id, snapshot=mapper.snapshot), Link(f"store (job {job_id} re-queue)"))
     if await run_state(redis, job_id) == "cancelled":
         latest, _ = await read_state(redis, job_id)
@@ -85,7 +96,9 @@ class Recovery(enum.StrEnum):
         return self not in (Recovery.ALIVE, Recovery.STALE)
 
 
-async def recover_job(redis: Redis, engine: AsyncEngine, settings: Settings, record: JobRecord, *, why: str) -> Recovery:
+async def recover_job(
+    redis: Redis, engine: AsyncEngine, settings: Settings, record: JobRecord, *, why: str, queue: Redis | None = None
+) -> Recovery:
     """Deal with a job whose row says running but whose lease is gone.
 
     Re-enqueues it as the next attempt while tries are left (attempts minus
@@ -115,7 +128,7 @@ async def recover_job(redis: Redis, engine: AsyncEngine, settings: Settings, rec
     await pub(mapper.worker, "lost", worker_name)
     if verdict is ReapVerdict.REQUEUE:
         reason = f"{why}; retrying as attempt {attempt + 1} (try {spent + 1} of {settings.job_max_tries})"
-        await requeue(redis, engine, settings, pub, attempt + 1, reason)
+        await requeue(redis, engine, settings, pub, attempt + 1, reason, queue=queue)
         log.warning("job %s: %s", job_id, reason)
         return Recovery.REQUEUE
     if verdict is ReapVerdict.CANCELLED:
@@ -142,8 +155,12 @@ class Sweeper:
     process (so recovery happens with no worker alive) and in every worker.
     """
 
-    def __init__(self, redis: Redis, engine: AsyncEngine, settings: Settings, *, grace: float | None = None) -> None:
+    def __init__(
+        self, redis: Redis, engine: AsyncEngine, settings: Settings, *, grace: float | None = None, queue: Redis | None = None
+    ) -> None:
         self.redis = redis
+        #: The queue's Redis when it is another one than the job data's (re-enqueues go there).
+        self.queue = queue
         self.engine = engine
         self.settings = settings
         self.grace = settings.lease_grace if grace is None else grace
@@ -163,7 +180,7 @@ class Sweeper:
             now = anyio.current_time()
             if now - self.missing.setdefault(record.id, now) < self.grace:
                 continue
-            outcome = await recover_job(self.redis, self.engine, self.settings, record, why="worker lost")
+            outcome = await recover_job(self.redis, self.engine, self.settings, record, why="worker lost", queue=self.queue)
             self.missing.pop(record.id, None)
             if outcome.acted:
                 done[record.id] = outcome
@@ -194,6 +211,8 @@ async def sweep_once(arq_pool: ArqRedis, engine: AsyncEngine, settings: Settings
     return await Sweeper(arq_pool, engine, settings, grace=0).sweep()
 
 
-async def run_sweeper(arq_pool: ArqRedis, engine: AsyncEngine, settings: Settings, *, interval: float | None = None) -> None:
-    """Sweep for lost workers until cancelled (see :class:`Sweeper`)."""
-    await Sweeper(arq_pool, engine, settings).run(interval=interval)
+async def run_sweeper(
+    arq_pool: ArqRedis, engine: AsyncEngine, settings: Settings, *, interval: float | None = None, queue: Redis | None = None
+) -> None:
+    """Sweep for lost workers until cancelled (see :class:`Sweeper`); ``queue``: see :func:`requeue`."""
+    await Sweeper(arq_pool, engine, settings, queue=queue).run(interval=interval)

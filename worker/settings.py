@@ -52,12 +52,21 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["own_engine"] = True
     # A store that is down at start is waited for, not a reason to exit.
     await persist(lambda: migrate(ctx["engine"]), Link("store (worker start)"))
+    data_url = ctx.get("redis_url") or settings.redis_url or DEFAULT_REDIS_URL
+    if ctx.get("queue_redis") is None and settings.queue_url(data_url) != data_url:
+        # The queue has a Redis of its own (PS_QUEUE_REDIS_URL): arq's pool
+        # (ctx["redis"]) stays the queue, job data go to PS_REDIS_URL.
+        from progress_service.app import make_redis  # noqa: PLC0415 - the app module is heavy
+
+        ctx["queue_redis"], ctx["redis"] = ctx["redis"], make_redis(data_url)
     ctx.setdefault("worker_id", new_worker_id())
     # Orphans of the CLIs this worker starts are re-parented to it (and killed with their job).
     become_subreaper()
     if ctx.get("run_sweeper", True):
         # Lives exactly as long as the worker: cancelled and awaited in on_shutdown.
-        ctx["sweeper"] = asyncio.create_task(run_sweeper(ctx["redis"], ctx["engine"], settings), name="ps-sweeper")
+        ctx["sweeper"] = asyncio.create_task(
+            run_sweeper(ctx["redis"], ctx["engine"], settings, queue=ctx.get("queue_redis")), name="ps-sweeper"
+        )
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
@@ -67,6 +76,10 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
+    queue_redis = ctx.pop("queue_redis", None)
+    if queue_redis is not None:
+        data, ctx["redis"] = ctx["redis"], queue_redis  # arq closes its own pool
+        await data.aclose()
     if ctx.pop("own_engine", False):
         await ctx.pop("engine").dispose()
 
@@ -94,7 +107,9 @@ def worker_settings(settings: Settings) -> type:
     options = worker_options(settings)
     namespace: dict[str, Any] = {
         "__doc__": "For ``arq worker.settings.WorkerSettings`` (settings from ``PS_*`` variables).",
-        "redis_settings": arq_redis_settings(settings.redis_url or DEFAULT_REDIS_URL),
+        # The queue's Redis (PS_QUEUE_REDIS_URL, else PS_REDIS_URL); on_startup
+        # then opens the data Redis beside it when they differ.
+        "redis_settings": arq_redis_settings(settings.queue_url(settings.redis_url or DEFAULT_REDIS_URL)),
         "ctx": {"settings": settings},
         **options,
     }
@@ -124,8 +139,8 @@ def build_worker(
     ``sweeper=False`` when the host program runs the lost-worker sweeper itself.
     """
     return ResilientWorker(
-        redis_settings=arq_redis_settings(redis_url),
+        redis_settings=arq_redis_settings(settings.queue_url(redis_url)),
         handle_signals=handle_signals,
-        ctx={"settings": settings, "engine": engine, "run_sweeper": sweeper},
+        ctx={"settings": settings, "engine": engine, "run_sweeper": sweeper, "redis_url": redis_url},
         **worker_options(settings),
     )

@@ -104,6 +104,8 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], services:
     if principal.is_reporter:
         # A reporter token sits on laptops and CI runners: it reports, never reads.
         raise PermissionDeniedException("a reporter token may only post to /api/hooks/claude-code")
+    # Later requests with this credential count as this user (http_limits).
+    services.http_limit.remember(connection, principal)
     return principal
 
 

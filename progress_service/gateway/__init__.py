@@ -25,6 +25,7 @@ from progress_service.closes import Close
 from progress_service.gateway.endpoint import install_log_redaction, remove_log_redaction
 from progress_service.gateway.hub import Hub
 from progress_service.gateway.job_access import JobAccess, StoreGate
+from progress_service.gateway.limits import ConnectionCap
 from progress_service.gateway.outbox import Outbox, OutboxStats, WriteWindow
 from progress_service.gateway.presence import Presence
 from progress_service.gateway.session import CommentsHook, JoinReads, SteeringHook
@@ -39,6 +40,11 @@ if TYPE_CHECKING:
     from progress_service.store.identity import Principal
 
 log = logging.getLogger("progress_service.gateway")
+
+
+def new_node_id() -> str:
+    """A name for this gateway node, unique over the deployment (host, pid, random)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class SseStreams:
@@ -71,7 +77,8 @@ class Gateway:
     """The gateway of one process: its sessions, hub, presence and SSE streams.
 
     ``comments``, ``steering`` and ``audit`` are the hooks a session calls
-    (None: that part answers ``unavailable`` / records nothing).
+    (None: that part answers ``unavailable`` / records nothing);
+    ``connections`` is the per-user cap over all nodes.
     """
 
     def __init__(
@@ -82,6 +89,7 @@ class Gateway:
         steering: SteeringHook | None,
         audit: Audit | None,
         principals: PrincipalCache,
+        connections: ConnectionCap,
     ) -> None:
         self.settings = resources.settings
         self.engine: AsyncEngine = resources.engine
@@ -89,7 +97,8 @@ class Gateway:
         self.comments = comments
         self.steering = steering
         self.audit = audit
-        self.node_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        #: The node's name (chosen with its connection cap, whose Redis entries carry it).
+        self.node_id = connections.node_id
         self.hub = Hub(resources, self.node_id)
         self.presence = Presence(resources.redis, self.node_id, grace=self.settings.presence_grace)
         self.joins = JoinReads(resources.redis, self.presence)
@@ -107,7 +116,8 @@ class Gateway:
         )
         #: Who may join which room (positive answers cached: a job never changes team).
         self.access = JobAccess(resources.engine, self.store_gate)
-        self._per_user: Counter[str] = Counter()
+        #: The per-user connection cap, counted in Redis over every node (its task runs in Services.run).
+        self.connections = connections
         self.closing = False
         self._closed: anyio.Event | None = None
 
@@ -132,11 +142,10 @@ class Gateway:
         """Track an accepted connection (authenticated or not) for close_all."""
         self.sessions[session.id] = session
 
-    def admit(self, session: Session, principal: Principal) -> bool:
-        """Count an authenticated connection against its user's cap."""
-        if self._per_user[principal.user_id] >= self.settings.ws_max_connections_per_user:
+    async def admit(self, session: Session, principal: Principal) -> bool:
+        """Count an authenticated connection against its user's cap (over all nodes)."""
+        if not await self.connections.admit(principal.user_id, session.id):
             return False
-        self._per_user[principal.user_id] += 1
         session.counted_for = principal.user_id
         return True
 
@@ -146,9 +155,7 @@ class Gateway:
         uid = session.counted_for
         if uid is not None:
             session.counted_for = None
-            self._per_user[uid] -= 1
-            if self._per_user[uid] <= 0:
-                del self._per_user[uid]
+            self.connections.release(uid, session.id)
 
     @property
     def job_teams(self) -> dict[str, str]:

@@ -585,7 +585,7 @@ class Session:
             self.request_close(closes.AUTH_FAILED)
             return False
         if self.principal is None:
-            if not self.gateway.admit(self, principal):
+            if not await self.gateway.admit(self, principal):
                 self.request_close(closes.TOO_MANY_CONNECTIONS)
                 return False
             self.outbox.batch = message.batch
