@@ -21,12 +21,8 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RapidocRenderPlugin
 from litestar.static_files import create_static_files_router
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from progress_service import history, metrics, outage, queue
+from progress_service import history, metrics, outage, queue, redis_client
 from progress_service.api.audit import AuditController, TokensController
 from progress_service.api.comments import CommentsController
 from progress_service.api.steering import SteeringController
@@ -54,16 +50,9 @@ log = logging.getLogger("progress_service")
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
-def make_redis(url: str) -> Redis:
-    """A Redis client that retries dropped connections instead of failing the request."""
-    return Redis.from_url(
-        url,
-        socket_connect_timeout=5,
-        socket_keepalive=True,
-        health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
-    )
+def make_redis(url: str, *, cluster: bool = False) -> Redis:
+    """A Redis client that retries dropped connections (a cluster client with ``cluster``)."""
+    return redis_client.make_redis(url, cluster=cluster)
 
 
 def claude_is_available(settings: Settings) -> bool:
@@ -174,10 +163,11 @@ def create_app(
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         from progress_service.gateway import Gateway  # noqa: PLC0415 - gateway imports services
 
-        redis = make_redis(redis_url)
+        redis = make_redis(redis_url, cluster=settings.redis_cluster)
         engine = create_engine(settings.database_url)
         await migrate(engine)
-        arq_pool = await create_pool(queue.arq_redis_settings(redis_url))
+        arq_pool = await create_pool(queue.arq_redis_settings(settings.queue_url(redis_url)))
+        redis_client.set_queue(redis, arq_pool)
         services = Services(
             settings=settings,
             redis_url=redis_url,
@@ -309,7 +299,9 @@ async def _run_sweeper(services: Services) -> None:
     """The lost-worker sweeper (:class:`worker.jobs.Sweeper`) for the app's lifetime."""
     from worker.recovery import Sweeper  # noqa: PLC0415 - the worker package is optional in serve mode
 
-    await Sweeper(services.arq, services.engine, services.settings).run()
+    # On a cluster the leases are there, and the cluster client knows the queue.
+    data = services.redis if services.settings.redis_cluster else services.arq
+    await Sweeper(data, services.engine, services.settings).run()  # type: ignore[arg-type]
 
 
 async def _run_worker(services: Services) -> None:

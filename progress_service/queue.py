@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from progress_service.redis_client import queue_of
 from progress_service.events import TERMINAL_STATUSES, JobSnapshot, StatusData, StoredEvent, now_ms
 from progress_service.settings import Settings
 from progress_service.store.jobs import get_job, update_job
@@ -79,6 +80,7 @@ async def enqueue_job(arq_pool: ArqRedis, job_id: str, *, attempt: int = 1, queu
     the same attempt twice enqueues it once (arq refuses a duplicate while
     the job or its kept result exists).
     """
+    arq_pool = queue_of(arq_pool)  # type: ignore[assignment]  # on a cluster: the queue's own Redis
     await arq_pool.enqueue_job(
         RUN_FUNCTION,
         job_id,

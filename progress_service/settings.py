@@ -22,6 +22,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # --- where things are -------------------------------------------------
     #: Redis URL. Unset: ``progress-service dev`` starts an embedded Redis.
     redis_url: str | None = None
+    #: ``PS_REDIS_URL`` names any node of a Redis Cluster (events, snapshots,
+    #: presence, tickets, revocations, cancel flags are sharded by job).
+    redis_cluster: bool = False
+    #: Redis of the arq job queue (arq cannot shard: never a cluster).
+    #: Unset: ``PS_REDIS_URL`` (required with ``PS_REDIS_CLUSTER``).
+    queue_redis_url: str | None = None
     #: SQLAlchemy async URL of the SQL store.
     database_url: str = "sqlite+aiosqlite:///progress.db"
     #: Claude Code binary. Unset: ``claude`` on PATH, else the replay program.
@@ -152,6 +158,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     hook_max_sessions_per_hour: int = 100
     #: Hooks applied per session; later ones are ignored (one log event says so).
     hook_max_events_per_session: int = 20_000
+
+    def queue_url(self, redis_url: str) -> str:
+        """The queue's Redis URL (see ``queue_redis_url``); ``redis_url`` is the data Redis in use."""
+        if self.queue_redis_url:
+            return self.queue_redis_url
+        if self.redis_cluster:
+            raise ValueError("PS_QUEUE_REDIS_URL: required with PS_REDIS_CLUSTER=true (the arq queue cannot run on a cluster)")
+        return redis_url
 
     @property
     def workspace_path(self) -> Path:

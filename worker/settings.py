@@ -19,6 +19,7 @@ from arq import func
 from arq.worker import Worker
 
 from progress_service.queue import RUN_FUNCTION, arq_redis_settings
+from progress_service.redis_client import make_redis, set_queue
 from progress_service.settings import Settings, load_settings
 from progress_service.store.db import create_engine
 from progress_service.store.migrations import migrate
@@ -52,6 +53,11 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["own_engine"] = True
     # A store that is down at start is waited for, not a reason to exit.
     await persist(lambda: migrate(ctx["engine"]), Link("store (worker start)"))
+    if settings.redis_cluster and ctx.get("queue_redis") is None:
+        # Job data lives on the cluster; arq's pool (ctx["redis"]) is the queue only.
+        data = make_redis(settings.redis_url or DEFAULT_REDIS_URL, cluster=True)
+        set_queue(data, ctx["redis"])
+        ctx["queue_redis"], ctx["redis"] = ctx["redis"], data
     ctx.setdefault("worker_id", new_worker_id())
     # Orphans of the CLIs this worker starts are re-parented to it (and killed with their job).
     become_subreaper()
@@ -67,6 +73,10 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sweeper
+    queue_redis = ctx.pop("queue_redis", None)
+    if queue_redis is not None:
+        data, ctx["redis"] = ctx["redis"], queue_redis  # arq closes its own pool
+        await data.aclose()
     if ctx.pop("own_engine", False):
         await ctx.pop("engine").dispose()
 
@@ -96,7 +106,7 @@ _options = worker_options(_settings)
 class WorkerSettings:
     """For ``arq worker.settings.WorkerSettings`` (settings from ``PS_*`` variables)."""
 
-    redis_settings = arq_redis_settings(_settings.redis_url or DEFAULT_REDIS_URL)
+    redis_settings = arq_redis_settings(_settings.queue_url(_settings.redis_url or DEFAULT_REDIS_URL))
     ctx = {"settings": _settings}
     functions = _options["functions"]
     queue_name = _options["queue_name"]
@@ -122,7 +132,7 @@ def build_worker(
     ``sweeper=False`` when the host program runs the lost-worker sweeper itself.
     """
     return ResilientWorker(
-        redis_settings=arq_redis_settings(redis_url),
+        redis_settings=arq_redis_settings(settings.queue_url(redis_url)),
         handle_signals=handle_signals,
         ctx={"settings": settings, "engine": engine, "run_sweeper": sweeper},
         **worker_options(settings),

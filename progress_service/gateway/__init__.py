@@ -26,7 +26,7 @@ from progress_service.gateway.hub import Hub
 from progress_service.gateway.job_access import JobAccess, StoreGate
 from progress_service.gateway.outbox import WriteWindow
 from progress_service.gateway.presence import Presence
-from progress_service.gateway.session import JoinReads
+from progress_service.gateway.joins import JoinReads
 
 if TYPE_CHECKING:
     from progress_service.gateway.session import Session

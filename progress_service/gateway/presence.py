@@ -30,6 +30,7 @@ entry with one script call per room, all rooms in one pipeline.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 import logging
 import time
 
@@ -42,7 +43,7 @@ from redis.exceptions import RedisError
 from progress_service.events import PresenceMember
 from progress_service.gateway.hub import presence_stream_key
 from progress_service.store.identity import Principal
-from progress_service.streams import presence_key
+from progress_service.streams import NOTIFY_LUA, presence_key
 
 log = logging.getLogger("progress_service.gateway.presence")
 
@@ -85,6 +86,7 @@ if not present then
   id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'j', ARGV[6])
   redis.call('EXPIRE', KEYS[2], ARGV[7])
   added = 1
+  """ + NOTIFY_LUA + """
 else
   local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
   if #last > 0 then id = last[1][1] else id = '0-0' end
@@ -133,6 +135,7 @@ for _, m in ipairs(gone) do
     end
   end
 end
+if n > 0 then """ + NOTIFY_LUA + """ end
 return n
 """
 
@@ -163,6 +166,7 @@ for i = 5, #ARGV do
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+if n > 0 then """ + NOTIFY_LUA + """ end
 return n
 """
 
@@ -239,9 +243,12 @@ class Presence:
         self._due: list[tuple[float, str]] = []
         self._wakeup = anyio.Event()
 
-    def start_batch(self) -> None:
-        """A new join MULTI is being built (see :meth:`queue_join`)."""
-        self._batch_rooms.clear()
+    def start_batch(self, rooms: Iterable[str] | None = None) -> None:
+        """A new join MULTI is being built (see :meth:`queue_join`); ``rooms``: only for these (one slot's)."""
+        if rooms is None:
+            self._batch_rooms.clear()
+        else:
+            self._batch_rooms.difference_update(rooms)
 
     def queue_join(self, pipe: Pipeline, job_id: str, conn_id: str, principal: Principal) -> str:
         """Add the join script to ``pipe`` (the session's join MULTI); returns the entry.

@@ -29,7 +29,7 @@ import anyio
 import msgspec
 from litestar import WebSocket
 from litestar.exceptions import WebSocketDisconnect
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from progress_service import history, metrics, outage, streams
@@ -136,115 +136,6 @@ def encode(message: Any) -> tuple[str, int]:
 
 #: Comments of one connection being stored at once; the receiver waits past this.
 CHATS_IN_FLIGHT = 32
-
-#: Joins sharing one MULTI at most (about 6 commands each).
-JOIN_BATCH_MAX = 500
-
-
-class _JoinRead:
-    __slots__ = ("conn_id", "future", "job_id", "principal", "since")
-
-    def __init__(self, job_id: str, since: str | None, conn_id: str, principal: Principal, future: asyncio.Future) -> None:
-        self.job_id = job_id
-        self.since = since
-        self.conn_id = conn_id
-        self.principal = principal
-        self.future = future
-
-
-class JoinReads:
-    """The Redis reads of every join waiting in this process, in one MULTI.
-
-    A mass connect has hundreds of joins in flight; one MULTI each took a
-    pooled Redis connection each (the pool grew to hundreds of connections,
-    each with its health check and socket) and paid redis-py's per-pipeline
-    overhead per join (about 13 % of a mass connect). Here the joins that
-    arrive while one MULTI is under way share the next: one round trip per
-    batch. A join's commands are the same as before and still atomic (the
-    whole batch is one MULTI). A reply that is an error fails only its join.
-    """
-
-    def __init__(self, redis: Any, presence: Any) -> None:
-        self.redis = redis
-        self.presence = presence
-        self._pending: list[_JoinRead] = []
-        self._wakeup = asyncio.Event()
-
-    def read(self, job_id: str, since: str | None, conn_id: str, principal: Principal) -> asyncio.Future:
-        """Queue a join's reads; the future gives ``(presence entry, replies)``.
-
-        The replies are: snapshot, last event, first event, stream length,
-        (entries ever added, whole-stream mark), then the presence-log id and
-        the room's members after the join (``Presence.observe``).
-        """
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(_JoinRead(job_id, since, conn_id, principal, future))
-        self._wakeup.set()
-        return future
-
-    async def run(self) -> None:
-        """Run the queued joins' MULTIs, one at a time, until cancelled."""
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = [j for j in self._pending[:JOIN_BATCH_MAX] if not j.future.done()]
-                del self._pending[:JOIN_BATCH_MAX]
-                if not batch:
-                    continue
-                try:
-                    await self._execute(batch)
-                except Exception as exc:  # every waiter hears of it; none is left hanging
-                    if not isinstance(exc, _STORE_ERRORS):
-                        log.exception("gateway: join batch failed")
-                    for j in batch:
-                        if not j.future.done():
-                            j.future.set_exception(exc)
-
-    async def _execute(self, batch: list[_JoinRead]) -> None:
-        presence = self.presence
-        for attempt in (1, 2):
-            entries: list[str] = []
-            counts: list[int] = []
-            presence.start_batch()
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for j in batch:
-                    events, snap = streams.events_key(j.job_id), streams.snapshot_key(j.job_id)
-                    pipe.hget(snap, "s")
-                    pipe.xrevrange(events, count=1)
-                    # what Redis holds of the stream (streams.coverage_of)
-                    pipe.xrange(events, count=1)
-                    pipe.xlen(events)
-                    pipe.hmget(snap, "n", "k")
-                    entries.append(presence.queue_join(pipe, j.job_id, j.conn_id, j.principal))
-                    counts.append(6)
-                try:
-                    replies = await pipe.execute(raise_on_error=False)
-                except NoScriptError:
-                    if attempt == 2:
-                        raise
-                    await presence.load_scripts()
-                    continue
-            if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
-                await presence.load_scripts()  # Redis lost its scripts: run the batch again
-                continue
-            break
-        i = 0
-        for j, entry, n in zip(batch, entries, counts, strict=True):
-            mine = replies[i : i + n]
-            i += n
-            # Every reply, in order, even of a join that gave up: each follows from the one before.
-            observed = presence.observe(j.job_id, j.principal, mine[-1])
-            if j.future.done():  # its join gave up (timeout, close)
-                continue
-            if not isinstance(mine[-1], Exception):
-                mine[-1] = observed if observed is not None else RedisError("presence view lost in this batch")
-            error = next((r for r in mine if isinstance(r, Exception)), None)
-            if error is not None:
-                j.future.set_exception(error)
-            else:
-                j.future.set_result((entry, mine))
-
 
 class Session:
     """The state of one authenticated (or authenticating) connection."""
