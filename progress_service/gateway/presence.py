@@ -62,6 +62,22 @@ PIPELINE_MAX = 1000
 DELTA_MAX = 64
 _member_dec = msgspec.json.Decoder(PresenceMember)
 
+# Lua: does a user (entry prefix ``<userId>\x1f``) have a live entry? Looked
+# up in the room's lex index (``<presence key>-idx``: the same entries, score
+# 0, derived from KEYS[1] so it shares the slot), O(log n + that user's
+# entries), instead of scanning every member: a join storm into one hot room
+# stays linear.
+_LIVE_OF = """
+local function live_of(set, idx, prefix, now)
+  local mine = redis.call('ZRANGEBYLEX', idx, '[' .. prefix, '(' .. prefix .. '\\255')
+  for _, m in ipairs(mine) do
+    local score = redis.call('ZSCORE', set, m)
+    if score and tonumber(score) > now then return true end
+  end
+  return false
+end
+"""
+
 # KEYS: presence set, presence log
 # ARGV: entry, user prefix, expiry, now, log maxlen, member JSON, key ttl,
 #       '1' when this node already holds a live entry of the user (no scan),
@@ -71,15 +87,13 @@ _member_dec = msgspec.json.Decoder(PresenceMember)
 # Returns {log id, 1 if this join announced the user, mode, data}: mode 'n'
 # (nothing), 'd' (log entries after the caller's id) or 'f' (live entries).
 _JOIN = """
-local present = ARGV[8] == '1'
-if not present then
-  local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+inf')
-  for _, m in ipairs(live) do
-    if string.sub(m, 1, #ARGV[2]) == ARGV[2] then present = true; break end
-  end
-end
+""" + _LIVE_OF + """
+local idx = KEYS[1] .. '-idx'
+local present = ARGV[8] == '1' or live_of(KEYS[1], idx, ARGV[2], tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('ZADD', idx, 0, ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('EXPIRE', idx, ARGV[7])
 local id
 local added = 0
 if not present then
@@ -109,10 +123,12 @@ return {id, added, 'f', redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+i
 """
 
 _SWEEP = """
+""" + _LIVE_OF + """
 local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if #gone == 0 then return 0 end
+local idx = KEYS[1] .. '-idx'
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-local live = redis.call('ZRANGE', KEYS[1], 0, -1)
+for _, m in ipairs(gone) do redis.call('ZREM', idx, m) end
 local done = {}
 local n = 0
 for _, m in ipairs(gone) do
@@ -121,11 +137,7 @@ for _, m in ipairs(gone) do
     local uid = string.sub(m, 1, sep)
     if not done[uid] then
       done[uid] = true
-      local still = false
-      for _, l in ipairs(live) do
-        if string.sub(l, 1, #uid) == uid then still = true; break end
-      end
-      if not still then
+      if not live_of(KEYS[1], idx, uid, tonumber(ARGV[1])) then
         local rest = string.sub(m, sep + 1)
         local sep2 = string.find(rest, '\\31', 1, true) or (#rest + 1)
         local body = cjson.encode({userId = string.sub(uid, 1, #uid - 1), userName = string.sub(rest, 1, sep2 - 1)})
@@ -140,32 +152,38 @@ return n
 """
 
 
+# Extends this node's live entries of a room; re-announces a user none of
+# whose entries is live any more (swept meanwhile). Reads only these
+# entries and, for a user whose own entry lapsed, the user's index range.
 _REFRESH = """
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')
-local present = {}
-for _, m in ipairs(live) do
-  local sep = string.find(m, '\\31', 1, true)
-  if sep then present[string.sub(m, 1, sep)] = true end
-end
+""" + _LIVE_OF + """
+local idx = KEYS[1] .. '-idx'
+local now = tonumber(ARGV[1])
+local seen = {}
 local n = 0
 for i = 5, #ARGV do
   local m = ARGV[i]
   local sep = string.find(m, '\\31', 1, true)
   if sep then
     local uid = string.sub(m, 1, sep)
-    if not present[uid] then
-      present[uid] = true
-      local rest = string.sub(m, sep + 1)
-      local sep2 = string.find(rest, '\\31', 1, true) or (#rest + 1)
-      local body = cjson.encode({userId = string.sub(uid, 1, #uid - 1), userName = string.sub(rest, 1, sep2 - 1)})
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'j', body)
-      redis.call('EXPIRE', KEYS[2], ARGV[4])
-      n = n + 1
+    if not seen[uid] then
+      seen[uid] = true
+      local score = redis.call('ZSCORE', KEYS[1], m)
+      if not (score and tonumber(score) > now) and not live_of(KEYS[1], idx, uid, now) then
+        local rest = string.sub(m, sep + 1)
+        local sep2 = string.find(rest, '\\31', 1, true) or (#rest + 1)
+        local body = cjson.encode({userId = string.sub(uid, 1, #uid - 1), userName = string.sub(rest, 1, sep2 - 1)})
+        redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'j', body)
+        redis.call('EXPIRE', KEYS[2], ARGV[4])
+        n = n + 1
+      end
     end
     redis.call('ZADD', KEYS[1], ARGV[2], m)
+    redis.call('ZADD', idx, 0, m)
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', idx, ARGV[4])
 if n > 0 then """ + NOTIFY_LUA + """ end
 return n
 """
