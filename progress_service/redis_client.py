@@ -15,6 +15,7 @@ The queue is not here: arq cannot shard, so it stays on a plain Redis
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -156,6 +157,64 @@ class SlotTransaction:
         raise AssertionError("unreachable")
 
 
+class NodePipeline(SlotTransaction):
+    """A non-transactional pipeline on a cluster: the calls grouped by master, one plain pipeline per master.
+
+    Unlike redis-py's cluster pipeline it passes EVAL/EVALSHA (the presence
+    and comment scripts) and keeps the replies in call order. The groups run
+    at once; a master that fails fails only its own replies. Script objects
+    called with ``client=`` this pipeline only record the EVALSHA: a NOSCRIPT
+    reply is the caller's to handle (load the scripts and try again).
+    """
+
+    def __await__(self) -> Any:
+        # ``Script.__call__`` awaits ``client.evalsha(...)``: recording is immediate.
+        return self._recorded().__await__()
+
+    async def _recorded(self) -> NodePipeline:
+        return self
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Run the recorded calls, per master; their replies in call order."""
+        if not self._calls:
+            return []
+        cluster = self._cluster
+        await cluster.initialize()
+        for attempt in (1, 2):
+            groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+            default = cluster.get_primaries()[0]
+            for i, (name, args, _) in enumerate(self._calls):
+                key = _first_key(name, args)
+                node = default if key is None else cluster.nodes_manager.get_node_from_slot(
+                    key_slot(key if isinstance(key, bytes) else str(key).encode())
+                )
+                groups.setdefault(node.name, (node, []))[1].append(i)
+            results = await asyncio.gather(
+                *(self._run(cluster.node_client(node), idx) for node, idx in groups.values()), return_exceptions=True
+            )
+            replies: list[Any] = [None] * len(self._calls)
+            for (_node, idx), result in zip(groups.values(), results, strict=True):
+                for n, i in enumerate(idx):
+                    replies[i] = result if isinstance(result, BaseException) else result[n]
+            moved = any(isinstance(r, ResponseError) and str(r).startswith(("MOVED", "ASK")) for r in replies)
+            if moved and attempt == 1:
+                await cluster.refresh_slots()
+                continue
+            break
+        if raise_on_error:
+            error = next((r for r in replies if isinstance(r, BaseException)), None)
+            if error is not None:
+                raise error
+        return replies
+
+    async def _run(self, client: Redis, idx: list[int]) -> list[Any]:
+        async with client.pipeline(transaction=False) as pipe:
+            for i in idx:
+                name, args, kwargs = self._calls[i]
+                getattr(pipe, name)(*args, **kwargs)
+            return cast(list[Any], await pipe.execute(raise_on_error=False))
+
+
 class ClusterClient(RedisCluster):
     """redis-py's cluster client plus single-slot transactions and one plain client per master."""
 
@@ -166,10 +225,10 @@ class ClusterClient(RedisCluster):
         self.queue: Redis | None = None
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
-        """``transaction=True``: a :class:`SlotTransaction`; else redis-py's cluster pipeline."""
+        """``transaction=True``: a :class:`SlotTransaction`; else a :class:`NodePipeline`."""
         if transaction:
             return SlotTransaction(self)
-        return super().pipeline()
+        return NodePipeline(self)
 
     async def refresh_slots(self) -> None:
         """Ask the cluster for its slot map again (after MOVED or a lost node)."""

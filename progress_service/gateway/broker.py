@@ -146,6 +146,10 @@ class Shard:
         self.reconnects = 0
         self.healthy = False
         self._sharded = True
+        #: Channels the pub/sub connection is subscribed to, as the server last said.
+        self.subscribed = 0
+        #: A read is waiting for its answers.
+        self.reading = False
 
     # -------------------------------------------------------------- rooms
 
@@ -226,6 +230,8 @@ class Shard:
             msg = await conn.read_response()
             self._last_seen = anyio.current_time()
             kind = msg[0]
+            if kind in (b"ssubscribe", b"subscribe", b"sunsubscribe", b"unsubscribe"):
+                self.subscribed = int(msg[2])
             if kind in (b"smessage", b"ssubscribe", b"message", b"subscribe"):
                 # news, or a confirmed subscription: read from the cursor
                 # (what was added before it took effect had no notification).
@@ -273,8 +279,10 @@ class Shard:
                 ids = [i for r in group for i in (r.cursor.encode(), r.presence_cursor.encode())]
                 commands.append(_pack(b"XREAD", b"COUNT", b"%d" % READ_COUNT, b"STREAMS", *keys, *ids))
             t0 = time.perf_counter()
+            self.reading = True
             await conn.send_packed_command(b"".join(commands), check_health=False)
             answers = [await conn.read_response() for _ in commands]
+            self.reading = False
             self.stats.seconds += time.perf_counter() - t0
             self.stats.reads += 1
             self.stats.rooms_read += len(rooms)

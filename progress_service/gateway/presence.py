@@ -29,6 +29,7 @@ entry with one script call per room, all rooms in one pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from collections.abc import Iterable
 import logging
@@ -38,7 +39,7 @@ import anyio
 import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from progress_service.events import PresenceMember
 from progress_service.gateway.hub import presence_stream_key
@@ -382,6 +383,11 @@ class Presence:
                 if due:
                     await self._sweep_rooms(due)
             except (RedisError, OSError) as exc:
+                if isinstance(exc, NoScriptError):
+                    # Redis lost its scripts (restart); a cluster pipeline does not load them itself.
+                    with contextlib.suppress(RedisError, OSError):
+                        await self.load_scripts()
+                    continue
                 log.warning("presence: Redis error (%s); retrying", exc)
                 await anyio.sleep(1.0)
                 continue
