@@ -77,10 +77,15 @@ MAX_BATCH = 500
 _APPEND_ONCE = """
 local ids = {}
 local added = 0
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = ''
+if last[1] then prev = last[1][1] end
 for i = 3, #ARGV, 2 do
   local id = redis.call('HGET', KEYS[3], ARGV[i])
   if not id then
-    id = redis.call('XADD', KEYS[1], '*', 't', 'chat', 'b', ARGV[i + 1])
+    -- 'p': the entry before this one (streams.py), for readers' hole checks
+    id = redis.call('XADD', KEYS[1], '*', 't', 'chat', 'b', ARGV[i + 1], 'p', prev)
+    prev = id
     redis.call('HSET', KEYS[3], ARGV[i], id)
     added = added + 1
   end

@@ -2,8 +2,12 @@
 
 All keys of one job share the hash tag ``{job:<id>}`` so that they land on
 one Redis Cluster slot and can be written in one MULTI. A stream entry has
-two fields: ``t`` (``event`` or ``chat``) and ``b`` (the JSON body without
-``id`` and ``roomId``). The entry id is the protocol's event id, so resume is
+the fields ``t`` (``event`` or ``chat``), ``b`` (the JSON body without
+``id`` and ``roomId``) and, from the publisher's and the comments' scripts,
+``p``: the id of the entry before it in the stream when it was added (``''``:
+the stream was empty). ``p`` lets a live reader see that entries between its
+cursor and what it read were trimmed (or lost with Redis) and fetch them
+from the archive (``gateway/hub.py``); it never goes on the wire. The entry id is the protocol's event id, so resume is
 ``XRANGE key (since +``.
 """
 
@@ -155,7 +159,8 @@ local function bump(id)
   if ms > tms or (ms == tms and sq > tseq) then tms, tseq = ms, sq end
 end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if last[1] then bump(last[1][1]) end
+local prev = ''
+if last[1] then bump(last[1][1]); prev = last[1][1] end
 if ARGV[4] ~= '' then bump(ARGV[4]) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -179,7 +184,8 @@ while i <= #ARGV do
     end
     if id then
       -- No MAXLEN: an entry leaves Redis only once the archive holds it (TRIM_ARCHIVED).
-      redis.call('XADD', KEYS[1], id, 't', 'event', 'b', body)
+      redis.call('XADD', KEYS[1], id, 't', 'event', 'b', body, 'p', prev)
+      prev = id
       bump(id)
       added = added + 1
     end

@@ -393,3 +393,69 @@ async def test_nothing_leaves_redis_before_the_archive_holds_it(
             assert [json_id(line) for line in r.text.splitlines()] == everything
         finally:
             await engine.dispose()
+
+
+async def test_a_live_watcher_behind_a_trim_gets_the_trimmed_entries_from_the_archive(
+    make_settings: Any, make_token: Any
+) -> None:
+    """Entries trimmed from Redis before the gateway's reader got to them reach live watchers from the archive.
+
+    One transaction appends five entries and trims the stream past the first
+    three (as a publisher's trim does while a gateway lags), so the gateway's
+    blocked read sees only the last two: their ``p`` links show the hole.
+    """
+    import json  # noqa: PLC0415
+
+    import msgspec  # noqa: PLC0415
+
+    from gateway_helpers import auth, connect, join, recv  # noqa: PLC0415
+    from progress_service import streams  # noqa: PLC0415
+    from progress_service.events import StoredEvent  # noqa: PLC0415
+
+    settings = make_settings()
+    token = await make_token(role="submitter")
+    async with run_app(settings, run_worker=False) as (base, app):
+        async with client(base, token) as http:
+            job_id = await submit(http, "a job nobody runs")  # stays queued: no worker
+        engine = app.state.services.engine
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            async with connect(base, max_queue=64) as ws:
+                await auth(ws, token)
+                joined = await join(ws, job_id)
+                head = joined["head"]
+                seen: list[str] = []
+
+                async def read_until(last: str) -> None:
+                    with anyio.fail_after(30):
+                        while last not in seen:
+                            msg = await recv(ws, timeout=30)
+                            for m in msg if isinstance(msg, list) else [msg]:
+                                if m.get("type") == "event":
+                                    seen.append(m["id"])
+
+                # The replay (the submit event) is in: the watcher is live,
+                # fed by the gateway's reader from here on.
+                await read_until(head)
+                ms = int(head.split("-")[0]) + 1
+                new = [f"{ms}-{i}" for i in range(5)]
+                bodies = [
+                    msgspec.json.encode(StoredEvent(kind="log", at=ms, data={"stream": "stdout", "line": f"line {i}"}))
+                    for i in range(5)
+                ]
+                await archive.archive(engine, job_id, [
+                    archive.ArchivedEvent(new[i], "log", 1, bodies[i]) for i in range(3)
+                ])
+                key = streams.events_key(job_id)
+                async with redis.pipeline(transaction=True) as pipe:
+                    prev = head
+                    for eid, body in zip(new, bodies, strict=True):
+                        pipe.xadd(key, {"t": b"event", "b": body, "p": prev.encode()}, id=eid)
+                        prev = eid
+                    pipe.hincrby(streams.snapshot_key(job_id), "n", len(new))  # as the publisher's script counts
+                    pipe.xtrim(key, minid=new[3], approximate=False)
+                    await pipe.execute()
+                await read_until(new[-1])
+                assert seen == [head, *new], json.dumps(seen)  # the join replays the submit event first
+        finally:
+            await redis.aclose()

@@ -56,7 +56,12 @@ async def test_a_session_becomes_a_watchable_job(store, make_settings) -> None:
             for body in sent:
                 t0 = time.perf_counter()
                 answers.append(await post_hook(client, reporter, body))
-                assert time.perf_counter() - t0 < 0.5  # generous on a busy CI box; see docs/performance.md
+                # A hook blocks the session until it is answered. The figure is
+                # measured in bench/ (docs/performance.md); this bound only
+                # catches an answer that waits for something it must not (the
+                # CLI's own hook timeout is 5 s), also on a machine whose two
+                # cores are saturated by other runs.
+                assert time.perf_counter() - t0 < 3.0
             seen = []
             while not any(e["kind"] == "status" and e["data"]["status"] == "succeeded" for e in seen):
                 seen += await collect_events(ws, 1)

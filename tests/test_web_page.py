@@ -470,9 +470,10 @@ def test_ten_thousand_steps_stay_smooth(stack: Stack, sam: str, browser: Any) ->
     # a windowed list, a throttled redraw during replay); on an idle machine
     # no task passes 50 ms. A long task is measured in wall time, and this
     # machine is shared by many test runs: the bound here catches a
-    # regression (the issue saw 351 ms on 301 steps) without measuring the
-    # neighbours' load.
-    budget = int(os.environ.get("PS_TEST_LONG_TASK_MS", "400"))
+    # regression (the issue saw 351 ms on 301 steps, so seconds on 10,000
+    # unchunked) without measuring the neighbours' load: with two saturated
+    # cores a chunked task was seen at 477 ms.
+    budget = int(os.environ.get("PS_TEST_LONG_TASK_MS", "1500"))
     assert max(after, default=0) <= budget, after
     assert max(loaded, default=0) <= budget, loaded
     console.assert_clean()

@@ -23,7 +23,11 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
+import anyio
 import msgspec
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
 from progress_service import history, metrics, streams
 from progress_service.gateway.broker import READ_COUNT, Broker, StreamBroker
 from progress_service.events import PresenceMember, PresenceMsg, now_ms
@@ -94,6 +98,9 @@ class Hub:
         self.broker: Broker = broker or StreamBroker(services.redis, services.redis_url)
         self.rooms: dict[str, Room] = {}
         self._by_key: dict[bytes, tuple[Room, bool]] = {}
+        #: Rooms whose last answer showed a hole (see ``_fan_out_events``), filled by ``_fill_holes``.
+        self._holes: dict[str, Room] = {}
+        self._holes_ready = anyio.Event()
 
     @property
     def reconnects(self) -> int:
@@ -206,8 +213,18 @@ class Hub:
     # ------------------------------------------------------------------ reader
 
     async def run(self) -> None:
-        """Let the broker read and fan out until cancelled."""
-        await self.broker.run(self._dispatch)
+        """Let the broker read and fan out, and fill holes from the archive, until cancelled."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._hole_filler)
+            await self.broker.run(self._dispatch)
+
+    async def _hole_filler(self) -> None:
+        while True:
+            if not self._holes:
+                self._holes_ready = anyio.Event()
+                await self._holes_ready.wait()
+                continue
+            await self._fill_holes()
 
     def _dispatch(self, answer: list) -> int:
         """Fan one XREAD answer out; the number of entries it held."""
@@ -228,6 +245,55 @@ class Hub:
         return total
 
     def _fan_out_events(self, room: Room, entries: list, now: int) -> None:
+        """Deliver an XREAD answer's entries up to the first hole; a hole is filled by ``_fill_holes``.
+
+        Each entry's ``p`` names the entry before it (streams.py). One that
+        does not follow the room's cursor means the stream lost entries this
+        reader never saw (trimmed while it lagged, or Redis restarted empty):
+        those come from the archive, in order, before anything after them.
+        """
+        cursor = b"" if room.cursor == "0-0" else room.cursor.encode()
+        parsed: list[streams.Entry] = []
+        for eid, flat in entries:
+            fields = dict(zip(flat[::2], flat[1::2]))
+            link = fields.get(b"p")
+            if link is not None and link != cursor:
+                self._holes[room.job_id] = room
+                self._holes_ready.set()
+                break
+            parsed.append((eid, fields))
+            cursor = eid
+        if parsed:
+            self._deliver(room, parsed, now)
+
+    async def _fill_holes(self) -> None:
+        """Read what the holed rooms' streams lost from the archive (``history.read_page``) and deliver it.
+
+        Runs in its own task (the broker's reads go on for other rooms); an
+        answer for a holed room that arrives meanwhile is not delivered past
+        the hole (it shows the hole again). A room whose fill fails keeps
+        its cursor and is tried again, so nothing after it is delivered first.
+        """
+        holes, self._holes = list(self._holes.values()), {}
+        redis, engine = self.services.redis, self.services.engine
+        for room in holes:
+            try:
+                while self.rooms.get(room.job_id) is room:
+                    after = None if room.cursor == "0-0" else room.cursor
+                    entries = await history.read_page(redis, engine, room.job_id, after, count=READ_COUNT)
+                    if self.rooms.get(room.job_id) is not room:
+                        break
+                    if entries:
+                        self._deliver(room, entries, now_ms())
+                    if len(entries) < READ_COUNT:
+                        break
+                log.info("hub: %s: filled entries its stream no longer held", room.room_id)
+            except (RedisError, OSError, SQLAlchemyError) as exc:
+                log.warning("hub: %s: could not read the archive (%r); trying again", room.room_id, exc)
+                self._holes.setdefault(room.job_id, room)
+                await anyio.sleep(0.5)
+
+    def _deliver(self, room: Room, entries: list[streams.Entry], now: int) -> None:
         # Encode each entry once, into one chunk shared by every member that
         # gets all of them: one put (one append, one wake-up) per member per
         # answer, and the entries are comma-joined once for all batching
@@ -235,10 +301,9 @@ class Hub:
         keys: list[tuple[int, int]] = []
         texts: list[str] = []
         sizes: list[int] = []
-        for eid, flat in entries:
+        for eid, fields in entries:
             key = id_tuple(eid.decode())
             metrics.hub_lag.observe(max(0, now - key[0]) / 1000)
-            fields = dict(zip(flat[::2], flat[1::2]))
             raw = wire_bytes(room.room_id, eid, fields)
             keys.append(key)
             texts.append(raw.decode())  # encoded once for every member
