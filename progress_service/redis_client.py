@@ -43,14 +43,15 @@ def make_redis(url: str, *, cluster: bool = False) -> Redis:
     :class:`ClusterClient` (typed as ``Redis``: it has the same command API).
     """
     if cluster:
-        return cast(Redis, ClusterClient.from_url(
+        client: Any = ClusterClient.from_url(
             url,
             socket_connect_timeout=5,
             socket_keepalive=True,
             retry=_retry(),
             retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
-        ))
-    return Redis.from_url(
+        )
+        return cast(Redis, client)
+    plain: Redis = Redis.from_url(
         url,
         socket_connect_timeout=5,
         socket_keepalive=True,
@@ -58,6 +59,7 @@ def make_redis(url: str, *, cluster: bool = False) -> Redis:
         retry=_retry(),
         retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
     )
+    return plain
 
 
 def is_cluster(redis: object) -> bool:
@@ -246,7 +248,7 @@ class ClusterClient(RedisCluster):
         if client is None:
             client = self._node_clients[node.name] = Redis(
                 host=node.host,
-                port=node.port,
+                port=int(node.port),
                 socket_connect_timeout=5,
                 socket_keepalive=True,
                 retry=_retry(),
@@ -259,7 +261,7 @@ class ClusterClient(RedisCluster):
         await self.initialize()
         return self.nodes_manager.get_node_from_slot(key_slot(key.encode()))
 
-    async def aclose(self) -> None:  # type: ignore[override]
+    async def aclose(self) -> None:
         """Close the cluster client and the per-node clients."""
         for client in self._node_clients.values():
             await client.aclose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,7 +18,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from progress_service.embedded_redis import free_port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_port() -> int:
+    """A free port whose cluster-bus port (port + 10000, at most 65535) is free too."""
+    while True:
+        port = random.randint(20000, 55000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
 
 
 def _answers(port: int, command: bytes) -> bytes:
@@ -60,13 +77,15 @@ class Cluster:
         deadline = time.monotonic() + 10
         while not _answers(port, b"PING\r\n").startswith(b"+PONG"):
             if time.monotonic() > deadline or self.procs[port].poll() is not None:
-                raise RuntimeError(f"redis-server on {port} did not start")
+                tail = (self.directory / f"redis-{port}.log").read_text(errors="replace")[-1500:]
+                raise RuntimeError(f"redis-server on {port} did not start: {tail}")
             time.sleep(0.02)
 
     def kill_node(self, port: int) -> None:
         """SIGKILL the node on ``port`` (its slots fail until it is started again)."""
         proc = self.procs.pop(port)
-        os.kill(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
 
     def wait_ok(self, timeout: float = 20.0) -> None:
@@ -94,7 +113,7 @@ def redis_server_available() -> bool:
 def redis_cluster(directory: Path, masters: int = 3) -> Iterator[Cluster]:
     """A fresh ``masters``-node cluster (no replicas) in ``directory``; killed afterwards."""
     directory.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(directory, [free_port() for _ in range(masters)])
+    cluster = Cluster(directory, [cluster_port() for _ in range(masters)])
     try:
         for port in cluster.ports:
             cluster.start_node(port)

@@ -454,6 +454,7 @@ async def test_a_live_watcher_behind_a_trim_gets_the_trimmed_entries_from_the_ar
                         prev = eid
                     pipe.hincrby(streams.snapshot_key(job_id), "n", len(new))  # as the publisher's script counts
                     pipe.xtrim(key, minid=new[3], approximate=False)
+                    pipe.eval(streams.NOTIFY, 1, key)  # as every writer of a stream does (gateway/broker.py)
                     await pipe.execute()
                 await read_until(new[-1])
                 assert seen == [head, *new], json.dumps(seen)  # the join replays the submit event first

@@ -23,7 +23,7 @@ import re
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -37,7 +37,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from progress_service import history, outage, streams
 from progress_service.api.deps import error_responses, is_event_id
-from progress_service.events import TERMINAL_STATUSES, Gap, Joined
+from progress_service.events import TERMINAL_STATUSES
 from progress_service.services import Services
 from progress_service.store.identity import Principal
 from progress_service.store.jobs import get_job
@@ -85,12 +85,20 @@ async def job_stream(request: Request, job_id: str, principal: Principal, servic
     # Redis while it holds the entries, the archive for what it does not.
     pos = await history.position(services.engine, job_id, since, await streams.coverage(services.redis, job_id))
     snapshot = snapshot or job.to_snapshot()
-    if pos.head is not None:
-        snapshot.lastEventId = pos.head
     return ServerSentEvent(
         _messages(services, principal, job_id, since, snapshot, pos),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+class _Collect:
+    """The SSE stream's :class:`~progress_service.gateway.subscription.Transport` for its first messages."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    def put(self, message: Any) -> None:
+        self.messages.append(message)
 
 
 def _open_streams(services: Services) -> Counter[str]:
@@ -125,6 +133,7 @@ async def _messages(
 ) -> AsyncIterator[ServerSentEventMessage]:
     from progress_service.gateway.hub import Member  # noqa: PLC0415 - the gateway imports this module
     from progress_service.gateway.outbox import Outbox  # noqa: PLC0415
+    from progress_service.gateway.subscription import announce, resume_point  # noqa: PLC0415
 
     settings = services.settings
     gateway = services.gateway
@@ -133,8 +142,9 @@ async def _messages(
     outbox = Outbox(settings.ws_outbox_bytes)
     member = Member(outbox)
     finished = snapshot.status in TERMINAL_STATUSES
-    head, gap, oldest = pos.head, pos.gap, pos.oldest
-    joined = Joined(roomId=room, role=principal.role, snapshot=snapshot, head=head, presence=[])
+    point = resume_point(since, pos)
+    hello = _Collect()
+    announce(hello, room, principal.role, snapshot, point, since, [])  # SSE watchers are not in presence
     streams_open = _open_streams(services)
     streams_open[principal.user_id] += 1
     # Gateway.close_all closes these at shutdown: the stream ends at once
@@ -143,10 +153,12 @@ async def _messages(
     sse_outboxes: set[Outbox] = services.extras.setdefault("sse_outboxes", set())
     sse_outboxes.add(outbox)
     try:
-        yield ServerSentEventMessage(event="joined", data=_enc.encode(joined).decode(), retry=RETRY_MS)
-        if gap:
-            yield ServerSentEventMessage(event="gap", data=_enc.encode(Gap(roomId=room, since=since or "", oldest=oldest)).decode())
-        pages = gateway.hub.replay_pages(job_id, member, since, head=head, presence_head=None)
+        for n, message in enumerate(hello.messages):
+            yield ServerSentEventMessage(
+                event=type(message).__struct_config__.tag, data=_enc.encode(message).decode(),
+                retry=RETRY_MS if n == 0 else None,
+            )
+        pages = gateway.hub.replay_pages(job_id, member, point.replay_from, head=point.head, presence_head=None)
         async with aclosing(pages):
             async for page in pages:
                 for eid, text, _size in page:

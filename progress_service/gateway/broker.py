@@ -204,8 +204,8 @@ class Shard:
         pubsub = self._make(None)
         reader = self._make(READ_TIMEOUT)
         try:
-            await pubsub.connect()
-            await reader.connect()
+            await pubsub.connect()  # type: ignore[no-untyped-call]
+            await reader.connect()  # type: ignore[no-untyped-call]
             # Sharded pub/sub where the server has it (Redis 7); Redis 6.2's
             # writers fall back to PUBLISH (streams.NOTIFY_LUA), so SUBSCRIBE.
             await reader.send_packed_command(_pack(b"COMMAND", b"INFO", b"SPUBLISH"), check_health=False)
@@ -293,9 +293,9 @@ class Shard:
                 self.stats.entries += sink(answer)
                 for key, entries in answer:
                     if len(entries) >= READ_COUNT:  # a full page: more is waiting
-                        job_id = broker.job_of_key(key)
-                        if job_id is not None:
-                            self.mark(job_id)
+                        full = broker.job_of_key(key)
+                        if full is not None:
+                            self.mark(full)
             if self._dirty and len(self.rooms) >= 64:
                 await anyio.sleep(0)  # let pending notifications land so they share the next round
 
@@ -314,7 +314,7 @@ class StreamBroker:
         self._sink: Sink | None = None
         pool = ConnectionPool.from_url(url)
         self._conn_kwargs: dict[str, Any] = dict(pool.connection_kwargs)
-        self._conn_class: type[Connection] = pool.connection_class
+        self._conn_class: Any = pool.connection_class
 
     # ----------------------------------------------------------- routing
 
@@ -334,9 +334,10 @@ class StreamBroker:
             kwargs.update(host=host, port=port)
 
         def make(timeout: float | None) -> Connection:
-            return self._conn_class(
+            conn: Connection = self._conn_class(
                 **{**kwargs, "socket_timeout": timeout, "socket_connect_timeout": 2, "socket_keepalive": True}
             )
+            return conn
 
         return make
 
@@ -353,7 +354,7 @@ class StreamBroker:
             return self._shard_named("redis", None, None)
         cluster: ClusterClient = self.redis  # type: ignore[assignment]
         node = cluster.nodes_manager.get_node_from_slot(slot_of(cluster, room.events_key))
-        return self._shard_named(node.name, node.host, node.port)
+        return self._shard_named(node.name, node.host, int(node.port))
 
     # ------------------------------------------------------------ rooms
 

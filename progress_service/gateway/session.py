@@ -46,10 +46,8 @@ from progress_service.events import (
     ClientMessage,
     ClientPing,
     ErrorMsg,
-    Gap,
     Heartbeat,
     JobSnapshot,
-    Joined,
     LeftMsg,
     Pong,
     PresenceMember,
@@ -61,6 +59,7 @@ from progress_service.gateway.closes import ABUSE_CODES, Close
 from progress_service.gateway.hub import Member
 from progress_service.gateway.limits import TokenBucket, WindowBudget, json_too_deep
 from progress_service.gateway.outbox import Outbox, SendTimeout
+from progress_service.gateway.subscription import announce, resume_point
 from progress_service.store.identity import Principal, token_revoked
 from progress_service.store.jobs import JobRecord, get_job
 
@@ -552,7 +551,6 @@ class Session:
                 pos = await history.position(gateway.services.engine, job_id, since, cov) if cov.holds_from is None else (
                     await gateway.store_gate.call(lambda: history.position(gateway.services.engine, job_id, since, cov))
                 )
-                head, gap, oldest = pos.head, pos.gap, pos.oldest
                 if snapshot is None:
                     # No live snapshot in Redis (expired): the stored one.
                     job: JobRecord | None = await gateway.store_gate.call(
@@ -565,29 +563,12 @@ class Session:
         except _STORE_ERRORS:
             self.refuse("unavailable", "try again later", room_id=room_id, counts=False)
             return
-        if head is not None:
-            snapshot.lastEventId = head  # the log's head, wherever it is kept
-        replay_from = since
-        if since is not None and (head is None or streams.id_lt(head, since)):
-            # A since ahead of the head (an id from elsewhere, a Redis restored
-            # from an older snapshot) would silence the room for good, as live
-            # items go out only when greater than it: a gap, replay all retained.
-            gap, replay_from = True, None
+        point = resume_point(since, pos)
         member = Member(self.outbox, presence_after=streams.id_tuple(presence_head), owner=self)
         self.rooms[job_id] = member
-        self.put(
-            Joined(
-                roomId=room_id,
-                role=self.principal.role,
-                snapshot=snapshot,
-                head=head,
-                presence=members,
-            )
-        )
-        if gap:
-            self.put(Gap(roomId=room_id, since=since or "", oldest=oldest))
+        announce(self, room_id, self.principal.role, snapshot, point, since, members)
         try:
-            await self.gateway.hub.attach(job_id, member, replay_from, head=head, presence_head=presence_head)
+            await self.gateway.hub.attach(job_id, member, point.replay_from, head=point.head, presence_head=presence_head)
         except _STORE_ERRORS:
             # The join is undone: the client sees `error` for the room it was told it joined.
             self._forget_room(job_id, member)
