@@ -183,3 +183,35 @@ async def test_failed_shard_leaves_other_shards_rooms_untouched(
                 assert [i for _k, i in w.items(f"job:{safe}")] == live + more
     finally:
         await pub.aclose()
+
+
+async def test_cluster_client_runs_single_slot_transactions_and_refuses_cross_slot_ones(cluster: Cluster) -> None:
+    """MULTI of one job's keys runs on its slot's master; two jobs' keys in one MULTI fail before anything is sent."""
+    from redis.exceptions import RedisClusterException  # noqa: PLC0415
+
+    client = make_redis(cluster.url, cluster=True)
+    try:
+        job = uuid.uuid4().hex[:12]
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hset(f"ps:{{job:{job}}}:snap", "s", b"x")
+            pipe.hincrby(f"ps:{{job:{job}}}:snap", "n", 2)
+            pipe.hget(f"ps:{{job:{job}}}:snap", "s")
+            assert await pipe.execute() == [1, 2, b"x"]
+        others = [uuid.uuid4().hex[:12] for _ in range(40)]
+        with pytest.raises(RedisClusterException, match="one slot"):
+            async with client.pipeline(transaction=True) as pipe:
+                for other in others[:2]:
+                    pipe.set(f"ps:{{job:{other}}}:x", b"1")
+                await pipe.execute()
+        assert await client.exists(*(f"ps:{{job:{o}}}:x" for o in others[:2])) == 0  # type: ignore[misc]
+        # A plain pipeline over many slots (and scripts): per master, replies in call order.
+        async with client.pipeline() as pipe:
+            for i, other in enumerate(others):
+                pipe.set(f"ps:{{job:{other}}}:x", str(i).encode())
+                pipe.eval("return redis.call('GET', KEYS[1])", 1, f"ps:{{job:{other}}}:x")
+            replies = await pipe.execute()
+        assert replies == [r for i in range(len(others)) for r in (True, str(i).encode())]
+        masters = {client.nodes_manager.get_node_from_slot(client.keyslot(f"ps:{{job:{o}}}:x")).name for o in others}  # type: ignore[attr-defined]
+        assert len(masters) == 3  # the pipeline really spanned every master
+    finally:
+        await client.aclose()

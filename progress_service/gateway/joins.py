@@ -30,6 +30,8 @@ _STORE_ERRORS = (RedisError, SQLAlchemyError, OSError, TimeoutError)
 
 #: Joins sharing one MULTI at most (about 6 commands each).
 JOIN_BATCH_MAX = 500
+#: On a cluster: per-slot MULTIs of one batch in flight at once.
+SLOT_MULTIS_IN_FLIGHT = 32
 
 
 class _JoinRead:
@@ -94,7 +96,15 @@ class JoinReads:
             await self._group(batch)
             return
         self.presence.start_batch()
-        outcomes = await asyncio.gather(*(self._group(g, fresh=False) for g in groups.values()), return_exceptions=True)
+        # Bounded: a mass connect's batch spans hundreds of slots, and each
+        # MULTI in flight holds a connection to its master.
+        slots = asyncio.Semaphore(SLOT_MULTIS_IN_FLIGHT)
+
+        async def bounded(group: list[_JoinRead]) -> None:
+            async with slots:
+                await self._group(group, fresh=False)
+
+        outcomes = await asyncio.gather(*(bounded(g) for g in groups.values()), return_exceptions=True)
         for group, outcome in zip(groups.values(), outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, _STORE_ERRORS):
