@@ -29,7 +29,7 @@ from bench.stats import Histogram
 from bench.tuning import raise_nofile, run
 from bench.wsclient import Closed, HandshakeError, WSClient
 
-#: Protocol reconnect policy (PROTOCOL.md): full jitter, base 500 ms, cap 20 s, reset after 10 s up.
+#: Protocol reconnect policy (docs/protocol.md): full jitter, base 500 ms, cap 20 s, reset after 10 s up.
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 20.0
 BACKOFF_RESET_AFTER = 10.0

@@ -30,7 +30,8 @@ from redis.asyncio import Redis
 
 from bench.control import MEASURE, STOP, WARMUP, Control
 from bench.tuning import run
-from progress_service.events import StoredEvent, now_ms
+from progress_service.events import StoredEvent
+from progress_service.ids import now_ms
 from progress_service.streams import append_event
 
 #: A log line of realistic size (the web page shows stderr lines like this).
@@ -96,7 +97,7 @@ async def _closed_via_worker(cfg: PublisherConfig, ctl: Control, redis: Redis, w
     from progress_service.events import JobSnapshot  # noqa: PLC0415 - only this mode needs the worker
     from progress_service.settings import Settings  # noqa: PLC0415
     from progress_service.store.db import create_engine  # noqa: PLC0415
-    from progress_service.streams import room_id  # noqa: PLC0415
+    from progress_service.ids import room_id
     from worker.mapping import Mapped, Mapper  # noqa: PLC0415
     from worker.publisher import Publisher  # noqa: PLC0415
 

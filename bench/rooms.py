@@ -40,11 +40,13 @@ from redis.asyncio import Redis
 
 from progress_service import streams
 from progress_service.embedded_redis import free_port
-from progress_service.events import StoredEvent, now_ms
+from progress_service.events import StoredEvent
+from progress_service.ids import now_ms
 from progress_service.gateway.hub import Hub, Member
 from progress_service.gateway.joins import JoinReads
 from progress_service.gateway.outbox import Chunk
 from progress_service.gateway.presence import Presence
+from progress_service.keys import events_key, presence_stream_key
 from progress_service.store.identity import Principal
 
 
@@ -143,7 +145,7 @@ async def reads(rooms: int, seconds: float, rate: float) -> dict[str, Any]:
         after = broker.stats()
         n_reads = after.reads - before[0]
         # the old reader: one XREAD naming both streams of every room, on each read
-        keys = [k for j in jobs for k in (streams.events_key(j), f"ps:{{job:{j}}}:presence-log")]
+        keys = [k for j in jobs for k in (events_key(j), presence_stream_key(j))]
         t1 = time.perf_counter()
         await redis.execute_command("XREAD", "COUNT", 500, "STREAMS", *keys, *(["0-0"] * len(keys)))
         full_xread_ms = (time.perf_counter() - t1) * 1000

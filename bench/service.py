@@ -25,6 +25,7 @@ from bench import stats
 from bench.orchestra import log
 from bench.tuning import pin_tree
 from progress_service.embedded_redis import embedded_redis, free_port, redis_binary
+from progress_service.keys import snapshot_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
@@ -302,11 +303,13 @@ class Service:
     async def _jobs(self, count: int, team: str) -> list[str]:
         from redis.asyncio import Redis
 
-        from progress_service.events import JobSnapshot, JobSpec, now_ms
+        from progress_service.events import JobSnapshot, JobSpec
+        from progress_service.ids import now_ms
         from progress_service.store.db import create_engine
         from progress_service.store.identity import ensure_team, ensure_user
         from progress_service.store.jobs import create_job
-        from progress_service.streams import put_snapshot, room_id, snapshot_key
+        from progress_service.streams import put_snapshot
+        from progress_service.ids import room_id
 
         engine = create_engine(self.database_url)
         redis = Redis.from_url(self.redis_url)

@@ -301,7 +301,7 @@ async def _run_sweeper(services: Services) -> None:
 
     # On a cluster the leases are there, and the cluster client knows the queue.
     data = services.redis if services.settings.redis_cluster else services.arq
-    await Sweeper(data, services.engine, services.settings).run()  # type: ignore[arg-type]
+    await Sweeper(data, services.engine, services.settings).run()
 
 
 async def _run_worker(services: Services) -> None:

@@ -173,7 +173,8 @@ def cmd_audit_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_audit_rotate_key(args: argparse.Namespace, settings: Settings) -> int:
     """Add a new current audit key to the key file; older keys stay for verification."""
-    from progress_service.store.audit.keys import KeyFileError, rotate  # noqa: PLC0415
+    from progress_service.store.audit.keys import rotate  # noqa: PLC0415
+    from progress_service.errors import KeyFileError
 
     path = _key_path(args, settings)
     try:

@@ -18,19 +18,22 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import msgspec
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from progress_service.ids import now_ms
+from progress_service.keys import ticket_key
 from progress_service.store.identity import (
     Principal,
     hash_token,
     principal_for_token,
     token_expiry,
 )
-from progress_service.streams import ticket_key
+
 
 TICKET_PREFIX = "pst_"
 
@@ -46,9 +49,6 @@ TOMBSTONE_TTL = 120.0
 #: Cached tokens at most (the oldest half is dropped past it; a miss only costs a query).
 MAX_ENTRIES = 50_000
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class _Flight:
@@ -70,7 +70,7 @@ class PrincipalCache:
     per process: one gateway's sessions share it.
     """
 
-    def __init__(self, ttl: float = PRINCIPAL_TTL, *, clock=time.monotonic) -> None:
+    def __init__(self, ttl: float = PRINCIPAL_TTL, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
         self._clock = clock
         #: token hash -> (principal, monotonic time until which it is trusted)
@@ -91,7 +91,7 @@ class PrincipalCache:
             self.misses += 1
             return None
         principal, until = found
-        if until <= self._clock() or (principal.expires_at is not None and principal.expires_at <= _now_ms()):
+        if until <= self._clock() or (principal.expires_at is not None and principal.expires_at <= now_ms()):
             del self._principals[token_hash]
             self.misses += 1
             return None
@@ -153,7 +153,7 @@ class PrincipalCache:
         if until <= self._clock():
             del self._live[token_id]
             return None
-        return expires_at is None or expires_at > _now_ms()
+        return expires_at is None or expires_at > now_ms()
 
     def remember_live(self, token_id: str, expires_at: int | None) -> None:
         """Trust that ``token_id`` is live (just read from the store) for ``ttl`` seconds."""
@@ -184,7 +184,7 @@ class PrincipalCache:
         return True
 
     @staticmethod
-    def _shrink(table: dict) -> None:
+    def _shrink(table: dict[Any, Any]) -> None:
         # dicts keep insertion order: drop the oldest half
         for key in list(table)[: len(table) // 2]:
             del table[key]
@@ -227,7 +227,7 @@ async def authenticate(engine: AsyncEngine, redis: Redis, secret: str, *, cache:
         live = cache.token_live(principal.token_id) if cache is not None else None
         if live is None:
             found, expires_at = await token_expiry(engine, principal.token_id)
-            live = found and (expires_at is None or expires_at > _now_ms())
+            live = found and (expires_at is None or expires_at > now_ms())
             if live and cache is not None:
                 cache.remember_live(principal.token_id, expires_at)
         return principal if live else None

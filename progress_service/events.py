@@ -4,15 +4,20 @@ The worker builds :class:`JobEvent` payloads and appends them to a job's
 Redis stream; the gateway and the HTTP API read them back and wrap them in
 the server messages of ``docs/protocol.md``. Client messages form one tagged
 union decoded by a single module-level decoder (see ``gateway``).
+
+Why one module of ~560 lines: it is the wire contract. Each type is a few
+declarative lines, and the protocol's shapes read side by side are the point;
+split per message, one schema would be scattered over a dozen files.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from msgspec import Meta, Struct
+
+from progress_service.ids import EVENT_ID_MAX_LENGTH, EVENT_ID_PATTERN, ROOM_ID_PATTERN
 
 # --------------------------------------------------------------------------
 # Vocabulary
@@ -50,11 +55,6 @@ SUMMARY_MAX_CHARS = 4000
 #: output are cut here in the event log; ``outputChars`` tells the full size.
 STEP_INPUT_MAX_CHARS = 8000
 STEP_OUTPUT_MAX_CHARS = 16000
-
-
-def now_ms() -> int:
-    """Wall-clock time in epoch milliseconds (the ``at`` of every event)."""
-    return int(time.time() * 1000)
 
 
 def clip(text: str, limit: int) -> str:
@@ -98,7 +98,7 @@ class StepData(Struct, kw_only=True, omit_defaults=True):
     stepId: str
     tool: str
     title: str
-    state: Literal["started", "ok", "error"]
+    state: StepState
     durationMs: int | None = None
     input: StepInput | None = None
     #: The tool result's text, clipped to ``STEP_OUTPUT_MAX_CHARS``.
@@ -119,9 +119,19 @@ class MessageData(Struct, kw_only=True):
     text: str
 
 
+TodoState = Literal["pending", "in_progress", "completed"]
+StepState = Literal["started", "ok", "error"]
+TODO_STATES: tuple[TodoState, ...] = get_args(TodoState)
+
+
+def todo_state(value: object, default: TodoState = "pending") -> TodoState:
+    """``value`` if it is a to-do state (a tool's input is untyped JSON), else ``default``."""
+    return next((s for s in TODO_STATES if s == value), default)
+
+
 class TodoItem(Struct, kw_only=True):
     text: str
-    state: Literal["pending", "in_progress", "completed"]
+    state: TodoState
 
 
 class TodoData(Struct, kw_only=True):
@@ -150,8 +160,11 @@ class ResultData(Struct, kw_only=True, omit_defaults=True):
     error: str | None = None
 
 
+WorkerState = Literal["alive", "lost"]
+
+
 class WorkerData(Struct, kw_only=True):
-    state: Literal["alive", "lost"]
+    state: WorkerState
     workerId: str
 
 
@@ -345,10 +358,9 @@ class JobSnapshot(Struct, kw_only=True):
 # Client -> server messages (protocol v1). One tagged union, strict.
 # --------------------------------------------------------------------------
 
-RoomId = Annotated[str, Meta(pattern=r"^job:[A-Za-z0-9_-]{1,64}$")]
-# 19 digits a part: every such number fits the 64 bits of a Redis stream id
-# part (20 would let 99999999999999999999 through, which Redis rejects).
-EventId = Annotated[str, Meta(pattern=r"^[0-9]{1,19}-[0-9]{1,19}$", max_length=39)]
+RoomId = Annotated[str, Meta(pattern=ROOM_ID_PATTERN)]
+# The one event-id shape (see progress_service.ids).
+EventId = Annotated[str, Meta(pattern=EVENT_ID_PATTERN, max_length=EVENT_ID_MAX_LENGTH)]
 # No control characters: a NUL is refused by PostgreSQL, and one bad row
 # would fail the whole group commit of other users' comments with it.
 RequestId = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -458,6 +470,10 @@ class Ack(Struct, tag="ack", tag_field="type", kw_only=True):
     id: str
 
 
+SteerState = Literal["queued", "delivered", "allowed", "denied"]
+STEER_STATES: tuple[SteerState, ...] = get_args(SteerState)
+
+
 class SteerResult(Struct, kw_only=True, omit_defaults=True):
     """The answer to an instruction or a permission answer (HTTP body; the WebSocket acks with ``eventId``).
 
@@ -467,7 +483,7 @@ class SteerResult(Struct, kw_only=True, omit_defaults=True):
     """
 
     requestId: str
-    state: Literal["queued", "delivered", "allowed", "denied"]
+    state: SteerState
     eventId: str | None = None
 
 

@@ -24,7 +24,7 @@ import anyio
 import msgspec
 
 from progress_service import streams
-from progress_service.events import now_ms
+from progress_service.ids import now_ms
 from progress_service.store import history as store
 from progress_service.streams import Coverage, id_lt
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from progress_service.events import StoredEvent
+    from progress_service.events import JobSnapshot, StoredEvent
     from progress_service.settings import Settings
 
 log = logging.getLogger("progress_service.history")
@@ -97,12 +97,12 @@ async def read_page(redis: Redis, engine: AsyncEngine, job_id: str, after: str |
     return (rows + entries)[:count]
 
 
-async def append_archived(redis: Redis, engine: AsyncEngine, job_id: str, event: StoredEvent, *, snapshot: object = None) -> str:
+async def append_archived(redis: Redis, engine: AsyncEngine, job_id: str, event: StoredEvent, *, snapshot: JobSnapshot | None = None) -> str:
     """Append one event outside a worker's publisher (submit, cancel of a queued job) and archive it.
 
     No trim here: a publisher of the job may hold entries the archive lacks yet.
     """
-    entry_id = await streams.append_event(redis, job_id, event, snapshot=snapshot)  # type: ignore[arg-type]
+    entry_id = await streams.append_event(redis, job_id, event, snapshot=snapshot)
     body = streams.encode_event(event)
     await store.archive(engine, job_id, [store.ArchivedEvent(entry_id, event.kind, event.attempt, body)])
     return entry_id

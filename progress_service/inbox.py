@@ -29,10 +29,10 @@ from typing import Any, Literal
 import msgspec
 from redis.asyncio import Redis
 
-from progress_service.queue import lease_key, run_key
+from progress_service.keys import inbox_key, lease_key, run_key, steer_key
 
 __all__ = [
-    "CLAIM", "ENQUEUE", "InboxItem", "Outcome", "decode_outcome", "encode", "inbox_key", "steer_key",
+    "CLAIM", "ENQUEUE", "InboxItem", "Outcome", "decode_outcome", "encode",
 ]
 
 #: Most entries an inbox keeps (a busy room cannot grow it without bound).
@@ -80,16 +80,6 @@ def decode_outcome(raw: bytes | str | None) -> Outcome | None:
 def decode_item(raw: bytes | str) -> InboxItem:
     """An inbox entry's body."""
     return _item.decode(raw)
-
-
-def inbox_key(job_id: str) -> str:
-    """The stream the worker of the running attempt reads."""
-    return f"ps:{{job:{job_id}}}:inbox"
-
-
-def steer_key(job_id: str) -> str:
-    """The outcomes hash (see the module docstring)."""
-    return f"ps:{{job:{job_id}}}:steer"
 
 
 def keys(job_id: str) -> list[str]:

@@ -14,6 +14,7 @@ the arq job.
 
 from __future__ import annotations
 
+import enum
 from typing import Literal
 
 import msgspec
@@ -25,29 +26,48 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from progress_service.events import TERMINAL_STATUSES, JobSnapshot, StatusData, StoredEvent
+from progress_service.ids import now_ms, room_id
+from progress_service.keys import QUEUE_NAME, cancel_key, lease_key, run_key
 from progress_service.redis_client import queue_of
-from progress_service.events import TERMINAL_STATUSES, JobSnapshot, StatusData, StoredEvent, now_ms
 from progress_service.settings import Settings
 from progress_service.store.jobs import get_job, update_job
 from progress_service.history import append_archived
-from progress_service.streams import cancel_key, expire_job, read_state, room_id
+from progress_service.streams import expire_job, read_state
 
-#: The default arq queue (``Settings.queue_name`` chooses the one in use).
-QUEUE_NAME = "ps:queue"
 #: The arq function name of a job run.
 RUN_FUNCTION = "run_job"
 
 RunState = Literal["queued", "running", "done", "cancelled"]
 
 
-def run_key(job_id: str) -> str:
-    """The job's run-state hash (state, attempt, worker)."""
-    return f"ps:{{job:{job_id}}}:run"
+class ClaimVerdict(enum.StrEnum):
+    """What :func:`claim_run` decided about an attempt (only ``OK`` may run)."""
+
+    OK = "ok"
+    TERMINAL = "terminal"
+    BUSY = "busy"
+    SUPERSEDED = "superseded"
+    CANCELLED = "cancelled"
 
 
-def lease_key(job_id: str) -> str:
-    """The running attempt's lease; it expires when its worker stops refreshing it."""
-    return f"ps:{{job:{job_id}}}:lease"
+class HandBackVerdict(enum.StrEnum):
+    """What :func:`hand_back_run` did with a stopping worker's attempt."""
+
+    OK = "ok"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+
+
+class ReapVerdict(enum.StrEnum):
+    """What :func:`reap_run` decided about a job whose row says running."""
+
+    ALIVE = "alive"
+    ENDED = "ended"
+    STALE = "stale"
+    REQUEUE = "requeue"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 def arq_job_id(job_id: str, attempt: int) -> str:
@@ -80,7 +100,7 @@ async def enqueue_job(arq_pool: ArqRedis, job_id: str, *, attempt: int = 1, queu
     the same attempt twice enqueues it once (arq refuses a duplicate while
     the job or its kept result exists).
     """
-    arq_pool = queue_of(arq_pool)  # type: ignore[assignment]  # on a cluster: the queue's own Redis
+    arq_pool = queue_of(arq_pool)  # on a cluster: the queue's own Redis
     await arq_pool.enqueue_job(
         RUN_FUNCTION,
         job_id,
@@ -208,7 +228,7 @@ def _s(v: bytes | str) -> str:
 
 async def claim_run(
     redis: Redis, job_id: str, attempt: int, worker_id: str, lease_s: float, ttl: int = 7 * 24 * 3600
-) -> tuple[str, int]:
+) -> tuple[ClaimVerdict, int]:
     """Atomically take attempt ``attempt`` of a job for ``worker_id``.
 
     Returns ``(verdict, current attempt)``; only verdict ``ok`` may run.
@@ -220,7 +240,7 @@ async def claim_run(
     verdict, att = await redis.eval(
         _CLAIM, 3, run_key(job_id), lease_key(job_id), cancel_key(job_id), attempt, worker_id, int(lease_s * 1000), ttl
     )
-    return _s(verdict), int(att)
+    return ClaimVerdict(_s(verdict)), int(att)
 
 
 async def refresh_lease(redis: Redis, job_id: str, attempt: int, worker_id: str, lease_s: float) -> int:
@@ -236,9 +256,10 @@ async def refresh_lease(redis: Redis, job_id: str, attempt: int, worker_id: str,
     return int(res)
 
 
-async def hand_back_run(redis: Redis, job_id: str, attempt: int, worker_id: str) -> str:
+async def hand_back_run(redis: Redis, job_id: str, attempt: int, worker_id: str) -> HandBackVerdict:
     """A stopping worker gives its attempt back: ``ok``, ``cancelled`` or ``lost`` (see ``_HAND_BACK``)."""
-    return _s(await redis.eval(_HAND_BACK, 3, run_key(job_id), lease_key(job_id), cancel_key(job_id), attempt, worker_id))
+    raw = await redis.eval(_HAND_BACK, 3, run_key(job_id), lease_key(job_id), cancel_key(job_id), attempt, worker_id)
+    return HandBackVerdict(_s(raw))
 
 
 async def finish_run(
@@ -249,12 +270,12 @@ async def finish_run(
     return bool(res)
 
 
-async def reap_run(redis: Redis, job_id: str, attempt: int, max_tries: int) -> tuple[str, int]:
+async def reap_run(redis: Redis, job_id: str, attempt: int, max_tries: int) -> tuple[ReapVerdict, int]:
     """Decide the fate of a job whose row says running: ``(verdict, tries spent)`` (see ``_REAP``)."""
     verdict, spent = await redis.eval(
         _REAP, 3, run_key(job_id), lease_key(job_id), cancel_key(job_id), attempt, max_tries
     )
-    return _s(verdict), int(spent)
+    return ReapVerdict(_s(verdict)), int(spent)
 
 
 async def cancel_requested(redis: Redis, job_id: str) -> str | None:

@@ -70,7 +70,7 @@ def is_cluster(redis: object) -> bool:
 def slot_of(redis: object, key: str) -> int:
     """The hash slot of ``key`` on a cluster client; :data:`NO_SLOT` on a single Redis."""
     if isinstance(redis, RedisCluster):
-        return key_slot(key.encode())
+        return int(key_slot(key.encode()))
     return NO_SLOT
 
 
@@ -137,7 +137,7 @@ class SlotTransaction:
                 slots.add(key_slot(key if isinstance(key, bytes) else str(key).encode()))
         if len(slots) != 1:
             raise RedisClusterException(f"a transaction must name keys of exactly one slot (got {sorted(slots)})")
-        return slots.pop()
+        return int(slots.pop())
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         """Run the recorded commands in one MULTI on the slot's master; their replies."""
@@ -217,7 +217,7 @@ class NodePipeline(SlotTransaction):
             return cast(list[Any], await pipe.execute(raise_on_error=False))
 
 
-class ClusterClient(RedisCluster):
+class ClusterClient(RedisCluster):  # type: ignore[misc]  # redis is untyped here (pyproject)
     """redis-py's cluster client plus single-slot transactions and one plain client per master."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

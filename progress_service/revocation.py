@@ -30,6 +30,8 @@ import msgspec
 import sqlalchemy as sa
 from redis.exceptions import RedisError
 
+from progress_service.ids import now_ms
+from progress_service.keys import REVOCATIONS_KEY
 from progress_service.store import audit
 from progress_service.store.identity import revoke_token
 from progress_service.store.schema import api_tokens, users
@@ -42,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("progress_service.revocation")
 
-REVOCATIONS_KEY = "ps:revocations"
 #: Revocations kept in the stream (a node only needs the recent ones).
 REVOCATIONS_MAXLEN = 10_000
 #: How far back (ms) each poll looks below the newest revocation it has
@@ -64,9 +65,6 @@ class TokenInfo(msgspec.Struct, kw_only=True):
     expiresAt: int | None
     revokedAt: int | None
 
-
-def _now() -> int:
-    return int(time.time() * 1000)
 
 
 _info_query = sa.select(

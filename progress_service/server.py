@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 from litestar import Litestar
@@ -90,12 +91,12 @@ def _unwrap(app: object) -> object:
     # uvicorn wraps the app in proxy/middleware objects; find the Litestar app.
     seen = 0
     while not isinstance(app, Litestar) and hasattr(app, "app") and seen < 10:
-        app = app.app  # type: ignore[attr-defined]
+        app = app.app
         seen += 1
     return app
 
 
-def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **extra: object) -> uvicorn.Config:
+def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **extra: Any) -> uvicorn.Config:
     """uvicorn settings that match the protocol's limits and heartbeats."""
     # imported here: the gateway imports the services module, which the CLI loads lazily
     from progress_service.api.hooks import HookFront
@@ -117,5 +118,5 @@ def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **ex
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import msgspec
 
+from progress_service.keys import QUEUE_NAME
+
 PREFIX = "PS_"
 
 
@@ -57,7 +59,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     job_timeout: int = 1800
     job_timeout_max: int = 4 * 3600
     #: The arq queue the API fills and the workers drain (one per deployment).
-    queue_name: str = "ps:queue"
+    queue_name: str = QUEUE_NAME
     #: Jobs one worker process runs at once.
     worker_concurrency: int = 4
     #: How many times a job whose worker died is started again.

@@ -7,7 +7,7 @@ copies the comment flow's guarantees:
 
 1. authorization: the job's own submitter, anyone with the role
    ``submitter`` or above, and reviewers when the job was submitted with
-   ``steerable: "reviewers"`` (else :class:`SteerError` ``forbidden``);
+   ``steerable: "reviewers"`` (else :class:`SteerRefusal` ``forbidden``);
    text normalized like a comment's (``comments.normalize_text``);
 2. the job must be running with a live worker (else ``not_running`` /
    ``worker_gone``, before anything is written);
@@ -25,17 +25,18 @@ copies the comment flow's guarantees:
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import anyio
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from progress_service import inbox, streams
-from progress_service.comments import InvalidComment, normalize_text
-from progress_service.events import INSTRUCTION_MAX_CHARS, SteerResult
-from progress_service.gateway.session import SteerRefusal
-from progress_service.queue import lease_key, run_key
+from progress_service import inbox
+from progress_service.comments import normalize_text
+from progress_service.events import INSTRUCTION_MAX_CHARS, STEER_STATES, SteerResult, SteerState
+from progress_service.errors import InvalidComment, SteerRefusal
+from progress_service.ids import room_id
+from progress_service.keys import lease_key, run_key, steer_key
 from progress_service.store import audit
 from progress_service.store.jobs import JobRecord, get_job
 
@@ -49,23 +50,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("progress_service.steering")
 
-__all__ = ["SteerError", "Steering", "may_steer"]
+__all__ = ["Steering", "may_steer"]
 
 #: How often a waiting sender reads its outcome (seconds).
 WAIT_POLL = 0.1
 
-SteerCode = Literal[
-    "forbidden", "not_found", "invalid", "not_running", "worker_gone", "rejected", "already_decided", "unavailable",
-]
 
-
-class SteerError(SteerRefusal):
-    """Refused: ``code`` is the WebSocket error code (docs/protocol.md), ``message`` says why."""
-
-    def __init__(self, code: SteerCode, message: str) -> None:
-        Exception.__init__(self, message)
-        self.code = code
-        self.message = message
+def _result(request_id: str, outcome: inbox.Outcome) -> SteerResult:
+    """The answer for a final outcome; one still in flight (``reserved``) reads ``queued``."""
+    state: SteerState = next((s for s in STEER_STATES if s == outcome.state), "queued")
+    return SteerResult(requestId=request_id, state=state, eventId=outcome.eventId)
 
 
 def may_steer(principal: Principal, record: JobRecord) -> bool:
@@ -96,12 +90,12 @@ class Steering:
     async def _job(self, principal: Principal, job_id: str) -> JobRecord:
         record = await get_job(self.engine, job_id, principal.team_id)
         if record is None:
-            raise SteerError("not_found", "no such job")
+            raise SteerRefusal("not_found", "no such job")
         if not may_steer(principal, record):
             who = "its submitter, role submitter or above, or reviewers when it was submitted steerable by reviewers"
-            raise SteerError("forbidden", f"only {who} may steer this job; you are '{principal.role}'")
+            raise SteerRefusal("forbidden", f"only {who} may steer this job; you are '{principal.role}'")
         if record.kind == "session":
-            raise SteerError("not_running", "a Claude Code session reported through hooks cannot be steered from here")
+            raise SteerRefusal("not_running", "a Claude Code session reported through hooks cannot be steered from here")
         return record
 
     async def instruct(self, principal: Principal, job_id: str, request_id: str, text: str) -> SteerResult:
@@ -109,11 +103,11 @@ class Steering:
         try:
             text = normalize_text(text, INSTRUCTION_MAX_CHARS)
         except InvalidComment as exc:
-            raise SteerError("invalid", str(exc)) from None
+            raise SteerRefusal("invalid", str(exc)) from None
         try:
             await self._job(principal, job_id)
             field = f"i:{request_id}"
-            key = inbox.steer_key(job_id)
+            key = steer_key(job_id)
             known = inbox.decode_outcome(await self.redis.hget(key, field))
             if known is None:
                 await self._check_running(job_id)
@@ -126,21 +120,21 @@ class Steering:
                 else:
                     known = inbox.decode_outcome(await self.redis.hget(key, field))
             if known is not None and known.text is not None and known.text != text:
-                raise SteerError("invalid", "requestId: already used for a different instruction on this job")
+                raise SteerRefusal("invalid", "requestId: already used for a different instruction on this job")
             outcome = await self._wait(job_id, field)
         except (RedisError, SQLAlchemyError, OSError, TimeoutError) as exc:
             log.warning("steer %s: %r", job_id, exc)
-            raise SteerError("unavailable", "the instruction was not stored; retry with the same request id") from None
+            raise SteerRefusal("unavailable", "the instruction was not stored; retry with the same request id") from None
         if outcome.state == "rejected":
-            raise SteerError("rejected", outcome.reason or "the instruction was not delivered")
-        return SteerResult(requestId=request_id, state=outcome.state, eventId=outcome.eventId)  # type: ignore[arg-type]
+            raise SteerRefusal("rejected", outcome.reason or "the instruction was not delivered")
+        return _result(request_id, outcome)
 
     async def _first_instruct(self, principal: Principal, job_id: str, request_id: str, field: str, text: str) -> None:
         """Audit, then enqueue, a reserved instruction; the reservation goes when either fails or is refused."""
         try:
             await self._audit(
                 action="job.instruct", team_id=principal.team_id, actor=principal.user_name,
-                room_id=streams.room_id(job_id), detail={"requestId": request_id, "text": text},
+                room_id=room_id(job_id), detail={"requestId": request_id, "text": text},
             )
             item = inbox.InboxItem(kind="instruct", requestId=request_id, by=principal.user_name, text=text)
             queued = inbox.Outcome(state="queued", by=principal.user_name, text=text)
@@ -151,7 +145,7 @@ class Steering:
             self._refused(inbox.text_of(verdict), inbox.text_of(detail))
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self.redis.hdel(inbox.steer_key(job_id), field)
+                await self.redis.hdel(steer_key(job_id), field)
             raise
 
     async def decide(
@@ -162,21 +156,21 @@ class Steering:
             try:
                 message = normalize_text(message, 2000)
             except InvalidComment as exc:
-                raise SteerError("invalid", f"message: {exc}") from None
+                raise SteerRefusal("invalid", f"message: {exc}") from None
         try:
             await self._job(principal, job_id)
-            key = inbox.steer_key(job_id)
+            key = steer_key(job_id)
             answer_field = f"d:{request_id}"
             if await self.redis.hget(key, answer_field) is None:
                 prompt = inbox.decode_outcome(await self.redis.hget(key, f"p:{permission_id}"))
                 if prompt is None:
-                    raise SteerError("not_found", f"no permission prompt {permission_id} on this job")
+                    raise SteerRefusal("not_found", f"no permission prompt {permission_id} on this job")
                 if prompt.state != "pending":
-                    raise SteerError("already_decided", f"permission {permission_id} is already {prompt.state}")
+                    raise SteerRefusal("already_decided", f"permission {permission_id} is already {prompt.state}")
                 await self._check_running(job_id)
                 await self._audit(
                     action="permission.decide", team_id=principal.team_id, actor=principal.user_name,
-                    room_id=streams.room_id(job_id),
+                    room_id=room_id(job_id),
                     detail={"requestId": request_id, "permissionId": permission_id, "allow": allow, "message": message},
                 )
                 state = "allowed" if allow else "denied"
@@ -193,17 +187,17 @@ class Steering:
                 verdict, detail = inbox.text_of(verdict), inbox.text_of(detail)
                 if verdict == "decided":
                     current = inbox.decode_outcome(detail)
-                    raise SteerError("already_decided", f"permission {permission_id} is already {current.state if current else 'decided'}")
+                    raise SteerRefusal("already_decided", f"permission {permission_id} is already {current.state if current else 'decided'}")
                 if verdict == "unknown":
-                    raise SteerError("not_found", f"no permission prompt {permission_id} on this job")
+                    raise SteerRefusal("not_found", f"no permission prompt {permission_id} on this job")
                 self._refused(verdict, detail)
             outcome = await self._wait(job_id, answer_field, need_event=True)
         except (RedisError, SQLAlchemyError, OSError, TimeoutError) as exc:
             log.warning("decide %s: %r", job_id, exc)
-            raise SteerError("unavailable", "the answer was not stored; retry with the same request id") from None
+            raise SteerRefusal("unavailable", "the answer was not stored; retry with the same request id") from None
         if outcome.state == "rejected":
-            raise SteerError("rejected", outcome.reason or "the answer did not reach the CLI")
-        return SteerResult(requestId=request_id, state=outcome.state, eventId=outcome.eventId)  # type: ignore[arg-type]
+            raise SteerRefusal("rejected", outcome.reason or "the answer did not reach the CLI")
+        return _result(request_id, outcome)
 
     async def _audit(self, *, action: str, team_id: str, actor: str, room_id: str, detail: dict[str, object]) -> None:
         """The durable audit record, within ``store_timeout`` (past it: ``unavailable``, nothing sent)."""
@@ -219,7 +213,7 @@ class Steering:
         state = inbox.text_of(raw) if raw is not None else ""
         if state != "running":
             self._refused("not_running", state)
-        elif await self.redis.hexists(inbox.steer_key(job_id), "closed"):
+        elif await self.redis.hexists(steer_key(job_id), "closed"):
             self._refused("closed", "")
         elif not await self.redis.exists(lease_key(job_id)):
             self._refused("worker_gone", "")
@@ -229,16 +223,16 @@ class Steering:
         if verdict in ("ok", "dup"):
             return
         if verdict == "not_running":
-            raise SteerError("not_running", f"the job is not running ({detail or 'not started or finished'}); nothing was sent")
+            raise SteerRefusal("not_running", f"the job is not running ({detail or 'not started or finished'}); nothing was sent")
         if verdict == "closed":
-            raise SteerError("not_running", "the job's run has ended; nothing was sent")
+            raise SteerRefusal("not_running", "the job's run has ended; nothing was sent")
         if verdict == "worker_gone":
-            raise SteerError("worker_gone", "the job's worker is gone (it will be retried); nothing was sent")
-        raise SteerError("unavailable", f"unexpected inbox verdict {verdict!r}")
+            raise SteerRefusal("worker_gone", "the job's worker is gone (it will be retried); nothing was sent")
+        raise SteerRefusal("unavailable", f"unexpected inbox verdict {verdict!r}")
 
     async def _wait(self, job_id: str, field: str, *, need_event: bool = False) -> inbox.Outcome:
         """Poll the outcome until the worker decided it, or ``steer_ack_timeout`` passes (then ``queued``)."""
-        key = inbox.steer_key(job_id)
+        key = steer_key(job_id)
         last = inbox.Outcome(state="queued")
         with anyio.move_on_after(self.settings.steer_ack_timeout):
             while True:

@@ -19,6 +19,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from progress_service.events import JobSnapshot, StoredChat, StoredEvent
+from progress_service.keys import events_key, snapshot_key
 
 _enc = msgspec.json.Encoder()
 _snapshot_dec = msgspec.json.Decoder(JobSnapshot)
@@ -27,37 +28,11 @@ _body_dec = msgspec.json.Decoder(dict[str, Any])
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
-def room_id(job_id: str) -> str:
-    """The room of a job."""
-    return f"job:{job_id}"
-
-
-def job_id_of(room: str) -> str:
-    """The job of a room id (``job:<id>``)."""
-    return room.split(":", 1)[1]
-
-
-def events_key(job_id: str) -> str:
-    return f"ps:{{job:{job_id}}}:events"
-
-
-def snapshot_key(job_id: str) -> str:
-    return f"ps:{{job:{job_id}}}:snap"
-
-
-def presence_key(job_id: str) -> str:
-    return f"ps:{{job:{job_id}}}:presence"
-
-
-def news_channel(job_id: str) -> str:
-    """Sharded pub/sub channel touched by every write to the job's streams (gateway/broker.py)."""
-    return f"ps:{{job:{job_id}}}:news"
-
-
 #: Lua: tell the room's readers that the stream behind KEYS[1] gained entries
-#: (the channel is derived from the key, so it is in the key's slot). Sharded
-#: pub/sub where the server has it (Redis 7); plain PUBLISH on Redis 6.2,
-#: whose readers SUBSCRIBE instead (gateway/broker.py asks the server).
+#: (the channel, ``keys.news_channel``, is derived from the key, so it is in
+#: the key's slot). Sharded pub/sub where the server has it (Redis 7); plain
+#: PUBLISH on Redis 6.2, whose readers SUBSCRIBE instead (gateway/broker.py
+#: asks the server).
 NOTIFY_LUA = (
     "do local ch = string.gsub(KEYS[1], ':[%a-]+$', ':news'); "
     "local r = redis.pcall('SPUBLISH', ch, ''); "
@@ -65,14 +40,6 @@ NOTIFY_LUA = (
 )
 #: The same as a script of its own, for MULTIs (KEYS: any key of the job).
 NOTIFY = NOTIFY_LUA + " return 0"
-
-
-def cancel_key(job_id: str) -> str:
-    return f"ps:{{job:{job_id}}}:cancel"
-
-
-def ticket_key(ticket_hash: str) -> str:
-    return f"ps:ticket:{ticket_hash}"
 
 
 def encode_snapshot(snapshot: JobSnapshot) -> bytes:
@@ -269,7 +236,8 @@ async def read_state(redis: Redis, job_id: str) -> tuple[JobSnapshot | None, str
 async def replay(redis: Redis, job_id: str, since: str | None, *, count: int = 1000) -> list[Entry]:
     """Entries after ``since`` (exclusive), oldest first, at most ``count``."""
     start = f"({since}" if since else "-"
-    return await redis.xrange(events_key(job_id), min=start, max="+", count=count)
+    entries: list[Entry] = await redis.xrange(events_key(job_id), min=start, max="+", count=count)
+    return entries
 
 
 async def replay_covered(

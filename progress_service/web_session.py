@@ -13,12 +13,13 @@ subdomains and old browsers.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 
 import msgspec
 from redis.asyncio import Redis
+
+from progress_service.keys import web_session_key
 
 COOKIE_NAME = "ps_session"
 CSRF_HEADER = "x-csrf-token"
@@ -36,16 +37,11 @@ _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(WebSession)
 
 
-def session_key(session_id: str) -> str:
-    """Redis key of a session (by the id's hash, so a Redis dump holds no cookie)."""
-    return "websession:" + hashlib.sha256(session_id.encode()).hexdigest()
-
-
 async def create_session(redis: Redis, token_hash: str, ttl: int) -> tuple[str, WebSession]:
     """A new session for the token with ``token_hash``; returns (cookie value, record)."""
     session_id = secrets.token_urlsafe(32)
     record = WebSession(tokenHash=token_hash, csrf=secrets.token_urlsafe(24))
-    await redis.set(session_key(session_id), _enc.encode(record), ex=max(1, ttl))
+    await redis.set(web_session_key(session_id), _enc.encode(record), ex=max(1, ttl))
     return session_id, record
 
 
@@ -53,7 +49,7 @@ async def read_session(redis: Redis, session_id: str) -> WebSession | None:
     """The session behind a cookie value, or None (unknown, expired, malformed)."""
     if not session_id or len(session_id) > 100:
         return None
-    raw = await redis.get(session_key(session_id))
+    raw = await redis.get(web_session_key(session_id))
     if raw is None:
         return None
     try:
@@ -65,7 +61,7 @@ async def read_session(redis: Redis, session_id: str) -> WebSession | None:
 async def delete_session(redis: Redis, session_id: str) -> None:
     """End a session (sign-out)."""
     if session_id and len(session_id) <= 100:
-        await redis.delete(session_key(session_id))
+        await redis.delete(web_session_key(session_id))
 
 
 def csrf_ok(record: WebSession, sent: str | None) -> bool:

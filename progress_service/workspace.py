@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-
-class WorkdirError(ValueError):
-    """A workdir that is absolute, escapes the root, or does not exist."""
+from progress_service.errors import WorkdirError
 
 
 def resolve_workdir(root: Path, workdir: str | None) -> Path:

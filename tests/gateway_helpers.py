@@ -17,7 +17,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from progress_service import streams
-from progress_service.events import JobSpec, StoredEvent, now_ms
+from progress_service.events import JobSpec, StoredEvent
+from progress_service.ids import now_ms
 from progress_service.store.db import create_engine
 from progress_service.store.identity import create_token, ensure_team, ensure_user
 from progress_service.store.jobs import create_job
@@ -159,7 +160,7 @@ class FakeComments:
 
     async def post(self, principal: Any, room_id: str, job_id: str, request_id: str, text: str) -> str:
         from progress_service.events import StoredChat  # noqa: PLC0415
-        from progress_service.gateway.session import CommentsUnavailable  # noqa: PLC0415
+        from progress_service.errors import CommentsUnavailable
 
         if self.fail:
             raise CommentsUnavailable

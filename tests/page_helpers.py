@@ -21,6 +21,8 @@ from typing import Any
 
 from conftest import ServerProcess, settings_env
 from progress_service.embedded_redis import free_port
+from progress_service.ids import room_id
+from progress_service.keys import events_key, snapshot_key
 from progress_service.settings import Settings, load_settings
 
 MODEL = "claude-sonnet-4-5-20250929"
@@ -154,7 +156,8 @@ def inject_job(stack: Stack, transcript: Path, *, user: str = "sam", team: str =
         from redis.asyncio import Redis  # noqa: PLC0415
 
         from progress_service import streams  # noqa: PLC0415
-        from progress_service.events import JobSnapshot, JobSpec, StoredEvent, now_ms  # noqa: PLC0415
+        from progress_service.events import JobSnapshot, JobSpec, StoredEvent  # noqa: PLC0415
+        from progress_service.ids import now_ms
         from progress_service.store.db import create_engine  # noqa: PLC0415
         from progress_service.store.identity import ensure_team, ensure_user  # noqa: PLC0415
         from progress_service.store.jobs import create_job, update_job  # noqa: PLC0415
@@ -169,13 +172,13 @@ def inject_job(stack: Stack, transcript: Path, *, user: str = "sam", team: str =
             spec = JobSpec(prompt=f"[transcript:{transcript.name}] injected")
             created = now_ms()
             await create_job(engine, job_id=job_id, team_id=team_id, user_id=user_id, spec=spec, created_at=created, demo=True)
-            snapshot = JobSnapshot(id=job_id, roomId=streams.room_id(job_id), prompt=spec.prompt, createdAt=created, submittedBy=user, demo=True)
+            snapshot = JobSnapshot(id=job_id, roomId=room_id(job_id), prompt=spec.prompt, createdAt=created, submittedBy=user, demo=True)
             mapper = Mapper(snapshot)
             mapped = mapper.status("running", startedAt=now_ms())
             for raw in transcript.read_text().splitlines():
                 mapped += mapper.feed(json.dumps(json.loads(raw)["j"]).encode())
             mapped += mapper.status("succeeded")
-            key = streams.events_key(job_id)
+            key = events_key(job_id)
             enc = msgspec.json.Encoder()
             for start in range(0, len(mapped), 1000):
                 async with redis.pipeline(transaction=False) as pipe:
@@ -184,7 +187,7 @@ def inject_job(stack: Stack, transcript: Path, *, user: str = "sam", team: str =
                         pipe.xadd(key, {"t": b"event", "b": enc.encode(body)})
                     await pipe.execute()
             final = mapper.snapshot
-            await redis.hset(streams.snapshot_key(job_id), mapping={"s": streams.encode_snapshot(final), "n": len(mapped)})
+            await redis.hset(snapshot_key(job_id), mapping={"s": streams.encode_snapshot(final), "n": len(mapped)})
             await update_job(engine, job_id, snapshot=final)
             return job_id
         finally:

@@ -17,7 +17,8 @@ import anyio
 import msgspec
 import sqlalchemy as sa
 
-from progress_service.events import JobSpec, now_ms
+from progress_service.events import JobSpec
+from progress_service.ids import now_ms
 from progress_service.settings import load_settings
 from progress_service.store import audit
 from progress_service.store import comments as comment_store
@@ -189,7 +190,7 @@ async def test_a_replay_from_the_store_sends_an_edited_comment_with_its_audited_
             engine, job_id=job_id, room_id=f"job:{job_id}", team_id=team_id, user_id="u1", user_name="ana",
             request_id=f"r{i}", text=text,
         )
-        await comment_store.set_event_id(engine, comment.commentId, f"{1000 + i}-0")
+        await comment_store.set_event_ids(engine, [(comment.commentId, f"{1000 + i}-0")])
     async with engine.begin() as conn:
         await conn.execute(sa.update(comments).where(comments.c.text == "fine").values(text="rewritten"))
     entries = await history.read_entries(engine, job_id, None)

@@ -15,12 +15,13 @@ import anyio
 import msgspec
 import pytest
 
-from progress_service.events import now_ms
-from progress_service.queue import cancel_job, claim_run, run_key
+from progress_service.ids import now_ms
+from progress_service.keys import cancel_key, run_key
+from progress_service.queue import cancel_job, claim_run
 from progress_service.store.db import create_engine
 from progress_service.store.jobs import get_job, update_job
 from progress_service.store.migrations import migrate
-from progress_service.streams import cancel_key, read_state
+from progress_service.streams import read_state
 # Shared helpers, and the fixtures that put these runs on a Redis database of their own.
 from test_worker import arq_pool, events, new_job, redis, redis_url, wait_for, worker_ctx  # noqa: F401
 from worker.jobs import run_job

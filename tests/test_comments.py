@@ -16,9 +16,11 @@ import pytest
 import sqlalchemy as sa
 
 from progress_service import streams
-from progress_service.comments import Comments, InvalidComment, normalize_text, published_key
-from progress_service.events import JobSpec, now_ms
-from progress_service.gateway.session import CommentForbidden, CommentsUnavailable
+from progress_service.comments import Comments, normalize_text
+from progress_service.errors import CommentForbidden, CommentsUnavailable, InvalidComment
+from progress_service.events import JobSpec
+from progress_service.ids import now_ms, room_id
+from progress_service.keys import events_key, published_key
 from progress_service.settings import load_settings
 from progress_service.store import audit
 from progress_service.store import comments as comment_store
@@ -45,11 +47,11 @@ async def principal(engine: Any, team_id: str, role: str = "reviewer", name: str
 
 
 async def stream_chats(redis: Any, job_id: str) -> list[tuple[str, dict[str, Any]]]:
-    entries = await redis.xrange(streams.events_key(job_id))
+    entries = await redis.xrange(events_key(job_id))
     out = []
     for eid, fields in entries:
         if fields.get(b"t") == b"chat":
-            out.append((eid.decode(), streams.entry_dict(streams.room_id(job_id), eid, fields)))
+            out.append((eid.decode(), streams.entry_dict(room_id(job_id), eid, fields)))
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from progress_service.gateway import closes
+from progress_service import closes
 from progress_service.settings import PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent

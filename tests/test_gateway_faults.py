@@ -21,7 +21,8 @@ from gateway_helpers import Store, auth, closed_with, collect_events, connect, j
 from progress_service import metrics, streams
 from progress_service.app import make_redis
 from progress_service.embedded_redis import free_port, redis_binary, wait_for_port
-from progress_service.events import StoredChat, now_ms
+from progress_service.events import StoredChat
+from progress_service.ids import now_ms
 
 pytestmark = pytest.mark.slow
 

@@ -547,7 +547,8 @@ async def _sse(http: httpx.AsyncClient, url: str, headers: dict[str, str] | None
 
 async def test_sse_stream_resume_and_end(settings, store, redis) -> None:
     from progress_service import streams
-    from progress_service.events import StoredEvent, now_ms
+    from progress_service.events import StoredEvent
+    from progress_service.ids import now_ms
 
     async with serve(settings(ws_heartbeat=0.3)) as (base, _app):
         token, job, foreign = await store.token(), await store.job(), await store.job(team="t2")

@@ -34,6 +34,8 @@ from history_helpers import (
     ws_items,
 )
 from progress_service.embedded_redis import dev_data_dir, free_port
+from progress_service.ids import room_id
+from progress_service.keys import events_key, snapshot_key
 from progress_service.store import history as archive
 from progress_service.store.db import create_engine
 from progress_service.store.jobs import get_job
@@ -339,7 +341,6 @@ async def test_nothing_leaves_redis_before_the_archive_holds_it(
     WebSocket join with ``since`` and log.jsonl see every event once, in
     order, before and after the trim, without ``gap``.
     """
-    from progress_service import streams  # noqa: PLC0415
     from progress_service.events import JobSnapshot  # noqa: PLC0415
     from worker import publisher  # noqa: PLC0415
     from worker.mapping import Mapper  # noqa: PLC0415
@@ -352,9 +353,9 @@ async def test_nothing_leaves_redis_before_the_archive_holds_it(
     async with run_app(settings, run_worker=False) as (base, app), client(base, token) as http:
         job = await submit(http, "[long] no hole")  # queued: no worker runs it, this test publishes
         redis = app.state.services.redis
-        key = streams.events_key(job)
+        key = events_key(job)
         engine = create_engine(store_url)  # the worker's own engine, as in production
-        mapper = Mapper(JobSnapshot(id=job, roomId=streams.room_id(job)))
+        mapper = Mapper(JobSnapshot(id=job, roomId=room_id(job)))
         pub = publisher.Publisher(redis, job, 1, settings, mapper, engine=engine)
 
         def in_order(items: list[dict[str, Any]]) -> None:
@@ -409,7 +410,6 @@ async def test_a_live_watcher_behind_a_trim_gets_the_trimmed_entries_from_the_ar
     import msgspec  # noqa: PLC0415
 
     from gateway_helpers import auth, connect, join, recv  # noqa: PLC0415
-    from progress_service import streams  # noqa: PLC0415
     from progress_service.events import StoredEvent  # noqa: PLC0415
 
     settings = make_settings()
@@ -446,13 +446,13 @@ async def test_a_live_watcher_behind_a_trim_gets_the_trimmed_entries_from_the_ar
                 await archive.archive(engine, job_id, [
                     archive.ArchivedEvent(new[i], "log", 1, bodies[i]) for i in range(3)
                 ])
-                key = streams.events_key(job_id)
+                key = events_key(job_id)
                 async with redis.pipeline(transaction=True) as pipe:
                     prev = head
                     for eid, body in zip(new, bodies, strict=True):
                         pipe.xadd(key, {"t": b"event", "b": body, "p": prev.encode()}, id=eid)
                         prev = eid
-                    pipe.hincrby(streams.snapshot_key(job_id), "n", len(new))  # as the publisher's script counts
+                    pipe.hincrby(snapshot_key(job_id), "n", len(new))  # as the publisher's script counts
                     pipe.xtrim(key, minid=new[3], approximate=False)
                     pipe.eval(streams.NOTIFY, 1, key)  # as every writer of a stream does (gateway/broker.py)
                     await pipe.execute()

@@ -24,7 +24,7 @@ import httpx
 import pytest
 from gateway_helpers import auth, connect, join, publish
 
-from progress_service import streams
+from progress_service.keys import events_key
 from hook_helpers import Session, events, steps
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,7 @@ async def test_a_burst_of_hooks_does_not_slow_live_watchers(store, make_settings
         expected = 2 * ((PER_SESSION - 2) // 2)
         with anyio.fail_after(60):
             for s in sessions:
-                while sum(b'"kind":"step"' in f[b"b"] for _, f in await redis.xrange(streams.events_key(s.job_id))) < expected:
+                while sum(b'"kind":"step"' in f[b"b"] for _, f in await redis.xrange(events_key(s.job_id))) < expected:
                     await anyio.sleep(0.05)
         # How long after the last answer the last hook was in its room.
         figures["applied_after_last_answer_s"] = round(time.perf_counter() - burst_ended, 2)

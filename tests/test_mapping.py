@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
 
-from progress_service.events import DATA_TYPES, JobSnapshot
-from worker.mapping import Mapped, Mapper, is_test_command
+from progress_service.events import (
+    DATA_TYPES,
+    JobSnapshot,
+    LogData,
+    MessageData,
+    NoticeData,
+    PhaseData,
+    ResultData,
+    RetryData,
+    StepData,
+    TodoData,
+    UsageData,
+)
+from worker.mapping import Mapped, Mapper
+from worker.tools import is_test_command
 
 TRANSCRIPTS = Path(__file__).resolve().parent.parent / "worker" / "transcripts"
 
@@ -41,8 +55,22 @@ def kinds(events: list[Mapped]) -> list[str]:
     return [e.kind for e in events]
 
 
+D = TypeVar("D", bound=msgspec.Struct)
+
+
+def data(events: list[Mapped], cls: type[D]) -> list[D]:
+    """The data of the events whose data is a ``cls`` (one kind), typed."""
+    return [e.data for e in events if isinstance(e.data, cls)]
+
+
+def one(event: Mapped, cls: type[D]) -> D:
+    """The event's data, which must be a ``cls``."""
+    assert isinstance(event.data, cls), event
+    return event.data
+
+
 def phases(events: list[Mapped]) -> list[str]:
-    return [e.data.phase for e in events if e.kind == "phase"]  # type: ignore[attr-defined]
+    return [d.phase for d in data(events, PhaseData)]
 
 
 def test_every_event_matches_its_protocol_type() -> None:
@@ -53,9 +81,9 @@ def test_every_event_matches_its_protocol_type() -> None:
             msgspec.convert(msgspec.to_builtins(e.data), DATA_TYPES[e.kind])
 
 
-def result_line(name: str) -> dict:
+def result_line(name: str) -> dict[str, Any]:
     """The transcript's last ``result`` line, as the CLI printed it."""
-    lines = [json.loads(raw)["j"] for raw in (TRANSCRIPTS / f"{name}.jsonl").read_text().splitlines()]
+    lines: list[dict[str, Any]] = [json.loads(raw)["j"] for raw in (TRANSCRIPTS / f"{name}.jsonl").read_text().splitlines()]
     return [ln for ln in lines if ln["type"] == "result"][-1]
 
 
@@ -70,26 +98,26 @@ def test_transcripts_are_recorded_from_the_pinned_cli() -> None:
 def test_success_transcript() -> None:
     mapper, events = play("success")
     ks = kinds(events)
-    assert ks[:2] == ["status", "phase"] and events[1].data.phase == "starting"  # type: ignore[attr-defined]
+    assert ks[:2] == ["status", "phase"] and one(events[1], PhaseData).phase == "starting"
     assert ks[-2:] == ["usage", "result"]
     # To-do updates (TaskUpdate between the edits) never pull the phase back to planning.
     assert phases(events) == ["starting", "planning", "editing", "testing", "reviewing", "finishing"]
-    steps = [e.data for e in events if e.kind == "step"]
-    started = [s for s in steps if s.state == "started"]  # type: ignore[attr-defined]
-    assert [s.tool for s in started] == [  # type: ignore[attr-defined]
+    steps = data(events, StepData)
+    started = [s for s in steps if s.state == "started"]
+    assert [s.tool for s in started] == [
         "TaskCreate", "TaskCreate", "TaskCreate", "TaskUpdate", "Read", "TaskUpdate", "TaskUpdate", "Edit",
         "TaskUpdate", "TaskUpdate", "Bash", "TaskUpdate", "Bash",
     ]
-    assert [s.title for s in started if s.tool == "Edit"] == ["calc.py"]  # type: ignore[attr-defined]
-    assert all(s.state == "ok" and s.durationMs is not None for s in steps if s.state != "started")  # type: ignore[attr-defined]
-    todos = [e.data for e in events if e.kind == "todo"]
-    assert (todos[-1].done, todos[-1].total) == (3, 3)  # type: ignore[attr-defined]
-    assert all(a.done <= b.done for a, b in zip(todos, todos[1:]))  # type: ignore[attr-defined]
+    assert [s.title for s in started if s.tool == "Edit"] == ["calc.py"]
+    assert all(s.state == "ok" and s.durationMs is not None for s in steps if s.state != "started")
+    todos = data(events, TodoData)
+    assert (todos[-1].done, todos[-1].total) == (3, 3)
+    assert all(a.done <= b.done for a, b in zip(todos, todos[1:]))
     assert kinds(events).count("message") == 3
     printed = result_line("success")
-    result = events[-1].data
-    assert result.ok and result.error is None and result.costUsd == printed["total_cost_usd"]  # type: ignore[attr-defined]
-    assert result.turns == printed["num_turns"] and result.summary == printed["result"]  # type: ignore[attr-defined]
+    result = one(events[-1], ResultData)
+    assert result.ok and result.error is None and result.costUsd == printed["total_cost_usd"]
+    assert result.turns == printed["num_turns"] and result.summary == printed["result"]
     # The snapshot travels with each event and ends where the job ended.
     snap = events[-1].snapshot
     assert snap.progress.done == snap.progress.total == 3
@@ -99,20 +127,20 @@ def test_success_transcript() -> None:
     first_todo = next(e for e in events if e.kind == "todo")
     assert first_todo.snapshot.progress.done == 0 and first_todo.snapshot.phase == "planning"
     # Live usage from stream events: many updates, each output count >= the one before.
-    usages = [e.data for e in events if e.kind == "usage"]
+    usages = data(events, UsageData)
     assert len(usages) > 10
-    assert all(a.outputTokens <= b.outputTokens for a, b in zip(usages, usages[1:]))  # type: ignore[attr-defined]
+    assert all(a.outputTokens <= b.outputTokens for a, b in zip(usages, usages[1:]))
     assert mapper.result_is_error is False
 
 
 def test_fail_transcript_shows_the_retries_and_the_api_error() -> None:
     mapper, events = play("fail")
-    result = events[-1].data
-    assert events[-1].kind == "result" and not result.ok  # type: ignore[attr-defined]
-    assert result.error.startswith("API Error: 529 Overloaded")  # type: ignore[attr-defined]
+    result = one(events[-1], ResultData)
+    assert events[-1].kind == "result" and not result.ok
+    assert result.error is not None and result.error.startswith("API Error: 529 Overloaded")
     retries = [e for e in events if e.kind == "retry"]
-    assert [r.data.text for r in retries] == [  # type: ignore[attr-defined]
-        f"retrying the API ({n}/3, 529 overloaded, next in {r.data.delayMs / 1000:.1f} s)" for n, r in enumerate(retries, 1)  # type: ignore[attr-defined]
+    assert [one(r, RetryData).text for r in retries] == [
+        f"retrying the API ({n}/3, 529 overloaded, next in {one(r, RetryData).delayMs / 1000:.1f} s)" for n, r in enumerate(retries, 1)
     ]
     # The snapshot says "retrying" while it waits, and no longer once the run ended.
     assert retries[-1].snapshot.retry == retries[-1].data
@@ -122,19 +150,19 @@ def test_fail_transcript_shows_the_retries_and_the_api_error() -> None:
 
 def test_max_turns_transcript_shows_the_errors_text() -> None:
     _, events = play("max-turns")
-    result = events[-1].data
-    assert not result.ok and result.turns == result_line("max-turns")["num_turns"]  # type: ignore[attr-defined]
-    assert result.error == "error_max_turns: Reached maximum number of turns (3)"  # type: ignore[attr-defined]
+    result = one(events[-1], ResultData)
+    assert not result.ok and result.turns == result_line("max-turns")["num_turns"]
+    assert result.error == "error_max_turns: Reached maximum number of turns (3)"
     assert phases(events) == ["starting", "planning", "finishing"]
 
 
 def test_long_transcript_has_hundreds_of_steps() -> None:
     _, events = play("long")
-    steps = [e for e in events if e.kind == "step" and e.data.state == "started"]  # type: ignore[attr-defined]
+    steps = [d for d in data(events, StepData) if d.state == "started"]
     assert len(steps) >= 250
-    todos = [e.data for e in events if e.kind == "todo"]
-    assert todos[-1].done == todos[-1].total == 10  # type: ignore[attr-defined]
-    assert events[-1].data.ok  # type: ignore[attr-defined]
+    todos = data(events, TodoData)
+    assert todos[-1].done == todos[-1].total == 10
+    assert one(events[-1], ResultData).ok
 
 
 @pytest.mark.parametrize(
@@ -153,7 +181,7 @@ def test_garbage_becomes_a_log_event(line: bytes) -> None:
     mapper = new_mapper()
     events = mapper.feed(line)
     assert kinds(events) == ["log"]
-    assert events[0].data.stream == "stdout"  # type: ignore[attr-defined]
+    assert one(events[0], LogData).stream == "stdout"
     # The mapper keeps working afterwards.
     assert kinds(mapper.feed(b'{"type":"system","subtype":"init","session_id":"s"}')) == ["phase"]
 
@@ -169,7 +197,8 @@ def test_unknown_types_and_fields_are_ignored() -> None:
         b'"citations":[]},{"type":"server_tool_use","id":"x"}],"usage":{"input_tokens":3,"output_tokens":4,"x":1}}}'
     )
     assert kinds(events) == ["message", "usage"]
-    assert events[1].data.inputTokens == 3 and events[1].data.outputTokens == 4  # type: ignore[attr-defined]
+    usage = one(events[1], UsageData)
+    assert usage.inputTokens == 3 and usage.outputTokens == 4
 
 
 def test_usage_counts_each_message_once() -> None:
@@ -184,7 +213,7 @@ def test_usage_counts_each_message_once() -> None:
 def test_task_create_and_update_maintain_the_list() -> None:
     mapper = new_mapper()
 
-    def use(tid: str, name: str, inp: dict) -> list[Mapped]:
+    def use(tid: str, name: str, inp: dict[str, Any]) -> list[Mapped]:
         msg = {"type": "assistant", "message": {"content": [{"type": "tool_use", "id": tid, "name": name, "input": inp}]}}
         return mapper.feed(json.dumps(msg).encode())
 
@@ -197,13 +226,13 @@ def test_task_create_and_update_maintain_the_list() -> None:
     use("t2", "TaskCreate", {"subject": "Test parser"})
     result("t2", "Task #2 created successfully: Test parser")
     events = use("t3", "TaskUpdate", {"taskId": "1", "status": "completed"})
-    todo = [e.data for e in events if e.kind == "todo"][-1]
-    assert [(i.text, i.state) for i in todo.items] == [("Write parser", "completed"), ("Test parser", "pending")]  # type: ignore[attr-defined]
-    assert (todo.done, todo.total) == (1, 2)  # type: ignore[attr-defined]
+    todo = data(events, TodoData)[-1]
+    assert [(i.text, i.state) for i in todo.items] == [("Write parser", "completed"), ("Test parser", "pending")]
+    assert (todo.done, todo.total) == (1, 2)
     assert mapper.snapshot.phase == "planning"
     events = use("t4", "TaskUpdate", {"taskId": "2", "status": "deleted"})
-    todo = [e.data for e in events if e.kind == "todo"][-1]
-    assert (todo.done, todo.total) == (1, 1)  # type: ignore[attr-defined]
+    todo = data(events, TodoData)[-1]
+    assert (todo.done, todo.total) == (1, 1)
 
 
 def test_tool_result_for_unknown_tool_use() -> None:
@@ -211,7 +240,7 @@ def test_tool_result_for_unknown_tool_use() -> None:
     events = mapper.feed(
         b'{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"zz","content":"x","is_error":true}]}}'
     )
-    assert kinds(events) == ["step"] and events[0].data.state == "error"  # type: ignore[attr-defined]
+    assert kinds(events) == ["step"] and one(events[0], StepData).state == "error"
 
 
 def test_long_texts_are_clipped() -> None:
@@ -219,9 +248,9 @@ def test_long_texts_are_clipped() -> None:
     text = "x" * 50_000
     msg = {"type": "assistant", "message": {"content": [{"type": "text", "text": text}]}}
     (event,) = mapper.feed(json.dumps(msg).encode())
-    assert len(event.data.text) == 2000  # type: ignore[attr-defined]
+    assert len(one(event, MessageData).text) == 2000
     (log,) = mapper.log("stderr", "e" * 50_000)
-    assert len(log.data.line) == 2000  # type: ignore[attr-defined]
+    assert len(one(log, LogData).line) == 2000
 
 
 @pytest.mark.parametrize(
@@ -257,21 +286,24 @@ def test_steps_carry_input_output_exit_code_and_parent() -> None:
     mapper = new_mapper()
     edit = {"file_path": "app.py", "old_string": "a = 1\n", "new_string": "a = 2\n"}
     (started,) = [e for e in mapper.feed(_line("assistant", [{"type": "tool_use", "id": "e1", "name": "Edit", "input": edit}])) if e.kind == "step"]
-    assert started.data.input.path == "app.py"  # type: ignore[attr-defined]
-    assert "-a = 1\n+a = 2\n" in started.data.input.diff  # type: ignore[attr-defined]
+    edit_input = one(started, StepData).input
+    assert edit_input is not None and edit_input.path == "app.py"
+    assert edit_input.diff is not None and "-a = 1\n+a = 2\n" in edit_input.diff
     bash = {"command": "pytest -q", "description": "run tests"}
     mapper.feed(_line("assistant", [{"type": "tool_use", "id": "b1", "name": "Bash", "input": bash}], parent="task1"))
     result = [{"type": "tool_result", "tool_use_id": "b1", "is_error": True,
                "content": [{"type": "text", "text": "Exit code 2\nFAILED test_x.py::test_y"}]}]
     (done,) = mapper.feed(_line("user", result, parent="task1"))
-    assert done.data.state == "error" and done.data.exitCode == 2  # type: ignore[attr-defined]
-    assert done.data.error == "Exit code 2" and "FAILED test_x.py" in done.data.output  # type: ignore[attr-defined]
-    assert done.data.parentStepId == "task1"  # type: ignore[attr-defined]
+    test_run = one(done, StepData)
+    assert test_run.state == "error" and test_run.exitCode == 2
+    assert test_run.error == "Exit code 2" and test_run.output is not None and "FAILED test_x.py" in test_run.output
+    assert test_run.parentStepId == "task1"
     big = "y" * 100_000
     mapper.feed(_line("assistant", [{"type": "tool_use", "id": "r1", "name": "Read", "input": {"file_path": "b.txt"}}]))
     (read,) = mapper.feed(_line("user", [{"type": "tool_result", "tool_use_id": "r1", "content": big}]))
-    assert read.data.outputChars == 100_000 and len(read.data.output) < 20_000  # type: ignore[attr-defined]
-    assert read.data.exitCode is None and read.data.error is None  # type: ignore[attr-defined]
+    read_step = one(read, StepData)
+    assert read_step.outputChars == 100_000 and read_step.output is not None and len(read_step.output) < 20_000
+    assert read_step.exitCode is None and read_step.error is None
     msgspec.convert(msgspec.to_builtins(read.data), DATA_TYPES["step"])
 
 
@@ -280,19 +312,19 @@ def test_steps_carry_input_output_exit_code_and_parent() -> None:
 # --------------------------------------------------------------------------
 
 
-def feed_all(mapper: Mapper, *lines: dict) -> list[Mapped]:
+def feed_all(mapper: Mapper, *lines: dict[str, Any]) -> list[Mapped]:
     out: list[Mapped] = []
     for line in lines:
         out += mapper.feed(json.dumps(line).encode())
     return out
 
 
-def tool_use(tid: str, name: str, inp: dict, parent: str | None = None, msg: str = "m1") -> dict:
+def tool_use(tid: str, name: str, inp: dict[str, Any], parent: str | None = None, msg: str = "m1") -> dict[str, Any]:
     return {"type": "assistant", "parent_tool_use_id": parent,
             "message": {"id": msg, "content": [{"type": "tool_use", "id": tid, "name": name, "input": inp}]}}
 
 
-def tool_result(tid: str, content: str = "ok", is_error: bool = False, parent: str | None = None) -> dict:
+def tool_result(tid: str, content: str = "ok", is_error: bool = False, parent: str | None = None) -> dict[str, Any]:
     return {"type": "user", "parent_tool_use_id": parent,
             "message": {"content": [{"type": "tool_result", "tool_use_id": tid, "content": content, "is_error": is_error}]}}
 
@@ -311,12 +343,12 @@ def test_background_subagent_step_ends_with_its_task_and_nests_its_steps() -> No
         {"type": "system", "subtype": "task_notification", "task_id": "t1", "tool_use_id": "a1", "status": "completed",
          "summary": "one file"},
     )
-    agent = [e.data for e in events if e.kind == "step" and e.data.stepId == "a1"]  # type: ignore[attr-defined]
+    agent = [d for d in data(events, StepData) if d.stepId == "a1"]
     # The launch result does not end the step; the notification does.
-    assert [s.state for s in agent] == ["started", "started", "ok"]  # type: ignore[attr-defined]
-    child = [e.data for e in events if e.kind == "step" and e.data.stepId == "b1"]  # type: ignore[attr-defined]
-    assert {s.parentStepId for s in child} == {"a1"}  # type: ignore[attr-defined]
-    notices = [e.data.text for e in events if e.kind == "notice"]  # type: ignore[attr-defined]
+    assert [s.state for s in agent] == ["started", "started", "ok"]
+    child = [d for d in data(events, StepData) if d.stepId == "b1"]
+    assert {s.parentStepId for s in child} == {"a1"}
+    notices = [d.text for d in data(events, NoticeData)]
     assert notices == ["subagent started: inspect repo", "subagent completed: one file"]
 
 
@@ -331,7 +363,7 @@ def test_foreground_shell_tasks_are_not_announced() -> None:
         tool_result("b1"),
     )
     assert "notice" not in kinds(events)
-    assert [e.data.state for e in events if e.kind == "step"] == ["started", "ok"]  # type: ignore[attr-defined]
+    assert [d.state for d in data(events, StepData)] == ["started", "ok"]
 
 
 def test_permission_denied_hooks_compaction_and_rate_limits_are_notices() -> None:
@@ -348,20 +380,20 @@ def test_permission_denied_hooks_compaction_and_rate_limits_are_notices() -> Non
         {"type": "rate_limit_event", "rate_limit_info": {"status": "allowed"}},
         {"type": "system", "subtype": "brand_new_subtype", "x": 1},
     )
-    assert [(e.data.kind, e.data.text) for e in events] == [  # type: ignore[attr-defined]
+    assert [(one(e, NoticeData).kind, one(e, NoticeData).text) for e in events] == [
         ("permission_denied", "permission denied: Bash: This command requires approval"),
         ("hook", "hook PreToolUse:Bash: error (exit 2): blocked by policy"),
         ("compact", "conversation compacted (auto, 180000 tokens before)"),
         ("rate_limit", "rate limit (five_hour): allowed_warning, 91% used"),
     ]
-    assert events[0].data.stepId == "b1"  # type: ignore[attr-defined]
+    assert one(events[0], NoticeData).stepId == "b1"
 
 
 def test_stream_events_count_tokens_live_and_end_the_turn() -> None:
     clock = Clock()
     mapper = Mapper(JobSnapshot(id="j1", roomId="job:j1"), clock=clock)
 
-    def se(event: dict) -> dict:
+    def se(event: dict[str, Any]) -> dict[str, Any]:
         return {"type": "stream_event", "event": event, "parent_tool_use_id": None}
 
     events = feed_all(
@@ -378,7 +410,7 @@ def test_stream_events_count_tokens_live_and_end_the_turn() -> None:
                                           "stop_reason": None, "usage": {"input_tokens": 100, "output_tokens": 1}}},
         se({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 80}}),
     )
-    outs = [e.data.outputTokens for e in events if e.kind == "usage"]  # type: ignore[attr-defined]
+    outs = [d.outputTokens for d in data(events, UsageData)]
     assert outs == sorted(outs) and outs[0] == 1 and outs[-1] == 80 and len(set(outs)) >= 5
     assert phases(events) == ["reviewing"]  # the message that ended the turn had text
 
@@ -401,8 +433,9 @@ def test_result_totals_include_subagents_and_every_error_text() -> None:
         "modelUsage": {"m": {"inputTokens": 5000, "outputTokens": 70, "cacheReadInputTokens": 100}},
         "errors": ["Reached maximum number of turns (2)"],
     }) if e.kind in ("usage", "result")]
-    assert (usage.data.inputTokens, usage.data.outputTokens, usage.data.costUsd) == (5100, 70, 0.02)  # type: ignore[attr-defined]
-    assert result.data.error == "error_max_turns: Reached maximum number of turns (2)"  # type: ignore[attr-defined]
+    totals = one(usage, UsageData)
+    assert (totals.inputTokens, totals.outputTokens, totals.costUsd) == (5100, 70, 0.02)
+    assert one(result, ResultData).error == "error_max_turns: Reached maximum number of turns (2)"
 
 
 def test_a_field_of_a_new_shape_is_dropped_not_the_line() -> None:
@@ -413,5 +446,6 @@ def test_a_field_of_a_new_shape_is_dropped_not_the_line() -> None:
         "modelUsage": ["a", "list", "now"], "errors": {"not": "a list"},
     })
     assert kinds(events) == ["log", "phase", "usage", "result"]
-    assert "modelUsage, errors" in events[0].data.line  # type: ignore[attr-defined]
-    assert events[-1].data.ok and events[-1].data.costUsd == 0.5 and mapper.snapshot.usage.outputTokens == 4  # type: ignore[attr-defined]
+    assert "modelUsage, errors" in one(events[0], LogData).line
+    final = one(events[-1], ResultData)
+    assert final.ok and final.costUsd == 0.5 and mapper.snapshot.usage.outputTokens == 4

@@ -25,8 +25,8 @@ import pytest
 
 import pg_cluster
 from gateway_helpers import Store, auth, connect, join, send, serve
-from progress_service import streams
 from progress_service.embedded_redis import embedded_redis, free_port
+from progress_service.keys import events_key
 from progress_service.settings import Settings, load_settings
 
 pytestmark = pytest.mark.anyio
@@ -311,7 +311,7 @@ async def test_store_stopped_while_reviewers_post(private_pg, redis_url, tmp_pat
 
     client = Redis.from_url(redis_url)
     try:
-        entries = await client.xrange(streams.events_key(job_id))
+        entries = await client.xrange(events_key(job_id))
     finally:
         await client.aclose()
     chats = [json.loads(fields[b"b"])["requestId"] for _id, fields in entries if fields.get(b"t") == b"chat"]
@@ -369,7 +369,7 @@ async def test_comment_rows_without_event_id_are_repaired_on_read(redis_url, tmp
         assert {c.requestId: c.id for c in rows} == ids
     client = Redis.from_url(redis_url)
     try:
-        entries = await client.xrange(streams.events_key(job_id))
+        entries = await client.xrange(events_key(job_id))
     finally:
         await client.aclose()
     chats = [json.loads(f[b"b"])["requestId"] for _i, f in entries if f.get(b"t") == b"chat"]

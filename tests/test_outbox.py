@@ -6,14 +6,8 @@ import anyio
 import pytest
 
 from progress_service import metrics
-from progress_service.gateway.outbox import (
-    BATCH_FRAME_BYTES,
-    Chunk,
-    Outbox,
-    SendTimeout,
-    WriteWindow,
-    queued_bytes,
-)
+from progress_service.errors import SendTimeout
+from progress_service.gateway.outbox import BATCH_FRAME_BYTES, Chunk, Outbox, WriteWindow, queued_bytes
 
 
 async def test_pump_times_out_a_send_that_never_returns() -> None:

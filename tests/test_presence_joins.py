@@ -76,8 +76,8 @@ async def test_a_user_is_announced_once_and_leaves_when_its_last_entry_expires(r
     import json  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from progress_service.gateway.hub import presence_stream_key  # noqa: PLC0415
-    from progress_service.streams import presence_key  # noqa: PLC0415
+    from progress_service.keys import presence_stream_key  # noqa: PLC0415
+    from progress_service.keys import presence_key  # noqa: PLC0415
 
     job = uuid.uuid4().hex[:12]
     a, b = Presence(redis, f"a-{job}", grace=0.2), Presence(redis, f"b-{job}", grace=0.2)

@@ -16,6 +16,8 @@ from redis.asyncio import Redis
 from history_helpers import PrivateRedis
 from progress_service import streams
 from progress_service.events import JobSnapshot
+from progress_service.ids import room_id
+from progress_service.keys import events_key, snapshot_key
 from progress_service.settings import load_settings
 from progress_service.store import history as archive
 from worker.mapping import Mapper
@@ -24,12 +26,12 @@ from worker.publisher import Publisher
 
 def _publisher(redis: Any, engine: Any, job_id: str, **overrides: Any) -> Publisher:
     settings = load_settings(env={}, **overrides)
-    mapper = Mapper(JobSnapshot(id=job_id, roomId=streams.room_id(job_id)))
+    mapper = Mapper(JobSnapshot(id=job_id, roomId=room_id(job_id)))
     return Publisher(redis, job_id, 1, settings, mapper, engine=engine)
 
 
 async def _stream_ids(redis: Any, job_id: str) -> list[str]:
-    return [eid.decode() for eid, _ in await redis.xrange(streams.events_key(job_id))]
+    return [eid.decode() for eid, _ in await redis.xrange(events_key(job_id))]
 
 
 async def _archived(engine: Any, job_id: str) -> list[str]:
@@ -59,7 +61,7 @@ async def test_events_published_during_an_outage_arrive_once_in_order(tmp_path: 
                 await _lines(pub, 50, 10)
                 await pub.close()
             got = await _stream_ids(redis, job_id)
-            bodies = [f[b"b"] for _, f in await redis.xrange(streams.events_key(job_id))]
+            bodies = [f[b"b"] for _, f in await redis.xrange(events_key(job_id))]
         finally:
             await redis.aclose()
     assert len(got) == 60 and got == sorted(got, key=streams.id_tuple)
@@ -70,7 +72,7 @@ async def test_events_published_during_an_outage_arrive_once_in_order(tmp_path: 
 async def test_a_retried_batch_after_a_lost_reply_is_appended_once(redis: Any, store: Any) -> None:
     """What the publisher sends again when an append's reply was lost: the same seqs, plus new ones."""
     job_id = uuid.uuid4().hex[:12]
-    keys = [streams.events_key(job_id), streams.snapshot_key(job_id)]
+    keys = [events_key(job_id), snapshot_key(job_id)]
     script = redis.register_script(streams.APPEND_EVENTS)
     bodies = [b'{"kind":"log","at":1,"data":{"n":%d}}' % i for i in range(7)]
 
@@ -99,19 +101,20 @@ async def test_a_redis_that_lost_the_stream_gets_it_back_and_ids_never_go_backwa
         await _lines(pub, 0, 10)
         before = await _stream_ids(redis, job_id)
         # The keys vanish (FLUSHALL, eviction, a restart without them).
-        await redis.delete(streams.events_key(job_id), streams.snapshot_key(job_id))
+        await redis.delete(events_key(job_id), snapshot_key(job_id))
         await _lines(pub, 10, 5)
         await pub.close()
     after = await _stream_ids(redis, job_id)
     assert after[:10] == before  # put back with their own ids
     assert len(after) == 15 and after == sorted(after, key=streams.id_tuple)
     assert await _archived(engine, job_id) == after
-    await redis.delete(streams.events_key(job_id), streams.snapshot_key(job_id))
+    await redis.delete(events_key(job_id), snapshot_key(job_id))
 
 
 async def test_archive_store_on_sqlite_and_postgres(engine: Any) -> None:
     """Idempotent inserts, the room's order with comments merged in, retention with its record."""
-    from progress_service.events import JobSpec, now_ms
+    from progress_service.events import JobSpec
+    from progress_service.ids import now_ms
     from progress_service.store import comments as comment_store
     from progress_service.store.identity import ensure_team, ensure_user
     from progress_service.store.jobs import create_job, update_job
@@ -123,7 +126,7 @@ async def test_archive_store_on_sqlite_and_postgres(engine: Any) -> None:
     await archive.archive(engine, job_id, events)
     await archive.archive(engine, job_id, events[1:])  # a batch written again stores nothing twice
     item = comment_store.NewComment(
-        job_id=job_id, room_id=streams.room_id(job_id), team_id=team, user_id=user, user_name="u1",
+        job_id=job_id, room_id=room_id(job_id), team_id=team, user_id=user, user_name="u1",
         request_id="r1", text="hi", created_at=5,
     )
     ((comment, _),) = await comment_store.store_batch(engine, [item])
@@ -171,7 +174,7 @@ async def test_redis_keeps_what_the_archive_lacks_and_trims_what_it_holds(redis:
     assert await streams.trim_archived(redis, job_id, archived[-1], keep=1, keep_ms=60_000) == 0
     assert await streams.trim_archived(redis, job_id, archived[-1], keep=1) == 3
     assert await _stream_ids(redis, job_id) == archived[-1:]
-    await redis.delete(streams.events_key(job_id), streams.snapshot_key(job_id))
+    await redis.delete(events_key(job_id), snapshot_key(job_id))
 
 
 async def test_a_page_whose_start_was_trimmed_reads_the_archive_then_redis(redis: Any, store: Any) -> None:
@@ -191,4 +194,4 @@ async def test_a_page_whose_start_was_trimmed_reads_the_archive_then_redis(redis
     assert [e.decode() for e, _ in page] == got[2:10]
     page = await history.read_page(redis, engine, job_id, got[9], count=8)
     assert [e.decode() for e, _ in page] == got[10:]
-    await redis.delete(streams.events_key(job_id), streams.snapshot_key(job_id))
+    await redis.delete(events_key(job_id), snapshot_key(job_id))

@@ -27,6 +27,7 @@ from cli_watch import submit
 from gateway_helpers import auth, connect, join, recv_type, send
 from model_server import Script, ToolUse, reply
 from progress_service.events import EventMsg
+from progress_service.keys import inbox_key, lease_key, run_key, steer_key
 from progress_service.terminal.render import format_event
 
 pytestmark = pytest.mark.usefixtures("claude_env")
@@ -326,8 +327,6 @@ async def test_permission_prompts_are_answered_from_the_room(service, model_serv
 
 async def test_refusals_without_a_live_cli(make_settings, make_token, live_server, redis) -> None:
     """A queued job is not running; a running job whose lease is gone has lost its worker; nothing is enqueued."""
-    from progress_service import inbox  # noqa: PLC0415
-    from progress_service.queue import lease_key, run_key  # noqa: PLC0415
 
     settings = make_settings()
     sub_token = await make_token(role="submitter")
@@ -342,8 +341,8 @@ async def test_refusals_without_a_live_cli(make_settings, make_token, live_serve
         assert resp.status_code == 503 and "worker_gone" in resp.json()["detail"] and resp.headers["Retry-After"], resp.text
         resp = await sub.post(f"/api/jobs/{job_id}/permissions/p1", json={"allow": True}, headers={"Idempotency-Key": "g2"})
         assert resp.status_code == 404, resp.text  # no such prompt
-        assert await redis.xlen(inbox.inbox_key(job_id)) == 0
-        assert not await redis.hgetall(inbox.steer_key(job_id))
+        assert await redis.xlen(inbox_key(job_id)) == 0
+        assert not await redis.hgetall(steer_key(job_id))
         # Bad input is a 400 naming the field, never a 500.
         resp = await sub.post(f"/api/jobs/{job_id}/instructions", json={"text": "  "}, headers={"Idempotency-Key": "b1"})
         assert resp.status_code == 400 and "text" in resp.text, resp.text

@@ -26,6 +26,7 @@ import pytest
 
 from progress_service.embedded_redis import embedded_redis
 from progress_service.events import ChatMsg, EventMsg
+from progress_service.keys import events_key
 from progress_service.terminal.backoff import Backoff
 from progress_service.terminal.client import Outcome, ws_url
 from progress_service.terminal.render import format_chat, format_event, one_line
@@ -446,7 +447,7 @@ async def test_a_trimmed_stream_is_resumed_from_the_archive(service: Any, run_cl
     # Wait until every entry the client can have seen was trimmed away.
     from redis import Redis  # noqa: PLC0415
 
-    from progress_service.streams import events_key, id_lt  # noqa: PLC0415
+    from progress_service.streams import id_lt  # noqa: PLC0415
 
     r = Redis.from_url(settings.redis_url, decode_responses=True)
     key = events_key(job_id)

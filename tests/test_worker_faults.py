@@ -28,9 +28,10 @@ import httpx
 import pytest
 
 from progress_service.embedded_redis import free_port, redis_binary, wait_for_port
+from progress_service.keys import events_key
 from progress_service.store.db import create_engine
 from progress_service.store.jobs import JobRecord, get_job
-from progress_service.streams import events_key
+
 
 # --------------------------------------------------------------------------
 # helpers

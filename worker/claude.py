@@ -86,7 +86,7 @@ def resolve_binary(settings: Settings) -> tuple[list[str], bool]:
 
 
 def build_command(settings: Settings, spec: JobSpec, session_id: str) -> Command:
-    """The full command line of one job, exactly as DESIGN.md describes it.
+    """The full command line of one job, exactly as docs/jobs.md describes it.
 
     The prompt is not an argument: with ``--input-format stream-json`` it is
     the first user message on stdin (:func:`user_message`), and

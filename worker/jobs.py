@@ -28,6 +28,7 @@ because a dependency blinked.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import socket
@@ -41,8 +42,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from progress_service.events import TERMINAL_STATUSES, JobSnapshot, now_ms
+from progress_service.errors import WorkdirError
+from progress_service.events import TERMINAL_STATUSES, EventData, EventKind, JobSnapshot
+from progress_service.ids import now_ms, room_id
 from progress_service.queue import (
+    RunState,
+    ClaimVerdict,
+    HandBackVerdict,
     cancel_requested,
     claim_run,
     finish_run,
@@ -51,9 +57,9 @@ from progress_service.queue import (
     refresh_lease,
 )
 from progress_service.settings import Settings
-from progress_service.workspace import WorkdirError, resolve_workdir
+from progress_service.workspace import resolve_workdir
 from progress_service.store.jobs import JobRecord, get_job, update_job
-from progress_service.streams import expire_job, read_state, room_id
+from progress_service.streams import expire_job, read_state
 from worker.claude import (
     ClaudeProcess, Line, Output, build_command, child_env, run_to_completion, start_claude, stdout_copy_path,
 )
@@ -83,6 +89,17 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+class StopReason(enum.Enum):
+    """Why an attempt stopped its CLI before the CLI ended by itself."""
+
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    #: Another attempt (or a cancel) owns the job now.
+    SUPERSEDED = "superseded"
+    #: This worker is stopping: the job goes back on the queue.
+    HAND_BACK = "handback"
+
+
 class JobRun:
     """One attempt of one job on this worker."""
 
@@ -96,7 +113,7 @@ class JobRun:
         self.attempt = attempt
         self.mapper = Mapper(snapshot, stdout_copy=stdout_copy_path(self.settings, record.id, attempt))
         self.pub = Publisher(self.redis, self.job_id, attempt, self.settings, self.mapper, engine=self.engine)
-        self.stop_reason: str | None = None  # cancelled | timeout | superseded | handback
+        self.stop_reason: StopReason | None = None
         self.cancelled_by: str | None = None
         spec_timeout = record.spec.timeoutSeconds or self.settings.job_timeout
         self.timeout = min(spec_timeout, self.settings.job_timeout_max)
@@ -197,7 +214,7 @@ class JobRun:
         """Map and publish; during a Redis outage the Publisher keeps the events (its pump delivers them)."""
         await self.pub(make, *args, **kwargs)
 
-    async def _publish_event(self, kind: str, data: msgspec.Struct) -> str | None:
+    async def _publish_event(self, kind: EventKind, data: EventData) -> str | None:
         """Publish one event the worker makes; its id once Redis has it (None while Redis is down)."""
         async with self.pub.lock:
             events = self.mapper.event(kind, data)
@@ -207,7 +224,7 @@ class JobRun:
     async def _store(self, op: Callable[[], Awaitable[T]]) -> T:
         return await persist(op, self.store_link)
 
-    async def _stop(self, proc: ClaudeProcess, reason: str) -> None:
+    async def _stop(self, proc: ClaudeProcess, reason: StopReason) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
         await proc.stop()
@@ -227,7 +244,7 @@ class JobRun:
                 who = await cancel_requested(self.redis, self.job_id)
                 if who is not None:
                     self.cancelled_by = who
-                    await self._stop(proc, "cancelled")
+                    await self._stop(proc, StopReason.CANCELLED)
                     return
                 now = anyio.current_time()
                 if now - last_lease >= lease_every or not self.redis_link.is_up:
@@ -238,7 +255,7 @@ class JobRun:
                     if not owned:
                         # The sweeper gave this attempt up: another attempt
                         # (or a cancel) owns the job now.
-                        await self._stop(proc, "superseded")
+                        await self._stop(proc, StopReason.SUPERSEDED)
                         return
                     if owned == 2:
                         log.warning("job %s: Redis had lost the run state; re-created the lease", self.job_id)
@@ -252,22 +269,22 @@ class JobRun:
 
     async def _deadline(self, proc: ClaudeProcess) -> None:
         await anyio.sleep(self.timeout)
-        await self._stop(proc, "timeout")
+        await self._stop(proc, StopReason.TIMEOUT)
 
     async def _on_hand_back(self, proc: ClaudeProcess) -> None:
         await self.hand_back_requested.wait()
-        await self._stop(proc, "handback")
+        await self._stop(proc, StopReason.HAND_BACK)
 
     # -- endings --------------------------------------------------------------
 
     async def _conclude(self, returncode: int | None) -> str:
-        if self.stop_reason == "superseded":
+        if self.stop_reason is StopReason.SUPERSEDED:
             return "superseded"
-        if self.stop_reason == "handback":
+        if self.stop_reason is StopReason.HAND_BACK:
             return await self._hand_back()
-        if self.stop_reason == "cancelled":
+        if self.stop_reason is StopReason.CANCELLED:
             return await self._end("cancelled", f"cancelled by {self.cancelled_by or 'user'}")
-        if self.stop_reason == "timeout":
+        if self.stop_reason is StopReason.TIMEOUT:
             return await self._end("failed", f"timed out after {self.timeout}s")
         result = self.mapper.result
         if result is not None:
@@ -283,10 +300,10 @@ class JobRun:
         verdict = await persist(
             lambda: hand_back_run(self.redis, self.job_id, self.attempt, self.worker_id), self.redis_link
         )
-        if verdict == "cancelled":
+        if verdict is HandBackVerdict.CANCELLED:
             who = await persist(lambda: cancel_requested(self.redis, self.job_id), self.redis_link)
             return await self._end("cancelled", f"cancelled by {who or 'user'}")
-        if verdict != "ok":
+        if verdict is not HandBackVerdict.OK:
             return "superseded"
         reason = f"worker stopped; handed back as attempt {self.attempt + 1} (no try spent)"
         await requeue(self.redis, self.engine, self.settings, self.pub, self.attempt + 1, reason)
@@ -304,7 +321,7 @@ class JobRun:
             return "superseded"
         await self._publish(self.mapper.status, status, reason=reason)
         await self._store(lambda: update_job(self.engine, self.job_id, snapshot=self.mapper.snapshot))
-        final = "cancelled" if status == "cancelled" else "done"
+        final: RunState = "cancelled" if status == "cancelled" else "done"
         await persist(
             lambda: finish_run(self.redis, self.job_id, self.attempt, self.worker_id, final, self.settings.events_ttl),
             self.redis_link,
@@ -336,7 +353,7 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int = 1) -> str:
     verdict, current = await persist(
         lambda: claim_run(redis, job_id, attempt, worker_id, settings.lease_ttl, settings.events_ttl), link
     )
-    if verdict == "cancelled":
+    if verdict is ClaimVerdict.CANCELLED:
         # Cancelled while queued (a cancel that raced a re-enqueue): say so.
         who = await cancel_requested(redis, job_id)
         snapshot, _ = await read_state(redis, job_id)
@@ -345,7 +362,7 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int = 1) -> str:
             f"cancelled by {who or 'user'} before it started",
         )
         return "refused: cancelled"
-    if verdict != "ok":
+    if verdict is not ClaimVerdict.OK:
         return f"refused: {verdict}"
     snapshot, _ = await persist(lambda: read_state(redis, job_id), link)
     if snapshot is None:
@@ -368,6 +385,7 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int = 1) -> str:
         # archives to the store; closing it drains both (shielded, bounded).
         await tg.start(run.pub.run)
         try:
-            return await run.execute()
+            outcome = await run.execute()
         finally:
             await run.pub.close()
+    return outcome

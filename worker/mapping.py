@@ -25,6 +25,11 @@ doing now.
   (the ``end_turn`` stop reason of the streamed ``message_delta``, or of the
   message itself for older output): that is its final answer, to-dos or not;
 - ``finishing`` at the ``result`` line.
+
+Why ~540 lines in one module: :class:`Mapper` is one state machine over the
+CLI's output (pending tools, live tokens, to-dos, phase, retries) and its
+handlers share that state; what does not need it already lives apart
+(``stream_json``, ``step_detail``, ``todos``, ``tools``).
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ from progress_service.events import (
     SUMMARY_MAX_CHARS,
     TITLE_MAX_CHARS,
     CurrentStep,
+    JobStatus,
+    NoticeKind,
+    Phase,
+    WorkerState,
+    EventData,
+    EventKind,
     JobSnapshot,
     LogData,
     MessageData,
@@ -54,12 +65,13 @@ from progress_service.events import (
     RetryData,
     StatusData,
     StepData,
+    StepState,
     Usage,
     UsageData,
     WorkerData,
     clip,
-    now_ms,
 )
+from progress_service.ids import now_ms
 from worker.step_detail import step_input, step_output
 from worker.todos import TodoList
 from worker.tools import BOOKKEEPING_TOOLS, is_test_command, tool_phase, tool_title  # noqa: F401 - is_test_command re-exported
@@ -78,9 +90,9 @@ STDERR_TAIL = 5
 class Mapped(Struct, kw_only=True):
     """One event to append and the snapshot it leads to."""
 
-    kind: str
+    kind: EventKind
     at: int
-    data: Struct
+    data: EventData
     snapshot: JobSnapshot
 
 
@@ -135,21 +147,21 @@ class Mapper:
 
     # -- helpers ------------------------------------------------------------
 
-    def _emit(self, out: list[Mapped], kind: str, data: Struct, **changes: Any) -> None:
+    def _emit(self, out: list[Mapped], kind: EventKind, data: EventData, **changes: Any) -> None:
         if changes:
             self.snapshot = msgspec.structs.replace(self.snapshot, **changes)
         out.append(Mapped(kind=kind, at=self.clock(), data=data, snapshot=msgspec.structs.replace(self.snapshot)))
 
-    def _phase(self, out: list[Mapped], phase: str) -> None:
+    def _phase(self, out: list[Mapped], phase: Phase) -> None:
         if phase != self.snapshot.phase:
             at = self.clock()
-            self._emit(out, "phase", PhaseData(phase=phase, since=at), phase=phase)  # type: ignore[arg-type]
+            self._emit(out, "phase", PhaseData(phase=phase, since=at), phase=phase)
 
     def _log(self, out: list[Mapped], stream: str, line: str) -> None:
         self._emit(out, "log", LogData(stream=stream, line=clip(line, LOG_LINE_MAX_CHARS)))
 
-    def _notice(self, out: list[Mapped], kind: str, text: str, step: str | None = None) -> None:
-        self._emit(out, "notice", NoticeData(kind=kind, text=clip(text, MESSAGE_MAX_CHARS), stepId=step))  # type: ignore[arg-type]
+    def _notice(self, out: list[Mapped], kind: NoticeKind, text: str, step: str | None = None) -> None:
+        self._emit(out, "notice", NoticeData(kind=kind, text=clip(text, MESSAGE_MAX_CHARS), stepId=step))
 
     def _todo_event(self, out: list[Mapped]) -> None:
         data = self._todos.data()
@@ -162,7 +174,7 @@ class Mapper:
 
     # -- lifecycle events the worker asks for ---------------------------------
 
-    def status(self, status: str, *, reason: str | None = None, **changes: Any) -> list[Mapped]:
+    def status(self, status: JobStatus, *, reason: str | None = None, **changes: Any) -> list[Mapped]:
         """A ``status`` event (running, succeeded, failed, cancelled, queued)."""
         out: list[Mapped] = []
         if status == "running":
@@ -175,17 +187,17 @@ class Mapper:
         changes["step"] = None
         changes["retry"] = None
         self.snapshot = msgspec.structs.replace(self.snapshot, status=status, reason=reason, **changes)
-        data = StatusData(status=status, phase=self.snapshot.phase, reason=reason)  # type: ignore[arg-type]
+        data = StatusData(status=status, phase=self.snapshot.phase, reason=reason)
         self._emit(out, "status", data)
         return out
 
-    def worker(self, state: str, worker_id: str) -> list[Mapped]:
+    def worker(self, state: WorkerState, worker_id: str) -> list[Mapped]:
         """A ``worker`` liveness event."""
         out: list[Mapped] = []
-        self._emit(out, "worker", WorkerData(state=state, workerId=worker_id))  # type: ignore[arg-type]
+        self._emit(out, "worker", WorkerData(state=state, workerId=worker_id))
         return out
 
-    def event(self, kind: str, data: Struct) -> list[Mapped]:
+    def event(self, kind: EventKind, data: EventData) -> list[Mapped]:
         """An event the worker makes itself (``instruction``, ``permission``) with the current snapshot."""
         out: list[Mapped] = []
         self._emit(out, kind, data)
@@ -245,8 +257,10 @@ class Mapper:
         return out
 
     def _copy(self, text: str) -> None:
+        if self.stdout_copy is None:
+            return
         try:
-            with self.stdout_copy.open("a", encoding="utf-8") as fh:  # type: ignore[union-attr]
+            with self.stdout_copy.open("a", encoding="utf-8") as fh:
                 fh.write(text + "\n")
         except OSError:
             self.stdout_copy = None  # a debugging aid must never fail a job
@@ -316,8 +330,8 @@ class Mapper:
             self._progress(out, step, pending, force=bool(line.description))
         elif line.subtype == "task_notification":
             ok = line.status in (None, "completed")
-            pending = self._pending.get(step or "")
-            background = pending is not None and pending.background
+            launched = self._pending.get(step or "")
+            background = launched is not None and launched.background
             if agent or background:
                 summary = clip((line.summary or "").strip(), MESSAGE_MAX_CHARS)
                 what = "subagent" if agent else "background task"
@@ -464,11 +478,11 @@ class Mapper:
     def _end_step(
         self, out: list[Mapped], step_id: str, *, error: bool, content: Any = None, parent: str | None = None
     ) -> None:
-        pending = self._pending.pop(step_id, None)
+        popped = self._pending.pop(step_id, None)
         self._last_progress.pop(step_id, None)
         now = self.clock()
-        pending = pending or _Pending(tool="unknown", title="", started=now, parent=parent)
-        state = "error" if error else "ok"
+        pending = popped or _Pending(tool="unknown", title="", started=now, parent=parent)
+        state: StepState = "error" if error else "ok"
         duration = now - pending.started if pending.tool != "unknown" else None
         result = step_output(pending.tool, content, error)
         data = StepData(

@@ -58,6 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service import streams
 from progress_service.events import TERMINAL_STATUSES, StoredEvent
+from progress_service.keys import events_key, snapshot_key
 from progress_service.settings import Settings
 from progress_service.store import history as archive
 from worker.mapping import Mapped, Mapper
@@ -127,7 +128,7 @@ class Publisher:
         self._token = uuid.uuid4().hex[:16]
         self._restores = 0
         self._seq = 0
-        self._keys = [streams.events_key(job_id), streams.snapshot_key(job_id)]
+        self._keys = [events_key(job_id), snapshot_key(job_id)]
         self._script = redis.register_script(streams.APPEND_EVENTS)
         self._pending: deque[_Item] = deque()  # not yet confirmed by Redis
         self._unarchived: list[archive.ArchivedEvent] = []
@@ -309,7 +310,8 @@ class Publisher:
                 args += (ev.body, ev.id)
         # A Redis that hangs (rather than refusing) must not stall the job.
         with anyio.fail_after(CALL_TIMEOUT):
-            return await self._script(keys=self._keys, args=args)
+            ids: list[Any] = await self._script(keys=self._keys, args=args)
+            return ids
 
     async def _put_back(self) -> None:
         """Redis forgot this publisher's appends: append the recent ones again, with their ids."""

@@ -11,6 +11,7 @@ set. See docs/jobs.md.
 
 from __future__ import annotations
 
+import enum
 import logging
 
 import anyio
@@ -19,13 +20,13 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service.events import TERMINAL_STATUSES
+from progress_service.keys import lease_key, run_key
 from progress_service.queue import (
+    ReapVerdict,
     cancel_requested,
     enqueue_job,
-    lease_key,
     publish_cancelled,
     reap_run,
-    run_key,
     run_state,
 )
 from progress_service.settings import Settings
@@ -53,7 +54,7 @@ async def requeue(redis: Redis, engine: AsyncEngine, settings: Settings, pub: Pu
     # Enqueued before the row is written, and the row write waits out a
     # store outage: the run state already says queued, so a failure here
     # must not leave the job with no arq job to run it.
-    await enqueue_job(redis, job_id, attempt=next_attempt, queue_name=settings.queue_name)  # type: ignore[arg-type]
+    await enqueue_job(redis, job_id, attempt=next_attempt, queue_name=settings.queue_name)
     await persist(lambda: update_job(engine, job_id, snapshot=mapper.snapshot), Link(f"store (job {job_id} re-queue)"))
     if await run_state(redis, job_id) == "cancelled":
         latest, _ = await read_state(redis, job_id)
@@ -65,7 +66,26 @@ async def requeue(redis: Redis, engine: AsyncEngine, settings: Settings, pub: Pu
             )
 
 
-async def recover_job(redis: Redis, engine: AsyncEngine, settings: Settings, record: JobRecord, *, why: str) -> str:
+class Recovery(enum.StrEnum):
+    """What :func:`recover_job` did with a job whose row says running."""
+
+    #: Its worker holds the lease after all: nothing to do.
+    ALIVE = "alive"
+    #: The row lags a newer attempt (queued, or another attempt runs): nothing to do.
+    STALE = "stale"
+    #: The job had ended; only its row was brought up to date.
+    SYNCED = "synced"
+    REQUEUE = "requeue"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def acted(self) -> bool:
+        """Whether recovery changed the job (a sweep reports only those)."""
+        return self not in (Recovery.ALIVE, Recovery.STALE)
+
+
+async def recover_job(redis: Redis, engine: AsyncEngine, settings: Settings, record: JobRecord, *, why: str) -> Recovery:
     """Deal with a job whose row says running but whose lease is gone.
 
     Re-enqueues it as the next attempt while tries are left (attempts minus
@@ -73,8 +93,7 @@ async def recover_job(redis: Redis, engine: AsyncEngine, settings: Settings, rec
     its cancel flag set is cancelled, never re-run; a job whose worker died
     after publishing its end only has its row brought up to date. Atomic
     with respect to other sweepers and to the worker (the decision is one
-    Lua script). Returns what was done: alive, stale, synced, requeue,
-    failed or cancelled.
+    Lua script). Returns what was done.
     """
     job_id = record.id
     snapshot, _ = await read_state(redis, job_id)
@@ -82,30 +101,30 @@ async def recover_job(redis: Redis, engine: AsyncEngine, settings: Settings, rec
         snapshot = record.to_snapshot()
     if snapshot.status in TERMINAL_STATUSES:
         if await redis.exists(lease_key(job_id)):
-            return "alive"
+            return Recovery.ALIVE
         await update_job(engine, job_id, snapshot=snapshot)
-        return "synced"
+        return Recovery.SYNCED
     attempt = record.attempt
     lost_worker = await redis.hget(run_key(job_id), "worker")
     verdict, spent = await reap_run(redis, job_id, attempt, settings.job_max_tries)
-    if verdict in ("alive", "stale"):
-        return verdict
+    if verdict in (ReapVerdict.ALIVE, ReapVerdict.STALE):
+        return Recovery(verdict.value)
     mapper = Mapper(snapshot)
     pub = Publisher(redis, job_id, attempt, settings, mapper, engine=engine)
     worker_name = lost_worker.decode() if isinstance(lost_worker, bytes) else (lost_worker or "unknown")
     await pub(mapper.worker, "lost", worker_name)
-    if verdict == "requeue":
+    if verdict is ReapVerdict.REQUEUE:
         reason = f"{why}; retrying as attempt {attempt + 1} (try {spent + 1} of {settings.job_max_tries})"
         await requeue(redis, engine, settings, pub, attempt + 1, reason)
         log.warning("job %s: %s", job_id, reason)
-        return "requeue"
-    if verdict == "cancelled":
+        return Recovery.REQUEUE
+    if verdict is ReapVerdict.CANCELLED:
         who = await cancel_requested(redis, job_id)
         await pub(mapper.status, "cancelled", reason=f"cancelled by {who or 'user'} ({why})")
-        outcome = "cancelled"
+        outcome = Recovery.CANCELLED
     else:  # "failed", or "ended" (run state says over but nobody published it)
         await pub(mapper.status, "failed", reason=why)
-        outcome = "failed"
+        outcome = Recovery.FAILED
     await persist(lambda: update_job(engine, job_id, snapshot=mapper.snapshot), Link(f"store (job {job_id} recovery)"))
     await expire_job(redis, job_id, settings.events_ttl)
     log.warning("job %s: %s, %s after %d tr%s", job_id, why, outcome, spent, "y" if spent == 1 else "ies")
@@ -131,9 +150,9 @@ class Sweeper:
         self.missing: dict[str, float] = {}  # job id -> when its lease was first seen missing
         self.link = Link("lost-worker sweeper: Redis or store")
 
-    async def sweep(self) -> dict[str, str]:
+    async def sweep(self) -> dict[str, Recovery]:
         """One pass over running jobs; returns {job id: what was done} for those acted on."""
-        done: dict[str, str] = {}
+        done: dict[str, Recovery] = {}
         running = await jobs_in_status(self.engine, ["running"])
         ids = {r.id for r in running}
         self.missing = {k: v for k, v in self.missing.items() if k in ids}
@@ -146,7 +165,7 @@ class Sweeper:
                 continue
             outcome = await recover_job(self.redis, self.engine, self.settings, record, why="worker lost")
             self.missing.pop(record.id, None)
-            if outcome not in ("alive", "stale"):
+            if outcome.acted:
                 done[record.id] = outcome
         return done
 
@@ -170,7 +189,7 @@ class Sweeper:
             await anyio.sleep(every)
 
 
-async def sweep_once(arq_pool: ArqRedis, engine: AsyncEngine, settings: Settings) -> dict[str, str]:
+async def sweep_once(arq_pool: ArqRedis, engine: AsyncEngine, settings: Settings) -> dict[str, Recovery]:
     """One pass without grace: recover every running job whose lease is missing now."""
     return await Sweeper(arq_pool, engine, settings, grace=0).sweep()
 

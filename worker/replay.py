@@ -165,7 +165,7 @@ class _Progress:
 
     def __init__(self, lines: list[dict[str, Any]]) -> None:
         self.total = max(1, len(lines))
-        final = next((w["j"] for w in reversed(lines) if w.get("j", {}).get("type") == "result"), {})
+        final: dict[str, Any] = next((w["j"] for w in reversed(lines) if w.get("j", {}).get("type") == "result"), {})
         self.final_cost = float(final.get("total_cost_usd") or 0.0)
         self.final_usage = {k: v for k, v in (final.get("usage") or {}).items() if isinstance(v, int)}
         self.printed = 0

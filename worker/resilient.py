@@ -67,7 +67,7 @@ class ResilientWorker(Worker):
             self.redis_link.up()
             self._backoff = 0.2
 
-    def handle_sig(self, signum: int) -> None:
+    def handle_sig(self, signum: signal.Signals) -> None:
         """Stop (once: ``close`` after a signal must not cancel and log it all again)."""
         if self._stopping:
             return

@@ -34,7 +34,9 @@ import msgspec
 from redis.asyncio import Redis
 
 from progress_service import inbox
-from progress_service.events import InstructionData, PermissionData, clip, now_ms
+from progress_service.events import EventData, EventKind, InstructionData, PermissionData, clip
+from progress_service.ids import now_ms
+from progress_service.keys import inbox_key, steer_key
 from worker.claude import ClaudeProcess, user_message
 from worker.outage import REDIS_DOWN
 
@@ -48,7 +50,7 @@ _NS = uuid.UUID("6f1f3c9e-4d0b-4e43-9a53-3b1f1d2a7c10")
 INPUT_MAX_CHARS = 8000
 
 #: ``publish(kind, data) -> event id or None`` (the JobRun's publisher).
-Publish = Callable[[str, msgspec.Struct], Awaitable[str | None]]
+Publish = Callable[[EventKind, EventData], Awaitable[str | None]]
 
 
 class _Line(msgspec.Struct):
@@ -79,7 +81,7 @@ class Steering:
         self.publish = publish
         self.timeout = timeout
         self.ttl = ttl
-        self._key = inbox.steer_key(job_id)
+        self._key = steer_key(job_id)
         self._claim = redis.register_script(inbox.CLAIM)
         self._last = "0-0"
         self._written: dict[str, inbox.InboxItem] = {}  # message uuid -> instruction
@@ -115,7 +117,7 @@ class Steering:
             await self._read_batch()
 
     async def _read_batch(self) -> None:
-        reply = await self.redis.xread({inbox.inbox_key(self.job_id): self._last}, count=100)
+        reply = await self.redis.xread({inbox_key(self.job_id): self._last}, count=100)
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
                 self._last = inbox.text_of(entry_id)

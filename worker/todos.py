@@ -10,9 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from progress_service.events import TITLE_MAX_CHARS, TodoData, TodoItem, clip
+from progress_service.events import TITLE_MAX_CHARS, TodoData, TodoItem, clip, todo_state
 
-_STATES = {"pending", "in_progress", "completed"}
 _TASK_ID_RE = re.compile(r"#\s*([A-Za-z0-9_-]+)")
 
 
@@ -30,7 +29,7 @@ class TodoList:
             for n, raw in enumerate(tool_input["todos"], 1):
                 if isinstance(raw, dict):
                     text = str(raw.get("content") or raw.get("activeForm") or "")
-                    state = raw.get("status") if raw.get("status") in _STATES else "pending"
+                    state = todo_state(raw.get("status"))
                     self._items.append((str(raw.get("id", n)), TodoItem(text=clip(text, TITLE_MAX_CHARS), state=state)))
             return True, None
         if tool == "TaskCreate":
@@ -44,16 +43,16 @@ class TodoList:
             return True, task_id
         if tool == "TaskUpdate":
             task_id = str(tool_input.get("taskId", tool_input.get("id", "")))
-            status = tool_input.get("status")
-            subject = tool_input.get("subject")
+            status: object = tool_input.get("status")
+            new_subject: object = tool_input.get("subject")
             for i, (tid, item) in enumerate(self._items):
                 if tid != task_id:
                     continue
                 if status == "deleted":
                     del self._items[i]
                 else:
-                    new_state = status if status in _STATES else item.state
-                    new_text = clip(subject, TITLE_MAX_CHARS) if isinstance(subject, str) and subject else item.text
+                    new_state = todo_state(status, item.state)
+                    new_text = clip(new_subject, TITLE_MAX_CHARS) if isinstance(new_subject, str) and new_subject else item.text
                     self._items[i] = (tid, TodoItem(text=new_text, state=new_state))
                 return True, None
         return False, None

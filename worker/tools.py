@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from progress_service.events import TITLE_MAX_CHARS, clip
+from progress_service.events import TITLE_MAX_CHARS, Phase, clip
 
 
 PLANNING_TOOLS = frozenset(
@@ -39,7 +39,7 @@ def is_test_command(command: str) -> bool:
     return bool(_TEST_RE.search(command))
 
 
-def tool_phase(tool: str, tool_input: dict[str, Any], current: str) -> str:
+def tool_phase(tool: str, tool_input: dict[str, Any], current: Phase) -> Phase:
     """The phase a tool call puts the job in (see the module docstring)."""
     if tool in PLANNING_TOOLS:
         return "planning"

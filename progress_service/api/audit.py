@@ -25,6 +25,7 @@ from progress_service.api.deps import (
     int64_cursor,
     require_role,
 )
+from progress_service.ids import is_room_id
 from progress_service.revocation import TokenInfo, list_tokens, revoke
 from progress_service.services import Services
 from progress_service.store import audit as audit_store
@@ -43,7 +44,6 @@ class TokenList(msgspec.Struct, kw_only=True):
 
 
 _ACTION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,50}$")
-_ROOM_RE = re.compile(r"^job:[A-Za-z0-9_-]{1,64}$")
 _TOKEN_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,36}$")
 
 
@@ -77,7 +77,7 @@ class AuditController(Controller):
         # text with an error (500) where SQLite would just find nothing.
         if action is not None and not _ACTION_RE.match(action):
             raise ValidationException("action: letters, digits and . _ : - only")
-        if room is not None and not _ROOM_RE.match(room):
+        if room is not None and not is_room_id(room):
             raise ValidationException("room: a room id like job:<id>")
         try:
             since_ms = parse_since(since) if since else None

@@ -26,15 +26,10 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_409_CONFLICT
 
-from progress_service import streams
 from progress_service.api.deps import error_responses, int64_cursor
-from progress_service.api.jobs import JOB_ID_RE
-from progress_service.comments import (
-    CommentForbidden,
-    Comments,
-    CommentsUnavailable,
-    InvalidComment,
-)
+from progress_service.comments import Comments
+from progress_service.errors import CommentForbidden, CommentsUnavailable, InvalidComment
+from progress_service.ids import is_job_id, room_id
 from progress_service.services import Services
 from progress_service.store import comments as comment_store
 from progress_service.store.comments import Comment
@@ -56,7 +51,7 @@ class NewComment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 async def _job_of_team(services: Services, job_id: str, principal: Principal) -> None:
-    if not JOB_ID_RE.match(job_id) or await get_job(services.engine, job_id, principal.team_id) is None:
+    if not is_job_id(job_id) or await get_job(services.engine, job_id, principal.team_id) is None:
         raise NotFoundException("no such job")
 
 
@@ -84,7 +79,7 @@ class CommentsController(Controller):
         await _job_of_team(services, job_id, principal)
         limit = min(limit, services.settings.page_max)
         after = int64_cursor(cursor)
-        items = await comment_store.list_comments(services.engine, streams.room_id(job_id), after=after, limit=limit)
+        items = await comment_store.list_comments(services.engine, room_id(job_id), after=after, limit=limit)
         items = await _comments(services).with_ids(job_id, items)
         next_cursor = str(items[-1].commentId) if len(items) == limit else None
         return CommentPage(items=items, nextCursor=next_cursor)

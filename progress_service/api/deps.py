@@ -76,10 +76,9 @@ def require_role(principal: Principal, role: str) -> None:
         raise PermissionDeniedException(f"this needs the role '{role}' or above; you are '{principal.role}'")
 
 
-#: Bounds of what the store (SQL BIGINT) and Redis stream ids can hold; a
-#: number outside them is a client mistake (400), not a driver overflow (500).
+#: The bound of what the store (SQL BIGINT) can hold; a
+#: number outside it is a client mistake (400), not a driver overflow (500).
 INT64_MAX = (1 << 63) - 1
-UINT64_MAX = (1 << 64) - 1
 
 
 def int64_cursor(cursor: str | None, field: str = "cursor") -> int | None:
@@ -97,21 +96,6 @@ def check_int64(value: int, field: str) -> int:
         raise ValidationException(f"{field}: out of range")
     return value
 
-
-def is_event_id(value: str) -> bool:
-    """True for a Redis stream id ``<ms>-<seq>`` whose parts fit in 64 bits."""
-    ms, sep, seq = value.partition("-")
-    return (
-        sep == "-"
-        and 1 <= len(ms) <= 20
-        and 1 <= len(seq) <= 20
-        and ms.isascii()
-        and seq.isascii()
-        and ms.isdigit()
-        and seq.isdigit()
-        and int(ms) <= UINT64_MAX
-        and int(seq) <= UINT64_MAX
-    )
 
 
 class ErrorBody(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -33,10 +33,11 @@ from litestar.status_codes import HTTP_204_NO_CONTENT, HTTP_409_CONFLICT, HTTP_4
 from progress_service import metrics, outage
 from progress_service.api.deps import error_responses
 from progress_service.auth import PrincipalCache, bearer_token
-from progress_service.events import now_ms
+from progress_service.ids import now_ms
 from progress_service.gateway.limits import TokenBucket
-from progress_service.hooks.ingest import HookItem, Ingest, owner_key, session_job_id
+from progress_service.hooks.ingest import HookItem, Ingest, session_job_id
 from progress_service.hooks.body import KNOWN_EVENTS, HookInput, body_hash
+from progress_service.keys import hook_owner_key, hook_sessions_key
 from progress_service.services import Services
 from progress_service.store.identity import TOKEN_PREFIX, Principal, hash_token, principal_for_token
 
@@ -83,7 +84,7 @@ class HookGate:
             return
         settings = self.services.settings
         redis = self.services.redis
-        key = owner_key(job_id)
+        key = hook_owner_key(job_id)
         async with redis.pipeline(transaction=False) as pipe:
             pipe.set(key, principal.team_id, nx=True, ex=settings.events_ttl)
             pipe.get(key)
@@ -94,7 +95,7 @@ class HookGate:
             )
         if claimed:
             hour = int(time.time() // 3600)
-            counter = f"ps:hooksessions:{principal.token_id}:{hour}"
+            counter = hook_sessions_key(principal.token_id, hour)
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.incr(counter)
                 pipe.expire(counter, 3600)

@@ -23,6 +23,7 @@ from progress_service import history, streams
 from progress_service.api.deps import error_responses
 from progress_service.api.jobs import load_snapshot
 from progress_service.events import JobSpec, StepData
+from progress_service.ids import room_id
 from progress_service.services import Services
 from progress_service.store import jobs as job_store
 from progress_service.store.identity import Principal
@@ -101,7 +102,7 @@ class JobLogController(Controller):
     async def raw_log(self, job_id: str, principal: Principal, services: Services) -> Stream:
         """The retained events and comments, one protocol message per line."""
         await load_snapshot(services, job_id, principal.team_id)
-        room = streams.room_id(job_id)
+        room = room_id(job_id)
 
         async def lines() -> AsyncIterator[bytes]:
             async for eid, fields in iter_entries(services, job_id):

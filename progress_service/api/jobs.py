@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import re
 import uuid
 from typing import Annotated, Any
 
@@ -14,15 +13,16 @@ from litestar.params import Parameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_409_CONFLICT
 
 from progress_service import history, metrics, queue, streams
-from progress_service.api.deps import INT64_MAX, error_responses, is_event_id, require_role
-from progress_service.events import CLAUDE_TOOLS, JobSnapshot, JobSpec, StatusData, StoredEvent, now_ms, unknown_tools
+from progress_service.api.deps import INT64_MAX, error_responses, require_role
+from progress_service.errors import WorkdirError
+from progress_service.events import CLAUDE_TOOLS, JobSnapshot, JobSpec, StatusData, StoredEvent, unknown_tools
+from progress_service.ids import is_event_id, is_job_id, now_ms, room_id
+from progress_service.keys import snapshot_key
 from progress_service.services import Services
 from progress_service.store import jobs as job_store
 from progress_service.store.identity import Principal
-from progress_service.workspace import WorkdirError, resolve_workdir
+from progress_service.workspace import resolve_workdir
 
-EVENT_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
@@ -51,7 +51,7 @@ def _cursor_decode(cursor: str) -> tuple[int, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, job_id = raw.split(":", 1)
-        if not JOB_ID_RE.match(job_id) or not created.isascii() or not created.isdigit():
+        if not is_job_id(job_id) or not created.isascii() or not created.isdigit():
             raise ValueError
         if int(created) > INT64_MAX:
             raise ValueError
@@ -66,7 +66,7 @@ async def load_snapshot(services: Services, job_id: str, team_id: str) -> JobSna
     A job of another team answers exactly like a missing one, so ids cannot
     be probed.
     """
-    if not JOB_ID_RE.match(job_id):
+    if not is_job_id(job_id):
         raise NotFoundException("no such job")
     record = await job_store.get_job(services.engine, job_id, team_id)
     if record is None:
@@ -122,7 +122,7 @@ class JobsController(Controller):
         )
         snapshot = JobSnapshot(
             id=job_id,
-            roomId=streams.room_id(job_id),
+            roomId=room_id(job_id),
             prompt=data.prompt,
             model=data.model,
             workdir=data.workdir or "",
@@ -156,7 +156,7 @@ class JobsController(Controller):
         # Live state comes from Redis; the row is the fallback once it expired.
         async with services.redis.pipeline(transaction=False) as pipe:
             for r in records:
-                pipe.hget(streams.snapshot_key(r.id), "s")
+                pipe.hget(snapshot_key(r.id), "s")
             raws = await pipe.execute()
         items = [
             streams.decode_snapshot(raw) if raw else r.to_snapshot() for r, raw in zip(records, raws, strict=True)
@@ -183,7 +183,7 @@ class JobsController(Controller):
         # Redis while it holds the entries, the archive for what it does not.
         cov = await streams.coverage(services.redis, job_id)
         pos = await history.position(services.engine, job_id, since, cov)
-        room = streams.room_id(job_id)
+        room = room_id(job_id)
         entries = await history.read_page(services.redis, services.engine, job_id, since, count=limit)
         items = [streams.entry_dict(room, eid, fields) for eid, fields in entries]
         return EventPage(items=items, next=items[-1]["id"] if items else since, gap=pos.gap, oldest=pos.oldest)
@@ -196,7 +196,7 @@ class JobsController(Controller):
     )
     async def cancel(self, job_id: str, principal: Principal, services: Services) -> JobSnapshot:
         """Ask the job to stop. Its submitter, or anyone with role submitter or above."""
-        record = await job_store.get_job(services.engine, job_id, principal.team_id) if JOB_ID_RE.match(job_id) else None
+        record = await job_store.get_job(services.engine, job_id, principal.team_id) if is_job_id(job_id) else None
         if record is None:
             raise NotFoundException("no such job")
         if record.user_id != principal.user_id:
@@ -222,6 +222,6 @@ def _audit(services: Services, principal: Principal, action: str, job_id: str, d
             action=action,
             team_id=principal.team_id,
             actor=principal.user_name,
-            room_id=streams.room_id(job_id),
+            room_id=room_id(job_id),
             detail=detail,
         )

@@ -16,7 +16,7 @@ from progress_service.api.me import Me, me_of
 from progress_service.services import Services
 from progress_service.store.identity import hash_token, principal_for_token, principal_for_token_hash
 from progress_service.web_session import COOKIE_NAME, create_session, delete_session, read_session
-from progress_service.events import now_ms
+from progress_service.ids import now_ms
 
 
 class SignIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -25,10 +25,11 @@ from litestar.params import HeaderParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_409_CONFLICT
 
 from progress_service.api.deps import error_responses
-from progress_service.api.jobs import JOB_ID_RE
+from progress_service.errors import SteerRefusal
 from progress_service.events import INSTRUCTION_MAX_CHARS, SteerResult
+from progress_service.ids import is_job_id
 from progress_service.services import Services
-from progress_service.steering import SteerError, Steering
+from progress_service.steering import Steering
 from progress_service.store.identity import Principal
 
 #: Seconds a client should wait before retrying a 503.
@@ -55,7 +56,7 @@ class Decision(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     message: Annotated[str, msgspec.Meta(max_length=2000)] | None = None
 
 
-def _http_error(exc: SteerError) -> Exception:
+def _http_error(exc: SteerRefusal) -> Exception:
     """The HTTP form of a refusal (codes as in docs/protocol.md)."""
     if exc.code == "forbidden":
         return PermissionDeniedException(exc.message)
@@ -88,11 +89,11 @@ class SteeringController(Controller):
         self, job_id: str, data: NewInstruction, principal: Principal, services: Services, idempotency_key: IdempotencyKey
     ) -> Response[SteerResult]:
         """The job's submitter, role submitter or above, or a reviewer of a job submitted ``steerable: "reviewers"``."""
-        if not JOB_ID_RE.match(job_id):
+        if not is_job_id(job_id):
             raise NotFoundException("no such job")
         try:
             result = await Steering.from_services(services).instruct(principal, job_id, idempotency_key, data.text)
-        except SteerError as exc:
+        except SteerRefusal as exc:
             raise _http_error(exc) from None
         return _answer(result)
 
@@ -107,12 +108,12 @@ class SteeringController(Controller):
         idempotency_key: IdempotencyKey,
     ) -> Response[SteerResult]:
         """Answer a ``permission`` event of a ``permissionMode: "ask"`` job; the first answer wins."""
-        if not JOB_ID_RE.match(job_id) or not JOB_ID_RE.match(permission_id):
+        if not is_job_id(job_id) or not is_job_id(permission_id):
             raise NotFoundException("no such job or permission prompt")
         try:
             result = await Steering.from_services(services).decide(
                 principal, job_id, idempotency_key, permission_id, data.allow, data.message
             )
-        except SteerError as exc:
+        except SteerRefusal as exc:
             raise _http_error(exc) from None
         return _answer(result)

@@ -19,7 +19,6 @@ process, not per watcher.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -36,8 +35,9 @@ from litestar.exceptions import (
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from progress_service import history, outage, streams
-from progress_service.api.deps import error_responses, is_event_id
+from progress_service.api.deps import error_responses
 from progress_service.events import TERMINAL_STATUSES
+from progress_service.ids import is_event_id, is_job_id, room_id
 from progress_service.services import Services
 from progress_service.store.identity import Principal
 from progress_service.store.jobs import get_job
@@ -45,8 +45,6 @@ from progress_service.store.jobs import get_job
 if TYPE_CHECKING:
     from progress_service.events import JobSnapshot
 
-EVENT_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: After the terminal status, wait this long for trailing events before ending.
 LINGER = 1.0
 #: Milliseconds an EventSource waits before reconnecting.
@@ -65,7 +63,7 @@ _status_dec = msgspec.json.Decoder()
 )
 async def job_stream(request: Request, job_id: str, principal: Principal, services: Services) -> ServerSentEvent:
     """The job's snapshot, then its events after ``Last-Event-ID``, then live ones."""
-    if not JOB_ID_RE.match(job_id):
+    if not is_job_id(job_id):
         raise NotFoundException("no such job")
     since = request.headers.get("last-event-id") or None
     if since is not None and not is_event_id(since):
@@ -138,7 +136,7 @@ async def _messages(
     settings = services.settings
     gateway = services.gateway
     assert gateway is not None
-    room = streams.room_id(job_id)
+    room = room_id(job_id)
     outbox = Outbox(settings.ws_outbox_bytes)
     member = Member(outbox)
     finished = snapshot.status in TERMINAL_STATUSES

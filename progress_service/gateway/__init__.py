@@ -19,8 +19,8 @@ import anyio
 
 from progress_service.api.stream import job_stream
 from progress_service.auth import PrincipalCache
-from progress_service.gateway import closes
-from progress_service.gateway.closes import Close
+from progress_service import closes
+from progress_service.closes import Close
 from progress_service.gateway.endpoint import install_log_redaction, ws_endpoint
 from progress_service.gateway.hub import Hub
 from progress_service.gateway.job_access import JobAccess, StoreGate
@@ -29,6 +29,8 @@ from progress_service.gateway.presence import Presence
 from progress_service.gateway.joins import JoinReads
 
 if TYPE_CHECKING:
+    from litestar.handlers import HTTPRouteHandler, WebsocketRouteHandler
+
     from progress_service.gateway.session import Session
     from progress_service.services import Services
     from progress_service.store.identity import Principal
@@ -126,6 +128,6 @@ class Gateway:
 
 
 #: The /ws handler and the SSE handler, for ``Litestar(route_handlers=[...])``.
-route_handlers: list = [ws_endpoint, job_stream]
+route_handlers: list[HTTPRouteHandler | WebsocketRouteHandler] = [ws_endpoint, job_stream]
 
 __all__ = ["Gateway", "route_handlers"]

@@ -43,6 +43,7 @@ from redis.asyncio import Connection, ConnectionPool, Redis
 from redis.exceptions import RedisError, ResponseError
 
 from progress_service import metrics
+from progress_service.keys import news_channel
 from progress_service.redis_client import NO_SLOT, ClusterClient, is_cluster, slot_of
 
 log = logging.getLogger("progress_service.gateway.broker")
@@ -55,11 +56,6 @@ ROOMS_PER_READ = 2000
 PING_EVERY = 5.0
 #: Socket timeout of the reader connection (its reads never block server-side).
 READ_TIMEOUT = 10.0
-
-
-def news_channel(job_id: str) -> str:
-    """The sharded pub/sub channel that a write to a room's streams touches."""
-    return f"ps:{{job:{job_id}}}:news"
 
 
 def _job_of_channel(channel: bytes) -> str:
@@ -204,8 +200,8 @@ class Shard:
         pubsub = self._make(None)
         reader = self._make(READ_TIMEOUT)
         try:
-            await pubsub.connect()  # type: ignore[no-untyped-call]
-            await reader.connect()  # type: ignore[no-untyped-call]
+            await pubsub.connect()
+            await reader.connect()
             # Sharded pub/sub where the server has it (Redis 7); Redis 6.2's
             # writers fall back to PUBLISH (streams.NOTIFY_LUA), so SUBSCRIBE.
             await reader.send_packed_command(_pack(b"COMMAND", b"INFO", b"SPUBLISH"), check_health=False)
@@ -352,7 +348,7 @@ class StreamBroker:
     def _shard_of(self, room: RoomStreams) -> Shard:
         if not self._cluster:
             return self._shard_named("redis", None, None)
-        cluster: ClusterClient = self.redis  # type: ignore[assignment]
+        cluster: ClusterClient = self.redis
         node = cluster.nodes_manager.get_node_from_slot(slot_of(cluster, room.events_key))
         return self._shard_named(node.name, node.host, int(node.port))
 
@@ -377,7 +373,7 @@ class StreamBroker:
         """After MOVED: refresh the slot map and move rooms whose master changed."""
         if not self._cluster:
             return
-        cluster: ClusterClient = self.redis  # type: ignore[assignment]
+        cluster: ClusterClient = self.redis
         try:
             await cluster.refresh_slots()
         except (RedisError, OSError) as exc:
@@ -396,7 +392,7 @@ class StreamBroker:
     async def run(self, sink: Sink) -> None:
         """See :class:`Broker`."""
         if self._cluster:
-            cluster: ClusterClient = self.redis  # type: ignore[assignment]
+            cluster: ClusterClient = self.redis
             while True:
                 try:
                     await cluster.initialize()

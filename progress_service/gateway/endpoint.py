@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from litestar import Litestar, WebSocket, websocket
 from litestar.connection import ASGIConnection
 from litestar.exceptions import PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
+from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from progress_service import metrics
-from progress_service.gateway import closes
+from progress_service import closes, metrics
 from progress_service.gateway.session import Session
 
 #: Query parameters that look like credentials; their presence refuses the handshake.
@@ -40,7 +41,7 @@ def handshake_refusal(query: bytes, origin: str | None, host: str | None, allowe
     return None
 
 
-async def handshake_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+async def handshake_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Refuse (403 before accept) a foreign Origin or a secret in the URL.
 
     ``async`` although it never awaits: Litestar runs a sync guard in a
@@ -91,14 +92,14 @@ def keep_asgi_send(app: ASGIApp) -> ASGIApp:
 
 
 @websocket("/ws", guards=[handshake_guard], name="ws", middleware=[keep_asgi_send])
-async def ws_endpoint(socket: WebSocket) -> None:
+async def ws_endpoint(socket: WebSocket[Any, Any, Any]) -> None:
     """The realtime gateway (protocol v1, docs/protocol.md)."""
     gateway = socket.app.state.services.gateway
     await socket.accept()
     if gateway.closing:
         await socket.close(code=closes.RESTARTING.code, reason=closes.RESTARTING.reason)
         return
-    asgi_send = socket.scope.get(ASGI_SEND)
+    asgi_send: Send | None = socket.scope.get(ASGI_SEND)  # type: ignore[assignment]
     if asgi_send is not None:
         socket.send = asgi_send
     await Session(gateway, socket).run()
@@ -121,7 +122,7 @@ class RawSocket:
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         """Send the close frame (before accept, uvicorn answers HTTP 403)."""
-        await self.send({"type": "websocket.close", "code": code, "reason": reason or ""})  # type: ignore[typeddict-item]
+        await self.send({"type": "websocket.close", "code": code, "reason": reason or ""})
 
 
 #: The paths :class:`GatewayFront` serves itself (Litestar's route serves the same).
@@ -146,7 +147,7 @@ class GatewayFront:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket" or scope["path"] not in WS_PATHS or scope.get("root_path"):
+        if scope["type"] != ScopeType.WEBSOCKET or scope["path"] not in WS_PATHS or scope.get("root_path"):
             await self.app(scope, receive, send)
             return
         services = getattr(self.app.state, "services", None)
@@ -164,12 +165,13 @@ class GatewayFront:
         refusal = handshake_refusal(scope.get("query_string", b""), origin, host, gateway.settings.allowed_origins)
         if refusal is not None:
             # Any close before accept is an HTTP 403 to the handshake.
-            await socket.close(code=1008, reason=refusal)
+            close = closes.handshake_refused(refusal)
+            await socket.close(code=close.code, reason=close.reason)
             return
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        await send({"type": "websocket.accept", "subprotocol": None, "headers": []})  # type: ignore[typeddict-item]
+        await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
         if gateway.closing:
             await socket.close(code=closes.RESTARTING.code, reason=closes.RESTARTING.reason)
             return

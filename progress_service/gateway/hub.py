@@ -29,9 +29,11 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from progress_service import history, metrics, streams
+from progress_service.events import PresenceMember, PresenceMsg
 from progress_service.gateway.broker import READ_COUNT, Broker, StreamBroker
-from progress_service.events import PresenceMember, PresenceMsg, now_ms
 from progress_service.gateway.outbox import Chunk, Outbox
+from progress_service.ids import now_ms, room_id
+from progress_service.keys import events_key, presence_stream_key
 from progress_service.streams import id_lt, id_tuple, wire_bytes
 
 if TYPE_CHECKING:
@@ -69,8 +71,8 @@ class Room:
 
     def __init__(self, job_id: str, cursor: str, presence_cursor: str) -> None:
         self.job_id = job_id
-        self.room_id = streams.room_id(job_id)
-        self.events_key = streams.events_key(job_id)
+        self.room_id = room_id(job_id)
+        self.events_key = events_key(job_id)
         self.presence_key = presence_stream_key(job_id)
         #: Id of the last entry the hub read from the event / presence stream.
         self.cursor = cursor
@@ -82,11 +84,6 @@ def _after(keys: list[tuple[int, int]], texts: list[str], sizes: list[int], afte
     """The entries of an answer past ``after`` (a member that had some of them already)."""
     i = next(i for i, key in enumerate(keys) if key > after)
     return Chunk.of(texts[i:], sizes[i:])
-
-
-def presence_stream_key(job_id: str) -> str:
-    """The stream of presence changes of a job's room (not the job's event log)."""
-    return f"ps:{{job:{job_id}}}:presence-log"
 
 
 class Hub:

@@ -20,7 +20,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from progress_service import streams
+from progress_service.keys import events_key, snapshot_key
 from progress_service.redis_client import slot_of
 from progress_service.store.identity import Principal
 
@@ -91,7 +91,7 @@ class JoinReads:
         # A group that fails (its shard is down) fails only its own joins.
         groups: dict[int, list[_JoinRead]] = {}
         for j in batch:
-            groups.setdefault(slot_of(self.redis, streams.events_key(j.job_id)), []).append(j)
+            groups.setdefault(slot_of(self.redis, events_key(j.job_id)), []).append(j)
         if len(groups) == 1:
             await self._group(batch)
             return
@@ -138,7 +138,7 @@ class JoinReads:
         entries: list[str] = []
         async with self.redis.pipeline(transaction=True) as pipe:
             for j in group:
-                events, snap = streams.events_key(j.job_id), streams.snapshot_key(j.job_id)
+                events, snap = events_key(j.job_id), snapshot_key(j.job_id)
                 pipe.hget(snap, "s")
                 pipe.xrevrange(events, count=1)
                 # what Redis holds of the stream (streams.coverage_of)

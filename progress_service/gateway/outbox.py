@@ -44,6 +44,7 @@ from typing import NamedTuple
 import anyio
 
 from progress_service import metrics
+from progress_service.errors import SendTimeout
 
 #: With batching on, one array frame carries at most this many bytes of messages.
 BATCH_FRAME_BYTES = 64 * 1024
@@ -88,10 +89,6 @@ def queued_bytes() -> int:
 
 
 metrics.ws_outbox_bytes.set_function(queued_bytes)
-
-
-class SendTimeout(Exception):
-    """A frame could not be handed to the socket within the send timeout."""
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
@@ -204,7 +201,7 @@ class Outbox:
         #: Loop time at which the send in progress started; None between sends.
         self._sending_since: float | None = None
         self._watchdog: asyncio.TimerHandle | None = None
-        self._pump_task: asyncio.Task | None = None
+        self._pump_task: asyncio.Task[None] | None = None
         self._stalled = False
 
     @property
@@ -324,9 +321,9 @@ class Outbox:
         items = self._items
         entry = items.popleft()
         if len(entry) == 2:
-            return entry  # type: ignore[return-value]
+            return entry
         # a chunk (queued while batching was on, or partly taken): its rest as pairs
-        pairs = entry.pairs[self._pos :]  # type: ignore[union-attr]
+        pairs = entry.pairs[self._pos :]
         self._pos = 0
         items.extendleft(reversed(pairs[1:]))
         return pairs[0]
@@ -345,7 +342,7 @@ class Outbox:
         while items:
             entry = items[0]
             if len(entry) == 2:
-                text, size = entry  # type: ignore[misc]
+                text, size = entry
                 if parts and total + size > BATCH_FRAME_BYTES:
                     break
                 items.popleft()
@@ -353,7 +350,7 @@ class Outbox:
                 total += size
                 count += 1
                 continue
-            chunk: Chunk = entry  # type: ignore[assignment]
+            chunk: Chunk = entry
             if self._pos == 0 and total + chunk.size <= BATCH_FRAME_BYTES:
                 # the whole chunk fits: its messages are joined already
                 items.popleft()

@@ -33,7 +33,6 @@ import contextlib
 import heapq
 from collections.abc import Iterable
 import logging
-import time
 
 import anyio
 import msgspec
@@ -42,9 +41,10 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError
 
 from progress_service.events import PresenceMember
-from progress_service.gateway.hub import presence_stream_key
+from progress_service.ids import now_ms
+from progress_service.keys import presence_key, presence_stream_key
 from progress_service.store.identity import Principal
-from progress_service.streams import NOTIFY_LUA, presence_key
+from progress_service.streams import NOTIFY_LUA
 
 log = logging.getLogger("progress_service.gateway.presence")
 
@@ -195,9 +195,6 @@ def _entry(principal: Principal, node_id: str, conn_id: str) -> str:
     return f"{principal.user_id}{SEP}{name}{SEP}{node_id}:{conn_id}"
 
 
-def _ms() -> int:
-    return int(time.time() * 1000)
-
 
 #: Decoded presence entries, by their raw bytes (entries never change).
 #: Every join reads all of its room's entries, so a mass join decodes each
@@ -285,7 +282,7 @@ class Presence:
         """
         entry = _entry(principal, self.node_id, conn_id)
         body = _enc.encode(PresenceMember(userId=principal.user_id, userName=principal.user_name))
-        now = _ms()
+        now = now_ms()
         if job_id in self._batch_rooms:
             known = ""
         else:
@@ -404,7 +401,7 @@ class Presence:
         """Write every pending leave's grace expiry in one pipeline."""
         while self._leaving:
             batch = self._leaving[:PIPELINE_MAX]
-            until = _ms() + int(self.grace * 1000)
+            until = now_ms() + int(self.grace * 1000)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id, entry in batch:
                     pipe.zadd(presence_key(job_id), {entry: until}, xx=True)
@@ -422,7 +419,7 @@ class Presence:
         """
         rooms = [(job_id, list(entries)) for job_id, entries in self._live.items() if entries]
         for i in range(0, len(rooms), PIPELINE_MAX // 2):
-            now = _ms()
+            now = now_ms()
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id, entries in rooms[i : i + PIPELINE_MAX // 2]:
                     keys = [presence_key(job_id), presence_stream_key(job_id)]
@@ -434,7 +431,7 @@ class Presence:
     async def _sweep_rooms(self, job_ids: set[str]) -> None:
         """Sweep expired entries of these rooms (one pipeline)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            now = _ms()
+            now = now_ms()
             for job_id in job_ids:
                 await self._sweep(keys=[presence_key(job_id), presence_stream_key(job_id)], args=[now, LOG_MAXLEN], client=pipe)
             await pipe.execute()

@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from progress_service import history, metrics, outage, streams
 from progress_service.auth import authenticate, cached_principal
+from progress_service.errors import CommentForbidden, CommentsUnavailable, SendTimeout, SteerRefusal
 from progress_service.events import (
     Ack,
     AuthOk,
@@ -52,14 +53,14 @@ from progress_service.events import (
     Pong,
     PresenceMember,
     SteerResult,
-    now_ms,
 )
-from progress_service.gateway import closes
-from progress_service.gateway.closes import ABUSE_CODES, Close
+from progress_service import closes
+from progress_service.closes import Close
 from progress_service.gateway.hub import Member
 from progress_service.gateway.limits import TokenBucket, WindowBudget, json_too_deep
-from progress_service.gateway.outbox import Outbox, SendTimeout
+from progress_service.gateway.outbox import Outbox
 from progress_service.gateway.subscription import announce, resume_point
+from progress_service.ids import job_id_of, now_ms
 from progress_service.store.identity import Principal, token_revoked
 from progress_service.store.jobs import JobRecord, get_job
 
@@ -77,17 +78,7 @@ _enc = msgspec.json.Encoder()
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 #: Window (s) in which more than ``ws_chat_burst`` rate-limited chats close 4429.
 ABUSE_WINDOW = 10.0
-#: Closes after which queued messages are still flushed (they explain the close).
-_NO_FLUSH = {1001, 1011, 1013}
 _STORE_ERRORS = (RedisError, SQLAlchemyError, OSError, TimeoutError)
-
-
-class CommentsUnavailable(Exception):
-    """The comment could not be stored durably; nothing was broadcast."""
-
-
-class CommentForbidden(Exception):
-    """The user may not comment in this room."""
 
 
 class CommentsHook(Protocol):
@@ -99,13 +90,6 @@ class CommentsHook(Protocol):
     """
 
     async def post(self, principal: Principal, room_id: str, job_id: str, request_id: str, text: str) -> str: ...
-
-
-class SteerRefusal(Exception):
-    """An instruction or answer was refused; ``code`` is its WebSocket error code."""
-
-    code: str
-    message: str
 
 
 class SteeringHook(Protocol):
@@ -205,7 +189,7 @@ class Session:
             return
         if close is None:
             self.peer_gone = True
-        elif close.code in ABUSE_CODES:
+        elif close.audited:
             self.audit("ws.closed", code=close.code, reason=close.reason)
         self.close_with = close
         self.closing = True
@@ -295,7 +279,7 @@ class Session:
         if close is not None and not self.peer_gone:
             metrics.ws_closes.labels(str(close.code)).inc()
             timeout = self.settings.ws_send_timeout
-            if close.code not in _NO_FLUSH:
+            if close.flush:
                 await self.outbox.flush(self._send_text, min(timeout, 2.0))
             self.outbox.close()
             with anyio.move_on_after(timeout):
@@ -521,7 +505,7 @@ class Session:
     async def _join(self, message: ClientJoin) -> None:
         assert self.principal is not None
         room_id = message.roomId
-        job_id = streams.job_id_of(room_id)
+        job_id = job_id_of(room_id)
         if job_id in self.rooms:
             self.refuse("invalid", "already joined", room_id=room_id)
             return
@@ -595,7 +579,7 @@ class Session:
         return snapshot, cov, presence_head, members
 
     def _leave(self, message: ClientLeave) -> None:
-        job_id = streams.job_id_of(message.roomId)
+        job_id = job_id_of(message.roomId)
         member = self.rooms.get(job_id)
         if member is None:
             self.refuse("not_joined", "not in this room", room_id=message.roomId)
@@ -608,7 +592,7 @@ class Session:
     async def _chat(self, message: ClientChat) -> None:
         assert self.principal is not None
         room_id, request_id = message.roomId, message.requestId
-        job_id = streams.job_id_of(room_id)
+        job_id = job_id_of(room_id)
         if job_id not in self.rooms:
             self.request_close(closes.CHAT_BEFORE_JOIN)
             return
@@ -663,7 +647,7 @@ class Session:
         comment): waiting for the CLI's echo does not stop the receiver.
         """
         room_id, request_id = message.roomId, message.requestId
-        job_id = streams.job_id_of(room_id)
+        job_id = job_id_of(room_id)
         if job_id not in self.rooms:
             self.request_close(closes.CHAT_BEFORE_JOIN)
             return

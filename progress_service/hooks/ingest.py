@@ -26,6 +26,8 @@ from progress_service import outage, streams
 from progress_service.events import JobSnapshot, JobSpec, SessionInfo, clip
 from progress_service.hooks.body import HookInput
 from progress_service.hooks.mapping import HookMapper, SessionState
+from progress_service.ids import room_id
+from progress_service.keys import events_key, hook_lock_key, hook_owner_key, hook_state_key, snapshot_key
 from progress_service.services import Services
 from progress_service.store import jobs as job_store
 from worker.mapping import Mapped
@@ -53,20 +55,6 @@ return 0
 def session_job_id(session_id: str) -> str:
     """The job id of a Claude Code session: stable, opaque, valid in a room id."""
     return "cc-" + uuid.uuid5(uuid.NAMESPACE_URL, "claude-code-session:" + session_id).hex
-
-
-def state_key(job_id: str) -> str:
-    """The mapper's memory of a session (pending tools, to-dos, recent keys)."""
-    return f"ps:{{job:{job_id}}}:hookstate"
-
-
-def lock_key(job_id: str) -> str:
-    return f"ps:{{job:{job_id}}}:hooklock"
-
-
-def owner_key(job_id: str) -> str:
-    """The team that reports a session (claimed by its first hook)."""
-    return f"ps:{{job:{job_id}}}:owner"
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,9 +163,9 @@ class Ingest:
         with anyio.fail_after(LOCK_WAIT):
             while True:
                 async with redis.pipeline(transaction=True) as pipe:
-                    pipe.set(lock_key(job_id), token, nx=True, px=LOCK_TTL_MS)
-                    pipe.hget(streams.snapshot_key(job_id), "s")
-                    pipe.get(state_key(job_id))
+                    pipe.set(hook_lock_key(job_id), token, nx=True, px=LOCK_TTL_MS)
+                    pipe.hget(snapshot_key(job_id), "s")
+                    pipe.get(hook_state_key(job_id))
                     locked, raw_snap, raw_state = await pipe.execute()
                 if locked:
                     break
@@ -188,7 +176,7 @@ class Ingest:
         finally:
             if not unlocked:
                 with anyio.CancelScope(shield=True):
-                    await redis.eval(_RELEASE, 1, lock_key(job_id), token)
+                    await redis.eval(_RELEASE, 1, hook_lock_key(job_id), token)
 
     async def _apply_locked(
         self, job_id: str, items: list[HookItem], raw_snap: bytes | None, raw_state: bytes | None, token: str
@@ -208,7 +196,7 @@ class Ingest:
                 log.warning("hooks: job %s belongs to another team; %d hook(s) dropped", job_id, len(items))
                 return False
             created = record is None
-            snapshot = self._first_snapshot(first) if created else record.to_snapshot()  # type: ignore[union-attr]
+            snapshot = record.to_snapshot() if record is not None else self._first_snapshot(first)
         state = _state_dec.decode(raw_state) if raw_state else SessionState()
         mapper = HookMapper(snapshot, state)
         status_before = snapshot.status
@@ -235,12 +223,12 @@ class Ingest:
             await job_store.update_job(engine, job_id, snapshot=mapper.snapshot)
         ttl = settings.events_ttl
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.set(state_key(job_id), _state_enc.encode(state), ex=ttl)
+            pipe.set(hook_state_key(job_id), _state_enc.encode(state), ex=ttl)
             # A session that never says goodbye (a closed laptop) expires
             # like a finished job, counted from its last hook.
-            for key in (streams.events_key(job_id), streams.snapshot_key(job_id), owner_key(job_id)):
+            for key in (events_key(job_id), snapshot_key(job_id), hook_owner_key(job_id)):
                 pipe.expire(key, ttl)
-            pipe.eval(_RELEASE, 1, lock_key(job_id), token)
+            pipe.eval(_RELEASE, 1, hook_lock_key(job_id), token)
             await pipe.execute()
         return True
 
@@ -255,7 +243,7 @@ class Ingest:
         )
         return JobSnapshot(
             id=item.job_id,
-            roomId=streams.room_id(item.job_id),
+            roomId=room_id(item.job_id),
             workdir=info.cwd or "",
             createdAt=item.at,
             submittedBy=item.user_name,
@@ -287,6 +275,6 @@ class Ingest:
                 action="session.report",
                 team_id=item.team_id,
                 actor=item.user_name,
-                room_id=streams.room_id(item.job_id),
+                room_id=room_id(item.job_id),
                 detail={"sessionId": item.hook.session_id, "host": item.host, "source": "hook"},
             )

@@ -72,7 +72,7 @@ def merge(settings: dict[str, Any], base_url: str, host: str) -> dict[str, Any]:
 
 def unmerge(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` without our hooks, and without the groups, events and ``hooks`` key only they filled."""
-    result = json.loads(json.dumps(settings))  # a deep copy that stays plain JSON
+    result: dict[str, Any] = json.loads(json.dumps(settings))  # a deep copy that stays plain JSON
     hooks = result.get("hooks")
     if not isinstance(hooks, dict):
         return result

@@ -46,16 +46,23 @@ from progress_service.events import (
     TodoData,
     TodoItem,
     TurnData,
+    EventData,
+    EventKind,
+    JobStatus,
+    Phase,
+    StepState,
+    TodoState,
     clip,
+    todo_state,
 )
 from progress_service.hooks.body import MAPPED_EVENTS, HookInput, body_hash
-from worker.mapping import Mapped, tool_phase, tool_title
+from worker.mapping import Mapped
+from worker.tools import tool_phase, tool_title
 from worker.step_detail import step_input, step_output
 
 #: Bounded memories of a session (ids of finished tools, body hashes).
 RECENT_MAX = 256
 PROMPT_MAX_CHARS = 2000
-_TODO_STATES = frozenset({"pending", "in_progress", "completed"})
 _any_dec = msgspec.json.Decoder()
 _TASK_ID_RE = re.compile(rb'(?:#\s*|"id"\s*:\s*"?)([A-Za-z0-9_-]{1,40})')
 
@@ -74,7 +81,7 @@ class ToolState(Struct, kw_only=True):
 class TodoEntry(Struct, kw_only=True):
     id: str
     text: str
-    state: str
+    state: TodoState
 
 
 class SessionState(Struct, kw_only=True):
@@ -130,16 +137,16 @@ class HookMapper:
         self.snapshot = snapshot
         self.state = state
 
-    def _emit(self, out: list[Mapped], at: int, kind: str, data: Struct, **changes: Any) -> None:
+    def _emit(self, out: list[Mapped], at: int, kind: EventKind, data: EventData, **changes: Any) -> None:
         if changes:
             self.snapshot = msgspec.structs.replace(self.snapshot, **changes)
         out.append(Mapped(kind=kind, at=at, data=data, snapshot=msgspec.structs.replace(self.snapshot)))
 
-    def _phase(self, out: list[Mapped], at: int, phase: str) -> None:
+    def _phase(self, out: list[Mapped], at: int, phase: Phase) -> None:
         if phase != self.snapshot.phase:
-            self._emit(out, at, "phase", PhaseData(phase=phase, since=at), phase=phase)  # type: ignore[arg-type]
+            self._emit(out, at, "phase", PhaseData(phase=phase, since=at), phase=phase)
 
-    def _status(self, out: list[Mapped], at: int, status: str, reason: str | None = None) -> None:
+    def _status(self, out: list[Mapped], at: int, status: JobStatus, reason: str | None = None) -> None:
         changes: dict[str, Any] = {"status": status, "reason": reason}
         if status in TERMINAL_STATUSES:
             changes.update(finishedAt=at, step=None)
@@ -148,13 +155,13 @@ class HookMapper:
             if self.snapshot.startedAt is None:
                 changes["startedAt"] = at
         self.snapshot = msgspec.structs.replace(self.snapshot, **changes)
-        self._emit(out, at, "status", StatusData(status=status, phase=self.snapshot.phase, reason=reason))  # type: ignore[arg-type]
+        self._emit(out, at, "status", StatusData(status=status, phase=self.snapshot.phase, reason=reason))
 
     def _log(self, out: list[Mapped], at: int, stream: str, line: str) -> None:
         self._emit(out, at, "log", LogData(stream=stream, line=clip(line, LOG_LINE_MAX_CHARS)))
 
     def _todos(self, out: list[Mapped], at: int) -> None:
-        items = [TodoItem(text=t.text, state=t.state) for t in self.state.todos]  # type: ignore[arg-type]
+        items = [TodoItem(text=t.text, state=t.state) for t in self.state.todos]
         done = sum(1 for t in items if t.state == "completed")
         self._emit(out, at, "todo", TodoData(items=items, done=done, total=len(items)), progress=Progress(done=done, total=len(items)))
 
@@ -243,7 +250,7 @@ class HookMapper:
             self._status(out, at, "running")  # a new prompt after Stop reopens the session
         self._emit(out, at, "turn", TurnData(turn=st.turn, prompt=clip(prompt, PROMPT_MAX_CHARS)), **changes)
 
-    def _end_turn(self, out: list[Mapped], at: int, status: str, reason: str | None, text: str | None) -> None:
+    def _end_turn(self, out: list[Mapped], at: int, status: JobStatus, reason: str | None, text: str | None) -> None:
         st = self.state
         if st.stopped_turn == st.turn:
             st.posts -= 1
@@ -293,7 +300,7 @@ class HookMapper:
             return  # its PostToolUse came first
         self._start_tool(out, hook, tool_id, at)
 
-    def _finish_tool(self, out: list[Mapped], hook: HookInput, raw_hash: str, at: int, state: str) -> None:
+    def _finish_tool(self, out: list[Mapped], hook: HookInput, raw_hash: str, at: int, state: StepState) -> None:
         tool_id = clip(hook.tool_use_id or f"hook-{raw_hash}", 100)
         if tool_id in self.state.done:
             return
@@ -307,7 +314,7 @@ class HookMapper:
         content = (hook.error or "") if state == "error" else _response_text(hook.tool_response)
         result = step_output(pending.tool, content, state == "error")
         data = StepData(
-            stepId=tool_id, tool=pending.tool, title=pending.title, state=state,  # type: ignore[arg-type]
+            stepId=tool_id, tool=pending.tool, title=pending.title, state=state,
             durationMs=duration, output=result.output, outputChars=result.outputChars,
             exitCode=result.exitCode, error=result.error, parentStepId=pending.parent,
         )
@@ -331,7 +338,7 @@ class HookMapper:
                 TodoEntry(
                     id=str(raw.get("id", n)),
                     text=clip(str(raw.get("content") or raw.get("activeForm") or ""), TITLE_MAX_CHARS),
-                    state=raw.get("status") if raw.get("status") in _TODO_STATES else "pending",
+                    state=todo_state(raw.get("status")),
                 )
                 for n, raw in enumerate(todos, 1)
                 if isinstance(raw, dict)
@@ -346,12 +353,12 @@ class HookMapper:
                 if status == "deleted":
                     self.state.todos.remove(entry)
                 else:
-                    entry.state = status if status in _TODO_STATES else entry.state
+                    entry.state = todo_state(status, entry.state)
                     entry.text = clip(subject, TITLE_MAX_CHARS) if isinstance(subject, str) and subject else entry.text
                 self._todos(out, at)
                 break
 
-    def _set_todo(self, out: list[Mapped], at: int, task_id: str, text: str | None, state: str | None) -> None:
+    def _set_todo(self, out: list[Mapped], at: int, task_id: str, text: str | None, state: TodoState | None) -> None:
         for entry in self.state.todos:
             if entry.id == task_id:
                 if (text and text != entry.text) or (state and state != entry.state):

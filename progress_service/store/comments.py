@@ -37,10 +37,13 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from progress_service.events import StoredChat, now_ms
+from progress_service.errors import Abandoned
+from progress_service.events import StoredChat
+from progress_service.ids import now_ms
 from progress_service.store import audit
 from progress_service.store.audit import comment_check
 from progress_service.store.audit import keys as audit_keys
+from progress_service.store.db import dialect_insert
 from progress_service.store.schema import comments
 
 COMMENT_ACTION = "comment.create"
@@ -73,10 +76,6 @@ class Comment(msgspec.Struct, kw_only=True):
         )
 
 
-class Abandoned(Exception):
-    """The caller gave up waiting; the transaction was rolled back."""
-
-
 def _comment(row: Any, original: str | None = None) -> Comment:
     """A row as a Comment; ``original``: the audited text of a tampered row."""
     return Comment(
@@ -92,14 +91,6 @@ def _comment(row: Any, original: str | None = None) -> Comment:
         jobId=row.job_id,
         teamId=row.team_id,
     )
-
-
-def _dialect_insert(conn: AsyncConnection) -> Any:
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert  # noqa: PLC0415
-    else:
-        from sqlalchemy.dialects.sqlite import insert  # noqa: PLC0415
-    return insert(comments)
 
 
 def _key(room_id: str, user_id: str, request_id: str) -> Any:
@@ -127,7 +118,7 @@ def _insert_statement(conn: AsyncConnection) -> Any:
     stmt = _INSERT.get(conn.dialect.name)
     if stmt is None:
         stmt = _INSERT[conn.dialect.name] = (
-            _dialect_insert(conn)
+            dialect_insert(conn, comments)
             .on_conflict_do_nothing(index_elements=["room_id", "user_id", "request_id"])
             .returning(comments.c.id, comments.c.room_id, comments.c.user_id, comments.c.request_id)
         )
@@ -333,11 +324,6 @@ async def set_event_ids(engine: AsyncEngine, event_ids: Sequence[tuple[int, str]
         await conn.execute(_SET_EVENT_ID, params if len(params) > 1 else params[0])
 
 
-async def set_event_id(engine: AsyncEngine, comment_id: int, event_id: str) -> None:
-    """Record the stream entry id of a comment (first writer wins)."""
-    await set_event_ids(engine, [(comment_id, event_id)])
-
-
 async def list_comments(
     engine: AsyncEngine, room_id: str, *, after: int | None = None, limit: int = 50
 ) -> list[Comment]:
@@ -353,8 +339,3 @@ async def list_comments(
         rows = (await conn.execute(query.order_by(comments.c.id).limit(limit))).all()
         bad = await comment_check.tampered(conn, room_id, rows, audit_keys.for_engine(engine))
     return [_comment(r, bad.get(r.id)) for r in rows]
-
-
-async def count_comments(engine: AsyncEngine, room_id: str) -> int:
-    async with engine.connect() as conn:
-        return int(await conn.scalar(sa.select(sa.func.count()).select_from(comments).where(comments.c.room_id == room_id)) or 0)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+#: An INSERT that can take ``ON CONFLICT`` clauses (both dialects spell them alike).
+UpsertInsert = postgresql.Insert | sqlite.Insert
 
 
 def normalize_url(url: str) -> str:
@@ -32,3 +37,10 @@ def create_engine(url: str) -> AsyncEngine:
 
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def dialect_insert(conn: AsyncConnection, table: sa.Table) -> UpsertInsert:
+    """``INSERT INTO table`` in the connection's dialect, so it can say ``ON CONFLICT``."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)

@@ -25,7 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from progress_service.events import StoredChat, now_ms
+from progress_service.events import StoredChat
+from progress_service.ids import now_ms
 from progress_service.store.audit import comment_check
 from progress_service.store.audit import keys as audit_keys
 from progress_service.store.schema import comments, jobs, metadata

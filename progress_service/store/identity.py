@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import time
 import uuid
 
 import msgspec
@@ -12,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service.events import REPORTER_ROLE, ROLE_RANK, ROLES
+from progress_service.ids import now_ms
 from progress_service.store.schema import api_tokens, memberships, teams, users
 
 TOKEN_PREFIX = "ps_"
@@ -52,18 +52,15 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
-def _now() -> int:
-    return int(time.time() * 1000)
-
 
 async def ensure_team(engine: AsyncEngine, name: str) -> str:
     """The id of team ``name``, creating it if needed."""
     async with engine.begin() as conn:
         tid = await conn.scalar(sa.select(teams.c.id).where(teams.c.name == name))
         if tid:
-            return tid
+            return str(tid)
         tid = str(uuid.uuid4())
-        await conn.execute(sa.insert(teams).values(id=tid, name=name, created_at=_now()))
+        await conn.execute(sa.insert(teams).values(id=tid, name=name, created_at=now_ms()))
         return tid
 
 
@@ -72,9 +69,9 @@ async def ensure_user(engine: AsyncEngine, name: str) -> str:
     async with engine.begin() as conn:
         uid = await conn.scalar(sa.select(users.c.id).where(users.c.name == name))
         if uid:
-            return uid
+            return str(uid)
         uid = str(uuid.uuid4())
-        await conn.execute(sa.insert(users).values(id=uid, name=name, created_at=_now()))
+        await conn.execute(sa.insert(users).values(id=uid, name=name, created_at=now_ms()))
         return uid
 
 
@@ -107,7 +104,7 @@ async def create_token(
     await set_membership(engine, user_id, team_id, role)
     token = new_token()
     token_id = str(uuid.uuid4())
-    now = _now()
+    now = now_ms()
     async with engine.begin() as conn:
         await conn.execute(
             sa.insert(api_tokens).values(
@@ -167,7 +164,7 @@ async def principal_for_token_hash(engine: AsyncEngine, token_hash: str) -> Prin
         row = (await conn.execute(query)).first()
     if row is None or row.revoked_at is not None:
         return None
-    if row.expires_at is not None and row.expires_at <= _now():
+    if row.expires_at is not None and row.expires_at <= now_ms():
         return None
     return Principal(
         user_id=row.user_id,
@@ -200,7 +197,7 @@ async def token_expiry(engine: AsyncEngine, token_id: str) -> tuple[bool, int | 
 async def token_is_live(engine: AsyncEngine, token_id: str) -> bool:
     """False once a token is revoked, expired or deleted."""
     usable, expires_at = await token_expiry(engine, token_id)
-    return usable and (expires_at is None or expires_at > _now())
+    return usable and (expires_at is None or expires_at > now_ms())
 
 
 async def revoke_token(engine: AsyncEngine, token_id: str) -> bool:
@@ -209,6 +206,6 @@ async def revoke_token(engine: AsyncEngine, token_id: str) -> bool:
         res = await conn.execute(
             sa.update(api_tokens)
             .where(api_tokens.c.id == token_id, api_tokens.c.revoked_at.is_(None))
-            .values(revoked_at=_now())
+            .values(revoked_at=now_ms())
         )
     return res.rowcount == 1

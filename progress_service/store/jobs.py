@@ -8,7 +8,7 @@ import msgspec
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from progress_service.events import JobSnapshot, JobSpec, ResultData
+from progress_service.events import JobKind, JobSnapshot, JobSpec, JobStatus, Phase, ResultData
 from progress_service.store.schema import jobs, users
 
 _enc = msgspec.json.Encoder()
@@ -23,8 +23,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
     user_id: str
     user_name: str | None
     spec: JobSpec
-    status: str
-    phase: str
+    status: JobStatus
+    phase: Phase
     reason: str | None
     result: ResultData | None
     snapshot: JobSnapshot | None
@@ -35,7 +35,7 @@ class JobRecord(msgspec.Struct, kw_only=True):
     started_at: int | None
     finished_at: int | None
     #: "job" or "session" (see ``events.JobKind``); source/host for sessions.
-    kind: str = "job"
+    kind: JobKind = "job"
     source: str | None = None
     host: str | None = None
 
@@ -46,8 +46,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
         return JobSnapshot(
             id=self.id,
             roomId=f"job:{self.id}",
-            status=self.status,  # type: ignore[arg-type]
-            phase=self.phase,  # type: ignore[arg-type]
+            status=self.status,
+            phase=self.phase,
             costUsd=self.cost_usd,
             result=self.result,
             reason=self.reason,
@@ -60,7 +60,7 @@ class JobRecord(msgspec.Struct, kw_only=True):
             startedAt=self.started_at,
             finishedAt=self.finished_at,
             submittedBy=self.user_name,
-            kind=self.kind,  # type: ignore[arg-type]
+            kind=self.kind,
         )
 
 

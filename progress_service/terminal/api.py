@@ -14,6 +14,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from progress_service.errors import ApiError
 from progress_service.events import JobSnapshot
 
 #: Connect and read timeouts of one request (seconds).
@@ -22,14 +23,6 @@ HTTP_TIMEOUT = httpx.Timeout(15.0, connect=5.0)
 STEER_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
 
 _snapshot_dec = msgspec.json.Decoder(JobSnapshot)
-
-
-class ApiError(Exception):
-    """An HTTP request failed; ``str(exc)`` is the message for the user."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _describe(response: httpx.Response) -> str:
@@ -129,7 +122,8 @@ class JobsApi:
         """``POST /api/jobs/{id}/instructions``: the outcome (``state``, ``eventId``)."""
         path = f"/api/jobs/{quote(job_id, safe='')}/instructions"
         response = await self._request("POST", path, json={"text": text}, headers={"Idempotency-Key": key}, wait=True)
-        return response.json()
+        outcome: dict[str, Any] = response.json()
+        return outcome
 
     async def decide(self, job_id: str, permission_id: str, allow: bool, message: str | None, key: str) -> dict[str, Any]:
         """``POST /api/jobs/{id}/permissions/{pid}``: the outcome (``state``, ``eventId``)."""
@@ -138,7 +132,8 @@ class JobsApi:
         if message:
             body["message"] = message
         response = await self._request("POST", path, json=body, headers={"Idempotency-Key": key}, wait=True)
-        return response.json()
+        outcome: dict[str, Any] = response.json()
+        return outcome
 
     def _snapshot(self, response: httpx.Response) -> JobSnapshot:
         try:

@@ -1,4 +1,4 @@
-"""The reconnect policy of PROTOCOL.md: exponential backoff with full jitter.
+"""The reconnect policy of docs/protocol.md: exponential backoff with full jitter.
 
 ``delay = random(0, min(cap, base * 2**attempt))``; the attempt counter is
 reset only once a connection has stayed up for ``stable_after`` seconds, so
@@ -28,7 +28,7 @@ class Backoff:
     def ceiling(self) -> float:
         """The upper bound of the next delay (before jitter)."""
         # min() before the power would overflow after ~1000 attempts.
-        return min(self.cap, self.base * 2 ** min(self.attempt, 32))
+        return min(self.cap, self.base * 2.0 ** min(self.attempt, 32))
 
     def next_delay(self) -> float:
         """The delay before the next attempt; counts that attempt."""

@@ -26,6 +26,9 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from progress_service import closes
+from progress_service.closes import Reconnect
+from progress_service.errors import ApiError, FollowError
 from progress_service.events import (
     TERMINAL_STATUSES,
     Ack,
@@ -45,8 +48,9 @@ from progress_service.events import (
     ResultData,
     server_message_decoder,
 )
-from progress_service.streams import id_lt, room_id
-from progress_service.terminal.api import ApiError, JobsApi
+from progress_service.ids import room_id
+from progress_service.streams import id_lt
+from progress_service.terminal.api import JobsApi
 from progress_service.terminal.backoff import Backoff
 
 CLIENT_NAME = "progress-service-terminal/1"
@@ -107,10 +111,6 @@ class Outcome:
     def exit_code(self) -> int:
         """0 on success, 1 when the job failed or was cancelled."""
         return 0 if self.ok else 1
-
-
-class FollowError(Exception):
-    """Following cannot go on; ``str(exc)`` says why, for the user."""
 
 
 def ws_url(base_url: str) -> str:
@@ -212,7 +212,7 @@ class JobFollower:
                 open_timeout=10,
                 close_timeout=2,
                 max_size=MAX_FRAME_BYTES,
-                user_agent_header=f"{CLIENT_NAME} websockets/{websockets.__version__}",
+                user_agent_header=f"{CLIENT_NAME} websockets/{websockets.version.version}",
             ) as ws:
                 return await self._session(ws)
         except ConnectionClosed as exc:
@@ -232,22 +232,22 @@ class JobFollower:
             return _Retry("connection lost")
         code, reason = frame.code, frame.reason or ""
         said = f"{code} {reason}".strip()
-        if code == 4403 and reason == "token revoked":
-            return FollowError(f"the API token was revoked ({said}): ask an admin for a new one")
-        if code == 4403:
-            return FollowError(f"authentication failed ({said}): check the API token (--token or PS_TOKEN)")
-        if code in (1003, 1009):
+        # What to do is the code's policy (progress_service.closes); the
+        # wording is this client's.
+        if closes.policy_of(code).reconnect is Reconnect.STOP:
+            if (code, reason) == closes.REVOKED:
+                return FollowError(f"the API token was revoked ({said}): ask an admin for a new one")
+            if code == closes.AUTH_FAILED.code:
+                return FollowError(f"authentication failed ({said}): check the API token (--token or PS_TOKEN)")
+            if code == closes.BYE.code:
+                return FollowError(f"the server ended the session ({said}) before the job finished")
             return FollowError(f"the server refused this client ({said}); not retrying")
-        if code == 1000:
-            return FollowError(f"the server ended the session ({said}) before the job finished")
-        if code == 1008:
+        if code == closes.INVALID_MESSAGE.code:  # 1008: a client bug, or a server that disagrees with it
             self._p.policy_closes += 1
             if self._p.policy_closes >= MAX_POLICY_CLOSES:
                 return FollowError(f"the server keeps refusing this client ({said}); not retrying")
+        if closes.policy_of(code).reconnect is Reconnect.LONG_BACKOFF:
             return _Retry(f"server closed {said}", long=True)
-        if code == 4429:
-            return _Retry(f"server closed {said}", long=True)
-        # 1001 restarting, 1011 internal, 1013 slow consumer, 4401 re-auth, ...
         return _Retry(f"server closed {said}")
 
     async def _session(self, ws: ClientConnection) -> Outcome | None:

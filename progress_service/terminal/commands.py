@@ -16,14 +16,16 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from progress_service.errors import ApiError, FollowError
 from progress_service.settings import Settings
-from progress_service.terminal.api import HTTP_TIMEOUT, ApiError, JobsApi
-from progress_service.terminal.client import FollowError, JobFollower
+from progress_service.terminal.api import HTTP_TIMEOUT, JobsApi
+from progress_service.terminal.client import JobFollower
 from progress_service.terminal.render import make_renderer
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -147,7 +149,7 @@ def _cancel(target: _Target) -> None:
         _err(f"could not cancel job {target.job_id}: HTTP {response.status_code}")
 
 
-def _run(args: argparse.Namespace, main: Any) -> int:
+def _run(args: argparse.Namespace, main: Callable[[argparse.Namespace, Any], Coroutine[Any, Any, int]]) -> int:
     target = _target(args)
     if target is None:
         return EXIT_ERROR

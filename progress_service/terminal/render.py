@@ -9,6 +9,9 @@ Two renderers implement :class:`~progress_service.terminal.client.FollowSink`:
 - :class:`PlainRenderer` (stdout is a pipe or file): exactly one line on
   stdout per event and per comment, never a redraw, so ``| grep`` and logs
   work. Connection notices go to stderr and never mix with the event lines.
+
+Both renderers and the formatters they share (``format_event``,
+``format_chat``, ``one_line``) are one module: the two must say the same thing.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ import sys
 import uuid
 from typing import Any
 
+from progress_service.errors import ApiError
 from progress_service.settings import Settings
-from progress_service.terminal.api import ApiError, JobsApi
+from progress_service.terminal.api import JobsApi
 from progress_service.terminal.commands import EXIT_ERROR, EXIT_JOB_FAILED, EXIT_OK, _Target, _target
 
 #: Connection attempts per command (the key makes retries safe).

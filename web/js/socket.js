@@ -32,10 +32,14 @@ const CHAT_RETRY_MS = 2_000;
 /** Milliseconds of message handling per task before yielding to the page. */
 const DRAIN_BUDGET_MS = 8;
 
+// The close-code policy is progress_service/closes.py's; tests/test_close_codes.py
+// fails when these two tables disagree with it.
 /** Close codes after which retrying cannot help: the user must act. */
 const STOP_CODES = new Map([
   [1000, "The server ended the connection."],
+  [1002, "The connection broke the WebSocket protocol (1002). Reload the page."],
   [1003, "The server refused a message from this page (1003). Reload the page."],
+  [1007, "The server refused a message from this page as invalid text (1007). Reload the page."],
   [1009, "The server refused a message from this page as too large (1009). Reload the page."],
   [4403, "The server refused your sign-in (auth failed). Sign in again."],
 ]);

@@ -36,13 +36,12 @@ from progress_service.store.audit.chain import (
     canonical_json,
     chain_of,
     compute_hash,
-    now_ms,
     parse_since,
     scrub,
     to_record,
 )
 from progress_service.store.audit.export import encode_jsonl, export, list_records, verify_export
-from progress_service.store.audit.keys import Keyring, KeyFileError
+from progress_service.store.audit.keys import Keyring
 from progress_service.store.audit.report import Mismatch, VerifyResult
 from progress_service.store.audit.verify import verify
 from progress_service.store.audit.writer import Audit, Checkpointer, audit_dropped, audit_queue
@@ -56,7 +55,6 @@ __all__ = [
     "AuditRecord",
     "Checkpointer",
     "Entry",
-    "KeyFileError",
     "Keyring",
     "Mismatch",
     "VerifyResult",
@@ -70,7 +68,6 @@ __all__ = [
     "encode_jsonl",
     "export",
     "list_records",
-    "now_ms",
     "parse_since",
     "record",
     "record_for_team_name",

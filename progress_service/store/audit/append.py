@@ -25,19 +25,21 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from progress_service import metrics
+from progress_service.ids import now_ms
 from progress_service.store.audit import keys as audit_keys
-from progress_service.store.audit.chain import GENESIS, SYSTEM_CHAIN, AuditRecord, Entry, canonical_json, compute_hash, now_ms, scrub
+from progress_service.store.audit.chain import (
+    GENESIS,
+    SYSTEM_CHAIN,
+    AuditRecord,
+    Entry,
+    canonical_json,
+    compute_hash,
+    scrub,
+)
+from progress_service.store.db import dialect_insert
 from progress_service.store.schema import audit_heads, audit_log, teams
 
 audit_records = Counter("ps_audit_records_total", "Audit records written", ["action"], registry=metrics.registry)
-
-def _dialect_insert(conn: AsyncConnection, table: sa.Table) -> Any:
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert  # noqa: PLC0415
-    else:
-        from sqlalchemy.dialects.sqlite import insert  # noqa: PLC0415
-    return insert(table)
-
 
 # Statements are built once and executed with bound parameters: building
 # ``insert().values(**kw)`` per call costs more CPU than the SQL itself
@@ -62,7 +64,7 @@ def _lock_statement(conn: AsyncConnection) -> Any:
     name = conn.dialect.name
     stmt = _LOCK_CHAIN.get(name)
     if stmt is None:
-        insert = _dialect_insert(conn, audit_heads)
+        insert = dialect_insert(conn, audit_heads)
         # An upsert that changes nothing: it creates the head on first use and
         # otherwise locks the existing row (PostgreSQL: ON CONFLICT DO UPDATE
         # takes the row lock, as SELECT … FOR UPDATE does; SQLite: it is a
@@ -82,7 +84,7 @@ async def _lock_chain(conn: AsyncConnection, chain: str) -> tuple[int, str]:
             {"chain": chain, "count": 0, "last_id": None, "last_hash": GENESIS, "updated_at": now_ms()},
         )
     ).one()
-    return int(row.count), row.last_hash
+    return int(row._mapping["count"]), row.last_hash
 
 
 def _fit(e: Entry) -> Entry:
@@ -178,7 +180,7 @@ async def append(
             prev = digest
             count += 1
         if len(rows) == 1:
-            returned = [(await conn.execute(_INSERT_RECORDS, rows[0])).one()]
+            returned: Sequence[sa.Row[Any]] = [(await conn.execute(_INSERT_RECORDS, rows[0])).one()]
         else:
             returned = (await conn.execute(_INSERT_RECORDS, rows)).all()
         ids = sorted((int(r.id), r.hash) for r in returned)

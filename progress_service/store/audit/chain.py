@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+
+from progress_service.ids import now_ms
 
 SYSTEM_CHAIN = "system"
 GENESIS = "0" * 64
@@ -36,10 +37,6 @@ KEYED_VERSION = 2
 _SECRET_KEYS = frozenset({"token", "ticket", "secret", "authorization", "password", "access_token", "auth"})
 _SECRET_PREFIXES = ("ps_", "pst_")
 
-
-def now_ms() -> int:
-    """The current time as epoch milliseconds."""
-    return int(time.time() * 1000)
 
 
 _RELATIVE = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 7 * 86_400_000}

@@ -37,16 +37,13 @@ from typing import Any
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from progress_service.errors import KeyFileError
 from progress_service.settings import Settings, load_settings
-from progress_service.store.audit.chain import now_ms
+from progress_service.ids import now_ms
 
 log = logging.getLogger("progress_service.audit")
 
 KEY_FILE_VERSION = 1
-
-
-class KeyFileError(Exception):
-    """The key file is missing, unreadable or malformed (the message says which)."""
 
 
 class _StoredKey(msgspec.Struct, kw_only=True):

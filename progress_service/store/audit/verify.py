@@ -163,9 +163,9 @@ async def _check_page(conn: AsyncConnection, w: _Walk, rows: Any) -> Mismatch | 
             w.keyed = True
             w.prev, w.prev_id, w.n = digest, rid, w.n + 1
             continue
-        reason = w.check(row) or w.advance(row)
-        if reason is not None:
-            return Mismatch(chain=w.chain, id=rid, position=w.n if rid == w.prev_id else w.n + 1, reason=reason)
+        problem = w.check(row) or w.advance(row)
+        if problem is not None:
+            return Mismatch(chain=w.chain, id=rid, position=w.n if rid == w.prev_id else w.n + 1, reason=problem)
     return None
 
 

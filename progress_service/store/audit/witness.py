@@ -25,6 +25,7 @@ from typing import Any
 
 import msgspec
 
+from progress_service.keys import AUDIT_WITNESS_STREAM
 from progress_service.settings import Settings
 from progress_service.store.audit.chain import canonical_json
 from progress_service.store.audit.keys import Keyring, key_file_path
@@ -200,7 +201,7 @@ class RedisWitness:
     how durable an entry is; a file witness is fsynced.
     """
 
-    DEFAULT_STREAM = "ps:audit:witness"
+    DEFAULT_STREAM = AUDIT_WITNESS_STREAM
 
     def __init__(self, url: str) -> None:
         base, _, stream = url.partition("#")

@@ -26,10 +26,11 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service import metrics, outage
+from progress_service.ids import now_ms
 from progress_service.settings import Settings
 from progress_service.store.audit import keys as audit_keys
 from progress_service.store.audit.append import append
-from progress_service.store.audit.chain import Entry, canonical_json, now_ms, scrub
+from progress_service.store.audit.chain import Entry, canonical_json, scrub
 from progress_service.store.audit.witness import Checkpoint, FileWitness, RedisWitness, open_witness
 from progress_service.store.schema import audit_heads
 
@@ -55,9 +56,9 @@ async def read_heads(engine: AsyncEngine) -> list[Checkpoint]:
     async with engine.connect() as conn:
         rows = (await conn.execute(sa.select(audit_heads).order_by(audit_heads.c.chain))).all()
     return [
-        Checkpoint(chain=r.chain, count=int(r.count), lastId=r.last_id, lastHash=r.last_hash, at=at)
+        Checkpoint(chain=r.chain, count=int(r._mapping["count"]), lastId=r.last_id, lastHash=r.last_hash, at=at)
         for r in rows
-        if int(r.count) > 0
+        if int(r._mapping["count"]) > 0
     ]
 
 
