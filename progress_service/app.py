@@ -10,9 +10,8 @@ from pathlib import Path
 import anyio
 from arq import create_pool
 from litestar import Litestar, Request, Response
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, ControllerRouterHandler, Message, Receive, Scope, Send
 from litestar.config.cors import CORSConfig
-from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.config.compression import CompressionConfig
@@ -22,28 +21,28 @@ from litestar.openapi.plugins import RapidocRenderPlugin
 from litestar.static_files import create_static_files_router
 from redis.asyncio import Redis
 
-from progress_service import history, metrics, outage, queue, redis_client
+from progress_service import metrics, outage, queue, redis_client
 from progress_service.api.audit import AuditController, TokensController
 from progress_service.api.comments import CommentsController
-from progress_service.api.steering import SteeringController
-from progress_service.api.deps import provide_principal, provide_services
+from progress_service.api.deps import AUTHENTICATION, DEPENDENCIES, NO_AUTH
 from progress_service.api.health import healthz, metrics_endpoint, readyz
 from progress_service.api.hooks import PATH as HOOKS_PATH
-from progress_service.api.hooks import HookGate, claude_code_hook
+from progress_service.api.hooks import claude_code_hook
 from progress_service.api.joblog import JobLogController
 from progress_service.api.jobs import JobsController
 from progress_service.api.me import whoami
 from progress_service.api.session import SessionController
+from progress_service.api.steering import SteeringController
+from progress_service.api.stream import job_stream
 from progress_service.api.tickets import create_ticket
-from progress_service.comments import Comments
-from progress_service.steering import Steering
-from progress_service.hooks.ingest import Ingest
-from progress_service.revocation import RevocationWatcher
-from progress_service.services import Services
+from progress_service.gateway.endpoint import ws_endpoint
+from progress_service.services import ChatHookFactory, Resources, Services, build_services
 from progress_service.settings import Settings
-from progress_service.store.audit import Audit
+from progress_service.state import set_services
 from progress_service.store.db import create_engine
 from progress_service.store.migrations import migrate
+from worker.claude import resolve_binary
+from worker.settings import build_worker
 
 log = logging.getLogger("progress_service")
 
@@ -61,8 +60,6 @@ def claude_is_available(settings: Settings) -> bool:
     Only ``dev`` (whose worker is in-process) asks; a job's ``demo`` flag is
     set by the worker that runs it.
     """
-    from worker.claude import resolve_binary  # noqa: PLC0415 - the worker's own decision
-
     return not resolve_binary(settings)[1]
 
 
@@ -156,64 +153,42 @@ def create_app(
     *,
     redis_url: str,
     run_worker: bool = False,
+    chat_hook: ChatHookFactory | None = None,
 ) -> Litestar:
-    """The application. ``run_worker`` also runs an arq worker in this process (dev mode)."""
+    """The application. ``run_worker`` also runs an arq worker in this process (dev mode).
+
+    Its lifespan is the composition root's runtime half: it opens the
+    connections, builds the components (:func:`~progress_service.services.build_services`;
+    ``chat_hook`` replaces the gateway's chat hook, for tests), runs their
+    tasks and ends them. ``chat_hook`` does not change the HTTP comment routes.
+    """
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        from progress_service.gateway import Gateway  # noqa: PLC0415 - gateway imports services
-
         redis = make_redis(redis_url, cluster=settings.redis_cluster)
         engine = create_engine(settings.database_url)
-        await migrate(engine)
-        arq_pool = await create_pool(queue.arq_redis_settings(settings.queue_url(redis_url)))
-        redis_client.set_queue(redis, arq_pool)
-        services = Services(
-            settings=settings,
-            redis_url=redis_url,
-            redis=redis,
-            engine=engine,
-            arq=arq_pool,
-        )
-        services.gateway = Gateway(services)
-        # The hooks the gateway and the API call: durable comments, the
-        # non-blocking audit writer, and revocation closing live connections.
-        audit = services.extras["audit"] = Audit.from_settings(engine, settings)
-        comments = services.extras["comments"] = Comments.from_services(services)
-        # Instructions and permission answers for running jobs (steer / decide).
-        Steering.from_services(services)
-        revocations = services.extras["revocations"] = RevocationWatcher(services)
-        # Claude Code hooks: the route queues, this process's ingest task appends.
-        ingest = Ingest(services)
-        services.extras["hooks"] = HookGate(services, ingest, services.gateway.principals)
-        app.state.services = services
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(services.gateway.run)
-                tg.start_soon(audit.run)  # checkpoints; flushes and checkpoints on the way out
-                tg.start_soon(revocations.run)
-                # PS_HISTORY_DAYS: prunes the event archive; lives as long as the app.
-                tg.start_soon(history.run_retention, engine, settings)
-                # Lost-worker recovery runs here too, so a job whose worker
-                # vanished is retried or failed even when no worker is alive.
-                tg.start_soon(_run_sweeper, services)
-                tg.start_soon(ingest.run)
-                if run_worker:
-                    tg.start_soon(_run_worker, services)
-                try:
-                    yield
-                finally:
-                    await services.gateway.close_all()
-                    await ingest.aclose()  # what the CLI was told is accepted gets applied
-                    # The comment writer task is Comments' own; end it here.
-                    await comments.aclose()
-                    tg.cancel_scope.cancel()
+            await migrate(engine)
+            arq_pool = await create_pool(queue.arq_redis_settings(settings.queue_url(redis_url)))
+            redis_client.set_queue(redis, arq_pool)
+            try:
+                resources = Resources(settings=settings, redis_url=redis_url, redis=redis, engine=engine, arq=arq_pool)
+                services = build_services(resources, chat_hook=chat_hook)
+                set_services(app, services)
+                async with anyio.create_task_group() as tg:
+                    await tg.start(services.run)
+                    if run_worker:
+                        tg.start_soon(_run_worker, services)
+                    try:
+                        yield
+                    finally:
+                        await services.drain()
+                        tg.cancel_scope.cancel()
+            finally:
+                await arq_pool.aclose()
         finally:
-            await arq_pool.aclose()
             await redis.aclose()
             await engine.dispose()
-
-    from progress_service.gateway import route_handlers as gateway_handlers  # noqa: PLC0415
 
     handlers: list = [
         JobsController,
@@ -229,7 +204,8 @@ def create_app(
         healthz,
         readyz,
         metrics_endpoint,
-        *gateway_handlers,
+        ws_endpoint,
+        job_stream,
     ]
     if WEB_DIR.is_dir():
         # Vendored files carry their version in the name: cache them for good.
@@ -241,6 +217,7 @@ def create_app(
                 name="vendor",
                 cache_control=CacheControlHeader(public=True, max_age=31_536_000, immutable=True),
                 include_in_schema=False,
+                opt=NO_AUTH,
             )
         )
         handlers.append(
@@ -251,6 +228,7 @@ def create_app(
                 name="web",
                 cache_control=CacheControlHeader(max_age=60, must_revalidate=True),
                 include_in_schema=False,
+                opt=NO_AUTH,
             )
         )
 
@@ -264,8 +242,9 @@ def create_app(
     return Litestar(
         route_handlers=handlers,
         lifespan=[lifespan],
-        dependencies={"services": Provide(provide_services), "principal": Provide(provide_principal)},
-        middleware=[access_log, rate_limit.middleware],
+        dependencies=DEPENDENCIES,
+        # Authentication last: the rate limit counts refused requests too.
+        middleware=[access_log, rate_limit.middleware, AUTHENTICATION],
         cors_config=cors,
         exception_handlers={
             HTTPException: _client_error_handler,
@@ -295,19 +274,8 @@ def create_app(
     )
 
 
-async def _run_sweeper(services: Services) -> None:
-    """The lost-worker sweeper (:class:`worker.jobs.Sweeper`) for the app's lifetime."""
-    from worker.recovery import Sweeper  # noqa: PLC0415 - the worker package is optional in serve mode
-
-    # On a cluster the leases are there, and the cluster client knows the queue.
-    data = services.redis if services.settings.redis_cluster else services.arq
-    await Sweeper(data, services.engine, services.settings).run()
-
-
 async def _run_worker(services: Services) -> None:
     """The in-process arq worker of ``dev`` mode, closed when the app stops."""
-    from worker.settings import build_worker  # noqa: PLC0415 - worker is optional in serve mode
-
     worker = build_worker(services.settings, redis_url=services.redis_url, engine=services.engine, sweeper=False)
     try:
         await worker.async_run()

@@ -198,7 +198,8 @@ async def _audit_token(engine: AsyncEngine, action: str, team: str, user: str, t
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="progress-service", description=__doc__.splitlines()[0])
+    # Plain text: argparse prints the description as it is (the docstring is RST).
+    parser = argparse.ArgumentParser(prog="progress-service", description="Run and use the progress service.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("dev", help="run app + worker locally (embedded Redis when PS_REDIS_URL is unset)")

@@ -1,6 +1,6 @@
 """Reviewer comments end to end: the hook the gateway and the HTTP API call.
 
-``services.extras["comments"]`` is a :class:`Comments`; the gateway calls
+One :class:`Comments` per process (``Services.comments``); the gateway calls
 ``post(principal, room_id, job_id, request_id, text)`` for a ``chat`` message
 (see ``gateway/session.py``'s ``CommentsHook``) and acks with the event id it
 returns; ``POST /api/jobs/{id}/comments`` calls :meth:`Comments.submit`.
@@ -35,11 +35,12 @@ batching decides the transaction and the stream append above.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from typing import TYPE_CHECKING, Any
 
+import anyio
+import anyio.abc
 import msgspec
 from redis.exceptions import NoScriptError, RedisError
 
@@ -53,8 +54,6 @@ from progress_service.store import comments as comment_store
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from sqlalchemy.ext.asyncio import AsyncEngine
-
-    from progress_service.services import Services
     from progress_service.settings import Settings
     from progress_service.store.identity import Principal
 
@@ -149,17 +148,16 @@ class _Waiter:
 
 
 class Comments:
-    """``services.extras["comments"]``: store, publish and ack comments.
+    """Store, publish and ack comments (``Services.comments``, the gateway's chat hook).
 
-    Group commit: ``submit`` queues its comment and waits; one writer task per
-    instance takes every queued comment, stores them with their audit records
-    in one transaction, appends them to their jobs' streams in one Redis round
-    trip, and records their event ids in its next transaction, which also
-    stores the comments that queued meanwhile. A comment is answered once its
-    event id is committed. The writer is started by the first comment of a
-    burst and ends when nothing is queued or in flight, so its lifetime is the
-    burst's (nothing to start or stop with the app); :meth:`aclose` ends it
-    early.
+    Group commit: ``submit`` queues its comment and waits; one writer task
+    (:meth:`run`) takes every queued comment, stores them with their audit
+    records in one transaction, appends them to their jobs' streams in one
+    Redis round trip, and records their event ids in its next transaction,
+    which also stores the comments that queued meanwhile. A comment is
+    answered once its event id is committed. The writer runs in the app's
+    lifespan task group (or ``async with Comments(...)``); without it a
+    comment is refused as unavailable.
     """
 
     def __init__(self, engine: AsyncEngine, redis: Redis, settings: Settings) -> None:
@@ -168,15 +166,16 @@ class Comments:
         self.settings = settings
         self._append_once = redis.register_script(_APPEND_ONCE)
         self._queue: list[_Waiter] = []
-        self._writer: asyncio.Task[None] | None = None
+        #: Set while :meth:`run` waits for work; None when no writer runs.
+        self._wake: asyncio.Event | None = None
+        #: :meth:`run`'s scope (cancelled by :meth:`aclose`) and its end.
+        self._scope: anyio.CancelScope | None = None
+        self._stopped: anyio.Event | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
         #: Event ids (comment id -> entry id) of acked comments whose recording
         #: on the row failed (store down): retried with the next transaction;
         #: :meth:`with_ids` repairs the rows on read should this process stop first.
         self._unrecorded: dict[int, str] = {}
-
-    @classmethod
-    def from_services(cls, services: Services) -> Comments:
-        return cls(services.engine, services.redis, services.settings)
 
     async def post(self, principal: Principal, room_id: str, job_id: str, request_id: str, text: str) -> str:
         """The gateway's hook: store, publish, return the event id (the ack).
@@ -212,10 +211,11 @@ class Comments:
             text=text,
             created_at=now_ms(),
         )
+        if self._wake is None:
+            raise CommentsUnavailable("the comment writer is not running")
         waiter = _Waiter(item, loop.create_future(), deadline)
         self._queue.append(waiter)
-        if self._writer is None:
-            self._writer = asyncio.ensure_future(self._write())
+        self._wake.set()
         try:
             # Cancelling this wait (timeout, or the caller's cancellation)
             # cancels the future: the writer then leaves the comment out of its
@@ -277,13 +277,48 @@ class Comments:
         raw = await self._append_once(keys=keys, args=args)
         return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
 
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The writer: write whatever is queued until :meth:`aclose` or cancellation.
+
+        Comments it has not answered when it stops get ``unavailable``.
+        """
+        if self._wake is not None:
+            raise RuntimeError("the comment writer is already running")
+        wake = self._wake = asyncio.Event()
+        stopped = self._stopped = anyio.Event()
+        try:
+            with anyio.CancelScope() as self._scope:
+                task_status.started()
+                while True:
+                    await wake.wait()
+                    wake.clear()
+                    await self._write()
+        finally:
+            self._wake = self._scope = None
+            for waiter in self._queue:
+                waiter.fail("the comment writer stopped")
+            self._queue.clear()
+            stopped.set()
+
     async def aclose(self) -> None:
-        """Stop the writer (the comments it has not answered get ``unavailable``)."""
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await writer
+        """Stop the writer (the comments it has not answered get ``unavailable``); new ones are refused."""
+        if self._scope is not None and self._stopped is not None:
+            self._scope.cancel()
+            await self._stopped.wait()
+
+    async def __aenter__(self) -> Comments:
+        """Run the writer for the ``async with`` block (outside an app, e.g. tests and tools)."""
+        tg = self._task_group = anyio.create_task_group()
+        await tg.__aenter__()
+        await tg.start(self.run)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Stop the writer started by :meth:`__aenter__`."""
+        await self.aclose()
+        tg, self._task_group = self._task_group, None
+        if tg is not None:
+            await tg.__aexit__(None, None, None)
 
     # ----------------------------------------------------------- the writer
 
@@ -304,17 +339,13 @@ class Comments:
                 batch = []
         except BaseException as exc:
             # Cancelled (aclose) or a bug: nobody is left waiting forever. A
-            # bug is logged here (nobody awaits this task); the next comment
-            # starts a new writer.
+            # bug is logged here and the writer goes on with the next comment.
             for waiter in (*self._queue, *batch, *carry):
                 waiter.fail("the comment writer stopped")
             self._queue.clear()
             if not isinstance(exc, Exception):
                 raise
             log.exception("comments: the writer failed")
-        finally:
-            if self._writer is asyncio.current_task():
-                self._writer = None
 
     async def _commit(self, batch: list[_Waiter], carry: list[_Waiter]) -> list[_Waiter]:
         """One transaction: ``batch``'s comments and audit records, ``carry``'s event ids.

@@ -7,6 +7,7 @@ forms are listed here so they stay one decision::
     ProgressServiceError
     ├── InvalidInput (also ValueError)     HTTP 400 · WS error "invalid"
     │   ├── InvalidComment                  chat / comment text breaks a rule
+    │   ├── InvalidJob                      job spec breaks a rule (prompt, tools, timeout, workdir)
     │   └── WorkdirError                    job workdir outside the workspace
     ├── Forbidden                           HTTP 403 · WS error "forbidden"
     │   └── CommentForbidden                role below reviewer, or not the team's job
@@ -15,6 +16,7 @@ forms are listed here so they stay one decision::
     │   └── Abandoned                       caller stopped waiting; transaction rolled back
     ├── SteerRefusal                        instruction / permission answer refused;
     │                                       ``code`` is the WS error code (HTTP: see api/steering.py)
+    ├── NotCancellable                      HTTP 409: a hook-reported session runs elsewhere
     ├── SendTimeout                         a frame did not reach the socket in time (slow-consumer close)
     ├── KeyFileError                        audit key file missing or malformed (CLI exit 1)
     └── ClientError                         the terminal client (``str(exc)`` is for the user)
@@ -45,6 +47,14 @@ class InvalidInput(ProgressServiceError, ValueError):
 
 class InvalidComment(InvalidInput):
     """The text breaks the rules (empty, too long, control characters)."""
+
+
+class InvalidJob(InvalidInput):
+    """The job spec breaks a rule (the message names the field)."""
+
+
+class NotCancellable(ProgressServiceError):
+    """The job cannot be cancelled from here (a Claude Code session reported through hooks)."""
 
 
 class WorkdirError(InvalidInput):

@@ -17,23 +17,15 @@ from __future__ import annotations
 import enum
 from typing import Literal
 
-import msgspec
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from progress_service.events import TERMINAL_STATUSES, JobSnapshot, StatusData, StoredEvent
-from progress_service.ids import now_ms, room_id
 from progress_service.keys import QUEUE_NAME, cancel_key, lease_key, run_key
 from progress_service.redis_client import queue_of
-from progress_service.settings import Settings
-from progress_service.store.jobs import get_job, update_job
-from progress_service.history import append_archived
-from progress_service.streams import expire_job, read_state
 
 #: The arq function name of a job run.
 RUN_FUNCTION = "run_job"
@@ -235,7 +227,7 @@ async def claim_run(
     ``terminal`` (done or cancelled), ``busy`` (another worker runs it) and
     ``superseded`` (a newer attempt was enqueued) must not; ``cancelled``
     means a cancel arrived while it was queued and the caller publishes the
-    cancellation (:func:`publish_cancelled`).
+    cancellation (:func:`progress_service.jobs.publish_cancelled`).
     """
     verdict, att = await redis.eval(
         _CLAIM, 3, run_key(job_id), lease_key(job_id), cancel_key(job_id), attempt, worker_id, int(lease_s * 1000), ttl
@@ -284,63 +276,22 @@ async def cancel_requested(redis: Redis, job_id: str) -> str | None:
     return _s(raw) if raw is not None else None
 
 
-_enc = msgspec.json.Encoder()
+class CancelVerdict(enum.StrEnum):
+    """What :func:`request_cancel` found: never started (now cancelled), running (its worker stops it), ended."""
+
+    CANCELLED = "cancelled"
+    RUNNING = "running"
+    TERMINAL = "terminal"
 
 
-async def cancel_job(
-    redis: Redis, engine: AsyncEngine, settings: Settings, job_id: str, *, by: str | None = None
-) -> JobSnapshot:
-    """Request cancellation of a job and return its snapshot.
+async def request_cancel(redis: Redis, job_id: str, who: str, ttl: int) -> tuple[CancelVerdict, int]:
+    """Set the job's cancel flag and decide its run state in one step: ``(verdict, attempt)``.
 
-    - never started (queued, or re-queued after a lost worker): the job is
-      cancelled here (status event, snapshot and job row) and the claim of
-      any worker that picks it up later is refused;
-    - running: the cancel flag is set (the worker polls it and stops the
-      process, reading its last lines); the returned snapshot is
-      still ``running``, the worker publishes ``cancelled``;
-    - already finished: the snapshot is returned unchanged.
-
-    Raises :class:`LookupError` for an unknown job.
+    ``cancelled``: it never started and now never will (the caller publishes
+    that); ``running``: its worker stops it; ``terminal``: it had ended.
     """
-    record = await get_job(engine, job_id)
-    if record is None:
-        raise LookupError(job_id)
-    snapshot, _ = await read_state(redis, job_id)
-    if snapshot is None:
-        snapshot = record.to_snapshot()
-    if record.status in TERMINAL_STATUSES:
-        return record.to_snapshot()
-    who = by or "user"
-    verdict, attempt = await redis.eval(_CANCEL, 2, run_key(job_id), cancel_key(job_id), who, settings.events_ttl)
-    verdict = _s(verdict)
-    if verdict == "terminal":
-        latest, _ = await read_state(redis, job_id)
-        return latest or record.to_snapshot()
-    if verdict == "running":
-        # The flag is the one contract: the worker polls it, stops the CLI
-        # with SIGINT, reads its last lines and publishes "cancelled". No arq
-        # abort: a native task cancel would lose those lines and race the
-        # worker's own ending.
-        return snapshot
-    return await publish_cancelled(redis, engine, settings, job_id, snapshot, int(attempt), f"cancelled by {who} before it started")
-
-
-async def publish_cancelled(
-    redis: Redis, engine: AsyncEngine, settings: Settings, job_id: str, snapshot: JobSnapshot, attempt: int, reason: str
-) -> JobSnapshot:
-    """Record that a job which is not running was cancelled: status event, snapshot, job row."""
-    at = now_ms()
-    snapshot = msgspec.structs.replace(
-        snapshot, status="cancelled", reason=reason, finishedAt=at, step=None, roomId=room_id(job_id)
-    )
-    data = StatusData(status="cancelled", phase=snapshot.phase, reason=reason)
-    event = StoredEvent(kind="status", at=at, data=msgspec.to_builtins(data), attempt=attempt)
-    snapshot.lastEventId = await append_archived(
-        redis, engine, job_id, event, snapshot=snapshot
-    )
-    await update_job(engine, job_id, snapshot=snapshot)
-    await expire_job(redis, job_id, settings.events_ttl)
-    return snapshot
+    verdict, attempt = await redis.eval(_CANCEL, 2, run_key(job_id), cancel_key(job_id), who, str(ttl))
+    return CancelVerdict(_s(verdict)), int(attempt)
 
 
 async def run_state(redis: Redis, job_id: str) -> str | None:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from progress_service.services import Services
+    from progress_service.gateway import Gateway
 
 log = logging.getLogger("progress_service.revocation")
 
@@ -156,8 +156,10 @@ async def revoke(
 class RevocationWatcher:
     """Closes, on this node, the live connections of revoked tokens."""
 
-    def __init__(self, services: Services, *, interval: float = 2.0) -> None:
-        self.services = services
+    def __init__(self, engine: AsyncEngine, redis: Redis, gateway: Gateway, *, interval: float = 2.0) -> None:
+        self.engine = engine
+        self.redis = redis
+        self.gateway = gateway
         self.interval = interval
         #: token id -> monotonic time this node first saw it revoked
         self._seen: dict[str, float] = {}
@@ -178,19 +180,19 @@ class RevocationWatcher:
 
     async def _start(self) -> None:
         try:
-            async with self.services.engine.connect() as conn:
+            async with self.engine.connect() as conn:
                 newest = await conn.scalar(sa.select(sa.func.max(api_tokens.c.revoked_at)))
             self._watermark = int(newest or 0)
         except Exception as exc:
             log.warning("revocation: store unavailable at start (%r)", exc)
         try:
-            last = await self.services.redis.xrevrange(REVOCATIONS_KEY, count=1)
+            last = await self.redis.xrevrange(REVOCATIONS_KEY, count=1)
             self._cursor = last[0][0].decode() if last else "0-0"
         except (RedisError, OSError) as exc:
             log.warning("revocation: Redis unavailable at start (%r)", exc)
 
     async def _read_signal(self) -> set[str]:
-        redis = self.services.redis
+        redis = self.redis
         try:
             if self._cursor is None:
                 last = await redis.xrevrange(REVOCATIONS_KEY, count=1)
@@ -212,7 +214,7 @@ class RevocationWatcher:
     async def _poll_store(self) -> set[str]:
         try:
             with anyio.fail_after(max(self.interval, 2.0)):
-                async with self.services.engine.connect() as conn:
+                async with self.engine.connect() as conn:
                     rows = (
                         await conn.execute(
                             sa.select(api_tokens.c.id, api_tokens.c.revoked_at).where(
@@ -231,10 +233,7 @@ class RevocationWatcher:
         return found
 
     async def _close(self, token_id: str) -> None:
-        gateway = self.services.gateway
-        if gateway is None:
-            return
         try:
-            await gateway.close_token(token_id)  # 4403 token revoked
+            await self.gateway.close_token(token_id)  # 4403 token revoked
         except Exception:
             log.exception("revocation: closing connections of a revoked token failed")

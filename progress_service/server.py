@@ -13,7 +13,10 @@ from typing import Any
 import uvicorn
 from litestar import Litestar
 
+from progress_service.api.hooks import HookFront
+from progress_service.gateway.endpoint import GatewayFront
 from progress_service.settings import Settings
+from progress_service.state import started_services, unwrap
 
 
 log = logging.getLogger("progress_service.server")
@@ -78,30 +81,14 @@ class Server(uvicorn.Server):
         for sock in sockets or []:
             sock.close()
         log.info("shutdown: stopped accepting connections")
-        app = self.config.loaded_app
-        services = getattr(getattr(_unwrap(app), "state", None), "services", None)
-        if services is not None and services.gateway is not None:  # 2. WebSockets 1001
-            count = len(services.gateway.sessions)
+        services = started_services(unwrap(self.config.loaded_app))
+        if services is not None:  # 2. WebSockets 1001 (the lifespan's drain then finds them closed)
             await services.gateway.close_all()
-            log.info("shutdown: closed %d WebSocket connection(s) with 1001", count)
         await super().shutdown(sockets)  # 3. requests finish, then the lifespan (worker hand-back)
-
-
-def _unwrap(app: object) -> object:
-    # uvicorn wraps the app in proxy/middleware objects; find the Litestar app.
-    seen = 0
-    while not isinstance(app, Litestar) and hasattr(app, "app") and seen < 10:
-        app = app.app
-        seen += 1
-    return app
 
 
 def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **extra: Any) -> uvicorn.Config:
     """uvicorn settings that match the protocol's limits and heartbeats."""
-    # imported here: the gateway imports the services module, which the CLI loads lazily
-    from progress_service.api.hooks import HookFront
-    from progress_service.gateway.endpoint import GatewayFront
-
     return uvicorn.Config(
         # `/ws` handshakes skip Litestar's routing (same guard, same session);
         # so do Claude Code hook posts (same checks, same answers).

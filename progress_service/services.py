@@ -1,32 +1,137 @@
-"""The long-lived resources one app process shares: settings, Redis, store, queue.
+"""The composition root's two containers: the connections, and the components built on them.
 
-Created once in the app's lifespan and handed to handlers through Litestar
-dependency injection (``services``), so nothing reaches for globals.
+:func:`build_services` is the one place the process's components are made;
+each gets its dependencies through its constructor. The app's lifespan
+(:func:`progress_service.app.create_app`) opens the :class:`Resources`,
+builds the :class:`Services`, runs their long-lived tasks in its task group
+(:meth:`Services.run`) and ends them through one shutdown path
+(:meth:`Services.drain`, then cancelling that task group). Handlers receive
+the parts they use through Litestar's dependency injection
+(``progress_service.api.deps``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import anyio
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from progress_service import history
+from progress_service.auth import PrincipalCache
+from progress_service.comments import Comments
+from progress_service.gateway import Gateway
+from progress_service.gateway.session import CommentsHook
+from progress_service.hooks.gate import HookGate
+from progress_service.hooks.ingest import Ingest
+from progress_service.jobs import Jobs
+from progress_service.revocation import RevocationWatcher
 from progress_service.settings import Settings
+from progress_service.steering import Steering
+from progress_service.store.audit import Audit
+from worker.recovery import Sweeper
 
 
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """The connections one app process holds: opened and closed by the lifespan."""
 
-@dataclass
-class Services:
     settings: Settings
     redis_url: str
     #: General-purpose client (commands, MULTI); bytes in, bytes out.
     redis: Redis
     engine: AsyncEngine
+    #: The job queue's pool.
     arq: ArqRedis
-    # Typed loosely on purpose: Litestar/msgspec evaluate this dataclass's
-    # annotations at runtime (DI of `services`), where the TYPE_CHECKING-only
-    # name `Gateway` does not exist. It holds a progress_service.gateway.Gateway.
-    gateway: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
+
+
+#: Makes the gateway's chat hook from the connections; None: chat answers ``unavailable``.
+#: A seam for tests (the default is the process's :class:`Comments`).
+ChatHookFactory = Callable[[Resources], CommentsHook | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Services(Resources):
+    """Every long-lived component of the process, built once by :func:`build_services`."""
+
+    #: The non-blocking audit writer (its task checkpoints and flushes on the way out).
+    audit: Audit
+    #: Durable comments (group-commit writer task).
+    comments: Comments
+    #: Instructions and permission answers for running jobs.
+    steering: Steering
+    #: ``/ws`` sessions, hub, presence, SSE streams.
+    gateway: Gateway
+    #: Closes live connections of revoked tokens.
+    revocations: RevocationWatcher
+    #: Claude Code hooks: the route's checks and queue (``hooks.ingest`` is its task).
+    hooks: HookGate
+    #: Submitting and cancelling jobs.
+    jobs: Jobs
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run every component task until cancelled (the lifespan's task group cancels it)."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.comments.run)  # before the first request can post
+            tg.start_soon(self.gateway.run)
+            tg.start_soon(self.audit.run)
+            tg.start_soon(self.revocations.run)
+            tg.start_soon(self.hooks.ingest.run)
+            # PS_HISTORY_DAYS: prunes the event archive.
+            tg.start_soon(history.run_retention, self.engine, self.settings)
+            # Lost-worker recovery runs here too, so a job whose worker
+            # vanished is retried or failed even when no worker is alive.
+            tg.start_soon(_run_sweeper, self)
+            task_status.started()
+
+    async def drain(self) -> None:
+        """The shutdown path, before the tasks are cancelled: close connections, apply accepted hooks, stop the comment writer.
+
+        :class:`~progress_service.server.Server` closes the connections
+        earlier (before HTTP requests finish); :meth:`Gateway.close_all` runs
+        once, so here it then only waits for that.
+        """
+        await self.gateway.close_all()
+        await self.hooks.ingest.aclose()  # what the CLI was told is accepted gets applied
+        await self.comments.aclose()
+
+
+def build_services(resources: Resources, *, chat_hook: ChatHookFactory | None = None) -> Services:
+    """Assemble the process's components on ``resources`` (the composition root)."""
+    settings, redis, engine = resources.settings, resources.redis, resources.engine
+    audit = Audit.from_settings(engine, settings)
+    comments = Comments(engine, redis, settings)
+    steering = Steering(engine, redis, settings)
+    principals = PrincipalCache()
+    gateway = Gateway(
+        resources,
+        comments=comments if chat_hook is None else chat_hook(resources),
+        steering=steering,
+        audit=audit,
+        principals=principals,
+    )
+    ingest = Ingest(engine, redis, settings, audit=audit)
+    return Services(
+        settings=settings,
+        redis_url=resources.redis_url,
+        redis=redis,
+        engine=engine,
+        arq=resources.arq,
+        audit=audit,
+        comments=comments,
+        steering=steering,
+        gateway=gateway,
+        revocations=RevocationWatcher(engine, redis, gateway),
+        hooks=HookGate(engine, redis, settings, ingest, principals),
+        jobs=Jobs(engine, redis, resources.arq, settings, audit),
+    )
+
+
+async def _run_sweeper(services: Services) -> None:
+    """The lost-worker sweeper (:class:`worker.recovery.Sweeper`) for the app's lifetime."""
+    # On a cluster the leases are there, and the cluster client knows the queue (redis_client.set_queue).
+    data = services.redis if services.settings.redis_cluster else services.arq
+    await Sweeper(data, services.engine, services.settings).run()

@@ -1,6 +1,6 @@
 """Steering, gateway side: who may instruct a running job or answer its permission prompts, and how.
 
-``services.extras["steering"]`` is a :class:`Steering`; the WebSocket
+One :class:`Steering` per process (``Services.steering``); the WebSocket
 (``steer`` / ``decide``) and the HTTP API (``POST /api/jobs/{id}/instructions``,
 ``POST /api/jobs/{id}/permissions/{permissionId}``) both call it. The order
 copies the comment flow's guarantees:
@@ -43,8 +43,6 @@ from progress_service.store.jobs import JobRecord, get_job
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from sqlalchemy.ext.asyncio import AsyncEngine
-
-    from progress_service.services import Services
     from progress_service.settings import Settings
     from progress_service.store.identity import Principal
 
@@ -78,14 +76,6 @@ class Steering:
         self.settings = settings
         self._enqueue = redis.register_script(inbox.ENQUEUE)
         self._decide = redis.register_script(inbox.DECIDE)
-
-    @classmethod
-    def from_services(cls, services: Services) -> Steering:
-        """The one instance of the process (created on first use)."""
-        hook = services.extras.get("steering")
-        if not isinstance(hook, Steering):
-            hook = services.extras["steering"] = cls(services.engine, services.redis, services.settings)
-        return hook
 
     async def _job(self, principal: Principal, job_id: str) -> JobRecord:
         record = await get_job(self.engine, job_id, principal.team_id)

@@ -141,9 +141,14 @@ async def collect_events(ws: ClientConnection, count: int, timeout: float = 10.0
     return out
 
 
-def serve(settings: Any, *, port: int | None = None) -> contextlib.AbstractAsyncContextManager[tuple[str, Any]]:
-    """The real app on uvicorn without a worker, yielding ``(base_url, app)``."""
-    return run_app(settings, run_worker=False, port=port)
+def serve(
+    settings: Any, *, port: int | None = None, chat_hook: Any = None
+) -> contextlib.AbstractAsyncContextManager[tuple[str, Any]]:
+    """The real app on uvicorn without a worker, yielding ``(base_url, app)``.
+
+    ``chat_hook(resources)`` makes the gateway's chat hook (None from it: no hook).
+    """
+    return run_app(settings, run_worker=False, port=port, chat_hook=chat_hook)
 
 
 class FakeComments:

@@ -79,7 +79,7 @@ def steps(items: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 async def settled(app: Any, timeout: float = 10.0) -> None:
     """Wait until the app's ingest task has applied every hook it accepted."""
-    ingest = app.state.services.extras["hooks"].ingest
+    ingest = app.state.services.hooks.ingest
     with anyio.fail_after(timeout):
         while not ingest.idle:
             await anyio.sleep(0.01)

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from progress_service.settings import Settings
 
+if TYPE_CHECKING:
+    from progress_service.services import ChatHookFactory
+
 
 @contextlib.asynccontextmanager
-async def run_app(settings: Settings, *, run_worker: bool, port: int | None = None) -> AsyncIterator[tuple[str, Any]]:
+async def run_app(
+    settings: Settings, *, run_worker: bool, port: int | None = None, chat_hook: ChatHookFactory | None = None
+) -> AsyncIterator[tuple[str, Any]]:
     """The app on a free loopback port; yields ``(base_url, app)`` and shuts it down after.
 
-    The app is exposed so a test can reach ``app.state.services``.
+    The app is exposed so a test can reach ``app.state.services``; ``chat_hook``
+    replaces the gateway's chat hook (see ``create_app``).
     """
     from progress_service.app import create_app  # noqa: PLC0415
     from progress_service.embedded_redis import free_port  # noqa: PLC0415
@@ -23,7 +29,7 @@ async def run_app(settings: Settings, *, run_worker: bool, port: int | None = No
 
     port = port or free_port()
     assert settings.redis_url, "run_app needs settings.redis_url"
-    app = create_app(settings, redis_url=settings.redis_url, run_worker=run_worker)
+    app = create_app(settings, redis_url=settings.redis_url, run_worker=run_worker, chat_hook=chat_hook)
     server = Server(make_config(app, settings, host="127.0.0.1", port=port))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     async with anyio.create_task_group() as tg:

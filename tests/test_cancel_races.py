@@ -16,8 +16,9 @@ import msgspec
 import pytest
 
 from progress_service.ids import now_ms
+from progress_service.jobs import cancel_job
 from progress_service.keys import cancel_key, run_key
-from progress_service.queue import cancel_job, claim_run
+from progress_service.queue import claim_run
 from progress_service.store.db import create_engine
 from progress_service.store.jobs import get_job, update_job
 from progress_service.store.migrations import migrate

@@ -167,3 +167,12 @@ def test_dev_runs_a_job_end_to_end_with_nothing_else_running(tmp_path: Path) -> 
     assert match
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=1).close()
+
+
+def test_help_is_plain_text() -> None:
+    """``--help`` of the command and of each subcommand prints no reStructuredText markup."""
+    env = clean_env()
+    for args in ([], ["dev"], ["serve"], ["worker"], ["token"], ["watch"], ["audit"], ["hooks"]):
+        result = run_cli(*args, "--help", env=env)
+        assert result.returncode == 0, result.stderr
+        assert not re.search(r"``|:(func|class|mod|meth):`", result.stdout), result.stdout

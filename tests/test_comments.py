@@ -149,15 +149,15 @@ async def test_list_comments_is_paginated_oldest_first(engine: Any) -> None:
 
 async def test_post_stores_publishes_once_and_returns_the_same_id(engine: Any, redis: Any) -> None:
     job_id, team_id = await make_job(engine)
-    svc = Comments(engine, redis, settings())
-    who = await principal(engine, team_id)
-    ids = [await svc.post(who, f"job:{job_id}", job_id, "r1", "  looks good  ") for _ in range(3)]
-    assert len(set(ids)) == 1
-    chats = await stream_chats(redis, job_id)
-    assert [eid for eid, _ in chats] == ids[:1]
-    assert chats[0][1]["text"] == "looks good" and chats[0][1]["userName"] == who.user_name
-    stored = await comment_store.get_comment(engine, f"job:{job_id}", who.user_id, "r1")
-    assert stored is not None and stored.id == ids[0]
+    async with Comments(engine, redis, settings()) as svc:
+        who = await principal(engine, team_id)
+        ids = [await svc.post(who, f"job:{job_id}", job_id, "r1", "  looks good  ") for _ in range(3)]
+        assert len(set(ids)) == 1
+        chats = await stream_chats(redis, job_id)
+        assert [eid for eid, _ in chats] == ids[:1]
+        assert chats[0][1]["text"] == "looks good" and chats[0][1]["userName"] == who.user_name
+        stored = await comment_store.get_comment(engine, f"job:{job_id}", who.user_id, "r1")
+        assert stored is not None and stored.id == ids[0]
 
 
 async def test_concurrent_retries_on_two_nodes_broadcast_once(db_url: str, redis: Any) -> None:
@@ -166,15 +166,16 @@ async def test_concurrent_retries_on_two_nodes_broadcast_once(db_url: str, redis
         await migrate(engines[0])
         job_id, team_id = await make_job(engines[0])
         who = await principal(engines[0], team_id)
-        nodes = [Comments(eng, redis, settings()) for eng in engines]
         acks: list[str] = []
 
         async def send(node: Comments) -> None:
             acks.append(await node.post(who, f"job:{job_id}", job_id, "dup", "hello"))
 
-        async with anyio.create_task_group() as tg:
-            for i in range(3):
-                tg.start_soon(send, nodes[i % 2])
+        async with Comments(engines[0], redis, settings()) as a, Comments(engines[1], redis, settings()) as b:
+            nodes = [a, b]
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(send, nodes[i % 2])
         assert len(acks) == 3 and len(set(acks)) == 1
         assert [eid for eid, _ in await stream_chats(redis, job_id)] == acks[:1]
         assert await count(engines[0], comments) == 1
@@ -185,12 +186,12 @@ async def test_concurrent_retries_on_two_nodes_broadcast_once(db_url: str, redis
 
 async def test_viewer_is_forbidden_and_nothing_is_stored(engine: Any, redis: Any) -> None:
     job_id, team_id = await make_job(engine)
-    svc = Comments(engine, redis, settings())
-    viewer = await principal(engine, team_id, role="viewer")
-    with pytest.raises(CommentForbidden):
-        await svc.post(viewer, f"job:{job_id}", job_id, "r1", "hi")
-    assert await count(engine, comments) == 0 and await count(engine, audit_log) == 0
-    assert await stream_chats(redis, job_id) == []
+    async with Comments(engine, redis, settings()) as svc:
+        viewer = await principal(engine, team_id, role="viewer")
+        with pytest.raises(CommentForbidden):
+            await svc.post(viewer, f"job:{job_id}", job_id, "r1", "hi")
+        assert await count(engine, comments) == 0 and await count(engine, audit_log) == 0
+        assert await stream_chats(redis, job_id) == []
 
 
 async def test_redis_failure_after_commit_is_healed_by_the_retry(engine: Any, redis: Any) -> None:
@@ -201,20 +202,20 @@ async def test_redis_failure_after_commit_is_healed_by_the_retry(engine: Any, re
     who = await principal(engine, team_id)
     dead = make_redis("redis://127.0.0.1:1/0")  # nothing listens on port 1
     try:
-        broken = Comments(engine, dead, settings(store_timeout=1.0))
-        with pytest.raises(CommentsUnavailable):
-            await broken.post(who, f"job:{job_id}", job_id, "r1", "hi")
+        async with Comments(engine, dead, settings(store_timeout=1.0)) as broken:
+            with pytest.raises(CommentsUnavailable):
+                await broken.post(who, f"job:{job_id}", job_id, "r1", "hi")
     finally:
         await dead.aclose()
     stored = await comment_store.get_comment(engine, f"job:{job_id}", who.user_id, "r1")
     assert stored is not None and stored.id is None
     assert await stream_chats(redis, job_id) == []
 
-    healthy = Comments(engine, redis, settings())
-    eid = await healthy.post(who, f"job:{job_id}", job_id, "r1", "hi")
-    assert await healthy.post(who, f"job:{job_id}", job_id, "r1", "hi") == eid
-    assert [e for e, _ in await stream_chats(redis, job_id)] == [eid]
-    assert await redis.hget(published_key(job_id), str(stored.commentId)) == eid.encode()
+    async with Comments(engine, redis, settings()) as healthy:
+        eid = await healthy.post(who, f"job:{job_id}", job_id, "r1", "hi")
+        assert await healthy.post(who, f"job:{job_id}", job_id, "r1", "hi") == eid
+        assert [e for e, _ in await stream_chats(redis, job_id)] == [eid]
+        assert await redis.hget(published_key(job_id), str(stored.commentId)) == eid.encode()
 
 
 async def test_locked_sqlite_store_answers_unavailable_and_leaves_nothing(tmp_path: Path, redis: Any) -> None:
@@ -224,22 +225,22 @@ async def test_locked_sqlite_store_answers_unavailable_and_leaves_nothing(tmp_pa
     try:
         job_id, team_id = await make_job(engine)
         who = await principal(engine, team_id)
-        svc = Comments(engine, redis, settings(store_timeout=1.0))
-        blocker = sqlite3.connect(db, timeout=1)
-        blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-        try:
-            with anyio.fail_after(3):
-                with pytest.raises(CommentsUnavailable):
-                    await svc.post(who, f"job:{job_id}", job_id, "r1", "hi")
-        finally:
-            blocker.rollback()
-            blocker.close()
-        await anyio.sleep(0.5)  # the abandoned write gets the lock, sees it was abandoned, rolls back
-        assert await count(engine, comments) == 0 and await count(engine, audit_log) == 0
-        assert await stream_chats(redis, job_id) == []
-        eid = await svc.post(who, f"job:{job_id}", job_id, "r1", "hi")
-        assert [e for e, _ in await stream_chats(redis, job_id)] == [eid]
-        assert await count(engine, comments) == 1 and await count(engine, audit_log) == 1
+        async with Comments(engine, redis, settings(store_timeout=1.0)) as svc:
+            blocker = sqlite3.connect(db, timeout=1)
+            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            try:
+                with anyio.fail_after(3):
+                    with pytest.raises(CommentsUnavailable):
+                        await svc.post(who, f"job:{job_id}", job_id, "r1", "hi")
+            finally:
+                blocker.rollback()
+                blocker.close()
+            await anyio.sleep(0.5)  # the abandoned write gets the lock, sees it was abandoned, rolls back
+            assert await count(engine, comments) == 0 and await count(engine, audit_log) == 0
+            assert await stream_chats(redis, job_id) == []
+            eid = await svc.post(who, f"job:{job_id}", job_id, "r1", "hi")
+            assert [e for e, _ in await stream_chats(redis, job_id)] == [eid]
+            assert await count(engine, comments) == 1 and await count(engine, audit_log) == 1
     finally:
         await engine.dispose()
 
@@ -255,16 +256,16 @@ async def test_unreachable_postgres_answers_unavailable_then_recovers(postgres_u
     try:
         job_id, team_id = await make_job(engine)
         who = await principal(engine, team_id)
-        svc = Comments(engine, redis, settings(store_timeout=2.0))
-        await admin.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS false')
-        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", dbname)
-        with pytest.raises(CommentsUnavailable):
-            await svc.post(who, f"job:{job_id}", job_id, "r1", "hi")
-        assert await stream_chats(redis, job_id) == []
-        await admin.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
-        eid = await svc.post(who, f"job:{job_id}", job_id, "r1", "hi")
-        assert [e for e, _ in await stream_chats(redis, job_id)] == [eid]
-        assert await count(engine, comments) == 1 and await count(engine, audit_log) == 1
+        async with Comments(engine, redis, settings(store_timeout=2.0)) as svc:
+            await admin.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS false')
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", dbname)
+            with pytest.raises(CommentsUnavailable):
+                await svc.post(who, f"job:{job_id}", job_id, "r1", "hi")
+            assert await stream_chats(redis, job_id) == []
+            await admin.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
+            eid = await svc.post(who, f"job:{job_id}", job_id, "r1", "hi")
+            assert [e for e, _ in await stream_chats(redis, job_id)] == [eid]
+            assert await count(engine, comments) == 1 and await count(engine, audit_log) == 1
     finally:
         await admin.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
         await admin.close()
@@ -273,20 +274,20 @@ async def test_unreachable_postgres_answers_unavailable_then_recovers(postgres_u
 
 async def test_thousand_comments_from_ten_reviewers_all_stored_chain_verifies(engine: Any, redis: Any) -> None:
     job_id, team_id = await make_job(engine)
-    svc = Comments(engine, redis, settings())
-    reviewers = [await principal(engine, team_id, name=f"rev{i}") for i in range(10)]
-    acks: dict[tuple[int, int], str] = {}
+    async with Comments(engine, redis, settings()) as svc:
+        reviewers = [await principal(engine, team_id, name=f"rev{i}") for i in range(10)]
+        acks: dict[tuple[int, int], str] = {}
 
-    async def reviewer(i: int) -> None:
-        for n in range(100):
-            acks[(i, n)] = await svc.post(reviewers[i], f"job:{job_id}", job_id, f"r{n}", f"comment {n} from {i}")
+        async def reviewer(i: int) -> None:
+            for n in range(100):
+                acks[(i, n)] = await svc.post(reviewers[i], f"job:{job_id}", job_id, f"r{n}", f"comment {n} from {i}")
 
-    with anyio.fail_after(120):
-        async with anyio.create_task_group() as tg:
-            for i in range(10):
-                tg.start_soon(reviewer, i)
-    assert len(set(acks.values())) == 1000
-    assert await count(engine, comments) == 1000
-    assert len(await stream_chats(redis, job_id)) == 1000
-    result = await audit.verify(engine)
-    assert result.ok and result.verified == 1000
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for i in range(10):
+                    tg.start_soon(reviewer, i)
+        assert len(set(acks.values())) == 1000
+        assert await count(engine, comments) == 1000
+        assert len(await stream_chats(redis, job_id)) == 1000
+        result = await audit.verify(engine)
+        assert result.ok and result.verified == 1000

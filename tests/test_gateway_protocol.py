@@ -373,8 +373,7 @@ async def test_error_budget_closes_1008(settings, store, redis) -> None:
 
 
 async def test_chat_without_hook_is_unavailable_and_viewer_forbidden(settings, store) -> None:
-    async with serve(settings()) as (base, app):
-        app.state.services.extras.pop("comments", None)
+    async with serve(settings(), chat_hook=lambda _resources: None) as (base, _app):
         job = await store.job()
         async with connect(base) as ws, connect(base) as viewer:
             await auth(ws, await store.token(role="reviewer"))
@@ -390,8 +389,7 @@ async def test_chat_without_hook_is_unavailable_and_viewer_forbidden(settings, s
 
 
 async def test_chat_acked_and_broadcast_in_room_order(settings, store, redis) -> None:
-    async with serve(settings()) as (base, app):
-        app.state.services.extras["comments"] = FakeComments(app.state.services.redis)
+    async with serve(settings(), chat_hook=lambda r: FakeComments(r.redis)) as (base, _app):
         job = await store.job()
         async with connect(base) as a, connect(base) as b:
             await auth(a, await store.token(user="rev"))
@@ -418,8 +416,7 @@ async def test_chat_acked_and_broadcast_in_room_order(settings, store, redis) ->
 
 
 async def test_chat_store_down_is_unavailable(settings, store) -> None:
-    async with serve(settings()) as (base, app):
-        app.state.services.extras["comments"] = FakeComments(app.state.services.redis, fail=True)
+    async with serve(settings(), chat_hook=lambda r: FakeComments(r.redis, fail=True)) as (base, _app):
         job = await store.job()
         async with connect(base) as ws:
             await auth(ws, await store.token())
@@ -430,8 +427,7 @@ async def test_chat_store_down_is_unavailable(settings, store) -> None:
 
 
 async def test_chat_rate_limit_then_4429(settings, store, redis) -> None:
-    async with serve(settings(ws_chat_rate=0.1, ws_chat_burst=2)) as (base, app):
-        app.state.services.extras["comments"] = FakeComments(app.state.services.redis)
+    async with serve(settings(ws_chat_rate=0.1, ws_chat_burst=2), chat_hook=lambda r: FakeComments(r.redis)) as (base, _app):
         token, job = await store.token(), await store.job()
         async with connect(base) as neighbour, connect(base) as ws:
             await auth(neighbour, token)
@@ -584,7 +580,7 @@ async def test_store_down_during_auth_closes_1011(settings, store, redis) -> Non
     from progress_service.store.db import create_engine
 
     async with serve(settings()) as (base, app):
-        services = app.state.services
+        gateway = app.state.services.gateway
         token, job = await store.token(), await store.job()
         # A credential this process has not seen yet: a cached one (the
         # neighbour's) would not need the store for up to PRINCIPAL_TTL.
@@ -595,13 +591,14 @@ async def test_store_down_during_auth_closes_1011(settings, store, redis) -> Non
             # Live, not still replaying: a replay may read the store (the
             # archive), and one that fails is undone with `unavailable`.
             await _neighbour_still_receives(neighbour, redis, job)
-            real, services.engine = services.engine, create_engine(f"postgresql+asyncpg://nobody@127.0.0.1:{_closed_port()}/none")
+            # The gateway's store connection (its constructor's) points at a closed port.
+            real, gateway.engine = gateway.engine, create_engine(f"postgresql+asyncpg://nobody@127.0.0.1:{_closed_port()}/none")
             try:
                 await send(ws, type="auth", token=fresh)
                 assert await closed_with(ws) == (1011, "internal error")
             finally:
-                await services.engine.dispose()
-                services.engine = real
+                await gateway.engine.dispose()
+                gateway.engine = real
             await _neighbour_still_receives(neighbour, redis, job)
 
 

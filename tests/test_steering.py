@@ -97,7 +97,10 @@ async def service(claude_bin, model_server, make_settings, make_token, live_serv
     """A live server and worker running the real CLI; tokens of each role in team t1."""
     settings = make_settings(
         claude_bin=claude_bin, claude_stdout_dir=str(tmp_path / "stdout"), worker_concurrency=4,
-        permission_timeout=10.0, steer_ack_timeout=45.0,
+        # The expiring prompt is waited out (so the shorter, the faster), but
+        # the others are answered first, one through a `decide` subprocess:
+        # 10 s was too short for that on two saturated cores.
+        permission_timeout=30.0, steer_ack_timeout=45.0,
     )
     tokens = {role: await make_token(role=role) for role in ("submitter", "reviewer", "viewer")}
     async with live_server(settings) as base:

@@ -45,6 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from progress_service.errors import WorkdirError
 from progress_service.events import TERMINAL_STATUSES, EventData, EventKind, JobSnapshot
 from progress_service.ids import now_ms, room_id
+from progress_service.jobs import publish_cancelled
 from progress_service.queue import (
     RunState,
     ClaimVerdict,
@@ -53,7 +54,6 @@ from progress_service.queue import (
     claim_run,
     finish_run,
     hand_back_run,
-    publish_cancelled,
     refresh_lease,
 )
 from progress_service.settings import Settings

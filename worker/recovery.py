@@ -20,12 +20,12 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service.events import TERMINAL_STATUSES
+from progress_service.jobs import publish_cancelled
 from progress_service.keys import lease_key, run_key
 from progress_service.queue import (
     ReapVerdict,
     cancel_requested,
     enqueue_job,
-    publish_cancelled,
     reap_run,
     run_state,
 )

@@ -99,24 +99,26 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-_settings = load_settings()
-_options = worker_options(_settings)
+def worker_settings(settings: Settings) -> type:
+    """A ``WorkerSettings`` class for arq's command line, configured from ``settings``."""
+    options = worker_options(settings)
+    namespace: dict[str, Any] = {
+        "__doc__": "For ``arq worker.settings.WorkerSettings`` (settings from ``PS_*`` variables).",
+        "redis_settings": arq_redis_settings(settings.queue_url(settings.redis_url or DEFAULT_REDIS_URL)),
+        "ctx": {"settings": settings},
+        **options,
+    }
+    return type("WorkerSettings", (), namespace)
 
 
-class WorkerSettings:
-    """For ``arq worker.settings.WorkerSettings`` (settings from ``PS_*`` variables)."""
-
-    redis_settings = arq_redis_settings(_settings.queue_url(_settings.redis_url or DEFAULT_REDIS_URL))
-    ctx = {"settings": _settings}
-    functions = _options["functions"]
-    queue_name = _options["queue_name"]
-    on_startup = _options["on_startup"]
-    on_shutdown = _options["on_shutdown"]
-    allow_abort_jobs = _options["allow_abort_jobs"]
-    max_jobs = _options["max_jobs"]
-    job_timeout = _options["job_timeout"]
-    poll_delay = _options["poll_delay"]
-    keep_result = _options["keep_result"]
+def __getattr__(name: str) -> Any:
+    # ``arq worker.settings.WorkerSettings`` looks the class up by name: the
+    # environment is read then, not whenever this module is imported.
+    if name == "WorkerSettings":
+        cls = worker_settings(load_settings())
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_worker(

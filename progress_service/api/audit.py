@@ -23,7 +23,7 @@ from progress_service.api.deps import (
     check_int64,
     error_responses,
     int64_cursor,
-    require_role,
+    requires,
 )
 from progress_service.ids import is_room_id
 from progress_service.revocation import TokenInfo, list_tokens, revoke
@@ -54,6 +54,7 @@ def _cursor(cursor: str | None) -> int | None:
 class AuditController(Controller):
     path = "/api/audit"
     tags = ["audit"]
+    guards = [requires("admin")]
 
     @get("/", summary="The team's audit log (admin)", responses=error_responses(401, 403))
     async def list_audit(
@@ -72,7 +73,6 @@ class AuditController(Controller):
         order: Literal["asc", "desc"] = "asc",
     ) -> AuditPage:
         """Records of the caller's team, oldest first (``order=desc``: newest first)."""
-        require_role(principal, "admin")
         # Checked here, not left to the SQL driver: PostgreSQL refuses NUL in
         # text with an error (500) where SQLite would just find nothing.
         if action is not None and not _ACTION_RE.match(action):
@@ -104,10 +104,10 @@ class AuditController(Controller):
 class TokensController(Controller):
     path = "/api/tokens"
     tags = ["auth"]
+    guards = [requires("admin")]
 
     @get("/", summary="The team's API tokens, without secrets (admin)", responses=error_responses(401, 403))
     async def list_team_tokens(self, principal: Principal, services: Services) -> TokenList:
-        require_role(principal, "admin")
         return TokenList(items=await list_tokens(services.engine, principal.team_id))
 
     @delete_route(
@@ -118,7 +118,6 @@ class TokensController(Controller):
     )
     async def revoke_token(self, token_id: str, principal: Principal, services: Services) -> TokenInfo:
         """Revoke one of the team's tokens; its live connections are closed with 4403 (token revoked)."""
-        require_role(principal, "admin")
         info = None
         if _TOKEN_ID_RE.match(token_id):  # anything else (a NUL would be a PostgreSQL error) is no token
             info = await revoke(

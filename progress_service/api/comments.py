@@ -55,14 +55,6 @@ async def _job_of_team(services: Services, job_id: str, principal: Principal) ->
         raise NotFoundException("no such job")
 
 
-def _comments(services: Services) -> Comments:
-    hook = services.extras.get("comments")
-    if not isinstance(hook, Comments):
-        hook = Comments.from_services(services)
-        services.extras["comments"] = hook
-    return hook
-
-
 class CommentsController(Controller):
     path = "/api/jobs/{job_id:str}/comments"
     tags = ["comments"]
@@ -73,6 +65,7 @@ class CommentsController(Controller):
         job_id: str,
         principal: Principal,
         services: Services,
+        comments: Comments,
         limit: Annotated[int, Parameter(ge=1, le=1000)] = 50,
         cursor: Annotated[str | None, Parameter(description="nextCursor of the previous page")] = None,
     ) -> CommentPage:
@@ -80,7 +73,7 @@ class CommentsController(Controller):
         limit = min(limit, services.settings.page_max)
         after = int64_cursor(cursor)
         items = await comment_store.list_comments(services.engine, room_id(job_id), after=after, limit=limit)
-        items = await _comments(services).with_ids(job_id, items)
+        items = await comments.with_ids(job_id, items)
         next_cursor = str(items[-1].commentId) if len(items) == limit else None
         return CommentPage(items=items, nextCursor=next_cursor)
 
@@ -98,6 +91,7 @@ class CommentsController(Controller):
         data: NewComment,
         principal: Principal,
         services: Services,
+        comments: Comments,
         idempotency_key: Annotated[
             str,
             HeaderParameter(
@@ -111,7 +105,7 @@ class CommentsController(Controller):
     ) -> Response[Comment]:
         await _job_of_team(services, job_id, principal)
         try:
-            comment, created = await _comments(services).submit(principal, job_id, idempotency_key, data.text)
+            comment, created = await comments.submit(principal, job_id, idempotency_key, data.text)
         except CommentForbidden:
             raise PermissionDeniedException(
                 f"commenting needs the role 'reviewer' or above; you are '{principal.role}'"

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, post
+from litestar import Request, post
 from litestar.exceptions import (
     ClientException,
     HTTPException,
@@ -28,87 +28,25 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.types import Receive, Scope, Send
-from litestar.status_codes import HTTP_204_NO_CONTENT, HTTP_409_CONFLICT, HTTP_413_REQUEST_ENTITY_TOO_LARGE
+from litestar.status_codes import HTTP_204_NO_CONTENT, HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
 from progress_service import metrics, outage
 from progress_service.api.deps import error_responses
-from progress_service.auth import PrincipalCache, bearer_token
-from progress_service.ids import now_ms
-from progress_service.gateway.limits import TokenBucket
-from progress_service.hooks.ingest import HookItem, Ingest, session_job_id
+from progress_service.auth import bearer_token
 from progress_service.hooks.body import KNOWN_EVENTS, HookInput, body_hash
-from progress_service.keys import hook_owner_key, hook_sessions_key
-from progress_service.services import Services
-from progress_service.store.identity import TOKEN_PREFIX, Principal, hash_token, principal_for_token
+from progress_service.hooks.gate import HookGate
+from progress_service.hooks.ingest import HookItem, session_job_id
+from progress_service.ids import now_ms
+from progress_service.state import started_services, unwrap
 
 PATH = "/api/hooks/claude-code"
 #: Header that names the machine a session runs on (set by ``hooks install``).
 HOST_HEADER = "x-ps-host"
 RETRY_AFTER = "1"
-#: Sessions whose team is known in this process, and rate buckets, at most.
-CACHE_MAX = 100_000
 
 _decoder = msgspec.json.Decoder(HookInput)
 _error_enc = msgspec.json.Encoder()
 log = logging.getLogger("progress_service.hooks")
-
-
-class HookGate:
-    """What the route remembers per process: buckets per token, owners per session."""
-
-    def __init__(self, services: Services, ingest: Ingest, principals: PrincipalCache) -> None:
-        self.services = services
-        self.ingest = ingest
-        self.principals = principals
-        self._buckets: dict[str, TokenBucket] = {}
-        self._owners: dict[str, str] = {}
-
-    def bucket(self, token_id: str) -> TokenBucket:
-        found = self._buckets.get(token_id)
-        if found is None:
-            if len(self._buckets) >= CACHE_MAX:
-                self._buckets.clear()
-            settings = self.services.settings
-            found = self._buckets[token_id] = TokenBucket(settings.hook_rate, settings.hook_burst)
-        return found
-
-    async def principal(self, token: str) -> Principal | None:
-        if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
-            return None  # tickets are for the WebSocket; nothing else is a token
-        engine = self.services.engine
-        return await self.principals.load(hash_token(token), lambda: principal_for_token(engine, token))
-
-    async def claim(self, job_id: str, principal: Principal) -> None:
-        """Make sure the session is the caller's team's: its first hook claims it for them."""
-        if self._owners.get(job_id) == principal.team_id:
-            return
-        settings = self.services.settings
-        redis = self.services.redis
-        key = hook_owner_key(job_id)
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.set(key, principal.team_id, nx=True, ex=settings.events_ttl)
-            pipe.get(key)
-            claimed, owner = await pipe.execute()
-        if owner is not None and owner.decode() != principal.team_id:
-            raise ClientException(
-                "session_id: this session is reported by another team", status_code=HTTP_409_CONFLICT
-            )
-        if claimed:
-            hour = int(time.time() // 3600)
-            counter = hook_sessions_key(principal.token_id, hour)
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.incr(counter)
-                pipe.expire(counter, 3600)
-                started, _ = await pipe.execute()
-            if started > settings.hook_max_sessions_per_hour:
-                await redis.delete(key)
-                raise TooManyRequestsException(
-                    f"this token started more than {settings.hook_max_sessions_per_hour} sessions this hour",
-                    headers={"Retry-After": str(3600 - int(time.time()) % 3600)},
-                )
-        if len(self._owners) >= CACHE_MAX:
-            self._owners.clear()
-        self._owners[job_id] = principal.team_id
 
 
 def too_deep(value: Any, limit: int) -> bool:
@@ -148,11 +86,10 @@ def decode_hook(body: bytes, max_depth: int) -> HookInput:
     return hook
 
 
-async def accept(services: Services, authorization: str | None, host: str | None, body: bytes) -> None:
+async def accept(gate: HookGate, authorization: str | None, host: str | None, body: bytes) -> None:
     """Authenticate, limit, decode, claim and queue one hook; raises the 4xx/503 that refuses it."""
     started = time.perf_counter()
-    gate: HookGate = services.extras["hooks"]
-    settings = services.settings
+    settings = gate.settings
     token = bearer_token(authorization)
     if token is None:
         raise NotAuthorizedException("missing credentials: send 'Authorization: Bearer <reporter token>'")
@@ -200,13 +137,13 @@ async def accept(services: Services, authorization: str | None, host: str | None
     description="Point a Claude Code `http` hook here (`progress-service hooks install`). Answers 204 with no body.",
     responses=error_responses(400, 401, 403, 409, 413, 503),
 )
-async def claude_code_hook(request: Request, services: Services) -> None:
+async def claude_code_hook(request: Request, hooks: HookGate) -> None:
     """Accept one hook event of a session the caller's team runs.
 
     :class:`HookFront` answers this path before Litestar in a served app;
     this route documents it and serves it under a ``root_path``.
     """
-    await accept(services, request.headers.get("authorization"), request.headers.get(HOST_HEADER), await request.body())
+    await accept(hooks, request.headers.get("authorization"), request.headers.get(HOST_HEADER), await request.body())
 
 
 class HookFront:
@@ -223,23 +160,24 @@ class HookFront:
     __slots__ = ("app",)
 
     def __init__(self, app: Any) -> None:
-        #: The wrapped app (``server._unwrap`` follows ``.app``).
+        #: The wrapped app (``state.unwrap`` follows ``.app``).
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST" or scope.get("root_path"):
             await self.app(scope, receive, send)
             return
-        services = getattr(_unwrap(self.app).state, "services", None)
-        if services is None or "hooks" not in services.extras:  # not started yet: the app decides
+        services = started_services(unwrap(self.app))
+        if services is None:  # not started yet: the app decides
             await self.app(scope, receive, send)
             return
+        gate = services.hooks
         headers = {name: value for name, value in scope["headers"] if name in (b"authorization", b"x-ps-host")}
-        limit = services.settings.hook_max_body_bytes
+        limit = gate.settings.hook_max_body_bytes
         status, payload, extra = 204, b"", []
         try:
             body = await _read_body(receive, limit)
-            await accept(services, _h(headers.get(b"authorization")), _h(headers.get(b"x-ps-host")), body)
+            await accept(gate, _h(headers.get(b"authorization")), _h(headers.get(b"x-ps-host")), body)
         except HTTPException as exc:
             status = exc.status_code
             payload = _error_enc.encode({"status_code": status, "detail": exc.detail})
@@ -281,9 +219,3 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
 
 def _h(value: bytes | None) -> str | None:
     return value.decode("latin-1") if value is not None else None
-
-
-def _unwrap(app: Any) -> Any:
-    while not isinstance(app, Litestar) and hasattr(app, "app"):
-        app = app.app
-    return app

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import uuid
 from typing import Annotated, Any
 
 import msgspec
@@ -12,16 +11,16 @@ from litestar.exceptions import ClientException, NotFoundException, ValidationEx
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_409_CONFLICT
 
-from progress_service import history, metrics, queue, streams
-from progress_service.api.deps import INT64_MAX, error_responses, require_role
-from progress_service.errors import WorkdirError
-from progress_service.events import CLAUDE_TOOLS, JobSnapshot, JobSpec, StatusData, StoredEvent, unknown_tools
-from progress_service.ids import is_event_id, is_job_id, now_ms, room_id
+from progress_service import history, streams
+from progress_service.api.deps import INT64_MAX, error_responses, require_role, requires
+from progress_service.events import JobSnapshot, JobSpec
+from progress_service.ids import is_event_id, is_job_id, room_id
+from progress_service.errors import InvalidJob, NotCancellable
+from progress_service.jobs import Jobs
 from progress_service.keys import snapshot_key
 from progress_service.services import Services
 from progress_service.store import jobs as job_store
 from progress_service.store.identity import Principal
-from progress_service.workspace import resolve_workdir
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -79,64 +78,19 @@ class JobsController(Controller):
     path = "/api/jobs"
     tags = ["jobs"]
 
-    @post("/", status_code=HTTP_201_CREATED, summary="Submit a Claude Code job", responses=error_responses(401, 403, 413))
-    async def submit(self, data: JobSpec, principal: Principal, services: Services) -> JobSnapshot:
+    @post(
+        "/",
+        status_code=HTTP_201_CREATED,
+        summary="Submit a Claude Code job",
+        responses=error_responses(401, 403, 413),
+        guards=[requires("submitter")],
+    )
+    async def submit(self, data: JobSpec, principal: Principal, jobs: Jobs) -> JobSnapshot:
         """Queue a job for the caller's team. Role ``submitter`` or above."""
-        require_role(principal, "submitter")
-        settings = services.settings
-        if len(data.prompt.strip()) == 0:
-            raise ValidationException("prompt: must not be blank")
-        if "\x00" in data.prompt:
-            # PostgreSQL refuses NUL in text: a 400 here, not a 500 at the INSERT.
-            raise ValidationException("prompt: must not contain NUL characters")
-        if len(data.prompt) > settings.prompt_max_chars:
-            raise ValidationException(f"prompt: longer than {settings.prompt_max_chars} characters")
-        if bad_tools := unknown_tools(data.allowedTools):
-            raise ValidationException(
-                f"allowedTools: unknown tool {', '.join(bad_tools)} "
-                f"(the CLI's tools are {', '.join(sorted(CLAUDE_TOOLS))}, and mcp__<server>__<tool>)"
-            )
-        if data.timeoutSeconds is not None and data.timeoutSeconds > settings.job_timeout_max:
-            raise ValidationException(f"timeoutSeconds: at most {settings.job_timeout_max}")
         try:
-            root = settings.workspace_path
-            root.mkdir(parents=True, exist_ok=True)
-            resolve_workdir(root, data.workdir)
-        except WorkdirError as exc:
+            return await jobs.submit(principal, data)
+        except InvalidJob as exc:
             raise ValidationException(str(exc)) from None
-        except OSError as exc:
-            # e.g. ENAMETOOLONG: a path component over the filesystem's limit.
-            raise ValidationException(f"workdir: not a usable path ({exc.strerror})") from None
-        job_id = uuid.uuid4().hex
-        created = now_ms()
-        await job_store.create_job(
-            services.engine,
-            job_id=job_id,
-            team_id=principal.team_id,
-            user_id=principal.user_id,
-            spec=data,
-            created_at=created,
-            # Decided by the worker that runs the job (its CLI or the replay
-            # program), not by this process's PATH.
-            demo=False,
-        )
-        snapshot = JobSnapshot(
-            id=job_id,
-            roomId=room_id(job_id),
-            prompt=data.prompt,
-            model=data.model,
-            workdir=data.workdir or "",
-            createdAt=created,
-            submittedBy=principal.user_name,
-        )
-        event = StoredEvent(kind="status", at=created, data=msgspec.to_builtins(StatusData(status="queued", phase="queued")))
-        snapshot.lastEventId = await history.append_archived(
-            services.redis, services.engine, job_id, event, snapshot=snapshot
-        )
-        await queue.enqueue_job(services.arq, job_id, queue_name=settings.queue_name)
-        metrics.jobs_submitted.inc()
-        _audit(services, principal, "job.submit", job_id, {})
-        return snapshot
 
     @get("/", summary="List the team's jobs, newest first", responses=error_responses(401))
     async def list_jobs(
@@ -194,34 +148,14 @@ class JobsController(Controller):
         summary="Cancel a queued or running job",
         responses=error_responses(401, 403, 404, 409),
     )
-    async def cancel(self, job_id: str, principal: Principal, services: Services) -> JobSnapshot:
+    async def cancel(self, job_id: str, principal: Principal, services: Services, jobs: Jobs) -> JobSnapshot:
         """Ask the job to stop. Its submitter, or anyone with role submitter or above."""
         record = await job_store.get_job(services.engine, job_id, principal.team_id) if is_job_id(job_id) else None
         if record is None:
             raise NotFoundException("no such job")
         if record.user_id != principal.user_id:
             require_role(principal, "submitter")
-        if record.kind == "session":
-            raise ClientException(
-                "this is a Claude Code session reported through hooks: it runs on "
-                f"{record.host or 'another machine'}, not here, so it can only be stopped there",
-                status_code=HTTP_409_CONFLICT,
-            )
-        snapshot = await queue.cancel_job(
-            services.redis, services.engine, services.settings, job_id, by=principal.user_name
-        )
-        _audit(services, principal, "job.cancel", job_id, {})
-        return snapshot
-
-
-def _audit(services: Services, principal: Principal, action: str, job_id: str, detail: dict[str, Any]) -> None:
-    """Queue a security-relevant record (never waits for the store)."""
-    audit = services.extras.get("audit")
-    if audit is not None:
-        audit.record_nowait(
-            action=action,
-            team_id=principal.team_id,
-            actor=principal.user_name,
-            room_id=room_id(job_id),
-            detail=detail,
-        )
+        try:
+            return await jobs.cancel(principal, record)
+        except NotCancellable as exc:
+            raise ClientException(str(exc), status_code=HTTP_409_CONFLICT) from None

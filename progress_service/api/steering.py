@@ -28,7 +28,6 @@ from progress_service.api.deps import error_responses
 from progress_service.errors import SteerRefusal
 from progress_service.events import INSTRUCTION_MAX_CHARS, SteerResult
 from progress_service.ids import is_job_id
-from progress_service.services import Services
 from progress_service.steering import Steering
 from progress_service.store.identity import Principal
 
@@ -86,13 +85,13 @@ class SteeringController(Controller):
 
     @post("/instructions", summary="Send an instruction to the job's running CLI", responses=_RESPONSES)
     async def instruct(
-        self, job_id: str, data: NewInstruction, principal: Principal, services: Services, idempotency_key: IdempotencyKey
+        self, job_id: str, data: NewInstruction, principal: Principal, steering: Steering, idempotency_key: IdempotencyKey
     ) -> Response[SteerResult]:
         """The job's submitter, role submitter or above, or a reviewer of a job submitted ``steerable: "reviewers"``."""
         if not is_job_id(job_id):
             raise NotFoundException("no such job")
         try:
-            result = await Steering.from_services(services).instruct(principal, job_id, idempotency_key, data.text)
+            result = await steering.instruct(principal, job_id, idempotency_key, data.text)
         except SteerRefusal as exc:
             raise _http_error(exc) from None
         return _answer(result)
@@ -104,14 +103,14 @@ class SteeringController(Controller):
         permission_id: str,
         data: Decision,
         principal: Principal,
-        services: Services,
+        steering: Steering,
         idempotency_key: IdempotencyKey,
     ) -> Response[SteerResult]:
         """Answer a ``permission`` event of a ``permissionMode: "ask"`` job; the first answer wins."""
         if not is_job_id(job_id) or not is_job_id(permission_id):
             raise NotFoundException("no such job or permission prompt")
         try:
-            result = await Steering.from_services(services).decide(
+            result = await steering.decide(
                 principal, job_id, idempotency_key, permission_id, data.allow, data.message
             )
         except SteerRefusal as exc:

@@ -19,7 +19,6 @@ process, not per watcher.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
@@ -37,8 +36,13 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from progress_service import history, outage, streams
 from progress_service.api.deps import error_responses
 from progress_service.events import TERMINAL_STATUSES
+from progress_service.gateway import Gateway
+from progress_service.gateway.hub import Member
+from progress_service.gateway.outbox import Outbox
+from progress_service.gateway.subscription import announce, resume_point
 from progress_service.ids import is_event_id, is_job_id, room_id
 from progress_service.services import Services
+from progress_service.settings import Settings
 from progress_service.store.identity import Principal
 from progress_service.store.jobs import get_job
 
@@ -54,6 +58,16 @@ _enc = msgspec.json.Encoder()
 _status_dec = msgspec.json.Decoder()
 
 
+
+class _Collect:
+    """The SSE stream's :class:`~progress_service.gateway.subscription.Transport` for its first messages."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    def put(self, message: Any) -> None:
+        self.messages.append(message)
+
 @get(
     "/api/jobs/{job_id:str}/stream",
     tags=["jobs"],
@@ -61,7 +75,9 @@ _status_dec = msgspec.json.Decoder()
     description="Resume with the Last-Event-ID header. Ends after the job is terminal.",
     responses=error_responses(401, 404),
 )
-async def job_stream(request: Request, job_id: str, principal: Principal, services: Services) -> ServerSentEvent:
+async def job_stream(
+    request: Request, job_id: str, principal: Principal, services: Services, gateway: Gateway
+) -> ServerSentEvent:
     """The job's snapshot, then its events after ``Last-Event-ID``, then live ones."""
     if not is_job_id(job_id):
         raise NotFoundException("no such job")
@@ -74,7 +90,7 @@ async def job_stream(request: Request, job_id: str, principal: Principal, servic
     # Like the WebSocket's connections cap: each stream holds a hub member
     # and a buffer, so one user cannot open them without bound.
     limit = services.settings.ws_max_connections_per_user
-    if _open_streams(services)[principal.user_id] >= limit:
+    if gateway.sse.per_user[principal.user_id] >= limit:
         raise TooManyRequestsException(
             f"too many open streams for this user (at most {limit}); close one first",
             headers={"Retry-After": "10"},
@@ -84,27 +100,9 @@ async def job_stream(request: Request, job_id: str, principal: Principal, servic
     pos = await history.position(services.engine, job_id, since, await streams.coverage(services.redis, job_id))
     snapshot = snapshot or job.to_snapshot()
     return ServerSentEvent(
-        _messages(services, principal, job_id, since, snapshot, pos),
+        _messages(services.settings, gateway, principal, job_id, since, snapshot, pos),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-
-
-class _Collect:
-    """The SSE stream's :class:`~progress_service.gateway.subscription.Transport` for its first messages."""
-
-    def __init__(self) -> None:
-        self.messages: list[Any] = []
-
-    def put(self, message: Any) -> None:
-        self.messages.append(message)
-
-
-def _open_streams(services: Services) -> Counter[str]:
-    """Open SSE streams of this process, per user id."""
-    counter = services.extras.get("sse_streams")
-    if counter is None:
-        counter = services.extras["sse_streams"] = Counter()
-    return counter
 
 
 def _sse_fields(text: str) -> tuple[str, str | None]:
@@ -122,20 +120,14 @@ def _is_terminal(text: str) -> bool:
 
 
 async def _messages(
-    services: Services,
+    settings: Settings,
+    gateway: Gateway,
     principal: Principal,
     job_id: str,
     since: str | None,
     snapshot: JobSnapshot,
     pos: history.Position,
 ) -> AsyncIterator[ServerSentEventMessage]:
-    from progress_service.gateway.hub import Member  # noqa: PLC0415 - the gateway imports this module
-    from progress_service.gateway.outbox import Outbox  # noqa: PLC0415
-    from progress_service.gateway.subscription import announce, resume_point  # noqa: PLC0415
-
-    settings = services.settings
-    gateway = services.gateway
-    assert gateway is not None
     room = room_id(job_id)
     outbox = Outbox(settings.ws_outbox_bytes)
     member = Member(outbox)
@@ -143,13 +135,10 @@ async def _messages(
     point = resume_point(since, pos)
     hello = _Collect()
     announce(hello, room, principal.role, snapshot, point, since, [])  # SSE watchers are not in presence
-    streams_open = _open_streams(services)
-    streams_open[principal.user_id] += 1
-    # Gateway.close_all closes these at shutdown: the stream ends at once
-    # (the EventSource resumes elsewhere) instead of holding uvicorn's
+    # Gateway.close_all closes the outbox at shutdown: the stream ends at
+    # once (the EventSource resumes elsewhere) instead of holding uvicorn's
     # graceful shutdown until its timeout.
-    sse_outboxes: set[Outbox] = services.extras.setdefault("sse_outboxes", set())
-    sse_outboxes.add(outbox)
+    gateway.sse.opened(principal.user_id, outbox)
     try:
         for n, message in enumerate(hello.messages):
             yield ServerSentEventMessage(
@@ -164,17 +153,17 @@ async def _messages(
                     finished = finished or (kind == "event" and _is_terminal(text))
                     yield ServerSentEventMessage(event=kind, id=eid, data=text)
         while not outbox.overflowed:
-            text = None
+            live: str | None = None
             with anyio.move_on_after(LINGER if finished else settings.ws_heartbeat):
-                text = await outbox.get()
-            if text is None:
+                live = await outbox.get()
+            if live is None:
                 if finished or outbox.closed:
                     return
                 yield ServerSentEventMessage(comment="heartbeat", data=None)
                 continue
-            kind, eid = _sse_fields(text)
-            finished = finished or (kind == "event" and _is_terminal(text))
-            yield ServerSentEventMessage(event=kind, id=eid, data=text)
+            kind, live_id = _sse_fields(live)
+            finished = finished or (kind == "event" and _is_terminal(live))
+            yield ServerSentEventMessage(event=kind, id=live_id, data=live)
     except Exception as exc:
         dependency = outage.classify(exc)
         if dependency is None:
@@ -183,9 +172,6 @@ async def _messages(
         # EventSource reconnects (``retry``), resuming with Last-Event-ID.
         outage.warn(dependency, "GET /api/jobs/{id}/stream (replay)", exc)
     finally:
-        sse_outboxes.discard(outbox)
-        streams_open[principal.user_id] -= 1
-        if streams_open[principal.user_id] <= 0:
-            del streams_open[principal.user_id]
+        gateway.sse.ended(principal.user_id, outbox)
         gateway.hub.remove(job_id, member)
         outbox.close()

@@ -9,6 +9,7 @@ of close codes).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -17,59 +18,116 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from progress_service.api.stream import job_stream
+from progress_service import metrics
 from progress_service.auth import PrincipalCache
 from progress_service import closes
 from progress_service.closes import Close
-from progress_service.gateway.endpoint import install_log_redaction, ws_endpoint
+from progress_service.gateway.endpoint import install_log_redaction, remove_log_redaction
 from progress_service.gateway.hub import Hub
 from progress_service.gateway.job_access import JobAccess, StoreGate
-from progress_service.gateway.outbox import WriteWindow
+from progress_service.gateway.outbox import Outbox, OutboxStats, WriteWindow
 from progress_service.gateway.presence import Presence
 from progress_service.gateway.joins import JoinReads
+from progress_service.gateway.session import CommentsHook, SteeringHook
 
 if TYPE_CHECKING:
-    from litestar.handlers import HTTPRouteHandler, WebsocketRouteHandler
+    from redis.asyncio import Redis
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
     from progress_service.gateway.session import Session
-    from progress_service.services import Services
+    from progress_service.services import Resources
+    from progress_service.store.audit import Audit
     from progress_service.store.identity import Principal
+
+log = logging.getLogger("progress_service.gateway")
+
+
+class SseStreams:
+    """The SSE streams of this process: open ones per user (the cap) and their outboxes (closed at shutdown)."""
+
+    def __init__(self) -> None:
+        #: user id -> open streams
+        self.per_user: Counter[str] = Counter()
+        self.outboxes: set[Outbox] = set()
+
+    def opened(self, user_id: str, outbox: Outbox) -> None:
+        """Count a new stream of ``user_id``."""
+        self.per_user[user_id] += 1
+        self.outboxes.add(outbox)
+
+    def ended(self, user_id: str, outbox: Outbox) -> None:
+        """Forget a finished stream."""
+        self.outboxes.discard(outbox)
+        self.per_user[user_id] -= 1
+        if self.per_user[user_id] <= 0:
+            del self.per_user[user_id]
+
+    def close_all(self) -> None:
+        """End every stream at once (the EventSource resumes elsewhere with Last-Event-ID)."""
+        for outbox in list(self.outboxes):
+            outbox.close()
 
 
 class Gateway:
-    """The gateway of one process: its sessions, hub and presence."""
+    """The gateway of one process: its sessions, hub, presence and SSE streams.
 
-    def __init__(self, services: Services) -> None:
-        self.services = services
-        self.settings = services.settings
+    ``comments``, ``steering`` and ``audit`` are the hooks a session calls
+    (None: that part answers ``unavailable`` / records nothing).
+    """
+
+    def __init__(
+        self,
+        resources: Resources,
+        *,
+        comments: CommentsHook | None,
+        steering: SteeringHook | None,
+        audit: Audit | None,
+        principals: PrincipalCache,
+    ) -> None:
+        self.settings = resources.settings
+        self.engine: AsyncEngine = resources.engine
+        self.redis: Redis = resources.redis
+        self.comments = comments
+        self.steering = steering
+        self.audit = audit
         self.node_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.hub = Hub(services, self.node_id)
-        self.presence = Presence(services.redis, self.node_id, grace=self.settings.presence_grace)
-        self.joins = JoinReads(services.redis, self.presence)
+        self.hub = Hub(resources, self.node_id)
+        self.presence = Presence(resources.redis, self.node_id, grace=self.settings.presence_grace)
+        self.joins = JoinReads(resources.redis, self.presence)
         #: Batching connections' senders wake together at the end of a short window (outbox.py).
         self.write_window = WriteWindow(self.settings.ws_write_window)
+        #: Bytes queued in, and frames sent from, this process's outboxes (the metrics).
+        self.outbox_stats = OutboxStats()
+        self.sse = SseStreams()
         self.sessions: dict[str, Session] = {}
         #: API-token principals trusted for a short while (evicted by close_token).
-        self.principals = PrincipalCache()
+        self.principals = principals
         #: The store reads of joins and auths: bounded concurrency, bounded queue wait.
         self.store_gate = StoreGate(
             self.settings.ws_store_slots, wait=self.settings.ws_store_wait, timeout=self.settings.store_timeout
         )
         #: Who may join which room (positive answers cached: a job never changes team).
-        self.access = JobAccess(services.engine, self.store_gate)
+        self.access = JobAccess(resources.engine, self.store_gate)
         self._per_user: Counter[str] = Counter()
         self.closing = False
-        self.route_handlers = route_handlers
-        if services.gateway is None:
-            services.gateway = self
-        install_log_redaction()
+        self._closed: anyio.Event | None = None
 
     async def run(self) -> None:
-        """Run the hub, the presence task and the join reads until cancelled."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self.hub.run)
-            tg.start_soon(self.presence.run)
-            tg.start_soon(self.joins.run)
+        """Run the hub, the presence task and the join reads until cancelled.
+
+        For as long as it runs, uvicorn's log lines lose query strings and
+        the outbox gauge reads this gateway's outboxes.
+        """
+        install_log_redaction()
+        metrics.ws_outbox_bytes.set_function(self.outbox_stats.queued)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.hub.run)
+                tg.start_soon(self.presence.run)
+                tg.start_soon(self.joins.run)
+        finally:
+            metrics.ws_outbox_bytes.set_function(lambda: 0)
+            remove_log_redaction()
 
     def register(self, session: Session) -> None:
         """Track an accepted connection (authenticated or not) for close_all."""
@@ -109,12 +167,23 @@ class Gateway:
             for s in targets:
                 await s.wait_done()
 
-    async def close_all(self, code: int = closes.RESTARTING.code, reason: str = closes.RESTARTING.reason) -> None:
-        """Close every connection (1001 ``server restarting`` by default) and refuse new ones."""
+    async def close_all(self) -> None:
+        """Close every connection with 1001 ``server restarting``, end SSE streams, refuse new ones.
+
+        Runs once: a later call waits for the first to finish.
+        """
+        if self._closed is not None:
+            await self._closed.wait()
+            return
+        self._closed = anyio.Event()
         self.closing = True
-        for outbox in list(self.services.extras.get("sse_outboxes", ())):
-            outbox.close()  # SSE streams end (see api/stream.py)
-        await self._close(list(self.sessions.values()), Close(code, closes.clip_reason(reason)))
+        try:
+            self.sse.close_all()
+            count = len(self.sessions)
+            await self._close(list(self.sessions.values()), closes.RESTARTING)
+            log.info("shutdown: closed %d WebSocket connection(s) with 1001", count)
+        finally:
+            self._closed.set()
 
     async def close_token(self, token_id: str, code: int = closes.REVOKED.code, reason: str = closes.REVOKED.reason) -> None:
         """Close the connections authenticated with ``token_id`` (revocation: 4403 ``token revoked``).
@@ -127,7 +196,4 @@ class Gateway:
         await self._close(targets, Close(code, closes.clip_reason(reason)))
 
 
-#: The /ws handler and the SSE handler, for ``Litestar(route_handlers=[...])``.
-route_handlers: list[HTTPRouteHandler | WebsocketRouteHandler] = [ws_endpoint, job_stream]
-
-__all__ = ["Gateway", "route_handlers"]
+__all__ = ["Gateway", "SseStreams"]

@@ -22,6 +22,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from progress_service import closes, metrics
 from progress_service.gateway.session import Session
+from progress_service.state import services_of, started_services
 
 #: Query parameters that look like credentials; their presence refuses the handshake.
 SECRET_PARAMS = frozenset({"token", "ticket", "access_token", "auth"})
@@ -52,7 +53,7 @@ async def handshake_guard(connection: ASGIConnection[Any, Any, Any, Any], _: Bas
         connection.scope.get("query_string", b""),
         connection.headers.get("origin"),
         connection.headers.get("host"),
-        connection.app.state.services.settings.allowed_origins,
+        services_of(connection.app).settings.allowed_origins,
     )
     if refusal is not None:
         raise PermissionDeniedException(refusal)
@@ -94,7 +95,7 @@ def keep_asgi_send(app: ASGIApp) -> ASGIApp:
 @websocket("/ws", guards=[handshake_guard], name="ws", middleware=[keep_asgi_send])
 async def ws_endpoint(socket: WebSocket[Any, Any, Any]) -> None:
     """The realtime gateway (protocol v1, docs/protocol.md)."""
-    gateway = socket.app.state.services.gateway
+    gateway = services_of(socket.app).gateway
     await socket.accept()
     if gateway.closing:
         await socket.close(code=closes.RESTARTING.code, reason=closes.RESTARTING.reason)
@@ -143,16 +144,15 @@ class GatewayFront:
     __slots__ = ("app",)
 
     def __init__(self, app: Litestar) -> None:
-        #: The wrapped app (``server._unwrap`` follows ``.app``).
+        #: The wrapped app (``state.unwrap`` follows ``.app``).
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.WEBSOCKET or scope["path"] not in WS_PATHS or scope.get("root_path"):
             await self.app(scope, receive, send)
             return
-        services = getattr(self.app.state, "services", None)
-        gateway = services.gateway if services is not None else None
-        if gateway is None:  # not started yet (lifespan): the app's route decides
+        services = started_services(self.app)
+        if services is None:  # not started yet (lifespan): the app's route decides
             await self.app(scope, receive, send)
             return
         origin = host = None
@@ -162,6 +162,7 @@ class GatewayFront:
             elif name == b"host":
                 host = value.decode("latin-1")
         socket = RawSocket(scope, receive, send)
+        gateway = services.gateway
         refusal = handshake_refusal(scope.get("query_string", b""), origin, host, gateway.settings.allowed_origins)
         if refusal is not None:
             # Any close before accept is an HTTP 403 to the handshake.
@@ -228,14 +229,41 @@ class QuietClientFrameErrors(logging.Filter):
         return True
 
 
-_redactor = RedactQueryString()
-_frame_errors = QuietClientFrameErrors()
+class _LogFilters:
+    """uvicorn's log filters, attached while at least one gateway runs (several may share a process)."""
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.filters: tuple[logging.Filter, ...] = ()
+
+    def install(self) -> None:
+        self.users += 1
+        if self.users > 1:
+            return
+        self.filters = (RedactQueryString(), QuietClientFrameErrors())
+        for name in ("uvicorn.error", "uvicorn.access"):
+            for flt in self.filters:
+                logging.getLogger(name).addFilter(flt)
+
+    def remove(self) -> None:
+        self.users -= 1
+        if self.users > 0:
+            return
+        for name in ("uvicorn.error", "uvicorn.access"):
+            for flt in self.filters:
+                logging.getLogger(name).removeFilter(flt)
+        self.filters = ()
+
+
+# uvicorn's loggers are process-wide, so the count of their users is too.
+_log_filters = _LogFilters()
 
 
 def install_log_redaction() -> None:
-    """Attach the redaction and frame-error filters to uvicorn's loggers (idempotent)."""
-    for name in ("uvicorn.error", "uvicorn.access"):
-        logger = logging.getLogger(name)
-        for flt in (_redactor, _frame_errors):
-            if flt not in logger.filters:
-                logger.addFilter(flt)
+    """Attach the redaction and frame-error filters to uvicorn's loggers (until the matching remove)."""
+    _log_filters.install()
+
+
+def remove_log_redaction() -> None:
+    """Undo one :func:`install_log_redaction`; the filters go with the last one."""
+    _log_filters.remove()

@@ -37,7 +37,7 @@ from progress_service.keys import events_key, presence_stream_key
 from progress_service.streams import id_lt, id_tuple, wire_bytes
 
 if TYPE_CHECKING:
-    from progress_service.services import Services
+    from progress_service.services import Resources
 
 log = logging.getLogger("progress_service.gateway.hub")
 
@@ -89,7 +89,7 @@ def _after(keys: list[tuple[int, int]], texts: list[str], sizes: list[int], afte
 class Hub:
     """The rooms of this process; the broker's reads are fanned out here."""
 
-    def __init__(self, services: Services, node_id: str, *, broker: Broker | None = None) -> None:
+    def __init__(self, services: Resources, node_id: str, *, broker: Broker | None = None) -> None:
         self.services = services
         self.node_id = node_id
         self.broker: Broker = broker or StreamBroker(services.redis, services.redis_url)

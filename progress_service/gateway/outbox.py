@@ -49,46 +49,49 @@ from progress_service.errors import SendTimeout
 #: With batching on, one array frame carries at most this many bytes of messages.
 BATCH_FRAME_BYTES = 64 * 1024
 
-#: Encoded bytes queued in all outboxes of this process (exported on scrape).
-_queued_bytes = 0
-
-
-#: Frames and messages sent but not yet added to the Prometheus counters.
-_pending_frames = 0
-_pending_messages = 0
-#: Pending frames past which they are added at once.
+#: Pending frames past which they are added to the Prometheus counters at once.
 COUNT_EVERY = 512
 
 
-def _count_sent(frames: int, messages: int) -> None:
-    """Count sent frames; added to the Prometheus counters every COUNT_EVERY frames and on each scrape.
+class OutboxStats:
+    """What a gateway's outboxes hold and sent: bytes queued, and sent counts not yet exported.
 
-    With a write window a busy period is often one frame, so adding per busy
-    period (two locked increments) cost ~12 % of a hot room's CPU.
+    One per :class:`~progress_service.gateway.Gateway`, shared by its
+    outboxes; the gateway hooks :meth:`queued` to the ``ws_outbox_bytes``
+    gauge while it runs.
     """
-    global _pending_frames, _pending_messages
-    _pending_frames += frames
-    _pending_messages += messages
-    if _pending_frames >= COUNT_EVERY:
-        flush_counts()
 
+    __slots__ = ("pending_frames", "pending_messages", "queued_bytes")
 
-def flush_counts() -> None:
-    """Add the pending frame and message counts to the Prometheus counters."""
-    global _pending_frames, _pending_messages
-    if _pending_frames:
-        metrics.ws_frames_out.inc(_pending_frames)
-        metrics.ws_messages_out.inc(_pending_messages)
-        _pending_frames = _pending_messages = 0
+    def __init__(self) -> None:
+        #: Encoded bytes queued in the outboxes.
+        self.queued_bytes = 0
+        #: Frames and messages sent but not yet added to the Prometheus counters.
+        self.pending_frames = 0
+        self.pending_messages = 0
 
+    def count_sent(self, frames: int, messages: int) -> None:
+        """Count sent frames; exported every COUNT_EVERY frames and on each scrape.
 
-def queued_bytes() -> int:
-    """Encoded bytes waiting in all outboxes of this process (read on scrape; flushes the sent counts too)."""
-    flush_counts()
-    return _queued_bytes
+        With a write window a busy period is often one frame, so adding per busy
+        period (two locked increments) cost ~12 % of a hot room's CPU.
+        """
+        self.pending_frames += frames
+        self.pending_messages += messages
+        if self.pending_frames >= COUNT_EVERY:
+            self.flush()
 
+    def flush(self) -> None:
+        """Add the pending frame and message counts to the Prometheus counters."""
+        if self.pending_frames:
+            metrics.ws_frames_out.inc(self.pending_frames)
+            metrics.ws_messages_out.inc(self.pending_messages)
+            self.pending_frames = self.pending_messages = 0
 
-metrics.ws_outbox_bytes.set_function(queued_bytes)
+    def queued(self) -> int:
+        """Encoded bytes waiting in the outboxes (read on scrape; flushes the sent counts too)."""
+        self.flush()
+        return self.queued_bytes
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
@@ -164,6 +167,7 @@ class Outbox:
         "_size",
         "_space_waiter",
         "_stalled",
+        "_stats",
         "_waiter",
         "_watchdog",
         "_window",
@@ -176,8 +180,10 @@ class Outbox:
     )
 
     def __init__(self, limit: int, *, batch: bool = False, on_overflow: Callable[[], None] | None = None,
-                 window: WriteWindow | None = None) -> None:
+                 window: WriteWindow | None = None, stats: OutboxStats | None = None) -> None:
         self.limit = limit
+        #: Shared with the gateway's other outboxes (a private one when not given).
+        self._stats = stats if stats is not None else OutboxStats()
         self.batch = batch
         self._on_overflow = on_overflow
         self._items: deque[Chunk | tuple[str, int]] = deque()
@@ -220,7 +226,6 @@ class Outbox:
         and the outbox refuses everything after it (the connection is going
         away with 1013, and a later message must not slip in after a gap).
         """
-        global _queued_bytes
         if self.closed or self.overflowed:
             return False
         if self._size + size > self.limit:
@@ -229,7 +234,7 @@ class Outbox:
         self._items.append((text, size))
         self._count += 1
         self._size += size
-        _queued_bytes += size
+        self._stats.queued_bytes += size
         # One message on its own (a reply, a heartbeat, a replay page's entry):
         # the sender goes now, taking whatever a window was holding with it.
         if self._waiter is not None:
@@ -242,7 +247,6 @@ class Outbox:
 
     def put_chunk(self, chunk: Chunk) -> bool:
         """Queue a (shared) chunk of encoded messages; the contract of :meth:`put_many`."""
-        global _queued_bytes
         if self.closed or self.overflowed:
             return False
         size = chunk.size
@@ -256,7 +260,7 @@ class Outbox:
             self._items.extend(chunk.pairs)
         self._count += len(chunk.texts)
         self._size += size
-        _queued_bytes += size
+        self._stats.queued_bytes += size
         if self._waiter is not None or self._held is not None:
             self._ready()
         return True
@@ -305,9 +309,8 @@ class Outbox:
 
     def close(self) -> None:
         """Refuse further messages and drop what is queued."""
-        global _queued_bytes
         self.closed = True
-        _queued_bytes -= self._size
+        self._stats.queued_bytes -= self._size
         self._items.clear()
         self._pos = 0
         self._count = 0
@@ -376,9 +379,8 @@ class Outbox:
         return "[" + ",".join(parts) + "]", count
 
     def _release(self, size: int) -> None:
-        global _queued_bytes
         self._size -= size
-        _queued_bytes -= size
+        self._stats.queued_bytes -= size
         if self._space_waiter is not None:
             _wake(self._space_waiter)
 
@@ -404,7 +406,7 @@ class Outbox:
         items = self._items
         self._stalled = False
         # The Prometheus counters take a lock per call: count locally, hand
-        # the counts over once per busy period (see _count_sent).
+        # the counts over once per busy period (see OutboxStats.count_sent).
         frames = messages = 0
         # The watchdog cancels this task itself (no cancel scope: an anyio
         # scope and its task state cost ~1 KB per idle connection).
@@ -413,7 +415,7 @@ class Outbox:
             while True:
                 if not items:
                     if frames:
-                        _count_sent(frames, messages)
+                        self._stats.count_sent(frames, messages)
                         frames = messages = 0
                     if self.closed:
                         return
@@ -437,7 +439,7 @@ class Outbox:
                 raise
         finally:
             if frames:
-                _count_sent(frames, messages)
+                self._stats.count_sent(frames, messages)
             self._sending_since = None
             self._pump_task = None
             if self._watchdog is not None:

@@ -82,7 +82,7 @@ _STORE_ERRORS = (RedisError, SQLAlchemyError, OSError, TimeoutError)
 
 
 class CommentsHook(Protocol):
-    """What the comments module installs as ``services.extras["comments"]``.
+    """The gateway's chat hook (:class:`progress_service.comments.Comments`).
 
     ``post`` stores the comment and its audit record, appends it to the job
     stream (so the hub broadcasts it) and returns its event id; the same
@@ -93,7 +93,7 @@ class CommentsHook(Protocol):
 
 
 class SteeringHook(Protocol):
-    """What ``progress_service.steering`` installs as ``services.extras["steering"]``.
+    """The gateway's steering hook (:class:`progress_service.steering.Steering`).
 
     Both return a result with the event id once the CLI took the input (or
     without one when the wait ran out) and raise a :class:`SteerRefusal`
@@ -156,7 +156,12 @@ class Session:
         self.counted_for: str | None = None
         self.expires_at = 0  # epoch ms
         self.rooms: dict[str, Member] = {}
-        self.outbox = Outbox(gateway.settings.ws_outbox_bytes, on_overflow=self._overflowed, window=gateway.write_window)
+        self.outbox = Outbox(
+            gateway.settings.ws_outbox_bytes,
+            on_overflow=self._overflowed,
+            window=gateway.write_window,
+            stats=gateway.outbox_stats,
+        )
         # Limits are made on first use: most connections never chat nor err.
         self._chat_bucket: TokenBucket | None = None
         self._chat_abuse: WindowBudget | None = None
@@ -206,7 +211,7 @@ class Session:
 
     def audit(self, action: str, *, room_id: str | None = None, **detail: object) -> None:
         """Queue a security record (never blocks; never carries a credential)."""
-        audit = self.gateway.services.extras.get("audit")
+        audit = self.gateway.audit
         if audit is None:
             return
         principal = self.principal
@@ -449,9 +454,9 @@ class Session:
                 # timeouts are asyncio's, not anyio.fail_after: an anyio scope
                 # with a deadline costs a task lookup and a timer handle more,
                 # ~10 % of a connect.
-                services = self.gateway.services
-                principal = await self.gateway.store_gate.call(
-                    lambda: authenticate(services.engine, services.redis, message.token, cache=cache)
+                gateway = self.gateway
+                principal = await gateway.store_gate.call(
+                    lambda: authenticate(gateway.engine, gateway.redis, message.token, cache=cache)
                 )
             except _STORE_ERRORS as exc:
                 outage.warn(outage.classify(exc) or "store", "WebSocket auth", exc)
@@ -494,9 +499,9 @@ class Session:
 
     async def _revoked(self, secret: str) -> bool:
         """After a refusal: was ``secret`` an API token that got revoked? (tells its holder why)."""
-        services = self.gateway.services
+        engine = self.gateway.engine
         try:
-            return await self.gateway.store_gate.call(lambda: token_revoked(services.engine, secret))
+            return await self.gateway.store_gate.call(lambda: token_revoked(engine, secret))
         except _STORE_ERRORS:
             return False
 
@@ -532,13 +537,13 @@ class Session:
             async with asyncio.timeout(self.settings.ws_store_wait):
                 snapshot, cov, presence_head, members = await self._read_room(job_id, since)
                 # Redis while it holds the entries; the store answers for the rest.
-                pos = await history.position(gateway.services.engine, job_id, since, cov) if cov.holds_from is None else (
-                    await gateway.store_gate.call(lambda: history.position(gateway.services.engine, job_id, since, cov))
+                pos = await history.position(gateway.engine, job_id, since, cov) if cov.holds_from is None else (
+                    await gateway.store_gate.call(lambda: history.position(gateway.engine, job_id, since, cov))
                 )
                 if snapshot is None:
                     # No live snapshot in Redis (expired): the stored one.
                     job: JobRecord | None = await gateway.store_gate.call(
-                        lambda: get_job(gateway.services.engine, job_id, principal.team_id)
+                        lambda: get_job(gateway.engine, job_id, principal.team_id)
                     )
                     if job is None:
                         self.refuse("not_found", "no such room", room_id=room_id)
@@ -616,7 +621,7 @@ class Session:
                 return
             self.refuse("rate_limited", "too many comments; slow down", room_id=room_id, request_id=request_id, counts=False)
             return
-        hook: CommentsHook | None = self.gateway.services.extras.get("comments")
+        hook = self.gateway.comments
         if hook is None:
             self.refuse("unavailable", "comments are not available", room_id=room_id, request_id=request_id, counts=False)
             return
@@ -651,7 +656,7 @@ class Session:
         if job_id not in self.rooms:
             self.request_close(closes.CHAT_BEFORE_JOIN)
             return
-        hook: SteeringHook | None = self.gateway.services.extras.get("steering")
+        hook = self.gateway.steering
         if hook is None:
             self.refuse("unavailable", "steering is not available", room_id=room_id, request_id=request_id, counts=False)
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
@@ -28,10 +29,16 @@ from progress_service.hooks.body import HookInput
 from progress_service.hooks.mapping import HookMapper, SessionState
 from progress_service.ids import room_id
 from progress_service.keys import events_key, hook_lock_key, hook_owner_key, hook_state_key, snapshot_key
-from progress_service.services import Services
 from progress_service.store import jobs as job_store
 from worker.mapping import Mapped
 from worker.publisher import Publisher
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from progress_service.settings import Settings
+    from progress_service.store.audit import Audit
 
 log = logging.getLogger("progress_service.hooks")
 
@@ -74,9 +81,12 @@ class HookItem:
 class Ingest:
     """The per-process ingest task and its bounded queue."""
 
-    def __init__(self, services: Services) -> None:
-        self.services = services
-        self.settings = services.settings
+    def __init__(self, engine: AsyncEngine, redis: Redis, settings: Settings, *, audit: Audit | None) -> None:
+        self.engine = engine
+        self.redis = redis
+        self.settings = settings
+        #: Records ``session.report`` when a session first appears.
+        self.audit = audit
         self._send: MemoryObjectSendStream[HookItem]
         self._recv: MemoryObjectReceiveStream[HookItem]
         self._send, self._recv = anyio.create_memory_object_stream[HookItem](self.settings.hook_queue)
@@ -158,7 +168,7 @@ class Ingest:
         session appears or its status changes.
         """
         job_id = items[0].job_id
-        redis = self.services.redis
+        redis = self.redis
         token = uuid.uuid4().hex
         with anyio.fail_after(LOCK_WAIT):
             while True:
@@ -183,8 +193,8 @@ class Ingest:
     ) -> bool:
         """Map and append; True when the lock was released on the way out."""
         settings = self.settings
-        redis = self.services.redis
-        engine = self.services.engine
+        redis = self.redis
+        engine = self.engine
         first = items[0]
         snapshot = streams.decode_snapshot(raw_snap) if raw_snap else None
         created = False
@@ -253,7 +263,7 @@ class Ingest:
 
     async def _create(self, item: HookItem, snapshot: JobSnapshot) -> None:
         """The job row of a new session (with the snapshot its first hooks lead to), and its audit record."""
-        engine = self.services.engine
+        engine = self.engine
         await job_store.create_job(
             engine,
             job_id=item.job_id,
@@ -269,7 +279,7 @@ class Ingest:
             phase=snapshot.phase,
             snapshot=snapshot,
         )
-        audit = self.services.extras.get("audit")
+        audit = self.audit
         if audit is not None:
             audit.record_nowait(
                 action="session.report",
