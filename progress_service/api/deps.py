@@ -22,10 +22,11 @@ from progress_service.web_session import COOKIE_NAME, CSRF_HEADER, SAFE_METHODS,
 
 async def provide_services(state: State) -> Services:
     """The process's shared resources, created in the lifespan."""
-    return state.services
+    services: Services = state.services
+    return services
 
 
-async def provide_principal(request: Request, state: State) -> Principal:
+async def provide_principal(request: Request[Any, Any, Any], state: State) -> Principal:
     """The caller of an API request, from ``Authorization: Bearer <token>``.
 
     Only API tokens are accepted here: tickets are for the WebSocket alone.
@@ -56,7 +57,7 @@ async def provide_principal(request: Request, state: State) -> Principal:
     return principal
 
 
-async def principal_for_cookie(request: Request, services: Services) -> Principal:
+async def principal_for_cookie(request: Request[Any, Any, Any], services: Services) -> Principal:
     """The principal of a session cookie; 401 when it is gone, 403 without its CSRF header."""
     session_id = request.cookies.get(COOKIE_NAME, "")
     record = await read_session(services.redis, session_id)

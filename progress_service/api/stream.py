@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -61,7 +61,7 @@ _status_dec = msgspec.json.Decoder()
     description="Resume with the Last-Event-ID header. Ends after the job is terminal.",
     responses=error_responses(401, 404),
 )
-async def job_stream(request: Request, job_id: str, principal: Principal, services: Services) -> ServerSentEvent:
+async def job_stream(request: Request[Any, Any, Any], job_id: str, principal: Principal, services: Services) -> ServerSentEvent:
     """The job's snapshot, then its events after ``Last-Event-ID``, then live ones."""
     if not is_job_id(job_id):
         raise NotFoundException("no such job")

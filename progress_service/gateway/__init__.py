@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from progress_service import closes
 from progress_service.api.stream import job_stream
 from progress_service.auth import PrincipalCache
-from progress_service import closes
 from progress_service.closes import Close
 from progress_service.gateway.endpoint import install_log_redaction, ws_endpoint
 from progress_service.gateway.hub import Hub

@@ -175,7 +175,7 @@ class GatewayFront:
         if gateway.closing:
             await socket.close(code=closes.RESTARTING.code, reason=closes.RESTARTING.reason)
             return
-        await Session(gateway, socket).run()  # type: ignore[arg-type]
+        await Session(gateway, socket).run()
 
 
 class RedactQueryString(logging.Filter):

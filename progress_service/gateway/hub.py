@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -216,7 +216,7 @@ class Hub:
         *,
         head: str | None,
         presence_head: str | None,
-    ) -> AsyncIterator[list[tuple[str, str, int]]]:
+    ) -> AsyncGenerator[list[tuple[str, str, int]], None]:
         """Register ``member`` as pending and yield the replay after ``since``, page by page.
 
         Each page is ``(id, text, size)`` per entry. The consumer must have
@@ -310,7 +310,7 @@ class Hub:
         except (RedisError, OSError):
             pass
 
-    def _dispatch(self, answer: list) -> int:
+    def _dispatch(self, answer: list[Any]) -> int:
         """Fan one XREAD answer out; the number of entries it held."""
         now = now_ms()
         total = 0
@@ -333,7 +333,7 @@ class Hub:
                 self._fan_out_events(room, entries, now)
         return total
 
-    def _fan_out_events(self, room: Room, entries: list, now: int) -> None:
+    def _fan_out_events(self, room: Room, entries: list[Any], now: int) -> None:
         """Deliver an XREAD answer's entries up to the first hole; a hole is filled by ``_fill_holes``.
 
         Each entry's ``p`` names the entry before it (streams.py). One that
@@ -407,7 +407,7 @@ class Hub:
             m.after = last
             m.outbox.put_chunk(chunk if after < first else _after(keys, texts, sizes, after))
 
-    def _fan_out_presence(self, room: Room, entries: list) -> None:
+    def _fan_out_presence(self, room: Room, entries: list[Any]) -> None:
         # Like events: all the answer's changes in one chunk, one put per member.
         keys: list[tuple[int, int]] = []
         texts: list[str] = []

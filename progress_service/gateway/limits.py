@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from collections import deque
 
 
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up."""
 
-    def __init__(self, rate: float, burst: int, *, clock=time.monotonic) -> None:
+    def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.burst = float(burst)
         self._tokens = float(burst)
@@ -39,7 +40,7 @@ class WindowBudget:
     "persistent" chat abuse (refusals for rate limiting within a few seconds).
     """
 
-    def __init__(self, limit: int, window: float, *, clock=time.monotonic) -> None:
+    def __init__(self, limit: int, window: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
         self.window = window
         self._clock = clock

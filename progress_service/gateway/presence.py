@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from typing import Any, cast
 
 import anyio
 import msgspec
@@ -281,7 +282,7 @@ class Presence:
         if isinstance(reply, Exception):
             self._views.pop(job_id, None)
             return None
-        raw_id, added, mode, data = reply  # type: ignore[misc]
+        raw_id, added, mode, data = cast("list[Any]", reply)
         log_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
         if mode == b"f":
             users = _users_of(data)

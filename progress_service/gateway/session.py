@@ -32,7 +32,7 @@ from litestar.exceptions import WebSocketDisconnect
 from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from progress_service import history, metrics, outage, streams
+from progress_service import closes, history, metrics, outage, streams
 from progress_service.auth import authenticate, cached_principal
 from progress_service.errors import CommentForbidden, CommentsUnavailable, SendTimeout, SteerRefusal
 from progress_service.events import (
@@ -56,7 +56,6 @@ from progress_service.events import (
     PresenceMember,
     SteerResult,
 )
-from progress_service import closes
 from progress_service.closes import Close
 from progress_service.gateway.hub import Member
 from progress_service.gateway.limits import TokenBucket, WindowBudget, json_too_deep
@@ -68,6 +67,7 @@ from progress_service.store.jobs import JobRecord, get_job
 
 if TYPE_CHECKING:
     from progress_service.gateway import Gateway
+    from progress_service.gateway.endpoint import RawSocket
     from progress_service.settings import Settings
 
 log = logging.getLogger("progress_service.gateway.session")
@@ -129,7 +129,7 @@ JOIN_BATCH_MAX = 500
 class _JoinRead:
     __slots__ = ("conn_id", "future", "job_id", "principal", "since")
 
-    def __init__(self, job_id: str, since: str | None, conn_id: str, principal: Principal, future: asyncio.Future) -> None:
+    def __init__(self, job_id: str, since: str | None, conn_id: str, principal: Principal, future: asyncio.Future[Any]) -> None:
         self.job_id = job_id
         self.since = since
         self.conn_id = conn_id
@@ -155,7 +155,7 @@ class JoinReads:
         self._pending: list[_JoinRead] = []
         self._wakeup = asyncio.Event()
 
-    def read(self, job_id: str, since: str | None, conn_id: str, principal: Principal) -> asyncio.Future:
+    def read(self, job_id: str, since: str | None, conn_id: str, principal: Principal) -> asyncio.Future[Any]:
         """Queue a join's reads; the future gives ``(presence entry, replies)``.
 
         The replies are: snapshot, last event, first event, stream length,
@@ -258,7 +258,7 @@ class Session:
         "socket",
     )
 
-    def __init__(self, gateway: Gateway, socket: WebSocket) -> None:
+    def __init__(self, gateway: Gateway, socket: WebSocket[Any, Any, Any] | RawSocket) -> None:
         self.gateway = gateway
         self.socket = socket
         self.id = uuid.uuid4().hex[:16]
@@ -407,7 +407,7 @@ class Session:
             self.gateway.presence.leave(job_id, self.id, self.principal)
 
     async def _send_text(self, text: str) -> None:
-        await self.socket.send({"type": "websocket.send", "text": text})
+        await self.socket.send({"type": "websocket.send", "text": text, "bytes": None})
 
     async def _send_loop(self) -> None:
         try:
@@ -480,7 +480,7 @@ class Session:
             self.request_close(None)
             return None
         text = event.get("text")
-        if text is None:
+        if not isinstance(text, str):
             self.request_close(closes.TEXT_ONLY)
             return None
         limit = self.settings.ws_max_frame_bytes
