@@ -137,6 +137,11 @@ class Service:
             PS_WORKSPACE_ROOT=str(self.tmp / "workspace"),
             PS_LOG_LEVEL="warning",
             PS_HTTP_RATE_LIMIT="1000000",
+            # The audit key and witness of a throwaway store stay beside it,
+            # not in the working directory (a PostgreSQL store has no file to
+            # put them next to); a caller's own (the tests') wins.
+            PS_AUDIT_KEY_FILE=os.environ.get("PS_AUDIT_KEY_FILE", str(self.tmp / "audit.key")),
+            PS_AUDIT_WITNESS=os.environ.get("PS_AUDIT_WITNESS", str(self.tmp / "audit-witness.jsonl")),
         )
         env.update(self.extra_env)
         return env
