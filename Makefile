@@ -13,7 +13,7 @@ CLAUDE_CODE_VERSION := $(shell cat .claude-code-version)
 CLAUDE_DIR := .tools/claude-code
 CLAUDE_STAMP := $(CLAUDE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
 
-.PHONY: run test bench clean claude
+.PHONY: run test typecheck bench clean claude
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ run: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest $(ARGS)
+
+# mypy --strict on progress_service/ and worker/ (configured in pyproject.toml).
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
 
 bench: $(BIN)/.installed
 	$(BIN)/pip install -q -e ".[test,bench]"

@@ -6,10 +6,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 from arq import create_pool
 from litestar import Litestar, Request, Response
+from litestar.enums import ScopeType
 from litestar.types import ASGIApp, ControllerRouterHandler, Message, Receive, Scope, Send
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
@@ -70,7 +72,7 @@ def access_log(app: ASGIApp) -> ASGIApp:
     """
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
         status = 500
@@ -97,7 +99,7 @@ def access_log(app: ASGIApp) -> ASGIApp:
 MAX_BODY_BYTES = 2 << 20
 
 
-def _client_error_handler(request: Request, exc: HTTPException) -> Response:
+def _client_error_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     detail = exc.detail
     if exc.status_code == 413 and detail == "Request Entity Too Large":  # Litestar's own, not a route's
         detail = f"request body larger than {MAX_BODY_BYTES} bytes"
@@ -115,7 +117,7 @@ def _client_error_handler(request: Request, exc: HTTPException) -> Response:
     return Response(body, status_code=exc.status_code, headers=headers or None)
 
 
-def _bad_body_handler(request: Request, exc: Exception) -> Response:
+def _bad_body_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """Bodies the JSON decoder cannot even read: a 400 that says why, not a 500.
 
     msgspec raises ``UnicodeDecodeError`` for invalid UTF-8 and
@@ -129,7 +131,7 @@ def _bad_body_handler(request: Request, exc: Exception) -> Response:
     return Response({"status_code": 400, "detail": detail}, status_code=400)
 
 
-def _server_error_handler(request: Request, exc: Exception) -> Response:
+def _server_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """A store/Redis outage is a 503 (see :mod:`progress_service.outage`); else a
     bug, logged with its traceback (path only: the query string may hold secrets)."""
     dependency = outage.classify(exc)
@@ -140,7 +142,7 @@ def _server_error_handler(request: Request, exc: Exception) -> Response:
     return Response({"status_code": 500, "detail": "Internal Server Error"}, status_code=500)
 
 
-def _unavailable(detail: str) -> Response:
+def _unavailable(detail: str) -> Response[Any]:
     return Response(
         {"status_code": 503, "detail": detail},
         status_code=503,
@@ -191,7 +193,7 @@ def create_app(
             await redis.aclose()
             await engine.dispose()
 
-    handlers: list = [
+    handlers: list[ControllerRouterHandler] = [
         JobsController,
         JobLogController,
         SessionController,

@@ -35,6 +35,7 @@ batching decides the transaction and the stream append above.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from typing import TYPE_CHECKING, Any
@@ -114,6 +115,17 @@ def normalize_text(text: str, max_chars: int) -> str:
     if _CONTROL.search(text):
         raise InvalidComment("text: control characters other than newline and tab are not allowed")
     return text
+
+
+def _all_gone(batch: list[_Waiter]) -> bool:
+    """Whether the callers of any of ``batch`` stopped waiting (the transaction is then abandoned)."""
+    return any(w.gone for w in batch)
+
+
+def _comment_id(waiter: _Waiter) -> int:
+    """Sort key of a waiter whose comment is stored."""
+    assert waiter.comment is not None
+    return waiter.comment.commentId
 
 
 class _Waiter:
@@ -362,7 +374,7 @@ class Comments:
                     self.engine,
                     [w.item for w in batch],
                     event_ids=event_ids,
-                    abandoned=lambda batch=batch: any(w.gone for w in batch),  # type: ignore[misc]
+                    abandoned=functools.partial(_all_gone, batch),
                 )
             except Abandoned:
                 # Somebody gave up while the transaction ran: nothing was
@@ -398,7 +410,7 @@ class Comments:
         appended in comment-id order.
         """
         by_job: dict[str, list[_Waiter]] = {}
-        for waiter in sorted((w for w in waiters if not w.gone), key=lambda w: w.comment.commentId):  # type: ignore[union-attr]
+        for waiter in sorted((w for w in waiters if not w.gone), key=_comment_id):
             by_job.setdefault(waiter.item.job_id, []).append(waiter)
         if not by_job:
             return []

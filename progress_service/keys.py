@@ -10,8 +10,8 @@ Cluster slot. The Lua scripts and MULTI blocks that touch several of a job's
 keys at once (claim, cancel, publish, comment, steer, hook ingest) rely on
 it; a new per-job key must use :func:`_job` or a script touching it fails
 with CROSSSLOT on a cluster. Keys not bound to one job (queue, tickets,
-sessions, revocations, gateway wake streams) are single-key operations and
-carry no tag.
+sessions, revocations) are single-key operations and carry no tag of a
+job (a user's connection set and a rate-limit window have tags of their own).
 
 Per-job keys (all expire with ``PS_EVENTS_TTL`` once the job ends)::
 
@@ -73,6 +73,15 @@ def snapshot_key(job_id: str) -> str:
 def presence_key(job_id: str) -> str:
     """The sorted set of live connections in the job's room."""
     return _job(job_id, "presence")
+
+
+def presence_index_key(job_id: str) -> str:
+    """The room's lex index: the presence entries at score 0, for "is this user here?" (ZRANGEBYLEX).
+
+    The presence scripts derive it from the presence key (``KEYS[1] .. '-idx'``),
+    so it shares the job's slot.
+    """
+    return presence_key(job_id) + "-idx"
 
 
 def presence_stream_key(job_id: str) -> str:

@@ -1,7 +1,6 @@
-"""Redis layout of a job: its event stream, snapshot and presence.
+"""A job's event stream and snapshot in Redis: the entries and how they are read and written.
 
-All keys of one job share the hash tag ``{job:<id>}`` so that they land on
-one Redis Cluster slot and can be written in one MULTI. A stream entry has
+The keys and their hash-tag rule are in :mod:`progress_service.keys`. A stream entry has
 the fields ``t`` (``event`` or ``chat``), ``b`` (the JSON body without
 ``id`` and ``roomId``) and, from the publisher's and the comments' scripts,
 ``p``: the id of the entry before it in the stream when it was added (``''``:

@@ -336,7 +336,9 @@ def chromium_path() -> str:
         import playwright  # noqa: F401, PLC0415
     except ImportError:
         missing_service("playwright is not installed (pip install -e .[test])")
-    return CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")  # type: ignore[return-value]
+    found = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+    assert found is not None  # missing_service() ended the test otherwise
+    return found
 
 
 # --------------------------------------------------------------------------

@@ -292,8 +292,9 @@ class ModelServer:
                 index, turn = branch.turn_for(after)
                 break
         with self._lock:
-            attempt = self._attempts.get((name, index), 0)  # type: ignore[arg-type]
-            self._attempts[(name, index)] = attempt + 1  # type: ignore[index]
+            key = (name or "", index)  # the script looked up above
+            attempt = self._attempts.get(key, 0)
+            self._attempts[key] = attempt + 1
         if attempt < len(turn.errors):
             return name, index, turn.errors[attempt]
         return name, index, turn

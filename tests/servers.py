@@ -31,7 +31,6 @@ async def run_app(
     assert settings.redis_url, "run_app needs settings.redis_url"
     app = create_app(settings, redis_url=settings.redis_url, run_worker=run_worker, chat_hook=chat_hook)
     server = Server(make_config(app, settings, host="127.0.0.1", port=port))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
         with anyio.fail_after(20):

@@ -135,14 +135,14 @@ async def test_failed_shard_leaves_other_shards_rooms_untouched(
     settings = _cluster_settings(make_settings, cluster, redis_url, database_url=store_url)
     pub = make_redis(cluster.url, cluster=True)
     try:
-        await pub.initialize()  # type: ignore[attr-defined]
+        await pub.initialize()
         victim = cluster.ports[1]
         async with Store(store_url) as store, serve(settings) as (base, app):
             token = await store.token()
             doomed, safe = await store.job(), await store.job()
             # Ids are random: pick rooms by where their slots live.
             while True:
-                nodes = {j: pub.nodes_manager.get_node_from_slot(pub.keyslot(f"ps:{{job:{j}}}:events")).port for j in (doomed, safe)}  # type: ignore[attr-defined]
+                nodes = {j: pub.nodes_manager.get_node_from_slot(pub.keyslot(f"ps:{{job:{j}}}:events")).port for j in (doomed, safe)}
                 if nodes[doomed] == victim and nodes[safe] != victim:
                     break
                 if nodes[doomed] != victim:
@@ -203,7 +203,7 @@ async def test_cluster_client_runs_single_slot_transactions_and_refuses_cross_sl
                 for other in others[:2]:
                     pipe.set(f"ps:{{job:{other}}}:x", b"1")
                 await pipe.execute()
-        assert await client.exists(*(f"ps:{{job:{o}}}:x" for o in others[:2])) == 0  # type: ignore[misc]
+        assert await client.exists(*(f"ps:{{job:{o}}}:x" for o in others[:2])) == 0
         # A plain pipeline over many slots (and scripts): per master, replies in call order.
         async with client.pipeline() as pipe:
             for i, other in enumerate(others):
@@ -211,7 +211,7 @@ async def test_cluster_client_runs_single_slot_transactions_and_refuses_cross_sl
                 pipe.eval("return redis.call('GET', KEYS[1])", 1, f"ps:{{job:{other}}}:x")
             replies = await pipe.execute()
         assert replies == [r for i in range(len(others)) for r in (True, str(i).encode())]
-        masters = {client.nodes_manager.get_node_from_slot(client.keyslot(f"ps:{{job:{o}}}:x")).name for o in others}  # type: ignore[attr-defined]
+        masters = {client.nodes_manager.get_node_from_slot(client.keyslot(f"ps:{{job:{o}}}:x")).name for o in others}
         assert len(masters) == 3  # the pipeline really spanned every master
     finally:
         await client.aclose()

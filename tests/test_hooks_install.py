@@ -150,6 +150,7 @@ async def test_migration_adds_job_kind_and_keeps_rows(db_url: str) -> None:
         )
         await update_job(engine, "cc-x", status="running")
         assert [r.id for r in await jobs_in_status(engine, ["running"])] == ["old-job"]
-        assert (await get_job(engine, "cc-x")).host == "laptop"  # type: ignore[union-attr]
+        record = await get_job(engine, "cc-x")
+        assert record is not None and record.host == "laptop"
     finally:
         await engine.dispose()

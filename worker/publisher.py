@@ -47,7 +47,7 @@ import random
 import uuid
 from collections import deque
 from itertools import islice
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 import anyio.abc
@@ -57,11 +57,11 @@ from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service import streams
-from progress_service.events import TERMINAL_STATUSES, StoredEvent
+from progress_service.events import TERMINAL_STATUSES, JobSnapshot, StoredEvent
 from progress_service.keys import events_key, snapshot_key
 from progress_service.settings import Settings
 from progress_service.store import history as archive
-from worker.mapping import Mapped, Mapper
+from worker.mapping import Mapped
 
 log = logging.getLogger("progress_service.worker.publisher")
 
@@ -110,11 +110,24 @@ class _Item:
         self.target = target
 
 
-class Publisher:
+class SnapshotSource(Protocol):
+    """The publisher's mapper: the CLI's (:class:`worker.mapping.Mapper`) or the hooks' (``HookMapper``)."""
+
+    @property
+    def snapshot(self) -> JobSnapshot:
+        """The snapshot the events mapped so far lead to."""
+        ...
+
+
+#: The publisher's mapper type (kept for its callers: the worker's recovery uses a Mapper's methods).
+M = TypeVar("M", bound=SnapshotSource)
+
+
+class Publisher(Generic[M]):
     """Appends mapped events in order; one lock so concurrent tasks never interleave."""
 
     def __init__(
-        self, redis: Redis, job_id: str, attempt: int, settings: Settings, mapper: Mapper, *, engine: AsyncEngine
+        self, redis: Redis, job_id: str, attempt: int, settings: Settings, mapper: M, *, engine: AsyncEngine
     ) -> None:
         self.redis = redis
         self.engine = engine

@@ -43,7 +43,7 @@ async def requeue(
     redis: Redis,
     engine: AsyncEngine,
     settings: Settings,
-    pub: Publisher,
+    pub: Publisher[Mapper],
     next_attempt: int,
     reason: str,
     *,

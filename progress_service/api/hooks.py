@@ -27,7 +27,8 @@ from litestar.exceptions import (
     TooManyRequestsException,
     ValidationException,
 )
-from litestar.types import Receive, Scope, Send
+from litestar.enums import ScopeType
+from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 from litestar.status_codes import HTTP_204_NO_CONTENT, HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
 from progress_service import metrics, outage
@@ -137,7 +138,7 @@ async def accept(gate: HookGate, authorization: str | None, host: str | None, bo
     description="Point a Claude Code `http` hook here (`progress-service hooks install`). Answers 204 with no body.",
     responses=error_responses(400, 401, 403, 409, 413, 503),
 )
-async def claude_code_hook(request: Request, hooks: HookGate) -> None:
+async def claude_code_hook(request: Request[Any, Any, Any], hooks: HookGate) -> None:
     """Accept one hook event of a session the caller's team runs.
 
     :class:`HookFront` answers this path before Litestar in a served app;
@@ -164,7 +165,7 @@ class HookFront:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST" or scope.get("root_path"):
+        if scope["type"] != ScopeType.HTTP or scope["path"] != PATH or scope["method"] != "POST" or scope.get("root_path"):
             await self.app(scope, receive, send)
             return
         services = started_services(unwrap(self.app))
@@ -174,7 +175,8 @@ class HookFront:
         gate = services.hooks
         headers = {name: value for name, value in scope["headers"] if name in (b"authorization", b"x-ps-host")}
         limit = gate.settings.hook_max_body_bytes
-        status, payload, extra = 204, b"", []
+        status, payload = 204, b""
+        extra: list[tuple[bytes, bytes]] = []
         try:
             body = await _read_body(receive, limit)
             await accept(gate, _h(headers.get(b"authorization")), _h(headers.get(b"x-ps-host")), body)
@@ -196,9 +198,11 @@ class HookFront:
                 status, detail, extra = 500, "Internal Server Error", []
             payload = _error_enc.encode({"status_code": status, "detail": detail})
             extra.append((b"content-type", b"application/json"))
-        headers_out = [(b"content-length", str(len(payload)).encode()), *extra] if status != 204 else extra
-        await send({"type": "http.response.start", "status": status, "headers": headers_out})
-        await send({"type": "http.response.body", "body": payload})
+        headers_out: list[tuple[bytes, bytes]] = [(b"content-length", str(len(payload)).encode()), *extra] if status != 204 else extra
+        start: HTTPResponseStartEvent = {"type": "http.response.start", "status": status, "headers": headers_out}
+        await send(start)
+        end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": payload, "more_body": False}
+        await send(end)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
@@ -209,6 +213,8 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
         if message["type"] == "http.disconnect":
             raise ClientException("the client went away", status_code=400)
         chunk = message.get("body", b"")
+        if not isinstance(chunk, bytes):
+            raise ClientException("the client went away", status_code=400)
         size += len(chunk)
         if size > limit:
             raise ClientException(f"hook body larger than {limit} bytes", status_code=HTTP_413_REQUEST_ENTITY_TOO_LARGE)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
@@ -30,7 +30,7 @@ class SessionInfo(msgspec.Struct, kw_only=True):
     csrf: str | None
 
 
-def _cookie(request: Request, value: str, max_age: int) -> Cookie:
+def _cookie(request: Request[Any, Any, Any], value: str, max_age: int) -> Cookie:
     return Cookie(
         key=COOKIE_NAME,
         value=value,
@@ -47,7 +47,7 @@ class SessionController(Controller):
     tags = ["auth"]
 
     @post("/", status_code=HTTP_201_CREATED, summary="Exchange an API token for a session cookie", responses=error_responses(401, 403))
-    async def sign_in(self, request: Request, data: SignIn, services: Services) -> Response[SessionInfo]:
+    async def sign_in(self, request: Request[Any, Any, Any], data: SignIn, services: Services) -> Response[SessionInfo]:
         """Sets an HttpOnly, SameSite=Strict cookie; tools keep using ``Authorization: Bearer``."""
         token = data.token.strip()
         principal = await principal_for_token(services.engine, token)
@@ -66,7 +66,7 @@ class SessionController(Controller):
         return Response(info, status_code=HTTP_201_CREATED, cookies=[_cookie(request, session_id, ttl)])
 
     @get("/", summary="The cookie session's user and CSRF secret", responses=error_responses())
-    async def current(self, request: Request, services: Services) -> Response[SessionInfo]:
+    async def current(self, request: Request[Any, Any, Any], services: Services) -> Response[SessionInfo]:
         """A new tab calls this to learn whether it is signed in (scripts cannot read the cookie).
 
         Signed out is an answer, not an error: ``{"me": null, "csrf": null}``
@@ -81,7 +81,7 @@ class SessionController(Controller):
         return Response(SessionInfo(me=me_of(principal), csrf=record.csrf))
 
     @delete("/", status_code=HTTP_204_NO_CONTENT, summary="Sign out: end the session and clear its cookie", responses=error_responses(401, 403))
-    async def sign_out(self, request: Request, services: Services) -> Response[None]:
+    async def sign_out(self, request: Request[Any, Any, Any], services: Services) -> Response[None]:
         """Needs the CSRF header, like every state-changing call made with the cookie."""
         session_id = request.cookies.get(COOKIE_NAME)
         if session_id:

@@ -76,7 +76,7 @@ class _Collect:
     responses=error_responses(401, 404),
 )
 async def job_stream(
-    request: Request, job_id: str, principal: Principal, services: Services, gateway: Gateway
+    request: Request[Any, Any, Any], job_id: str, principal: Principal, services: Services, gateway: Gateway
 ) -> ServerSentEvent:
     """The job's snapshot, then its events after ``Last-Event-ID``, then live ones."""
     if not is_job_id(job_id):

@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from progress_service import metrics
+from progress_service import closes, metrics
 from progress_service.auth import PrincipalCache
-from progress_service import closes
 from progress_service.closes import Close
 from progress_service.gateway.endpoint import install_log_redaction, remove_log_redaction
 from progress_service.gateway.hub import Hub

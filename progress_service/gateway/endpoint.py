@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
 from litestar import Litestar, WebSocket, websocket
@@ -86,7 +86,8 @@ def keep_asgi_send(app: ASGIApp) -> ASGIApp:
     """
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        scope[ASGI_SEND] = send  # type: ignore[literal-required]
+        # Our own scope key: the ASGI scope is a dict, its TypedDict names only the standard keys.
+        cast(dict[str, Any], scope)[ASGI_SEND] = send
         await app(scope, receive, send)
 
     return middleware
@@ -100,7 +101,7 @@ async def ws_endpoint(socket: WebSocket[Any, Any, Any]) -> None:
     if gateway.closing:
         await socket.close(code=closes.RESTARTING.code, reason=closes.RESTARTING.reason)
         return
-    asgi_send: Send | None = socket.scope.get(ASGI_SEND)  # type: ignore[assignment]
+    asgi_send = cast("Send | None", cast(dict[str, Any], socket.scope).get(ASGI_SEND))
     if asgi_send is not None:
         socket.send = asgi_send
     await Session(gateway, socket).run()
@@ -176,7 +177,7 @@ class GatewayFront:
         if gateway.closing:
             await socket.close(code=closes.RESTARTING.code, reason=closes.RESTARTING.reason)
             return
-        await Session(gateway, socket).run()  # type: ignore[arg-type]
+        await Session(gateway, socket).run()
 
 
 class RedactQueryString(logging.Filter):

@@ -19,7 +19,7 @@ twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -163,7 +163,7 @@ class Hub:
         *,
         head: str | None,
         presence_head: str | None,
-    ) -> AsyncIterator[list[tuple[str, str, int]]]:
+    ) -> AsyncGenerator[list[tuple[str, str, int]], None]:
         """Register ``member`` as pending and yield the replay after ``since``, page by page.
 
         Each page is ``(id, text, size)`` per entry. The consumer must have

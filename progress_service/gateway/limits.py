@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from collections.abc import Callable
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING

@@ -33,6 +33,7 @@ import contextlib
 import heapq
 from collections.abc import Iterable
 import logging
+from typing import Any, cast
 
 import anyio
 import msgspec
@@ -308,7 +309,7 @@ class Presence:
         if isinstance(reply, Exception):
             self._views.pop(job_id, None)
             return None
-        raw_id, added, mode, data = reply  # type: ignore[misc]
+        raw_id, added, mode, data = cast("list[Any]", reply)
         log_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
         if mode == b"f":
             users = _users_of(data)

@@ -32,7 +32,7 @@ from litestar.exceptions import WebSocketDisconnect
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from progress_service import history, metrics, outage, streams
+from progress_service import closes, history, metrics, outage, streams
 from progress_service.auth import authenticate, cached_principal
 from progress_service.errors import CommentForbidden, CommentsUnavailable, SendTimeout, SteerRefusal
 from progress_service.events import (
@@ -54,7 +54,6 @@ from progress_service.events import (
     PresenceMember,
     SteerResult,
 )
-from progress_service import closes
 from progress_service.closes import Close
 from progress_service.gateway.hub import Member
 from progress_service.gateway.limits import TokenBucket, WindowBudget, json_too_deep
@@ -66,6 +65,7 @@ from progress_service.store.jobs import JobRecord, get_job
 
 if TYPE_CHECKING:
     from progress_service.gateway import Gateway
+    from progress_service.gateway.endpoint import RawSocket
     from progress_service.settings import Settings
 
 log = logging.getLogger("progress_service.gateway.session")
@@ -147,7 +147,7 @@ class Session:
         "socket",
     )
 
-    def __init__(self, gateway: Gateway, socket: WebSocket) -> None:
+    def __init__(self, gateway: Gateway, socket: WebSocket[Any, Any, Any] | RawSocket) -> None:
         self.gateway = gateway
         self.socket = socket
         self.id = uuid.uuid4().hex[:16]
@@ -301,7 +301,7 @@ class Session:
             self.gateway.presence.leave(job_id, self.id, self.principal)
 
     async def _send_text(self, text: str) -> None:
-        await self.socket.send({"type": "websocket.send", "text": text})
+        await self.socket.send({"type": "websocket.send", "text": text, "bytes": None})
 
     async def _send_loop(self) -> None:
         try:
@@ -374,7 +374,7 @@ class Session:
             self.request_close(None)
             return None
         text = event.get("text")
-        if text is None:
+        if not isinstance(text, str):
             self.request_close(closes.TEXT_ONLY)
             return None
         limit = self.settings.ws_max_frame_bytes

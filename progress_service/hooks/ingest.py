@@ -227,7 +227,7 @@ class Ingest:
         if mapped:
             # The worker's publisher: one append script per batch of events
             # (event and snapshot together), then the SQL archive.
-            pub = Publisher(redis, job_id, 1, settings, mapper, engine=engine)  # type: ignore[arg-type]
+            pub = Publisher(redis, job_id, 1, settings, mapper, engine=engine)
             await pub.publish(mapped)
         if not created and mapper.snapshot.status != status_before:
             await job_store.update_job(engine, job_id, snapshot=mapper.snapshot)
