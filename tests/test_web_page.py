@@ -111,9 +111,12 @@ def page_fits_content(page: Any) -> tuple[int, int]:
     )
 
 
-# "Within rounding": each data-ms is rounded to 1 ms, and the page dates the
-# start from the `running` event, stamped a moment after the record's startedAt.
+# "Within rounding": each data-ms is rounded to 1 ms, and the first phase is
+# stamped right after the `running` event the page dates the job's start from.
 SAME_CLOCK_MS = 10
+# The record's startedAt is read a moment before that event is stamped (the
+# worker takes its publish lock in between: an await on a busy machine).
+RECORD_STAMP_MS = 50
 _DURATION = re.compile(r"^(?:(\d+) h (\d+) min|(\d+) min (\d+) s|(\d+(?:\.\d)?) s|(\d+) ms)$")
 
 
@@ -151,7 +154,7 @@ def assert_durations_from_one_clock(page: Any, stack: Stack, token: str, job_id:
     Each value is read from the real page: its exact ``data-ms`` and the
     visible text it must round from. The visited phases after ``queued`` tile
     the attempt, so they add up to the job's duration (a single attempt); that
-    duration is the server's ``finishedAt - startedAt`` (within SAME_CLOCK_MS).
+    duration is the server's ``finishedAt - startedAt`` (within RECORD_STAMP_MS).
     Returns the server's record.
     """
     record = httpx.get(f"{stack.url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
@@ -171,7 +174,7 @@ def assert_durations_from_one_clock(page: Any, stack: Stack, token: str, job_id:
         spans[name] = exact_ms(li)
         assert_rounds_to(spans[name], li.locator(".phase-time").inner_text(), name)
     assert abs(sum(spans.values()) - total) <= SAME_CLOCK_MS, f"phases {spans} add up to {sum(spans.values())} ms, the job shows {total} ms"
-    assert abs(total - served) <= SAME_CLOCK_MS, f"the page shows {total} ms, the server recorded {served} ms"
+    assert -SAME_CLOCK_MS <= served - total <= RECORD_STAMP_MS, f"the page shows {total} ms, the server recorded {served} ms"
     # The result card's duration (the usage line) is the same number.
     card = page.locator("#result-stats")
     assert int(card.get_attribute("data-duration-ms") or -1) == total
