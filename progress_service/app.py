@@ -19,12 +19,8 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RapidocRenderPlugin
 from litestar.static_files import create_static_files_router
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from progress_service import metrics, outage, queue
+from progress_service import metrics, outage, queue, redis_client
 from progress_service.api.audit import AuditController, TokensController
 from progress_service.api.comments import CommentsController
 from progress_service.api.deps import AUTHENTICATION, DEPENDENCIES, NO_AUTH
@@ -53,16 +49,9 @@ log = logging.getLogger("progress_service")
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
-def make_redis(url: str) -> Redis:
-    """A Redis client that retries dropped connections instead of failing the request."""
-    return Redis.from_url(
-        url,
-        socket_connect_timeout=5,
-        socket_keepalive=True,
-        health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=5),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
-    )
+def make_redis(url: str, *, cluster: bool = False) -> Redis:
+    """A Redis client that retries dropped connections (a cluster client with ``cluster``)."""
+    return redis_client.make_redis(url, cluster=cluster)
 
 
 def claude_is_available(settings: Settings) -> bool:
@@ -176,12 +165,13 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        redis = make_redis(redis_url)
+        redis = make_redis(redis_url, cluster=settings.redis_cluster)
         engine = create_engine(settings.database_url)
         try:
             await migrate(engine)
             # PS_QUEUE_REDIS_URL: the queue may have a Redis of its own (arq cannot shard).
             arq_pool = await create_pool(queue.arq_redis_settings(settings.queue_url(redis_url)))
+            redis_client.set_queue(redis, arq_pool)
             try:
                 resources = Resources(settings=settings, redis_url=redis_url, redis=redis, engine=engine, arq=arq_pool)
                 services = build_services(resources, chat_hook=chat_hook)

@@ -98,6 +98,7 @@ end
 if added > 0 then
   redis.call('HINCRBY', KEYS[2], 'n', added)
   redis.call('EXPIRE', KEYS[3], ARGV[2])
+  """ + streams.NOTIFY_LUA + """
 end
 return ids
 """

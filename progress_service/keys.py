@@ -18,7 +18,9 @@ Per-job keys (all expire with ``PS_EVENTS_TTL`` once the job ends)::
     ps:{job:<id>}:events        stream   the job's events and chats (entry id = event id)
     ps:{job:<id>}:snap          hash     s = JobSnapshot JSON, n = entry count, k = kept-flag
     ps:{job:<id>}:presence      zset     live connections of the room (score = expiry ms)
+    ps:{job:<id>}:presence-idx  zset     the same entries, score 0: "is this user here?" by ZRANGEBYLEX
     ps:{job:<id>}:presence-log  stream   presence changes fanned out to the room
+    ps:{job:<id>}:news          channel  (S)PUBLISHed by every write to events/presence-log (gateway/broker.py)
     ps:{job:<id>}:cancel        string   who asked to cancel
     ps:{job:<id>}:run           hash     run state (state, attempt, worker)
     ps:{job:<id>}:lease         string   the running attempt's lease (expires without refresh)
@@ -35,7 +37,6 @@ Global keys::
     ps:ticket:<sha256>              string   one-use WebSocket ticket
     websession:<sha256>             string   browser session record
     ps:revocations                  stream   revoked token ids
-    ps:gw:<node>:wake               stream   wakes one gateway node's hub reader
     ps:hooksessions:<token>:<hour>  counter  hook sessions started per token and hour
     ps:audit:witness                stream   default audit witness stream
     ps:{user:<id>}:conns            zset     a user's live WebSockets over all nodes (node:conn -> expiry ms)
@@ -134,9 +135,13 @@ def web_session_key(session_id: str) -> str:
     return "websession:" + hashlib.sha256(session_id.encode()).hexdigest()
 
 
-def wake_key(node_id: str) -> str:
-    """The stream that wakes one gateway node's blocked hub reader."""
-    return f"ps:gw:{node_id}:wake"
+def news_channel(job_id: str) -> str:
+    """The sharded pub/sub channel every write to the job's streams touches (gateway/broker.py).
+
+    The Lua scripts derive it from the stream key (``streams.NOTIFY_LUA``):
+    it keeps the job's hash tag, so it lives on the job's shard.
+    """
+    return _job(job_id, "news")
 
 
 def hook_sessions_key(token_id: str, hour: int) -> str:

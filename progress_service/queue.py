@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from progress_service.keys import QUEUE_NAME, cancel_key, lease_key, run_key
+from progress_service.redis_client import queue_of
 
 #: The arq function name of a job run.
 RUN_FUNCTION = "run_job"
@@ -92,6 +93,7 @@ async def enqueue_job(arq_pool: ArqRedis, job_id: str, *, attempt: int = 1, queu
     the same attempt twice enqueues it once (arq refuses a duplicate while
     the job or its kept result exists).
     """
+    arq_pool = queue_of(arq_pool)  # on a cluster: the queue's own Redis
     await arq_pool.enqueue_job(
         RUN_FUNCTION,
         job_id,

@@ -31,6 +31,8 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from progress_service.redis_client import ClusterClient
+
 #: Seconds one dependency check may take before it counts as down.
 CHECK_TIMEOUT = 2.0
 
@@ -102,10 +104,18 @@ class Readiness:
             except Exception as exc:  # noqa: BLE001 - any failure means not ready; say which
                 checks[name] = _error(exc)
 
+        primaries: list[ClusterNode] = []
+        if isinstance(self.redis, RedisCluster):
+            # The slot map first (a fresh client has none, and no primaries to name).
+            await check("redis", self.redis.initialize)
+            if checks.pop("redis") == "ok":
+                primaries = self.redis.get_primaries()
+            else:
+                checks["redis"] = "error: no cluster slot map"
         async with anyio.create_task_group() as tg:
             if isinstance(self.redis, RedisCluster):
-                for node in self.redis.get_primaries():
-                    tg.start_soon(check, f"redis {node.host}:{node.port}", _ping_node(node))
+                for node in primaries:
+                    tg.start_soon(check, f"redis {node.host}:{node.port}", _ping_node(self.redis, node))
             else:
                 tg.start_soon(check, "redis", self.redis.ping)
             if self.queue is not None:
@@ -133,10 +143,13 @@ class Readiness:
         return 503, Health(status="unavailable", checks=checks, status_code=503, detail=f"not ready: {down}")
 
 
-def _ping_node(node: ClusterNode) -> Callable[[], Awaitable[object]]:
-    # The node's own connection, not the cluster client's routing: its
+def _ping_node(cluster: RedisCluster, node: ClusterNode) -> Callable[[], Awaitable[object]]:
+    # The node's own client (the broker's per-master client from
+    # redis_client.ClusterClient), not the cluster client's routing: its
     # retries and topology refresh on one dead node would fail the others' pings.
     async def ping() -> object:
+        if isinstance(cluster, ClusterClient):
+            return await cluster.node_client(node).ping()
         return await node.execute_command("PING")
 
     return ping

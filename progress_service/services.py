@@ -164,7 +164,8 @@ def build_services(resources: Resources, *, chat_hook: ChatHookFactory | None = 
 async def _run_sweeper(services: Services) -> None:
     """The lost-worker sweeper (:class:`worker.recovery.Sweeper`) for the app's lifetime."""
     if services.queue_is_separate:
-        # Leases and run state are on the data Redis; re-enqueues go to the queue's.
+        # Leases and run state are on the data Redis (the cluster, with
+        # PS_REDIS_CLUSTER); re-enqueues go to the queue's.
         await Sweeper(services.redis, services.engine, services.settings, queue=services.arq).run()
         return
     await Sweeper(services.arq, services.engine, services.settings).run()

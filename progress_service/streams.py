@@ -28,6 +28,20 @@ _body_dec = msgspec.json.Decoder(dict[str, Any])
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
+#: Lua: tell the room's readers that the stream behind KEYS[1] gained entries
+#: (the channel, ``keys.news_channel``, is derived from the key, so it is in
+#: the key's slot). Sharded pub/sub where the server has it (Redis 7); plain
+#: PUBLISH on Redis 6.2, whose readers SUBSCRIBE instead (gateway/broker.py
+#: asks the server).
+NOTIFY_LUA = (
+    "do local ch = string.gsub(KEYS[1], ':[%a-]+$', ':news'); "
+    "local r = redis.pcall('SPUBLISH', ch, ''); "
+    "if type(r) == 'table' and r.err then redis.call('PUBLISH', ch, '') end end"
+)
+#: The same as a script of its own, for MULTIs (KEYS: any key of the job).
+NOTIFY = NOTIFY_LUA + " return 0"
+
+
 def encode_snapshot(snapshot: JobSnapshot) -> bytes:
     return _enc.encode(snapshot)
 
@@ -70,6 +84,7 @@ async def append_event(
         pipe.hsetnx(snapshot_key(job_id), "k", 1)
         if snapshot is not None:
             pipe.hset(snapshot_key(job_id), "s", encode_snapshot(snapshot))
+        pipe.eval(NOTIFY, 1, key)  # the hubs read rooms with news (gateway/broker.py)
         res = await pipe.execute()
     return _s(res[0])
 
@@ -151,6 +166,7 @@ end
 redis.call('HSET', KEYS[2], 'p:' .. tok, done, 'pi:' .. tok, cjson.encode(keep))
 if added > 0 then redis.call('HINCRBY', KEYS[2], 'n', added) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 's', ARGV[5]) end
+if added > 0 then """ + NOTIFY_LUA + """ end
 return out
 """
 
@@ -194,6 +210,7 @@ async def append_chat(redis: Redis, job_id: str, chat: StoredChat, *, maxlen: in
     async with redis.pipeline(transaction=True) as pipe:
         pipe.xadd(events_key(job_id), {"t": b"chat", "b": _enc.encode(chat)}, maxlen=maxlen, approximate=maxlen is not None)
         pipe.hincrby(snapshot_key(job_id), "n", 1)
+        pipe.eval(NOTIFY, 1, events_key(job_id))
         res = await pipe.execute()
     return _s(res[0])
 

@@ -90,3 +90,27 @@ def test_quick_side_by_side_with_the_seed_reports_every_ratio(tmp_path: Path) ->
     assert round_["event_fanout"]["project"]["lost"] == 0
     assert r["ratios"]["joins_one_room"]["rss_per_conn_kb"]["median"] > 0
     assert "| workload | figure | project | seed |" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_rooms_benchmarks_run_and_report_their_figures() -> None:
+    """``python -m bench.rooms``: per-read cost vs room count and the join storm still run (figures: docs/performance.md)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
+    runs = {
+        "reads": ["reads", "--rooms", "50,300", "--seconds", "1", "--rate", "20"],
+        "joins": ["joins", "--joins", "200"],
+    }
+    for name, args in runs.items():
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.rooms", *args],
+            cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=100, check=False,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert len(rows) == 2, (name, rows)
+        for r in rows:
+            if name == "reads":
+                assert r["events"] > 0 and r["p99_ms"] is not None and r["per_read_ms"] > 0, r
+            else:
+                assert r["joins"] == 200 and r["seconds"] > 0, r

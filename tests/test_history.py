@@ -411,6 +411,7 @@ async def test_a_live_watcher_behind_a_trim_gets_the_trimmed_entries_from_the_ar
 
     from gateway_helpers import auth, connect, join, recv  # noqa: PLC0415
     from progress_service.events import StoredEvent  # noqa: PLC0415
+    from progress_service.streams import NOTIFY  # noqa: PLC0415
 
     settings = make_settings()
     token = await make_token(role="submitter")
@@ -454,6 +455,7 @@ async def test_a_live_watcher_behind_a_trim_gets_the_trimmed_entries_from_the_ar
                         prev = eid
                     pipe.hincrby(snapshot_key(job_id), "n", len(new))  # as the publisher's script counts
                     pipe.xtrim(key, minid=new[3], approximate=False)
+                    pipe.eval(NOTIFY, 1, key)  # as every writer of a stream does (gateway/broker.py)
                     await pipe.execute()
                 await read_until(new[-1])
                 assert seen == [head, *new], json.dumps(seen)  # the join replays the submit event first

@@ -58,3 +58,46 @@ async def test_a_view_too_far_behind_reads_the_whole_set(redis) -> None:
     (_, reply, members), = await _join_batch(node, redis, job, [_user(0)])
     assert reply[2] == b"f"
     assert len(members) == DELTA_MAX + 5  # u0 .. u68
+
+
+def _log(entries: list[Any]) -> list[tuple[str, str]]:
+    import json  # noqa: PLC0415
+
+    out = []
+    for _eid, fields in entries:
+        for k in (b"j", b"l"):
+            if k in fields:
+                out.append((k.decode(), json.loads(fields[k])["userId"]))
+    return out
+
+
+async def test_a_user_is_announced_once_and_leaves_when_its_last_entry_expires(redis) -> None:
+    """The lex index answers "is this user here?" (no member scan); sweeps and refreshes agree with it."""
+    import json  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from progress_service.keys import presence_stream_key  # noqa: PLC0415
+    from progress_service.keys import presence_key  # noqa: PLC0415
+
+    job = uuid.uuid4().hex[:12]
+    a, b = Presence(redis, f"a-{job}", grace=0.2), Presence(redis, f"b-{job}", grace=0.2)
+    await a.load_scripts()
+    await _join_batch(a, redis, job, [_user(1), _user(2)])
+    await _join_batch(b, redis, job, [_user(1)])  # u1 again, from another node: not announced again
+    assert _log(await redis.xrange(presence_stream_key(job))) == [("j", "u1"), ("j", "u2")]
+    # Node a "crashes": its entries expire. The sweep announces u2 left; u1 still has b's entry.
+    now = int(time.time() * 1000)
+    mine = [e for e in await redis.zrange(presence_key(job), 0, -1) if f"\x1fa-{job}:" in e.decode()]
+    assert len(mine) == 2
+    await redis.zadd(presence_key(job), {e: now - 1 for e in mine}, xx=True)
+    await b._sweep_rooms({job})
+    assert _log(await redis.xrange(presence_stream_key(job)))[2:] == [("l", "u2")]
+    assert await redis.zcard(presence_key(job) + "-idx") == 1  # only b's entry is indexed now
+    # b's refresh keeps u1 without a second "joined"; a refresh after b's entry lapsed re-announces it.
+    await b._refresh()
+    assert len(await redis.xrange(presence_stream_key(job))) == 3
+    (entry,) = b._live[job]
+    await redis.zadd(presence_key(job), {entry: now - 1}, xx=True)
+    await b._refresh()
+    assert _log(await redis.xrange(presence_stream_key(job)))[3:] == [("j", "u1")]
+

@@ -158,6 +158,7 @@ async def test_readiness_checks_each_cluster_primary(tmp_path: Path, store_url: 
     from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
 
     from progress_service.api.health import Readiness  # noqa: PLC0415
+    from progress_service.redis_client import make_redis  # noqa: PLC0415
     from progress_service.store.db import create_engine  # noqa: PLC0415
 
     ports = [_cluster_port() for _ in range(3)]
@@ -179,7 +180,8 @@ async def test_readiness_checks_each_cluster_primary(tmp_path: Path, store_url: 
             [cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=30,
         )
-        cluster = RedisCluster(host="127.0.0.1", port=ports[0])
+        cluster = make_redis(f"redis://127.0.0.1:{ports[0]}", cluster=True)  # the broker's client factory
+        assert isinstance(cluster, RedisCluster)
         with anyio.fail_after(20):
             while True:
                 with contextlib.suppress(Exception):

@@ -19,6 +19,7 @@ from arq import func
 from arq.worker import Worker
 
 from progress_service.queue import RUN_FUNCTION, arq_redis_settings
+from progress_service.redis_client import make_redis, set_queue
 from progress_service.settings import Settings, load_settings
 from progress_service.store.db import create_engine
 from progress_service.store.migrations import migrate
@@ -53,12 +54,13 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     # A store that is down at start is waited for, not a reason to exit.
     await persist(lambda: migrate(ctx["engine"]), Link("store (worker start)"))
     data_url = ctx.get("redis_url") or settings.redis_url or DEFAULT_REDIS_URL
-    if ctx.get("queue_redis") is None and settings.queue_url(data_url) != data_url:
-        # The queue has a Redis of its own (PS_QUEUE_REDIS_URL): arq's pool
-        # (ctx["redis"]) stays the queue, job data go to PS_REDIS_URL.
-        from progress_service.app import make_redis  # noqa: PLC0415 - the app module is heavy
-
-        ctx["queue_redis"], ctx["redis"] = ctx["redis"], make_redis(data_url)
+    if ctx.get("queue_redis") is None and (settings.redis_cluster or settings.queue_url(data_url) != data_url):
+        # The queue has a Redis of its own (PS_QUEUE_REDIS_URL; always with a
+        # cluster): arq's pool (ctx["redis"]) stays the queue, job data go to
+        # PS_REDIS_URL (a cluster client with PS_REDIS_CLUSTER).
+        data = make_redis(data_url, cluster=settings.redis_cluster)
+        set_queue(data, ctx["redis"])
+        ctx["queue_redis"], ctx["redis"] = ctx["redis"], data
     ctx.setdefault("worker_id", new_worker_id())
     # Orphans of the CLIs this worker starts are re-parented to it (and killed with their job).
     become_subreaper()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -35,10 +35,11 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from progress_service import history, outage, streams
 from progress_service.api.deps import error_responses
-from progress_service.events import TERMINAL_STATUSES, Gap, Joined
+from progress_service.events import TERMINAL_STATUSES
 from progress_service.gateway import Gateway
 from progress_service.gateway.hub import Member
 from progress_service.gateway.outbox import Outbox
+from progress_service.gateway.subscription import announce, resume_point
 from progress_service.ids import is_event_id, is_job_id, room_id
 from progress_service.services import Services
 from progress_service.settings import Settings
@@ -56,6 +57,16 @@ RETRY_MS = 3000
 _enc = msgspec.json.Encoder()
 _status_dec = msgspec.json.Decoder()
 
+
+
+class _Collect:
+    """The SSE stream's :class:`~progress_service.gateway.subscription.Transport` for its first messages."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    def put(self, message: Any) -> None:
+        self.messages.append(message)
 
 @get(
     "/api/jobs/{job_id:str}/stream",
@@ -88,8 +99,6 @@ async def job_stream(
     # Redis while it holds the entries, the archive for what it does not.
     pos = await history.position(services.engine, job_id, since, await streams.coverage(services.redis, job_id))
     snapshot = snapshot or job.to_snapshot()
-    if pos.head is not None:
-        snapshot.lastEventId = pos.head
     return ServerSentEvent(
         _messages(services.settings, gateway, principal, job_id, since, snapshot, pos),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -123,17 +132,20 @@ async def _messages(
     outbox = Outbox(settings.ws_outbox_bytes)
     member = Member(outbox)
     finished = snapshot.status in TERMINAL_STATUSES
-    head, gap, oldest = pos.head, pos.gap, pos.oldest
-    joined = Joined(roomId=room, role=principal.role, snapshot=snapshot, head=head, presence=[])
+    point = resume_point(since, pos)
+    hello = _Collect()
+    announce(hello, room, principal.role, snapshot, point, since, [])  # SSE watchers are not in presence
     # Gateway.close_all closes the outbox at shutdown: the stream ends at
     # once (the EventSource resumes elsewhere) instead of holding uvicorn's
     # graceful shutdown until its timeout.
     gateway.sse.opened(principal.user_id, outbox)
     try:
-        yield ServerSentEventMessage(event="joined", data=_enc.encode(joined).decode(), retry=RETRY_MS)
-        if gap:
-            yield ServerSentEventMessage(event="gap", data=_enc.encode(Gap(roomId=room, since=since or "", oldest=oldest)).decode())
-        pages = gateway.hub.replay_pages(job_id, member, since, head=head, presence_head=None)
+        for n, message in enumerate(hello.messages):
+            yield ServerSentEventMessage(
+                event=type(message).__struct_config__.tag, data=_enc.encode(message).decode(),
+                retry=RETRY_MS if n == 0 else None,
+            )
+        pages = gateway.hub.replay_pages(job_id, member, point.replay_from, head=point.head, presence_head=None)
         async with aclosing(pages):
             async for page in pages:
                 for eid, text, _size in page:

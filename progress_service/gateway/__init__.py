@@ -28,7 +28,8 @@ from progress_service.gateway.job_access import JobAccess, StoreGate
 from progress_service.gateway.limits import ConnectionCap
 from progress_service.gateway.outbox import Outbox, OutboxStats, WriteWindow
 from progress_service.gateway.presence import Presence
-from progress_service.gateway.session import CommentsHook, JoinReads, SteeringHook
+from progress_service.gateway.joins import JoinReads
+from progress_service.gateway.session import CommentsHook, SteeringHook
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

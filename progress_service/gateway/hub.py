@@ -1,9 +1,9 @@
-"""The hub: one stream reader per process fanning job events out to local members.
+"""The hub: this process's rooms and their members, fed by the broker.
 
-One task (``Hub.run``) XREADs, with BLOCK and COUNT, the event stream and the
-presence stream of every room that has members on this process, and hands
-each entry, encoded once, to every member's outbox. A Redis error is retried
-with backoff from the same cursors, so nothing is skipped.
+The broker (``broker.py``) tells the hub what each room's event stream and
+presence log gained (it reads only rooms with news, per Redis shard); the
+hub hands each entry, encoded once, to every member's outbox. A Redis error
+is retried by the broker from the same cursors, so nothing is skipped.
 
 Joining without gap or duplicate (``Hub.attach``): the member is registered
 as *pending* (the hub skips it for events), the session replays the stream
@@ -19,22 +19,21 @@ twice.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
-from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from progress_service import history, metrics, streams
 from progress_service.events import PresenceMember, PresenceMsg
+from progress_service.gateway.broker import READ_COUNT, Broker, StreamBroker
 from progress_service.gateway.outbox import Chunk, Outbox
 from progress_service.ids import now_ms, room_id
-from progress_service.keys import events_key, presence_stream_key, wake_key
+from progress_service.keys import events_key, presence_stream_key
 from progress_service.streams import id_lt, id_tuple, wire_bytes
 
 if TYPE_CHECKING:
@@ -45,19 +44,7 @@ log = logging.getLogger("progress_service.gateway.hub")
 _enc = msgspec.json.Encoder()
 _member_dec = msgspec.json.Decoder(PresenceMember)
 
-#: Entries per stream per XREAD; also the page size of a replay.
-READ_COUNT = 500
-#: How long one XREAD blocks (ms). The reader's socket timeout is longer.
-BLOCK_MS = 5000
-#: With at least COALESCE_ROOMS rooms, an answer with fewer entries than
-#: COALESCE_BELOW is followed by a pause of COALESCE_S before the next read, so
-#: entries of many rooms share one read (a read names two keys per room, and
-#: costs Redis and this process time per key). Not with few rooms: a read is
-#: cheap there, and the pause would only make bursts bigger (a small outbox
-#: could overflow on a burst its fast reader would have kept up with).
-COALESCE_ROOMS = 64
-COALESCE_BELOW = 64
-COALESCE_S = 0.002
+__all__ = ["READ_COUNT", "Hub", "Member", "Room", "presence_stream_key"]
 #: A member that wants no presence messages (SSE watchers).
 NEVER = (1 << 64, 0)
 
@@ -80,7 +67,7 @@ class Member:
 class Room:
     """A job's room as seen by this process: its cursors and local members."""
 
-    __slots__ = ("cursor", "events_key", "job_id", "members", "presence_cursor", "presence_key", "room_id", "slot")
+    __slots__ = ("cursor", "events_key", "job_id", "members", "presence_cursor", "presence_key", "room_id")
 
     def __init__(self, job_id: str, cursor: str, presence_cursor: str) -> None:
         self.job_id = job_id
@@ -91,13 +78,6 @@ class Room:
         self.cursor = cursor
         self.presence_cursor = presence_cursor
         self.members: dict[int, Member] = {}
-        #: Index of the event stream's id in the hub's packed XREAD ids (presence: slot + 1).
-        self.slot = 0
-
-
-def _pack(arg: bytes) -> bytes:
-    """One RESP bulk string (a command argument)."""
-    return b"$%d\r\n%s\r\n" % (len(arg), arg)
 
 
 def _after(keys: list[tuple[int, int]], texts: list[str], sizes: list[int], after: tuple[int, int]) -> Chunk:
@@ -107,33 +87,22 @@ def _after(keys: list[tuple[int, int]], texts: list[str], sizes: list[int], afte
 
 
 class Hub:
-    """The rooms of this process and the one task that feeds them."""
+    """The rooms of this process; the broker's reads are fanned out here."""
 
-    def __init__(self, services: Resources, node_id: str, *, block_ms: int = BLOCK_MS) -> None:
+    def __init__(self, services: Resources, node_id: str, *, broker: Broker | None = None) -> None:
         self.services = services
-        self.block_ms = block_ms
+        self.node_id = node_id
+        self.broker: Broker = broker or StreamBroker(services.redis, services.redis_url)
         self.rooms: dict[str, Room] = {}
         self._by_key: dict[bytes, tuple[Room, bool]] = {}
-        self._changed = anyio.Event()
-        self._wake_key = wake_key(node_id)
-        #: Rooms whose last answer showed a hole (see ``_fan_out_events``).
-        self._holes: list[Room] = []
-        self._wake_cursor = "0-0"
-        # A dedicated connection: XREAD BLOCK holds it for up to block_ms, and
-        # its socket timeout must be longer than that or redis-py times out.
-        # It connects on first use and again after an error.
-        self._reader = ConnectionPool.from_url(
-            services.redis_url,
-            socket_timeout=block_ms / 1000 + 5,
-            socket_connect_timeout=2,
-        ).make_connection()
-        self.reconnects = 0
-        # The XREAD command, packed once per change of the room set (the
-        # key list) plus one packed id per stream, replaced when that
-        # stream's cursor moves: a read costs one join, not a redis-py
-        # argument encoding per key (1,000 keys at 500 rooms).
-        self._head = b""
-        self._ids: list[bytes] = []
+        #: Rooms whose last answer showed a hole (see ``_fan_out_events``), filled by ``_fill_holes``.
+        self._holes: dict[str, Room] = {}
+        self._holes_ready = anyio.Event()
+
+    @property
+    def reconnects(self) -> int:
+        """Reconnects of the broker's readers so far."""
+        return int(getattr(self.broker, "reconnects", 0))
 
     # ------------------------------------------------------------------ rooms
 
@@ -144,7 +113,10 @@ class Hub:
         if room is None:
             room = Room(job_id, head or "0-0", presence_head or "0-0")
             self.rooms[job_id] = room
-            self._reindex()
+            self._by_key[room.events_key.encode()] = (room, False)
+            self._by_key[room.presence_key.encode()] = (room, True)
+            self.broker.subscribe(room)
+            metrics.ws_rooms.set(len(self.rooms))
         room.members[id(member)] = member
         return new
 
@@ -157,35 +129,10 @@ class Hub:
         member.live = False
         if not room.members:
             del self.rooms[job_id]
-            self._reindex()
-
-    def _reindex(self) -> None:
-        by_key: dict[bytes, tuple[Room, bool]] = {}
-        keys = [self._wake_key.encode()]
-        ids = [_pack(self._wake_cursor.encode())]
-        for room in self.rooms.values():
-            room.slot = len(ids)
-            events_key, presence_key = room.events_key.encode(), room.presence_key.encode()
-            by_key[events_key] = (room, False)
-            by_key[presence_key] = (room, True)
-            keys += (events_key, presence_key)
-            ids += (_pack(room.cursor.encode()), _pack(room.presence_cursor.encode()))
-        self._by_key = by_key
-        args = [b"XREAD", b"COUNT", str(READ_COUNT).encode(), b"BLOCK", str(self.block_ms).encode(), b"STREAMS", *keys]
-        self._head = b"*%d\r\n" % (len(args) + len(ids)) + b"".join(_pack(a) for a in args)
-        self._ids = ids
-        metrics.ws_rooms.set(len(self.rooms))
-        self._changed.set()
-
-    async def wake(self) -> None:
-        """Interrupt the current XREAD BLOCK so a new room is read at once."""
-        try:
-            async with self.services.redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._wake_key, {"w": b"1"}, maxlen=10, approximate=True)
-                pipe.expire(self._wake_key, 3600)
-                await pipe.execute()
-        except (RedisError, OSError):
-            pass  # only latency is lost: the room is read after the current block
+            self._by_key.pop(room.events_key.encode(), None)
+            self._by_key.pop(room.presence_key.encode(), None)
+            self.broker.unsubscribe(room)
+            metrics.ws_rooms.set(len(self.rooms))
 
     async def attach(
         self,
@@ -224,8 +171,7 @@ class Hub:
         normally the member is live, and the hub delivers only what follows
         the last replayed id.
         """
-        if self.add(job_id, member, head=head, presence_head=presence_head):
-            await self.wake()
+        self.add(job_id, member, head=head, presence_head=presence_head)
         room = self.rooms[job_id]
         redis, engine = self.services.redis, self.services.engine
         position = since
@@ -264,53 +210,20 @@ class Hub:
     # ------------------------------------------------------------------ reader
 
     async def run(self) -> None:
-        """Read and fan out until cancelled."""
-        backoff = 0.1
-        try:
-            await self._reset_wake()
-            conn = self._reader
-            while True:
-                if not self.rooms:
-                    self._changed = anyio.Event()
-                    await self._changed.wait()
-                    continue
-                try:
-                    # The connection's own API: the command is packed already,
-                    # and the reply stays raw (no per-entry dict building by
-                    # redis-py's XREAD callback). On any error, cancellation
-                    # included, redis-py drops the connection; the next send
-                    # reconnects.
-                    await conn.send_packed_command(self._head + b"".join(self._ids))
-                    answer = await conn.read_response()
-                except (RedisError, OSError) as exc:
-                    self.reconnects += 1
-                    delay = backoff * (0.5 + random.random())
-                    log.warning("hub: Redis read failed (%s); retrying in %.2fs from the same ids", exc, delay)
-                    await anyio.sleep(delay)
-                    backoff = min(backoff * 2, 2.0)
-                    continue
-                backoff = 0.1
-                metrics.hub_reads.inc()
-                dispatched = self._dispatch(answer) if answer else 0
-                if self._holes:
-                    await self._fill_holes()
-                if answer and dispatched < COALESCE_BELOW and len(self.rooms) >= COALESCE_ROOMS:
-                    # A small answer: let a few ms of entries from other
-                    # rooms gather, so they share the next read (each read
-                    # names every room's streams) and each member's sender
-                    # wakes once for all of them. Bounded by COALESCE_S.
-                    await anyio.sleep(COALESCE_S)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._reader.disconnect()
+        """Let the broker read and fan out, and fill holes from the archive, until cancelled."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._hole_filler)
+            await self.broker.run(self._dispatch)
 
-    async def _reset_wake(self) -> None:
-        try:
-            await self.services.redis.delete(self._wake_key)
-        except (RedisError, OSError):
-            pass
+    async def _hole_filler(self) -> None:
+        while True:
+            if not self._holes:
+                self._holes_ready = anyio.Event()
+                await self._holes_ready.wait()
+                continue
+            await self._fill_holes()
 
-    def _dispatch(self, answer: list) -> int:
+    def _dispatch(self, answer: list[Any]) -> int:
         """Fan one XREAD answer out; the number of entries it held."""
         now = now_ms()
         total = 0
@@ -320,12 +233,7 @@ class Hub:
             total += len(entries)
             found = self._by_key.get(key)
             if found is None:
-                # the wake stream, or a room that closed while we were reading
-                if key == self._wake_key.encode():
-                    self._wake_cursor = entries[-1][0].decode()
-                    if self._ids:
-                        self._ids[0] = _pack(entries[-1][0])
-                continue
+                continue  # a room that closed while it was being read
             room, presence = found
             if presence:
                 self._fan_out_presence(room, entries)
@@ -333,7 +241,7 @@ class Hub:
                 self._fan_out_events(room, entries, now)
         return total
 
-    def _fan_out_events(self, room: Room, entries: list, now: int) -> None:
+    def _fan_out_events(self, room: Room, entries: list[Any], now: int) -> None:
         """Deliver an XREAD answer's entries up to the first hole; a hole is filled by ``_fill_holes``.
 
         Each entry's ``p`` names the entry before it (streams.py). One that
@@ -347,7 +255,8 @@ class Hub:
             fields = dict(zip(flat[::2], flat[1::2]))
             link = fields.get(b"p")
             if link is not None and link != cursor:
-                self._holes.append(room)
+                self._holes[room.job_id] = room
+                self._holes_ready.set()
                 break
             parsed.append((eid, fields))
             cursor = eid
@@ -357,10 +266,12 @@ class Hub:
     async def _fill_holes(self) -> None:
         """Read what the holed rooms' streams lost from the archive (``history.read_page``) and deliver it.
 
-        A room whose fill fails keeps its cursor: the next read finds the
-        same hole and tries again, so nothing after it is delivered first.
+        Runs in its own task (the broker's reads go on for other rooms); an
+        answer for a holed room that arrives meanwhile is not delivered past
+        the hole (it shows the hole again). A room whose fill fails keeps
+        its cursor and is tried again, so nothing after it is delivered first.
         """
-        holes, self._holes = self._holes, []
+        holes, self._holes = list(self._holes.values()), {}
         redis, engine = self.services.redis, self.services.engine
         for room in holes:
             try:
@@ -376,6 +287,7 @@ class Hub:
                 log.info("hub: %s: filled entries its stream no longer held", room.room_id)
             except (RedisError, OSError, SQLAlchemyError) as exc:
                 log.warning("hub: %s: could not read the archive (%r); trying again", room.room_id, exc)
+                self._holes.setdefault(room.job_id, room)
                 await anyio.sleep(0.5)
 
     def _deliver(self, room: Room, entries: list[streams.Entry], now: int) -> None:
@@ -395,7 +307,6 @@ class Hub:
             sizes.append(len(raw))
         last_eid = entries[-1][0]
         room.cursor = last_eid.decode()
-        self._ids[room.slot] = _pack(last_eid)
         first, last = keys[0], keys[-1]
         chunk = Chunk.of(texts, sizes)
         for m in list(room.members.values()):
@@ -407,7 +318,7 @@ class Hub:
             m.after = last
             m.outbox.put_chunk(chunk if after < first else _after(keys, texts, sizes, after))
 
-    def _fan_out_presence(self, room: Room, entries: list) -> None:
+    def _fan_out_presence(self, room: Room, entries: list[Any]) -> None:
         # Like events: all the answer's changes in one chunk, one put per member.
         keys: list[tuple[int, int]] = []
         texts: list[str] = []
@@ -422,7 +333,6 @@ class Hub:
             sizes.append(len(raw))
         last_eid = entries[-1][0]
         room.presence_cursor = last_eid.decode()
-        self._ids[room.slot + 1] = _pack(last_eid)
         first, last = keys[0], keys[-1]
         chunk = Chunk.of(texts, sizes)
         for m in list(room.members.values()):

@@ -29,19 +29,22 @@ entry with one script call per room, all rooms in one pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+from collections.abc import Iterable
 import logging
 
 import anyio
 import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from progress_service.events import PresenceMember
 from progress_service.ids import now_ms
 from progress_service.keys import presence_key, presence_stream_key
 from progress_service.store.identity import Principal
+from progress_service.streams import NOTIFY_LUA
 
 log = logging.getLogger("progress_service.gateway.presence")
 
@@ -60,6 +63,22 @@ PIPELINE_MAX = 1000
 DELTA_MAX = 64
 _member_dec = msgspec.json.Decoder(PresenceMember)
 
+# Lua: does a user (entry prefix ``<userId>\x1f``) have a live entry? Looked
+# up in the room's lex index (``<presence key>-idx``: the same entries, score
+# 0, derived from KEYS[1] so it shares the slot), O(log n + that user's
+# entries), instead of scanning every member: a join storm into one hot room
+# stays linear.
+_LIVE_OF = """
+local function live_of(set, idx, prefix, now)
+  local mine = redis.call('ZRANGEBYLEX', idx, '[' .. prefix, '(' .. prefix .. '\\255')
+  for _, m in ipairs(mine) do
+    local score = redis.call('ZSCORE', set, m)
+    if score and tonumber(score) > now then return true end
+  end
+  return false
+end
+"""
+
 # KEYS: presence set, presence log
 # ARGV: entry, user prefix, expiry, now, log maxlen, member JSON, key ttl,
 #       '1' when this node already holds a live entry of the user (no scan),
@@ -69,21 +88,20 @@ _member_dec = msgspec.json.Decoder(PresenceMember)
 # Returns {log id, 1 if this join announced the user, mode, data}: mode 'n'
 # (nothing), 'd' (log entries after the caller's id) or 'f' (live entries).
 _JOIN = """
-local present = ARGV[8] == '1'
-if not present then
-  local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+inf')
-  for _, m in ipairs(live) do
-    if string.sub(m, 1, #ARGV[2]) == ARGV[2] then present = true; break end
-  end
-end
+""" + _LIVE_OF + """
+local idx = KEYS[1] .. '-idx'
+local present = ARGV[8] == '1' or live_of(KEYS[1], idx, ARGV[2], tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('ZADD', idx, 0, ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('EXPIRE', idx, ARGV[7])
 local id
 local added = 0
 if not present then
   id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'j', ARGV[6])
   redis.call('EXPIRE', KEYS[2], ARGV[7])
   added = 1
+  """ + NOTIFY_LUA + """
 else
   local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
   if #last > 0 then id = last[1][1] else id = '0-0' end
@@ -106,10 +124,12 @@ return {id, added, 'f', redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+i
 """
 
 _SWEEP = """
+""" + _LIVE_OF + """
 local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if #gone == 0 then return 0 end
+local idx = KEYS[1] .. '-idx'
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-local live = redis.call('ZRANGE', KEYS[1], 0, -1)
+for _, m in ipairs(gone) do redis.call('ZREM', idx, m) end
 local done = {}
 local n = 0
 for _, m in ipairs(gone) do
@@ -118,11 +138,7 @@ for _, m in ipairs(gone) do
     local uid = string.sub(m, 1, sep)
     if not done[uid] then
       done[uid] = true
-      local still = false
-      for _, l in ipairs(live) do
-        if string.sub(l, 1, #uid) == uid then still = true; break end
-      end
-      if not still then
+      if not live_of(KEYS[1], idx, uid, tonumber(ARGV[1])) then
         local rest = string.sub(m, sep + 1)
         local sep2 = string.find(rest, '\\31', 1, true) or (#rest + 1)
         local body = cjson.encode({userId = string.sub(uid, 1, #uid - 1), userName = string.sub(rest, 1, sep2 - 1)})
@@ -132,36 +148,44 @@ for _, m in ipairs(gone) do
     end
   end
 end
+if n > 0 then """ + NOTIFY_LUA + """ end
 return n
 """
 
 
+# Extends this node's live entries of a room; re-announces a user none of
+# whose entries is live any more (swept meanwhile). Reads only these
+# entries and, for a user whose own entry lapsed, the user's index range.
 _REFRESH = """
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')
-local present = {}
-for _, m in ipairs(live) do
-  local sep = string.find(m, '\\31', 1, true)
-  if sep then present[string.sub(m, 1, sep)] = true end
-end
+""" + _LIVE_OF + """
+local idx = KEYS[1] .. '-idx'
+local now = tonumber(ARGV[1])
+local seen = {}
 local n = 0
 for i = 5, #ARGV do
   local m = ARGV[i]
   local sep = string.find(m, '\\31', 1, true)
   if sep then
     local uid = string.sub(m, 1, sep)
-    if not present[uid] then
-      present[uid] = true
-      local rest = string.sub(m, sep + 1)
-      local sep2 = string.find(rest, '\\31', 1, true) or (#rest + 1)
-      local body = cjson.encode({userId = string.sub(uid, 1, #uid - 1), userName = string.sub(rest, 1, sep2 - 1)})
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'j', body)
-      redis.call('EXPIRE', KEYS[2], ARGV[4])
-      n = n + 1
+    if not seen[uid] then
+      seen[uid] = true
+      local score = redis.call('ZSCORE', KEYS[1], m)
+      if not (score and tonumber(score) > now) and not live_of(KEYS[1], idx, uid, now) then
+        local rest = string.sub(m, sep + 1)
+        local sep2 = string.find(rest, '\\31', 1, true) or (#rest + 1)
+        local body = cjson.encode({userId = string.sub(uid, 1, #uid - 1), userName = string.sub(rest, 1, sep2 - 1)})
+        redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'j', body)
+        redis.call('EXPIRE', KEYS[2], ARGV[4])
+        n = n + 1
+      end
     end
     redis.call('ZADD', KEYS[1], ARGV[2], m)
+    redis.call('ZADD', idx, 0, m)
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', idx, ARGV[4])
+if n > 0 then """ + NOTIFY_LUA + """ end
 return n
 """
 
@@ -235,9 +259,12 @@ class Presence:
         self._due: list[tuple[float, str]] = []
         self._wakeup = anyio.Event()
 
-    def start_batch(self) -> None:
-        """A new join MULTI is being built (see :meth:`queue_join`)."""
-        self._batch_rooms.clear()
+    def start_batch(self, rooms: Iterable[str] | None = None) -> None:
+        """A new join MULTI is being built (see :meth:`queue_join`); ``rooms``: only for these (one slot's)."""
+        if rooms is None:
+            self._batch_rooms.clear()
+        else:
+            self._batch_rooms.difference_update(rooms)
 
     def queue_join(self, pipe: Pipeline, job_id: str, conn_id: str, principal: Principal) -> str:
         """Add the join script to ``pipe`` (the session's join MULTI); returns the entry.
@@ -353,6 +380,11 @@ class Presence:
                 if due:
                     await self._sweep_rooms(due)
             except (RedisError, OSError) as exc:
+                if isinstance(exc, NoScriptError):
+                    # Redis lost its scripts (restart); a cluster pipeline does not load them itself.
+                    with contextlib.suppress(RedisError, OSError):
+                        await self.load_scripts()
+                    continue
                 log.warning("presence: Redis error (%s); retrying", exc)
                 await anyio.sleep(1.0)
                 continue

@@ -29,7 +29,7 @@ import anyio
 import msgspec
 from litestar import WebSocket
 from litestar.exceptions import WebSocketDisconnect
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from progress_service import history, metrics, outage, streams
@@ -47,10 +47,8 @@ from progress_service.events import (
     ClientMessage,
     ClientPing,
     ErrorMsg,
-    Gap,
     Heartbeat,
     JobSnapshot,
-    Joined,
     LeftMsg,
     Pong,
     PresenceMember,
@@ -61,8 +59,8 @@ from progress_service.closes import Close
 from progress_service.gateway.hub import Member
 from progress_service.gateway.limits import TokenBucket, WindowBudget, json_too_deep
 from progress_service.gateway.outbox import Outbox
+from progress_service.gateway.subscription import announce, resume_point
 from progress_service.ids import job_id_of, now_ms
-from progress_service.keys import events_key, snapshot_key
 from progress_service.store.identity import Principal, token_revoked
 from progress_service.store.jobs import JobRecord, get_job
 
@@ -121,115 +119,6 @@ def encode(message: Any) -> tuple[str, int]:
 
 #: Comments of one connection being stored at once; the receiver waits past this.
 CHATS_IN_FLIGHT = 32
-
-#: Joins sharing one MULTI at most (about 6 commands each).
-JOIN_BATCH_MAX = 500
-
-
-class _JoinRead:
-    __slots__ = ("conn_id", "future", "job_id", "principal", "since")
-
-    def __init__(self, job_id: str, since: str | None, conn_id: str, principal: Principal, future: asyncio.Future) -> None:
-        self.job_id = job_id
-        self.since = since
-        self.conn_id = conn_id
-        self.principal = principal
-        self.future = future
-
-
-class JoinReads:
-    """The Redis reads of every join waiting in this process, in one MULTI.
-
-    A mass connect has hundreds of joins in flight; one MULTI each took a
-    pooled Redis connection each (the pool grew to hundreds of connections,
-    each with its health check and socket) and paid redis-py's per-pipeline
-    overhead per join (about 13 % of a mass connect). Here the joins that
-    arrive while one MULTI is under way share the next: one round trip per
-    batch. A join's commands are the same as before and still atomic (the
-    whole batch is one MULTI). A reply that is an error fails only its join.
-    """
-
-    def __init__(self, redis: Any, presence: Any) -> None:
-        self.redis = redis
-        self.presence = presence
-        self._pending: list[_JoinRead] = []
-        self._wakeup = asyncio.Event()
-
-    def read(self, job_id: str, since: str | None, conn_id: str, principal: Principal) -> asyncio.Future:
-        """Queue a join's reads; the future gives ``(presence entry, replies)``.
-
-        The replies are: snapshot, last event, first event, stream length,
-        (entries ever added, whole-stream mark), then the presence-log id and
-        the room's members after the join (``Presence.observe``).
-        """
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(_JoinRead(job_id, since, conn_id, principal, future))
-        self._wakeup.set()
-        return future
-
-    async def run(self) -> None:
-        """Run the queued joins' MULTIs, one at a time, until cancelled."""
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = [j for j in self._pending[:JOIN_BATCH_MAX] if not j.future.done()]
-                del self._pending[:JOIN_BATCH_MAX]
-                if not batch:
-                    continue
-                try:
-                    await self._execute(batch)
-                except Exception as exc:  # every waiter hears of it; none is left hanging
-                    if not isinstance(exc, _STORE_ERRORS):
-                        log.exception("gateway: join batch failed")
-                    for j in batch:
-                        if not j.future.done():
-                            j.future.set_exception(exc)
-
-    async def _execute(self, batch: list[_JoinRead]) -> None:
-        presence = self.presence
-        for attempt in (1, 2):
-            entries: list[str] = []
-            counts: list[int] = []
-            presence.start_batch()
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for j in batch:
-                    events, snap = events_key(j.job_id), snapshot_key(j.job_id)
-                    pipe.hget(snap, "s")
-                    pipe.xrevrange(events, count=1)
-                    # what Redis holds of the stream (streams.coverage_of)
-                    pipe.xrange(events, count=1)
-                    pipe.xlen(events)
-                    pipe.hmget(snap, "n", "k")
-                    entries.append(presence.queue_join(pipe, j.job_id, j.conn_id, j.principal))
-                    counts.append(6)
-                try:
-                    replies = await pipe.execute(raise_on_error=False)
-                except NoScriptError:
-                    if attempt == 2:
-                        raise
-                    await presence.load_scripts()
-                    continue
-            if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
-                await presence.load_scripts()  # Redis lost its scripts: run the batch again
-                continue
-            break
-        i = 0
-        for j, entry, n in zip(batch, entries, counts, strict=True):
-            mine = replies[i : i + n]
-            i += n
-            # Every reply, in order, even of a join that gave up: each follows from the one before.
-            observed = presence.observe(j.job_id, j.principal, mine[-1])
-            if j.future.done():  # its join gave up (timeout, close)
-                continue
-            if not isinstance(mine[-1], Exception):
-                mine[-1] = observed if observed is not None else RedisError("presence view lost in this batch")
-            error = next((r for r in mine if isinstance(r, Exception)), None)
-            if error is not None:
-                j.future.set_exception(error)
-            else:
-                j.future.set_result((entry, mine))
-
 
 class Session:
     """The state of one authenticated (or authenticating) connection."""
@@ -651,7 +540,6 @@ class Session:
                 pos = await history.position(gateway.engine, job_id, since, cov) if cov.holds_from is None else (
                     await gateway.store_gate.call(lambda: history.position(gateway.engine, job_id, since, cov))
                 )
-                head, gap, oldest = pos.head, pos.gap, pos.oldest
                 if snapshot is None:
                     # No live snapshot in Redis (expired): the stored one.
                     job: JobRecord | None = await gateway.store_gate.call(
@@ -664,29 +552,12 @@ class Session:
         except _STORE_ERRORS:
             self.refuse("unavailable", "try again later", room_id=room_id, counts=False)
             return
-        if head is not None:
-            snapshot.lastEventId = head  # the log's head, wherever it is kept
-        replay_from = since
-        if since is not None and (head is None or streams.id_lt(head, since)):
-            # A since ahead of the head (an id from elsewhere, a Redis restored
-            # from an older snapshot) would silence the room for good, as live
-            # items go out only when greater than it: a gap, replay all retained.
-            gap, replay_from = True, None
+        point = resume_point(since, pos)
         member = Member(self.outbox, presence_after=streams.id_tuple(presence_head), owner=self)
         self.rooms[job_id] = member
-        self.put(
-            Joined(
-                roomId=room_id,
-                role=self.principal.role,
-                snapshot=snapshot,
-                head=head,
-                presence=members,
-            )
-        )
-        if gap:
-            self.put(Gap(roomId=room_id, since=since or "", oldest=oldest))
+        announce(self, room_id, self.principal.role, snapshot, point, since, members)
         try:
-            await self.gateway.hub.attach(job_id, member, replay_from, head=head, presence_head=presence_head)
+            await self.gateway.hub.attach(job_id, member, point.replay_from, head=point.head, presence_head=presence_head)
         except _STORE_ERRORS:
             # The join is undone: the client sees `error` for the room it was told it joined.
             self._forget_room(job_id, member)

@@ -1,0 +1,169 @@
+"""The Redis reads of every join waiting in this process, batched (:class:`JoinReads`).
+
+A mass connect has hundreds of joins in flight; one MULTI each took a
+pooled Redis connection each (the pool grew to hundreds of connections,
+each with its health check and socket) and paid redis-py's per-pipeline
+overhead per join (about 13 % of a mass connect). Here the joins that
+arrive while one batch is under way share the next: one round trip per
+batch. A join's commands are still atomic: on one Redis the whole batch is
+one MULTI; on a Redis Cluster (where a MULTI may only name keys of one
+slot) the batch is one MULTI per slot, sent to the slots' masters at once.
+A reply that is an error fails only its join.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.exceptions import NoScriptError, RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
+from progress_service.keys import events_key, snapshot_key
+from progress_service.redis_client import slot_of
+from progress_service.store.identity import Principal
+
+log = logging.getLogger("progress_service.gateway.joins")
+
+_STORE_ERRORS = (RedisError, SQLAlchemyError, OSError, TimeoutError)
+
+#: Joins sharing one MULTI at most (about 6 commands each).
+JOIN_BATCH_MAX = 500
+#: On a cluster: per-slot MULTIs of one batch in flight at once.
+SLOT_MULTIS_IN_FLIGHT = 32
+
+
+class _JoinRead:
+    __slots__ = ("conn_id", "future", "job_id", "principal", "since")
+
+    def __init__(self, job_id: str, since: str | None, conn_id: str, principal: Principal, future: asyncio.Future[Any]) -> None:
+        self.job_id = job_id
+        self.since = since
+        self.conn_id = conn_id
+        self.principal = principal
+        self.future = future
+
+
+class JoinReads:
+    """The Redis reads of every join waiting in this process: one MULTI per slot per batch."""
+
+    def __init__(self, redis: Any, presence: Any) -> None:
+        self.redis = redis
+        self.presence = presence
+        self._pending: list[_JoinRead] = []
+        self._wakeup = asyncio.Event()
+
+    def read(self, job_id: str, since: str | None, conn_id: str, principal: Principal) -> asyncio.Future[Any]:
+        """Queue a join's reads; the future gives ``(presence entry, replies)``.
+
+        The replies are: snapshot, last event, first event, stream length,
+        (entries ever added, whole-stream mark), then the presence-log id and
+        the room's members after the join (``Presence.observe``).
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_JoinRead(job_id, since, conn_id, principal, future))
+        self._wakeup.set()
+        return future
+
+    async def run(self) -> None:
+        """Run the queued joins' MULTIs, one at a time, until cancelled."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = [j for j in self._pending[:JOIN_BATCH_MAX] if not j.future.done()]
+                del self._pending[:JOIN_BATCH_MAX]
+                if not batch:
+                    continue
+                try:
+                    await self._execute(batch)
+                except Exception as exc:  # every waiter hears of it; none is left hanging
+                    if not isinstance(exc, _STORE_ERRORS):
+                        log.exception("gateway: join batch failed")
+                    for j in batch:
+                        if not j.future.done():
+                            j.future.set_exception(exc)
+
+    async def _execute(self, batch: list[_JoinRead]) -> None:
+        # Joins grouped by slot, in arrival order within each (one group on
+        # one Redis): presence replies of one room must be observed in order.
+        # A group that fails (its shard is down) fails only its own joins.
+        groups: dict[int, list[_JoinRead]] = {}
+        for j in batch:
+            groups.setdefault(slot_of(self.redis, events_key(j.job_id)), []).append(j)
+        if len(groups) == 1:
+            await self._group(batch)
+            return
+        self.presence.start_batch()
+        # Bounded: a mass connect's batch spans hundreds of slots, and each
+        # MULTI in flight holds a connection to its master.
+        slots = asyncio.Semaphore(SLOT_MULTIS_IN_FLIGHT)
+
+        async def bounded(group: list[_JoinRead]) -> None:
+            async with slots:
+                await self._group(group, fresh=False)
+
+        outcomes = await asyncio.gather(*(bounded(g) for g in groups.values()), return_exceptions=True)
+        for group, outcome in zip(groups.values(), outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, _STORE_ERRORS):
+                    log.error("gateway: join group failed", exc_info=outcome)
+                for j in group:
+                    if not j.future.done():
+                        j.future.set_exception(outcome)
+
+    async def _group(self, group: list[_JoinRead], *, fresh: bool = True) -> None:
+        """One MULTI for joins of one slot (or of one Redis), retried once after NOSCRIPT."""
+        rooms = {j.job_id for j in group}
+        for attempt in (1, 2):
+            if fresh or attempt == 2:
+                self.presence.start_batch(rooms if not fresh else None)
+            try:
+                entries, replies = await self._multi(group)
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await self.presence.load_scripts()
+                continue
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
+                await self.presence.load_scripts()  # Redis lost its scripts: run the batch again
+                continue
+            break
+        self._answer(group, entries, replies)
+
+    async def _multi(self, group: list[_JoinRead]) -> tuple[list[str], list[Any]]:
+        """One MULTI of a group's joins (same slot, or all on one Redis); the entries and replies."""
+        presence = self.presence
+        entries: list[str] = []
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for j in group:
+                events, snap = events_key(j.job_id), snapshot_key(j.job_id)
+                pipe.hget(snap, "s")
+                pipe.xrevrange(events, count=1)
+                # what Redis holds of the stream (streams.coverage_of)
+                pipe.xrange(events, count=1)
+                pipe.xlen(events)
+                pipe.hmget(snap, "n", "k")
+                entries.append(presence.queue_join(pipe, j.job_id, j.conn_id, j.principal))
+            replies = await pipe.execute(raise_on_error=False)
+        return entries, replies
+
+    def _answer(self, batch: list[_JoinRead], entries: list[str], replies: list[Any]) -> None:
+        presence = self.presence
+        n = 6
+        i = 0
+        for j, entry in zip(batch, entries, strict=True):
+            mine = replies[i : i + n]
+            i += n
+            # Every reply, in order, even of a join that gave up: each follows from the one before.
+            observed = presence.observe(j.job_id, j.principal, mine[-1])
+            if j.future.done():  # its join gave up (timeout, close)
+                continue
+            if not isinstance(mine[-1], Exception):
+                mine[-1] = observed if observed is not None else RedisError("presence view lost in this batch")
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if error is not None:
+                j.future.set_exception(error)
+            else:
+                j.future.set_result((entry, mine))
