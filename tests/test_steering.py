@@ -312,7 +312,7 @@ async def test_permission_prompts_are_answered_from_the_room(service, model_serv
     steps = [d for d in rooms["ask_allow"].events("step") if d["state"] != "started"]
     assert steps and steps[-1]["state"] == "ok"
     # deny and expiry: the tool did not run and the CLI reported the denial to the model.
-    for name, said in (("ask_deny", "Do not touch files today."), ("ask_expire", "no answer within 10s")):
+    for name, said in (("ask_deny", "Do not touch files today."), ("ask_expire", f"no answer within {settings.permission_timeout:g}s")):
         assert not (workspace / name / f"{name}.done").exists()
         ended = [d for d in rooms[name].events("step") if d["state"] != "started"]
         assert ended and ended[-1]["state"] == "error", ended

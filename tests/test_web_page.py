@@ -111,6 +111,78 @@ def page_fits_content(page: Any) -> tuple[int, int]:
     )
 
 
+# "Within rounding": each data-ms is rounded to 1 ms, and the first phase is
+# stamped right after the `running` event the page dates the job's start from.
+SAME_CLOCK_MS = 10
+# The record's startedAt is read a moment before that event is stamped (the
+# worker takes its publish lock in between: an await on a busy machine).
+RECORD_STAMP_MS = 50
+_DURATION = re.compile(r"^(?:(\d+) h (\d+) min|(\d+) min (\d+) s|(\d+(?:\.\d)?) s|(\d+) ms)$")
+
+
+def parse_duration(text: str) -> tuple[float, float]:
+    """(ms, how far the exact value may be from it) for a duration as the page writes it."""
+    m = _DURATION.match(text.strip())
+    assert m, f"not a duration: {text!r}"
+    h, hm, mi, ms_, s, ms = m.groups()
+    if h is not None:
+        return (int(h) * 3600 + int(hm) * 60) * 1000.0, 60_000.0  # minutes are floored
+    if mi is not None:
+        return (int(mi) * 60 + int(ms_)) * 1000.0, 1000.0  # seconds are floored
+    if s is not None:
+        return float(s) * 1000, 50.0 if "." in s else 500.0
+    return float(ms), 0.5
+
+
+def assert_rounds_to(exact: int, text: str, what: str) -> None:
+    """``text`` is how the page writes ``exact`` ms (rounded, or floored for min/h)."""
+    approx, slack = parse_duration(text)
+    lo, hi = (approx, approx + slack) if slack >= 1000 else (approx - slack, approx + slack)
+    assert lo <= exact <= hi, f"{what} shows {text!r} for {exact} ms"
+
+
+def exact_ms(locator: Any, attr: str = "data-ms") -> int:
+    """A duration's exact ms from the page's markup."""
+    value = locator.get_attribute(attr)
+    assert value is not None and value.isdigit(), f"{attr}={value!r}"
+    return int(value)
+
+
+def assert_durations_from_one_clock(page: Any, stack: Stack, token: str, job_id: str) -> dict[str, Any]:
+    """The phase strip, the stats' Duration and the result card agree with the server's record.
+
+    Each value is read from the real page: its exact ``data-ms`` and the
+    visible text it must round from. The visited phases after ``queued`` tile
+    the attempt, so they add up to the job's duration (a single attempt); that
+    duration is the server's ``finishedAt - startedAt`` (within RECORD_STAMP_MS).
+    Returns the server's record.
+    """
+    record = httpx.get(f"{stack.url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
+    assert record["attempt"] == 1 and record["startedAt"] and record["finishedAt"], record
+    served = record["finishedAt"] - record["startedAt"]
+    # The Duration has its exact value in the markup (data-ms), as every phase does.
+    duration_dd = page.locator(".stats .stat", has_text="Duration").locator("dd")
+    expect(duration_dd).to_have_attribute("data-ms", re.compile(r"^\d+$"))
+    total = exact_ms(duration_dd)
+    assert_rounds_to(total, duration_dd.inner_text(), "Duration")
+    phases = page.locator(".phase[data-state=done]:not([data-phase=queued])")
+    names = phases.evaluate_all("els => els.map(e => e.dataset.phase)")
+    assert names and names[0] == "starting", names
+    spans: dict[str, int] = {}
+    for i, name in enumerate(names):
+        li = phases.nth(i)
+        spans[name] = exact_ms(li)
+        assert_rounds_to(spans[name], li.locator(".phase-time").inner_text(), name)
+    assert abs(sum(spans.values()) - total) <= SAME_CLOCK_MS, f"phases {spans} add up to {sum(spans.values())} ms, the job shows {total} ms"
+    assert -SAME_CLOCK_MS <= served - total <= RECORD_STAMP_MS, f"the page shows {total} ms, the server recorded {served} ms"
+    # The result card's duration (the usage line) is the same number.
+    card = page.locator("#result-stats")
+    assert int(card.get_attribute("data-duration-ms") or -1) == total
+    text = duration_dd.inner_text()
+    assert text in card.inner_text().split(" · "), (text, card.inner_text())
+    return record
+
+
 # --------------------------------------------------------------------------
 
 
@@ -232,12 +304,17 @@ def test_progress_never_decreases_and_the_model_appears_live(stack: Stack, sam: 
         """() => {
             window.__seen = [];
             window.__phases = [];
+            window.__clock = [];
             const record = () => {
                 const bar = document.querySelector('#job-progress');
                 if (bar && bar.dataset.percent) window.__seen.push(Number(bar.dataset.percent));
                 const cur = document.querySelector('.phase[data-state=current]');
                 const done = [...document.querySelectorAll('.phase[data-state=done]')].map(e => e.dataset.phase);
                 window.__phases.push({current: cur ? cur.dataset.phase : null, done});
+                // The running Duration and phase times, with when (browser clock) they were shown.
+                const dd = [...document.querySelectorAll('.stats .stat')].find(e => e.querySelector('dt')?.textContent === 'Duration')?.querySelector('dd');
+                const spans = [...document.querySelectorAll('.phase[data-ms]:not([data-phase=queued])')].map(e => Number(e.dataset.ms));
+                if (bar && dd && dd.dataset.ms) window.__clock.push({at: Date.now(), status: bar.dataset.status, ms: Number(dd.dataset.ms), phases: spans.reduce((a, b) => a + b, 0)});
             };
             new MutationObserver(record).observe(document.querySelector('main'), {subtree: true, attributes: true, childList: true});
             record();
@@ -254,9 +331,23 @@ def test_progress_never_decreases_and_the_model_appears_live(stack: Stack, sam: 
     for snap in phases:
         assert snap["current"] not in finished, f"{snap['current']} shown current after it was done"
         finished |= set(snap["done"])
-    # Durations from one clock: the phases add up to the job's duration.
-    total = page.locator(".stats .stat", has_text="Duration").locator("dd").inner_text()
-    assert total.endswith("s")
+    # Durations from one clock: the phases add up to the job's duration, and
+    # that is the server's record of the job (started to finished).
+    record = assert_durations_from_one_clock(page, stack, sam, page.url.rsplit("/", 1)[-1])
+    # While it ran, too: every Duration shown was the phases' sum, never ran
+    # backwards, and tracked the time since the server's startedAt (browser
+    # and server share this machine's clock; behind only by event delivery).
+    # The final value may be a few ms below the last running one: the job
+    # ended that long before its status event reached the page.
+    samples = page.evaluate("() => window.__clock")
+    running = [x for x in samples if x["status"] == "running"]
+    assert len(running) > 3, samples
+    for x in samples:
+        assert abs(x["phases"] - x["ms"]) <= SAME_CLOCK_MS, f"phases add up to {x['phases']} ms, the job shows {x['ms']} ms: {x}"
+        elapsed = x["at"] - record["startedAt"]
+        assert elapsed - 3000 <= x["ms"] <= elapsed + 2, f"shows {x['ms']} ms, {elapsed} ms after the server's start"
+    shown = [x["ms"] for x in running]
+    assert all(b >= a for a, b in zip(shown, shown[1:])), f"the duration went back: {shown}"
     console.assert_clean()
     context.close()
 

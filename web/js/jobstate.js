@@ -3,8 +3,9 @@
 //
 // Times all come from one clock, the server's: every event's `at`. "Now"
 // while a job runs is the browser's clock corrected by the offset seen on
-// the latest live event, so a browser whose clock is off does not stretch
-// or shrink durations.
+// live events, so a browser whose clock is off does not stretch or shrink
+// durations. A view takes one `now` per render (clockNow) for all it shows,
+// so the phases add up to the job's duration on screen too.
 
 export const PHASES = ["queued", "starting", "planning", "editing", "testing", "reviewing", "finishing"];
 export const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -23,7 +24,9 @@ export function createJobState(snapshot) {
     logs: [],
     workerLost: false,
     maxPercent: 0, // progress shown never goes down
-    clockOffset: 0, // server ms - browser ms, from the latest live event
+    clockOffset: 0, // server ms - browser ms, from recent live events
+    offsetSamples: [], // (event `at` - arrival time) of the latest live events
+    shownNow: -Infinity, // the latest clockNow: what the page showed never runs backwards
     version: 0, // bumps on every change of steps (views re-render lists only then)
   };
   seedFromSnapshot(state);
@@ -98,9 +101,30 @@ function removeStep(state, step) {
   if (a) a.steps = a.steps.filter((x) => x !== step);
 }
 
+const OFFSET_SAMPLES = 16;
+
+// Each sample is the true offset minus that event's delivery delay, so the
+// largest recent one is the best estimate; taking the latest one instead made
+// running durations step back whenever an event was a little slower.
+function noteClock(state, sample) {
+  state.offsetSamples.push(sample);
+  if (state.offsetSamples.length > OFFSET_SAMPLES) state.offsetSamples.shift();
+  state.clockOffset = Math.max(...state.offsetSamples);
+}
+
 /** The server's clock now, as well as this browser can tell. */
 export function serverNow(state, now = Date.now()) {
   return now + state.clockOffset;
+}
+
+/**
+ * The "now" of one render: the server's clock, never earlier than the last
+ * render's (a lowered offset estimate must not make a duration shrink).
+ * Pass it to phaseTimeline, attemptDuration and jobDuration alike.
+ */
+export function clockNow(state, now = Date.now()) {
+  state.shownNow = Math.max(state.shownNow, serverNow(state, now));
+  return state.shownNow;
 }
 
 /**
@@ -114,7 +138,7 @@ export function applyEvent(state, msg, { live = false } = {}) {
   const attempt = msg.attempt || 1;
   if (attempt > (s.attempt || 1)) s.attempt = attempt;
   s.lastEventId = msg.id;
-  if (live && msg.at) state.clockOffset = msg.at - Date.now();
+  if (live && msg.at) noteClock(state, msg.at - Date.now());
   const a = attemptOf(state, attempt);
   switch (msg.kind) {
     case "status": {

@@ -3,7 +3,7 @@
 import { ApiError } from "../api.js";
 import { announce, frameScheduler, h, renderKeyed, replaceChildren, setText } from "../dom.js";
 import { formatCost, formatDateTime, formatDuration, formatRelative, formatTokens, PHASE_LABEL, promptTitle, STATUS_LABEL } from "../format.js";
-import { applyEvent, applySnapshot, createJobState, jobDuration, phaseTimeline, progressOf, TERMINAL } from "../jobstate.js";
+import { applyEvent, applySnapshot, clockNow, createJobState, jobDuration, phaseTimeline, progressOf, TERMINAL } from "../jobstate.js";
 import { describeOutcome } from "../outcome.js";
 import { compareIds, SignedOutError } from "../socket.js";
 import { createCommentsPanel } from "./comments.js";
@@ -175,18 +175,20 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
     setText(els.promptText, s.prompt);
     renderMeta(s);
     actions.draw(s, role);
-    renderProgress(s);
-    renderResult(s);
+    // One clock reading for every duration this render shows.
+    const at = clockNow(state);
+    renderProgress(s, at);
+    renderResult(s, at);
     renderTodos();
     // While a long history replays, the step log is redrawn a few times a
     // second, not on every frame: the page stays responsive as it catches up.
     const now = performance.now();
     if (!replayUntil || now - stepsDrawnAt > REPLAY_DRAW_MS) {
       stepsDrawnAt = now;
-      stepLog.update(state);
+      stepLog.update(state, at);
     } else render();
     renderLogs();
-    renderStats(s);
+    renderStats(s, at);
     const steer = maySteer({ role, me, snapshot: s, spec }) && !TERMINAL.has(s.status);
     steering.setAllowed(steer);
     comments.setSteerable(steer);
@@ -209,7 +211,7 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
     }
   }
 
-  function renderProgress(s) {
+  function renderProgress(s, at) {
     const p = progressOf(state);
     const outcome = describeOutcome(s);
     setText(els.percent, `${p.percent}%`);
@@ -221,7 +223,7 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
     els.bar.classList.toggle("indeterminate", s.status === "running" && !p.byTodos && p.percent === 0);
     els.fill.style.width = `${p.percent}%`;
 
-    const timeline = phaseTimeline(state);
+    const timeline = phaseTimeline(state, at);
     renderKeyed(
       els.phases,
       timeline,
@@ -233,7 +235,11 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
         if (ph.current) li.setAttribute("aria-current", "step");
         else li.removeAttribute("aria-current");
         setText(li.querySelector(".phase-name"), PHASE_LABEL[ph.phase] ?? ph.phase);
-        setText(li.querySelector(".phase-time"), ph.ms !== null && !ph.skipped ? formatDuration(ph.ms) : "");
+        const shown = ph.ms !== null && !ph.skipped;
+        setText(li.querySelector(".phase-time"), shown ? formatDuration(ph.ms) : "");
+        // The exact value behind the rounded text, for tools and tests.
+        if (shown) li.dataset.ms = String(Math.round(ph.ms));
+        else delete li.dataset.ms;
         setText(li.querySelector(".phase-state"), ph.current ? " (current)" : ph.skipped ? " (skipped)" : ph.visited ? " (done)" : " (not reached)");
       },
     );
@@ -247,7 +253,7 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
     if (last) setText(els.message, last.text);
   }
 
-  function renderResult(s) {
+  function renderResult(s, at) {
     const r = s.result;
     const terminal = TERMINAL.has(s.status);
     els.result.hidden = !terminal;
@@ -264,7 +270,7 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
         render();
       }, () => {});
     }
-    drawResultCard(els.result, state);
+    drawResultCard(els.result, state, at);
   }
 
   function renderTodos() {
@@ -308,14 +314,14 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
     els.logs.open = open;
   }
 
-  function renderStats(s) {
-    const duration = jobDuration(state);
+  function renderStats(s, at) {
+    const duration = jobDuration(state, at);
     const cost = s.costUsd ?? s.result?.costUsd ?? null;
     const rows = [
       ["Input tokens", formatTokens(s.usage?.inputTokens ?? 0)],
       ["Output tokens", formatTokens(s.usage?.outputTokens ?? 0)],
       ["Cost", cost !== null ? formatCost(cost) : TERMINAL.has(s.status) ? "not reported" : "when it ends"],
-      ["Duration", duration !== null ? formatDuration(duration) : "—"],
+      ["Duration", duration !== null ? formatDuration(duration) : "—", duration],
       ["Turns", s.result ? String(s.result.turns) : "—"],
       ["Attempts", String(s.attempt || 1)],
     ];
@@ -324,9 +330,12 @@ export function mountJob(main, jobId, { api, client, step = null, me = null }) {
       rows,
       (r) => r[0],
       () => h("div", { class: "stat" }, h("dt", {}), h("dd", {})),
-      (div, [label, value]) => {
+      (div, [label, value, ms]) => {
         setText(div.querySelector("dt"), label);
-        setText(div.querySelector("dd"), value);
+        const dd = div.querySelector("dd");
+        setText(dd, value);
+        if (ms !== undefined && ms !== null) dd.dataset.ms = String(Math.round(ms));
+        else delete dd.dataset.ms;
       },
     );
   }

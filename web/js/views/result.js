@@ -7,8 +7,8 @@ import { jobDuration } from "../jobstate.js";
 import { renderMarkdown } from "../markdown.js";
 import { describeOutcome } from "../outcome.js";
 
-/** Fill `el` (the result card) for an ended job; a no-op when nothing changed. */
-export function drawResultCard(el, state) {
+/** Fill `el` (the result card) for an ended job; a no-op when nothing changed. `now`: the render's clockNow. */
+export function drawResultCard(el, state, now = undefined) {
   const s = state.snapshot;
   const r = s.result;
   const outcome = describeOutcome(s);
@@ -22,7 +22,7 @@ export function drawResultCard(el, state) {
   if (summary) renderMarkdown(summary, r.summary);
   const cost = s.costUsd ?? r?.costUsd ?? null;
   const usage = s.usage || { inputTokens: 0, outputTokens: 0 };
-  const duration = jobDuration(state);
+  const duration = jobDuration(state, now);
   const facts = [
     r ? `${r.turns} turn${r.turns === 1 ? "" : "s"}` : null,
     duration !== null ? formatDuration(duration) : null,
@@ -36,6 +36,6 @@ export function drawResultCard(el, state) {
     h("p", { class: "result-sentence", id: "result-sentence" }, outcome.sentence),
     outcome.detail ? h("details", { class: "result-detail" }, h("summary", {}, "Error details"), h("pre", {}, outcome.detail)) : null,
     summary,
-    h("p", { class: "result-stats", id: "result-stats" }, facts.join(" · ")),
+    h("p", { class: "result-stats", id: "result-stats", "data-duration-ms": duration !== null ? String(Math.round(duration)) : null }, facts.join(" · ")),
   );
 }

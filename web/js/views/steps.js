@@ -22,6 +22,7 @@ const STEP_ICON = { started: "…", ok: "✓", error: "✕" };
  */
 export function createStepLog({ jobId, api }) {
   let state = null;
+  let now; // the job view's clock reading for this render (undefined: read the clock)
   let rows = [];
   let rowsKey = "";
   let shownSteps = 0;
@@ -176,7 +177,7 @@ export function createStepLog({ jobId, api }) {
   function attemptLabel(a) {
     const parts = [`Attempt ${a.attempt}`];
     if (a.startedAt) parts.push(`started ${formatClock(a.startedAt)}`);
-    const ms = attemptDuration(state, a);
+    const ms = attemptDuration(state, a, now);
     if (ms !== null) parts.push(formatDuration(ms));
     parts.push(`${a.steps.length} step${a.steps.length === 1 ? "" : "s"}`);
     if (a.endReason) parts.push(`ended: ${a.endReason}`);
@@ -316,8 +317,10 @@ export function createStepLog({ jobId, api }) {
 
   return {
     el,
-    update(next) {
+    /** Redraw for `next`; `at` is the render's clockNow, so attempt times match the rest of the page. */
+    update(next, at) {
       state = next;
+      now = at;
       draw();
     },
     /** Stop listening to the window (the view is going away). */
