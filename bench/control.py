@@ -25,6 +25,8 @@ class Control:
         self.ready = ctx.Array("q", workers, lock=False)
         #: Publisher stops when set (open-loop scenarios end publishing before measuring ends).
         self.pub_stop = ctx.Value("i", 0, lock=False)
+        #: The publisher has imported, set up its path and reached Redis: it publishes from WARMUP on.
+        self.pub_ready = ctx.Value("i", 0, lock=False)
         #: Clients of worker i that are authenticated and joined to all their rooms.
         self.joined = ctx.Array("q", workers, lock=False)
         #: Clients of worker i that came back (joined again) after losing their connection.

@@ -75,12 +75,38 @@ class Orchestra:
         self.ctl.go.value = 1
         return t
 
-    def start_publisher(self) -> None:
+    def start_publisher(self, timeout: float = 60.0) -> float:
+        """Start the publisher process and wait until it is ready to publish; returns how long that took.
+
+        Spawning it and importing its path (the worker's Publisher, SQLAlchemy,
+        the store) takes seconds on a loaded machine: a phase opened before
+        that would measure a publisher that has not published yet.
+        """
         assert self.pub_cfg is not None
         self.pub_proc = self.ctx.Process(
             target=publisher_main, args=(self.pub_cfg, self.ctl, len(self.procs)), name="bench-publisher", daemon=True
         )
         self.pub_proc.start()
+        took = self.wait(lambda: bool(self.ctl.pub_ready.value), timeout, "the publisher to start", self._publisher_alive)
+        log(f"publisher ready in {took:.2f}s")
+        return took
+
+    def wait_first_delivery(self, timeout: float = 60.0) -> float:
+        """Closed loop: wait until every watcher has seen the publisher's first event (call in WARMUP).
+
+        The warm-up then starts with the whole pipeline (publisher -> Redis ->
+        hub -> every connection) flowing, not with its first round trip.
+        """
+        n = len(self.procs)
+        took = self.wait(lambda: min(self.ctl.progress[i] for i in range(n)) >= 1, timeout,
+                         "the first event to reach every watcher", self._publisher_alive)
+        log(f"first event reached every watcher in {took:.2f}s")
+        return took
+
+    def _publisher_alive(self) -> None:
+        if self.pub_proc is not None and not self.pub_proc.is_alive():
+            self._drain()
+            raise BenchError(f"the publisher exited: {self._crash() or f'exit code {self.pub_proc.exitcode}'}")
 
     def phase(self, value: int) -> None:
         self.ctl.phase.value = value

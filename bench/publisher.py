@@ -65,6 +65,7 @@ async def _closed(cfg: PublisherConfig, ctl: Control, redis: Redis, workers: int
     job = cfg.jobs[0]
     seq = 0
     published = 0
+    ctl.pub_ready.value = 1
     while ctl.phase.value < WARMUP:
         await asyncio.sleep(0.01)
     while ctl.phase.value < STOP and not ctl.pub_stop.value:
@@ -133,6 +134,7 @@ async def _open(cfg: PublisherConfig, ctl: Control, redis: Redis) -> dict:
     published = [0]
     measured = [0]
 
+    ctl.pub_ready.value = 1
     while ctl.phase.value < WARMUP:
         await asyncio.sleep(0.01)
     start = time.time()
@@ -173,6 +175,7 @@ async def _open(cfg: PublisherConfig, ctl: Control, redis: Redis) -> dict:
 async def _main(cfg: PublisherConfig, ctl: Control, workers: int) -> dict:
     redis = Redis.from_url(cfg.redis_url, max_connections=64)
     try:
+        await redis.ping()  # connected before it reports ready (``Control.pub_ready``)
         if cfg.mode == "closed" and cfg.worker_database_url:
             out = await _closed_via_worker(cfg, ctl, redis, workers)
         elif cfg.mode == "closed":

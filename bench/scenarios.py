@@ -188,6 +188,8 @@ def hot_room(opts: Options) -> dict:
             orc.go()
             orc.wait_joined(120)
             orc.start_publisher()
+            orc.phase(WARMUP)
+            orc.wait_first_delivery()
             cpu, secs = _measure(orc, svc, warmup, measure, _profile_path(opts, "hot_room"))
             merged = orc.stop_and_collect()
         _finish(out, svc, merged, cpu=cpu, seconds=secs, deliveries=merged["delivered"],

@@ -171,6 +171,8 @@ def event_fanout(t: Target, room: str, job: str | None, svc: Service, sizes: dic
         orc.wait_joined(120)
         if pub is not None:
             orc.start_publisher()
+            orc.phase(WARMUP)
+            orc.wait_first_delivery()
         cpu, extra, secs = _measure(orc, t, sizes["warmup"], sizes["measure"], opts, "events")
         merged = orc.stop_and_collect()
     if job is not None:
