@@ -119,6 +119,47 @@ async def test_a_session_becomes_a_watchable_job(store, make_settings) -> None:
         assert statuses == ["running", "succeeded", "running", "succeeded"]
 
 
+NOTIFICATION = """<task-notification>
+<task-id>ab984e4eca9d975f3</task-id>
+<tool-use-id>toolu_agent</tool-use-id>
+<output-file>/tmp/claude-0/tasks/ab984e4eca9d975f3.output</output-file>
+<status>completed</status>
+<summary>Agent "look around" finished</summary>
+<result>The subagent looked.</result>
+</task-notification>"""
+
+
+async def test_a_task_notification_prompt_is_a_notice_and_its_round_ends_with_its_stop(store, make_settings) -> None:
+    # The real CLI (seen in CI) may submit a finished subagent's report as a
+    # prompt of its own after the turn's Stop, then answer it and Stop again.
+    reporter = await store.token(role="reporter", team="t1", user="laptop-reporter")
+    admin = await store.token(role="admin", team="t1")
+    s = Session()
+    async with serve(make_settings()) as (base, app), httpx.AsyncClient(base_url=base) as client:
+        for body in [
+            s.body("SessionStart", source="startup"),
+            s.body("UserPromptSubmit", prompt="Look around"),
+            s.pre("toolu_agent", "Agent", {"description": "look around", "prompt": "look"}),
+            s.post("toolu_agent", "Agent", {"description": "look around", "prompt": "look"}),
+            s.body("Stop", stop_hook_active=False, last_assistant_message="Looked."),
+            s.body("UserPromptSubmit", prompt=NOTIFICATION),
+            s.body("UserPromptSubmit", prompt=NOTIFICATION),  # a retried delivery
+            s.body("Stop", stop_hook_active=False, last_assistant_message="The subagent is done."),
+            s.body("Stop", stop_hook_active=False, last_assistant_message="The subagent is done."),
+        ]:
+            assert (await post_hook(client, reporter, body)).status_code == 204
+        await settled(app)
+        seen = await events(client, admin, s.job_id)
+        snap = await wait_snapshot(client, admin, s.job_id, lambda snap: snap["status"] == "succeeded")
+    assert [e["data"] for e in seen if e["kind"] == "turn"] == [{"turn": 1, "prompt": "Look around"}]
+    assert [e["data"] for e in seen if e["kind"] == "notice"] == [
+        {"kind": "subagent", "text": 'Agent "look around" finished (completed)', "stepId": "toolu_agent"}
+    ]
+    assert [e["data"]["status"] for e in seen if e["kind"] == "status"] == ["running", "succeeded", "running", "succeeded"]
+    assert [e["data"]["text"] for e in seen if e["kind"] == "message"] == ["Looked.", "The subagent is done."]
+    assert snap["session"]["turns"] == 1 and snap["prompt"] == "Look around"
+
+
 async def test_hostile_bodies_get_4xx_without_effect(store, make_settings) -> None:
     reporter = await store.token(role="reporter", team="t1")
     other_team = await store.token(role="reporter", team="t2")

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import httpx
 from gateway_helpers import auth, collect_events, connect, join, recv, send, serve
-from hook_helpers import bearer
+from hook_helpers import bearer, events, settled
 from model_server import ToolUse, reply
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ async def test_real_cli_session_is_watched_through_hooks(
         env = {"PATH": "/usr/bin:/bin", **claude_env, "PS_HOOK_TOKEN": reporter}
         argv = [claude_bin, "-p", prompt, "--output-format", "stream-json", "--verbose",
                 "--allowedTools", "Bash", "TaskCreate", "TaskUpdate", "Agent"]
-        async with await anyio.open_process(argv, cwd=project, env=env) as proc:
+        async with await anyio.open_process(argv, cwd=project, env=env) as proc, connect(base, max_queue=None) as ws:
             out = bytearray()
 
             async def read_stdout() -> None:
@@ -89,34 +89,43 @@ async def test_real_cli_session_is_watched_through_hooks(
                 job = jobs[0]
                 assert job["kind"] == "session" and job["session"]["host"] == "ci-box"
                 assert job["session"]["cwd"] == str(project)
-                async with connect(base, max_queue=None) as ws:
-                    await auth(ws, reviewer)
-                    await join(ws, job["id"])
-                    seen: list[dict[str, Any]] = []
-                    with anyio.fail_after(60):
-                        while not any(e.get("kind") == "status" and e["data"]["status"] == "succeeded" for e in seen):
-                            seen += await collect_events(ws, 1, timeout=60)
-                    await send(ws, type="chat", roomId=job["roomId"], requestId="r1", text="watched it all")
-                    # The ack and the room's copy of the comment, in either order.
-                    got: dict[str, dict[str, Any]] = {}
-                    with anyio.fail_after(10):
-                        while len(got) < 2:
-                            msg = await recv(ws)
-                            for m in msg if isinstance(msg, list) else [msg]:
-                                if m.get("type") in ("ack", "chat"):
-                                    got[m["type"]] = m
-                    assert got["ack"]["requestId"] == "r1" and got["ack"]["id"] == got["chat"]["id"]
-                    assert got["chat"]["text"] == "watched it all" and got["chat"]["userName"] == "rita"
+                await auth(ws, reviewer)
+                await join(ws, job["id"])
                 with anyio.fail_after(60):
                     code = await proc.wait()
-        assert code == 0
+            assert code == 0
+            # Every hook the CLI sent was answered before it exited: once they
+            # are applied, the record is complete, and the watcher must see
+            # all of it, in order.
+            await settled(_app)
+            record = await events(client, reviewer, job["id"])
+            seen: list[dict[str, Any]] = []
+            with anyio.fail_after(60):
+                while len([e for e in seen if e.get("type") == "event"]) < len(record):
+                    seen += await collect_events(ws, 1, timeout=60)
+            assert [(e["kind"], e["data"]) for e in seen] == [(e["kind"], e["data"]) for e in record]
+            await send(ws, type="chat", roomId=job["roomId"], requestId="r1", text="watched it all")
+            # The ack and the room's copy of the comment, in either order.
+            got: dict[str, dict[str, Any]] = {}
+            with anyio.fail_after(10):
+                while len(got) < 2:
+                    msg = await recv(ws)
+                    for m in msg if isinstance(msg, list) else [msg]:
+                        if m.get("type") in ("ack", "chat"):
+                            got[m["type"]] = m
+            assert got["ack"]["requestId"] == "r1" and got["ack"]["id"] == got["chat"]["id"]
+            assert got["chat"]["text"] == "watched it all" and got["chat"]["userName"] == "rita"
     lines = [json.loads(x) for x in out.decode().splitlines() if x.strip()]
     assert lines[-1]["type"] == "result" and lines[-1]["is_error"] is False
     session_id = lines[0]["session_id"]
     assert job["session"]["sessionId"] == session_id
 
-    # The prompt, as the CLI was given it.
+    # The prompt, as the CLI was given it. The CLI may also report the
+    # finished subagent back to itself as a prompt of its own and answer it
+    # (seen in CI, timing-dependent): that is a notice, not the user's turn.
     assert [e["data"] for e in seen if e["kind"] == "turn"] == [{"turn": 1, "prompt": prompt}]
+    wakes = [e["data"] for e in seen if e["kind"] == "notice" and e["data"]["text"].startswith('Agent "look around"')]
+    assert len(wakes) <= 1
     # Every tool call of the stream-json output is a step: started, then its outcome.
     calls = tool_calls(lines)
     assert len(calls) == 7
@@ -143,4 +152,7 @@ async def test_real_cli_session_is_watched_through_hooks(
     assert todos[0]["items"] == [{"text": "Say hello", "state": "pending"}]
     assert todos[-1] == {"items": [{"text": "Say hello", "state": "completed"}], "done": 1, "total": 1}
     assert [e["data"]["text"] for e in seen if e["kind"] == "message"][-1] == lines[-1]["result"]
-    assert [e["data"]["status"] for e in seen if e["kind"] == "status"] == ["running", "succeeded"]
+    # One round, or two when the CLI answered its subagent's report after the turn had ended.
+    statuses = [e["data"]["status"] for e in seen if e["kind"] == "status"]
+    assert statuses in (["running", "succeeded"], ["running", "succeeded", "running", "succeeded"])
+    assert len(statuses) == 2 or wakes

@@ -7,6 +7,10 @@ inputs and TaskCreated/TaskCompleted/TaskUpdate are ``todo`` lists;
 SubagentStart/Stop are steps their tool calls nest under (``parentStepId``);
 ``Stop`` ends the turn as ``succeeded`` (a later prompt reopens it),
 ``StopFailure`` as ``failed``, ``SessionEnd`` closes the session for good.
+A ``<task-notification>`` the CLI submits as a prompt of its own (a subagent
+or background task reporting back, which the CLI then answers with a model
+round) is a ``subagent`` notice, not a user's turn; its round still ends
+with a ``Stop``.
 
 Hooks carry no sequence numbers, and the CLI may deliver one twice, so
 :class:`HookMapper` keeps a small :class:`SessionState` (stored in Redis
@@ -39,6 +43,7 @@ from progress_service.events import (
     JobSnapshot,
     LogData,
     MessageData,
+    NoticeData,
     PhaseData,
     Progress,
     StatusData,
@@ -65,6 +70,9 @@ RECENT_MAX = 256
 PROMPT_MAX_CHARS = 2000
 _any_dec = msgspec.json.Decoder()
 _TASK_ID_RE = re.compile(rb'(?:#\s*|"id"\s*:\s*"?)([A-Za-z0-9_-]{1,40})')
+#: The prompt the CLI submits itself when a subagent or background task ends.
+_NOTIFICATION_TAG = "<task-notification>"
+_NOTIFICATION_FIELD_RE = re.compile(r"<(tool-use-id|status|summary)>([^<]{0,500})</\1>")
 
 # --------------------------------------------------------------------------
 # What a session remembers between posts
@@ -85,9 +93,13 @@ class TodoEntry(Struct, kw_only=True):
 
 
 class SessionState(Struct, kw_only=True):
+    #: Prompts the user gave (``turn`` events).
     turn: int = 0
+    #: Rounds the CLI started itself, answering a task notification.
+    wakes: int = 0
     turn_hash: str | None = None
     turn_open: bool = False
+    #: The round (``turn + wakes``) whose Stop was applied.
     stopped_turn: int = -1
     running: bool = False
     closed: bool = False
@@ -239,8 +251,11 @@ class HookMapper:
         if st.turn_open and st.turn_hash == digest:
             st.posts -= 1
             return  # the same prompt again while its turn runs: a retried delivery
-        st.turn += 1
         st.turn_open, st.turn_hash = True, digest
+        if prompt.startswith(_NOTIFICATION_TAG):
+            self._notification(out, prompt, at)
+            return
+        st.turn += 1
         changes: dict[str, Any] = {}
         if not self.snapshot.prompt and prompt:
             changes["prompt"] = clip(prompt, PROMPT_MAX_CHARS)
@@ -250,12 +265,25 @@ class HookMapper:
             self._status(out, at, "running")  # a new prompt after Stop reopens the session
         self._emit(out, at, "turn", TurnData(turn=st.turn, prompt=clip(prompt, PROMPT_MAX_CHARS)), **changes)
 
+    def _notification(self, out: list[Mapped], prompt: str, at: int) -> None:
+        """A subagent or background task reported back; the CLI answers it with a round of its own."""
+        self.state.wakes += 1
+        fields = dict(_NOTIFICATION_FIELD_RE.findall(prompt))
+        summary = fields.get("summary", "").strip() or "a background task finished"
+        status = fields.get("status", "").strip()
+        text = clip(summary + (f" ({status})" if status and status not in summary else ""), MESSAGE_MAX_CHARS)
+        step_id = clip(fields["tool-use-id"].strip(), 100) if fields.get("tool-use-id", "").strip() else None
+        if self.snapshot.status in TERMINAL_STATUSES:
+            self._status(out, at, "running")  # the CLI is working again until this round's Stop
+        self._emit(out, at, "notice", NoticeData(kind="subagent", text=text, stepId=step_id))
+
     def _end_turn(self, out: list[Mapped], at: int, status: JobStatus, reason: str | None, text: str | None) -> None:
         st = self.state
-        if st.stopped_turn == st.turn:
+        round_ = st.turn + st.wakes
+        if st.stopped_turn == round_:
             st.posts -= 1
-            return  # this turn ended already: a retried delivery
-        st.stopped_turn, st.turn_open = st.turn, False
+            return  # this round ended already: a retried delivery
+        st.stopped_turn, st.turn_open = round_, False
         if text and text.strip():
             self._emit(out, at, "message", MessageData(text=clip(text.strip(), MESSAGE_MAX_CHARS)))
         self._phase(out, at, "finishing")
