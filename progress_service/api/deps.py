@@ -27,7 +27,7 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import Guard
 
-from progress_service.auth import bearer_token
+from progress_service.auth import request_credential
 from progress_service.comments import Comments
 from progress_service.gateway import Gateway
 from progress_service.hooks.gate import HookGate
@@ -83,20 +83,20 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], services:
     Without that header, the web page's session cookie (see ``web_session``)
     is accepted, with its CSRF header on state-changing methods.
     """
-    token = bearer_token(connection.headers.get("authorization"))
-    if token is None and connection.cookies.get(COOKIE_NAME):
-        principal = await principal_for_cookie(connection, services)
-    elif token is None:
+    credential = request_credential(connection.headers, connection.cookies)
+    if credential is None:
         raise NotAuthorizedException(
             "missing credentials: send 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    if credential.kind == "cookie":
+        principal = await principal_for_cookie(connection, services)
     else:
-        found = await principal_for_token(services.engine, token)
+        found = await principal_for_token(services.engine, credential.secret)
         if found is None:
             detail = (
                 "this API token was revoked; ask an admin for a new one"
-                if await token_revoked(services.engine, token)
+                if await token_revoked(services.engine, credential.secret)
                 else "invalid, expired or revoked token"
             )
             raise NotAuthorizedException(detail, headers={"WWW-Authenticate": "Bearer"})
