@@ -17,6 +17,7 @@ from litestar.datastructures import State
 from litestar.exceptions import (
     NotAuthorizedException,
     PermissionDeniedException,
+    ServiceUnavailableException,
     ValidationException,
 )
 from litestar.connection import ASGIConnection
@@ -27,6 +28,7 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import Guard
 
+from progress_service import outage
 from progress_service.auth import request_credential
 from progress_service.comments import Comments
 from progress_service.gateway import Gateway
@@ -227,3 +229,8 @@ def error_responses(*codes: int) -> dict[int, ResponseSpec]:
         code: ResponseSpec(data_container=ErrorBody, description=_ERROR_TEXT[code], generate_examples=False)
         for code in (*codes, 429)  # the rate limit answers every API route
     }
+
+
+def unavailable(detail: str) -> ServiceUnavailableException:
+    """A 503 saying ``detail``, with the service's one ``Retry-After``."""
+    return ServiceUnavailableException(detail, headers={"Retry-After": str(outage.RETRY_AFTER_SECONDS)})

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service.events import REPORTER_ROLE, ROLE_RANK, ROLES
 from progress_service.ids import now_ms
+from progress_service.store.db import first_row
 from progress_service.store.schema import api_tokens, memberships, teams, users
 
 TOKEN_PREFIX = "ps_"
@@ -160,8 +161,7 @@ async def principal_for_token_hash(engine: AsyncEngine, token_hash: str) -> Prin
         )
         .where(api_tokens.c.token_hash == token_hash)
     )
-    async with engine.connect() as conn:
-        row = (await conn.execute(query)).first()
+    row = await first_row(engine, query)
     if row is None or row.revoked_at is not None:
         return None
     if row.expires_at is not None and row.expires_at <= now_ms():
