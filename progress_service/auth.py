@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal, NamedTuple
 
 import anyio
 import msgspec
@@ -33,6 +33,7 @@ from progress_service.store.identity import (
     principal_for_token,
     token_expiry,
 )
+from progress_service.web_session import COOKIE_NAME
 
 
 TICKET_PREFIX = "pst_"
@@ -254,3 +255,25 @@ def bearer_token(header: str | None) -> str | None:
     if scheme.lower() != "bearer" or not value.strip():
         return None
     return value.strip()
+
+
+class RequestCredential(NamedTuple):
+    """The credential an HTTP request carries: which kind, and the secret itself."""
+
+    #: ``token``: an API token (``Authorization: Bearer``); ``cookie``: the web page's session cookie.
+    kind: Literal["token", "cookie"]
+    secret: str
+
+
+def request_credential(headers: Mapping[str, str], cookies: Mapping[str, str]) -> RequestCredential | None:
+    """The credential of an HTTP request: its bearer token, else its session cookie; None without either.
+
+    The one reading of a request's credentials, shared by authentication
+    (``api.deps``) and the rate limit (``http_limits``) so both see the same
+    caller. A bearer token wins over a cookie sent beside it.
+    """
+    token = bearer_token(headers.get("authorization"))
+    if token is not None:
+        return RequestCredential("token", token)
+    cookie = cookies.get(COOKIE_NAME)
+    return RequestCredential("cookie", cookie) if cookie else None

@@ -36,11 +36,10 @@ from litestar.middleware.rate_limit import RateLimitConfig, RateLimitMiddleware
 from redis.exceptions import RedisError
 
 from progress_service import outage
-from progress_service.auth import PrincipalCache, bearer_token
+from progress_service.auth import PrincipalCache, RequestCredential, request_credential
 from progress_service.keys import rate_limit_key
 from progress_service.state import started_services
 from progress_service.store.identity import hash_token
-from progress_service.web_session import COOKIE_NAME
 
 if TYPE_CHECKING:
     from litestar import Request
@@ -129,8 +128,9 @@ def client_address(peer: str | None, forwarded_for: str | None, proxies: tuple[N
     return address
 
 
-def _digest(kind: str, secret: str) -> str:
-    return kind + ":" + hashlib.sha256(secret.encode()).hexdigest()[:32]
+def _digest(credential: RequestCredential) -> str:
+    kind = "t" if credential.kind == "token" else "c"
+    return kind + ":" + hashlib.sha256(credential.secret.encode()).hexdigest()[:32]
 
 
 class HttpLimiter:
@@ -165,11 +165,8 @@ class HttpLimiter:
     @staticmethod
     def credential(request: ASGIConnection[Any, Any, Any, Any]) -> str | None:
         """A digest of the request's credential (bearer token or session cookie), never the secret."""
-        token = bearer_token(request.headers.get("authorization"))
-        if token is not None:
-            return _digest("t", token)
-        cookie = request.cookies.get(COOKIE_NAME)
-        return _digest("c", cookie) if cookie else None
+        found = request_credential(request.headers, request.cookies)
+        return _digest(found) if found is not None else None
 
     def remember(self, request: ASGIConnection[Any, Any, Any, Any], principal: Principal) -> None:
         """The request's credential resolved to ``principal``: count its later requests as that user."""
@@ -183,14 +180,14 @@ class HttpLimiter:
 
     def user_of(self, request: Request[Any, Any, Any]) -> str | None:
         """The user id behind the request's credential, if this process already knows it."""
-        token = bearer_token(request.headers.get("authorization"))
-        if token is not None and self.principals is not None:
-            principal = self.principals.peek(hash_token(token))
+        presented = request_credential(request.headers, request.cookies)
+        if presented is None:
+            return None
+        if presented.kind == "token" and self.principals is not None:
+            principal = self.principals.peek(hash_token(presented.secret))
             if principal is not None:
                 return principal.user_id
-        credential = self.credential(request)
-        if credential is None:
-            return None
+        credential = _digest(presented)
         found = self._known.get(credential)
         if found is None:
             return None

@@ -1,12 +1,11 @@
-"""The jobs service: submitting a job, cancelling it, and the "cancelled before it ran" transition.
+"""The jobs service: submitting a job and cancelling it.
 
 :class:`Jobs` (``Services.jobs``) is what ``POST /api/jobs`` and ``POST
 /api/jobs/{id}/cancel`` call; the HTTP layer only maps its exceptions to
 status codes. The run-state scripts that decide who wins a race (worker or
-canceller) are in :mod:`progress_service.queue`; the worker's own
-transitions (running, succeeded, failed, cancelled while running) are
-:mod:`worker.jobs`'. :func:`cancel_job` and :func:`publish_cancelled` are
-shared with the worker's sweeper.
+canceller) are in :mod:`progress_service.queue`; how every status
+transition is recorded (the app's, the worker's and the sweeper's) is
+:mod:`progress_service.lifecycle`.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import uuid
 import msgspec
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service import metrics, outage, queue, streams
@@ -31,6 +29,7 @@ from progress_service.events import (
 )
 from progress_service.errors import InvalidJob, NotCancellable, NotQueued, WorkdirError
 from progress_service.history import append_archived
+from progress_service.lifecycle import cancel_reason, fail_unqueued, publish_cancelled
 from progress_service.ids import now_ms, room_id
 from progress_service.settings import Settings
 from progress_service.store import jobs as job_store
@@ -193,48 +192,4 @@ async def cancel_job(
         # abort: a native task cancel would lose those lines and race the
         # worker's own ending.
         return snapshot
-    return await publish_cancelled(redis, engine, settings, job_id, snapshot, attempt, f"cancelled by {who} before it started")
-
-
-async def publish_cancelled(
-    redis: Redis, engine: AsyncEngine, settings: Settings, job_id: str, snapshot: JobSnapshot, attempt: int, reason: str
-) -> JobSnapshot:
-    """Record that a job which is not running was cancelled: status event, snapshot, job row."""
-    at = now_ms()
-    snapshot = msgspec.structs.replace(
-        snapshot, status="cancelled", reason=reason, finishedAt=at, step=None, roomId=room_id(job_id)
-    )
-    data = StatusData(status="cancelled", phase=snapshot.phase, reason=reason)
-    event = StoredEvent(kind="status", at=at, data=msgspec.to_builtins(data), attempt=attempt)
-    snapshot.lastEventId = await append_archived(redis, engine, job_id, event, snapshot=snapshot)
-    await job_store.update_job(engine, job_id, snapshot=snapshot)
-    await streams.expire_job(redis, job_id, settings.events_ttl)
-    return snapshot
-
-
-async def fail_unqueued(
-    redis: Redis, engine: AsyncEngine, settings: Settings, job_id: str, snapshot: JobSnapshot, reason: str
-) -> JobSnapshot | None:
-    """A job whose enqueue failed: mark it failed instead of leaving it ``queued`` for good.
-
-    The run hash is closed first (:func:`~progress_service.queue.give_up_unqueued`:
-    an arq job that did land after all is refused at its claim, as is any
-    whose worker reads the failed row), then the row is failed and, if Redis
-    takes it, a ``failed`` status event is published. Returns the failed
-    snapshot, or None when a worker had already claimed the job (the enqueue
-    went through: nothing to fail). A store error while failing the row is
-    raised (the caller answers 503).
-    """
-    if not await queue.give_up_unqueued(redis, job_id, settings.events_ttl):
-        return None
-    at = now_ms()
-    failed = msgspec.structs.replace(snapshot, status="failed", reason=reason, finishedAt=at, step=None)
-    await job_store.update_job(engine, job_id, snapshot=failed)
-    data = StatusData(status="failed", phase=snapshot.phase, reason=reason)
-    event = StoredEvent(kind="status", at=at, data=msgspec.to_builtins(data))
-    try:
-        failed.lastEventId = await append_archived(redis, engine, job_id, event, snapshot=failed)
-        await streams.expire_job(redis, job_id, settings.events_ttl)
-    except (RedisError, OSError):
-        pass  # the row is the record; readers fall back to it while Redis lacks the snapshot
-    return failed
+    return await publish_cancelled(redis, engine, settings, job_id, snapshot, attempt, cancel_reason(who, before_start=True))

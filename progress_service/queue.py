@@ -228,7 +228,7 @@ async def claim_run(
     ``terminal`` (done or cancelled), ``busy`` (another worker runs it) and
     ``superseded`` (a newer attempt was enqueued) must not; ``cancelled``
     means a cancel arrived while it was queued and the caller publishes the
-    cancellation (:func:`progress_service.jobs.publish_cancelled`).
+    cancellation (:func:`progress_service.lifecycle.publish_cancelled`).
     """
     verdict, att = await redis.eval(
         _CLAIM, 3, run_key(job_id), lease_key(job_id), cancel_key(job_id), attempt, worker_id, int(lease_s * 1000), ttl

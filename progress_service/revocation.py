@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from progress_service.ids import now_ms
 from progress_service.keys import REVOCATIONS_KEY
 from progress_service.store import audit
+from progress_service.store.db import first_row, of_team
 from progress_service.store.identity import revoke_token
 from progress_service.store.schema import api_tokens, users
 
@@ -94,11 +95,7 @@ def _info(row: Any) -> TokenInfo:
 
 async def token_info(engine: AsyncEngine, token_id: str, team_id: str | None = None) -> TokenInfo | None:
     """One token (only within ``team_id`` when given)."""
-    query = _info_query.where(api_tokens.c.id == token_id)
-    if team_id is not None:
-        query = query.where(api_tokens.c.team_id == team_id)
-    async with engine.connect() as conn:
-        row = (await conn.execute(query)).first()
+    row = await first_row(engine, of_team(_info_query.where(api_tokens.c.id == token_id), api_tokens.c.team_id, team_id))
     return _info(row) if row else None
 
 

@@ -45,21 +45,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from progress_service.errors import WorkdirError
 from progress_service.events import TERMINAL_STATUSES, EventData, EventKind, JobSnapshot
 from progress_service.ids import now_ms, room_id
-from progress_service.jobs import publish_cancelled
+from progress_service.lifecycle import cancel_reason, cancel_unstarted, record_ended, record_running
 from progress_service.queue import (
-    RunState,
     ClaimVerdict,
     HandBackVerdict,
     cancel_requested,
     claim_run,
-    finish_run,
     hand_back_run,
     refresh_lease,
 )
 from progress_service.settings import Settings
 from progress_service.workspace import resolve_workdir
-from progress_service.store.jobs import JobRecord, get_job, update_job
-from progress_service.streams import expire_job, read_state
+from progress_service.store.jobs import JobRecord, get_job
+from progress_service.streams import read_state
 from worker.claude import (
     ClaudeProcess, Line, Output, build_command, child_env, run_to_completion, start_claude, stdout_copy_path,
 )
@@ -166,7 +164,7 @@ class JobRun:
         demo = command.demo  # decided here, where the job runs
         await self._publish(self.mapper.status, "running", startedAt=started, demo=demo, attempt=self.attempt)
         await self._publish(self.mapper.worker, "alive", self.worker_id)
-        await self._store(lambda: update_job(self.engine, self.job_id, snapshot=self.mapper.snapshot, demo=demo))
+        await record_running(self.engine, self.job_id, self.mapper.snapshot, demo=demo, step=self._store)
         running = False
         try:
             async with start_claude(
@@ -225,6 +223,9 @@ class JobRun:
 
     async def _store(self, op: Callable[[], Awaitable[T]]) -> T:
         return await persist(op, self.store_link)
+
+    async def _redis_step(self, op: Callable[[], Awaitable[T]]) -> T:
+        return await persist(op, self.redis_link)
 
     async def _stop(self, proc: ClaudeProcess, reason: StopReason) -> None:
         if self.stop_reason is None:
@@ -285,7 +286,7 @@ class JobRun:
         if self.stop_reason is StopReason.HAND_BACK:
             return await self._hand_back()
         if self.stop_reason is StopReason.CANCELLED:
-            return await self._end("cancelled", f"cancelled by {self.cancelled_by or 'user'}")
+            return await self._end("cancelled", cancel_reason(self.cancelled_by))
         if self.stop_reason is StopReason.TIMEOUT:
             return await self._end("failed", f"timed out after {self.timeout}s")
         result = self.mapper.result
@@ -304,7 +305,7 @@ class JobRun:
         )
         if verdict is HandBackVerdict.CANCELLED:
             who = await persist(lambda: cancel_requested(self.redis, self.job_id), self.redis_link)
-            return await self._end("cancelled", f"cancelled by {who or 'user'}")
+            return await self._end("cancelled", cancel_reason(who))
         if verdict is not HandBackVerdict.OK:
             return "superseded"
         reason = f"worker stopped; handed back as attempt {self.attempt + 1} (no try spent)"
@@ -322,13 +323,10 @@ class JobRun:
             log.warning("job %s attempt %d: lost ownership, not publishing %s", self.job_id, self.attempt, status)
             return "superseded"
         await self._publish(self.mapper.status, status, reason=reason)
-        await self._store(lambda: update_job(self.engine, self.job_id, snapshot=self.mapper.snapshot))
-        final: RunState = "cancelled" if status == "cancelled" else "done"
-        await persist(
-            lambda: finish_run(self.redis, self.job_id, self.attempt, self.worker_id, final, self.settings.events_ttl),
-            self.redis_link,
+        await record_ended(
+            self.redis, self.engine, self.settings, self.job_id, self.mapper.snapshot,
+            run=(self.attempt, self.worker_id), store=self._store, step=self._redis_step,
         )
-        await persist(lambda: expire_job(self.redis, self.job_id, self.settings.events_ttl), self.redis_link)
         return status
 
 
@@ -357,12 +355,8 @@ async def run_job(ctx: dict[str, Any], job_id: str, attempt: int = 1) -> str:
     )
     if verdict is ClaimVerdict.CANCELLED:
         # Cancelled while queued (a cancel that raced a re-enqueue): say so.
-        who = await cancel_requested(redis, job_id)
         snapshot, _ = await read_state(redis, job_id)
-        await publish_cancelled(
-            redis, engine, settings, job_id, snapshot or record.to_snapshot(), current,
-            f"cancelled by {who or 'user'} before it started",
-        )
+        await cancel_unstarted(redis, engine, settings, job_id, snapshot or record.to_snapshot(), current)
         return "refused: cancelled"
     if verdict is not ClaimVerdict.OK:
         return f"refused: {verdict}"

@@ -46,6 +46,7 @@ import logging
 import random
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -97,17 +98,17 @@ def _ends(ev: Mapped) -> bool:
     return ev.kind == "status" and getattr(ev.data, "status", None) in TERMINAL_STATUSES
 
 
+@dataclass(slots=True, eq=False)
 class _Item:
-    __slots__ = ("attempt", "body", "kind", "seq", "snapshot", "target")
+    """One published event until Redis confirmed it: its seq, encoded body and snapshot."""
 
-    def __init__(self, seq: int, kind: str, attempt: int, body: bytes, snapshot: bytes, target: Any) -> None:
-        self.seq = seq
-        self.kind = kind
-        self.attempt = attempt
-        self.body = body
-        self.snapshot = snapshot
-        #: The snapshot object whose lastEventId follows the appends.
-        self.target = target
+    seq: int
+    kind: str
+    attempt: int
+    body: bytes
+    snapshot: bytes
+    #: The snapshot object whose lastEventId follows the appends.
+    target: Any
 
 
 class SnapshotSource(Protocol):

@@ -20,18 +20,12 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service.events import TERMINAL_STATUSES
-from progress_service.jobs import publish_cancelled
+from progress_service.lifecycle import cancel_reason, record_ended, record_requeued
 from progress_service.keys import lease_key, run_key
-from progress_service.queue import (
-    ReapVerdict,
-    cancel_requested,
-    enqueue_job,
-    reap_run,
-    run_state,
-)
+from progress_service.queue import ReapVerdict, cancel_requested, reap_run
 from progress_service.settings import Settings
 from progress_service.store.jobs import JobRecord, jobs_in_status, update_job
-from progress_service.streams import expire_job, read_state
+from progress_service.streams import read_state
 from worker.mapping import Mapper
 from worker.outage import DEPENDENCY_DOWN, Link, persist
 from worker.publisher import Publisher
@@ -51,30 +45,18 @@ async def requeue(
 ) -> None:
     """Publish ``queued`` for the next attempt and enqueue it (the run state already says queued).
 
-    ``queue`` is the queue's Redis when it is not ``redis`` (``PS_QUEUE_REDIS_URL``).
-
-    A cancel that lands between the run-state change and the publication
-    finds the run queued and cancels it, but its ``cancelled`` event may
-    come before our ``queued``: then the cancellation is published again,
-    so the last word is always ``cancelled`` (and the claim refuses the
-    attempt either way).
+    ``queue`` is the queue's Redis when it is not ``redis`` (``PS_QUEUE_REDIS_URL``). The
+    rest, and a cancel that races it, is :func:`~progress_service.lifecycle.record_requeued`'s;
+    the row write waits out a store outage.
     """
     job_id = pub.job_id
     mapper = pub.mapper
     await pub(mapper.status, "queued", reason=reason, phase="queued", attempt=next_attempt, startedAt=None)
-    # Enqueued before the row is written, and the row write waits out a
-    # store outage: the run state already says queued, so a failure here
-    # must not leave the job with no arq job to run it.
-    await enqueue_job(queue or redis, job_id, attempt=next_attempt, queue_name=settings.queue_name)
-    await persist(lambda: update_job(engine, job_id, snapshot=mapper.snapshot), Link(f"store (job {job_id} re-queue)"))
-    if await run_state(redis, job_id) == "cancelled":
-        latest, _ = await read_state(redis, job_id)
-        if latest is None or latest.status != "cancelled":
-            who = await cancel_requested(redis, job_id)
-            await publish_cancelled(
-                redis, engine, settings, job_id, latest or mapper.snapshot, next_attempt,
-                f"cancelled by {who or 'user'} before it started",
-            )
+    link = Link(f"store (job {job_id} re-queue)")
+    await record_requeued(
+        redis, engine, settings, job_id, mapper.snapshot, next_attempt,
+        queue_redis=queue, store=lambda op: persist(op, link),
+    )
 
 
 class Recovery(enum.StrEnum):
@@ -133,13 +115,13 @@ async def recover_job(
         return Recovery.REQUEUE
     if verdict is ReapVerdict.CANCELLED:
         who = await cancel_requested(redis, job_id)
-        await pub(mapper.status, "cancelled", reason=f"cancelled by {who or 'user'} ({why})")
+        await pub(mapper.status, "cancelled", reason=f"{cancel_reason(who)} ({why})")
         outcome = Recovery.CANCELLED
     else:  # "failed", or "ended" (run state says over but nobody published it)
         await pub(mapper.status, "failed", reason=why)
         outcome = Recovery.FAILED
-    await persist(lambda: update_job(engine, job_id, snapshot=mapper.snapshot), Link(f"store (job {job_id} recovery)"))
-    await expire_job(redis, job_id, settings.events_ttl)
+    link = Link(f"store (job {job_id} recovery)")
+    await record_ended(redis, engine, settings, job_id, mapper.snapshot, store=lambda op: persist(op, link))
     log.warning("job %s: %s, %s after %d tr%s", job_id, why, outcome, spent, "y" if spent == 1 else "ies")
     return outcome
 

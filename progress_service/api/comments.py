@@ -19,14 +19,13 @@ from litestar.exceptions import (
     ClientException,
     NotFoundException,
     PermissionDeniedException,
-    ServiceUnavailableException,
     ValidationException,
 )
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_409_CONFLICT
 
-from progress_service.api.deps import error_responses, int64_cursor
+from progress_service.api.deps import error_responses, int64_cursor, unavailable
 from progress_service.comments import Comments
 from progress_service.errors import CommentForbidden, CommentsUnavailable, InvalidComment
 from progress_service.ids import is_job_id, room_id
@@ -35,10 +34,6 @@ from progress_service.store import comments as comment_store
 from progress_service.store.comments import Comment
 from progress_service.store.identity import Principal
 from progress_service.store.jobs import get_job
-
-#: Seconds a client should wait before retrying a 503.
-RETRY_AFTER = "2"
-
 
 class CommentPage(msgspec.Struct, kw_only=True):
     items: list[Comment]
@@ -113,10 +108,7 @@ class CommentsController(Controller):
         except InvalidComment as exc:
             raise ValidationException(str(exc)) from None
         except CommentsUnavailable:
-            raise ServiceUnavailableException(
-                "the comment was not stored; retry with the same Idempotency-Key",
-                headers={"Retry-After": RETRY_AFTER},
-            ) from None
+            raise unavailable("the comment was not stored; retry with the same Idempotency-Key") from None
         if not created and comment.text != data.text.strip():
             # The key names another comment: answering it as a success would
             # tell the client its new text was stored when it was not.

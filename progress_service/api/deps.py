@@ -17,6 +17,7 @@ from litestar.datastructures import State
 from litestar.exceptions import (
     NotAuthorizedException,
     PermissionDeniedException,
+    ServiceUnavailableException,
     ValidationException,
 )
 from litestar.connection import ASGIConnection
@@ -27,7 +28,8 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import Guard
 
-from progress_service.auth import bearer_token
+from progress_service import outage
+from progress_service.auth import request_credential
 from progress_service.comments import Comments
 from progress_service.gateway import Gateway
 from progress_service.hooks.gate import HookGate
@@ -83,20 +85,20 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], services:
     Without that header, the web page's session cookie (see ``web_session``)
     is accepted, with its CSRF header on state-changing methods.
     """
-    token = bearer_token(connection.headers.get("authorization"))
-    if token is None and connection.cookies.get(COOKIE_NAME):
-        principal = await principal_for_cookie(connection, services)
-    elif token is None:
+    credential = request_credential(connection.headers, connection.cookies)
+    if credential is None:
         raise NotAuthorizedException(
             "missing credentials: send 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    if credential.kind == "cookie":
+        principal = await principal_for_cookie(connection, services)
     else:
-        found = await principal_for_token(services.engine, token)
+        found = await principal_for_token(services.engine, credential.secret)
         if found is None:
             detail = (
                 "this API token was revoked; ask an admin for a new one"
-                if await token_revoked(services.engine, token)
+                if await token_revoked(services.engine, credential.secret)
                 else "invalid, expired or revoked token"
             )
             raise NotAuthorizedException(detail, headers={"WWW-Authenticate": "Bearer"})
@@ -227,3 +229,8 @@ def error_responses(*codes: int) -> dict[int, ResponseSpec]:
         code: ResponseSpec(data_container=ErrorBody, description=_ERROR_TEXT[code], generate_examples=False)
         for code in (*codes, 429)  # the rate limit answers every API route
     }
+
+
+def unavailable(detail: str) -> ServiceUnavailableException:
+    """A 503 saying ``detail``, with the service's one ``Retry-After``."""
+    return ServiceUnavailableException(detail, headers={"Retry-After": str(outage.RETRY_AFTER_SECONDS)})

@@ -7,12 +7,12 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, get, post
-from litestar.exceptions import ClientException, NotFoundException, ServiceUnavailableException, ValidationException
+from litestar.exceptions import ClientException, NotFoundException, ValidationException
 from litestar.params import Parameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_409_CONFLICT
 
-from progress_service import history, outage, streams
-from progress_service.api.deps import INT64_MAX, error_responses, require_role, requires
+from progress_service import history, streams
+from progress_service.api.deps import INT64_MAX, error_responses, require_role, requires, unavailable
 from progress_service.events import JobSnapshot, JobSpec
 from progress_service.ids import is_event_id, is_job_id, room_id
 from progress_service.errors import InvalidJob, NotCancellable, NotQueued
@@ -92,9 +92,7 @@ class JobsController(Controller):
         except InvalidJob as exc:
             raise ValidationException(str(exc)) from None
         except NotQueued as exc:  # stored, not queued: the row is failed, the client resubmits
-            raise ServiceUnavailableException(
-                str(exc), headers={"Retry-After": str(outage.RETRY_AFTER_SECONDS)}
-            ) from None
+            raise unavailable(str(exc)) from None
 
     @get("/", summary="List the team's jobs, newest first", responses=error_responses(401))
     async def list_jobs(

@@ -17,22 +17,18 @@ from litestar.exceptions import (
     ClientException,
     NotFoundException,
     PermissionDeniedException,
-    ServiceUnavailableException,
     ValidationException,
 )
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_409_CONFLICT
 
-from progress_service.api.deps import error_responses
+from progress_service.api.deps import error_responses, unavailable
 from progress_service.errors import SteerRefusal
 from progress_service.events import INSTRUCTION_MAX_CHARS, SteerResult
 from progress_service.ids import is_job_id
 from progress_service.steering import Steering
 from progress_service.store.identity import Principal
-
-#: Seconds a client should wait before retrying a 503.
-RETRY_AFTER = "2"
 
 IdempotencyKey = Annotated[
     str,
@@ -64,7 +60,7 @@ def _http_error(exc: SteerRefusal) -> Exception:
     if exc.code == "invalid":
         return ValidationException(exc.message)
     if exc.code in ("unavailable", "worker_gone"):
-        return ServiceUnavailableException(f"{exc.code}: {exc.message}", headers={"Retry-After": RETRY_AFTER})
+        return unavailable(f"{exc.code}: {exc.message}")
     return ClientException(f"{exc.code}: {exc.message}", status_code=HTTP_409_CONFLICT)
 
 

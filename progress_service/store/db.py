@@ -1,4 +1,4 @@
-"""Engine creation for SQLite (WAL) and PostgreSQL, one code path for both."""
+"""Engine creation for SQLite (WAL) and PostgreSQL, one code path for both, and the lookups every store module makes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 #: An INSERT that can take ``ON CONFLICT`` clauses (both dialects spell them alike).
@@ -46,3 +47,15 @@ def dialect_insert(conn: AsyncConnection, table: sa.Table) -> UpsertInsert:
     if conn.dialect.name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
+
+
+def of_team(query: sa.Select[Any], column: sa.ColumnElement[Any], team_id: str | None) -> sa.Select[Any]:
+    """``query`` narrowed to the rows whose ``column`` is ``team_id``; None: every team's (an operator's lookup)."""
+    return query if team_id is None else query.where(column == team_id)
+
+
+async def first_row(engine: AsyncEngine, query: sa.Select[Any]) -> Row[Any] | None:
+    """The first row ``query`` finds, read on a connection of its own; None when it finds none."""
+    async with engine.connect() as conn:
+        row: Row[Any] | None = (await conn.execute(query)).first()
+    return row

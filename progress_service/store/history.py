@@ -134,17 +134,20 @@ async def read_entries(
     return [entry for _, entry in merged[:limit]]
 
 
+def _newest_event(job_id: str) -> sa.Select[tuple[int, int]]:
+    """The ``(ms, seq)`` of the job's newest archived event."""
+    return (
+        sa.select(job_events.c.ms, job_events.c.seq)
+        .where(job_events.c.job_id == job_id)
+        .order_by(job_events.c.ms.desc(), job_events.c.seq.desc())
+        .limit(1)
+    )
+
+
 async def head(engine: AsyncEngine, job_id: str) -> str | None:
     """The newest archived id of the job (events and comments), None when there is none."""
     async with engine.connect() as conn:
-        row = (
-            await conn.execute(
-                sa.select(job_events.c.ms, job_events.c.seq)
-                .where(job_events.c.job_id == job_id)
-                .order_by(job_events.c.ms.desc(), job_events.c.seq.desc())
-                .limit(1)
-            )
-        ).first()
+        row = (await conn.execute(_newest_event(job_id))).first()
         chat_ids = (
             await conn.scalars(
                 sa.select(comments.c.event_id).where(comments.c.job_id == job_id, comments.c.event_id.is_not(None))
@@ -188,14 +191,7 @@ async def prune(engine: AsyncEngine, finished_before: int, *, batch: int = 100) 
             if not ids:
                 return total
             for job_id in ids:
-                row = (
-                    await conn.execute(
-                        sa.select(job_events.c.ms, job_events.c.seq)
-                        .where(job_events.c.job_id == job_id)
-                        .order_by(job_events.c.ms.desc(), job_events.c.seq.desc())
-                        .limit(1)
-                    )
-                ).first()
+                row = (await conn.execute(_newest_event(job_id))).first()
                 last_id = f"{row.ms}-{row.seq}" if row is not None else None
                 await conn.execute(sa.delete(job_events).where(job_events.c.job_id == job_id))
                 await conn.execute(sa.delete(job_history_pruned).where(job_history_pruned.c.job_id == job_id))

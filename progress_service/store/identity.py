@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service.events import REPORTER_ROLE, ROLE_RANK, ROLES
 from progress_service.ids import now_ms
+from progress_service.store.db import first_row
 from progress_service.store.schema import api_tokens, memberships, teams, users
 
 TOKEN_PREFIX = "ps_"
@@ -53,26 +54,25 @@ def new_token() -> str:
 
 
 
+async def _ensure_named(engine: AsyncEngine, table: sa.Table, name: str) -> str:
+    """The id of ``table``'s row named ``name`` (teams, users), inserting it if needed."""
+    async with engine.begin() as conn:
+        found = await conn.scalar(sa.select(table.c.id).where(table.c.name == name))
+        if found:
+            return str(found)
+        new_id = str(uuid.uuid4())
+        await conn.execute(sa.insert(table).values(id=new_id, name=name, created_at=now_ms()))
+        return new_id
+
+
 async def ensure_team(engine: AsyncEngine, name: str) -> str:
     """The id of team ``name``, creating it if needed."""
-    async with engine.begin() as conn:
-        tid = await conn.scalar(sa.select(teams.c.id).where(teams.c.name == name))
-        if tid:
-            return str(tid)
-        tid = str(uuid.uuid4())
-        await conn.execute(sa.insert(teams).values(id=tid, name=name, created_at=now_ms()))
-        return tid
+    return await _ensure_named(engine, teams, name)
 
 
 async def ensure_user(engine: AsyncEngine, name: str) -> str:
     """The id of user ``name``, creating it if needed."""
-    async with engine.begin() as conn:
-        uid = await conn.scalar(sa.select(users.c.id).where(users.c.name == name))
-        if uid:
-            return str(uid)
-        uid = str(uuid.uuid4())
-        await conn.execute(sa.insert(users).values(id=uid, name=name, created_at=now_ms()))
-        return uid
+    return await _ensure_named(engine, users, name)
 
 
 async def set_membership(engine: AsyncEngine, user_id: str, team_id: str, role: str) -> None:
@@ -160,8 +160,7 @@ async def principal_for_token_hash(engine: AsyncEngine, token_hash: str) -> Prin
         )
         .where(api_tokens.c.token_hash == token_hash)
     )
-    async with engine.connect() as conn:
-        row = (await conn.execute(query)).first()
+    row = await first_row(engine, query)
     if row is None or row.revoked_at is not None:
         return None
     if row.expires_at is not None and row.expires_at <= now_ms():

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from progress_service.events import JobKind, JobSnapshot, JobSpec, JobStatus, Phase, ResultData
+from progress_service.store.db import first_row, of_team
 from progress_service.store.schema import jobs, users
 
 _enc = msgspec.json.Encoder()
@@ -132,11 +133,7 @@ async def create_job(
 
 async def get_job(engine: AsyncEngine, job_id: str, team_id: str | None = None) -> JobRecord | None:
     """A job by id; with ``team_id``, only if it belongs to that team."""
-    query = _select.where(jobs.c.id == job_id)
-    if team_id is not None:
-        query = query.where(jobs.c.team_id == team_id)
-    async with engine.connect() as conn:
-        row = (await conn.execute(query)).first()
+    row = await first_row(engine, of_team(_select.where(jobs.c.id == job_id), jobs.c.team_id, team_id))
     return _record(row) if row else None
 
 

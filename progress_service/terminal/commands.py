@@ -36,14 +36,28 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-def _err(text: str) -> None:
+def err(text: str) -> None:
+    """Tell the user on stderr (stdout is for what a script reads: a job or event id)."""
     print(f"progress-service: {text}", file=sys.stderr, flush=True)
 
 
-def _add_connection_args(p: argparse.ArgumentParser) -> None:
+def blank(value: str, name: str) -> bool:
+    """True, saying so, when the argument ``name`` is empty or only white space."""
+    if value.strip():
+        return False
+    err(f"{name} must not be blank")
+    return True
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """``--url`` and ``--token``: which service to talk to, as whom (see :func:`target_of`)."""
     p.add_argument("--url", default=None, help=f"service base URL (default: $PS_URL, else {DEFAULT_URL})")
     # No default shown: the help must never echo a token from the environment.
     p.add_argument("--token", default=None, help="API token (default: $PS_TOKEN)")
+
+
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    add_target_args(p)
     p.add_argument(
         "--cancel-on-exit", action="store_true", help="cancel the job when interrupted with Ctrl-C (default: it keeps running)"
     )
@@ -78,26 +92,29 @@ def register(subparsers: Any, token_subparsers: Any = None) -> None:
 
 
 @dataclass
-class _Target:
+class Target:
+    """The service a command talks to, and the token it uses."""
+
     url: str
     token: str
     #: Set once a job id is known, so Ctrl-C can cancel it.
     job_id: str | None = None
 
 
-def _target(args: argparse.Namespace) -> _Target | None:
+def target_of(args: argparse.Namespace) -> Target | None:
+    """The target from ``--url``/``--token`` or ``PS_URL``/``PS_TOKEN``; None (said on stderr) when unusable."""
     url = (args.url or os.environ.get("PS_URL") or DEFAULT_URL).strip().rstrip("/")
     token = (args.token or os.environ.get("PS_TOKEN") or "").strip()
     if not url.lower().startswith(("http://", "https://")):
-        _err(f"--url must start with http:// or https:// (got {url!r})")
+        err(f"--url must start with http:// or https:// (got {url!r})")
         return None
     if not token:
-        _err("no API token: pass --token or set PS_TOKEN (create one with `progress-service token create`)")
+        err("no API token: pass --token or set PS_TOKEN (create one with `progress-service token create`)")
         return None
-    return _Target(url=url, token=token)
+    return Target(url=url, token=token)
 
 
-async def _follow(api: JobsApi, target: _Target, job_id: str, plain: bool) -> int:
+async def _follow(api: JobsApi, target: Target, job_id: str, plain: bool) -> int:
     renderer = make_renderer(job_id, plain=True if plain else None)
     with renderer:
         follower = JobFollower(api=api, base_url=target.url, token=target.token, job_id=job_id, sink=renderer)
@@ -105,25 +122,25 @@ async def _follow(api: JobsApi, target: _Target, job_id: str, plain: bool) -> in
             outcome = await follower.run()
         except FollowError as exc:
             renderer.connection("offline", str(exc))
-            _err(str(exc))
+            err(str(exc))
             return EXIT_ERROR
         renderer.finish(outcome.status, outcome.ok)
     return outcome.exit_code
 
 
-async def _submit(args: argparse.Namespace, target: _Target) -> int:
+async def _submit(args: argparse.Namespace, target: Target) -> int:
     async with JobsApi(target.url, target.token) as api:
         snapshot = await api.submit(args.prompt, workdir=args.workdir, model=args.model, max_turns=args.max_turns)
         target.job_id = snapshot.id
         if not args.follow:
             print(snapshot.id, flush=True)
-            _err(f"submitted job {snapshot.id} (room {snapshot.roomId}); follow it with: progress-service watch {snapshot.id}")
+            err(f"submitted job {snapshot.id} (room {snapshot.roomId}); follow it with: progress-service watch {snapshot.id}")
             return EXIT_OK
-        _err(f"submitted job {snapshot.id} (room {snapshot.roomId})")
+        err(f"submitted job {snapshot.id} (room {snapshot.roomId})")
         return await _follow(api, target, snapshot.id, args.plain)
 
 
-async def _watch(args: argparse.Namespace, target: _Target) -> int:
+async def _watch(args: argparse.Namespace, target: Target) -> int:
     async with JobsApi(target.url, target.token) as api:
         # An HTTP read first: a bad token or unknown job gets a precise
         # message (401 / 404) instead of a refused WebSocket.
@@ -132,7 +149,7 @@ async def _watch(args: argparse.Namespace, target: _Target) -> int:
         return await _follow(api, target, snapshot.id, args.plain)
 
 
-def _cancel(target: _Target) -> None:
+def _cancel(target: Target) -> None:
     """``POST /api/jobs/{id}/cancel`` after Ctrl-C (plain httpx: the event loop is gone)."""
     try:
         response = httpx.post(
@@ -141,40 +158,39 @@ def _cancel(target: _Target) -> None:
             timeout=HTTP_TIMEOUT,
         )
     except httpx.HTTPError as exc:
-        _err(f"could not cancel job {target.job_id}: {type(exc).__name__}")
+        err(f"could not cancel job {target.job_id}: {type(exc).__name__}")
         return
     if response.status_code < 400:
-        _err(f"cancel requested for job {target.job_id}")
+        err(f"cancel requested for job {target.job_id}")
     else:
-        _err(f"could not cancel job {target.job_id}: HTTP {response.status_code}")
+        err(f"could not cancel job {target.job_id}: HTTP {response.status_code}")
 
 
 def _run(args: argparse.Namespace, main: Callable[[argparse.Namespace, Any], Coroutine[Any, Any, int]]) -> int:
-    target = _target(args)
+    target = target_of(args)
     if target is None:
         return EXIT_ERROR
     try:
         return asyncio.run(main(args, target))
     except ApiError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_ERROR
     except FollowError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_ERROR
     except KeyboardInterrupt:
         if target.job_id is None:
-            _err("interrupted")
+            err("interrupted")
         elif args.cancel_on_exit:
             _cancel(target)
         else:
-            _err(f"interrupted; job {target.job_id} keeps running (progress-service watch {target.job_id})")
+            err(f"interrupted; job {target.job_id} keeps running (progress-service watch {target.job_id})")
         return EXIT_INTERRUPTED
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     """Submit a job; with ``--follow``, follow it to its end."""
-    if not args.prompt.strip():
-        _err("PROMPT must not be blank")
+    if blank(args.prompt, "PROMPT"):
         return EXIT_ERROR
     return _run(args, _submit)
 

@@ -15,26 +15,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import uuid
 from typing import Any
 
 from progress_service.errors import ApiError
 from progress_service.settings import Settings
 from progress_service.terminal.api import JobsApi
-from progress_service.terminal.commands import EXIT_ERROR, EXIT_JOB_FAILED, EXIT_OK, _Target, _target
+from progress_service.terminal.commands import (
+    EXIT_ERROR,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    Target,
+    add_target_args,
+    blank,
+    err,
+    target_of,
+)
 
 #: Connection attempts per command (the key makes retries safe).
 ATTEMPTS = 3
-
-
-def _err(text: str) -> None:
-    print(f"progress-service: {text}", file=sys.stderr, flush=True)
-
-
-def _connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=None, help="service base URL (default: $PS_URL, else http://127.0.0.1:8000)")
-    p.add_argument("--token", default=None, help="API token (default: $PS_TOKEN)")
 
 
 def register(subparsers: Any, token_subparsers: Any = None) -> None:
@@ -42,7 +41,7 @@ def register(subparsers: Any, token_subparsers: Any = None) -> None:
     p = subparsers.add_parser("steer", help="send an instruction to a running job's Claude Code")
     p.add_argument("job_id", metavar="JOB_ID")
     p.add_argument("text", metavar="TEXT", help="what Claude should do now")
-    _connection_args(p)
+    add_target_args(p)
     p.set_defaults(func=cmd_steer)
 
     p = subparsers.add_parser("decide", help="allow or deny a pending permission prompt of a job")
@@ -50,11 +49,11 @@ def register(subparsers: Any, token_subparsers: Any = None) -> None:
     p.add_argument("permission_id", metavar="PERMISSION_ID")
     p.add_argument("answer", choices=("allow", "deny"))
     p.add_argument("--message", default=None, help="told to Claude with the answer (e.g. why it was denied)")
-    _connection_args(p)
+    add_target_args(p)
     p.set_defaults(func=cmd_decide)
 
 
-async def _send(target: _Target, call: Any) -> int:
+async def _send(target: Target, call: Any) -> int:
     key = uuid.uuid4().hex
     async with JobsApi(target.url, target.token) as api:
         for attempt in range(1, ATTEMPTS + 1):
@@ -63,23 +62,22 @@ async def _send(target: _Target, call: Any) -> int:
                 break
             except ApiError as exc:
                 if (exc.status is not None and exc.status != 503) or attempt == ATTEMPTS:
-                    _err(str(exc))
+                    err(str(exc))
                     return EXIT_JOB_FAILED if exc.status in (409,) else EXIT_ERROR
                 await asyncio.sleep(attempt)
     if outcome.get("state") == "queued":
-        _err("not delivered yet (the CLI has not taken it); run the command again later to learn the outcome")
+        err("not delivered yet (the CLI has not taken it); run the command again later to learn the outcome")
         return EXIT_JOB_FAILED
     print(outcome.get("eventId") or "", flush=True)
-    _err(f"{outcome.get('state')} (event {outcome.get('eventId')})")
+    err(f"{outcome.get('state')} (event {outcome.get('eventId')})")
     return EXIT_OK
 
 
 def cmd_steer(args: argparse.Namespace, settings: Settings) -> int:
     """Send an instruction; exit 0 once the CLI echoed it."""
-    if not args.text.strip():
-        _err("TEXT must not be blank")
+    if blank(args.text, "TEXT"):
         return EXIT_ERROR
-    target = _target(args)
+    target = target_of(args)
     if target is None:
         return EXIT_ERROR
     return asyncio.run(_send(target, lambda api, key: api.instruct(args.job_id, args.text, key)))
@@ -87,7 +85,7 @@ def cmd_steer(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_decide(args: argparse.Namespace, settings: Settings) -> int:
     """Answer a permission prompt; exit 0 once the CLI got the answer."""
-    target = _target(args)
+    target = target_of(args)
     if target is None:
         return EXIT_ERROR
     allow = args.answer == "allow"
