@@ -2,7 +2,7 @@
 
 One :class:`Comments` per process (``Services.comments``); the gateway calls
 ``post(principal, room_id, job_id, request_id, text)`` for a ``chat`` message
-(see ``gateway/session.py``'s ``CommentsHook``) and acks with the event id it
+(see ``gateway/chat.py``'s ``CommentsHook``) and acks with the event id it
 returns; ``POST /api/jobs/{id}/comments`` calls :meth:`Comments.submit`.
 
 The order is the durability contract of docs/protocol.md:
