@@ -2,7 +2,7 @@
 
 One :class:`Comments` per process (``Services.comments``); the gateway calls
 ``post(principal, room_id, job_id, request_id, text)`` for a ``chat`` message
-(see ``gateway/session.py``'s ``CommentsHook``) and acks with the event id it
+(see ``gateway/chat.py``'s ``CommentsHook``) and acks with the event id it
 returns; ``POST /api/jobs/{id}/comments`` calls :meth:`Comments.submit`.
 
 The order is the durability contract of docs/protocol.md:
@@ -28,8 +28,9 @@ at once on two connections, or on two nodes — that finds the comment stored
 but its XADD not yet recorded gets the id of the one entry instead of adding
 a second. A retry after Redis failed between commit and XADD does the XADD.
 
-One module of ~410 lines because the group writer is the write path: the
-batching decides the transaction and the stream append above.
+Why one module of ~460 lines: the group writer is the write path; the
+batching decides the transaction and the stream append above, so the steps
+of the contract and the code that keeps them read together.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ Dependency = Literal["store", "redis", "network"]
 #: Seconds a client should wait before retrying a 503.
 RETRY_AFTER_SECONDS = 2
 
+#: What a call to the store or Redis raises when the dependency is down or too
+#: slow (the gateway answers these ``unavailable`` instead of closing 1011).
+STORE_ERRORS = (redis_exc.RedisError, sa_exc.SQLAlchemyError, OSError, TimeoutError)
+
 #: Socket errors that mean "the other side is not there (now)".
 _NETWORK_ERRNOS = frozenset(
     {

@@ -25,7 +25,7 @@ from progress_service.auth import PrincipalCache
 from progress_service.comments import Comments
 from progress_service.gateway import Gateway, new_node_id
 from progress_service.gateway.limits import ConnectionCap
-from progress_service.gateway.session import CommentsHook
+from progress_service.gateway.chat import CommentsHook
 from progress_service.hooks.gate import HookGate
 from progress_service.hooks.ingest import Ingest
 from progress_service.http_limits import HttpLimiter

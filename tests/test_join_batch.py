@@ -1,4 +1,4 @@
-"""Joins share one Redis MULTI per batch (gateway.session.JoinReads): each still gets its own answer."""
+"""Joins share one Redis MULTI per batch (gateway.joins.JoinReads): each still gets its own answer."""
 
 from __future__ import annotations
 

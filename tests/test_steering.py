@@ -28,7 +28,7 @@ from gateway_helpers import auth, connect, join, recv_type, send
 from model_server import Script, ToolUse, reply
 from progress_service.events import EventMsg
 from progress_service.keys import inbox_key, lease_key, run_key, steer_key
-from progress_service.terminal.render import format_event
+from progress_service.terminal.describe import format_event
 
 pytestmark = pytest.mark.usefixtures("claude_env")
 

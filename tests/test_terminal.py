@@ -29,7 +29,7 @@ from progress_service.events import ChatMsg, EventMsg
 from progress_service.keys import events_key
 from progress_service.terminal.backoff import Backoff
 from progress_service.terminal.client import Outcome, ws_url
-from progress_service.terminal.render import format_chat, format_event, one_line
+from progress_service.terminal.describe import format_chat, format_event, one_line
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE = shutil.which("progress-service", path=str(Path(sys.executable).parent)) or "progress-service"

@@ -26,7 +26,7 @@ doing now.
   message itself for older output): that is its final answer, to-dos or not;
 - ``finishing`` at the ``result`` line.
 
-Why ~540 lines in one module: :class:`Mapper` is one state machine over the
+Why one module of ~560 lines: :class:`Mapper` is one state machine over the
 CLI's output (pending tools, live tokens, to-dos, phase, retries) and its
 handlers share that state; what does not need it already lives apart
 (``stream_json``, ``step_detail``, ``todos``, ``tools``).

@@ -1,10 +1,11 @@
 """The realtime gateway: ``/ws`` (protocol v1) and the SSE stream of a job.
 
 Laid out like centrifuge: ``endpoint`` (transport, handshake guard),
-``session`` (one connection's protocol state), ``hub`` (this process's rooms
-and the one stream reader), ``outbox`` (bounded queue and sender),
-``presence`` (room members in Redis), ``limits`` and ``closes`` (one table
-of close codes).
+``session`` (one connection's protocol state; its client messages are
+handled by ``frames``, ``credentials``, ``rooms``, ``chat`` and ``steer``),
+``hub`` (this process's rooms and the one stream reader), ``outbox``
+(bounded queue and sender), ``presence`` (room members in Redis),
+``limits`` and ``closes`` (one table of close codes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import anyio
 from progress_service import closes, metrics
 from progress_service.auth import PrincipalCache
 from progress_service.closes import Close
+from progress_service.gateway.chat import CommentsHook
 from progress_service.gateway.endpoint import install_log_redaction, remove_log_redaction
 from progress_service.gateway.hub import Hub
 from progress_service.gateway.job_access import JobAccess, StoreGate
@@ -28,7 +30,7 @@ from progress_service.gateway.limits import ConnectionCap
 from progress_service.gateway.outbox import Outbox, OutboxStats, WriteWindow
 from progress_service.gateway.presence import Presence
 from progress_service.gateway.joins import JoinReads
-from progress_service.gateway.session import CommentsHook, SteeringHook
+from progress_service.gateway.steer import SteeringHook
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -27,6 +27,11 @@ Cluster: a room's shard is the master of its slot. On MOVED (resharding)
 the broker refreshes the slot map and moves the rooms that changed master.
 A failed shard retries with backoff; the other shards do not notice.
 See docs/cluster.md for the measurements behind this choice.
+
+Why one module of ~420 lines: the seam, the per-shard reader (:class:`Shard`)
+and the router that hands rooms to shards (:class:`StreamBroker`) are one
+mechanism; a shard's cursors, news and reconnect rules are the rules above,
+and the hub on the seam's other side lives apart.
 """
 
 from __future__ import annotations

@@ -80,6 +80,15 @@ class Room:
         self.members: dict[int, Member] = {}
 
 
+#: A room's cursor before it read any entry (XREAD's "from the start").
+_START = "0-0"
+
+
+def _last_read(cursor: str) -> str | None:
+    """The id of the last entry read at ``cursor``; None before the first (``_START``)."""
+    return None if cursor == _START else cursor
+
+
 def _after(keys: list[tuple[int, int]], texts: list[str], sizes: list[int], after: tuple[int, int]) -> Chunk:
     """The entries of an answer past ``after`` (a member that had some of them already)."""
     i = next(i for i, key in enumerate(keys) if key > after)
@@ -111,7 +120,7 @@ class Hub:
         room = self.rooms.get(job_id)
         new = room is None
         if room is None:
-            room = Room(job_id, head or "0-0", presence_head or "0-0")
+            room = Room(job_id, head or _START, presence_head or _START)
             self.rooms[job_id] = room
             self._by_key[room.events_key.encode()] = (room, False)
             self._by_key[room.presence_key.encode()] = (room, True)
@@ -193,7 +202,7 @@ class Hub:
             # Caught up with the stream as of that read. If the hub has read
             # further meanwhile (it skipped those entries for this pending
             # member), replay again; otherwise go live in this same step.
-            mine = position or "0-0"
+            mine = position or _START
             if not id_lt(mine, room.cursor):
                 member.after = id_tuple(mine)
                 member.live = True
@@ -249,7 +258,7 @@ class Hub:
         reader never saw (trimmed while it lagged, or Redis restarted empty):
         those come from the archive, in order, before anything after them.
         """
-        cursor = b"" if room.cursor == "0-0" else room.cursor.encode()
+        cursor = (_last_read(room.cursor) or "").encode()  # the first entry's ``p`` is empty
         parsed: list[streams.Entry] = []
         for eid, flat in entries:
             fields = dict(zip(flat[::2], flat[1::2]))
@@ -276,7 +285,7 @@ class Hub:
         for room in holes:
             try:
                 while self.rooms.get(room.job_id) is room:
-                    after = None if room.cursor == "0-0" else room.cursor
+                    after = _last_read(room.cursor)
                     entries = await history.read_page(redis, engine, room.job_id, after, count=READ_COUNT)
                     if self.rooms.get(room.job_id) is not room:
                         break

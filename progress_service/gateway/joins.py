@@ -18,15 +18,13 @@ import logging
 from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
-from sqlalchemy.exc import SQLAlchemyError
 
 from progress_service.keys import events_key, snapshot_key
+from progress_service.outage import STORE_ERRORS
 from progress_service.redis_client import slot_of
 from progress_service.store.identity import Principal
 
 log = logging.getLogger("progress_service.gateway.joins")
-
-_STORE_ERRORS = (RedisError, SQLAlchemyError, OSError, TimeoutError)
 
 #: Joins sharing one MULTI at most (about 6 commands each).
 JOIN_BATCH_MAX = 500
@@ -79,7 +77,7 @@ class JoinReads:
                 try:
                     await self._execute(batch)
                 except Exception as exc:  # every waiter hears of it; none is left hanging
-                    if not isinstance(exc, _STORE_ERRORS):
+                    if not isinstance(exc, STORE_ERRORS):
                         log.exception("gateway: join batch failed")
                     for j in batch:
                         if not j.future.done():
@@ -107,7 +105,7 @@ class JoinReads:
         outcomes = await asyncio.gather(*(bounded(g) for g in groups.values()), return_exceptions=True)
         for group, outcome in zip(groups.values(), outcomes, strict=True):
             if isinstance(outcome, BaseException):
-                if not isinstance(outcome, _STORE_ERRORS):
+                if not isinstance(outcome, STORE_ERRORS):
                     log.error("gateway: join group failed", exc_info=outcome)
                 for j in group:
                     if not j.future.done():

@@ -32,6 +32,10 @@ XREAD answer once, and every member that gets all of them queues the same
 chunk (one append, not one per entry), with the entries already joined by
 commas, so a batching connection's array frame is built from a few joined
 chunks instead of one string per message.
+
+Why one module of ~470 lines: the queue, its chunks, the write window that
+wakes it and the process's send counters are the one fan-out hot path above;
+they exist only for the outbox and are tuned together (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ between posts) and applies these rules:
   step first, and the late PreToolUse then maps to nothing;
 - anything before ``SessionStart`` starts the session; nothing but a new
   ``SessionStart`` (a resume) follows ``SessionEnd``.
+
+Why one module of ~460 lines: :class:`HookMapper` is one state machine over a
+session's hook bodies, one short handler per hook event, all sharing the
+:class:`SessionState` the rules above keep; what needs no state already lives
+apart (``hooks.body``, ``worker.tools``, ``worker.step_detail``).
 """
 
 from __future__ import annotations

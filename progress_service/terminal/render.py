@@ -10,121 +10,26 @@ Two renderers implement :class:`~progress_service.terminal.client.FollowSink`:
   stdout per event and per comment, never a redraw, so ``| grep`` and logs
   work. Connection notices go to stderr and never mix with the event lines.
 
-Both renderers and the formatters they share (``format_event``,
-``format_chat``, ``one_line``) are one module: the two must say the same thing.
+Both say what ``describe`` words (one text per event for both renderers);
+this module decides only how it is shown.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import sys
-import time
 from typing import Any, Literal, TextIO
 
 from progress_service.events import PHASES, TERMINAL_STATUSES, ChatMsg, EventMsg, JobSnapshot
-
-_WS = re.compile(r"\s+")
-
-#: Longest free text (message, summary, comment) on one plain line.
-LINE_TEXT_MAX = 300
-
-
-def one_line(text: Any, limit: int = LINE_TEXT_MAX) -> str:
-    """``text`` on one line: whitespace runs (newlines too) become one space, clipped."""
-    flat = _WS.sub(" ", str(text)).strip()
-    # Other control characters could move the cursor or ring the bell.
-    flat = "".join(ch if ch.isprintable() else "?" for ch in flat)
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def _clock(ms: int) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(ms / 1000)) if ms > 0 else "--:--:--"
-
-
-def _duration(ms: Any) -> str:
-    if not isinstance(ms, int | float):
-        return ""
-    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
-
-
-def _cost(usd: Any) -> str:
-    return f"${usd:.4f}" if isinstance(usd, int | float) else ""
-
-
-def describe_step(d: dict[str, Any]) -> str:
-    """``Edit src/app.py (120 ms)``: a step's tool, title and duration."""
-    dur = _duration(d.get("durationMs"))
-    return f"{d.get('tool')} {one_line(d.get('title', ''), 160)}" + (f" ({dur})" if dur else "")
-
-
-def describe_permission(d: dict[str, Any], job_id: str | None = None) -> str:
-    """A permission prompt and how to answer it, or its outcome."""
-    what = f"{d.get('tool')} {one_line(json.dumps(d.get('input') or {}, ensure_ascii=False), 200)}".rstrip(" {}")
-    if d.get("state") == "pending":
-        how = f"progress-service decide {job_id or 'JOB_ID'} {d.get('permissionId')} allow|deny"
-        return f"pending: {what}; answer: {how}"
-    who = f" by {one_line(d['by'], 80)}" if d.get("by") else ""
-    said = f": {one_line(d['message'], 200)}" if d.get("message") else ""
-    return f"{d.get('state')} {d.get('tool')} ({d.get('permissionId')}){who}{said}"
-
-
-def describe_event(kind: str, data: dict[str, Any], job_id: str | None = None) -> str:
-    """The human part of one event, on one line (no time, no kind)."""
-    d = data
-    if kind == "status":
-        text = f"{d.get('status')} (phase {d.get('phase')})"
-        return text + (f": {one_line(d['reason'])}" if d.get("reason") else "")
-    if kind == "phase":
-        return str(d.get("phase"))
-    if kind == "step":
-        return f"{d.get('state')} {describe_step(d)}"
-    if kind == "message":
-        return one_line(d.get("text", ""))
-    if kind == "todo":
-        items = d.get("items") or []
-        now = next((i.get("text") for i in items if isinstance(i, dict) and i.get("state") == "in_progress"), None)
-        return f"{d.get('done')}/{d.get('total')} done" + (f"; now: {one_line(now, 120)}" if now else "")
-    if kind == "usage":
-        cost = _cost(d.get("costUsd"))
-        return f"{d.get('inputTokens')} in / {d.get('outputTokens')} out tokens" + (f", {cost}" if cost else "")
-    if kind == "log":
-        return f"{d.get('stream')}: {one_line(d.get('line', ''))}"
-    if kind == "result":
-        head = "ok" if d.get("ok") else "FAILED"
-        parts = [head, f"{d.get('turns')} turns", _duration(d.get("durationMs")), _cost(d.get("costUsd"))]
-        text = ", ".join(p for p in parts if p)
-        if d.get("error"):
-            text += f"; error: {one_line(d['error'], 200)}"
-        if d.get("summary"):
-            text += f"; {one_line(d['summary'], 200)}"
-        return text
-    if kind == "worker":
-        return f"{d.get('state')} ({d.get('workerId')})"
-    if kind == "turn":
-        return f"prompt {d.get('turn')}: {one_line(d.get('prompt', ''))}"
-    if kind == "retry":
-        return one_line(d.get("text") or f"retrying the API ({d.get('attempt')}/{d.get('maxRetries')})")
-    if kind == "notice":
-        return f"{d.get('kind')}: {one_line(d.get('text', ''))}"
-    if kind == "instruction":
-        text = f"{d.get('state')} from {one_line(d.get('by', ''), 80)}: {one_line(d.get('text', ''), 300)}"
-        return text + (f" ({one_line(d['reason'], 200)})" if d.get("reason") else "")
-    if kind == "permission":
-        return describe_permission(d, job_id)
-    # A kind this client does not know yet: show its data rather than drop it.
-    return one_line(json.dumps(d, separators=(",", ":"), ensure_ascii=False))
-
-
-def format_event(msg: EventMsg, job_id: str | None = None) -> str:
-    """One plain line for an event: ``12:00:01 step     ok Edit src/app.py (120 ms)``."""
-    attempt = f" [attempt {msg.attempt}]" if msg.attempt > 1 else ""
-    return f"{_clock(msg.at)} {msg.kind:<8} {describe_event(msg.kind, msg.data, job_id)}{attempt}"
-
-
-def format_chat(msg: ChatMsg) -> str:
-    """One plain line for a comment: ``12:00:03 comment  alice: looks good``."""
-    return f"{_clock(msg.sentAt)} {'comment':<8} {one_line(msg.userName, 80)}: {one_line(msg.text, 1000)}"
+from progress_service.terminal.describe import (
+    describe_event,
+    describe_permission,
+    describe_step,
+    format_chat,
+    format_clock,
+    format_cost,
+    format_event,
+    one_line,
+)
 
 
 class JobView:
@@ -309,7 +214,7 @@ class RichRenderer:
         info = Table.grid(padding=(0, 2))
         info.add_row(Text("phase", "dim"), Text(v.phase), Text("step", "dim"), Text(step))
         todos = f"{v.todo_done}/{v.todo_total}" if v.todo_total else "-"
-        cost = _cost(v.cost) or "-"
+        cost = format_cost(v.cost) or "-"
         info.add_row(
             Text("to-dos", "dim"), Text(todos),
             Text("tokens", "dim"), Text(f"{v.input_tokens} in / {v.output_tokens} out   cost {cost}"),
@@ -339,7 +244,7 @@ class RichRenderer:
     def event(self, msg: EventMsg) -> None:
         self.view.apply_event(msg.kind, msg.data)
         d = msg.data
-        clock = (_clock(msg.at) + " ", "dim")
+        clock = (format_clock(msg.at) + " ", "dim")
         if msg.kind == "step" and d.get("state") in ("ok", "error"):
             ok = d.get("state") == "ok"
             self._print(clock, ("✓ " if ok else "✗ ", "green" if ok else "red"), describe_step(d))
@@ -367,7 +272,7 @@ class RichRenderer:
         self._live.refresh()
 
     def chat(self, msg: ChatMsg) -> None:
-        self._print((_clock(msg.sentAt) + " ", "dim"), ("💬 " + one_line(msg.userName, 80), "bold cyan"), ": ", one_line(msg.text, 1000))
+        self._print((format_clock(msg.sentAt) + " ", "dim"), ("💬 " + one_line(msg.userName, 80), "bold cyan"), ": ", one_line(msg.text, 1000))
 
     def presence(self, joined: list[str], left: list[str]) -> None:
         self.view.watchers.update(joined)
