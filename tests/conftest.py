@@ -41,6 +41,20 @@ def missing_service(reason: str) -> None:
     pytest.skip(reason)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Give SIGINT its default meaning in this process, so the programs the tests start get it too.
+
+    A shell that starts the suite in the background (``make test &``, a CI
+    runner's job) hands it SIGINT ignored, every child inherits that across
+    exec, and the tests that press Ctrl-C on the terminal client or the CLI
+    then see it ignored; whether an earlier test had reset it (the asyncio
+    signal helpers do) decided the outcome. (A caught handler is reset to
+    the default in a child; an ignored one is not.)
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
