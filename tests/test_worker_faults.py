@@ -379,8 +379,20 @@ async def test_redis_killed_or_emptied_mid_job_worker_survives_and_finishes(
     assert record.status == "succeeded" and record.attempt == 1, (record.status, record.reason)
     assert worker.proc.poll() is None, "the worker process died"
     log = worker.log.read_text()
-    # The running job and the poll loop each saw the outage, said so once, and went on.
-    assert log.count(f"Redis (job {job}) unavailable") == 1 and f"Redis (job {job}) is back" in log, log[-3000:]
+    # The job saw the outage, said so once per part of it that met it, and
+    # said when it was back. Which parts meet it depends on timing: the
+    # lease loop waits on the publisher while that one keeps events, so on a
+    # busy machine only the publisher may notice.
+    down = {
+        "lease": (f"Redis (job {job}) unavailable", f"Redis (job {job}) is back"),
+        "publisher": (f"job {job}: Redis unavailable", f"job {job}: Redis is back"),
+        "inbox": (f"Redis (job {job} inbox) unavailable", f"Redis (job {job} inbox) is back"),
+    }
+    noticed = [part for part, (gone, _back) in down.items() if gone in log]
+    assert noticed, log[-3000:]
+    for part in noticed:
+        gone, back = down[part]
+        assert log.count(gone) == 1 and back in log, (part, log[-3000:])
     assert "Traceback" not in log, log[-3000:]
 
     job = await c.submit()

@@ -38,7 +38,7 @@ from progress_service.events import EventData, EventKind, InstructionData, Permi
 from progress_service.ids import now_ms
 from progress_service.keys import inbox_key, steer_key
 from worker.claude import ClaudeProcess, user_message
-from worker.outage import REDIS_DOWN
+from worker.outage import REDIS_DOWN, Link
 
 log = logging.getLogger("progress_service.worker.steering")
 
@@ -89,6 +89,8 @@ class Steering:
         self._closed = False
         # One reader of the inbox at a time: close() drains it while run() may be mid-batch.
         self._reading = anyio.Lock()
+        # An outage is one line when the inbox goes unreadable and one when it is back, not one per poll.
+        self._link = Link(f"Redis (job {job_id} inbox)", log)
 
     async def start(self, prompt: str) -> None:
         """Open the inbox for this attempt and give the CLI its prompt."""
@@ -108,7 +110,9 @@ class Steering:
             try:
                 await self._read_inbox()
             except REDIS_DOWN as exc:
-                log.warning("job %s: inbox unreadable (%r); retrying", self.job_id, exc)
+                self._link.down(exc)
+            else:
+                self._link.up()
             await self._expire_prompts()
             await anyio.sleep(POLL)
 
