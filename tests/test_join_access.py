@@ -74,9 +74,11 @@ async def test_another_teams_room_and_a_missing_room_cost_the_same(make_settings
             missing.append(await _refusal(ws, f"job:missing{i:04d}"))
         m_other, m_missing = statistics.median(other), statistics.median(missing)
         print(f"join refusal medians: another team's room {m_other * 1000:.2f} ms, missing room {m_missing * 1000:.2f} ms")
-    # Before: 0.8 ms (cached other team) vs 3.6 ms (missing). Generous: a busy
-    # machine's noise is far below a 2x or 1 ms difference of the medians.
-    assert abs(m_other - m_missing) < max(0.001, 0.5 * max(m_other, m_missing)), (m_other, m_missing)
+    # Before: 0.8 ms (cached other team) vs 3.6 ms (missing), 4.5x. Generous:
+    # both cores saturated by other runs gave 2.56 vs 5.99 ms (2.3x) with the
+    # same single lookup, so the medians may differ by 1 ms or by up to 3.5x.
+    low, high = sorted((m_other, m_missing))
+    assert high - low < 0.001 or high / low < 3.5, (m_other, m_missing)
 
 
 async def test_a_reconnect_storm_waits_for_the_store_instead_of_failing(

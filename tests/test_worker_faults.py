@@ -378,16 +378,23 @@ async def test_redis_killed_or_emptied_mid_job_worker_survives_and_finishes(
     record = await wait_for(lambda: record_in(store_engine, job, "succeeded", "failed", "cancelled"), 40, "the end")
     assert record.status == "succeeded" and record.attempt == 1, (record.status, record.reason)
     assert worker.proc.poll() is None, "the worker process died"
-    log = worker.log.read_text()
     # The job saw the outage, said so once per part of it that met it, and
     # said when it was back. Which parts meet it depends on timing: the
     # lease loop waits on the publisher while that one keeps events, so on a
-    # busy machine only the publisher may notice.
+    # busy machine only the publisher may notice. The end is archived while
+    # Redis may still be coming back, so "back" can follow the row: wait for it.
     down = {
         "lease": (f"Redis (job {job}) unavailable", f"Redis (job {job}) is back"),
         "publisher": (f"job {job}: Redis unavailable", f"job {job}: Redis is back"),
         "inbox": (f"Redis (job {job} inbox) unavailable", f"Redis (job {job} inbox) is back"),
     }
+
+    async def all_back() -> bool:
+        text = worker.log.read_text()
+        return all(back in text for gone, back in down.values() if gone in text)
+
+    await wait_for(all_back, 20, "each part of the job that saw the outage to say Redis is back")
+    log = worker.log.read_text()
     noticed = [part for part, (gone, _back) in down.items() if gone in log]
     assert noticed, log[-3000:]
     for part in noticed:
