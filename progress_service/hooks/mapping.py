@@ -277,7 +277,7 @@ class HookMapper:
         summary = fields.get("summary", "").strip() or "a background task finished"
         status = fields.get("status", "").strip()
         text = clip(summary + (f" ({status})" if status and status not in summary else ""), MESSAGE_MAX_CHARS)
-        step_id = clip(fields["tool-use-id"].strip(), 100) if fields.get("tool-use-id", "").strip() else None
+        step_id = clip(fields.get("tool-use-id", "").strip(), 100) or None
         if self.snapshot.status in TERMINAL_STATUSES:
             self._status(out, at, "running")  # the CLI is working again until this round's Stop
         self._emit(out, at, "notice", NoticeData(kind="subagent", text=text, stepId=step_id))
