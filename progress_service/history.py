@@ -86,14 +86,20 @@ async def read_page(redis: Redis, engine: AsyncEngine, job_id: str, after: str |
     whole stream, or ``after`` is within what it holds (the hot path), a page
     costs no store query.
     """
-    entries, cov = await streams.replay_covered(redis, job_id, after, count=count)
+    entries, cov, read_at = await streams.replay_covered(redis, job_id, after, count=count)
     if cov.holds_from is None:
         return entries  # Redis holds the whole stream: nothing is anywhere else
     oldest = cov.holds_from or None  # None: Redis holds nothing of it
     if after is not None and oldest is not None and not id_lt(after, oldest):
         return entries  # Redis holds `after` or older: its answer is contiguous
-    rows = await store.read_entries(engine, job_id, after, before=oldest, limit=count)
-    # Fewer rows than asked: the store gave all of (after, oldest), Redis goes on from oldest.
+    # The store answers for what Redis had lost or trimmed at that read, and
+    # only for that: with Redis holding nothing, an entry appended since may
+    # be in the store already (a comment is stored at once) while one before
+    # it is not yet (a worker archives its events in batches). Both are at or
+    # above the read's clock, so they wait for the next page, read from Redis.
+    before = oldest if oldest is not None else f"{read_at}-0"
+    rows = await store.read_entries(engine, job_id, after, before=before, limit=count)
+    # Fewer rows than asked: the store gave all of (after, before), Redis goes on from oldest.
     return (rows + entries)[:count]
 
 

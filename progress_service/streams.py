@@ -241,12 +241,14 @@ async def replay(redis: Redis, job_id: str, since: str | None, *, count: int = 1
 
 async def replay_covered(
     redis: Redis, job_id: str, since: str | None, *, count: int = 1000
-) -> tuple[list[Entry], Coverage]:
-    """:func:`replay` and :func:`coverage` in one MULTI: the entries and what Redis held when it read them.
+) -> tuple[list[Entry], Coverage, int]:
+    """:func:`replay` and :func:`coverage` in one MULTI: the entries, what Redis held when it read them, and when.
 
     The reader needs both from the same instant: entries older than the
     coverage's ``holds_from`` were trimmed before this read, so the archive
-    holds them (``history.read_page``).
+    holds them (``history.read_page``). The third value is the Redis clock
+    (epoch ms) at the read: every entry appended after it has an id at or
+    above it (ids come from that clock, or from a floor above it).
     """
     key = events_key(job_id)
     start = f"({since}" if since else "-"
@@ -256,8 +258,9 @@ async def replay_covered(
         pipe.xrevrange(key, count=1)
         pipe.xlen(key)
         pipe.hmget(snapshot_key(job_id), "n", "k")
-        entries, first, last, length, (added, whole) = await pipe.execute()
-    return entries, coverage_of(first, last, length, added, whole)
+        pipe.time()
+        entries, first, last, length, (added, whole), (secs, micros) = await pipe.execute()
+    return entries, coverage_of(first, last, length, added, whole), int(secs) * 1000 + int(micros) // 1000
 
 
 class Coverage(msgspec.Struct, frozen=True):

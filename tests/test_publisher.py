@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 from redis.asyncio import Redis
 
 from history_helpers import PrivateRedis
@@ -195,3 +196,32 @@ async def test_a_page_whose_start_was_trimmed_reads_the_archive_then_redis(redis
     page = await history.read_page(redis, engine, job_id, got[9], count=8)
     assert [e.decode() for e, _ in page] == got[10:]
     await redis.delete(events_key(job_id), snapshot_key(job_id))
+
+
+async def test_with_redis_holding_nothing_the_archive_answers_only_for_entries_older_than_the_read(
+    redis: Any, store: Any
+) -> None:
+    """The two-node miss of issue 9: a replay read Redis while it held none of the stream; meanwhile an
+    event went to Redis (its worker archives later) and a comment after it to Redis and the store (at once).
+    The store's answer must not jump to the comment over the event: the page stops at the read's clock,
+    and the next page, from Redis, has both in order."""
+    from progress_service import history  # noqa: PLC0415
+    from progress_service.events import StoredChat, StoredEvent  # noqa: PLC0415
+
+    engine = store.engine
+    job_id = uuid.uuid4().hex[:12]
+    (secs, micros) = await redis.time()
+    soon = int(secs) * 1000 + int(micros) // 1000 + 60_000  # appended "after" the read below
+    event_id, chat_id = f"{soon}-0", f"{soon + 5}-0"
+    chat = StoredChat(requestId="c1", userId="u", userName="U", text="hi", sentAt=soon + 5)
+    chat_body = msgspec.json.encode(chat)
+    # The comment is stored already; Redis holds nothing yet (the event is not archived at all).
+    await archive.archive(engine, job_id, [archive.ArchivedEvent(chat_id, "chat", 1, chat_body)])
+    assert await history.read_page(redis, engine, job_id, None, count=10) == []
+    # Both reach Redis, in order: the next page has the event, then the comment.
+    key = events_key(job_id)
+    await redis.xadd(key, {"t": b"event", "b": streams.encode_event(StoredEvent(kind="log", at=soon, data={})), "p": b""}, id=event_id)
+    await redis.xadd(key, {"t": b"chat", "b": chat_body, "p": event_id.encode()}, id=chat_id)
+    page = await history.read_page(redis, engine, job_id, None, count=10)
+    assert [e.decode() for e, _ in page] == [event_id, chat_id]
+    await redis.delete(key, snapshot_key(job_id))

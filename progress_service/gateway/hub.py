@@ -34,6 +34,7 @@ from progress_service.gateway.broker import READ_COUNT, Broker, StreamBroker
 from progress_service.gateway.outbox import Chunk, Outbox
 from progress_service.ids import now_ms, room_id
 from progress_service.keys import events_key, presence_stream_key
+from progress_service.outage import STORE_ERRORS
 from progress_service.streams import id_lt, id_tuple, wire_bytes
 
 if TYPE_CHECKING:
@@ -182,12 +183,11 @@ class Hub:
         """
         self.add(job_id, member, head=head, presence_head=presence_head)
         room = self.rooms[job_id]
-        redis, engine = self.services.redis, self.services.engine
         position = since
         empty_rounds = 0
         while True:
             # From the archive what Redis no longer holds (history.py), then Redis.
-            entries = await history.read_page(redis, engine, job_id, position, count=READ_COUNT)
+            entries = await self._replay_page(job_id, position)
             if entries:
                 page = []
                 for eid, fields in entries:
@@ -215,6 +215,25 @@ class Hub:
                 member.after = id_tuple(room.cursor)
                 member.live = True
                 return
+
+    async def _replay_page(self, job_id: str, after: str | None) -> list[streams.Entry]:
+        """``history.read_page``, waiting out a store or Redis outage for up to ``PS_WS_STORE_WAIT``.
+
+        The member was told ``joined`` already and is skipped by live
+        delivery meanwhile, so a blink of the store delays its replay
+        instead of undoing the join; an outage longer than the wait raises
+        (the session then answers ``unavailable``).
+        """
+        deadline = anyio.current_time() + self.services.settings.ws_store_wait
+        delay = 0.1
+        while True:
+            try:
+                return await history.read_page(self.services.redis, self.services.engine, job_id, after, count=READ_COUNT)
+            except STORE_ERRORS:
+                if anyio.current_time() + delay > deadline:
+                    raise
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     # ------------------------------------------------------------------ reader
 
