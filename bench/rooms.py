@@ -184,17 +184,18 @@ async def joins(n: int, *, one_room: bool) -> dict[str, Any]:
         rooms = [room] * n if one_room else [uuid.uuid4().hex[:12] for _ in range(n)]
         t0 = time.perf_counter()
         # Like sessions, each join drops its reply once handled (the member
-        # list goes into its `joined` message, then away).
+        # list goes into its `joined` message, then away): no future is kept.
         seen: list[int] = []
+        done = asyncio.Event()
 
         def handled(f: asyncio.Future[Any]) -> None:
-            seen.append(len(f.result()[1][-1][1]))
+            seen.append(f.result()[1][-1][2])
+            if len(seen) == n:
+                done.set()
 
-        futures = [reads_.read(rooms[i], None, f"c{i}", _principal(i)) for i in range(n)]
-        for f in futures:
-            f.add_done_callback(handled)
-        await asyncio.wait(futures)
-        del futures
+        for i in range(n):
+            reads_.read(rooms[i], None, f"c{i}", _principal(i)).add_done_callback(handled)
+        await done.wait()
         elapsed = time.perf_counter() - t0
         members = seen[-1]
         cmdstats = await redis.info("commandstats")

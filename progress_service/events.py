@@ -437,7 +437,10 @@ class Joined(Struct, tag="joined", tag_field="type", kw_only=True):
     role: str
     snapshot: JobSnapshot
     head: str | None
+    #: At most 100 users, the joining one first (docs/protocol.md, Presence).
     presence: list[PresenceMember]
+    #: How many users are in the room in all (``presence`` may name fewer).
+    presenceCount: int = 0
 
 
 class Gap(Struct, tag="gap", tag_field="type", kw_only=True):

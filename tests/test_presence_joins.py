@@ -101,3 +101,26 @@ async def test_a_user_is_announced_once_and_leaves_when_its_last_entry_expires(r
     await b._refresh()
     assert _log(await redis.xrange(presence_stream_key(job)))[3:] == [("j", "u1")]
 
+
+
+async def test_joined_names_at_most_joined_max_users_and_counts_them_all(redis) -> None:
+    """A join into a crowded room costs the same as into a small one: the list is capped, the count is not."""
+    from progress_service.gateway.presence import JOINED_MAX  # noqa: PLC0415
+
+    job = uuid.uuid4().hex[:12]
+    node = Presence(redis, f"node-{job}", grace=1.0)
+    await node.load_scripts()
+    crowd = [_user(i) for i in range(JOINED_MAX + 150)]
+    await _join_batch(node, redis, job, crowd)
+    late = _user(999)
+    node.start_batch()
+    async with redis.pipeline(transaction=True) as pipe:
+        node.queue_join(pipe, job, "late", late)
+        (reply,) = await pipe.execute()
+    observed = node.observe(job, late, reply)
+    assert observed is not None
+    _log_id, listed, count = observed
+    assert count == JOINED_MAX + 151
+    assert len(listed) == JOINED_MAX
+    assert listed[0].userId == "u999"  # the joining user first, then in join order
+    assert [m.userId for m in listed[1:]] == [f"u{i}" for i in range(JOINED_MAX - 1)]

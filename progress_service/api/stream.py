@@ -134,7 +134,7 @@ async def _messages(
     finished = snapshot.status in TERMINAL_STATUSES
     point = resume_point(since, pos)
     hello = _Collect()
-    announce(hello, room, principal.role, snapshot, point, since, [])  # SSE watchers are not in presence
+    announce(hello, room, principal.role, snapshot, point, since, [], 0)  # SSE watchers are not in presence
     # Gateway.close_all closes the outbox at shutdown: the stream ends at
     # once (the EventSource resumes elsewhere) instead of holding uvicorn's
     # graceful shutdown until its timeout.

@@ -66,6 +66,10 @@ _enc = msgspec.json.Encoder()
 PIPELINE_MAX = 1000
 #: A join reads at most this many presence-log entries since the node's view; more: the whole set.
 DELTA_MAX = 64
+#: A ``joined`` names at most this many members (the joining user first) and
+#: counts the rest: a join then costs the same in a room of 5,000 as in a room
+#: of 5 (the whole list made a join storm into one room quadratic).
+JOINED_MAX = 100
 _member_dec = msgspec.json.Decoder(PresenceMember)
 
 # Lua: does a user (entry prefix ``<userId>\x1f``) have a live entry? Looked
@@ -238,6 +242,18 @@ def _users_of(entries: list[bytes]) -> dict[str, PresenceMember]:
     return seen
 
 
+def _listed(users: dict[str, PresenceMember], first: str) -> list[PresenceMember]:
+    """Up to :data:`JOINED_MAX` of ``users``: ``first`` (the joining user), then in join order."""
+    me = users.get(first)
+    listed = [me] if me is not None else []
+    for user_id, member in users.items():
+        if len(listed) >= JOINED_MAX:
+            break
+        if user_id != first:
+            listed.append(member)
+    return listed
+
+
 class Presence:
     """This node's presence entries and the one task that refreshes and sweeps them."""
 
@@ -303,8 +319,11 @@ class Presence:
         )
         return entry
 
-    def observe(self, job_id: str, principal: Principal, reply: object) -> tuple[str, list[PresenceMember]] | None:
-        """Bring this node's view of the room up to a join's reply; its presence-log id and the members.
+    def observe(self, job_id: str, principal: Principal, reply: object) -> tuple[str, list[PresenceMember], int] | None:
+        """Bring this node's view of the room up to a join's reply.
+
+        Returns its presence-log id, the members for ``joined`` (at most
+        :data:`JOINED_MAX`, the joining user first) and how many there are.
 
         Replies must come in MULTI order (each one follows from the one
         before). None when the reply is an error or the view it follows from
@@ -333,7 +352,7 @@ class Presence:
             elif added:  # chained: the only change since the previous reply is this join's own
                 users[principal.user_id] = PresenceMember(userId=principal.user_id, userName=principal.user_name)
         self._views[job_id] = (log_id, users)
-        return log_id, list(users.values())
+        return log_id, _listed(users, principal.user_id), len(users)
 
     def joined(self, job_id: str, entry: str, principal: Principal) -> None:
         """Record the live local entry of a join that went ahead (refreshed until it leaves)."""

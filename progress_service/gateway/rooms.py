@@ -55,7 +55,7 @@ async def join(session: Session, message: ClientJoin) -> None:
         # The room's reads queue behind the other joins' batches (JoinReads):
         # in a reconnect storm that is a wait, bounded like the store gate's.
         async with asyncio.timeout(settings.ws_store_wait):
-            snapshot, cov, presence_head, members = await _read_room(session, job_id, since)
+            snapshot, cov, presence_head, members, count = await _read_room(session, job_id, since)
             # Redis while it holds the entries; the store answers for the rest.
             pos = await history.position(gateway.engine, job_id, since, cov) if cov.holds_from is None else (
                 await gateway.store_gate.call(lambda: history.position(gateway.engine, job_id, since, cov))
@@ -75,7 +75,7 @@ async def join(session: Session, message: ClientJoin) -> None:
     point = resume_point(since, pos)
     member = Member(session.outbox, presence_after=streams.id_tuple(presence_head), owner=session)
     session.rooms[job_id] = member
-    announce(session, room_id, principal.role, snapshot, point, since, members)
+    announce(session, room_id, principal.role, snapshot, point, since, members, count)
     try:
         await gateway.hub.attach(job_id, member, point.replay_from, head=point.head, presence_head=presence_head)
     except STORE_ERRORS:
@@ -86,12 +86,12 @@ async def join(session: Session, message: ClientJoin) -> None:
 
 async def _read_room(
     session: Session, job_id: str, since: str | None
-) -> tuple[JobSnapshot | None, streams.Coverage, str, list[PresenceMember]]:
+) -> tuple[JobSnapshot | None, streams.Coverage, str, list[PresenceMember], int]:
     """Everything a join reads from Redis, in one MULTI (shared: :class:`JoinReads`).
 
     The same reads as ``streams.read_state`` and ``streams.coverage``
     plus the presence join script. Returns ``(snapshot, coverage,
-    presence_head, members)``.
+    presence_head, members, member count)``.
     """
     assert session.principal is not None
     entry, replies = await session.gateway.joins.read(job_id, since, session.id, session.principal)
@@ -100,9 +100,9 @@ async def _read_room(
     snapshot = streams.decode_snapshot(raw) if raw else None
     if snapshot is not None:
         snapshot.lastEventId = cov.head
-    presence_head, members = replies[-1]
+    presence_head, members, count = replies[-1]
     session.gateway.presence.joined(job_id, entry, session.principal)
-    return snapshot, cov, presence_head, members
+    return snapshot, cov, presence_head, members, count
 
 
 def leave(session: Session, message: ClientLeave) -> None:

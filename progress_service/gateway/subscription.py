@@ -64,10 +64,15 @@ def announce(
     point: ResumePoint,
     since: str | None,
     presence: list[PresenceMember],
+    presence_count: int,
 ) -> None:
-    """Tell the transport it joined (snapshot at the log's head), then about a gap."""
+    """Tell the transport it joined (snapshot at the log's head), then about a gap.
+
+    ``presence`` is the first members (``presence.JOINED_MAX``) of
+    ``presence_count``.
+    """
     if point.head is not None:
         snapshot.lastEventId = point.head  # the log's head, wherever it is kept
-    transport.put(Joined(roomId=room_id, role=role, snapshot=snapshot, head=point.head, presence=presence))
+    transport.put(Joined(roomId=room_id, role=role, snapshot=snapshot, head=point.head, presence=presence, presenceCount=presence_count))
     if point.gap:
         transport.put(Gap(roomId=room_id, since=since or "", oldest=point.oldest))

@@ -21,12 +21,15 @@ export function createCommentsPanel({ client, roomId, onInstruct = null }) {
   const comments = new Map(); // event id -> chat message
   const pending = new Map(); // requestId -> {requestId, text, sentAt, state, error}
   const presence = new Map(); // userId -> userName
+  // Users the server counted but did not name: `joined` names at most 100 (protocol, Presence).
+  let unnamed = 0;
   let role = null;
   let replaying = true;
   let steerable = false; // this user may send instructions to the running job
 
   const count = h("span", { class: "count" });
   const presenceList = h("ul", { class: "presence-list", "aria-label": "Watching now" });
+  const presenceMore = h("span", { class: "presence-more", hidden: true });
   const list = h("ol", { class: "comment-list", "aria-label": "Comments, oldest first" });
   const empty = h("p", { class: "empty" }, "No comments yet.");
   const textarea = h("textarea", {
@@ -60,7 +63,7 @@ export function createCommentsPanel({ client, roomId, onInstruct = null }) {
     "section",
     { class: "card comments-card", "aria-labelledby": "comments-title" },
     h("h2", { id: "comments-title" }, "Comments ", count),
-    h("div", { class: "presence" }, h("span", { class: "presence-label" }, "Watching"), presenceList),
+    h("div", { class: "presence" }, h("span", { class: "presence-label" }, "Watching"), presenceList, presenceMore),
     list,
     empty,
     form,
@@ -229,6 +232,8 @@ export function createCommentsPanel({ client, roomId, onInstruct = null }) {
         setText(li.querySelector(".presence-name"), p.userId === client.userId ? `${p.userName} (you)` : p.userName);
       },
     );
+    setText(presenceMore, unnamed > 0 ? `and ${unnamed} more` : "");
+    presenceMore.hidden = unnamed === 0;
   }
 
   return {
@@ -239,6 +244,7 @@ export function createCommentsPanel({ client, roomId, onInstruct = null }) {
       replaying = Boolean(replayingUntil);
       presence.clear();
       for (const m of msg.presence || []) presence.set(m.userId, m.userName);
+      unnamed = Math.max(0, (Number.isInteger(msg.presenceCount) ? msg.presenceCount : 0) - presence.size);
       render();
     },
     /** End of the replay: from now on new comments are announced. */
@@ -254,7 +260,10 @@ export function createCommentsPanel({ client, roomId, onInstruct = null }) {
     },
     onPresence(msg) {
       for (const m of msg.joined || []) presence.set(m.userId, m.userName);
-      for (const m of msg.left || []) presence.delete(m.userId);
+      for (const m of msg.left || []) {
+        // One the server did not name when we joined leaves from the count.
+        if (!presence.delete(m.userId) && unnamed > 0) unnamed -= 1;
+      }
       render();
     },
     onChatError(msg) {
