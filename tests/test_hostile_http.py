@@ -220,7 +220,7 @@ async def test_sse_streams_per_user_are_capped(
             third = await client.get(path, timeout=3)
             assert (
                 third.status_code == 429
-                and "too many open streams" in third.json()["detail"]
+                and "too many open connections and streams" in third.json()["detail"]
             )
         # Closing them frees the slots.
         with anyio.fail_after(5):

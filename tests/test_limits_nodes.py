@@ -72,6 +72,33 @@ async def test_connection_cap_holds_across_two_nodes(settings, store, redis) -> 
         await wait_count(redis, user_id, 0)
 
 
+async def test_sse_streams_count_in_the_same_cap_on_every_node(settings, store, redis) -> None:
+    """An SSE stream is a connection too: a WebSocket on node A and a stream on node B fill a cap of 2."""
+    cfg = settings(ws_max_connections_per_user=2)
+    token = await store.token(user="gus")
+    job = await store.job()
+    headers = {"Authorization": f"Bearer {token}"}
+    async with two_nodes(cfg) as (a, b), httpx.AsyncClient(headers=headers, timeout=10) as http:
+        async with connect(a) as ws:
+            user_id = (await auth(ws, token))["userId"]
+            async with http.stream("GET", f"{b}/api/jobs/{job}/stream") as stream:
+                assert stream.status_code == 200
+                lines = stream.aiter_lines()  # kept: an abandoned iterator closes the connection
+                assert (await anext(lines)).startswith("event: joined")
+                await wait_count(redis, user_id, 2)
+                for base in (a, b):
+                    refused = await http.get(f"{base}/api/jobs/{job}/stream", timeout=3)
+                    assert refused.status_code == 429 and "over every node" in refused.json()["detail"]
+                    assert refused.headers["Retry-After"]
+                async with connect(a) as third:
+                    await send(third, type="auth", token=token)
+                    assert await closed_with(third) == (4429, "too many connections")
+            # The stream's end frees its slot.
+            await wait_count(redis, user_id, 1)
+            async with http.stream("GET", f"{a}/api/jobs/{job}/stream") as again:
+                assert again.status_code == 200
+
+
 async def test_a_killed_nodes_connections_age_out(settings, store, redis, server_process) -> None:
     cfg = settings(ws_max_connections_per_user=1, ws_connection_ttl=1.5)
     token = await store.token(user="erin")

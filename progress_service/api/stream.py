@@ -19,6 +19,7 @@ process, not per watcher.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
@@ -87,20 +88,21 @@ async def job_stream(
     job = await get_job(services.engine, job_id, team_id=principal.team_id)
     if job is None:
         raise NotFoundException("no such job")
-    # Like the WebSocket's connections cap: each stream holds a hub member
-    # and a buffer, so one user cannot open them without bound.
-    limit = services.settings.ws_max_connections_per_user
-    if gateway.sse.per_user[principal.user_id] >= limit:
-        raise TooManyRequestsException(
-            f"too many open streams for this user (at most {limit}); close one first",
-            headers={"Retry-After": "10"},
-        )
     snapshot, _ = await streams.read_state(services.redis, job_id)
     # Redis while it holds the entries, the archive for what it does not.
     pos = await history.position(services.engine, job_id, since, await streams.coverage(services.redis, job_id))
     snapshot = snapshot or job.to_snapshot()
+    # Each stream holds a hub member and a buffer: it counts in the user's
+    # connections cap with their WebSockets, over every node (in Redis).
+    stream_id = f"sse-{uuid.uuid4().hex}"
+    if not await gateway.connections.admit(principal.user_id, stream_id):
+        limit = services.settings.ws_max_connections_per_user
+        raise TooManyRequestsException(
+            f"too many open connections and streams for this user (at most {limit} over every node); close one first",
+            headers={"Retry-After": "10"},
+        )
     return ServerSentEvent(
-        _messages(services.settings, gateway, principal, job_id, since, snapshot, pos),
+        _messages(services.settings, gateway, principal, job_id, since, snapshot, pos, stream_id),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -127,6 +129,7 @@ async def _messages(
     since: str | None,
     snapshot: JobSnapshot,
     pos: history.Position,
+    stream_id: str,
 ) -> AsyncIterator[ServerSentEventMessage]:
     room = room_id(job_id)
     outbox = Outbox(settings.ws_outbox_bytes)
@@ -138,7 +141,7 @@ async def _messages(
     # Gateway.close_all closes the outbox at shutdown: the stream ends at
     # once (the EventSource resumes elsewhere) instead of holding uvicorn's
     # graceful shutdown until its timeout.
-    gateway.sse.opened(principal.user_id, outbox)
+    gateway.sse.opened(outbox)
     try:
         for n, message in enumerate(hello.messages):
             yield ServerSentEventMessage(
@@ -172,6 +175,7 @@ async def _messages(
         # EventSource reconnects (``retry``), resuming with Last-Event-ID.
         outage.warn(dependency, "GET /api/jobs/{id}/stream (replay)", exc)
     finally:
-        gateway.sse.ended(principal.user_id, outbox)
+        gateway.connections.release(principal.user_id, stream_id)
+        gateway.sse.ended(outbox)
         gateway.hub.remove(job_id, member)
         outbox.close()

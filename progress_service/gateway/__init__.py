@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import uuid
-from collections import Counter
 from typing import TYPE_CHECKING
 
 import anyio
@@ -50,24 +49,22 @@ def new_node_id() -> str:
 
 
 class SseStreams:
-    """The SSE streams of this process: open ones per user (the cap) and their outboxes (closed at shutdown)."""
+    """The SSE streams of this process: their outboxes, closed at shutdown.
+
+    Each stream counts in its user's connections cap (``Gateway.connections``,
+    over every node) with the user's WebSockets.
+    """
 
     def __init__(self) -> None:
-        #: user id -> open streams
-        self.per_user: Counter[str] = Counter()
         self.outboxes: set[Outbox] = set()
 
-    def opened(self, user_id: str, outbox: Outbox) -> None:
-        """Count a new stream of ``user_id``."""
-        self.per_user[user_id] += 1
+    def opened(self, outbox: Outbox) -> None:
+        """Track a new stream."""
         self.outboxes.add(outbox)
 
-    def ended(self, user_id: str, outbox: Outbox) -> None:
+    def ended(self, outbox: Outbox) -> None:
         """Forget a finished stream."""
         self.outboxes.discard(outbox)
-        self.per_user[user_id] -= 1
-        if self.per_user[user_id] <= 0:
-            del self.per_user[user_id]
 
     def close_all(self) -> None:
         """End every stream at once (the EventSource resumes elsewhere with Last-Event-ID)."""
