@@ -158,6 +158,11 @@ def hook_sessions_key(token_id: str, hour: int) -> str:
     return f"ps:hooksessions:{token_id}:{hour}"
 
 
+def hook_rate_key(token_id: str) -> str:
+    """A reporter token's hook rate bucket over all nodes (``PS_HOOK_RATE``/``PS_HOOK_BURST``)."""
+    return f"ps:hookrate:{token_id}"
+
+
 def connections_key(user_id: str) -> str:
     """The user's live WebSocket connections over all nodes: ``node:conn`` -> expiry (Redis ms)."""
     return f"ps:{{user:{user_id}}}:conns"

@@ -1,6 +1,7 @@
 """Limits that hold across gateway nodes: two real uvicorn nodes share one Redis and one store.
 
-The per-user WebSocket cap and the HTTP rate limit are kept in Redis, so a
+The per-user connection cap (WebSockets and SSE streams), the HTTP rate limit
+and the hook rate are kept in Redis, so a
 client that spreads its connections or requests over the nodes gets the
 limit once, not once per node; a node that is killed stops counting after
 ``PS_WS_CONNECTION_TTL``.
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 from gateway_helpers import auth, closed_with, connect, send, serve
+from hook_helpers import Session, post_hook
 from progress_service.keys import connections_key
 
 FAST = {"ws_auth_timeout": 2.0, "presence_grace": 0.3}
@@ -97,6 +99,21 @@ async def test_sse_streams_count_in_the_same_cap_on_every_node(settings, store, 
             await wait_count(redis, user_id, 1)
             async with http.stream("GET", f"{a}/api/jobs/{job}/stream") as again:
                 assert again.status_code == 200
+
+
+async def test_hook_rate_is_per_token_across_two_nodes(settings, store) -> None:
+    """A reporter token's hooks spread over two nodes share one bucket (PS_HOOK_BURST), kept in Redis."""
+    cfg = settings(hook_rate=0.01, hook_burst=4)
+    reporter = await store.token(role="reporter", team="t1")
+    async with two_nodes(cfg) as (a, b), httpx.AsyncClient(timeout=10) as http:
+        s = Session()
+        codes = []
+        for i in range(6):
+            http.base_url = httpx.URL(a if i % 2 == 0 else b)
+            codes.append((await post_hook(http, reporter, s.body("Notification", message=f"n{i}"))).status_code)
+        assert codes == [204] * 4 + [429] * 2
+        refused = await post_hook(http, reporter, s.body("Notification", message="again"))
+        assert "counted over every node" in refused.json()["detail"] and refused.headers["Retry-After"]
 
 
 async def test_a_killed_nodes_connections_age_out(settings, store, redis, server_process) -> None:

@@ -100,9 +100,9 @@ async def accept(gate: HookGate, authorization: str | None, host: str | None, bo
         raise NotAuthorizedException("invalid, expired or revoked token")
     if not principal.is_reporter:
         raise PermissionDeniedException(f"hooks need a token of role 'reporter'; this one is '{principal.role}'")
-    if not gate.bucket(principal.token_id).take():
+    if not await gate.take(principal.token_id):
         raise TooManyRequestsException(
-            f"over {settings.hook_rate:g} hooks per second for this token", headers={"Retry-After": RETRY_AFTER}
+            f"over {settings.hook_rate:g} hooks per second for this token (counted over every node)", headers={"Retry-After": RETRY_AFTER}
         )
     if len(body) > settings.hook_max_body_bytes:
         raise ClientException(
