@@ -89,6 +89,21 @@ def presence_stream_key(job_id: str) -> str:
     return _job(job_id, "presence-log")
 
 
+def presence_nodes_key() -> str:
+    """Gateway nodes with presence entries: node id -> heartbeat expiry (epoch ms)."""
+    return "ps:presence:nodes"
+
+
+def presence_node_rooms_key(node_id: str) -> str:
+    """The rooms in which a gateway node has presence entries (cleared when it is found dead)."""
+    return f"ps:presence:node:{node_id}:rooms"
+
+
+def presence_cleanup_key(node_id: str) -> str:
+    """Held by the node that clears a dead node's presence entries."""
+    return f"ps:presence:cleanup:{node_id}"
+
+
 def cancel_key(job_id: str) -> str:
     """The cancel flag (value: who cancelled)."""
     return _job(job_id, "cancel")

@@ -135,6 +135,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     #: A connection must re-send ``auth`` within this many seconds.
     ws_credential_ttl: int = 3600
     presence_grace: float = 10.0
+    #: Seconds a gateway node's presence heartbeat stays valid (renewed every
+    #: third of it): a node silent this long is dead and its users are
+    #: announced left.
+    presence_node_ttl: float = 30.0
     #: Seconds the store may take to durably write a comment before the
     #: client is told ``unavailable``.
     store_timeout: float = 5.0

@@ -157,7 +157,8 @@ async def test_failed_shard_leaves_other_shards_rooms_untouched(
                 await w.wait_for(lambda m: m.get("type") == "event" and m.get("id") == before[-1])
                 # Presence's periodic work runs its scripts through the cluster's per-master pipelines.
                 presence = app.state.services.gateway.presence
-                await presence._refresh()
+                await presence._heartbeat()
+                await presence._readd_all()
                 await presence._sweep_rooms({doomed, safe})
 
                 cluster.kill_node(victim)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import socket
 import subprocess
 import tempfile
@@ -151,6 +152,29 @@ async def test_shutdown_closes_1001(make_settings: Callable[..., Any], store: St
 # --------------------------------------------------------------------------
 # Two gateway processes sharing one Redis
 # --------------------------------------------------------------------------
+
+
+async def test_a_killed_nodes_users_are_announced_left_by_the_other_node(
+    make_settings: Callable[..., Any], server_process: Any, store: Store
+) -> None:
+    """Presence upkeep is one heartbeat per node: when a node is SIGKILLed (no leave is ever written), the other
+    node finds its heartbeat lapsed and announces its users left, within PS_PRESENCE_NODE_TTL and a beat."""
+    settings = make_settings(presence_grace=0.2, presence_node_ttl=1.5)
+    doomed, survivor = server_process(settings), server_process(settings)
+    job = await store.job()
+    async with connect(survivor.url) as watcher, connect(doomed.url, close_timeout=0.5) as kim:
+        await auth(watcher, await store.token(user="wes"))
+        await auth(kim, await store.token(user="kim"))
+        await join(watcher, job)
+        await join(kim, job)
+        msg = await recv_type(watcher, "presence")
+        assert [m["userName"] for m in msg["joined"]] == ["kim"]
+        started = time.monotonic()
+        doomed.stop(signal.SIGKILL)
+        msg = await recv_type(watcher, "presence", timeout=10)
+        assert [m["userName"] for m in msg["left"]] == ["kim"] and msg["joined"] == []
+        # ttl (1.5 s) + the survivor's next beat (0.5 s) + slack for a busy machine
+        assert time.monotonic() - started < 8
 
 
 async def test_two_processes_same_events_presence_and_order(make_settings: Callable[..., Any], server_process: Any, store: Store, redis: Any) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import anyio
+
 from progress_service.gateway.presence import DELTA_MAX, Presence
 from progress_service.store.identity import Principal
 
@@ -71,36 +73,60 @@ def _log(entries: list[Any]) -> list[tuple[str, str]]:
     return out
 
 
-async def test_a_user_is_announced_once_and_leaves_when_its_last_entry_expires(redis) -> None:
-    """The lex index answers "is this user here?" (no member scan); sweeps and refreshes agree with it."""
-    import json  # noqa: PLC0415
-    import time  # noqa: PLC0415
+async def test_a_dead_nodes_users_are_announced_left_and_a_forgotten_node_writes_itself_back(redis) -> None:
+    """Upkeep costs what changed: one heartbeat per node; a node whose heartbeat lapsed is cleared by another.
 
-    from progress_service.keys import presence_stream_key  # noqa: PLC0415
-    from progress_service.keys import presence_key  # noqa: PLC0415
+    The lex index answers "is this user here?" (no member scan); the clearing and the write-back agree with it.
+    """
+    from progress_service.gateway.presence import LIVE  # noqa: PLC0415
+    from progress_service.keys import (  # noqa: PLC0415
+        presence_index_key,
+        presence_key,
+        presence_node_rooms_key,
+        presence_nodes_key,
+        presence_stream_key,
+    )
 
     job = uuid.uuid4().hex[:12]
     a, b = Presence(redis, f"a-{job}", grace=0.2), Presence(redis, f"b-{job}", grace=0.2)
     await a.load_scripts()
     await _join_batch(a, redis, job, [_user(1), _user(2)])
     await _join_batch(b, redis, job, [_user(1)])  # u1 again, from another node: not announced again
+    for node in (a, b):
+        await node._list_new_rooms()
+        await node._heartbeat()
     assert _log(await redis.xrange(presence_stream_key(job))) == [("j", "u1"), ("j", "u2")]
-    # Node a "crashes": its entries expire. The sweep announces u2 left; u1 still has b's entry.
-    now = int(time.time() * 1000)
-    mine = [e for e in await redis.zrange(presence_key(job), 0, -1) if f"\x1fa-{job}:" in e.decode()]
-    assert len(mine) == 2
-    await redis.zadd(presence_key(job), {e: now - 1 for e in mine}, xx=True)
-    await b._sweep_rooms({job})
-    assert _log(await redis.xrange(presence_stream_key(job)))[2:] == [("l", "u2")]
-    assert await redis.zcard(presence_key(job) + "-idx") == 1  # only b's entry is indexed now
-    # b's refresh keeps u1 without a second "joined"; a refresh after b's entry lapsed re-announces it.
-    await b._refresh()
-    assert len(await redis.xrange(presence_stream_key(job))) == 3
-    (entry,) = b._live[job]
-    await redis.zadd(presence_key(job), {entry: now - 1}, xx=True)
-    await b._refresh()
-    assert _log(await redis.xrange(presence_stream_key(job)))[3:] == [("j", "u1")]
+    assert await redis.smembers(presence_node_rooms_key(a.node_id)) == {job.encode()}
+    # Live entries do not expire on their own: nothing refreshes them.
+    assert {score for _, score in await redis.zrange(presence_key(job), 0, -1, withscores=True)} == {LIVE}
 
+    # Node a "crashes": its heartbeat lapses. The next node to beat clears it: u2 left, u1 stays (b's entry).
+    await redis.zadd(presence_nodes_key(), {a.node_id: 1}, xx=True)
+    await b._heartbeat()
+    with anyio.fail_after(5):  # another gateway on this Redis may have taken the clearing
+        while await redis.zscore(presence_nodes_key(), a.node_id) is not None:
+            await anyio.sleep(0.05)
+    assert _log(await redis.xrange(presence_stream_key(job)))[2:] == [("l", "u2")]
+    assert await redis.zcard(presence_index_key(job)) == 1  # only b's entry is indexed now
+    assert not await redis.exists(presence_node_rooms_key(a.node_id))
+
+    # b's heartbeat goes (as when Redis restarts empty) and its entry with it: its next beat writes it back.
+    (entry,) = b._live[job]
+    await redis.zrem(presence_nodes_key(), b.node_id)
+    await redis.zrem(presence_key(job), entry)
+    await b._heartbeat()
+    assert _log(await redis.xrange(presence_stream_key(job)))[3:] == [("j", "u1")]
+    assert await redis.zscore(presence_key(job), entry) == LIVE
+    assert await redis.smembers(presence_node_rooms_key(b.node_id)) == {job.encode()}
+
+    # b's last leave: after the grace its sweep announces u1 left and the room leaves b's list.
+    b.leave(job, entry.rsplit(":", 1)[1], _user(1))
+    await b._write_leaves()
+    await anyio.sleep(0.3)
+    await b._sweep_rooms({job})
+    assert _log(await redis.xrange(presence_stream_key(job)))[4:] == [("l", "u1")]
+    assert not await redis.exists(presence_node_rooms_key(b.node_id))
+    await redis.zrem(presence_nodes_key(), b.node_id)
 
 
 async def test_joined_names_at_most_joined_max_users_and_counts_them_all(redis) -> None:

@@ -99,7 +99,9 @@ class Gateway:
         #: The node's name (chosen with its connection cap, whose Redis entries carry it).
         self.node_id = connections.node_id
         self.hub = Hub(resources, self.node_id)
-        self.presence = Presence(resources.redis, self.node_id, grace=self.settings.presence_grace)
+        self.presence = Presence(
+            resources.redis, self.node_id, grace=self.settings.presence_grace, ttl=self.settings.presence_node_ttl
+        )
         self.joins = JoinReads(resources.redis, self.presence)
         #: Batching connections' senders wake together at the end of a short window (outbox.py).
         self.write_window = WriteWindow(self.settings.ws_write_window)

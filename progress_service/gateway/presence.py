@@ -3,9 +3,18 @@
 Layout (same hash tag as the job, so one Cluster slot):
 
 - ``ps:{job:<id>}:presence`` — a sorted set of connection entries
-  ``<userId>\\x1f<userName>\\x1f<node>:<connection>``, scored by the epoch ms at
-  which the entry expires. Live connections are refreshed by their node every
-  ``TTL / 3``; a crashed node's entries simply expire.
+  ``<userId>\\x1f<userName>\\x1f<node>:<connection>``, scored :data:`LIVE`
+  while the connection is in the room, then by the epoch ms at which it
+  expires (its leave plus the grace).
+
+Upkeep costs what changed, not how many rooms or members there are: a node
+renews one heartbeat (``ps:presence:nodes``, node -> expiry) every
+``TTL / 3`` and keeps the set of rooms it has entries in
+(``ps:presence:node:<id>:rooms``, written on a room's first local join and
+after its last local leave). A node whose heartbeat lapsed is dead: the
+first node to notice clears its entries in each of its rooms and announces
+who left. A node that finds its own heartbeat gone (Redis restarted empty,
+or it was thought dead while stalled) writes its entries back.
 - ``ps:{job:<id>}:presence-log`` — a small capped stream of changes
   (field ``j`` = joined member, ``l`` = left member, JSON). Every node's hub
   XREADs it alongside the job's event stream and fans it out as ``presence``.
@@ -47,15 +56,30 @@ from redis.exceptions import NoScriptError, RedisError
 
 from progress_service.events import PresenceMember
 from progress_service.ids import now_ms
-from progress_service.keys import presence_key, presence_stream_key
+from progress_service.keys import (
+    presence_cleanup_key,
+    presence_index_key,
+    presence_key,
+    presence_node_rooms_key,
+    presence_nodes_key,
+    presence_stream_key,
+)
 from progress_service.store.identity import Principal
 from progress_service.streams import NOTIFY_LUA
 
 log = logging.getLogger("progress_service.gateway.presence")
 
 SEP = "\x1f"
-#: Seconds a live entry stays valid without a refresh.
+#: Seconds a node's heartbeat stays valid by default (``PS_PRESENCE_NODE_TTL``);
+#: renewed every third of it. A node silent this long is dead and its users
+#: are announced left.
 TTL = 30.0
+#: Score of a connection's entry while it is in the room (its node's
+#: heartbeat vouches for it; see the module docstring).
+LIVE = 2**52
+#: Seconds between renewals of the expiry of this node's rooms' presence keys
+#: (a last-resort bound: keys of rooms nobody is in vanish after KEY_TTL).
+TOUCH_EVERY = 6 * 3600.0
 #: Presence changes kept per room (they are not replayed; this only bounds memory).
 LOG_MAXLEN = 200
 #: Presence keys of a room idle this long disappear.
@@ -162,10 +186,12 @@ return n
 """
 
 
-# Extends this node's live entries of a room; re-announces a user none of
-# whose entries is live any more (swept meanwhile). Reads only these
-# entries and, for a user whose own entry lapsed, the user's index range.
-_REFRESH = """
+# Writes this node's live entries of a room back (after its heartbeat was
+# found gone: Redis restarted empty, or the node was thought dead and
+# cleared); re-announces a user none of whose entries is live any more.
+# Reads only these entries and, for a user whose own entry lapsed, the
+# user's index range.
+_READD = """
 """ + _LIVE_OF + """
 local idx = KEYS[1] .. '-idx'
 local now = tonumber(ARGV[1])
@@ -196,6 +222,29 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', idx, ARGV[4])
 if n > 0 then """ + NOTIFY_LUA + """ end
 return n
+"""
+
+# Expires a dead node's entries of a room (the sweep that follows removes
+# them and announces who left). KEYS: presence set. ARGV: '\31<node>:'.
+_DROP_NODE = """
+local n = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.find(m, ARGV[1], 1, true) then
+    redis.call('ZADD', KEYS[1], 'XX', 0, m)
+    n = n + 1
+  end
+end
+return n
+"""
+
+# This node's heartbeat, on Redis's clock (one clock for every node).
+# KEYS: the nodes set. ARGV: node id, ttl ms.
+# Returns {1 if the node was not there (its entries may be gone), dead nodes}.
+_BEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local added = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return {added, redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 16)}
 """
 
 
@@ -255,17 +304,25 @@ def _listed(users: dict[str, PresenceMember], first: str) -> list[PresenceMember
 
 
 class Presence:
-    """This node's presence entries and the one task that refreshes and sweeps them."""
+    """This node's presence entries and the one task that writes leaves, beats and sweeps."""
 
-    def __init__(self, redis: Redis, node_id: str, *, grace: float) -> None:
+    def __init__(self, redis: Redis, node_id: str, *, grace: float, ttl: float = TTL) -> None:
         self.redis = redis
         self.node_id = node_id
         self.grace = grace
+        #: Seconds this node's heartbeat stays valid (``PS_PRESENCE_NODE_TTL``).
+        self.ttl = ttl
         self._join = redis.register_script(_JOIN)
         self._sweep = redis.register_script(_SWEEP)
-        self._refresh_script = redis.register_script(_REFRESH)
-        #: job id -> entries of live local connections (refreshed)
+        self._readd = redis.register_script(_READD)
+        self._drop_node = redis.register_script(_DROP_NODE)
+        self._beat = redis.register_script(_BEAT)
+        #: job id -> entries of live local connections
         self._live: dict[str, set[str]] = {}
+        #: rooms whose first local entry came: to add to this node's rooms in Redis
+        self._new_rooms: set[str] = set()
+        #: rooms this node has told Redis it has entries in (taken out after their last sweep)
+        self._listed_rooms: set[str] = set()
         #: job id -> user id -> live local entries of that user (a join of a user
         #: already here needs no look-up)
         self._local_users: dict[str, dict[str, int]] = {}
@@ -278,6 +335,8 @@ class Presence:
         self._leaving: list[tuple[str, str]] = []
         #: (monotonic due time, job id) of sweeps to run
         self._due: list[tuple[float, str]] = []
+        #: job id -> epoch ms at which this node's last leave there expires
+        self._leave_until: dict[str, int] = {}
         self._wakeup = anyio.Event()
 
     def start_batch(self, rooms: Iterable[str] | None = None) -> None:
@@ -314,7 +373,7 @@ class Presence:
         here = "1" if local is not None and local.get(principal.user_id) else "0"
         pipe.evalsha(
             self._join.sha, 2, presence_key(job_id), presence_stream_key(job_id),
-            entry, principal.user_id + SEP, now + int(TTL * 1000), now, LOG_MAXLEN, body, KEY_TTL,
+            entry, principal.user_id + SEP, LIVE, now, LOG_MAXLEN, body, KEY_TTL,
             here, known, DELTA_MAX,
         )
         return entry
@@ -355,14 +414,17 @@ class Presence:
         return log_id, _listed(users, principal.user_id), len(users)
 
     def joined(self, job_id: str, entry: str, principal: Principal) -> None:
-        """Record the live local entry of a join that went ahead (refreshed until it leaves)."""
+        """Record the live local entry of a join that went ahead (vouched for by the heartbeat until it leaves)."""
+        if job_id not in self._listed_rooms:
+            self._new_rooms.add(job_id)
+            self._wakeup.set()
         self._live.setdefault(job_id, set()).add(entry)
         local = self._local_users.setdefault(job_id, {})
         local[principal.user_id] = local.get(principal.user_id, 0) + 1
 
     async def load_scripts(self) -> None:
         """Load the scripts into Redis (after a NOSCRIPT answer)."""
-        for script in (_JOIN, _SWEEP, _REFRESH):
+        for script in (_JOIN, _SWEEP, _READD, _DROP_NODE, _BEAT):
             await self.redis.script_load(script)
 
     def leave(self, job_id: str, conn_id: str, principal: Principal) -> None:
@@ -389,21 +451,42 @@ class Presence:
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Write leaves, refresh live entries and sweep expired ones, until cancelled."""
-        next_refresh = anyio.current_time() + TTL / 3
+        """Write leaves, beat, clear dead nodes and sweep expired entries, until cancelled.
+
+        On the way out this node's heartbeat is set to lapse after the grace,
+        so another node announces its users left then (or the next node to
+        start, if none is left).
+        """
+        try:
+            await self._loop()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                with contextlib.suppress(RedisError, OSError):
+                    await self._write_leaves()
+                    await self._beat(keys=[presence_nodes_key()], args=[self.node_id, int(self.grace * 1000)])
+
+    async def _loop(self) -> None:
+        next_beat = anyio.current_time()
+        next_touch = anyio.current_time() + TOUCH_EVERY
         while True:
+            due: set[str] = set()
             try:
                 await self._write_leaves()
+                await self._list_new_rooms()
                 now = anyio.current_time()
-                if now >= next_refresh:
-                    await self._refresh()
-                    next_refresh = now + TTL / 3
-                due: set[str] = set()
+                if now >= next_beat:
+                    await self._heartbeat()
+                    next_beat = now + self.ttl / 3
+                if now >= next_touch:
+                    await self._touch_keys()
+                    next_touch = now + TOUCH_EVERY
                 while self._due and self._due[0][0] <= now:
                     due.add(heapq.heappop(self._due)[1])
                 if due:
                     await self._sweep_rooms(due)
             except (RedisError, OSError) as exc:
+                for job_id in due:  # swept again at the next try
+                    heapq.heappush(self._due, (anyio.current_time(), job_id))
                 if isinstance(exc, NoScriptError):
                     # Redis lost its scripts (restart); a cluster pipeline does not load them itself.
                     with contextlib.suppress(RedisError, OSError):
@@ -412,10 +495,10 @@ class Presence:
                 log.warning("presence: Redis error (%s); retrying", exc)
                 await anyio.sleep(1.0)
                 continue
-            wait = next_refresh - anyio.current_time()
+            wait = next_beat - anyio.current_time()
             if self._due:
                 wait = min(wait, self._due[0][0] - anyio.current_time())
-            if self._leaving:
+            if self._leaving or self._new_rooms:
                 continue
             self._wakeup = anyio.Event()
             with anyio.move_on_after(max(0.01, wait)):
@@ -433,29 +516,96 @@ class Presence:
             del self._leaving[: len(batch)]
             due = anyio.current_time() + self.grace + 0.05
             for job_id in {job_id for job_id, _ in batch}:
+                self._leave_until[job_id] = until
                 heapq.heappush(self._due, (due, job_id))
 
-    async def _refresh(self) -> None:
-        """Extend live entries (re-announcing a user whose entry was swept meanwhile).
+    async def _list_new_rooms(self) -> None:
+        """Add the rooms that got their first local entry to this node's rooms in Redis."""
+        if not self._new_rooms:
+            return
+        rooms, self._new_rooms = list(self._new_rooms), set()
+        try:
+            await self.redis.sadd(presence_node_rooms_key(self.node_id), *rooms)
+        except BaseException:
+            self._new_rooms.update(rooms)
+            raise
+        self._listed_rooms.update(rooms)
 
-        One script call per room (all of the room's local entries) and all
-        rooms in one pipeline: a refresh costs a round trip per node.
-        """
+    async def _heartbeat(self) -> None:
+        """Renew this node's heartbeat; write its entries back if Redis forgot it; clear dead nodes."""
+        added, dead = await self._beat(keys=[presence_nodes_key()], args=[self.node_id, int(self.ttl * 1000)])
+        if added and self._live:
+            log.info("presence: this node's heartbeat was gone (Redis restarted, or the node stalled); writing its entries back")
+            await self._readd_all()
+        for raw in dead:
+            node = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if node != self.node_id:
+                await self._clear_node(node)
+
+    async def _readd_all(self) -> None:
+        """Write every live local entry back, re-announcing users none of whose entries is left."""
         rooms = [(job_id, list(entries)) for job_id, entries in self._live.items() if entries]
+        self._listed_rooms.clear()
+        self._new_rooms.update(job_id for job_id, _ in rooms)
+        await self._list_new_rooms()
         for i in range(0, len(rooms), PIPELINE_MAX // 2):
             now = now_ms()
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job_id, entries in rooms[i : i + PIPELINE_MAX // 2]:
                     keys = [presence_key(job_id), presence_stream_key(job_id)]
-                    await self._refresh_script(keys=keys, args=[now, now + int(TTL * 1000), LOG_MAXLEN, KEY_TTL, *entries], client=pipe)
-                    # entries of crashed nodes expire: announce them to the room
-                    await self._sweep(keys=keys, args=[now, LOG_MAXLEN], client=pipe)
+                    await self._readd(keys=keys, args=[now, LIVE, LOG_MAXLEN, KEY_TTL, *entries], client=pipe)
+                await pipe.execute()
+
+    async def _clear_node(self, node: str) -> None:
+        """Clear a dead node's entries in each of its rooms, announcing who left (one node does it)."""
+        redis = self.redis
+        if not await redis.set(presence_cleanup_key(node), self.node_id, nx=True, ex=60):
+            return  # another node is at it
+        rooms = [r.decode() if isinstance(r, bytes) else str(r) for r in await redis.smembers(presence_node_rooms_key(node))]
+        mark = f"{SEP}{node}:"
+        for i in range(0, len(rooms), PIPELINE_MAX // 2):
+            now = now_ms()
+            async with redis.pipeline(transaction=False) as pipe:
+                for job_id in rooms[i : i + PIPELINE_MAX // 2]:
+                    await self._drop_node(keys=[presence_key(job_id)], args=[mark], client=pipe)
+                    await self._sweep(keys=[presence_key(job_id), presence_stream_key(job_id)], args=[now, LOG_MAXLEN], client=pipe)
+                await pipe.execute()
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.delete(presence_node_rooms_key(node))
+            pipe.zrem(presence_nodes_key(), node)
+            pipe.delete(presence_cleanup_key(node))
+            await pipe.execute()
+        log.info("presence: node %s stopped beating; cleared its entries in %d room(s)", node, len(rooms))
+
+    async def _touch_keys(self) -> None:
+        """Renew the expiry of this node's rooms' presence keys (rare: every TOUCH_EVERY)."""
+        rooms = list(self._live)
+        for i in range(0, len(rooms), PIPELINE_MAX // 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in rooms[i : i + PIPELINE_MAX // 2]:
+                    pipe.expire(presence_key(job_id), KEY_TTL)
+                    pipe.expire(presence_index_key(job_id), KEY_TTL)
                 await pipe.execute()
 
     async def _sweep_rooms(self, job_ids: set[str]) -> None:
-        """Sweep expired entries of these rooms (one pipeline)."""
+        """Sweep expired entries of these rooms (one pipeline); rooms left for good leave this node's list."""
+        now = now_ms()
+        # A room leaves the list only once this node's last leave there has
+        # expired: that sweep removes its last entry (nobody would sweep it later).
+        ready = {job_id for job_id in job_ids if self._leave_until.get(job_id, 0) <= now}
+        for job_id in job_ids - ready:
+            heapq.heappush(self._due, (anyio.current_time() + (self._leave_until[job_id] - now) / 1000 + 0.05, job_id))
+        gone = [job_id for job_id in ready if job_id not in self._live and job_id in self._listed_rooms]
         async with self.redis.pipeline(transaction=False) as pipe:
-            now = now_ms()
             for job_id in job_ids:
                 await self._sweep(keys=[presence_key(job_id), presence_stream_key(job_id)], args=[now, LOG_MAXLEN], client=pipe)
+            if gone:
+                pipe.srem(presence_node_rooms_key(self.node_id), *gone)
             await pipe.execute()
+        for job_id in ready:
+            self._leave_until.pop(job_id, None)
+        for job_id in gone:
+            if job_id not in self._live:
+                self._listed_rooms.discard(job_id)
+            else:  # joined again meanwhile: list it again
+                self._new_rooms.add(job_id)
