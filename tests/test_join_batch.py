@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
-from gateway_helpers import auth, connect, join, publish, serve
+from gateway_helpers import auth, collect_events, connect, join, publish, serve
 
 FAST = {"ws_auth_timeout": 2.0, "presence_grace": 0.3}
 
@@ -43,3 +43,38 @@ async def test_concurrent_joins_each_get_their_room(settings, store, redis) -> N
                 assert answer["snapshot"]["id"] == job
                 assert f"u{i}" in {p["userName"] for p in answer["presence"]}
 
+
+
+async def test_a_join_storm_into_one_room_replays_every_event_once_while_it_grows(settings, store, redis) -> None:
+    """Joins of one room at once share their replay reads (gateway.single_flight); none misses or repeats an event.
+
+    Events are appended during the storm, so some shared reads answer from
+    before a member's registration: its check against the hub's position
+    must send it back for the rest.
+    """
+    async with serve(settings()) as (base, _app):
+        job = await store.job()
+        ids = await publish(redis, job, 30)
+        tokens = [await store.token(user=f"u{i}") for i in range(20)]
+        async with AsyncExitStack() as stack:
+            sockets = [await stack.enter_async_context(connect(base, max_queue=64)) for _ in tokens]
+            for ws, token in zip(sockets, tokens, strict=True):
+                await auth(ws, token)
+            seen: dict[int, list[str]] = {}
+
+            async def watch(i: int) -> None:
+                await join(sockets[i], job)
+                seen[i] = [e["id"] for e in await collect_events(sockets[i], 60, timeout=30)]
+
+            async def grow() -> None:
+                for n in range(30, 60):
+                    ids.extend(await publish(redis, job, 1, start=n))
+                    await anyio.sleep(0.002)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(grow)
+                for i in range(len(sockets)):
+                    tg.start_soon(watch, i)
+            assert len(ids) == 60
+            for i in range(len(sockets)):
+                assert seen[i] == ids, f"watcher {i}"

@@ -19,7 +19,7 @@ twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ from progress_service import history, metrics, streams
 from progress_service.events import PresenceMember, PresenceMsg
 from progress_service.gateway.broker import READ_COUNT, Broker, StreamBroker
 from progress_service.gateway.outbox import Chunk, Outbox
+from progress_service.gateway.single_flight import SingleFlight
 from progress_service.ids import now_ms, room_id
 from progress_service.keys import events_key, presence_stream_key
 from progress_service.outage import STORE_ERRORS
@@ -108,6 +109,8 @@ class Hub:
         #: Rooms whose last answer showed a hole (see ``_fan_out_events``), filled by ``_fill_holes``.
         self._holes: dict[str, Room] = {}
         self._holes_ready = anyio.Event()
+        #: Replay pages being read, by (job id, after): joins of one room at once share a read.
+        self._pages: SingleFlight[tuple[str, str | None], list[streams.Entry]] = SingleFlight()
 
     @property
     def reconnects(self) -> int:
@@ -187,7 +190,11 @@ class Hub:
         empty_rounds = 0
         while True:
             # From the archive what Redis no longer holds (history.py), then Redis.
-            entries = await self._replay_page(job_id, position)
+            # A read shared with other joins may have started before this
+            # member's check found the hub ahead; after an empty answer with
+            # the hub ahead, read afresh (the deleted-entries count below
+            # must not be fed stale answers).
+            entries = await self._replay_page(job_id, position, shared=empty_rounds == 0)
             if entries:
                 page = []
                 for eid, fields in entries:
@@ -216,8 +223,11 @@ class Hub:
                 member.live = True
                 return
 
-    async def _replay_page(self, job_id: str, after: str | None) -> list[streams.Entry]:
+    async def _replay_page(self, job_id: str, after: str | None, *, shared: bool) -> list[streams.Entry]:
         """``history.read_page``, waiting out a store or Redis outage for up to ``PS_WS_STORE_WAIT``.
+
+        ``shared``: joins of the room replaying from the same id at once
+        share one read (a join storm into one room asks it hundreds of times).
 
         The member was told ``joined`` already and is skipped by live
         delivery meanwhile, so a blink of the store delays its replay
@@ -228,12 +238,17 @@ class Hub:
         delay = 0.1
         while True:
             try:
-                return await history.read_page(self.services.redis, self.services.engine, job_id, after, count=READ_COUNT)
+                if shared:
+                    return await self._pages.run((job_id, after), lambda: self._read_page(job_id, after))
+                return await self._read_page(job_id, after)
             except STORE_ERRORS:
                 if anyio.current_time() + delay > deadline:
                     raise
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    def _read_page(self, job_id: str, after: str | None) -> Awaitable[list[streams.Entry]]:
+        return history.read_page(self.services.redis, self.services.engine, job_id, after, count=READ_COUNT)
 
     # ------------------------------------------------------------------ reader
 
