@@ -18,6 +18,7 @@ twice.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable
 from contextlib import aclosing
@@ -66,10 +67,27 @@ class Member:
         self.owner = owner
 
 
+#: Seconds a room's presence changes wait after a fan-out before the next one.
+#: A quiet room's change goes out at once; in a join storm into one room each
+#: member gets the changes of a window in one chunk (one frame), not one per
+#: read: the storm's frames grow with its length, not with joins x members.
+PRESENCE_WINDOW = 0.05
+
+
 class Room:
     """A job's room as seen by this process: its cursors and local members."""
 
-    __slots__ = ("cursor", "events_key", "job_id", "members", "presence_cursor", "presence_key", "room_id")
+    __slots__ = (
+        "cursor",
+        "events_key",
+        "job_id",
+        "members",
+        "presence_cursor",
+        "presence_key",
+        "presence_pending",
+        "presence_timer",
+        "room_id",
+    )
 
     def __init__(self, job_id: str, cursor: str, presence_cursor: str) -> None:
         self.job_id = job_id
@@ -80,6 +98,10 @@ class Room:
         self.cursor = cursor
         self.presence_cursor = presence_cursor
         self.members: dict[int, Member] = {}
+        #: Presence changes read but not fanned out yet: (ids, texts, sizes).
+        self.presence_pending: tuple[list[tuple[int, int]], list[str], list[int]] = ([], [], [])
+        #: Ends this room's presence window (None: no fan-out in the last ``PRESENCE_WINDOW``).
+        self.presence_timer: asyncio.TimerHandle | None = None
 
 
 #: A room's cursor before it read any entry (XREAD's "from the start").
@@ -145,6 +167,7 @@ class Hub:
             self._by_key.pop(room.events_key.encode(), None)
             self._by_key.pop(room.presence_key.encode(), None)
             self.broker.unsubscribe(room)
+            _end_presence_window(room)
             metrics.ws_rooms.set(len(self.rooms))
 
     async def attach(
@@ -254,9 +277,13 @@ class Hub:
 
     async def run(self) -> None:
         """Let the broker read and fan out, and fill holes from the archive, until cancelled."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._hole_filler)
-            await self.broker.run(self._dispatch)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._hole_filler)
+                await self.broker.run(self._dispatch)
+        finally:
+            for room in self.rooms.values():
+                _end_presence_window(room)
 
     async def _hole_filler(self) -> None:
         while True:
@@ -362,10 +389,8 @@ class Hub:
             m.outbox.put_chunk(chunk if after < first else _after(keys, texts, sizes, after))
 
     def _fan_out_presence(self, room: Room, entries: list[Any]) -> None:
-        # Like events: all the answer's changes in one chunk, one put per member.
-        keys: list[tuple[int, int]] = []
-        texts: list[str] = []
-        sizes: list[int] = []
+        """Queue an answer's presence changes; fan them out now unless the room's window is open."""
+        keys, texts, sizes = room.presence_pending
         for eid, flat in entries:
             fields = dict(zip(flat[::2], flat[1::2]))
             joined = [_member_dec.decode(fields[b"j"])] if b"j" in fields else []
@@ -374,8 +399,18 @@ class Hub:
             keys.append(id_tuple(eid.decode()))
             texts.append(raw.decode())
             sizes.append(len(raw))
-        last_eid = entries[-1][0]
-        room.presence_cursor = last_eid.decode()
+        room.presence_cursor = entries[-1][0].decode()
+        if room.presence_timer is None:
+            self._presence_window_ended(room)
+
+    def _presence_window_ended(self, room: Room) -> None:
+        """Fan the room's queued presence changes out (if any) and open its next window."""
+        room.presence_timer = None
+        keys, texts, sizes = room.presence_pending
+        if not keys or self.rooms.get(room.job_id) is not room:
+            return
+        room.presence_pending = ([], [], [])
+        # Like events: all the window's changes in one chunk, one put per member.
         first, last = keys[0], keys[-1]
         chunk = Chunk.of(texts, sizes)
         for m in list(room.members.values()):
@@ -384,3 +419,11 @@ class Hub:
                 continue
             m.presence_after = last
             m.outbox.put_chunk(chunk if after < first else _after(keys, texts, sizes, after))
+        room.presence_timer = asyncio.get_running_loop().call_later(PRESENCE_WINDOW, self._presence_window_ended, room)
+
+
+def _end_presence_window(room: Room) -> None:
+    """Drop a room's presence timer (the room is gone from this process, or the hub stopped)."""
+    if room.presence_timer is not None:
+        room.presence_timer.cancel()
+        room.presence_timer = None
