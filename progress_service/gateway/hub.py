@@ -72,6 +72,11 @@ class Member:
 #: member gets the changes of a window in one chunk (one frame), not one per
 #: read: the storm's frames grow with its length, not with joins x members.
 PRESENCE_WINDOW = 0.05
+#: Bigger rooms wait longer, ``members / PRESENCE_FRAMES_PER_S`` seconds (up to
+#: ``PRESENCE_WINDOW_MAX``): a room's presence costs at most about this many
+#: frames per second however many members it has (100 ms at 1,000 members).
+PRESENCE_FRAMES_PER_S = 10_000
+PRESENCE_WINDOW_MAX = 1.0
 
 
 class Room:
@@ -419,7 +424,8 @@ class Hub:
                 continue
             m.presence_after = last
             m.outbox.put_chunk(chunk if after < first else _after(keys, texts, sizes, after))
-        room.presence_timer = asyncio.get_running_loop().call_later(PRESENCE_WINDOW, self._presence_window_ended, room)
+        window = min(PRESENCE_WINDOW_MAX, max(PRESENCE_WINDOW, len(room.members) / PRESENCE_FRAMES_PER_S))
+        room.presence_timer = asyncio.get_running_loop().call_later(window, self._presence_window_ended, room)
 
 
 def _end_presence_window(room: Room) -> None:
