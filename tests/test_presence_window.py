@@ -1,4 +1,4 @@
-"""A room's presence changes go out at once when it is quiet, and one window's worth per member in a burst (hub.PRESENCE_WINDOW)."""
+"""A room's presence changes go out at once when it is quiet, one window's worth per member in a burst (hub.PRESENCE_WINDOW), and none is lost to a member registering late."""
 
 from __future__ import annotations
 
@@ -54,6 +54,12 @@ async def test_a_burst_is_one_chunk_per_window_and_a_quiet_change_goes_at_once(r
         # The window's five changes in one chunk; the late member gets only what followed its join.
         assert [m["joined"][0]["userId"] for m in old.chunks[1]] == ["u2", "u3", "u4", "u5", "u6"]
         assert [[m["joined"][0]["userId"] for m in c] for c in late.chunks] == [["u5", "u6"]]
+        # A member whose join read the log at 1-0 but that registers only now (its
+        # join awaited the store meanwhile): the changes that went out since are its at once.
+        slow = _Chunks()
+        hub.add("job", Member(slow, presence_after=(1, 0)), head=None, presence_head=None)  # type: ignore[arg-type]
+        assert [[m["joined"][0]["userId"] for m in c] for c in slow.chunks] == [["u2", "u3", "u4", "u5", "u6"]]
+        hub.remove("job", next(m for m in hub.rooms["job"].members.values() if m.outbox is slow))
         hub.remove("job", next(iter(hub.rooms["job"].members.values())))
         hub.remove("job", next(iter(hub.rooms["job"].members.values())))
         assert "job" not in hub.rooms and room.presence_timer is None  # the window went with the room

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncGenerator, Awaitable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,9 @@ PRESENCE_WINDOW = 0.05
 #: frames per second however many members it has (100 ms at 1,000 members).
 PRESENCE_FRAMES_PER_S = 10_000
 PRESENCE_WINDOW_MAX = 1.0
+#: Presence changes a room keeps after fanning them out, for a member that
+#: registers after they went out but joined (read the log) before them.
+PRESENCE_RECENT = 256
 
 
 class Room:
@@ -90,6 +94,7 @@ class Room:
         "presence_cursor",
         "presence_key",
         "presence_pending",
+        "presence_recent",
         "presence_timer",
         "room_id",
     )
@@ -105,6 +110,8 @@ class Room:
         self.members: dict[int, Member] = {}
         #: Presence changes read but not fanned out yet: (ids, texts, sizes).
         self.presence_pending: tuple[list[tuple[int, int]], list[str], list[int]] = ([], [], [])
+        #: The last changes fanned out: (id, text, size), oldest first.
+        self.presence_recent: deque[tuple[tuple[int, int], str, int]] = deque(maxlen=PRESENCE_RECENT)
         #: Ends this room's presence window (None: no fan-out in the last ``PRESENCE_WINDOW``).
         self.presence_timer: asyncio.TimerHandle | None = None
 
@@ -158,6 +165,7 @@ class Hub:
             self.broker.subscribe(room)
             metrics.ws_rooms.set(len(self.rooms))
         room.members[id(member)] = member
+        _catch_up_presence(room, member)
         return new
 
     def remove(self, job_id: str, member: Member) -> None:
@@ -424,6 +432,7 @@ class Hub:
                 continue
             m.presence_after = last
             m.outbox.put_chunk(chunk if after < first else _after(keys, texts, sizes, after))
+        room.presence_recent.extend(zip(keys, texts, sizes))
         window = min(PRESENCE_WINDOW_MAX, max(PRESENCE_WINDOW, len(room.members) / PRESENCE_FRAMES_PER_S))
         room.presence_timer = asyncio.get_running_loop().call_later(window, self._presence_window_ended, room)
 
@@ -433,3 +442,19 @@ def _end_presence_window(room: Room) -> None:
     if room.presence_timer is not None:
         room.presence_timer.cancel()
         room.presence_timer = None
+
+
+def _catch_up_presence(room: Room, member: Member) -> None:
+    """Hand a registering member the changes that went out after its join read the log.
+
+    Between a join's read (its ``presence_after``) and its registration here
+    the hub may have fanned changes out to the room; they are not sent again
+    by the hub, so the member gets them from the room's recent ones.
+    """
+    recent = room.presence_recent
+    after = member.presence_after
+    if not recent or after >= recent[-1][0]:
+        return
+    missed = [item for item in recent if item[0] > after]
+    member.presence_after = missed[-1][0]
+    member.outbox.put_chunk(Chunk.of([text for _, text, _ in missed], [size for _, _, size in missed]))
