@@ -44,7 +44,6 @@ async def test_concurrent_joins_each_get_their_room(settings, store, redis) -> N
                 assert f"u{i}" in {p["userName"] for p in answer["presence"]}
 
 
-
 async def test_a_join_storm_into_one_room_replays_every_event_once_while_it_grows(settings, store, redis) -> None:
     """Joins of one room at once share their replay reads (gateway.single_flight); none misses or repeats an event.
 

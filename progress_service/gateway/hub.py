@@ -284,6 +284,7 @@ class Hub:
             delay = min(delay * 2, 2.0)
 
     def _read_page(self, job_id: str, after: str | None) -> Awaitable[list[streams.Entry]]:
+        """One page (``READ_COUNT``) of the room's log after ``after``, Redis then the archive."""
         return history.read_page(self.services.redis, self.services.engine, job_id, after, count=READ_COUNT)
 
     # ------------------------------------------------------------------ reader
@@ -355,12 +356,11 @@ class Hub:
         its cursor and is tried again, so nothing after it is delivered first.
         """
         holes, self._holes = list(self._holes.values()), {}
-        redis, engine = self.services.redis, self.services.engine
         for room in holes:
             try:
                 while self.rooms.get(room.job_id) is room:
                     after = _last_read(room.cursor)
-                    entries = await history.read_page(redis, engine, room.job_id, after, count=READ_COUNT)
+                    entries = await self._read_page(room.job_id, after)
                     if self.rooms.get(room.job_id) is not room:
                         break
                     if entries:
@@ -420,7 +420,7 @@ class Hub:
         """Fan the room's queued presence changes out (if any) and open its next window."""
         room.presence_timer = None
         keys, texts, sizes = room.presence_pending
-        if not keys or self.rooms.get(room.job_id) is not room:
+        if not keys:
             return
         room.presence_pending = ([], [], [])
         # Like events: all the window's changes in one chunk, one put per member.
@@ -455,6 +455,6 @@ def _catch_up_presence(room: Room, member: Member) -> None:
     after = member.presence_after
     if not recent or after >= recent[-1][0]:
         return
-    missed = [item for item in recent if item[0] > after]
-    member.presence_after = missed[-1][0]
-    member.outbox.put_chunk(Chunk.of([text for _, text, _ in missed], [size for _, _, size in missed]))
+    keys, texts, sizes = (list(column) for column in zip(*recent))
+    member.presence_after = keys[-1]
+    member.outbox.put_chunk(_after(keys, texts, sizes, after))
