@@ -38,9 +38,29 @@ class PeerUnavailable(Exception):
     """Node.js, npm or the seed's folder is missing; the comparison is skipped with this reason."""
 
 
+def _origin_candidates() -> list[Path]:
+    """``shared/seed/peer`` beside the local repository this checkout was cloned from, if it was.
+
+    A clone made elsewhere (``git clone /work/main /tmp/x``) is not beside
+    ``shared/``, but the repository it came from is.
+    """
+    try:
+        url = subprocess.run(
+            ["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+            capture_output=True, text=True, timeout=5, check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    url = url.removeprefix("file://")
+    if not url or "://" in url or not url.startswith("/"):
+        return []  # not a local path (a remote URL, or none)
+    origin = Path(url)
+    return [origin.parent / "shared" / "seed" / "peer", origin.parent.parent / "shared" / "seed" / "peer"]
+
+
 def find_seed_dir(explicit: str | None = None) -> Path:
     """The folder holding the seed's ``server.mjs``; raises :class:`PeerUnavailable`."""
-    candidates = [Path(explicit)] if explicit else [*SEED_CANDIDATES]
+    candidates = [Path(explicit)] if explicit else [*SEED_CANDIDATES, *_origin_candidates()]
     if not explicit and os.environ.get("SEED_PEER_DIR"):
         candidates.insert(0, Path(os.environ["SEED_PEER_DIR"]))
     for c in candidates:
