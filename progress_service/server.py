@@ -17,6 +17,7 @@ from litestar import Litestar
 
 from progress_service.api.health import HealthFront
 from progress_service.api.hooks import HookFront
+from progress_service.gateway.direct_send import DirectSendProtocol
 from progress_service.gateway.endpoint import GatewayFront
 from progress_service.settings import Settings
 from progress_service.state import started_services, unwrap
@@ -105,8 +106,13 @@ class Server(uvicorn.Server):
             await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
-def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **extra: Any) -> uvicorn.Config:
-    """uvicorn settings that match the protocol's limits and heartbeats."""
+def make_config(app: Litestar, settings: Settings, *, host: str, port: int,
+                ws: type[asyncio.Protocol] | str = DirectSendProtocol, **extra: Any) -> uvicorn.Config:
+    """uvicorn settings that match the protocol's limits and heartbeats.
+
+    ``ws``: uvicorn's WebSocket protocol; by default its websockets-sansio one
+    plus a synchronous frame writer for the fan-out (gateway/direct_send.py).
+    """
     return uvicorn.Config(
         # `/ws` handshakes skip Litestar's routing (same guard, same session);
         # so do Claude Code hook posts (same checks, same answers).
@@ -115,6 +121,7 @@ def make_config(app: Litestar, settings: Settings, *, host: str, port: int, **ex
         host=host,
         port=port,
         lifespan="on",
+        ws=ws,
         # Frames a little over the protocol limit reach the gateway, which
         # closes 1009 with its own reason; giant ones are refused unread.
         ws_max_size=settings.ws_max_frame_bytes * 2 + 1024,

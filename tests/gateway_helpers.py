@@ -142,13 +142,14 @@ async def collect_events(ws: ClientConnection, count: int, timeout: float = 10.0
 
 
 def serve(
-    settings: Any, *, port: int | None = None, chat_hook: Any = None
+    settings: Any, *, port: int | None = None, chat_hook: Any = None, ws: Any = None
 ) -> contextlib.AbstractAsyncContextManager[tuple[str, Any]]:
     """The real app on uvicorn without a worker, yielding ``(base_url, app)``.
 
-    ``chat_hook(resources)`` makes the gateway's chat hook (None from it: no hook).
+    ``chat_hook(resources)`` makes the gateway's chat hook (None from it: no hook);
+    ``ws`` is uvicorn's WebSocket protocol (None: the server's own).
     """
-    return run_app(settings, run_worker=False, port=port, chat_hook=chat_hook)
+    return run_app(settings, run_worker=False, port=port, chat_hook=chat_hook, ws=ws)
 
 
 class FakeComments:

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 @contextlib.asynccontextmanager
 async def run_app(
-    settings: Settings, *, run_worker: bool, port: int | None = None, chat_hook: ChatHookFactory | None = None
+    settings: Settings, *, run_worker: bool, port: int | None = None, chat_hook: ChatHookFactory | None = None,
+    ws: Any = None,
 ) -> AsyncIterator[tuple[str, Any]]:
     """The app on a free loopback port; yields ``(base_url, app)`` and shuts it down after.
 
@@ -30,7 +31,8 @@ async def run_app(
     port = port or free_port()
     assert settings.redis_url, "run_app needs settings.redis_url"
     app = create_app(settings, redis_url=settings.redis_url, run_worker=run_worker, chat_hook=chat_hook)
-    server = Server(make_config(app, settings, host="127.0.0.1", port=port))
+    extra = {} if ws is None else {"ws": ws}  # uvicorn's WebSocket protocol (default: the server's own)
+    server = Server(make_config(app, settings, host="127.0.0.1", port=port, **extra))
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
         with anyio.fail_after(20):

@@ -33,7 +33,19 @@ chunk (one append, not one per entry), with the entries already joined by
 commas, so a batching connection's array frame is built from a few joined
 chunks instead of one string per message.
 
-Why one module of ~470 lines: the queue, its chunks, the write window that
+Under uvicorn with :class:`~progress_service.gateway.direct_send.DirectSendProtocol`
+(the server's default) there is no sender task: :meth:`Outbox.write_through`
+hands the outbox the connection's :class:`FrameSink`, and the wake-up that
+would have resumed the sender writes the frames itself: in the write
+window's timer callback, or in a callback soon after the ``put`` of a reply.
+A batching outbox that still holds a whole chunk when the next arrives
+queues the two merged (:meth:`Chunk.merged`, made once for every member in
+step), and a frame that is one whole chunk is encoded once for every outbox
+that sends it (:meth:`Chunk.frame`). A
+paused transport holds the frames back (the outbox fills towards its limit)
+until it drains; one paused for ``timeout`` is a stalled reader.
+
+Why one module of ~560 lines: the queue, its chunks, the write window that
 wakes it and the process's send counters are the one fan-out hot path above;
 they exist only for the outbox and are tuned together (docs/performance.md).
 """
@@ -43,12 +55,16 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import anyio
 
 from progress_service import metrics
 from progress_service.errors import SendTimeout
+from progress_service.gateway.direct_send import text_frame
+
+if TYPE_CHECKING:
+    from progress_service.gateway.direct_send import FrameSink
 
 #: With batching on, one array frame carries at most this many bytes of messages.
 BATCH_FRAME_BYTES = 64 * 1024
@@ -98,7 +114,43 @@ class OutboxStats:
         return self.queued_bytes
 
 
-def _wake(waiter: asyncio.Future[None] | None) -> None:
+class _Drain:
+    """Stands in for the sender's future when the outbox writes to a :class:`FrameSink` itself.
+
+    One-shot like a future, so a window still holding an old one wakes nothing.
+    Woken like a future, the drain runs soon, not inside the ``put`` that woke
+    it (a replay queues a page message by message: they should share frames,
+    as they do with a sender task); the write window, a timer callback
+    already, drains at once (:meth:`drain_now`).
+    """
+
+    __slots__ = ("_fired", "_outbox")
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+        self._fired = False
+
+    def done(self) -> bool:
+        return self._fired
+
+    def set_result(self, _: None) -> None:
+        self._fired = True
+        asyncio.get_running_loop().call_soon(self._outbox._drain)
+
+    def drain_now(self) -> None:
+        if not self._fired:
+            self._fired = True
+            self._outbox._drain()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+
+#: What wakes the sender: its future, or the outbox's own drain.
+Waiter = asyncio.Future[None] | _Drain
+
+
+def _wake(waiter: Waiter | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
 
@@ -114,10 +166,10 @@ class WriteWindow:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[Waiter] = []
         self._handle: asyncio.TimerHandle | None = None
 
-    def hold(self, waiter: asyncio.Future[None]) -> None:
+    def hold(self, waiter: Waiter) -> None:
         """Wake ``waiter`` when the current window ends (opening one if none is open)."""
         if self.seconds <= 0:
             _wake(waiter)
@@ -130,31 +182,73 @@ class WriteWindow:
         self._handle = None
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            _wake(waiter)
+            if isinstance(waiter, _Drain):
+                waiter.drain_now()
+            else:
+                _wake(waiter)
 
 
-class Chunk(NamedTuple):
+class Chunk:
     """Encoded messages queued together, shared by every outbox that queues them.
 
     ``joined`` is ``",".join(texts)``, made once for all the outboxes, so a
-    batching sender that takes the whole chunk adds one string to its frame.
-    A queue holds chunks and single messages (``(text, size)`` pairs, told
-    apart by their length: a pair is not tracked by the garbage collector and
-    costs nothing to make).
+    batching sender that takes the whole chunk adds one string to its frame
+    (or, writing to a :class:`FrameSink`, the same frame bytes: :meth:`frame`).
+    A queue holds chunks and single messages (``(text, size)`` pairs: a pair
+    is not tracked by the garbage collector and costs nothing to make).
     """
 
-    joined: str
-    #: Encoded bytes of all the messages.
-    size: int
-    texts: Sequence[str]
-    sizes: Sequence[int]
-    #: The messages as ``(text, size)`` pairs, for the outboxes that send one per frame.
-    pairs: Sequence[tuple[str, int]]
+    __slots__ = ("_frame", "_merged", "_pairs", "joined", "size", "sizes", "texts")
+
+    def __init__(self, joined: str, size: int, texts: Sequence[str], sizes: Sequence[int],
+                 pairs: Sequence[tuple[str, int]] | None = None) -> None:
+        self.joined = joined
+        #: Encoded bytes of all the messages.
+        self.size = size
+        self.texts = texts
+        self.sizes = sizes
+        self._pairs = pairs
+        self._frame: tuple[bytes, bytes] | None = None
+        #: The last :meth:`merged` answer, ``(next, merged)``: members in step share it.
+        self._merged: tuple[Chunk, Chunk] | None = None
 
     @classmethod
     def of(cls, texts: Sequence[str], sizes: Sequence[int]) -> Chunk:
         """A chunk of these messages (joined here, once)."""
-        return cls(",".join(texts), sum(sizes), texts, sizes, list(zip(texts, sizes, strict=True)))
+        return cls(",".join(texts), sum(sizes), texts, sizes)
+
+    @property
+    def pairs(self) -> Sequence[tuple[str, int]]:
+        """The messages as ``(text, size)`` pairs, for the outboxes that send one per frame."""
+        pairs = self._pairs
+        if pairs is None:
+            pairs = self._pairs = list(zip(self.texts, self.sizes, strict=True))
+        return pairs
+
+    def merged(self, following: Chunk) -> Chunk:
+        """This chunk and ``following`` as one, made once for every outbox that queued both.
+
+        A batching outbox that still holds this chunk whole when ``following``
+        arrives queues the merged chunk instead, so connections in step (all
+        of a busy room's live members) share one frame's bytes, however many
+        reads the write window gathered.
+        """
+        merged = self._merged
+        if merged is not None and merged[0] is following:
+            return merged[1]
+        chunk = Chunk(self.joined + "," + following.joined, self.size + following.size,
+                      [*self.texts, *following.texts], [*self.sizes, *following.sizes])
+        self._merged = (following, chunk)
+        return chunk
+
+    def frame(self) -> tuple[bytes, bytes]:
+        """The whole chunk as one batching array frame, ``(frame, payload)``, encoded on first use."""
+        frame = self._frame
+        if frame is None:
+            # one message goes bare, as a batching sender sends it (see Outbox._take)
+            payload = (self.joined if len(self.texts) == 1 else "[" + self.joined + "]").encode()
+            frame = self._frame = (text_frame(payload), payload)
+        return frame
 
 
 class Outbox:
@@ -164,14 +258,17 @@ class Outbox:
         "_count",
         "_held",
         "_items",
+        "_on_broken",
         "_on_overflow",
         "_pos",
         "_pump_task",
         "_sending_since",
+        "_sink",
         "_size",
         "_space_waiter",
         "_stalled",
         "_stats",
+        "_timeout",
         "_waiter",
         "_watchdog",
         "_window",
@@ -197,10 +294,10 @@ class Outbox:
         self._count = 0
         self._size = 0
         #: The sender's (or ``get``'s) wait for a message; None while it is not waiting.
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: Waiter | None = None
         #: Batching: the sender's wait, held by ``_window`` until it ends (or a frame's worth is queued).
         self._window = window
-        self._held: asyncio.Future[None] | None = None
+        self._held: Waiter | None = None
         #: A replay's wait for room (``put_wait``).
         self._space_waiter: asyncio.Future[None] | None = None
         self.overflowed = False
@@ -213,6 +310,10 @@ class Outbox:
         self._watchdog: asyncio.TimerHandle | None = None
         self._pump_task: asyncio.Task[None] | None = None
         self._stalled = False
+        #: Writing through (:meth:`write_through`): the sink, the stall timeout, who hears of a failure.
+        self._sink: FrameSink | None = None
+        self._timeout = 0.0
+        self._on_broken: Callable[[bool], None] | None = None
 
     @property
     def size(self) -> int:
@@ -241,12 +342,14 @@ class Outbox:
         self._stats.queued_bytes += size
         # One message on its own (a reply, a heartbeat, a replay page's entry):
         # the sender goes now, taking whatever a window was holding with it.
-        if self._waiter is not None:
-            _wake(self._waiter)
+        # (Cleared before the wake: a drain installs the next waiter itself.)
+        waiter = self._waiter
+        if waiter is not None:
             self._waiter = None
+            _wake(waiter)
         elif self._held is not None:
-            _wake(self._held)
-            self._held = None
+            waiter, self._held = self._held, None
+            _wake(waiter)
         return True
 
     def put_chunk(self, chunk: Chunk) -> bool:
@@ -257,7 +360,13 @@ class Outbox:
         if self._size + size > self.limit:
             return all(self.put(text, n) for text, n in chunk.pairs)
         if self.batch:
-            self._items.append(chunk)
+            items = self._items
+            last = items[-1] if items else None
+            if (last is not None and not isinstance(last, tuple) and (self._pos == 0 or len(items) > 1)
+                    and last.size + size <= BATCH_FRAME_BYTES):
+                items[-1] = last.merged(chunk)
+            else:
+                items.append(chunk)
         else:
             # one frame per message anyway: queue them one by one, so the
             # sender's take is a popleft
@@ -281,8 +390,8 @@ class Outbox:
             _wake(waiter)
         elif self._size >= BATCH_FRAME_BYTES:
             # a frame's worth is queued: no reason to wait for the window's end
-            _wake(self._held)
-            self._held = None
+            held, self._held = self._held, None
+            _wake(held)
 
     def put_many(self, items: list[tuple[str, int]], size: int) -> bool:
         """Queue several encoded messages (``size``: their total bytes) at once.
@@ -313,6 +422,7 @@ class Outbox:
 
     def close(self) -> None:
         """Refuse further messages and drop what is queued."""
+        self.detach()
         self.closed = True
         self._stats.queued_bytes -= self._size
         self._items.clear()
@@ -327,7 +437,7 @@ class Outbox:
         """The oldest message and its size (not yet released)."""
         items = self._items
         entry = items.popleft()
-        if len(entry) == 2:
+        if isinstance(entry, tuple):
             return entry
         # a chunk (queued while batching was on, or partly taken): its rest as pairs
         pairs = entry.pairs[self._pos :]
@@ -348,7 +458,7 @@ class Outbox:
         count = 0
         while items:
             entry = items[0]
-            if len(entry) == 2:
+            if isinstance(entry, tuple):
                 text, size = entry
                 if parts and total + size > BATCH_FRAME_BYTES:
                     break
@@ -357,7 +467,7 @@ class Outbox:
                 total += size
                 count += 1
                 continue
-            chunk: Chunk = entry
+            chunk = entry
             if self._pos == 0 and total + chunk.size <= BATCH_FRAME_BYTES:
                 # the whole chunk fits: its messages are joined already
                 items.popleft()
@@ -452,21 +562,108 @@ class Outbox:
         raise SendTimeout
 
     def _check_stall(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        """The send watchdog: cancel the pump when one send has taken ``timeout`` or more.
+        """The send watchdog: the reader stalled when one send (or a pause) has lasted ``timeout``.
 
-        It re-arms itself for the deadline of the send in progress, and
-        disarms while the sender is idle (the next send arms it again).
+        It cancels the pump, or tells the write-through owner. It re-arms
+        itself for the deadline of the send in progress, and disarms while
+        the sender is idle (the next send arms it again).
         """
         self._watchdog = None
         since = self._sending_since
-        if since is None or self._pump_task is None:
+        if since is None or (self._pump_task is None and self._sink is None):
             return
         due = since + timeout
-        if loop.time() >= due:
-            self._stalled = True
+        if loop.time() < due:
+            self._watchdog = loop.call_at(due, self._check_stall, loop, timeout)
+            return
+        self._stalled = True
+        if self._pump_task is not None:
             self._pump_task.cancel()
         else:
-            self._watchdog = loop.call_at(due, self._check_stall, loop, timeout)
+            self._broken(stalled=True)
+
+    # ----------------------------------------------------------- writing through
+
+    def write_through(self, sink: FrameSink, timeout: float, on_broken: Callable[[bool], None]) -> None:
+        """From now on write frames to ``sink`` as they become ready, instead of a :meth:`pump` task.
+
+        ``on_broken(stalled)`` is called once if writing ends on its own: the
+        transport stayed paused for ``timeout`` seconds (True: a reader that
+        stopped reading), or the connection is gone (False).
+        """
+        self._sink = sink
+        self._timeout = timeout
+        self._on_broken = on_broken
+        sink.on_writable = self._drain
+        self._waiter = _Drain(self)
+        if self._items:
+            _wake(self._waiter)
+
+    def detach(self) -> None:
+        """Stop writing through (before the last frames go by ``flush``, or at close)."""
+        sink, self._sink = self._sink, None
+        if sink is None:
+            return
+        sink.on_writable = None
+        self._waiter = self._held = None
+        self._sending_since = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _broken(self, *, stalled: bool) -> None:
+        on_broken = self._on_broken
+        self.detach()
+        self._on_broken = None
+        if on_broken is not None:
+            on_broken(stalled)
+
+    def _drain(self) -> None:
+        """Write what is queued to the sink, until it is empty or the transport pauses."""
+        sink = self._sink
+        if sink is None:
+            return
+        self._held = self._waiter = None
+        items = self._items
+        loop = asyncio.get_running_loop()
+        frames = messages = 0
+        while items and not self.closed:
+            if not sink.writable:
+                if self._sending_since is None:
+                    self._sending_since = now = loop.time()
+                    if self._watchdog is None:
+                        self._watchdog = loop.call_at(now + self._timeout, self._check_stall, loop, self._timeout)
+                break  # the sink's on_writable drains again
+            frame, payload, count = self._take_frame()
+            if not sink.write(frame, payload):
+                self._broken(stalled=False)
+                break
+            frames += 1
+            messages += count
+        else:
+            self._sending_since = None
+            if not self.closed:
+                self._waiter = _Drain(self)
+        if frames:
+            self.last_sent = loop.time()
+            self.messages_sent += messages
+            self._stats.count_sent(frames, messages)
+
+    def _take_frame(self) -> tuple[bytes, bytes, int]:
+        """The next frame as ``(frame, payload, messages)``; a whole chunk's is shared by every outbox."""
+        items = self._items
+        if self.batch and len(items) == 1 and self._pos == 0:
+            chunk = items[0]
+            if not isinstance(chunk, tuple) and chunk.size <= BATCH_FRAME_BYTES:
+                items.popleft()
+                count = len(chunk.texts)
+                self._count -= count
+                self._release(chunk.size)
+                frame, payload = chunk.frame()
+                return frame, payload, count
+        text, count = self._take()
+        payload = text.encode()
+        return text_frame(payload), payload, count
 
     async def flush(self, send: Callable[[str], Awaitable[None]], timeout: float) -> None:
         """Send what is still queued (before a polite close), within ``timeout`` in total."""

@@ -4,7 +4,9 @@ A connection costs as little as possible while it is idle (thousands are):
 
 - the ASGI task itself runs the receiver (decodes and handles client
   messages one at a time, in order) inside a cancel scope;
-- one sender task drains the outbox;
+- no sender task under the server's own uvicorn protocol: the outbox writes
+  frames to the connection's :class:`FrameSink` itself as they become ready
+  (elsewhere, one sender task drains it);
 - no timer task: the auth timeout, the application heartbeat and the
   credential expiry are one ``loop.call_at`` handle at a time, re-armed by
   its own callback (the event loop's heap is the process-wide timer wheel).
@@ -52,6 +54,7 @@ from progress_service.events import (
 from progress_service.gateway import rooms
 from progress_service.gateway.chat import ChatRate, chat
 from progress_service.gateway.credentials import verify
+from progress_service.gateway.direct_send import sink_of
 from progress_service.gateway.frames import decode_frame, encode
 from progress_service.gateway.hub import Member
 from progress_service.gateway.limits import WindowBudget
@@ -184,7 +187,11 @@ class Session:
         loop = asyncio.get_running_loop()
         self._timer = loop.call_at(loop.time() + self.settings.ws_auth_timeout, self._on_timer)
         try:
-            self._sender = asyncio.create_task(self._send_loop())
+            sink = sink_of(self.socket.scope)
+            if sink is not None:
+                self.outbox.write_through(sink, self.settings.ws_send_timeout, self._write_broken)
+            else:
+                self._sender = asyncio.create_task(self._send_loop())
             with anyio.CancelScope() as scope:
                 self._scope = scope
                 if not self.closing:
@@ -217,6 +224,7 @@ class Session:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.outbox.detach()
         sender, self._sender = self._sender, None
         if sender is not None:
             sender.cancel()
@@ -246,6 +254,10 @@ class Session:
 
     async def _send_text(self, text: str) -> None:
         await self.socket.send({"type": "websocket.send", "text": text, "bytes": None})
+
+    def _write_broken(self, stalled: bool) -> None:
+        """The outbox stopped writing through: a reader that stopped reading, or a vanished peer."""
+        self.request_close(closes.SLOW_CONSUMER if stalled else None)
 
     async def _send_loop(self) -> None:
         try:

@@ -1,0 +1,122 @@
+"""uvicorn's sans-I/O WebSocket protocol, plus a synchronous text-frame writer for the gateway.
+
+ASGI sends a frame as a coroutine call with a message dict, which uvicorn
+turns into a websockets ``Frame``, serializes, joins and writes: on the
+fan-out hot path that, and the sender task it needs, was most of a
+delivery's cost (docs/performance.md). uvicorn takes its WebSocket protocol
+as a class (``uvicorn.Config(ws=...)``), so the server stays uvicorn and the
+handshake, the reads, pings, the close handshake and the flow control stay
+its own; this subclass only offers the app, as the ASGI scope extension
+:data:`EXTENSION`, a :class:`FrameSink`: write one already-encoded text frame
+now, or say that the socket is not taking more (paused) or gone.
+
+A server text frame is not masked, so its bytes are the same for every
+connection: the outbox encodes a broadcast frame once (:func:`text_frame`)
+and hands the same bytes to each sink. With an extension negotiated
+(``PS_WS_PER_MESSAGE_DEFLATE``) frames go through websockets' serializer as
+before, still synchronously.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
+
+
+def sink_of(scope: Any) -> FrameSink | None:
+    """The connection's :class:`FrameSink`, when the server is :class:`DirectSendProtocol`."""
+    extension = (scope.get("extensions") or {}).get(EXTENSION)
+    return extension["sink"] if extension else None
+
+#: The ASGI scope extension (``{"sink": FrameSink}``) under which a connection's sink is offered.
+EXTENSION = "progress_service.frame_sink"
+
+_TEXT_FIN = 0x81
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One final, unmasked text frame (RFC 6455 section 5.2) carrying ``payload``."""
+    n = len(payload)
+    if n < 126:
+        return bytes((_TEXT_FIN, n)) + payload
+    if n < 65536:
+        return bytes((_TEXT_FIN, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((_TEXT_FIN, 127)) + n.to_bytes(8, "big") + payload
+
+
+class FrameSink:
+    """Writes whole text frames to one connection's transport, without waiting.
+
+    ``on_writable`` is called when a paused transport drains below its low
+    water mark (the outbox writes what it held back). After the close frame
+    is sent, or once the peer is gone, :meth:`write` refuses.
+    """
+
+    __slots__ = ("_protocol", "on_writable", "writable")
+
+    def __init__(self, protocol: DirectSendProtocol) -> None:
+        self._protocol = protocol
+        self.on_writable: Callable[[], None] | None = None
+        #: The transport takes more now (not above its high water mark).
+        self.writable = True
+
+    @property
+    def gone(self) -> bool:
+        """Nothing more can be written: the close frame was sent or the connection is lost."""
+        p = self._protocol
+        return p.close_sent or p.disconnected or p.transport.is_closing()
+
+    def write(self, frame: bytes, payload: bytes) -> bool:
+        """Write ``frame`` (``text_frame(payload)``); False when the connection is :attr:`gone`."""
+        p = self._protocol
+        if p.close_sent or p.disconnected or p.transport.is_closing():
+            return False
+        conn = p.conn
+        if conn.extensions:  # e.g. permessage-deflate: websockets frames it
+            conn.send_text(payload)
+            p.transport.write(b"".join(conn.data_to_send()))
+        else:
+            p.transport.write(frame)
+        return True
+
+
+class DirectSendProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's ``websockets-sansio`` protocol that offers each accepted connection a :class:`FrameSink`."""
+
+    sink: FrameSink | None = None
+
+    def handle_connect(self, event: Request) -> None:
+        """uvicorn's handshake; a connection it hands to the app gets a sink in its scope."""
+        super().handle_connect(event)
+        if self.close_sent:  # refused by websockets: no scope, no app
+            return
+        self.sink = FrameSink(self)
+        extensions: dict[str, Any] = self.scope["extensions"]
+        extensions[EXTENSION] = {"sink": self.sink}
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is above its high water mark: the sink holds frames back too."""
+        super().pause_writing()
+        if self.sink is not None:
+            self.sink.writable = False
+
+    def resume_writing(self) -> None:
+        """The transport drained: uvicorn's ``send`` may go on, and the sink's owner writes what it held."""
+        super().resume_writing()
+        sink = self.sink
+        if sink is not None:
+            sink.writable = True
+            if sink.on_writable is not None:
+                sink.on_writable()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """uvicorn's bookkeeping; the sink's owner hears of it too (it may be holding frames)."""
+        super().connection_lost(exc)
+        sink = self.sink
+        if sink is not None:
+            sink.writable = True  # so that a write finds it gone
+            if sink.on_writable is not None:
+                sink.on_writable()

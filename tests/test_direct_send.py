@@ -1,0 +1,199 @@
+"""Frames written straight to the transport: the frame encoding, the outbox's write-through, the server's protocol.
+
+The outbox tests give it a recording sink (the transport's side of
+:class:`FrameSink`); the server tests run the real uvicorn protocol on
+loopback and read its frames with the ``websockets`` client.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
+
+from progress_service.gateway.direct_send import DirectSendProtocol, text_frame
+from progress_service.gateway.outbox import BATCH_FRAME_BYTES, Chunk, Outbox, WriteWindow
+from gateway_helpers import auth, connect, join, publish, serve
+
+
+class RecordingSink:
+    """A transport that takes frames (or is paused, or gone), as :class:`FrameSink` reports it."""
+
+    def __init__(self) -> None:
+        self.writable = True
+        self.gone = False
+        self.on_writable: Callable[[], None] | None = None
+        self.frames: list[bytes] = []
+
+    def write(self, frame: bytes, payload: bytes) -> bool:
+        if self.gone:
+            return False
+        assert frame == text_frame(payload)
+        self.frames.append(frame)
+        return True
+
+    def resume(self) -> None:
+        self.writable = True
+        assert self.on_writable is not None
+        self.on_writable()
+
+    def texts(self) -> list[str]:
+        return [_parse(f) for f in self.frames]
+
+
+def _parse(frame: bytes) -> str:
+    """Decode one server frame with websockets' own parser (unmasked, as a client reads it)."""
+    reader = StreamReader()
+    reader.feed_data(frame)
+    parser = Frame.parse(reader.read_exact, mask=False)
+    try:
+        next(parser)
+    except StopIteration as done:
+        parsed: Frame = done.value
+    else:  # pragma: no cover - the frame was short
+        raise AssertionError("incomplete frame")
+    assert parsed.opcode is Opcode.TEXT and parsed.fin
+    return bytes(parsed.data).decode()
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 200_000])
+def test_text_frame_is_what_a_websocket_client_parses(size: int) -> None:
+    payload = ("é" * (size // 2) + "x" * (size % 2)).encode()
+    assert _parse(text_frame(payload)).encode() == payload
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    with anyio.fail_after(5):
+        while not condition():
+            await anyio.sleep(0.002)
+
+
+async def test_members_in_step_share_one_frame_of_several_reads() -> None:
+    """Three hub reads inside one window: each batching outbox writes one frame, the same bytes for all."""
+    window = WriteWindow(0.05)
+    sinks = [RecordingSink() for _ in range(3)]
+    outboxes = [Outbox(1 << 20, batch=True, window=window) for _ in sinks]
+    for outbox, sink in zip(outboxes, sinks, strict=True):
+        outbox.write_through(sink, 5.0, lambda stalled: None)
+    chunks = [Chunk.of([f'{{"n":{i}}}', f'{{"m":{i}}}'], [7, 7]) for i in range(3)]
+    for chunk in chunks:
+        for outbox in outboxes:
+            outbox.put_chunk(chunk)
+        await anyio.sleep(0)
+    await _until(lambda: all(s.frames for s in sinks))
+    assert [len(s.frames) for s in sinks] == [1, 1, 1]
+    assert sinks[0].frames[0] is sinks[1].frames[0] is sinks[2].frames[0]  # encoded once
+    assert json.loads(sinks[0].texts()[0]) == [{"n": 0}, {"m": 0}, {"n": 1}, {"m": 1}, {"n": 2}, {"m": 2}]
+    assert all(o.messages_sent == 6 and len(o) == 0 for o in outboxes)
+
+
+async def test_replies_in_one_turn_of_the_loop_share_a_frame_and_do_not_wait_for_the_window() -> None:
+    sink = RecordingSink()
+    outbox = Outbox(1 << 20, batch=True, window=WriteWindow(10.0))
+    outbox.write_through(sink, 5.0, lambda stalled: None)
+    outbox.put('{"a":1}', 7)
+    outbox.put('{"b":2}', 7)
+    assert sink.frames == []  # written soon, not inside put
+    await _until(lambda: bool(sink.frames))
+    assert sink.texts() == ['[{"a":1},{"b":2}]']
+    # not batching: one message per frame, in order
+    plain_sink = RecordingSink()
+    plain = Outbox(1 << 20)
+    plain.write_through(plain_sink, 5.0, lambda stalled: None)
+    plain.put_chunk(Chunk.of(['{"c":3}', '{"d":4}'], [7, 7]))
+    plain.put('{"e":5}', 7)
+    await _until(lambda: len(plain_sink.frames) == 3)
+    assert plain_sink.texts() == ['{"c":3}', '{"d":4}', '{"e":5}']
+
+
+async def test_a_paused_transport_holds_frames_until_it_drains() -> None:
+    sink = RecordingSink()
+    outbox = Outbox(1 << 20, batch=True)
+    broken: list[bool] = []
+    outbox.write_through(sink, 5.0, broken.append)
+    sink.writable = False
+    for i in range(5):
+        outbox.put(f'{{"n":{i}}}', 7)
+        await anyio.sleep(0.005)
+    assert sink.frames == [] and len(outbox) == 5
+    sink.resume()
+    assert json.loads(sink.texts()[0]) == [{"n": i} for i in range(5)]
+    assert len(outbox) == 0 and broken == []
+    outbox.put('{"n":5}', 7)  # and it writes on its own again
+    await _until(lambda: len(sink.frames) == 2)
+
+
+async def test_a_transport_paused_past_the_timeout_is_a_stalled_reader() -> None:
+    sink = RecordingSink()
+    outbox = Outbox(1 << 20)
+    broken: list[bool] = []
+    outbox.write_through(sink, 0.2, broken.append)
+    sink.writable = False
+    outbox.put("x", 1)
+    start = anyio.current_time()
+    await _until(lambda: bool(broken))
+    assert broken == [True]
+    assert 0.2 <= anyio.current_time() - start < 2
+    assert sink.on_writable is None  # detached: a late resume writes nothing
+    sink.writable = True
+    outbox.put("y", 1)
+    await anyio.sleep(0.02)
+    assert sink.frames == []
+
+
+async def test_a_gone_connection_is_reported_once_and_nothing_more_is_written() -> None:
+    sink = RecordingSink()
+    outbox = Outbox(1 << 20)
+    broken: list[bool] = []
+    outbox.write_through(sink, 5.0, broken.append)
+    sink.gone = True
+    outbox.put("x", 1)
+    outbox.put("y", 1)
+    await _until(lambda: bool(broken))
+    await anyio.sleep(0.02)
+    assert broken == [False]
+
+
+async def test_a_chunk_over_a_frame_is_split_across_frames_in_order() -> None:
+    sink = RecordingSink()
+    outbox = Outbox(1 << 22, batch=True, window=WriteWindow(0.01))
+    outbox.write_through(sink, 5.0, lambda stalled: None)
+    big = "x" * (BATCH_FRAME_BYTES // 3)
+    texts = [f'"{big}{i}"' for i in range(7)]
+    outbox.put_chunk(Chunk.of(texts, [len(t) for t in texts]))
+    await _until(lambda: outbox.messages_sent == 7)
+    frames = [json.loads(f) for f in sink.texts()]
+    got = [m for f in frames for m in (f if isinstance(f, list) else [f])]  # a lone message goes bare
+    assert got == [json.loads(t) for t in texts]
+    assert len(sink.frames) > 1
+
+
+# --------------------------------------------------------------------------
+# The server's protocol on loopback
+# --------------------------------------------------------------------------
+
+
+async def test_the_server_writes_through_and_a_plain_uvicorn_protocol_still_works(make_settings: Callable[..., Any], store: Any, redis: Any) -> None:
+    """Both the server's protocol and uvicorn's own deliver a replay and live events in order."""
+    for ws in (DirectSendProtocol, "websockets-sansio"):
+        async with serve(make_settings(), ws=ws) as (base, app):
+            token, job = await store.token(), await store.job()
+            ids = await publish(redis, job, 200)
+            async with connect(base) as client:
+                await auth(client, token, batch=True)
+                await join(client, job)
+                got: list[str] = []
+                with anyio.fail_after(10):
+                    while len(got) < 200:
+                        msg = json.loads(await client.recv())
+                        got += [m["id"] for m in (msg if isinstance(msg, list) else [msg]) if m["type"] == "event"]
+                assert got == ids
+                sessions = list(app.state.services.gateway.sessions.values())
+                assert len(sessions) == 1
+                writes_through = sessions[0]._sender is None
+                assert writes_through is (ws is DirectSendProtocol)
