@@ -70,7 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             pg_admin = candidate
     opts = Options(quick=args.quick, ws_impl=args.ws, loop=args.loop, pg_admin=pg_admin, procs=args.procs,
                    profile_dir=args.profile, seed_dir=args.seed_dir,
-                   overrides=dict(kv.split("=", 1) for kv in args.set))
+                   overrides=dict(kv.split("=", 1) for kv in args.set),
+                   extra_env=dict(kv.split("=", 1) for kv in args.env))
     common = {"machine": stats.machine(), "versions": stats.versions(Service.redis_server_binary())}
     results: list[dict] = []
     failed = False
@@ -141,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: SEED_PEER_DIR, else ../shared/seed/peer beside the checkout or its parent)")
     p.add_argument("--quick", action="store_true", help="small sizes (all scenarios in < 60 s): a smoke test")
     p.add_argument("--json-out", metavar="FILE", help="append each result line to FILE")
-    p.add_argument("--ws", choices=["websockets", "websockets-sansio", "wsproto"], default=None,
-                   help="uvicorn WebSocket implementation (default: the CLI's own, i.e. auto)")
+    p.add_argument("--ws", choices=["direct", "websockets", "websockets-sansio", "wsproto"], default=None,
+                   help="uvicorn WebSocket implementation (default: the server's own: direct, websockets-sansio plus the gateway's frame writer)")
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
                    help="server event loop (the CLI runs asyncio; uvloop measures the alternative)")
     p.add_argument("--pg", metavar="URL", help=f"PostgreSQL admin URL for the comments scenario (default {DEFAULT_PG} if it answers)")
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=2, help="load-generator processes (default 2)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a scenario size, e.g. --set jobs=200 --set window=16 (recorded in settings)")
+    p.add_argument("--env", action="append", default=[], metavar="PS_NAME=VALUE",
+                   help="a setting for the server under test (the harness passes no PS_ variable of its own environment)")
     p.add_argument("--profile", metavar="DIR", help="py-spy the server during each measured phase (needs py-spy)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("table", help="markdown table from a --json-out file")

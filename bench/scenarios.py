@@ -69,7 +69,7 @@ def _base(name: str, svc: Service, opts: Options, settings: dict) -> dict:
            and k != "PS_WORKSPACE_ROOT"}
     return {
         "scenario": name,
-        "settings": {**settings, "store": svc.store_kind, "uvicorn_ws": opts.ws_impl or "auto (cli)",
+        "settings": {**settings, "store": svc.store_kind, "uvicorn_ws": opts.ws_impl or "direct (cli)",
                      "server_loop": opts.loop, "loadgen_procs": opts.procs, "server_env": env,
                      "overrides": opts.overrides,
                      "quick": opts.quick},

@@ -54,14 +54,18 @@ async def _serve(host: str, port: int, ws: str) -> None:
     settings = load_settings()
     assert settings.redis_url, "PS_REDIS_URL must be set"
     app = create_app(settings, redis_url=settings.redis_url, run_worker=False)
-    await Server(make_config(app, settings, host=host, port=port, ws=ws)).serve()
+    from progress_service.gateway.direct_send import DirectSendProtocol
+
+    protocol: type[asyncio.Protocol] | str = DirectSendProtocol if ws == "direct" else ws
+    await Server(make_config(app, settings, host=host, port=port, ws=protocol)).serve()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.serve")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--ws", default="auto", choices=["auto", "websockets", "websockets-sansio", "wsproto"])
+    # direct: the server's own (websockets-sansio plus the gateway's frame writer)
+    parser.add_argument("--ws", default="direct", choices=["direct", "auto", "websockets", "websockets-sansio", "wsproto"])
     # `progress-service serve` runs `asyncio.run(Server.serve())`, which bypasses uvicorn's
     # loop factory: stock asyncio. `--loop uvloop` measures what uvloop would change.
     parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"])

@@ -152,7 +152,7 @@ class Service:
             return [sys.executable, "-m", "progress_service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         trace = ["--tracemalloc", str(self.tmp / "tracemalloc.txt")] if self.tracemalloc else []
         return [sys.executable, "-m", "bench.serve", "--port", str(self.port),
-                "--ws", self.ws_impl or "auto", "--loop", self.loop, *trace]
+                "--ws", self.ws_impl or "direct", "--loop", self.loop, *trace]
 
     def memory_baseline(self) -> None:
         """tracemalloc: start counting allocations from now."""
