@@ -197,3 +197,46 @@ async def test_the_server_writes_through_and_a_plain_uvicorn_protocol_still_work
                 assert len(sessions) == 1
                 writes_through = sessions[0]._sender is None
                 assert writes_through is (ws is DirectSendProtocol)
+
+
+async def test_the_lighter_receive_queue_and_writable_flag_keep_uvicorns_contract() -> None:
+    """What uvicorn asks of ``asyncio.Queue`` (put_nowait, get, empty) and ``asyncio.Event`` (set, clear, wait)."""
+    from progress_service.gateway.direct_send import _Flag, _Inbox  # noqa: PLC0415
+
+    inbox = _Inbox()
+    inbox.put_nowait(1)
+    inbox.put_nowait(2)
+    assert not inbox.empty()
+    assert [await inbox.get(), await inbox.get()] == [1, 2] and inbox.empty()
+    got: list[int] = []
+
+    async def reader() -> None:
+        got.append(await inbox.get())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        await anyio.sleep(0.01)
+        inbox.put_nowait(3)
+    assert got == [3]
+    with anyio.move_on_after(0.02):  # a cancelled get loses nothing
+        await inbox.get()
+    inbox.put_nowait(4)
+    assert await inbox.get() == 4
+
+    flag = _Flag()
+    assert flag.is_set()
+    await flag.wait()
+    flag.clear()
+    woke: list[bool] = []
+
+    async def sender() -> None:
+        await flag.wait()
+        woke.append(True)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sender)
+        tg.start_soon(sender)
+        await anyio.sleep(0.01)
+        assert woke == []
+        flag.set()
+    assert woke == [True, True]

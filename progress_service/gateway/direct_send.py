@@ -19,6 +19,7 @@ before, still synchronously.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -83,10 +84,87 @@ class FrameSink:
         return True
 
 
+class _Inbox:
+    """uvicorn's receive queue for one reader (the app's ``receive``), without ``asyncio.Queue``'s three deques."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def get(self) -> Any:
+        while not self._items:
+            if self._waiter is not None:
+                raise RuntimeError("one receive at a time")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)  # a few at most: uvicorn stops reading while one waits
+
+
+class _Flag:
+    """uvicorn's ``writable`` event; its waiters' list is made only when a send waits (a paused transport)."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
 class DirectSendProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's ``websockets-sansio`` protocol that offers each accepted connection a :class:`FrameSink`."""
+    """uvicorn's ``websockets-sansio`` protocol that offers each accepted connection a :class:`FrameSink`.
+
+    It also holds less per connection: a list-backed receive queue and a
+    plain writable flag instead of an ``asyncio.Queue`` and an
+    ``asyncio.Event`` (four deques), and no handshake request or response
+    after the accept.
+    """
 
     sink: FrameSink | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = _Inbox()  # type: ignore[assignment]
+        self.writable = _Flag()  # type: ignore[assignment]
 
     def handle_connect(self, event: Request) -> None:
         """uvicorn's handshake; a connection it hands to the app gets a sink in its scope."""
@@ -96,6 +174,16 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
         self.sink = FrameSink(self)
         extensions: dict[str, Any] = self.scope["extensions"]
         extensions[EXTENSION] = {"sink": self.sink}
+
+    async def send(self, message: Any) -> None:
+        """uvicorn's ASGI ``send``; once the handshake is answered its request and response are let go.
+
+        uvicorn keeps both (headers and all, a few KB) for the connection's
+        life but reads neither after the ``websocket.accept``.
+        """
+        await super().send(message)
+        if message["type"] == "websocket.accept" and self.handshake_complete:
+            self.request = self.response = None  # type: ignore[assignment]
 
     def pause_writing(self) -> None:
         """The transport's buffer is above its high water mark: the sink holds frames back too."""

@@ -174,6 +174,8 @@ class GatewayFront:
         if message["type"] != "websocket.connect":
             return
         await send({"type": "websocket.accept", "subprotocol": None, "headers": []})
+        # The guard has read them; the scope lives as long as the connection.
+        scope["headers"] = []
         if gateway.closing:
             await socket.close(code=closes.RESTARTING.code, reason=closes.RESTARTING.reason)
             return

@@ -195,7 +195,11 @@ class Session:
             with anyio.CancelScope() as scope:
                 self._scope = scope
                 if not self.closing:
-                    await self._guarded(self._receive_loop)
+                    # not through _guarded: one coroutine frame less held by every idle connection
+                    try:
+                        await self._receive_loop()
+                    except Exception as exc:
+                        self._failed(exc)
         finally:
             self._scope = None
             with anyio.CancelScope(shield=True):
