@@ -156,7 +156,7 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
     It also holds less per connection: a list-backed receive queue and a
     plain writable flag instead of an ``asyncio.Queue`` and an
     ``asyncio.Event`` (four deques), and no handshake request or response
-    after the accept.
+    (nor their headers) after the accept.
     """
 
     sink: FrameSink | None = None
@@ -171,6 +171,9 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
         super().handle_connect(event)
         if self.close_sent:  # refused by websockets: no scope, no app
             return
+        # websockets' parser keeps the handshake request as a local for the
+        # connection's life; uvicorn has copied its headers into the scope.
+        event.headers.clear()
         self.sink = FrameSink(self)
         extensions: dict[str, Any] = self.scope["extensions"]
         extensions[EXTENSION] = {"sink": self.sink}
