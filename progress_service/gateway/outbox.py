@@ -45,7 +45,7 @@ that sends it (:meth:`Chunk.frame`). A
 paused transport holds the frames back (the outbox fills towards its limit)
 until it drains; one paused for ``timeout`` is a stalled reader.
 
-Why one module of ~560 lines: the queue, its chunks, the write window that
+Why one module of ~670 lines: the queue, its chunks, the write window that
 wakes it and the process's send counters are the one fan-out hot path above;
 they exist only for the outbox and are tuned together (docs/performance.md).
 """
