@@ -67,6 +67,15 @@ def test_text_frame_is_what_a_websocket_client_parses(size: int) -> None:
     assert _parse(text_frame(payload)).encode() == payload
 
 
+def _writing(timeout: float, **kw: Any) -> tuple[Outbox, RecordingSink, list[bool]]:
+    """An outbox writing through to a recording sink, and the list its ``on_broken`` calls append to."""
+    sink = RecordingSink()
+    outbox = Outbox(1 << 20, **kw)
+    broken: list[bool] = []
+    outbox.write_through(sink, timeout, broken.append)
+    return outbox, sink, broken
+
+
 async def _until(condition: Callable[[], bool]) -> None:
     with anyio.fail_after(5):
         while not condition():
@@ -112,10 +121,7 @@ async def test_replies_in_one_turn_of_the_loop_share_a_frame_and_do_not_wait_for
 
 
 async def test_a_paused_transport_holds_frames_until_it_drains() -> None:
-    sink = RecordingSink()
-    outbox = Outbox(1 << 20, batch=True)
-    broken: list[bool] = []
-    outbox.write_through(sink, 5.0, broken.append)
+    outbox, sink, broken = _writing(5.0, batch=True)
     sink.writable = False
     for i in range(5):
         outbox.put(f'{{"n":{i}}}', 7)
@@ -129,10 +135,7 @@ async def test_a_paused_transport_holds_frames_until_it_drains() -> None:
 
 
 async def test_a_transport_paused_past_the_timeout_is_a_stalled_reader() -> None:
-    sink = RecordingSink()
-    outbox = Outbox(1 << 20)
-    broken: list[bool] = []
-    outbox.write_through(sink, 0.2, broken.append)
+    outbox, sink, broken = _writing(0.2)
     sink.writable = False
     outbox.put("x", 1)
     start = anyio.current_time()
@@ -147,10 +150,7 @@ async def test_a_transport_paused_past_the_timeout_is_a_stalled_reader() -> None
 
 
 async def test_a_gone_connection_is_reported_once_and_nothing_more_is_written() -> None:
-    sink = RecordingSink()
-    outbox = Outbox(1 << 20)
-    broken: list[bool] = []
-    outbox.write_through(sink, 5.0, broken.append)
+    outbox, sink, broken = _writing(5.0)
     sink.gone = True
     outbox.put("x", 1)
     outbox.put("y", 1)
