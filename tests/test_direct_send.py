@@ -149,6 +149,30 @@ async def test_a_transport_paused_past_the_timeout_is_a_stalled_reader() -> None
     assert sink.frames == []
 
 
+async def test_pauses_that_drain_in_between_are_not_a_stall() -> None:
+    """The stall timeout is per pause, as the pump's is per frame: paused thrice, each under it, together over it."""
+    # margins for a busy machine: each pause 0.6 s, the timeout 1.5 s, the three 1.8 s
+    outbox, sink, broken = _writing(1.5)
+    real_write = sink.write
+
+    def write_then_pause(frame: bytes, payload: bytes) -> bool:
+        sink.writable = False  # each frame takes the transport over its high water mark
+        return real_write(frame, payload)
+
+    sink.write = write_then_pause  # type: ignore[method-assign]
+    for i in range(4):
+        outbox.put(str(i), 1)
+    await _until(lambda: len(sink.frames) == 1)
+    for n in (2, 3, 4):
+        await anyio.sleep(0.6)
+        sink.resume()  # the transport drained: one more frame goes, and it pauses again
+        assert len(sink.frames) == n
+    assert sink.texts() == ["0", "1", "2", "3"] and broken == []
+    outbox.put("4", 1)
+    await _until(lambda: bool(broken))  # this one pause outlasts the timeout
+    assert broken == [True]
+
+
 async def test_a_gone_connection_is_reported_once_and_nothing_more_is_written() -> None:
     outbox, sink, broken = _writing(5.0)
     sink.gone = True

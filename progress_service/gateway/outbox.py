@@ -538,9 +538,7 @@ class Outbox:
                     self._held = None
                     continue
                 frame, count = self._take()
-                self._sending_since = now = loop.time()
-                if self._watchdog is None:
-                    self._watchdog = loop.call_at(now + timeout, self._check_stall, loop, timeout)
+                self._start_send(loop, timeout)
                 await send(frame)
                 self._sending_since = None
                 self.last_sent = loop.time()
@@ -560,6 +558,12 @@ class Outbox:
                 self._watchdog.cancel()
                 self._watchdog = None
         raise SendTimeout
+
+    def _start_send(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """A send (or a pause) starts now: note when, and arm the watchdog unless it is armed."""
+        self._sending_since = now = loop.time()
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(now + timeout, self._check_stall, loop, timeout)
 
     def _check_stall(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         """The send watchdog: the reader stalled when one send (or a pause) has lasted ``timeout``.
@@ -626,13 +630,15 @@ class Outbox:
         self._held = self._waiter = None
         items = self._items
         loop = asyncio.get_running_loop()
+        if sink.writable:
+            # the transport drained since any pause: progress, so the stall clock starts over
+            # (as the pump's timeout is per frame)
+            self._sending_since = None
         frames = messages = 0
         while items and not self.closed:
             if not sink.writable:
                 if self._sending_since is None:
-                    self._sending_since = now = loop.time()
-                    if self._watchdog is None:
-                        self._watchdog = loop.call_at(now + self._timeout, self._check_stall, loop, self._timeout)
+                    self._start_send(loop, self._timeout)
                 break  # the sink's on_writable drains again
             frame, payload, count = self._take_frame()
             if not sink.write(frame, payload):
