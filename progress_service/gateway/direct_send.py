@@ -26,12 +26,6 @@ from typing import Any
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 
-
-def sink_of(scope: Any) -> FrameSink | None:
-    """The connection's :class:`FrameSink`, when the server is :class:`DirectSendProtocol`."""
-    extension = (scope.get("extensions") or {}).get(EXTENSION)
-    return extension["sink"] if extension else None
-
 #: The ASGI scope extension (``{"sink": FrameSink}``) under which a connection's sink is offered.
 EXTENSION = "progress_service.frame_sink"
 
@@ -52,26 +46,24 @@ class FrameSink:
     """Writes whole text frames to one connection's transport, without waiting.
 
     ``on_writable`` is called when a paused transport drains below its low
-    water mark (the outbox writes what it held back). After the close frame
-    is sent, or once the peer is gone, :meth:`write` refuses.
+    water mark, and when the connection is lost (the outbox writes what it
+    held back, or finds the connection gone). After the close frame is
+    sent, or once the peer is gone, :meth:`write` refuses.
     """
 
-    __slots__ = ("_protocol", "on_writable", "writable")
+    __slots__ = ("_protocol", "on_writable")
 
     def __init__(self, protocol: DirectSendProtocol) -> None:
         self._protocol = protocol
         self.on_writable: Callable[[], None] | None = None
-        #: The transport takes more now (not above its high water mark).
-        self.writable = True
 
     @property
-    def gone(self) -> bool:
-        """Nothing more can be written: the close frame was sent or the connection is lost."""
-        p = self._protocol
-        return p.close_sent or p.disconnected or p.transport.is_closing()
+    def writable(self) -> bool:
+        """The transport takes more now (not above its high water mark; uvicorn's own flag)."""
+        return self._protocol.writable.is_set()
 
     def write(self, frame: bytes, payload: bytes) -> bool:
-        """Write ``frame`` (``text_frame(payload)``); False when the connection is :attr:`gone`."""
+        """Write ``frame`` (``text_frame(payload)``); False once the close frame is sent or the connection is lost."""
         p = self._protocol
         if p.close_sent or p.disconnected or p.transport.is_closing():
             return False
@@ -188,26 +180,23 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
         if message["type"] == "websocket.accept" and self.handshake_complete:
             self.request = self.response = None  # type: ignore[assignment]
 
-    def pause_writing(self) -> None:
-        """The transport's buffer is above its high water mark: the sink holds frames back too."""
-        super().pause_writing()
-        if self.sink is not None:
-            self.sink.writable = False
-
     def resume_writing(self) -> None:
         """The transport drained: uvicorn's ``send`` may go on, and the sink's owner writes what it held."""
         super().resume_writing()
-        sink = self.sink
-        if sink is not None:
-            sink.writable = True
-            if sink.on_writable is not None:
-                sink.on_writable()
+        self._tell_sink()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """uvicorn's bookkeeping; the sink's owner hears of it too (it may be holding frames)."""
+        """uvicorn's bookkeeping (it sets ``writable``); the sink's owner hears of it too (it may be holding frames)."""
         super().connection_lost(exc)
+        self._tell_sink()
+
+    def _tell_sink(self) -> None:
         sink = self.sink
-        if sink is not None:
-            sink.writable = True  # so that a write finds it gone
-            if sink.on_writable is not None:
-                sink.on_writable()
+        if sink is not None and sink.on_writable is not None:
+            sink.on_writable()
+
+
+def sink_of(scope: Any) -> FrameSink | None:
+    """The connection's :class:`FrameSink`, when the server is :class:`DirectSendProtocol`."""
+    extension = (scope.get("extensions") or {}).get(EXTENSION)
+    return extension["sink"] if extension else None
