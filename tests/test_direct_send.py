@@ -13,58 +13,17 @@ from typing import Any
 
 import anyio
 import pytest
-from websockets.frames import Frame, Opcode
-from websockets.streams import StreamReader
 
 from progress_service.gateway.direct_send import DirectSendProtocol, text_frame
 from progress_service.gateway.outbox import BATCH_FRAME_BYTES, Chunk, Outbox, WriteWindow
+from frame_sinks import RecordingSink, parse_frame
 from gateway_helpers import auth, connect, join, publish, serve
-
-
-class RecordingSink:
-    """A transport that takes frames (or is paused, or gone), as :class:`FrameSink` reports it."""
-
-    def __init__(self) -> None:
-        self.writable = True
-        self.gone = False
-        self.on_writable: Callable[[], None] | None = None
-        self.frames: list[bytes] = []
-
-    def write(self, frame: bytes, payload: bytes) -> bool:
-        if self.gone:
-            return False
-        assert frame == text_frame(payload)
-        self.frames.append(frame)
-        return True
-
-    def resume(self) -> None:
-        self.writable = True
-        assert self.on_writable is not None
-        self.on_writable()
-
-    def texts(self) -> list[str]:
-        return [_parse(f) for f in self.frames]
-
-
-def _parse(frame: bytes) -> str:
-    """Decode one server frame with websockets' own parser (unmasked, as a client reads it)."""
-    reader = StreamReader()
-    reader.feed_data(frame)
-    parser = Frame.parse(reader.read_exact, mask=False)
-    try:
-        next(parser)
-    except StopIteration as done:
-        parsed: Frame = done.value
-    else:  # pragma: no cover - the frame was short
-        raise AssertionError("incomplete frame")
-    assert parsed.opcode is Opcode.TEXT and parsed.fin
-    return bytes(parsed.data).decode()
 
 
 @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 200_000])
 def test_text_frame_is_what_a_websocket_client_parses(size: int) -> None:
     payload = ("é" * (size // 2) + "x" * (size % 2)).encode()
-    assert _parse(text_frame(payload)).encode() == payload
+    assert parse_frame(text_frame(payload)).encode() == payload
 
 
 def _writing(timeout: float, **kw: Any) -> tuple[Outbox, RecordingSink, list[bool]]:

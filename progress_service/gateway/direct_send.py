@@ -51,16 +51,17 @@ class FrameSink:
     sent, or once the peer is gone, :meth:`write` refuses.
     """
 
-    __slots__ = ("_protocol", "on_writable")
+    __slots__ = ("_flag", "_protocol", "on_writable")
 
     def __init__(self, protocol: DirectSendProtocol) -> None:
         self._protocol = protocol
+        self._flag: _Flag = protocol.writable  # type: ignore[assignment]
         self.on_writable: Callable[[], None] | None = None
 
     @property
     def writable(self) -> bool:
         """The transport takes more now (not above its high water mark; uvicorn's own flag)."""
-        return self._protocol.writable.is_set()
+        return self._flag._set
 
     def write(self, frame: bytes, payload: bytes) -> bool:
         """Write ``frame`` (``text_frame(payload)``); False once the close frame is sent or the connection is lost."""

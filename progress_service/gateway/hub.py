@@ -33,7 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from progress_service import history, metrics, streams
 from progress_service.events import PresenceMember, PresenceMsg
 from progress_service.gateway.broker import READ_COUNT, Broker, StreamBroker
-from progress_service.gateway.outbox import Chunk, Outbox
+from progress_service.gateway.outbox import BATCH_FRAME_BYTES, Broadcast, Chunk, Outbox
 from progress_service.gateway.single_flight import SingleFlight
 from progress_service.ids import now_ms, room_id
 from progress_service.keys import events_key, presence_stream_key
@@ -56,7 +56,7 @@ NEVER = (1 << 64, 0)
 class Member:
     """One subscriber of a room on this process: a connection's outbox and cursors."""
 
-    __slots__ = ("after", "live", "outbox", "owner", "presence_after")
+    __slots__ = ("after", "broadcast", "live", "outbox", "owner", "presence_after")
 
     def __init__(self, outbox: Outbox, *, presence_after: tuple[int, int] = NEVER, owner: object = None) -> None:
         self.outbox = outbox
@@ -66,6 +66,8 @@ class Member:
         self.presence_after = presence_after
         self.live = False
         self.owner = owner
+        #: The room's broadcast this member is owed (see ``Hub._deliver``), if any.
+        self.broadcast: Broadcast | None = None
 
 
 #: Seconds a room's presence changes wait after a fan-out before the next one.
@@ -87,6 +89,7 @@ class Room:
     """A job's room as seen by this process: its cursors and local members."""
 
     __slots__ = (
+        "broadcast",
         "cursor",
         "events_key",
         "job_id",
@@ -108,6 +111,8 @@ class Room:
         self.cursor = cursor
         self.presence_cursor = presence_cursor
         self.members: dict[int, Member] = {}
+        #: The open broadcast of this write window to the members in step (``Hub._deliver``).
+        self.broadcast: Broadcast | None = None
         #: Presence changes read but not fanned out yet: (ids, texts, sizes).
         self.presence_pending: tuple[list[tuple[int, int]], list[str], list[int]] = ([], [], [])
         #: The last changes fanned out: (id, text, size), oldest first.
@@ -392,6 +397,17 @@ class Hub:
         room.cursor = last_eid.decode()
         first, last = keys[0], keys[-1]
         chunk = Chunk.of(texts, sizes)
+        # Members in step whose outboxes hold nothing share one broadcast per
+        # write window (outbox.Broadcast): one list append each here instead
+        # of a put, a window wait and a drain. The open broadcast's members
+        # take this read too (merged into its chunk); if it cannot take it,
+        # it is written first, so nothing of this stream passes it.
+        open_bc = room.broadcast
+        if open_bc is not None and not open_bc.extend(chunk):
+            open_bc.drain_now()
+            open_bc = room.broadcast = None
+        new_bc: Broadcast | None = None
+        can_open = open_bc is None and chunk.size < BATCH_FRAME_BYTES
         for m in list(room.members.values()):
             if not m.live:
                 continue
@@ -399,7 +415,24 @@ class Hub:
             if after >= last:
                 continue
             m.after = last
-            m.outbox.put_chunk(chunk if after < first else _after(keys, texts, sizes, after))
+            if open_bc is not None and m.broadcast is open_bc:
+                continue
+            if after >= first:
+                m.outbox.put_chunk(_after(keys, texts, sizes, after))
+            elif can_open and m.outbox.in_step():
+                if new_bc is None:
+                    new_bc = Broadcast(chunk)
+                new_bc.members.append(m)
+                m.broadcast = new_bc
+            else:
+                m.outbox.put_chunk(chunk)
+        if new_bc is not None:
+            room.broadcast = new_bc
+            window = new_bc.members[0].outbox.window
+            if window is not None:  # always, for an outbox in step
+                window.hold(new_bc)
+            else:
+                new_bc.drain_now()
 
     def _fan_out_presence(self, room: Room, entries: list[Any]) -> None:
         """Queue an answer's presence changes; fan them out now unless the room's window is open."""

@@ -45,6 +45,12 @@ that sends it (:meth:`Chunk.frame`). A
 paused transport holds the frames back (the outbox fills towards its limit)
 until it drains; one paused for ``timeout`` is a stalled reader.
 
+A room's members in step (their outboxes write through, batch and hold
+nothing) do not even queue: the hub gathers them in one :class:`Broadcast`
+per write window, which writes the window's merged chunk to each of their
+sinks when the window ends (one list append per member per read, and one
+write per member per window).
+
 Why one module of ~670 lines: the queue, its chunks, the write window that
 wakes it and the process's send counters are the one fan-out hot path above;
 they exist only for the outbox and are tuned together (docs/performance.md).
@@ -55,7 +61,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
@@ -146,8 +152,68 @@ class _Drain:
         return asyncio.get_running_loop()
 
 
-#: What wakes the sender: its future, or the outbox's own drain.
-Waiter = asyncio.Future[None] | _Drain
+class Broadcast:
+    """A room's fan-out for its members in step, written to each of their sinks when the write window ends.
+
+    The hub makes one when a read finds members whose outboxes write
+    through, batch, and hold nothing (:meth:`Outbox.in_step`): instead of a
+    ``put_chunk``, a window wait and a drain per member, each is added here
+    once, and the reads of the same window are merged into the one chunk
+    (:meth:`extend`). At the window's end every member gets the chunk's
+    frame, encoded once (:meth:`Outbox.take_broadcast`); a member whose
+    transport paused meanwhile queues it instead, in order. While a
+    broadcast is open, its members get nothing else from the room's event
+    stream (the hub skips them, or fires the broadcast first).
+    """
+
+    __slots__ = ("_due", "_written", "chunk", "members")
+
+    def __init__(self, chunk: Chunk) -> None:
+        self.chunk = chunk
+        #: The members it is for (``Member``: an ``outbox`` and ``live``); the hub appends.
+        self.members: list[_Recipient] = []
+        #: Woken (the write is scheduled soon) / written: reads may join it until it is written.
+        self._due = False
+        self._written = False
+
+    def extend(self, following: Chunk) -> bool:
+        """Add the next read's chunk for every member; False when written, or when it would pass a frame's worth."""
+        if self._written or self.chunk.size + following.size > BATCH_FRAME_BYTES:
+            return False
+        self.chunk = self.chunk.merged(following)
+        return True
+
+    def done(self) -> bool:
+        return self._due or self._written
+
+    def set_result(self, _: None) -> None:
+        self._due = True
+        asyncio.get_running_loop().call_soon(self.drain_now)
+
+    def drain_now(self) -> None:
+        """Write it now (the window ended, or the next read would make it too big); once."""
+        if self._written:
+            return
+        self._written = True
+        chunk, now = self.chunk, asyncio.get_running_loop().time()
+        for member in self.members:
+            if member.live:
+                member.outbox.take_broadcast(chunk, now)
+        self.members = []
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+
+class _Recipient(Protocol):
+    """What a :class:`Broadcast` needs of a hub member."""
+
+    live: bool
+    outbox: Outbox
+
+
+#: What wakes the sender: its future, the outbox's own drain, or a room's broadcast.
+Waiter = asyncio.Future[None] | _Drain | Broadcast
 
 
 def _wake(waiter: Waiter | None) -> None:
@@ -182,10 +248,10 @@ class WriteWindow:
         self._handle = None
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            if isinstance(waiter, _Drain):
-                waiter.drain_now()
-            else:
+            if isinstance(waiter, asyncio.Future):
                 _wake(waiter)
+            else:
+                waiter.drain_now()
 
 
 class Chunk:
@@ -377,6 +443,40 @@ class Outbox:
         if self._waiter is not None or self._held is not None:
             self._ready()
         return True
+
+    @property
+    def window(self) -> WriteWindow | None:
+        """The write window that wakes this outbox (shared by the gateway's outboxes)."""
+        return self._window
+
+    def in_step(self) -> bool:
+        """Whether a :class:`Broadcast` may stand in for the next ``put_chunk``.
+
+        True for a batching outbox that writes through to a writable sink,
+        with a window, and holds nothing: what it would send next is exactly
+        the fan-out it is about to get.
+        """
+        sink = self._sink
+        return (sink is not None and self.batch and not self._items and self._held is None
+                and self._window is not None and sink.writable and not self.closed and not self.overflowed)
+
+    def take_broadcast(self, chunk: Chunk, now: float) -> None:
+        """A :class:`Broadcast`'s chunk: its shared frame now, or queued if the transport is not taking it."""
+        sink = self._sink
+        if self.closed or self.overflowed:
+            return
+        if sink is None or self._items or not sink.writable or chunk.size > BATCH_FRAME_BYTES:
+            # paused (or something was queued meanwhile): in order, as any fan-out
+            self.put_chunk(chunk)
+            return
+        frame, payload = chunk.frame()
+        if not sink.write(frame, payload):
+            self._broken(stalled=False)
+            return
+        count = len(chunk.texts)
+        self.last_sent = now
+        self.messages_sent += count
+        self._stats.count_sent(1, count)
 
     def _ready(self) -> None:
         """Fan-out was queued while the sender waits: wake it at the end of the window (or now)."""
