@@ -8,15 +8,25 @@ so a change to the hot path can say what it saves per delivery:
 - ``outbox_take``: building one batch frame (``Outbox._take``) per connection;
 - ``outbox_chunk``: the same per delivery when the hub queues one answer of
   ANSWER entries as one shared chunk (``Outbox.put_chunk``), plus the take;
-- ``wire_bytes``: encoding one stream entry (done once per event, not per member).
+- ``wire_bytes``: encoding one stream entry (done once per event, not per member);
+- ``room_fanout``: the whole step from a hub read to the sockets: ``Hub._deliver``
+  of READ_ENTRIES entries per read to MEMBERS live batching members whose
+  outboxes write through to real sockets (socket pairs), each read's write
+  window ending before the next; CPU per delivery, the kernel's share of each
+  ``send`` included.
 
 ``python -m bench micro`` prints one JSON line per measurement (ns per operation).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import resource
+import socket
 import time
+import types
+from typing import Any
 
 import anyio
 
@@ -86,6 +96,93 @@ def _wire_bytes() -> float:
     return (time.perf_counter_ns() - start) / n
 
 
+#: Entries per hub read in ``room_fanout`` (the job-event run of ``seed_compare`` reads 5-7).
+READ_ENTRIES = 5
+FANOUT_READS = 200
+
+
+class _SocketSink:
+    """The transport side of a ``FrameSink`` over a plain asyncio transport (no WebSocket handshake needed)."""
+
+    __slots__ = ("_protocol", "_transport", "on_writable")
+
+    def __init__(self, transport: asyncio.Transport, protocol: _Paused) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.on_writable = None
+
+    @property
+    def writable(self) -> bool:
+        return self._protocol.writable
+
+    def write(self, frame: bytes, payload: bytes) -> bool:
+        if self._transport.is_closing():
+            return False
+        self._transport.write(frame)
+        return True
+
+
+class _Paused(asyncio.Protocol):
+    writable = True
+
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = True
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _room_fanout() -> float:
+    """ns of CPU per delivery from ``Hub._deliver`` to the sockets of MEMBERS members."""
+    from progress_service.gateway.hub import Hub, Member
+    from progress_service.gateway.outbox import Outbox, WriteWindow
+
+    loop = asyncio.get_running_loop()
+    broker: Any = types.SimpleNamespace(subscribe=lambda room: None, unsubscribe=lambda room: None)
+    hub = Hub(types.SimpleNamespace(redis=None, redis_url="", engine=None), "micro", broker=broker)  # type: ignore[arg-type]
+    window = WriteWindow(0.002)
+    peers, transports = [], []
+    for _ in range(MEMBERS):
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        transport, protocol = await loop.create_connection(_Paused, sock=ours)
+        outbox = Outbox(1 << 22, batch=True, window=window)
+        outbox.write_through(_SocketSink(transport, protocol), 5.0, lambda stalled: None)  # type: ignore[arg-type]
+        member = Member(outbox)
+        hub.add("job", member, head=None, presence_head=None)
+        member.live = True
+        peers.append(theirs)
+        transports.append(transport)
+    room = hub.rooms["job"]
+    body = b'{"kind":"log","at":1,"data":{"stream":"stderr","line":"' + b"x" * 160 + b'"}}'
+    seq, spent = 0, 0.0
+    for _ in range(FANOUT_READS):
+        entries = []
+        for _ in range(READ_ENTRIES):
+            seq += 1
+            entries.append((f"{seq}-0".encode(), {b"t": b"event", b"b": body}))
+        start = _cpu()
+        hub._deliver(room, entries, 0)
+        await asyncio.sleep(0.004)  # the write window ends in here
+        spent += _cpu() - start
+        for peer in peers:  # the readers (not counted)
+            try:
+                while peer.recv(1 << 20):
+                    pass
+            except BlockingIOError:
+                pass
+    for transport in transports:
+        transport.close()
+    for peer in peers:
+        peer.close()
+    return spent * 1e9 / (FANOUT_READS * READ_ENTRIES * MEMBERS)
+
+
 async def _main() -> list[dict]:
     out = []
     for round_ in range(ROUNDS):
@@ -96,6 +193,9 @@ async def _main() -> list[dict]:
         out.append({"micro": "outbox_chunk", "batch": batch, "answer": ANSWER,
                     "ns_per_delivery": round(_chunk_fanout(batch), 1)})
     out.append({"micro": "wire_bytes", "ns_per_event": round(_wire_bytes(), 1)})
+    for round_ in range(ROUNDS):
+        out.append({"micro": "room_fanout", "round": round_ + 1, "members": MEMBERS, "read_entries": READ_ENTRIES,
+                    "cpu_ns_per_delivery": round(await _room_fanout())})
     return out
 
 
