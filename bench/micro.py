@@ -13,7 +13,10 @@ so a change to the hot path can say what it saves per delivery:
   of READ_ENTRIES entries per read to MEMBERS live batching members whose
   outboxes write through to real sockets (socket pairs), each read's write
   window ending before the next; CPU per delivery, the kernel's share of each
-  ``send`` included.
+  ``send`` included;
+- ``tcp_send``: the floor under any fan-out here, the CPU of one
+  ``transport.write`` of one frame to one of MEMBERS loopback TCP
+  connections (the kernel's loopback delivery is charged to the sender).
 
 ``python -m bench micro`` prints one JSON line per measurement (ns per operation).
 """
@@ -183,6 +186,39 @@ async def _room_fanout() -> float:
     return spent * 1e9 / (FANOUT_READS * READ_ENTRIES * MEMBERS)
 
 
+async def _tcp_send(size: int) -> float:
+    """ns of CPU per ``transport.write`` of a ``size``-byte frame to one of MEMBERS loopback TCP connections."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=MEMBERS)
+    peers, transports = [], []
+    for _ in range(MEMBERS):
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _addr = listener.accept()
+        theirs.setblocking(False)
+        transport, _protocol = await loop.create_connection(_Paused, sock=ours)
+        peers.append(theirs)
+        transports.append(transport)
+    listener.close()
+    frame = b"x" * size
+    spent = 0.0
+    for _ in range(FANOUT_READS):
+        start = _cpu()
+        for transport in transports:
+            transport.write(frame)
+        spent += _cpu() - start
+        for peer in peers:
+            try:
+                while peer.recv(1 << 20):
+                    pass
+            except BlockingIOError:
+                pass
+    for transport in transports:
+        transport.close()
+    for peer in peers:
+        peer.close()
+    return spent * 1e9 / (FANOUT_READS * MEMBERS)
+
+
 async def _main() -> list[dict]:
     out = []
     for round_ in range(ROUNDS):
@@ -196,6 +232,8 @@ async def _main() -> list[dict]:
     for round_ in range(ROUNDS):
         out.append({"micro": "room_fanout", "round": round_ + 1, "members": MEMBERS, "read_entries": READ_ENTRIES,
                     "cpu_ns_per_delivery": round(await _room_fanout())})
+    for size in (300, 1500, 8000):
+        out.append({"micro": "tcp_send", "frame_bytes": size, "cpu_ns_per_write": round(await _tcp_send(size))})
     return out
 
 
