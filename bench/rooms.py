@@ -89,6 +89,10 @@ class Recorder:
     def __init__(self, latencies: list[float]) -> None:
         self.latencies = latencies
 
+    def in_step(self) -> bool:
+        """Never: each read is timed as it reaches the member (no room broadcast to wait for)."""
+        return False
+
     def put_chunk(self, chunk: Chunk) -> bool:
         now = time.time() * 1000
         for text in chunk.texts:
