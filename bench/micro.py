@@ -140,6 +140,23 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _read_all(peers: list[socket.socket]) -> None:
+    """Read what the server side wrote to each peer (so no socket fills)."""
+    for peer in peers:
+        try:
+            while peer.recv(1 << 20):
+                pass
+        except BlockingIOError:
+            pass
+
+
+def _close(transports: list[asyncio.BaseTransport], peers: list[socket.socket]) -> None:
+    for transport in transports:
+        transport.close()
+    for peer in peers:
+        peer.close()
+
+
 async def _room_fanout() -> float:
     """ns of CPU per delivery from ``Hub._deliver`` to the sockets of MEMBERS members."""
     from progress_service.gateway.hub import Hub, Member
@@ -173,16 +190,8 @@ async def _room_fanout() -> float:
         hub._deliver(room, entries, 0)
         await asyncio.sleep(0.004)  # the write window ends in here
         spent += _cpu() - start
-        for peer in peers:  # the readers (not counted)
-            try:
-                while peer.recv(1 << 20):
-                    pass
-            except BlockingIOError:
-                pass
-    for transport in transports:
-        transport.close()
-    for peer in peers:
-        peer.close()
+        _read_all(peers)  # the readers (not counted)
+    _close(transports, peers)
     return spent * 1e9 / (FANOUT_READS * READ_ENTRIES * MEMBERS)
 
 
@@ -206,16 +215,8 @@ async def _tcp_send(size: int) -> float:
         for transport in transports:
             transport.write(frame)
         spent += _cpu() - start
-        for peer in peers:
-            try:
-                while peer.recv(1 << 20):
-                    pass
-            except BlockingIOError:
-                pass
-    for transport in transports:
-        transport.close()
-    for peer in peers:
-        peer.close()
+        _read_all(peers)
+    _close(transports, peers)
     return spent * 1e9 / (FANOUT_READS * MEMBERS)
 
 

@@ -51,7 +51,7 @@ per write window, which writes the window's merged chunk to each of their
 sinks when the window ends (one list append per member per read, and one
 write per member per window).
 
-Why one module of ~670 lines: the queue, its chunks, the write window that
+Why one module of ~780 lines: the queue, its chunks, the room broadcast, the write window that
 wakes it and the process's send counters are the one fan-out hot path above;
 they exist only for the outbox and are tuned together (docs/performance.md).
 """
