@@ -75,7 +75,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     worker_concurrency: int = 4
     #: How many times a job whose worker died is started again.
     job_max_tries: int = 2
-    #: Seconds between SIGINT and SIGTERM, and between SIGTERM and SIGKILL.
+    #: Seconds between SIGINT and SIGTERM (up to twice that while the CLI is
+    #: still printing its last lines), and between SIGTERM and SIGKILL.
     cancel_grace: float = 5.0
     #: Seconds a running job's lease lives without a refresh; a worker that
     #: stops refreshing it (killed, frozen) is declared lost by the sweeper.

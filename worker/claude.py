@@ -2,7 +2,8 @@
 
 The CLI runs in its own process group; stopping it is SIGINT to the group
 (the CLI then prints its last lines), then SIGTERM, then SIGKILL to every
-process of the run, each after ``grace`` seconds, and afterwards no process
+process of the run, each after ``grace`` seconds (SIGTERM waits up to
+another ``grace`` while the CLI is still printing), and afterwards no process
 of the run remains, not even one that called ``setsid()`` (see
 :mod:`worker.proctree`). Output is read in chunks and split into lines
 here (not with ``readline``) so a line of any length is bounded: an
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -36,6 +38,8 @@ from worker.proctree import TAG_VAR, ProcessTree, become_subreaper, group_member
 __all__ = ["ClaudeProcess", "Command", "Line", "Output", "Oversize", "group_members", "start_claude", "user_message"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("progress_service.worker")
 
 #: Longest stdout line decoded as stream-json (a bigger one is reported, not parsed).
 MAX_LINE_BYTES = 1 << 20
@@ -180,6 +184,11 @@ class ClaudeProcess:
         self._stopping = False
         self._stopped = anyio.Event()
         self._stdin_lock = anyio.Lock()
+        #: When output last moved: a chunk read or a line taken (``anyio.current_time()``).
+        self.last_output = 0.0
+
+    def _saw_output(self) -> None:
+        self.last_output = anyio.current_time()
 
     async def write(self, data: bytes) -> bool:
         """Write to the CLI's stdin, one writer at a time; False once stdin is closed or broken."""
@@ -214,8 +223,8 @@ class ClaudeProcess:
         assert self.process.stdout is not None and self.process.stderr is not None
         send, receive = anyio.create_memory_object_stream[Output](64)
         with send:
-            tg.start_soon(_pump, self.process.stdout, "stdout", MAX_LINE_BYTES, send.clone())
-            tg.start_soon(_pump, self.process.stderr, "stderr", MAX_STDERR_BYTES, send.clone())
+            tg.start_soon(_pump, self.process.stdout, "stdout", MAX_LINE_BYTES, send.clone(), self._saw_output)
+            tg.start_soon(_pump, self.process.stderr, "stderr", MAX_STDERR_BYTES, send.clone(), self._saw_output)
         return receive
 
     async def wait(self) -> int:
@@ -231,13 +240,34 @@ class ClaudeProcess:
             return True
         return False
 
+    async def _wait_gone_while_printing(self, quiet: float) -> bool:
+        """Like :meth:`_wait_gone`, until ``quiet`` seconds pass without output (``2 * quiet`` at most).
+
+        After SIGINT the CLI prints its last lines, its cost among them. A
+        worker that is behind on reading (a busy machine, many jobs) keeps
+        the pipe full, so the CLI can still be waiting to write them when
+        ``quiet`` seconds are up: a SIGTERM then would lose the very lines
+        the SIGINT asked for. Output still being read, or lines still being
+        taken by the reader, is progress, not a stuck CLI.
+        """
+        start = anyio.current_time()
+        while True:
+            now = anyio.current_time()
+            due = min(start + 2 * quiet, max(start, self.last_output) + quiet)
+            if due <= now:
+                return False
+            if await self._wait_gone(due - now):
+                return True
+
     async def stop(self) -> None:
         """End the run: SIGINT to the CLI's group, then SIGTERM, then SIGKILL to every process of the run.
 
         SIGINT goes to the group only, like a terminal's Ctrl-C: the CLI then
         stops its tools and prints its last lines (a ``result`` with the
-        cost). SIGTERM and SIGKILL, ``grace`` seconds apart, reach every
-        process of the run (:class:`ProcessTree`), setsid'ed ones included.
+        cost). SIGTERM follows ``grace`` seconds later, or up to ``2 * grace``
+        while the CLI's output is still arriving; SIGKILL ``grace`` seconds
+        after that. Both reach every process of the run
+        (:class:`ProcessTree`), setsid'ed ones included.
         Idempotent and safe to call concurrently: a second caller waits for
         the first one's escalation to finish. Returns when no process of the
         run remains.
@@ -256,14 +286,19 @@ class ClaudeProcess:
             return
         self._stopping = True
         # Shielded: a caller cancelled half-way must not leave the run
-        # half-signalled; the escalation is bounded (2 x grace + 5 s).
+        # half-signalled; the escalation is bounded (3 x grace + 5 s).
         with anyio.CancelScope(shield=True):
             try:
-                for sig, wait in steps:
+                started = anyio.current_time()
+                for n, (sig, wait) in enumerate(steps):
                     if self.process.returncode is not None and not self.tree.members():
                         break
+                    if n:  # the operator should know a run did not end on the first signal
+                        log.warning("the CLI's run (pid %d) was still there %.1f s after %s; sending %s",
+                                    self.pid, anyio.current_time() - started, steps[0][0].name, sig.name)
                     self.tree.send(sig, group_only=sig == signal.SIGINT)
-                    if await self._wait_gone(wait):
+                    gone = self._wait_gone_while_printing(wait) if sig == signal.SIGINT else self._wait_gone(wait)
+                    if await gone:
                         break
             finally:
                 self.tree.reap()
@@ -275,14 +310,16 @@ async def _pump(
     name: Literal["stdout", "stderr"],
     limit: int,
     send: MemoryObjectSendStream[Output],
+    saw_output: Callable[[], None],
 ) -> None:
-    """Split a byte stream into bounded lines."""
+    """Split a byte stream into bounded lines (``saw_output`` is called per chunk read and per line taken)."""
     buf = bytearray()
     skipping = 0  # >0: inside an over-long line, this many bytes seen so far
     head = b""
     async with send:
         try:
             async for chunk in stream:
+                saw_output()
                 buf += chunk
                 while True:
                     nl = buf.find(b"\n")
@@ -293,6 +330,7 @@ async def _pump(
                         skipping = 0
                     else:
                         await send.send(Line(stream=name, data=bytes(buf[:nl]).rstrip(b"\r")))
+                    saw_output()  # the reader took a line: output is moving
                     del buf[: nl + 1]
                 if len(buf) > limit or (skipping and buf):
                     if not skipping:

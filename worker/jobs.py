@@ -143,7 +143,7 @@ class JobRun:
             raise
 
     async def _wait_handed_back(self, attempt: asyncio.Future[str]) -> None:
-        limit = 2 * self.settings.cancel_grace + 5 + HAND_BACK_WAIT
+        limit = 3 * self.settings.cancel_grace + 5 + HAND_BACK_WAIT
         done, _ = await asyncio.wait({attempt}, timeout=limit)
         if not done:
             log.warning("job %s: could not hand the job back within %.0f s; the sweeper will recover it", self.job_id, limit)

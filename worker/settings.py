@@ -35,7 +35,7 @@ DEFAULT_REDIS_URL = "redis://localhost:6379"
 def _arq_job_timeout(settings: Settings) -> float:
     # Above the longest job plus the SIGINT/SIGTERM/SIGKILL escalation, so
     # our own timeout (a clean "timed out" ending) always fires first.
-    return settings.job_timeout_max + 2 * settings.cancel_grace + 60
+    return settings.job_timeout_max + 3 * settings.cancel_grace + 60
 
 
 def _function(settings: Settings) -> Any:
