@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Callable
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
