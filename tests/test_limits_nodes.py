@@ -9,8 +9,10 @@ limit once, not once per node; a node that is killed stops counting after
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,6 +22,7 @@ import pytest
 
 from gateway_helpers import auth, closed_with, connect, send, serve
 from hook_helpers import Session, post_hook
+from progress_service.gateway.limits import ConnectionCap
 from progress_service.keys import connections_key
 
 FAST = {"ws_auth_timeout": 2.0, "presence_grace": 0.3}
@@ -230,3 +233,40 @@ async def test_connection_cap_counts_locally_while_redis_is_down(settings, store
             async with connect(base) as third:  # the slot freed on this node is usable
                 await auth(third, token)
             private.start()  # the node shuts down cleanly with its Redis back
+
+
+async def test_admissions_at_once_share_a_pipeline_and_hold_the_cap(redis: Any) -> None:
+    """40 connections of one user at once against a cap of 5: 5 admitted, 5 counted in Redis.
+
+    An admission whose connection gave up before its batch was sent is not
+    sent (it takes no slot from the others).
+    """
+    user = f"u-{uuid.uuid4().hex}"
+    cap = ConnectionCap(redis, f"node-{uuid.uuid4().hex[:8]}", limit=5, ttl=30)
+    key = connections_key(user)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cap.run)
+            results = await asyncio.gather(*(cap.admit(user, f"c{n}") for n in range(40)))
+            assert sum(results) == 5 and results[:5] == [True] * 5
+            assert await redis.zcard(key) == 5 and cap.local_count(user) == 5
+
+            cap.release(user, "c0")
+            await wait_until(lambda: redis.zcard(key), 4)
+            late = asyncio.ensure_future(cap.admit(user, "late"))
+            await asyncio.sleep(0)  # queued for the next batch ...
+            late.cancel()  # ... and gone before it is sent
+            assert await cap.admit(user, "after") is True  # same batch: the free slot is its
+            assert await redis.zcard(key) == 5
+            assert await redis.zscore(key, f"{cap.node_id}:late") is None
+            assert cap.local_count(user) == 5
+            tg.cancel_scope.cancel()
+    finally:
+        await redis.delete(key)
+
+
+async def wait_until(read: Callable[[], Any], value: object, timeout: float = 10.0) -> None:
+    """Poll ``read()`` until it returns ``value``."""
+    with anyio.fail_after(timeout):
+        while await read() != value:
+            await anyio.sleep(0.02)

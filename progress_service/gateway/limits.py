@@ -8,6 +8,7 @@ lives in Redis so it holds across gateway nodes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -130,6 +131,19 @@ return 1
 """
 
 
+#: Admissions sharing one pipeline at most.
+ADMIT_BATCH_MAX = 500
+
+
+class _Admission:
+    __slots__ = ("future", "member", "user_id")
+
+    def __init__(self, user_id: str, member: str, future: asyncio.Future[bool]) -> None:
+        self.user_id = user_id
+        self.member = member
+        self.future = future
+
+
 class ConnectionCap:
     """At most ``limit`` authenticated connections per user over all nodes.
 
@@ -142,7 +156,8 @@ class ConnectionCap:
 
     When Redis cannot be asked, admission falls back to this node's own
     count: a Redis blip must not lock every user out (their joins would
-    fail anyway until it is back).
+    fail anyway until it is back). Admissions waiting at once share one
+    pipeline (sent by :meth:`run`'s admission task).
     """
 
     def __init__(self, redis: Redis, node_id: str, limit: int, ttl: float) -> None:
@@ -154,6 +169,8 @@ class ConnectionCap:
         self._mine: dict[str, set[str]] = {}
         self._released: list[tuple[str, str]] = []
         self._wake = anyio.Event()
+        self._admissions: list[_Admission] = []
+        self._admit_wake = asyncio.Event()
 
     def _member(self, conn_id: str) -> str:
         return f"{self.node_id}:{conn_id}"
@@ -163,20 +180,72 @@ class ConnectionCap:
         return len(self._mine.get(user_id, ()))
 
     async def admit(self, user_id: str, conn_id: str) -> bool:
-        """Count connection ``conn_id`` for ``user_id``; False when the user is at the cap."""
-        member = self._member(conn_id)
-        try:
-            ok = bool(await self.redis.eval(_ADMIT, 1, connections_key(user_id), member, self.limit, self.ttl_ms))
-        except (RedisError, OSError) as exc:
-            outage.warn("redis", "WebSocket connection cap (counting on this node only)", exc)
-            ok = self.local_count(user_id) < self.limit
+        """Count connection ``conn_id`` for ``user_id``; False when the user is at the cap.
+
+        The admissions waiting in this process share one pipelined round
+        trip (:meth:`run` sends them): a mass connect has hundreds at once.
+        """
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._admissions.append(_Admission(user_id, self._member(conn_id), future))
+        self._admit_wake.set()
+        return await future
+
+    def _admit_here(self, user_id: str, member: str) -> bool:
+        """Admission on this node's own count (Redis cannot be asked)."""
+        ok = self.local_count(user_id) < self.limit
         if ok:
             self._mine.setdefault(user_id, set()).add(member)
         return ok
 
+    async def _admit_batch(self, batch: list[_Admission]) -> None:
+        """One pipeline of the admission script for ``batch``; each waiter gets its answer."""
+        replies: list[object]
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for a in batch:
+                    pipe.eval(_ADMIT, 1, connections_key(a.user_id), a.member, self.limit, self.ttl_ms)
+                replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            replies = [exc] * len(batch)
+        failed = next((r for r in replies if isinstance(r, Exception)), None)
+        if failed is not None:
+            outage.warn("redis", "WebSocket connection cap (counting on this node only)", failed)
+        for a, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception):
+                ok = self._admit_here(a.user_id, a.member)
+            else:
+                ok = bool(reply)
+                if ok:
+                    self._mine.setdefault(a.user_id, set()).add(a.member)
+            if a.future.done():  # its connection is gone: what Redis counted goes again
+                if ok:
+                    self._forget(a.user_id, a.member)
+            else:
+                a.future.set_result(ok)
+
+    async def _admit_loop(self) -> None:
+        try:
+            while True:
+                await self._admit_wake.wait()
+                self._admit_wake.clear()
+                while self._admissions:
+                    # Waiters that gave up (their connection closed) are not sent.
+                    batch = [a for a in self._admissions[:ADMIT_BATCH_MAX] if not a.future.done()]
+                    del self._admissions[:ADMIT_BATCH_MAX]
+                    if batch:
+                        await self._admit_batch(batch)
+        finally:
+            # Stopping: whoever still waits is answered on this node's count (released by aclose).
+            for a in self._admissions:
+                if not a.future.done():
+                    a.future.set_result(self._admit_here(a.user_id, a.member))
+            self._admissions.clear()
+
     def release(self, user_id: str, conn_id: str) -> None:
         """Stop counting ``conn_id`` (removed from Redis by :meth:`run` right after)."""
-        member = self._member(conn_id)
+        self._forget(user_id, self._member(conn_id))
+
+    def _forget(self, user_id: str, member: str) -> None:
         mine = self._mine.get(user_id)
         if mine is None or member not in mine:
             return
@@ -187,9 +256,11 @@ class ConnectionCap:
         self._wake.set()
 
     async def run(self) -> None:
-        """Refresh this node's entries and send releases, until cancelled."""
+        """Send admissions, refresh this node's entries and send releases, until cancelled."""
         try:
-            await self._loop()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._admit_loop)
+                await self._loop()
         finally:
             # Shutdown: this node's connections stop counting now, not after the ttl.
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
