@@ -5,7 +5,7 @@ pooled Redis connection each (the pool grew to hundreds of connections,
 each with its health check and socket) and paid redis-py's per-pipeline
 overhead per join (about 13 % of a mass connect). Here the joins that
 arrive while one batch is under way share the next: one round trip per
-batch. A join's commands are still atomic: on one Redis the whole batch is
+batch, and one read of each room in it. A join's commands are still atomic: on one Redis the whole batch is
 one MULTI; on a Redis Cluster (where a MULTI may only name keys of one
 slot) the batch is one MULTI per slot, sent to the slots' masters at once.
 A reply that is an error fails only its join.
@@ -26,8 +26,10 @@ from progress_service.store.identity import Principal
 
 log = logging.getLogger("progress_service.gateway.joins")
 
-#: Joins sharing one MULTI at most (about 6 commands each).
+#: Joins sharing one MULTI at most (a presence script each, and a room's reads once).
 JOIN_BATCH_MAX = 500
+#: Commands reading a room (snapshot, last, first, length, counters), once per room per MULTI.
+ROOM_READS = 5
 #: On a cluster: per-slot MULTIs of one batch in flight at once.
 SLOT_MULTIS_IN_FLIGHT = 32
 
@@ -124,36 +126,48 @@ class JoinReads:
                     raise
                 await self.presence.load_scripts()
                 continue
-            if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
+            if attempt == 1 and any(isinstance(r[-1], NoScriptError) for r in replies):
                 await self.presence.load_scripts()  # Redis lost its scripts: run the batch again
                 continue
             break
         self._answer(group, entries, replies)
 
-    async def _multi(self, group: list[_JoinRead]) -> tuple[list[str], list[Any]]:
-        """One MULTI of a group's joins (same slot, or all on one Redis); the entries and replies."""
+    async def _multi(self, group: list[_JoinRead]) -> tuple[list[str], list[list[Any]]]:
+        """One MULTI of a group's joins (same slot, or all on one Redis); the entries and each join's replies.
+
+        A room's reads are the same for every join of it, and a MULTI is one
+        point in time: they are sent once per room, and each join gets them
+        with its own presence reply (a mass connect into one room sends 1
+        command per join, not 6).
+        """
         presence = self.presence
         entries: list[str] = []
+        room_at: dict[str, int] = {}  # job id -> index of its first read's reply
+        presence_at: list[int] = []
+        n = 0
         async with self.redis.pipeline(transaction=True) as pipe:
             for j in group:
-                events, snap = events_key(j.job_id), snapshot_key(j.job_id)
-                pipe.hget(snap, "s")
-                pipe.xrevrange(events, count=1)
-                # what Redis holds of the stream (streams.coverage_of)
-                pipe.xrange(events, count=1)
-                pipe.xlen(events)
-                pipe.hmget(snap, "n", "k")
+                if j.job_id not in room_at:
+                    room_at[j.job_id] = n
+                    events, snap = events_key(j.job_id), snapshot_key(j.job_id)
+                    pipe.hget(snap, "s")
+                    pipe.xrevrange(events, count=1)
+                    # what Redis holds of the stream (streams.coverage_of)
+                    pipe.xrange(events, count=1)
+                    pipe.xlen(events)
+                    pipe.hmget(snap, "n", "k")
+                    n += ROOM_READS
                 entries.append(presence.queue_join(pipe, j.job_id, j.conn_id, j.principal))
+                presence_at.append(n)
+                n += 1
             replies = await pipe.execute(raise_on_error=False)
-        return entries, replies
+        per_join = [[*replies[room_at[j.job_id] : room_at[j.job_id] + ROOM_READS], replies[at]]
+                    for j, at in zip(group, presence_at, strict=True)]
+        return entries, per_join
 
-    def _answer(self, batch: list[_JoinRead], entries: list[str], replies: list[Any]) -> None:
+    def _answer(self, batch: list[_JoinRead], entries: list[str], per_join: list[list[Any]]) -> None:
         presence = self.presence
-        n = 6
-        i = 0
-        for j, entry in zip(batch, entries, strict=True):
-            mine = replies[i : i + n]
-            i += n
+        for j, entry, mine in zip(batch, entries, per_join, strict=True):
             # Every reply, in order, even of a join that gave up: each follows from the one before.
             observed = presence.observe(j.job_id, j.principal, mine[-1])
             if j.future.done():  # its join gave up (timeout, close)
