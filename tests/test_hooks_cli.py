@@ -10,6 +10,8 @@ outcome (including a subagent's, nested under it), the to-dos and the end.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import subprocess
 import sys
@@ -69,7 +71,7 @@ async def test_real_cli_session_is_watched_through_hooks(
         env = {"PATH": "/usr/bin:/bin", **claude_env, "PS_HOOK_TOKEN": reporter}
         argv = [claude_bin, "-p", prompt, "--output-format", "stream-json", "--verbose",
                 "--allowedTools", "Bash", "TaskCreate", "TaskUpdate", "Agent"]
-        async with await anyio.open_process(argv, cwd=project, env=env) as proc, connect(base, max_queue=None) as ws:
+        async with await anyio.open_process(argv, cwd=project, env=env) as proc, contextlib.AsyncExitStack() as stack:
             out = bytearray()
 
             async def read_stdout() -> None:
@@ -89,6 +91,10 @@ async def test_real_cli_session_is_watched_through_hooks(
                 job = jobs[0]
                 assert job["kind"] == "session" and job["session"]["host"] == "ci-box"
                 assert job["session"]["cwd"] == str(project)
+                # Connected only now: the gateway closes a connection that has
+                # not authenticated within its auth timeout (5 s), and the
+                # CLI's first hook can take longer than that on a busy machine.
+                ws = await stack.enter_async_context(connect(base, max_queue=None))
                 await auth(ws, reviewer)
                 await join(ws, job["id"])
                 with anyio.fail_after(60):
