@@ -5,9 +5,10 @@ pooled Redis connection each (the pool grew to hundreds of connections,
 each with its health check and socket) and paid redis-py's per-pipeline
 overhead per join (about 13 % of a mass connect). Here the joins that
 arrive while one batch is under way share the next: one round trip per
-batch, and one read of each room in it. A join's commands are still atomic: on one Redis the whole batch is
-one MULTI; on a Redis Cluster (where a MULTI may only name keys of one
-slot) the batch is one MULTI per slot, sent to the slots' masters at once.
+batch, and one read of each room in it. A join's commands are still
+atomic: on one Redis the whole batch is one MULTI; on a Redis Cluster
+(where a MULTI may only name keys of one slot) the batch is one MULTI per
+slot, sent to the slots' masters at once.
 A reply that is an error fails only its join.
 """
 

@@ -194,8 +194,11 @@ class ConnectionCap:
         """Admission on this node's own count (Redis cannot be asked)."""
         ok = self.local_count(user_id) < self.limit
         if ok:
-            self._mine.setdefault(user_id, set()).add(member)
+            self._count(user_id, member)
         return ok
+
+    def _count(self, user_id: str, member: str) -> None:
+        self._mine.setdefault(user_id, set()).add(member)
 
     async def _admit_batch(self, batch: list[_Admission]) -> None:
         """One pipeline of the admission script for ``batch``; each waiter gets its answer."""
@@ -216,7 +219,7 @@ class ConnectionCap:
             else:
                 ok = bool(reply)
                 if ok:
-                    self._mine.setdefault(a.user_id, set()).add(a.member)
+                    self._count(a.user_id, a.member)
             if a.future.done():  # its connection is gone: what Redis counted goes again
                 if ok:
                     self._forget(a.user_id, a.member)
