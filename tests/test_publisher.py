@@ -178,6 +178,33 @@ async def test_redis_keeps_what_the_archive_lacks_and_trims_what_it_holds(redis:
     await redis.delete(events_key(job_id), snapshot_key(job_id))
 
 
+async def test_trim_removes_exactly_what_the_rule_says_wherever_the_archive_is(redis: Any) -> None:
+    """The trim script against the rule it states, for streams with and without an unarchived tail.
+
+    The script reads only what it removes and the tail above the archived id
+    (not the ``keep`` entries it keeps), so each count is checked against the
+    rule computed here from the whole stream.
+    """
+    import random  # noqa: PLC0415
+
+    rng = random.Random(12)
+    job_id = uuid.uuid4().hex[:12]
+    key = events_key(job_id)
+    for _ in range(40):
+        await redis.delete(key)
+        n = rng.randint(1, 60)
+        ids = [await redis.xadd(key, {"t": b"event", "b": b"{}"}, id=f"{1000 + i}-0") for i in range(n)]
+        ids = [i.decode() for i in ids]
+        archived = rng.randrange(n)
+        keep = rng.randint(1, 70)
+        at_or_below = ids[: archived + 1]
+        expected = at_or_below[: max(0, len(at_or_below) - keep)]
+        removed = await streams.trim_archived(redis, job_id, ids[archived], keep=keep)
+        assert removed == len(expected), (n, archived, keep)
+        assert await _stream_ids(redis, job_id) == ids[len(expected):]
+    await redis.delete(key)
+
+
 async def test_a_page_whose_start_was_trimmed_reads_the_archive_then_redis(redis: Any, store: Any) -> None:
     """``history.read_page`` after a position Redis trimmed meanwhile: archive first, then Redis, a full page."""
     from progress_service import history  # noqa: PLC0415
