@@ -20,6 +20,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError
 
+from progress_service.gateway.batching import BatchQueue
 from progress_service.keys import events_key, snapshot_key
 from progress_service.outage import STORE_ERRORS
 from progress_service.redis_client import slot_of
@@ -52,8 +53,7 @@ class JoinReads:
     def __init__(self, redis: Any, presence: Any) -> None:
         self.redis = redis
         self.presence = presence
-        self._pending: list[_JoinRead] = []
-        self._wakeup = asyncio.Event()
+        self._pending: BatchQueue[_JoinRead] = BatchQueue(JOIN_BATCH_MAX)
 
     def read(self, job_id: str, since: str | None, conn_id: str, principal: Principal) -> asyncio.Future[Any]:
         """Queue a join's reads; the future gives ``(presence entry, replies)``.
@@ -63,28 +63,22 @@ class JoinReads:
         the room's members after the join (``Presence.observe``).
         """
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_JoinRead(job_id, since, conn_id, principal, future))
-        self._wakeup.set()
+        self._pending.put(_JoinRead(job_id, since, conn_id, principal, future))
         return future
 
     async def run(self) -> None:
         """Run the queued joins' MULTIs, one at a time, until cancelled."""
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = [j for j in self._pending[:JOIN_BATCH_MAX] if not j.future.done()]
-                del self._pending[:JOIN_BATCH_MAX]
-                if not batch:
-                    continue
-                try:
-                    await self._execute(batch)
-                except Exception as exc:  # every waiter hears of it; none is left hanging
-                    if not isinstance(exc, STORE_ERRORS):
-                        log.exception("gateway: join batch failed")
-                    for j in batch:
-                        if not j.future.done():
-                            j.future.set_exception(exc)
+        await self._pending.run(self._serve)
+
+    async def _serve(self, batch: list[_JoinRead]) -> None:
+        try:
+            await self._execute(batch)
+        except Exception as exc:  # every waiter hears of it; none is left hanging
+            if not isinstance(exc, STORE_ERRORS):
+                log.exception("gateway: join batch failed")
+            for j in batch:
+                if not j.future.done():
+                    j.future.set_exception(exc)
 
     async def _execute(self, batch: list[_JoinRead]) -> None:
         # Joins grouped by slot, in arrival order within each (one group on

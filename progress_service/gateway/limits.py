@@ -20,6 +20,7 @@ import anyio
 from redis.exceptions import RedisError
 
 from progress_service import outage
+from progress_service.gateway.batching import BatchQueue
 from progress_service.keys import connections_key
 
 if TYPE_CHECKING:
@@ -169,8 +170,7 @@ class ConnectionCap:
         self._mine: dict[str, set[str]] = {}
         self._released: list[tuple[str, str]] = []
         self._wake = anyio.Event()
-        self._admissions: list[_Admission] = []
-        self._admit_wake = asyncio.Event()
+        self._admissions: BatchQueue[_Admission] = BatchQueue(ADMIT_BATCH_MAX)
 
     def _member(self, conn_id: str) -> str:
         return f"{self.node_id}:{conn_id}"
@@ -186,8 +186,7 @@ class ConnectionCap:
         trip (:meth:`run` sends them): a mass connect has hundreds at once.
         """
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._admissions.append(_Admission(user_id, self._member(conn_id), future))
-        self._admit_wake.set()
+        self._admissions.put(_Admission(user_id, self._member(conn_id), future))
         return await future
 
     def _admit_here(self, user_id: str, member: str) -> bool:
@@ -228,21 +227,12 @@ class ConnectionCap:
 
     async def _admit_loop(self) -> None:
         try:
-            while True:
-                await self._admit_wake.wait()
-                self._admit_wake.clear()
-                while self._admissions:
-                    # Waiters that gave up (their connection closed) are not sent.
-                    batch = [a for a in self._admissions[:ADMIT_BATCH_MAX] if not a.future.done()]
-                    del self._admissions[:ADMIT_BATCH_MAX]
-                    if batch:
-                        await self._admit_batch(batch)
+            await self._admissions.run(self._admit_batch)
         finally:
             # Stopping: whoever still waits is answered on this node's count (released by aclose).
-            for a in self._admissions:
+            for a in self._admissions.drain():
                 if not a.future.done():
                     a.future.set_result(self._admit_here(a.user_id, a.member))
-            self._admissions.clear()
 
     def release(self, user_id: str, conn_id: str) -> None:
         """Stop counting ``conn_id`` (removed from Redis by :meth:`run` right after)."""
