@@ -223,3 +223,57 @@ async def test_the_lighter_receive_queue_and_writable_flag_keep_uvicorns_contrac
         assert woke == []
         flag.set()
     assert woke == [True, True]
+
+
+async def test_reading_pauses_once_several_client_messages_wait_and_resumes_when_read() -> None:
+    """A client's messages are read on until ``INBOX_PAUSE_AT`` wait for the app (uvicorn paused after each)."""
+    import uvicorn  # noqa: PLC0415
+    import websockets  # noqa: PLC0415
+
+    from progress_service.embedded_redis import free_port  # noqa: PLC0415
+    from progress_service.gateway.direct_send import INBOX_PAUSE_AT  # noqa: PLC0415
+
+    protocols: list[DirectSendProtocol] = []
+
+    class Probe(DirectSendProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            protocols.append(self)
+
+    go = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await go.wait()
+        n = 0
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            n += 1
+            await send({"type": "websocket.send", "text": f"{n}:{message['text']}"})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, ws=Probe, lifespan="off", log_level="warning"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        await _until(lambda: server.started)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/") as client:
+            await _until(lambda: bool(protocols))
+            protocol = protocols[0]
+            for i in range(INBOX_PAUSE_AT - 1):
+                await client.send(f"m{i}")
+            await _until(lambda: protocol.queue.qsize() == INBOX_PAUSE_AT - 1)
+            assert not protocol.read_paused and protocol.transport.is_reading()
+            await client.send(f"m{INBOX_PAUSE_AT - 1}")
+            await _until(lambda: protocol.read_paused)
+            assert not protocol.transport.is_reading()
+            await client.send("after the pause")  # stays in the socket until the app reads
+            go.set()
+            want = [f"m{i}" for i in range(INBOX_PAUSE_AT)] + ["after the pause"]
+            with anyio.fail_after(5):
+                got = [await client.recv() for _ in want]
+            assert got == [f"{n}:{text}" for n, text in enumerate(want, 1)]
+            assert not protocol.read_paused and protocol.transport.is_reading()
+        server.should_exit = True
