@@ -145,6 +145,10 @@ export function applyEvent(state, msg, { live = false } = {}) {
       const changed = s.status !== d.status;
       s.status = d.status;
       if (d.phase && d.phase !== "queued" && d.status !== "queued") notePhase(a, d.phase, msg.at);
+      // A run starts in "starting"; its phase event follows this one and may
+      // be handled in a later task. Until then the attempt's time since its
+      // start still belongs to a phase: the strip adds up to the Duration.
+      else if (d.status === "running" && a.phases.length === 0) notePhase(a, "starting", msg.at);
       if (d.reason !== undefined) s.reason = d.reason;
       // The worker that runs the job says whether it is the replay demo.
       if (typeof d.demo === "boolean") s.demo = d.demo;
