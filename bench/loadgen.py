@@ -229,15 +229,15 @@ class Client:
     def on_frame(self, raw: bytes) -> None:
         now = time.time_ns()
         w = self.w
-        w.t.frames += 1
-        if w.measuring:
-            w.t.frames_measured += 1
+        t = w.t
+        measuring = w.measuring
+        t.frames += 1
+        if measuring:
+            t.frames_measured += 1
         msg = _decode(raw)
         # Job events inline (one call per frame, not per message), the rest
         # through on_message: the load generator's one core is what limits a
         # fan-out run, so it must cost far less than the server it measures.
-        t = w.t
-        measuring = w.measuring
         record = w.latency.record
         last_seq, last_id = self.last_seq, self.last_id
         for m in msg if type(msg) is list else (msg,):
@@ -251,7 +251,7 @@ class Client:
                 last = last_seq.get(room, 0)
                 seq = data.seq
                 if seq <= last:
-                    t.dup += 1
+                    t.dup += 1  # a resume re-sent it; a real client drops it by id
                     continue
                 if seq > last + 1:
                     t.lost += seq - last - 1
