@@ -9,7 +9,10 @@ compare):
 
 - ``joins_one_room`` / ``joins_many_rooms``: N clients connect, authenticate
   and join (one room; 100 rooms); the wall time until the last is joined, and
-  for one room the resident memory each idle joined connection adds;
+  for one room the resident memory each idle joined connection adds. The
+  one-room storm also runs against ``bench/floor.py`` (``uvicorn_floor``):
+  the gateway's uvicorn setup with an app that only answers ``auth`` and
+  ``join``, so the figures say what uvicorn costs and what the gateway adds;
 - ``comment_fanout``: W watchers of one room (the project's with ``batch``,
   as the web page connects), R reviewers each keeping K comments in flight;
   comments delivered per server CPU-second and publish -> receipt latency;
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 import msgspec
 
 from bench.control import MEASURE, WARMUP
+from bench.floor import FloorServer
 from bench.loadgen import ClientSpec, WorkerConfig
 from bench.orchestra import Orchestra, log, split
 from bench.peer import SEED_TOKEN, PeerUnavailable, SeedPeer, find_seed_dir, node_binary
@@ -240,6 +244,12 @@ def _round(k: int, peer: SeedPeer, svc: Service, opts: Options, only: set[str], 
                 r.setdefault(workload, {})[t.name] = run(t)
         if not peer.alive():
             raise RuntimeError(f"the seed peer exited:\n{peer.log_path.read_text()[-2000:]}")
+    if "joins_one_room" in only:
+        log(f"round {k + 1}: uvicorn floor")
+        with FloorServer(cpus=SERVER_CPUS if _pinning() else None) as floor:
+            t = Target("uvicorn_floor", floor.port, floor.cpu, floor.rss, lambda i: "floor", lambda i: "floor",
+                       batch=True, echo_acks=False)
+            r["joins_one_room"]["uvicorn_floor"] = joins(t, rooms[:1], n_join, opts, memory=True)
     return r
 
 
@@ -299,13 +309,15 @@ def side_by_side_table(r: dict) -> str:
     labels = {"joins_per_s": "joins/s", "rss_per_conn_kb": "RSS KB per idle joined conn",
               "cpu_ms_per_join": "server CPU ms per join", "deliveries_per_cpu_s": "deliveries per server CPU-s",
               "p50_ms": "p50 ms", "p99_ms": "p99 ms"}
-    lines = ["| workload | figure | project | seed | ratio (median; min–max over rounds) |", "|---|---|---:|---:|---|"]
+    lines = ["| workload | figure | project | seed | ratio (median; min–max over rounds) | uvicorn floor |",
+             "|---|---|---:|---:|---|---:|"]
     for workload, figures in RATIOS.items():
         for fig, better in figures:
             if workload not in last:
                 continue
             ratio = r["ratios"].get(workload, {}).get(fig)
             spread = f"{ratio['median']}× ({ratio['min']}–{ratio['max']}; {better} is better)" if ratio else "–"
+            floor = last[workload].get("uvicorn_floor", {}).get(fig, "–")
             lines.append(f"| {workload} | {labels[fig]} | {last[workload]['project'].get(fig)} | "
-                         f"{last[workload]['seed'].get(fig)} | {spread} |")
+                         f"{last[workload]['seed'].get(fig)} | {spread} | {floor} |")
     return "\n".join(lines)

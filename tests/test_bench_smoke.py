@@ -88,6 +88,9 @@ def test_quick_side_by_side_with_the_seed_reports_every_ratio(tmp_path: Path) ->
             assert round_[workload][side]["deliveries"] > 0 and round_[workload][side]["p99_ms"] is not None
         assert r["ratios"][workload]["deliveries_per_cpu_s"]["median"] > 0
     assert round_["event_fanout"]["project"]["lost"] == 0
+    # uvicorn's own floor under the same join storm (bench/floor.py), beside both.
+    assert round_["joins_one_room"]["uvicorn_floor"]["clients"] == round_["joins_one_room"]["project"]["clients"]
+    assert round_["joins_one_room"]["uvicorn_floor"]["cpu_ms_per_join"] > 0
     # Reported, not judged: in a quick run a side's RSS can shrink while its
     # connections open (the allocator hands memory back), so on a busy
     # machine the ratio was once -6.68. The figure is the benchmark's.
