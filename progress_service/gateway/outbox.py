@@ -368,8 +368,8 @@ class Outbox:
         self._space_waiter: asyncio.Future[None] | None = None
         self.overflowed = False
         self.closed = False
-        #: ``anyio.current_time()`` (the loop's clock) of the last frame handed to the socket.
-        self.last_sent = anyio.current_time()
+        #: The loop's clock (``loop.time()``) when the last frame was handed to the socket.
+        self.last_sent = asyncio.get_running_loop().time()
         self.messages_sent = 0
         #: Loop time at which the send in progress started; None between sends.
         self._sending_since: float | None = None
