@@ -22,9 +22,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
+from uvicorn.protocols.utils import ClientDisconnected, get_client_addr, get_path_with_query_string
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from progress_service.gateway.handshake import PlainRequest, accept_response, parse_plain
 
 #: The ASGI scope extension (``{"sink": FrameSink}``) under which a connection's sink is offered.
 EXTENSION = "progress_service.frame_sink"
@@ -156,15 +162,61 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
     It also holds less per connection: a list-backed receive queue and a
     plain writable flag instead of an ``asyncio.Queue`` and an
     ``asyncio.Event`` (four deques), and no handshake request or response
-    (nor their headers) after the accept.
+    (nor their headers) after the accept. A plain handshake (gateway/handshake.py)
+    is read and answered without websockets' HTTP parser; any other goes
+    through it as before.
     """
 
     sink: FrameSink | None = None
+    #: The ``Sec-WebSocket-Accept`` of a plain handshake until it is answered (None: websockets answers).
+    _plain_accept: bytes | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = _Inbox()  # type: ignore[assignment]
         self.writable = _Flag()  # type: ignore[assignment]
+        #: Only the first bytes uvicorn hands over (the whole request, re-serialized) may be a plain handshake.
+        self._first = not self.config.ws_per_message_deflate
+
+    def data_received(self, data: bytes) -> None:
+        """A plain handshake is opened here; everything else is uvicorn's."""
+        if self._first:
+            self._first = False
+            request = parse_plain(data)
+            if request is not None:
+                self._open_plain(request)
+                return
+        super().data_received(data)
+
+    def _open_plain(self, request: PlainRequest) -> None:
+        """uvicorn's ``handle_connect`` for a request websockets would accept as it is, without parsing it again."""
+        self.handshake_initiated = True
+        # From here on websockets reads frames only: its parser no longer waits for a request.
+        self.conn = ServerProtocol(state=State.OPEN, max_size=self.config.ws_max_size, logger=self.conn.logger)
+        self.request = self.response = None  # type: ignore[assignment]
+        self._plain_accept = request.accept
+        raw_path, _, query_string = request.target.partition("?")
+        self.sink = FrameSink(self)
+        self.scope = {  # as uvicorn's handle_connect builds it (no subprotocol is offered in a plain request)
+            "type": "websocket",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.4"},
+            "http_version": "1.1",
+            "scheme": self.scheme,
+            "server": self.server,
+            "client": self.client,
+            "root_path": self.root_path,
+            "path": self.root_path + unquote(raw_path),
+            "raw_path": self.root_path.encode("ascii") + raw_path.encode("ascii"),
+            "query_string": query_string.encode("ascii"),
+            "headers": request.headers,
+            "subprotocols": [],
+            "state": self.app_state.copy(),
+            "extensions": {"websocket.http.response": {}, EXTENSION: {"sink": self.sink}},
+        }
+        self.queue.put_nowait({"type": "websocket.connect"})
+        task = self.loop.create_task(self.run_asgi())
+        task.add_done_callback(self.on_task_complete)
+        self.tasks.add(task)
 
     def send_receive_event_to_app(self) -> None:
         """uvicorn's, except that reading pauses once :data:`INBOX_PAUSE_AT` messages wait, not after each.
@@ -205,9 +257,30 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
         uvicorn keeps both (headers and all, a few KB) for the connection's
         life but reads neither after the ``websocket.accept``.
         """
+        if self._plain_accept is not None and message["type"] == "websocket.accept":
+            await self._accept_plain(message)
+            return
         await super().send(message)
         if message["type"] == "websocket.accept" and self.handshake_complete:
             self.request = self.response = None  # type: ignore[assignment]
+
+    async def _accept_plain(self, message: Any) -> None:
+        """uvicorn's ``websocket.accept`` of a plain handshake: the same 101, the same log line."""
+        await self.writable.wait()
+        if self.disconnected:
+            raise ClientDisconnected()
+        accept, self._plain_accept = self._plain_accept, None
+        assert accept is not None
+        if self.handshake_complete or self.initial_response is not None:  # not uvicorn's to accept now: its error
+            await super().send(message)
+            return
+        self.logger.info('%s - "WebSocket %s" [accepted]', get_client_addr(self.scope),
+                         get_path_with_query_string(self.scope))
+        if not self.transport.is_closing():
+            self.handshake_complete = True
+            headers = [*self.default_headers, *message.get("headers", [])]
+            self.transport.write(accept_response(accept, headers, message.get("subprotocol")))
+            self.start_keepalive()
 
     def resume_writing(self) -> None:
         """The transport drained: uvicorn's ``send`` may go on, and the sink's owner writes what it held."""
