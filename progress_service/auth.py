@@ -18,7 +18,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import anyio
 import msgspec
@@ -35,6 +35,7 @@ from progress_service.store.identity import (
 )
 from progress_service.web_session import COOKIE_NAME
 
+T = TypeVar("T")
 
 TICKET_PREFIX = "pst_"
 
@@ -223,28 +224,42 @@ def cached_principal(cache: PrincipalCache | None, secret: str) -> Principal | N
     return cache.principal(hash_token(secret))
 
 
-async def authenticate(engine: AsyncEngine, redis: Redis, secret: str, *, cache: PrincipalCache | None = None) -> Principal | None:
+class ReadGate(Protocol):
+    """Runs one store or Redis read, e.g. the gateway's ``StoreGate.call`` (a bounded queue, a timeout)."""
+
+    def __call__(self, read: Callable[[], Awaitable[T]], /) -> Awaitable[T]: ...
+
+
+async def _at_once(read: Callable[[], Awaitable[T]]) -> T:
+    return await read()
+
+
+async def authenticate(engine: AsyncEngine, redis: Redis, secret: str, *, cache: PrincipalCache | None = None,
+                       gate: ReadGate = _at_once) -> Principal | None:
     """Resolve an API token or a ticket to its principal; None when invalid.
 
     A ticket is consumed whether or not the caller goes on to use it. With
     ``cache``, API tokens and the liveness of a ticket's token are looked up
-    there first and remembered after a store read.
+    there first and remembered after a store read. Each read goes through
+    ``gate``; lookups of one token that wait for the read already under way
+    (a burst of connections with the same token) do not take a place in it.
     """
     if secret.startswith(TICKET_PREFIX):
-        principal = await consume_ticket(redis, secret)
+        principal = await gate(lambda: consume_ticket(redis, secret))
         if principal is None:
             return None
         # The token behind a ticket may have been revoked since it was issued.
-        live = cache.token_live(principal.token_id) if cache is not None else None
+        token_id = principal.token_id
+        live = cache.token_live(token_id) if cache is not None else None
         if live is None:
-            found, expires_at = await token_expiry(engine, principal.token_id)
+            found, expires_at = await gate(lambda: token_expiry(engine, token_id))
             live = found and (expires_at is None or expires_at > now_ms())
             if live and cache is not None:
-                cache.remember_live(principal.token_id, expires_at)
+                cache.remember_live(token_id, expires_at)
         return principal if live else None
     if cache is not None and len(secret) <= 200:
-        return await cache.load(hash_token(secret), lambda: principal_for_token(engine, secret))
-    return await principal_for_token(engine, secret)
+        return await cache.load(hash_token(secret), lambda: gate(lambda: principal_for_token(engine, secret)))
+    return await gate(lambda: principal_for_token(engine, secret))
 
 
 def bearer_token(header: str | None) -> str | None:

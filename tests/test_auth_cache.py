@@ -87,6 +87,32 @@ async def test_concurrent_misses_share_one_store_read() -> None:
     assert reads == 1 and results == [principal] * 25
 
 
+async def test_connections_of_one_token_wait_for_its_read_without_a_place_in_the_gate(engine: Any, redis: Any) -> None:
+    """A burst of one token through a one-slot gate that refuses a second waiter: one read, all admitted."""
+    from progress_service.gateway.job_access import StoreGate  # noqa: PLC0415
+
+    token, token_id = await create_token(engine, user="bo", team="t1", role="viewer")
+    cache = PrincipalCache()
+    gate = StoreGate(1, wait=0.0, timeout=5.0)  # a read waiting for the slot times out at once
+    calls = 0
+
+    async def counted(read: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await gate.call(read)
+
+    results: list[Principal | None] = []
+
+    async def one() -> None:
+        results.append(await authenticate(engine, redis, token, cache=cache, gate=counted))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(30):
+            tg.start_soon(one)
+    assert calls == 1
+    assert len(results) == 30 and all(p is not None and p.token_id == token_id for p in results)
+
+
 async def test_concurrent_misses_share_a_store_error() -> None:
     cache = PrincipalCache()
     reads = 0

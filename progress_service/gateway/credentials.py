@@ -26,14 +26,14 @@ async def verify(session: Session, token: str) -> Principal | None:
     principal = cached_principal(gateway.principals, token)
     if principal is None:
         try:
-            # The store gate bounds the read (store_timeout) and the queue
+            # The store gate bounds each read (store_timeout) and the queue
             # before it (ws_store_wait), so a reconnect storm waits. Its
             # timeouts are asyncio's, not anyio.fail_after: an anyio scope
             # with a deadline costs a task lookup and a timer handle more,
-            # ~10 % of a connect.
-            principal = await gateway.store_gate.call(
-                lambda: authenticate(gateway.engine, gateway.redis, token, cache=gateway.principals)
-            )
+            # ~10 % of a connect. Connections of one token that wait for its
+            # read under way hold no place in the gate (and set no timer).
+            principal = await authenticate(gateway.engine, gateway.redis, token, cache=gateway.principals,
+                                           gate=gateway.store_gate.call)
         except STORE_ERRORS as exc:
             outage.warn(outage.classify(exc) or "store", "WebSocket auth", exc)
             session.request_close(closes.INTERNAL)
