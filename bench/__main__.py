@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="server event loop (the CLI runs asyncio; uvloop measures the alternative)")
     p.add_argument("--pg", metavar="URL", help=f"PostgreSQL admin URL for the comments scenario (default {DEFAULT_PG} if it answers)")
     p.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL comments run")
-    p.add_argument("--procs", type=int, default=2, help="load-generator processes (default 2)")
+    p.add_argument("--procs", type=int, default=None,
+                   help="load-generator processes (default 2; seed_compare: one per load core, see bench/seed_compare.py)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a scenario size, e.g. --set jobs=200 --set window=16 (recorded in settings)")
     p.add_argument("--env", action="append", default=[], metavar="PS_NAME=VALUE",

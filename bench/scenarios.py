@@ -25,6 +25,8 @@ from bench.service import Service
 
 #: Connections per API token (the default limit per user is 50; stay under it, as real users would).
 CLIENTS_PER_TOKEN = 25
+#: Load-generator processes unless ``--procs`` says otherwise.
+DEFAULT_PROCS = 2
 
 
 @dataclass
@@ -36,7 +38,8 @@ class Options:
     loop: str = "asyncio"
     pg_admin: str | None = None
     #: Load-generator processes (the server has the machine's other core; 2 keeps both busy).
-    procs: int = 2
+    #: None: the scenario's default (2; ``seed_compare``: one per load core).
+    procs: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     #: Directory for py-spy profiles of the server during the measured phase (None: no profiling).
     profile_dir: str | None = None
@@ -70,7 +73,7 @@ def _base(name: str, svc: Service, opts: Options, settings: dict) -> dict:
     return {
         "scenario": name,
         "settings": {**settings, "store": svc.store_kind, "uvicorn_ws": opts.ws_impl or "direct (cli)",
-                     "server_loop": opts.loop, "loadgen_procs": opts.procs, "server_env": env,
+                     "server_loop": opts.loop, "loadgen_procs": opts.procs or DEFAULT_PROCS, "server_env": env,
                      "overrides": opts.overrides,
                      "quick": opts.quick},
     }
@@ -110,7 +113,7 @@ def _profile_path(opts: Options, name: str) -> str | None:
 def _workers(svc: Service, clients: list[ClientSpec], rooms: list[str], opts: Options, **kw: object) -> list[WorkerConfig]:
     index = {r: i for i, r in enumerate(rooms)}
     return [WorkerConfig(host="127.0.0.1", port=svc.port, clients=part, room_index=index, **kw)  # type: ignore[arg-type]
-            for part in split(clients, opts.procs)]
+            for part in split(clients, opts.procs or DEFAULT_PROCS)]
 
 
 def _measure(orc: Orchestra, svc: Service, warmup: float, measure: float, profile: str | None = None) -> tuple[float, float]:
