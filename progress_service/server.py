@@ -132,6 +132,12 @@ def make_config(app: Litestar, settings: Settings, *, host: str, port: int,
         # X-Forwarded-For/-Proto only from PS_TRUSTED_PROXIES (none by default;
         # uvicorn's own default trusts loopback): see http_limits.
         forwarded_allow_ips=list(settings.trusted_proxies),
+        # With none trusted, uvicorn's proxy-headers layer changes nothing but
+        # would hold a frame for each WebSocket's life.
+        proxy_headers=bool(settings.trusted_proxies),
+        # The fronts are plain callables returning the app's awaitable (not
+        # coroutine functions), which uvicorn's guess would take for ASGI 2.
+        interface="asgi3",
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
         **extra,

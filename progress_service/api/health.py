@@ -10,6 +10,7 @@ request that reaches the app (e.g. under a ``root_path``).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any, cast
 
 import msgspec
@@ -50,12 +51,16 @@ class HealthFront:
         self.app = app
         self._litestar: Litestar = unwrap(app)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine: what goes on returns the app's own awaitable, so a
+        # WebSocket's life holds no frame of this layer (uvicorn is told asgi3).
         path = scope["path"] if scope["type"] == ScopeType.HTTP else None
         method = scope.get("method")
         if path not in ("/readyz", "/healthz") or method not in ("GET", "HEAD") or scope.get("root_path"):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._answer(path, method, scope, receive, send)
+
+    async def _answer(self, path: str, method: str, scope: Scope, receive: Receive, send: Send) -> None:
         if path == "/healthz":
             status, body = 200, _HEALTHZ
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
@@ -28,7 +29,7 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.enums import ScopeType
-from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
+from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 from litestar.status_codes import HTTP_204_NO_CONTENT, HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
 from progress_service import metrics, outage
@@ -160,14 +161,17 @@ class HookFront:
 
     __slots__ = ("app",)
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         #: The wrapped app (``state.unwrap`` follows ``.app``).
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine: see HealthFront.__call__.
         if scope["type"] != ScopeType.HTTP or scope["path"] != PATH or scope["method"] != "POST" or scope.get("root_path"):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._post(scope, receive, send)
+
+    async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = started_services(unwrap(self.app))
         if services is None:  # not started yet: the app decides
             await self.app(scope, receive, send)

@@ -341,22 +341,28 @@ class Session:
         return message
 
     async def _receive_loop(self) -> None:
-        # The auth timeout is the timer armed in `run`: it cancels this wait.
-        first = await self._next()
-        if first is None:
-            return
-        self._greeted = True
-        if not isinstance(first, ClientAuth):
-            self.audit("auth.failed", reason="first message not auth")
-            self.request_close(closes.AUTH_FAILED)
-            return
-        if not await self._auth(first):
+        if not await self._greet():
             return
         while not self.closing:
             message = await self._next()
             if message is None:
                 return
             await self._handle(message)
+            # Not held while the connection idles (the next await would keep it).
+            del message
+
+    async def _greet(self) -> bool:
+        """The first message, which must be an accepted ``auth`` (its token is not kept past this frame)."""
+        # The auth timeout is the timer armed in `run`: it cancels this wait.
+        first = await self._next()
+        if first is None:
+            return False
+        self._greeted = True
+        if not isinstance(first, ClientAuth):
+            self.audit("auth.failed", reason="first message not auth")
+            self.request_close(closes.AUTH_FAILED)
+            return False
+        return await self._auth(first)
 
     async def _handle(self, message: ClientMessage) -> None:
         if isinstance(message, ClientJoin):
