@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,7 @@ from typing import Any
 import msgspec
 import uvicorn
 
-from bench import stats
-from bench.orchestra import log
-from progress_service.embedded_redis import free_port, wait_for_port
+from bench.server_process import ServerProcess
 from progress_service.events import ClientAuth, ClientJoin
 from progress_service.gateway.direct_send import DirectSendProtocol
 from progress_service.gateway.frames import client_decoder
@@ -78,48 +74,16 @@ def main(port: int) -> None:
     asyncio.run(server.serve())
 
 
-class FloorServer:
+class FloorServer(ServerProcess):
     """:func:`main` as a subprocess on a free port, optionally pinned to ``cpus``. Use as a context manager."""
 
-    def __init__(self, *, cpus: set[int] | None = None) -> None:
-        self.cpus = cpus
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
     def __enter__(self) -> FloorServer:
-        cpus = self.cpus
         env = {k: v for k, v in os.environ.items() if not k.startswith("PS_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.floor", str(self.port)], cwd=ROOT, env=env, start_new_session=True,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-        )
-        try:
-            wait_for_port("127.0.0.1", self.port, timeout=30)
-        except BaseException:
-            self.__exit__(None)
-            raise
-        log(f"uvicorn floor pid {self.proc.pid} on port {self.port}")
+        self.spawn("uvicorn floor", [sys.executable, "-m", "bench.floor", str(self.port)], env=env, cwd=ROOT)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def cpu(self) -> float:
-        """CPU seconds the server has used."""
-        assert self.proc is not None
-        return stats.cpu_seconds(self.proc.pid)
-
-    def rss(self) -> int:
-        """The server's resident memory in bytes."""
-        assert self.proc is not None
-        return stats.rss_bytes(self.proc.pid)
+        self.stop()
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
-from bench import stats
 from bench.orchestra import log
-from progress_service.embedded_redis import free_port, wait_for_port
+from bench.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -93,14 +91,12 @@ def ensure_node_modules(timeout: float = 240.0) -> Path:
     return modules
 
 
-class SeedPeer:
+class SeedPeer(ServerProcess):
     """The seed's server on a free port, optionally pinned to ``cpus``. Use as a context manager."""
 
     def __init__(self, seed_dir: Path, *, cpus: set[int] | None = None) -> None:
+        super().__init__(cpus=cpus)
         self.seed_dir = seed_dir
-        self.cpus = cpus
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="ps-bench-seed-"))
         self.log_path = self.tmp / "server.log"
 
@@ -110,43 +106,15 @@ class SeedPeer:
             (self.tmp / "server.mjs").symlink_to(self.seed_dir / "server.mjs")
             (self.tmp / "node_modules").symlink_to(modules)
             cmd = [node_binary(), "--preserve-symlinks", "--preserve-symlinks-main", str(self.tmp / "server.mjs")]
-            env = {**os.environ, "PORT": str(self.port)}
-            cpus = self.cpus
             # Its stdout is the audit log it prints per comment: a file, as in production.
             with self.log_path.open("ab") as out:
-                self.proc = subprocess.Popen(
-                    cmd, env=env, cwd=self.tmp, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                    preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-                )
-            wait_for_port("127.0.0.1", self.port, timeout=20)
+                self.spawn("seed peer", cmd, env={**os.environ, "PORT": str(self.port)}, cwd=self.tmp, output=out,
+                           timeout=20)
         except BaseException:
             self.__exit__(None)
             raise
-        log(f"seed peer pid {self.proc.pid} on port {self.port}")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        self.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def cpu(self) -> float:
-        """CPU seconds the peer has used (all its threads)."""
-        return stats.cpu_seconds(self.pid)
-
-    def rss(self) -> int:
-        return stats.rss_bytes(self.pid)
