@@ -34,6 +34,7 @@ from progress_service import history, metrics, streams
 from progress_service.events import PresenceMember, PresenceMsg
 from progress_service.gateway.broker import READ_COUNT, Broker, StreamBroker
 from progress_service.gateway.outbox import BATCH_FRAME_BYTES, Broadcast, Chunk, Outbox
+from progress_service.gateway.recent_pages import Page, PageKey, RecentPages
 from progress_service.gateway.single_flight import SingleFlight
 from progress_service.ids import now_ms, room_id
 from progress_service.keys import events_key, presence_stream_key
@@ -44,6 +45,11 @@ if TYPE_CHECKING:
     from progress_service.services import Resources
 
 log = logging.getLogger("progress_service.gateway.hub")
+
+#: Seconds a replay page read for one join answers the room's later joins from the same id (recent_pages.py).
+PAGE_REUSE_SECONDS = 1.0
+#: Entries of such pages kept at most (a page is up to READ_COUNT; ~0.5 KB an entry).
+PAGE_REUSE_ENTRIES = 20_000
 
 _enc = msgspec.json.Encoder()
 _member_dec = msgspec.json.Decoder(PresenceMember)
@@ -149,7 +155,9 @@ class Hub:
         self._holes: dict[str, Room] = {}
         self._holes_ready = anyio.Event()
         #: Replay pages being read, by (job id, after): joins of one room at once share a read.
-        self._pages: SingleFlight[tuple[str, str | None], list[streams.Entry]] = SingleFlight()
+        self._pages: SingleFlight[PageKey, Page] = SingleFlight()
+        #: ... and those that come a little later share its answer (recent_pages.py).
+        self._recent = RecentPages(PAGE_REUSE_SECONDS, PAGE_REUSE_ENTRIES)
 
     @property
     def reconnects(self) -> int:
@@ -235,15 +243,11 @@ class Hub:
             # member's check found the hub ahead; after an empty answer with
             # the hub ahead, read afresh (the deleted-entries count below
             # must not be fed stale answers).
-            entries = await self._replay_page(job_id, position, shared=empty_rounds == 0)
-            if entries:
-                page = []
-                for eid, fields in entries:
-                    raw = wire_bytes(room.room_id, eid, fields)
-                    page.append((eid.decode(), raw.decode(), len(raw)))
-                yield page
-                position = page[-1][0]
-            if len(entries) == READ_COUNT:
+            page = await self._replay_page(room.room_id, job_id, position, shared=empty_rounds == 0)
+            if page.entries:
+                yield page.entries
+                position = page.entries[-1][0]
+            if page.full:
                 continue
             if self.rooms.get(job_id) is not room or id(member) not in room.members:
                 return  # left while replaying
@@ -258,17 +262,18 @@ class Hub:
             # The hub is ahead but the stream has nothing after our position:
             # those entries were deleted (trimmed or the key expired). Go
             # live at the hub's position rather than retrying forever.
-            empty_rounds = 0 if entries else empty_rounds + 1
+            empty_rounds = 0 if page.entries else empty_rounds + 1
             if empty_rounds >= 3:
                 member.after = id_tuple(room.cursor)
                 member.live = True
                 return
 
-    async def _replay_page(self, job_id: str, after: str | None, *, shared: bool) -> list[streams.Entry]:
-        """``history.read_page``, waiting out a store or Redis outage for up to ``PS_WS_STORE_WAIT``.
+    async def _replay_page(self, room_id: str, job_id: str, after: str | None, *, shared: bool) -> Page:
+        """``history.read_page``, encoded, waiting out a store or Redis outage for up to ``PS_WS_STORE_WAIT``.
 
         ``shared``: joins of the room replaying from the same id at once
-        share one read (a join storm into one room asks it hundreds of times).
+        share one read (a join storm into one room asks it hundreds of times),
+        and those up to ``PAGE_REUSE_SECONDS`` later share its answer.
 
         The member was told ``joined`` already and is skipped by live
         delivery meanwhile, so a blink of the store delays its replay
@@ -278,20 +283,36 @@ class Hub:
         clock = asyncio.get_running_loop().time  # anyio.current_time() costs 4 calls more per join
         deadline = clock() + self.services.settings.ws_store_wait
         delay = 0.1
+        key = (job_id, after)
         while True:
             try:
-                if shared:
-                    return await self._pages.run((job_id, after), lambda: self._read_page(job_id, after))
-                return await self._read_page(job_id, after)
+                if not shared:
+                    return await self._read_page(room_id, job_id, after)
+                page = self._recent.get(key)
+                if page is None:
+                    page = await self._pages.run(key, lambda: self._read_page(room_id, job_id, after, keep=True))
+                return page
             except STORE_ERRORS:
                 if clock() + delay > deadline:
                     raise
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    def _read_page(self, job_id: str, after: str | None) -> Awaitable[list[streams.Entry]]:
+    def _read_entries(self, job_id: str, after: str | None) -> Awaitable[list[streams.Entry]]:
         """One page (``READ_COUNT``) of the room's log after ``after``, Redis then the archive."""
         return history.read_page(self.services.redis, self.services.engine, job_id, after, count=READ_COUNT)
+
+    async def _read_page(self, room_id: str, job_id: str, after: str | None, *, keep: bool = False) -> Page:
+        """:meth:`_read_entries` as wire texts; ``keep``: for the room's later joins too (``_recent``)."""
+        entries = await self._read_entries(job_id, after)
+        texts = []
+        for eid, fields in entries:
+            raw = wire_bytes(room_id, eid, fields)
+            texts.append((eid.decode(), raw.decode(), len(raw)))
+        page = Page(texts, full=len(entries) == READ_COUNT)
+        if keep:
+            self._recent.put((job_id, after), page)
+        return page
 
     # ------------------------------------------------------------------ reader
 
@@ -366,7 +387,7 @@ class Hub:
             try:
                 while self.rooms.get(room.job_id) is room:
                     after = _last_read(room.cursor)
-                    entries = await self._read_page(room.job_id, after)
+                    entries = await self._read_entries(room.job_id, after)
                     if self.rooms.get(room.job_id) is not room:
                         break
                     if entries:
