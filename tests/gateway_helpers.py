@@ -108,6 +108,14 @@ async def auth(ws: ClientConnection, token: str, **extra: Any) -> dict[str, Any]
     return msg
 
 
+async def authed(stack: contextlib.AsyncExitStack, base: str, tokens: list[str], *, max_queue: int) -> list[ClientConnection]:
+    """One connection per token, each authenticated, closed with ``stack``."""
+    sockets = [await stack.enter_async_context(connect(base, max_queue=max_queue)) for _ in tokens]
+    for ws, token in zip(sockets, tokens, strict=True):
+        await auth(ws, token)
+    return sockets
+
+
 async def join(ws: ClientConnection, job_id: str, since: str | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {"type": "join", "roomId": f"job:{job_id}"}
     if since:

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
-from gateway_helpers import auth, collect_events, connect, join, publish, serve
+from gateway_helpers import authed, collect_events, join, publish, serve
 
 FAST = {"ws_auth_timeout": 2.0, "presence_grace": 0.3}
 
@@ -26,9 +26,7 @@ async def test_concurrent_joins_each_get_their_room(settings, store, redis) -> N
         tokens = [await store.token(user=f"u{i}") for i in range(12)]
         async with AsyncExitStack() as stack:
             # room for every presence message of the others (a full queue stalls the close)
-            sockets = [await stack.enter_async_context(connect(base, max_queue=64)) for _ in tokens]
-            for ws, token in zip(sockets, tokens, strict=True):
-                await auth(ws, token)
+            sockets = await authed(stack, base, tokens, max_queue=64)
             answers: dict[int, dict[str, Any]] = {}
 
             async def one(i: int) -> None:
@@ -56,9 +54,7 @@ async def test_a_join_storm_into_one_room_replays_every_event_once_while_it_grow
         ids = await publish(redis, job, 30)
         tokens = [await store.token(user=f"u{i}") for i in range(20)]
         async with AsyncExitStack() as stack:
-            sockets = [await stack.enter_async_context(connect(base, max_queue=64)) for _ in tokens]
-            for ws, token in zip(sockets, tokens, strict=True):
-                await auth(ws, token)
+            sockets = await authed(stack, base, tokens, max_queue=64)
             seen: dict[int, list[str]] = {}
 
             async def watch(i: int) -> None:

@@ -8,7 +8,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
-from gateway_helpers import auth, connect, join, serve
+from gateway_helpers import auth, authed, connect, join, serve
 from redis.asyncio import Redis
 
 from progress_service.gateway.hub import PRESENCE_WINDOW, Hub, Member
@@ -79,9 +79,7 @@ async def test_a_join_storm_reaches_a_watcher_as_every_change_once(make_settings
             joins: list[str] = []
             leaves: list[str] = []
             async with AsyncExitStack() as stack:
-                sockets = [await stack.enter_async_context(connect(base, max_queue=256)) for _ in tokens]
-                for ws, token in zip(sockets, tokens, strict=True):
-                    await auth(ws, token)
+                sockets = await authed(stack, base, tokens, max_queue=256)
                 async with anyio.create_task_group() as tg:
                     for ws in sockets:
                         tg.start_soon(join, ws, job)

@@ -12,8 +12,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
-import pytest
-from gateway_helpers import auth, collect_events, connect, join, publish, serve
+from gateway_helpers import authed, collect_events, join, publish, serve
 
 from progress_service.gateway.recent_pages import Page, RecentPages
 from progress_service.state import started_services
@@ -52,17 +51,11 @@ def test_entries_are_bounded_oldest_first_and_a_newer_read_replaces_the_older() 
     assert len(pages) == 1
 
 
-FAST = {"ws_auth_timeout": 2.0, "presence_grace": 0.3}
-
-
-@pytest.fixture
-def settings(make_settings: Callable[..., Any]) -> Callable[..., Any]:
-    return lambda **kw: make_settings(**{**FAST, **kw})
-
-
-async def test_joins_one_after_another_share_a_page_and_each_sees_every_event_once(settings, store, redis) -> None:
+async def test_joins_one_after_another_share_a_page_and_each_sees_every_event_once(
+    make_settings: Callable[..., Any], store: Any, redis: Any
+) -> None:
     """Joins that do not overlap reuse the first one's page; events appended in between still reach each of them."""
-    async with serve(settings()) as (base, app):
+    async with serve(make_settings()) as (base, app):
         hub = started_services(app).gateway.hub  # type: ignore[union-attr]
         reads = 0
         read_entries = hub._read_entries
@@ -75,17 +68,14 @@ async def test_joins_one_after_another_share_a_page_and_each_sees_every_event_on
         hub._read_entries = counted  # counts the real reads (they still go to Redis and the store)
         job = await store.job()
         ids = await publish(redis, job, 20)
-        tokens = [await store.token(user=f"u{i}") for i in range(8)]
         async with AsyncExitStack() as stack:
-            sockets = [await stack.enter_async_context(connect(base, max_queue=256)) for _ in tokens]
-            for ws, token in zip(sockets, tokens, strict=True):
-                await auth(ws, token)
-            seen: dict[int, list[str]] = {}
+            sockets = await authed(stack, base, [await store.token(user=f"u{i}") for i in range(8)], max_queue=256)
             for i, ws in enumerate(sockets):  # one after another: no read overlaps the next join
                 await join(ws, job)
                 if i % 2:
                     ids.extend(await publish(redis, job, 1, start=len(ids)))  # after the page that is reused
             total = len(ids)
+            seen: dict[int, list[str]] = {}
 
             async def watch(i: int) -> None:
                 seen[i] = [e["id"] for e in await collect_events(sockets[i], total, timeout=30)]
