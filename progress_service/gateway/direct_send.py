@@ -5,10 +5,11 @@ turns into a websockets ``Frame``, serializes, joins and writes: on the
 fan-out hot path that, and the sender task it needs, was most of a
 delivery's cost (docs/performance.md). uvicorn takes its WebSocket protocol
 as a class (``uvicorn.Config(ws=...)``), so the server stays uvicorn and the
-handshake, the reads, pings, the close handshake and the flow control stay
-its own; this subclass only offers the app, as the ASGI scope extension
-:data:`EXTENSION`, a :class:`FrameSink`: write one already-encoded text frame
-now, or say that the socket is not taking more (paused) or gone.
+reads, pings, the close handshake and the flow control stay its own. This
+subclass offers the app, as the ASGI scope extension :data:`EXTENSION`, a
+:class:`FrameSink`: write one already-encoded text frame now, or say that
+the socket is not taking more (paused) or gone. It also answers a plain
+opening handshake itself (gateway/handshake.py), as websockets would.
 
 A server text frame is not masked, so its bytes are the same for every
 connection: the outbox encodes a broadcast frame once (:func:`text_frame`)

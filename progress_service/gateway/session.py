@@ -200,7 +200,7 @@ class Session:
                 self._sender = asyncio.create_task(self._send_loop())
             # The receive loop is cancelled by request_close with the task's own
             # cancel: an anyio CancelScope per connection was ~3 % of a join
-            # storm's CPU (get_async_backend on each) and 0.6 KB of every idle one.
+            # storm's CPU (get_async_backend on each) and ~1 KB of every idle one.
             task = asyncio.current_task()
             assert task is not None
             if not self.closing:
