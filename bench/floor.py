@@ -26,9 +26,8 @@ import uvicorn
 
 from bench.server_process import ServerProcess
 from progress_service.events import ClientAuth, ClientJoin
-from progress_service.gateway.direct_send import DirectSendProtocol
 from progress_service.gateway.frames import client_decoder
-from progress_service.server import tune_gc
+from progress_service.server import connection_options, tune_gc
 from progress_service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,13 +61,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 def main(port: int) -> None:
     """Serve :func:`app` with the gateway's uvicorn WebSocket settings."""
-    settings = Settings()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="on", ws=DirectSendProtocol,
-        ws_max_size=settings.ws_max_frame_bytes * 2 + 1024, ws_ping_interval=settings.ws_ping_interval,
-        ws_ping_timeout=settings.ws_ping_timeout, ws_per_message_deflate=settings.ws_per_message_deflate,
-        access_log=False, log_level="warning",
-    )
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning",
+                            **connection_options(Settings()))
     server = uvicorn.Server(config)
     tune_gc()
     asyncio.run(server.serve())

@@ -106,13 +106,34 @@ class Server(uvicorn.Server):
             await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
-def make_config(app: Litestar, settings: Settings, *, host: str, port: int,
-                ws: type[asyncio.Protocol] | str = DirectSendProtocol, **extra: Any) -> uvicorn.Config:
-    """uvicorn settings that match the protocol's limits and heartbeats.
+def connection_options(settings: Settings, ws: type[asyncio.Protocol] | str = DirectSendProtocol) -> dict[str, Any]:
+    """uvicorn's settings for each connection: the WebSocket protocol, its limits and heartbeats, proxies, access log.
 
     ``ws``: uvicorn's WebSocket protocol; by default its websockets-sansio one
     plus a synchronous frame writer for the fan-out (gateway/direct_send.py).
+    Shared with ``bench/floor.py``, which measures uvicorn as the gateway runs it.
     """
+    return {
+        "ws": ws,
+        # Frames a little over the protocol limit reach the gateway, which
+        # closes 1009 with its own reason; giant ones are refused unread.
+        "ws_max_size": settings.ws_max_frame_bytes * 2 + 1024,
+        "ws_ping_interval": settings.ws_ping_interval,
+        "ws_ping_timeout": settings.ws_ping_timeout,
+        "ws_per_message_deflate": settings.ws_per_message_deflate,
+        "access_log": False,
+        # X-Forwarded-For/-Proto only from PS_TRUSTED_PROXIES (none by default;
+        # uvicorn's own default trusts loopback): see http_limits.
+        "forwarded_allow_ips": list(settings.trusted_proxies),
+        # With none trusted, uvicorn's proxy-headers layer changes nothing but
+        # would hold a frame for each WebSocket's life.
+        "proxy_headers": bool(settings.trusted_proxies),
+    }
+
+
+def make_config(app: Litestar, settings: Settings, *, host: str, port: int,
+                ws: type[asyncio.Protocol] | str = DirectSendProtocol, **extra: Any) -> uvicorn.Config:
+    """uvicorn settings that match the protocol's limits and heartbeats (:func:`connection_options`)."""
     return uvicorn.Config(
         # `/ws` handshakes skip Litestar's routing (same guard, same session);
         # so do Claude Code hook posts (same checks, same answers).
@@ -121,20 +142,7 @@ def make_config(app: Litestar, settings: Settings, *, host: str, port: int,
         host=host,
         port=port,
         lifespan="on",
-        ws=ws,
-        # Frames a little over the protocol limit reach the gateway, which
-        # closes 1009 with its own reason; giant ones are refused unread.
-        ws_max_size=settings.ws_max_frame_bytes * 2 + 1024,
-        ws_ping_interval=settings.ws_ping_interval,
-        ws_ping_timeout=settings.ws_ping_timeout,
-        ws_per_message_deflate=settings.ws_per_message_deflate,
-        access_log=False,
-        # X-Forwarded-For/-Proto only from PS_TRUSTED_PROXIES (none by default;
-        # uvicorn's own default trusts loopback): see http_limits.
-        forwarded_allow_ips=list(settings.trusted_proxies),
-        # With none trusted, uvicorn's proxy-headers layer changes nothing but
-        # would hold a frame for each WebSocket's life.
-        proxy_headers=bool(settings.trusted_proxies),
+        **connection_options(settings, ws),
         # The fronts are plain callables returning the app's awaitable (not
         # coroutine functions), which uvicorn's guess would take for ASGI 2.
         interface="asgi3",
