@@ -287,10 +287,10 @@ class Hub:
         while True:
             try:
                 if not shared:
-                    return await self._read_page(room_id, job_id, after)
+                    return await self._read_page(room_id, key)
                 page = self._recent.get(key)
                 if page is None:
-                    page = await self._pages.run(key, lambda: self._read_page(room_id, job_id, after, keep=True))
+                    page = await self._pages.run(key, lambda: self._read_page(room_id, key))
                 return page
             except STORE_ERRORS:
                 if clock() + delay > deadline:
@@ -302,16 +302,15 @@ class Hub:
         """One page (``READ_COUNT``) of the room's log after ``after``, Redis then the archive."""
         return history.read_page(self.services.redis, self.services.engine, job_id, after, count=READ_COUNT)
 
-    async def _read_page(self, room_id: str, job_id: str, after: str | None, *, keep: bool = False) -> Page:
-        """:meth:`_read_entries` as wire texts; ``keep``: for the room's later joins too (``_recent``)."""
-        entries = await self._read_entries(job_id, after)
+    async def _read_page(self, room_id: str, key: PageKey) -> Page:
+        """:meth:`_read_entries` at ``key`` as wire texts, kept for the room's later joins (``_recent``)."""
+        entries = await self._read_entries(*key)
         texts = []
         for eid, fields in entries:
             raw = wire_bytes(room_id, eid, fields)
             texts.append((eid.decode(), raw.decode(), len(raw)))
         page = Page(texts, full=len(entries) == READ_COUNT)
-        if keep:
-            self._recent.put((job_id, after), page)
+        self._recent.put(key, page)  # a fresh read (not shared) replaces an older answer
         return page
 
     # ------------------------------------------------------------------ reader

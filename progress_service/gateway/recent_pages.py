@@ -65,12 +65,10 @@ class RecentPages:
         if key in self._pages:
             self._drop(key)
         now = self._clock()
-        while self._pages and self._entries + size > self.max_entries:
-            self._drop(next(iter(self._pages)))
-        # Expired pages go as new ones arrive (the oldest are first).
+        # The oldest go first (insertion order is expiry order): the expired, then what does not fit.
         while self._pages:
             oldest = next(iter(self._pages))
-            if self._pages[oldest][0] > now:
+            if self._pages[oldest][0] > now and self._entries + size <= self.max_entries:
                 break
             self._drop(oldest)
         self._pages[key] = (now + self.ttl, page)

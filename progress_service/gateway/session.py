@@ -217,7 +217,6 @@ class Session:
                 finally:
                     self._receiver = None
         finally:
-            self._receiver = None
             with anyio.CancelScope(shield=True):
                 await self._teardown()
             metrics.ws_connections.dec()
